@@ -1,0 +1,50 @@
+from setuptools import find_packages
+from setuptools import setup
+
+
+with open('README.rst') as f:
+    long_description = f.read()
+with open('CHANGES.rst') as f:
+    long_description += '\n\n' + f.read()
+
+tests_require = [
+    'zope.testrunner >= 6',
+    'zope.testing',
+    'manuel',
+    'hypothesis',
+]
+
+setup(
+    name='zodbblob',
+    version='0.1.0.dev0',
+    description='Safe, fast and manageable blobs for ZODB and ZEO',
+    long_description=long_description,
+    long_description_content_type='text/x-rst',
+    license='ZPL-2.1',
+    classifiers=[
+        'Framework :: ZODB',
+        'Programming Language :: Python :: 3',
+        'Programming Language :: Python :: 3.10',
+        'Programming Language :: Python :: 3.11',
+        'Programming Language :: Python :: 3.12',
+    ],
+    packages=find_packages('src'),
+    package_dir={'': 'src'},
+    include_package_data=True,
+    package_data={'zodbblob': ['component.xml']},
+    zip_safe=False,
+    python_requires='>=3.10',
+    install_requires=[
+        'setuptools',
+        'ZODB >= 6',
+        'ZEO >= 6',
+        'ZConfig',
+        'transaction',
+        'persistent',
+        'zope.interface',
+    ],
+    extras_require={'test': tests_require},
+    entry_points={
+        'console_scripts': ['zodbblob = zodbblob.cli:main'],
+    },
+)

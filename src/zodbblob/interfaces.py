@@ -1,0 +1,89 @@
+"""The contracts of zodbblob's parts, written down before the classes."""
+
+from zope.interface import Attribute
+from zope.interface import Interface
+
+
+class ILayout(Interface):
+    """Maps an oid to where its blob files live below a blob directory.
+
+    All paths are relative to the blob directory and use ``os.sep``.
+    """
+
+    name = Attribute("The name written into the ``.layout`` marker.")
+
+    directory_per_oid = Attribute(
+        "True when every oid has a directory of its own (bushy, lawn); "
+        "False when the files of many oids share a directory "
+        "(chunky, flat).")
+
+    def oid_to_path(oid):
+        """The path that names `oid` (8 bytes).
+
+        For a layout with a directory per oid this is that directory; for
+        one without, it is the directory plus the file name prefix that
+        every revision of the oid shares.
+        """
+
+    def path_to_oid(path):
+        """The oid that `path` (as returned by `oid_to_path`) names.
+
+        Raises ``ValueError('Not a valid OID path: `PATH`')`` for a path
+        that names no oid.
+        """
+
+    def oid_directory(oid):
+        """The directory that holds the blob files of `oid`."""
+
+    def getBlobFilePath(oid, tid):
+        """The path of the committed blob file of revision `tid` of `oid`."""
+
+    def blob_path_to_oid_tid(path):
+        """``(oid, tid)`` for a path returned by `getBlobFilePath`.
+
+        Raises ValueError, naming the path, for any other path.
+        """
+
+    def iter_blob_paths(base_dir):
+        """Yield ``(oid, tid, path)`` for every blob file below `base_dir`.
+
+        `path` is absolute.  Files and directories that are not blob files
+        of this layout (``tmp``, markers, hidden names) are passed over.
+        """
+
+
+class IBlobJournal(Interface):
+    """The commit journal and catalog of a blob directory.
+
+    It records, durably and before the base storage commits, which blob
+    files a transaction is about to publish; and it knows every committed
+    blob file (oid, tid, size), so that nothing on a hot path has to walk
+    the blob directory.
+    """
+
+    def begin(tid, entries):
+        """Durably record the intent to publish `entries` for `tid`.
+
+        `entries` is a sequence of ``(oid, size, staged)``, `staged` being
+        the file's path relative to the blob directory's ``tmp``.  Returns
+        only after the record is on disk (fsync).
+        """
+
+    def commit(tid):
+        """Mark the intent for `tid` done: its files are committed."""
+
+    def discard(tid):
+        """Forget the intent for `tid`: its files were removed."""
+
+    def pending():
+        """``{tid: [(oid, size, staged)]}`` of intents neither committed nor
+        discarded: the work a crash left behind."""
+
+    def total_size():
+        """The bytes of all committed blob files, in O(1)."""
+
+    def revisions(oid):
+        """The tids of the committed blob files of `oid`, ascending."""
+
+    def remove(pairs):
+        """Forget the committed files ``(oid, tid)`` in `pairs`."""

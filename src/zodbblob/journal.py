@@ -1,0 +1,213 @@
+"""The commit journal of a blob directory, which is also its catalog.
+
+One SQLite database (``<blob_dir>/.zodbblob/journal.sqlite``, WAL mode)
+holds a row per blob file: ``(oid, tid, size, state)``.  A transaction's
+rows are written as *pending* and fsynced before its files get their final
+names and before the base storage commits; they become *committed* after
+the base storage has committed.  After a crash, the pending rows are the
+complete list of what the interrupted transaction may have left behind.
+
+The committed rows are the catalog: the total size (``getSize`` in O(1))
+and the set of blob files that pack compares with the base storage's live
+records, without walking the directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable
+
+import zope.interface
+
+from zodbblob.interfaces import IBlobJournal
+
+
+logger = logging.getLogger(__name__)
+
+STATE_DIR = '.zodbblob'
+JOURNAL_NAME = 'journal.sqlite'
+PENDING, COMMITTED = 0, 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS blob (
+    oid BLOB NOT NULL,
+    tid BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    state INTEGER NOT NULL,
+    staged TEXT,
+    PRIMARY KEY (oid, tid)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blob_pending ON blob (state, tid);
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value
+);
+"""
+
+
+class JournalError(Exception):
+    """The journal database cannot be used."""
+
+
+def journal_path(blob_dir: str) -> str:
+    return os.path.join(blob_dir, STATE_DIR, JOURNAL_NAME)
+
+
+@zope.interface.implementer(IBlobJournal)
+class Journal:
+    """The journal of one blob directory.
+
+    Thread-safe: MVCC instances of one storage share a journal.
+    """
+
+    def __init__(self, blob_dir: str, read_only: bool = False):
+        self.path = journal_path(blob_dir)
+        self.read_only = read_only
+        self._lock = threading.Lock()
+        if read_only:
+            uri = 'file:%s?mode=ro' % self.path
+            self._db = sqlite3.connect(uri, uri=True,
+                                       check_same_thread=False)
+        else:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False,
+                                       isolation_level=None)
+        try:
+            if not read_only:
+                self._db.execute('PRAGMA journal_mode=WAL')
+                self._db.executescript(_SCHEMA)
+            self._total = self._read_total()
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise JournalError('Cannot use blob journal %s: %s'
+                               % (self.path, e)) from e
+
+    def _read_total(self) -> int:
+        row = self._db.execute(
+            "SELECT value FROM meta WHERE name = 'total_size'").fetchone()
+        if row is None:
+            row = self._db.execute(
+                'SELECT total(size) FROM blob WHERE state = ?',
+                (COMMITTED,)).fetchone()
+        return int(row[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # meta values: the clean-shutdown mark and the base's last tid
+
+    def get_meta(self, name: str):
+        row = self._db.execute('SELECT value FROM meta WHERE name = ?',
+                               (name,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, **values) -> None:
+        with self._lock, self._db:
+            self._db.execute('BEGIN')
+            self._db.executemany(
+                'INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)',
+                values.items())
+
+    # the commit protocol
+
+    def begin(self, tid: bytes,
+              entries: Iterable[tuple[bytes, int, str]]) -> None:
+        with self._lock:
+            # FULL makes this commit fsync the WAL: the intent is on disk
+            # before any file of the transaction gets its final name.
+            self._db.execute('PRAGMA synchronous=FULL')
+            with self._db:
+                self._db.execute('BEGIN IMMEDIATE')
+                self._db.executemany(
+                    'INSERT OR REPLACE INTO blob '
+                    '(oid, tid, size, state, staged) VALUES (?, ?, ?, ?, ?)',
+                    [(oid, tid, size, PENDING, staged)
+                     for oid, size, staged in entries])
+
+    def commit(self, tid: bytes) -> None:
+        with self._lock:
+            # Losing this commit to a power cut is harmless: replay finds
+            # the rows pending, sees the base has `tid`, and rolls forward.
+            self._db.execute('PRAGMA synchronous=NORMAL')
+            with self._db:
+                self._db.execute('BEGIN IMMEDIATE')
+                added = self._db.execute(
+                    'SELECT total(size) FROM blob WHERE tid = ? AND state = ?',
+                    (tid, PENDING)).fetchone()[0]
+                self._db.execute(
+                    'UPDATE blob SET state = ?, staged = NULL '
+                    'WHERE tid = ? AND state = ?',
+                    (COMMITTED, tid, PENDING))
+                self._store_total(self._total + int(added))
+
+    def discard(self, tid: bytes) -> None:
+        with self._lock, self._db:
+            self._db.execute('BEGIN IMMEDIATE')
+            self._db.execute('DELETE FROM blob WHERE tid = ? AND state = ?',
+                             (tid, PENDING))
+
+    def _store_total(self, total: int) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO meta (name, value) "
+            "VALUES ('total_size', ?)", (total,))
+        self._total = total
+
+    def pending(self) -> dict[bytes, list[tuple[bytes, int, str]]]:
+        result: dict[bytes, list[tuple[bytes, int, str]]] = {}
+        for oid, tid, size, staged in self._db.execute(
+                'SELECT oid, tid, size, staged FROM blob WHERE state = ? '
+                'ORDER BY tid, oid', (PENDING,)):
+            result.setdefault(tid, []).append((oid, size, staged))
+        return result
+
+    # the catalog
+
+    def total_size(self) -> int:
+        return self._total
+
+    def revisions(self, oid: bytes) -> list[bytes]:
+        return [tid for (tid,) in self._db.execute(
+            'SELECT tid FROM blob WHERE oid = ? AND state = ? ORDER BY tid',
+            (oid, COMMITTED))]
+
+    def committed(self) -> Iterable[tuple[bytes, bytes, int]]:
+        """``(oid, tid, size)`` of every committed blob file."""
+        return self._db.execute(
+            'SELECT oid, tid, size FROM blob WHERE state = ?',
+            (COMMITTED,)).fetchall()
+
+    def __len__(self):
+        return self._db.execute('SELECT count(*) FROM blob WHERE state = ?',
+                                (COMMITTED,)).fetchone()[0]
+
+    def remove(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
+        pairs = list(pairs)
+        with self._lock, self._db:
+            self._db.execute('BEGIN IMMEDIATE')
+            removed = 0
+            for oid, tid in pairs:
+                row = self._db.execute(
+                    'DELETE FROM blob WHERE oid = ? AND tid = ? '
+                    'RETURNING size', (oid, tid)).fetchone()
+                if row is not None:
+                    removed += row[0]
+            self._store_total(self._total - removed)
+
+    def rebuild(self, blobs: Iterable[tuple[bytes, bytes, int]]) -> None:
+        """Replace the catalog by `blobs` (from a scan of the directory)."""
+        with self._lock, self._db:
+            self._db.execute('BEGIN IMMEDIATE')
+            self._db.execute('DELETE FROM blob')
+            total = 0
+            rows = []
+            for oid, tid, size in blobs:
+                rows.append((oid, tid, size, COMMITTED))
+                total += size
+            self._db.executemany(
+                'INSERT OR REPLACE INTO blob (oid, tid, size, state) '
+                'VALUES (?, ?, ?, ?)', rows)
+            self._store_total(total)

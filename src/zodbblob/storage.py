@@ -1,0 +1,605 @@
+"""BlobStorage: blob support for any ZODB storage, as a wrapper.
+
+A drop-in for ``ZODB.blob.BlobStorage(blob_dir, base, layout)``.  The
+wrapper defines every method that has to see blob files and delegates the
+rest explicitly: the base's methods are bound onto the wrapper at
+construction (``copied_methods``) and ``__getattr__`` covers anything else,
+so there is no proxy whose methods rebind to the base behind our back.
+
+Commit, in short (``doc/design.rst`` has the long form): ``storeBlob``
+moves the file into the transaction's staging directory; ``tpc_vote``
+votes the base, fsyncs the staged files, writes and fsyncs the journal
+intent, and renames the files to their final names; ``tpc_finish`` finishes
+the base (the commit point) and marks the intent committed; ``tpc_abort``
+removes whatever the transaction staged or published.  Opening the storage
+replays unfinished intents.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import itertools
+import logging
+import os
+import shutil
+import stat
+import threading
+
+import zc.lockfile
+import zope.interface
+import ZODB.blob
+import ZODB.interfaces
+from ZODB.POSException import POSKeyError
+from ZODB.POSException import ReadOnlyError
+from ZODB.utils import oid_repr
+from ZODB.utils import z64
+
+from zodbblob.journal import STATE_DIR
+from zodbblob.journal import Journal
+from zodbblob.journal import JournalError
+from zodbblob.journal import journal_path
+from zodbblob.layout import FilesystemHelper
+
+
+logger = logging.getLogger(__name__)
+
+STAGING_PREFIX = 'staged-'
+LOCK_NAME = 'lock'
+_staging_counter = itertools.count()
+
+
+class BlobStorageError(Exception):
+    """The blob storage cannot do what was asked, as the message says."""
+
+
+def fsync_directory(path: str) -> None:
+    """Make the entries of directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def makedirs_durable(path: str) -> None:
+    """Create `path` and its missing parents, each entry fsynced.
+
+    A directory that a crash forgets would take the blob files in it
+    along, however well those files were synced.
+    """
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            continue
+        fsync_directory(os.path.dirname(directory))
+
+
+def rename_or_copy(source: str, target: str) -> None:
+    """Rename `source` to `target`; across filesystems, copy and remove.
+
+    The copy is logged at WARNING: it costs a full read and write of the
+    blob, and usually means a temporary directory is on the wrong disk.
+    """
+    try:
+        os.rename(source, target)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        logger.warning('Copied blob file %s to %s (not on one filesystem, '
+                       'so it could not be renamed)', source, target)
+        shutil.copyfile(source, target)
+        os.remove(source)
+
+
+def link_or_copy(source: str, target: str) -> None:
+    """Hard-link `source` as `target`; copy where links are impossible."""
+    try:
+        os.link(source, target)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK,
+                           errno.ENOTSUP):
+            raise
+        logger.warning('Copied blob file %s to %s (a hard link was not '
+                       'possible: %s)', source, target, e.strerror)
+        shutil.copyfile(source, target)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+class _Shared:
+    """What all MVCC instances of one storage share."""
+
+    def __init__(self, fshelper, journal, lock, read_only):
+        self.fshelper = fshelper
+        self.journal = journal
+        self.lock = lock
+        self.read_only = read_only
+        self.pack_lock = threading.Lock()
+        self.untransform_record_data = lambda data: data
+
+
+class _Staged:
+    """The blob files of the transaction being committed."""
+
+    def __init__(self, transaction, staging_dir):
+        self.transaction = transaction
+        self.staging_dir = staging_dir
+        self.files: dict[bytes, str] = {}      # oid -> staged path
+        self.tid: bytes | None = None          # set once voted
+        self.published: list[str] = []         # final paths, once voted
+
+
+@zope.interface.implementer(ZODB.interfaces.IBlobStorage,
+                            ZODB.interfaces.IStorageWrapper)
+class BlobStorage:
+    """Blob support for `base`, with blob files under `blob_dir`."""
+
+    # Bound from the base at construction: these need no blob handling.
+    copied_methods = (
+        'getName', 'getTid', 'history', 'isReadOnly', 'lastTransaction',
+        'load', 'loadBefore', 'loadSerial', 'new_oid', 'prefetch',
+        'release', 'restore', 'sortKey', 'store', 'supportsUndo',
+        'tpc_begin', 'undoInfo', 'undoLog', 'checkCurrentSerialInTransaction',
+        'iterator', 'record_iternext', 'poll_invalidations', 'sync',
+        'lastInvalidations', 'loadEx', 'pack_gc',
+    )
+
+    def __init__(self, blob_dir: str, base, layout: str = 'automatic',
+                 _shared: _Shared | None = None):
+        if ZODB.interfaces.IBlobStorage.providedBy(base):
+            raise BlobStorageError(
+                'Storage %r supports blobs already; zodbblob.BlobStorage '
+                'wraps a storage without blob support (remove its '
+                'blob-dir, or do not wrap it)' % (base,))
+        self.base = self.storage = base
+        for name in self.copied_methods:
+            method = getattr(base, name, None)
+            if method is not None:
+                setattr(self, name, method)
+        provided = [zope.interface.providedBy(base)]
+        if ZODB.interfaces.IStorageRestoreable.providedBy(base):
+            provided.insert(0, ZODB.interfaces.IBlobStorageRestoreable)
+        zope.interface.directlyProvides(self, *provided)
+
+        self._owner = _shared is None
+        self._staged: _Staged | None = None
+        self._db = None
+        self._closed = False
+        if _shared is None:
+            _shared = self._open_blob_dir(blob_dir, layout)
+        self._shared = _shared
+        self.fshelper = _shared.fshelper
+
+    # opening and closing
+
+    def _open_blob_dir(self, blob_dir: str, layout: str) -> _Shared:
+        read_only = bool(getattr(self.base, 'isReadOnly', bool)())
+        fshelper = FilesystemHelper(blob_dir, layout)
+        if read_only:
+            fshelper.check_marker()
+            return _Shared(fshelper, self._open_journal_read_only(fshelper),
+                           None, True)
+        fshelper.create()
+        state_dir = os.path.join(fshelper.base_dir, STATE_DIR)
+        os.makedirs(state_dir, exist_ok=True)
+        lock_path = os.path.join(state_dir, LOCK_NAME)
+        try:
+            lock = zc.lockfile.LockFile(lock_path)
+        except zc.lockfile.LockError:
+            raise BlobStorageError(
+                'Blob directory %s is in use by another storage (lock %s is '
+                'held)' % (fshelper.base_dir, lock_path)) from None
+        try:
+            journal = self._open_journal(fshelper)
+            shared = _Shared(fshelper, journal, lock, False)
+            self._shared = shared
+            self._recover(journal, fshelper)
+            journal.set_meta(state='open')
+        except BaseException:
+            lock.close()
+            raise
+        return shared
+
+    def _open_journal(self, fshelper) -> Journal:
+        path = journal_path(fshelper.base_dir)
+        try:
+            journal = Journal(fshelper.base_dir)
+        except JournalError as e:
+            aside = path + '.corrupt'
+            logger.warning('%s; moved it to %s and rebuilding the blob '
+                           'catalog from a scan of %s', e, aside,
+                           fshelper.base_dir)
+            os.replace(path, aside)
+            for suffix in ('-wal', '-shm'):
+                _remove(path + suffix)
+            journal = Journal(fshelper.base_dir)
+        state = journal.get_meta('state')
+        last_tid = journal.get_meta('last_tid')
+        base_tid = self.base.lastTransaction()
+        if state is None:
+            self._rebuild(journal, fshelper, 'it has no blob catalog yet')
+        elif state == 'closed' and last_tid != base_tid:
+            self._rebuild(
+                journal, fshelper,
+                'its base storage was changed without zodbblob (last '
+                'transaction %s, catalog knows %s)'
+                % (oid_repr(base_tid), oid_repr(last_tid or z64)))
+        return journal
+
+    def _open_journal_read_only(self, fshelper) -> Journal | None:
+        try:
+            return Journal(fshelper.base_dir, read_only=True)
+        except (JournalError, Exception):
+            return None
+
+    def _rebuild(self, journal, fshelper, reason: str) -> None:
+        blobs = [(oid, tid, os.stat(path).st_size)
+                 for oid, tid, path in fshelper.iter_blobs()]
+        level = logging.WARNING if blobs else logging.DEBUG
+        logger.log(level, 'Rebuilt the blob catalog of %s from a scan (%s): '
+                   '%d blob files', fshelper.base_dir, reason, len(blobs))
+        journal.rebuild(blobs)
+
+    def _recover(self, journal, fshelper) -> None:
+        """Finish or undo what a crash interrupted, then clear staging.
+
+        An intent whose transaction the base storage has is rolled
+        forward (its files get their final names); any other is rolled
+        back (its files are removed).  Replaying twice is harmless.
+        """
+        for tid, entries in journal.pending().items():
+            committed = self._base_has(tid, entries)
+            for oid, size, staged in entries:
+                final = fshelper.getBlobFilename(oid, tid)
+                staged_path = os.path.join(fshelper.temp_dir, staged)
+                if committed:
+                    if not os.path.exists(final):
+                        makedirs_durable(os.path.dirname(final))
+                        os.rename(staged_path, final)
+                        fsync_directory(os.path.dirname(final))
+                else:
+                    _remove(final)
+                    _remove(staged_path)
+            if committed:
+                journal.commit(tid)
+            else:
+                journal.discard(tid)
+            logger.warning(
+                'Recovered blob directory %s: rolled %s the %d blob files '
+                'of interrupted transaction %s', fshelper.base_dir,
+                'forward' if committed else 'back', len(entries),
+                oid_repr(tid))
+        if os.path.isdir(fshelper.temp_dir):
+            for name in os.listdir(fshelper.temp_dir):
+                if name.startswith(STAGING_PREFIX):
+                    shutil.rmtree(os.path.join(fshelper.temp_dir, name),
+                                  ignore_errors=True)
+
+    def _base_has(self, tid: bytes, entries) -> bool:
+        oid = entries[0][0]
+        try:
+            self.base.loadSerial(oid, tid)
+        except (POSKeyError, KeyError):
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        shared = self._shared
+        if not self._owner:
+            self.base.close()
+            return
+        try:
+            if shared.journal is not None and not shared.read_only:
+                shared.journal.set_meta(
+                    state='closed', last_tid=self.base.lastTransaction())
+        finally:
+            self.base.close()
+            if shared.journal is not None:
+                shared.journal.close()
+            if shared.lock is not None:
+                shared.lock.close()
+
+    def new_instance(self) -> BlobStorage:
+        """A wrapped instance of an MVCC base, sharing this blob dir."""
+        instance = BlobStorage(self.fshelper.base_dir, self.base.new_instance(),
+                               _shared=self._shared)
+        instance._db = self._db
+        return instance
+
+    def __getattr__(self, name):
+        # Only reached for what the wrapper neither defines nor copied.
+        if name == 'base':
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __repr__(self):
+        return '<zodbblob.BlobStorage %s (%s) over %r>' % (
+            self.fshelper.base_dir, self.fshelper.layout_name, self.base)
+
+    # IStorageWrapper: the base reports to us, we report to the database
+
+    def registerDB(self, db) -> None:
+        self._db = db
+        self._shared.untransform_record_data = getattr(
+            db, 'untransform_record_data', lambda data: data)
+        register = getattr(self.base, 'registerDB', None)
+        if register is not None:
+            register(self)
+
+    def invalidate(self, transaction_id, oids, version=''):
+        if self._db is not None:
+            self._db.invalidate(transaction_id, oids)
+
+    def invalidateCache(self):
+        if self._db is not None:
+            self._db.invalidateCache()
+
+    def references(self, record, oids=None):
+        if self._db is not None:
+            return self._db.references(record, oids)
+        from ZODB.serialize import referencesf
+        return referencesf(record, oids)
+
+    def transform_record_data(self, data):
+        if self._db is None:
+            return data
+        return self._db.transform_record_data(data)
+
+    def untransform_record_data(self, data):
+        return self._shared.untransform_record_data(data)
+
+    def is_blob_record(self, record) -> bool:
+        return bool(record) and ZODB.blob.is_blob_record(
+            self._shared.untransform_record_data(record))
+
+    # reading
+
+    def loadBlob(self, oid: bytes, serial: bytes) -> str:
+        filename = self.fshelper.getBlobFilename(oid, serial)
+        if not os.path.exists(filename):
+            raise POSKeyError('No blob file at %s' % filename, oid, serial)
+        return filename
+
+    def openCommittedBlobFile(self, oid: bytes, serial: bytes, blob=None):
+        filename = self.loadBlob(oid, serial)
+        if blob is None:
+            return open(filename, 'rb')
+        return ZODB.blob.BlobFile(filename, 'r', blob)
+
+    def temporaryDirectory(self) -> str:
+        return self.fshelper.temp_dir
+
+    def getSize(self) -> int:
+        journal = self._shared.journal
+        blob_bytes = journal.total_size() if journal is not None else 0
+        return self.base.getSize() + blob_bytes
+
+    # writing
+
+    def _stage(self, transaction) -> _Staged:
+        staged = self._staged
+        if staged is None or staged.transaction is not transaction:
+            if self._shared.read_only:
+                raise ReadOnlyError()
+            directory = os.path.join(
+                self.fshelper.temp_dir, '%s%d-%d' % (
+                    STAGING_PREFIX, os.getpid(), next(_staging_counter)))
+            os.mkdir(directory)
+            staged = self._staged = _Staged(transaction, directory)
+        return staged
+
+    def _take(self, oid: bytes, filename: str, transaction, link=False):
+        """Own `filename` as the blob of `oid` in `transaction`."""
+        staged = self._stage(transaction)
+        target = os.path.join(staged.staging_dir, oid.hex() + '.blob')
+        if link:
+            link_or_copy(filename, target)
+        else:
+            rename_or_copy(filename, target)
+        staged.files[oid] = target
+
+    def storeBlob(self, oid, oldserial, data, blobfilename, version,
+                  transaction):
+        assert not version, "Versions aren't supported."
+        # The file is ours from here on, whatever the base says next; a
+        # ConflictError below leaves it staged, and tpc_abort removes it.
+        self._take(oid, blobfilename, transaction)
+        return self.base.store(oid, oldserial, data, '', transaction)
+
+    def restoreBlob(self, oid, serial, data, blobfilename, prev_txn,
+                    transaction):
+        self._take(oid, blobfilename, transaction)
+        self.base.restore(oid, serial, data, '', prev_txn, transaction)
+
+    def undo(self, transaction_id, transaction):
+        undo_tid, oids = self.base.undo(transaction_id, transaction)
+        undone_tid = base64.decodebytes(transaction_id + b'\n')
+        # Only the oids the undo touched, not a walk of the directory; and
+        # the restored revision is linked, not copied: blob files never
+        # change once committed, so two names for one file are safe.
+        for oid in oids:
+            undone = self.fshelper.getBlobFilename(oid, undone_tid)
+            if not os.path.exists(undone):
+                continue
+            before = self.base.loadBefore(oid, undone_tid)
+            source = undone if before is None else (
+                self.fshelper.getBlobFilename(oid, before[1]))
+            self._take(oid, source, transaction, link=True)
+        return undo_tid, oids
+
+    def copyTransactionsFrom(self, other) -> None:
+        """Copy all of `other`'s transactions, blob files included."""
+        for trans in other.iterator():
+            self.tpc_begin(trans, trans.tid, trans.status)
+            for record in trans:
+                blobfilename = None
+                if ZODB.blob.is_blob_record(record.data):
+                    try:
+                        blobfilename = other.loadBlob(record.oid, record.tid)
+                    except POSKeyError:
+                        pass
+                if blobfilename is None:
+                    self.restore(record.oid, record.tid, record.data, '',
+                                 record.data_txn, trans)
+                    continue
+                staged = self._stage(trans)
+                copy = os.path.join(staged.staging_dir, 'copy.tmp')
+                link_or_copy(blobfilename, copy)
+                self.restoreBlob(record.oid, record.tid, record.data, copy,
+                                 record.data_txn, trans)
+            self.tpc_vote(trans)
+            self.tpc_finish(trans)
+
+    def tpc_vote(self, transaction):
+        result = self.base.tpc_vote(transaction)
+        staged = self._staged
+        if staged is not None and staged.transaction is transaction:
+            self._publish(staged)
+        return result
+
+    def _publish(self, staged: _Staged) -> None:
+        """Give the staged files their final names, durably and journaled.
+
+        Runs after the base voted and before it finishes: the files are in
+        place before anyone can learn the tid, and a crash from here on
+        leaves a journal intent that tells recovery what to do.
+        """
+        tid = self.base._tid
+        entries = []
+        for oid, path in staged.files.items():
+            # The bytes must be on disk before a name points at them.
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                info = os.fstat(fd)
+            finally:
+                os.close(fd)
+            os.chmod(path, stat.S_IMODE(info.st_mode) & ~0o222)
+            entries.append((oid, info.st_size,
+                            os.path.relpath(path, self.fshelper.temp_dir)))
+        self._shared.journal.begin(tid, entries)
+        staged.tid = tid
+        directories = set()
+        for oid, size, relative in entries:
+            final = self.fshelper.getBlobFilename(oid, tid)
+            directory = os.path.dirname(final)
+            if directory not in directories:
+                makedirs_durable(directory)
+                directories.add(directory)
+            os.rename(os.path.join(self.fshelper.temp_dir, relative), final)
+            staged.published.append(final)
+        for directory in directories:
+            fsync_directory(directory)
+
+    def tpc_finish(self, transaction, f=None):
+        tid = self.base.tpc_finish(transaction, f)
+        staged = self._staged
+        if staged is not None and staged.transaction is transaction:
+            self._staged = None
+            if staged.tid is not None:
+                if staged.tid != tid:
+                    logger.critical(
+                        'Base storage %r committed tid %s, but its blob '
+                        'files were published for tid %s', self.base,
+                        oid_repr(tid), oid_repr(staged.tid))
+                self._shared.journal.commit(staged.tid)
+            shutil.rmtree(staged.staging_dir, ignore_errors=True)
+        return tid
+
+    def tpc_abort(self, transaction):
+        try:
+            self.base.tpc_abort(transaction)
+        finally:
+            staged = self._staged
+            if staged is not None and staged.transaction is transaction:
+                self._staged = None
+                for final in staged.published:
+                    _remove(final)
+                if staged.tid is not None:
+                    self._shared.journal.discard(staged.tid)
+                shutil.rmtree(staged.staging_dir, ignore_errors=True)
+
+    # pack
+
+    def pack(self, packtime, referencesf):
+        """Pack the base, then remove the blob files it no longer needs.
+
+        The files to remove are the catalog's committed files minus the
+        blob records the packed base still holds; the directory is never
+        walked.
+        """
+        shared = self._shared
+        if not shared.pack_lock.acquire(blocking=False):
+            raise BlobStorageError('Already packing blob directory %s'
+                                   % self.fshelper.base_dir)
+        try:
+            result = self.base.pack(packtime, referencesf)
+            # Read the catalog before the base: a file committed after this
+            # read is not in `known`, so a pack never removes it.
+            known = [(oid, tid) for oid, tid, size
+                     in shared.journal.committed()]
+            garbage = self._unreferenced(known)
+            self._remove_blob_files(garbage)
+        finally:
+            shared.pack_lock.release()
+        return result
+
+    def _unreferenced(self, known):
+        iterator = getattr(self.base, 'iterator', None)
+        if iterator is None:
+            garbage = []
+            for oid, tid in known:
+                try:
+                    self.base.loadSerial(oid, tid)
+                except (POSKeyError, KeyError):
+                    garbage.append((oid, tid))
+            return garbage
+        live = set()
+        transactions = iterator()
+        try:
+            for transaction in transactions:
+                for record in transaction:
+                    if self.is_blob_record(record.data):
+                        live.add((record.oid, record.tid))
+        finally:
+            close = getattr(transactions, 'close', None)
+            if close is not None:
+                close()
+        return [pair for pair in known if pair not in live]
+
+    def _remove_blob_files(self, garbage) -> None:
+        # Files first, catalog second: a crash in between leaves catalog
+        # rows whose files are gone, which the next pack removes again;
+        # the other order would orphan files forever.
+        fshelper = self.fshelper
+        directories = set()
+        for oid, tid in garbage:
+            _remove(fshelper.getBlobFilename(oid, tid))
+            if fshelper.layout.directory_per_oid:
+                directories.add(fshelper.getPathForOID(oid))
+        self._shared.journal.remove(garbage)
+        for directory in directories:
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass  # other revisions still live there
+        if garbage:
+            logger.debug('Pack removed %d blob files from %s', len(garbage),
+                         fshelper.base_dir)
