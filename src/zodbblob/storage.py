@@ -491,25 +491,35 @@ class BlobStorage:
                 info = os.fstat(fd)
             finally:
                 os.close(fd)
-            os.chmod(path, stat.S_IMODE(info.st_mode) & ~0o222)
-            entries.append((oid, info.st_size,
+            entries.append((oid, info.st_size, info.st_mode,
                             os.path.relpath(path, self.fshelper.temp_dir)))
-        self._shared.journal.begin(tid, entries)
+        self._shared.journal.begin(
+            tid, [(oid, size, relative)
+                  for oid, size, mode, relative in entries])
         staged.tid = tid
-        directories = set()
-        for oid, size, relative in entries:
+        directories: dict[str, int] = {}
+        for oid, size, mode, relative in entries:
             final = self.fshelper.getBlobFilename(oid, tid)
             directory = os.path.dirname(final)
             if directory not in directories:
                 makedirs_durable(directory)
-                directories.add(directory)
-            os.rename(os.path.join(self.fshelper.temp_dir, relative), final)
+                directories[directory] = os.stat(directory).st_mode
+            # As in ZODB: committed files are not writable, and readable by
+            # whoever may read their directory.
+            path = os.path.join(self.fshelper.temp_dir, relative)
+            os.chmod(path, (stat.S_IMODE(mode) & ~0o222)
+                     | (directories[directory] & 0o444))
+            os.rename(path, final)
             staged.published.append(final)
         for directory in directories:
             fsync_directory(directory)
 
     def tpc_finish(self, transaction, f=None):
-        tid = self.base.tpc_finish(transaction, f)
+        # Some bases (MappingStorage) call `f` unconditionally.
+        if f is None:
+            tid = self.base.tpc_finish(transaction)
+        else:
+            tid = self.base.tpc_finish(transaction, f)
         staged = self._staged
         if staged is not None and staged.transaction is transaction:
             self._staged = None
@@ -538,7 +548,7 @@ class BlobStorage:
 
     # pack
 
-    def pack(self, packtime, referencesf):
+    def pack(self, packtime, referencesf, *args, **kw):
         """Pack the base, then remove the blob files it no longer needs.
 
         The files to remove are the catalog's committed files minus the
@@ -550,7 +560,7 @@ class BlobStorage:
             raise BlobStorageError('Already packing blob directory %s'
                                    % self.fshelper.base_dir)
         try:
-            result = self.base.pack(packtime, referencesf)
+            result = self.base.pack(packtime, referencesf, *args, **kw)
             # Read the catalog before the base: a file committed after this
             # read is not in `known`, so a pack never removes it.
             known = [(oid, tid) for oid, tid, size
