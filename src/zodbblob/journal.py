@@ -68,7 +68,8 @@ class Journal:
         self.read_only = read_only
         self._lock = threading.Lock()
         if read_only:
-            uri = 'file:%s?mode=ro' % self.path
+            # immutable: a reader must not create the -shm and -wal files.
+            uri = 'file:%s?mode=ro&immutable=1' % self.path
             self._db = sqlite3.connect(uri, uri=True,
                                        check_same_thread=False)
         else:

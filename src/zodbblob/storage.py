@@ -158,10 +158,11 @@ class BlobStorage:
     def __init__(self, blob_dir: str, base, layout: str = 'automatic',
                  _shared: _Shared | None = None):
         if ZODB.interfaces.IBlobStorage.providedBy(base):
+            name = getattr(base, 'getName', lambda: repr(base))()
             raise BlobStorageError(
-                'Storage %r supports blobs already; zodbblob.BlobStorage '
+                'Storage %s supports blobs already; zodbblob.BlobStorage '
                 'wraps a storage without blob support (remove its '
-                'blob-dir, or do not wrap it)' % (base,))
+                'blob-dir, or do not wrap it)' % name)
         self.base = self.storage = base
         for name in self.copied_methods:
             method = getattr(base, name, None)
