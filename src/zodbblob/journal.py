@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sqlite3
 import threading
 from collections.abc import Iterable
@@ -41,11 +42,55 @@ CREATE TABLE IF NOT EXISTS blob (
     PRIMARY KEY (oid, tid)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blob_pending ON blob (state, tid);
+CREATE TABLE IF NOT EXISTS garbage (
+    oid BLOB NOT NULL,
+    tid BLOB NOT NULL,
+    PRIMARY KEY (oid, tid)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (
     name TEXT PRIMARY KEY,
     value
 );
 """
+
+
+KILL_POINT_VARIABLE = 'ZODBBLOB_KILL_POINT'
+KILL_POINTS = (
+    'after_store_blob', 'after_base_vote', 'after_staging_fsync',
+    'after_journal_begin', 'mid_publish', 'after_publish',
+    'after_base_finish', 'after_journal_commit', 'mid_recovery',
+    'after_base_pack', 'mid_pack_removal',
+)
+
+
+def _kill_point_setting() -> tuple[str | None, int]:
+    value = os.environ.get(KILL_POINT_VARIABLE)
+    if not value:
+        return None, 0
+    name, _, count = value.partition(':')
+    if name not in KILL_POINTS:
+        raise ValueError('%s names unknown kill point %r; known: %s'
+                         % (KILL_POINT_VARIABLE, name, ', '.join(KILL_POINTS)))
+    return name, int(count or 1)
+
+
+_kill_point, _kill_at = _kill_point_setting()
+_kill_hits: dict[str, int] = {}
+
+
+def kill_point(name: str) -> None:
+    """Die here (SIGKILL) if ZODBBLOB_KILL_POINT names this point.
+
+    The crash tests set ``ZODBBLOB_KILL_POINT=name`` or ``name:N`` (the
+    Nth time the point is reached) in a child process, to prove that a
+    crash at every step of commit, pack and recovery loses nothing
+    committed and leaves nothing uncommitted.  Unset, this is one compare.
+    """
+    if name != _kill_point:
+        return
+    _kill_hits[name] = _kill_hits.get(name, 0) + 1
+    if _kill_hits[name] >= _kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class JournalError(Exception):
@@ -185,11 +230,31 @@ class Journal:
         return self._db.execute('SELECT count(*) FROM blob WHERE state = ?',
                                 (COMMITTED,)).fetchone()[0]
 
+    def mark_garbage(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
+        """Durably record that pack is about to remove these files.
+
+        A pack killed while removing leaves this list behind, and the next
+        open finishes the removal.
+        """
+        with self._lock:
+            self._db.execute('PRAGMA synchronous=FULL')
+            with self._db:
+                self._db.execute('BEGIN IMMEDIATE')
+                self._db.executemany(
+                    'INSERT OR REPLACE INTO garbage (oid, tid) VALUES (?, ?)',
+                    pairs)
+
+    def garbage(self) -> list[tuple[bytes, bytes]]:
+        """The files a pack marked for removal and has not yet removed."""
+        return self._db.execute('SELECT oid, tid FROM garbage').fetchall()
+
     def remove(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
         pairs = list(pairs)
         with self._lock, self._db:
             self._db.execute('BEGIN IMMEDIATE')
             removed = 0
+            self._db.executemany(
+                'DELETE FROM garbage WHERE oid = ? AND tid = ?', pairs)
             for oid, tid in pairs:
                 row = self._db.execute(
                     'DELETE FROM blob WHERE oid = ? AND tid = ? '

@@ -9,6 +9,7 @@ with fast wide directories.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -16,12 +17,10 @@ import tempfile
 from collections.abc import Iterator
 
 import zope.interface
-from ZODB.utils import oid_repr
-from ZODB.utils import p64
-from ZODB.utils import repr_to_oid
+import zope.interface.verify
+from ZODB.utils import oid_repr, p64
 
 from zodbblob.interfaces import ILayout
-
 
 logger = logging.getLogger(__name__)
 
@@ -29,25 +28,57 @@ BLOB_SUFFIX = '.blob'
 LAYOUT_MARKER = '.layout'
 LAYOUTS: dict[str, ILayout] = {}
 
-_HEX_BYTE = re.compile(r'0x[0-9a-f]{1,2}$')
-_TID_NAME = re.compile(r'(0x[0-9a-f]{2,16})\.blob$')
+_REPR = re.compile(r'0x(?:[0-9a-f]{2}){1,8}')
+_BUSHY_LEVEL = re.compile(r'0x[0-9a-f]{2}')
 
 
 def register_layout(layout: ILayout) -> ILayout:
-    """Make `layout` selectable by its name (in configs and markers)."""
-    LAYOUTS[layout.name] = layout
+    """Make `layout` selectable by its name (in configs and markers).
+
+    A name already taken by another layout is refused: replacing, say,
+    ``bushy`` would make every existing bushy directory unreadable.
+    """
+    zope.interface.verify.verifyObject(ILayout, layout)
+    name = layout.name
+    if name == 'automatic' or LAYOUTS.get(name, layout) is not layout:
+        raise ValueError(
+            f'Cannot register {layout!r}: the blob directory layout name '
+            f'`{name}` is taken (registered layouts: '
+            f'{", ".join([*sorted(LAYOUTS), "automatic"])})')
+    LAYOUTS[name] = layout
     return layout
 
 
 def _invalid(path: str) -> ValueError:
-    return ValueError('Not a valid OID path: `%s`' % path)
+    return ValueError(f'Not a valid OID path: `{path}`')
+
+
+def _from_repr(text: str) -> bytes | None:
+    """The 8 bytes that ``oid_repr`` writes as `text`; None for others.
+
+    Only the exact spelling ZODB writes is accepted: ``0x0001`` or
+    ``0x1`` would otherwise name the same oid as ``0x01``, and a walk of
+    the directory would report files that ``getBlobFilename`` never
+    points at.
+    """
+    if _REPR.fullmatch(text) is None:
+        return None
+    packed = bytes.fromhex(text[2:]).rjust(8, b'\0')
+    return packed if oid_repr(packed) == text else None
 
 
 def _tid_from_name(name: str, path: str) -> bytes:
-    match = _TID_NAME.match(name)
-    if match is None:
-        raise ValueError('Not a blob file name: `%s`' % path)
-    return repr_to_oid(match.group(1))
+    tid = None
+    if name.endswith(BLOB_SUFFIX):
+        tid = _from_repr(name[:-len(BLOB_SUFFIX)])
+    if tid is None:
+        raise ValueError(f'Not a blob file name: `{path}`')
+    return tid
+
+
+def _packed(oid) -> bytes:
+    # ZODB passes oids and tids around as integers in places.
+    return p64(oid) if isinstance(oid, int) else oid
 
 
 class _Layout:
@@ -57,7 +88,7 @@ class _Layout:
     directory_per_oid = True
 
     def __repr__(self):
-        return '<%s layout>' % self.name
+        return f'<{self.name} layout>'
 
     def oid_directory(self, oid: bytes) -> str:
         return self.oid_to_path(oid)
@@ -80,7 +111,8 @@ class _Layout:
                 d for d in dirnames
                 if not d.startswith('.') and not (
                     dirpath == base_dir and d == 'tmp'))
-            relative = os.path.relpath(dirpath, base_dir)
+            relative = '' if dirpath == base_dir else os.path.relpath(
+                dirpath, base_dir)
             for name in sorted(filenames):
                 if not name.endswith(BLOB_SUFFIX):
                     continue
@@ -90,6 +122,26 @@ class _Layout:
                 except ValueError:
                     continue
                 yield oid, tid, os.path.join(dirpath, name)
+
+
+class _SharedDirectoryLayout(_Layout):
+    """Files of many oids in one directory: ``<oid path>.<tid>.blob``."""
+
+    directory_per_oid = False
+
+    def oid_directory(self, oid: bytes) -> str:
+        return os.path.dirname(self.oid_to_path(oid))
+
+    def getBlobFilePath(self, oid: bytes, tid: bytes) -> str:
+        return f'{self.oid_to_path(oid)}.{oid_repr(tid)}{BLOB_SUFFIX}'
+
+    def blob_path_to_oid_tid(self, path: str) -> tuple[bytes, bytes]:
+        directory, name = os.path.split(path)
+        prefix, dot, rest = name.partition('.')
+        if not dot:
+            raise ValueError(f'Not a blob file name: `{path}`')
+        return (self.path_to_oid(os.path.join(directory, prefix)),
+                _tid_from_name(rest, path))
 
 
 @zope.interface.implementer(ILayout)
@@ -103,13 +155,14 @@ class BushyLayout(_Layout):
     name = 'bushy'
 
     def oid_to_path(self, oid: bytes) -> str:
-        return os.path.sep.join('0x%02x' % byte for byte in oid)
+        return os.path.sep.join(f'0x{byte:02x}' for byte in oid)
 
     def path_to_oid(self, path: str) -> bytes:
-        parts = path.split(os.path.sep)
-        if len(parts) != 8 or not all(_HEX_BYTE.match(p) for p in parts):
+        levels = path.split(os.path.sep)
+        if len(levels) != 8 or not all(
+                _BUSHY_LEVEL.fullmatch(level) for level in levels):
             raise _invalid(path)
-        return bytes(int(p, 16) for p in parts)
+        return bytes(int(level, 16) for level in levels)
 
 
 @zope.interface.implementer(ILayout)
@@ -122,13 +175,14 @@ class LawnLayout(_Layout):
         return oid_repr(oid)
 
     def path_to_oid(self, path: str) -> bytes:
-        if not re.match(r'0x[0-9a-f]{1,16}$', path):
+        oid = _from_repr(path)
+        if oid is None:
             raise _invalid(path)
-        return repr_to_oid(path)
+        return oid
 
 
 @zope.interface.implementer(ILayout)
-class ChunkyLayout(_Layout):
+class ChunkyLayout(_SharedDirectoryLayout):
     """Few levels of wide directories and no directory per oid.
 
     The 16 hex digits of the oid are cut 4-3-3-3-3: four directory levels
@@ -139,61 +193,36 @@ class ChunkyLayout(_Layout):
     """
 
     name = 'chunky'
-    directory_per_oid = False
     _cuts = ((0, 4), (4, 7), (7, 10), (10, 13), (13, 16))
     _pattern = re.compile(
         r'0x([0-9a-f]{4})/0x([0-9a-f]{3})/0x([0-9a-f]{3})/'
-        r'0x([0-9a-f]{3})/0x([0-9a-f]{3})$'.replace('/', re.escape(os.sep)))
+        r'0x([0-9a-f]{3})/0x([0-9a-f]{3})'.replace('/', re.escape(os.sep)))
 
     def oid_to_path(self, oid: bytes) -> str:
         digits = oid.hex()
         return os.path.sep.join('0x' + digits[a:b] for a, b in self._cuts)
 
     def path_to_oid(self, path: str) -> bytes:
-        match = self._pattern.match(path)
+        match = self._pattern.fullmatch(path)
         if match is None:
             raise _invalid(path)
         return bytes.fromhex(''.join(match.groups()))
 
-    def oid_directory(self, oid: bytes) -> str:
-        return os.path.dirname(self.oid_to_path(oid))
-
-    def getBlobFilePath(self, oid: bytes, tid: bytes) -> str:
-        return '%s.%s%s' % (self.oid_to_path(oid), oid_repr(tid), BLOB_SUFFIX)
-
-    def blob_path_to_oid_tid(self, path: str) -> tuple[bytes, bytes]:
-        directory, name = os.path.split(path)
-        prefix, dot, rest = name.partition('.')
-        if not dot:
-            raise ValueError('Not a blob file name: `%s`' % path)
-        return (self.path_to_oid(os.path.join(directory, prefix)),
-                _tid_from_name(rest, path))
-
 
 @zope.interface.implementer(ILayout)
-class FlatLayout(_Layout):
+class FlatLayout(_SharedDirectoryLayout):
     """Every blob file in the blob directory itself: ``0x12.0x03e1....blob``.
 
     For small stores and study: one ``listdir`` shows everything.
     """
 
     name = 'flat'
-    directory_per_oid = False
-
-    def oid_to_path(self, oid: bytes) -> str:
-        return oid_repr(oid)
-
-    def path_to_oid(self, path: str) -> bytes:
-        return LAYOUTS['lawn'].path_to_oid(path)
-
-    def oid_directory(self, oid: bytes) -> str:
-        return ''
-
-    getBlobFilePath = ChunkyLayout.getBlobFilePath
-    blob_path_to_oid_tid = ChunkyLayout.blob_path_to_oid_tid
+    oid_to_path = LawnLayout.oid_to_path
+    path_to_oid = LawnLayout.path_to_oid
 
     def iter_blob_paths(self, base_dir: str) -> Iterator[
             tuple[bytes, bytes, str]]:
+        # No walk: nothing below the top level can be a flat blob file.
         base_dir = os.path.abspath(base_dir)
         if not os.path.isdir(base_dir):
             return
@@ -202,7 +231,9 @@ class FlatLayout(_Layout):
                 oid, tid = self.blob_path_to_oid_tid(name)
             except ValueError:
                 continue
-            yield oid, tid, os.path.join(base_dir, name)
+            path = os.path.join(base_dir, name)
+            if os.path.isfile(path):
+                yield oid, tid, path
 
 
 for _layout in (BushyLayout(), LawnLayout(), ChunkyLayout(), FlatLayout()):
@@ -210,12 +241,18 @@ for _layout in (BushyLayout(), LawnLayout(), ChunkyLayout(), FlatLayout()):
 
 
 def read_marker(base_dir: str) -> str | None:
-    """The layout name in `base_dir`'s marker, or None without one."""
+    """The layout name in `base_dir`'s marker, or None without one.
+
+    Raises ValueError, naming the path, when `base_dir` is not a directory.
+    """
     try:
         with open(os.path.join(base_dir, LAYOUT_MARKER)) as marker:
             return marker.read().strip()
     except FileNotFoundError:
         return None
+    except NotADirectoryError:
+        raise ValueError(f'Blob directory {os.path.normpath(base_dir)} is '
+                         'not a directory') from None
 
 
 def auto_layout_select(path: str) -> str:
@@ -225,7 +262,7 @@ def auto_layout_select(path: str) -> str:
     ``bushy``; a used directory without a marker was written before
     markers existed, so it is ``lawn``.
     """
-    marked = read_marker(path) if os.path.isdir(path) else None
+    marked = read_marker(path)
     if marked is not None:
         logger.debug('Blob directory %s has a marker for layout %r',
                      path, marked)
@@ -244,10 +281,37 @@ def get_layout(name: str, base_dir: str = '') -> ILayout:
     try:
         return LAYOUTS[name]
     except KeyError:
-        where = ' for blob directory %s' % base_dir if base_dir else ''
+        where = f' for blob directory {base_dir}' if base_dir else ''
         raise ValueError(
-            'Unknown blob directory layout `%s`%s; known layouts: %s'
-            % (name, where, ', '.join(sorted(LAYOUTS)))) from None
+            f'Unknown blob directory layout `{name}`{where}; known layouts: '
+            f'{", ".join(sorted(LAYOUTS))}') from None
+
+
+def fsync_directory(path: str) -> None:
+    """Make the entries of directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def makedirs_durable(path: str) -> None:
+    """Create `path` and its missing parents, each entry fsynced.
+
+    A directory that a crash forgets would take the blob files in it
+    along, however well those files were synced.
+    """
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            continue
+        fsync_directory(os.path.dirname(directory))
 
 
 class FilesystemHelper:
@@ -266,45 +330,61 @@ class FilesystemHelper:
         self.layout_name = layout_name
 
     def __repr__(self):
-        return '<FilesystemHelper %s (%s)>' % (self.base_dir,
-                                               self.layout_name)
+        return f'<FilesystemHelper {self.base_dir} ({self.layout_name})>'
 
     def check_marker(self) -> None:
         """Refuse a directory whose marker names another layout."""
         marked = read_marker(self.base_dir)
         if marked is not None and marked != self.layout_name:
             raise ValueError(
-                'Directory layout `%s` selected for blob directory %s, but '
-                'marker found for layout `%s`'
-                % (self.layout_name, self.base_dir, marked))
+                f'Directory layout `{self.layout_name}` selected for blob '
+                f'directory {self.base_dir}, but marker found for layout '
+                f'`{marked}`')
 
     def create(self) -> None:
         """Create the directory, its ``tmp`` and the marker, if missing.
 
         The marker is checked before anything is created, so a mismatch
-        changes nothing on disk.
+        (or a blob directory path that is a file) changes nothing on disk.
         """
-        if os.path.exists(self.base_dir) and not os.path.isdir(
-                self.base_dir):
-            raise ValueError('Blob directory %s is not a directory'
-                             % self.base_dir.rstrip(os.sep))
         self.check_marker()
         if not os.path.isdir(self.base_dir):
-            os.makedirs(self.base_dir)
-            logger.info('Created blob directory %s', self.base_dir)
-        os.makedirs(self.temp_dir, exist_ok=True)
+            logger.info('Creating blob directory %s', self.base_dir)
+        makedirs_durable(self.temp_dir)
         marker = os.path.join(self.base_dir, LAYOUT_MARKER)
         if not os.path.exists(marker):
-            # Write then rename: a marker is never seen half-written.
-            fd, staged = tempfile.mkstemp(dir=self.base_dir,
-                                          prefix='.layout-')
+            self._write_marker(marker)
+
+    def _write_marker(self, marker: str) -> None:
+        # Staged under a hidden name, which auto-detection never counts as
+        # content, and synced: a marker that a crash left empty would make
+        # the directory unreadable.
+        fd, staged = tempfile.mkstemp(dir=self.base_dir,
+                                      prefix=LAYOUT_MARKER + '-')
+        try:
             with os.fdopen(fd, 'w') as f:
                 f.write(self.layout_name)
-            os.rename(staged, marker)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                # A link, unlike a rename, never replaces the marker of a
+                # process that created the directory at the same time.
+                os.link(staged, marker)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP,
+                                   errno.EOPNOTSUPP):
+                    raise
+                os.replace(staged, marker)  # no hard links here
+        finally:
+            if os.path.exists(staged):
+                os.remove(staged)
+        fsync_directory(self.base_dir)
+        self.check_marker()
 
     def getPathForOID(self, oid, create: bool = False) -> str:
-        if isinstance(oid, int):
-            oid = p64(oid)
+        oid = _packed(oid)
         if create:
             os.makedirs(os.path.join(self.base_dir,
                                      self.layout.oid_directory(oid)),
@@ -315,24 +395,18 @@ class FilesystemHelper:
         return self.getPathForOID(oid, create=True)
 
     def getOIDForPath(self, path: str) -> bytes:
-        if path.startswith(self.base_dir):
-            path = path[len(self.base_dir):]
+        path = path.removeprefix(self.base_dir)
         return self.layout.path_to_oid(path)
 
     def getBlobFilename(self, oid, tid) -> str:
-        if isinstance(oid, int):
-            oid = p64(oid)
-        if isinstance(tid, int):
-            tid = p64(tid)
-        return os.path.join(self.base_dir,
-                            self.layout.getBlobFilePath(oid, tid))
+        return os.path.join(self.base_dir, self.layout.getBlobFilePath(
+            _packed(oid), _packed(tid)))
 
     def splitBlobFilename(self, filename: str):
         """``(oid, tid)`` of a blob file name; ``(None, None)`` otherwise."""
         if not filename.endswith(BLOB_SUFFIX):
             return None, None
-        if filename.startswith(self.base_dir):
-            filename = filename[len(self.base_dir):]
+        filename = filename.removeprefix(self.base_dir)
         try:
             return self.layout.blob_path_to_oid_tid(filename)
         except ValueError:
@@ -341,8 +415,8 @@ class FilesystemHelper:
     def blob_mkstemp(self, oid, tid):
         """A new temporary file beside the committed files of `oid`."""
         directory = os.path.join(self.base_dir,
-                                 self.layout.oid_directory(oid))
-        return tempfile.mkstemp(suffix='.tmp', prefix=oid_repr(tid),
+                                 self.layout.oid_directory(_packed(oid)))
+        return tempfile.mkstemp(suffix='.tmp', prefix=oid_repr(_packed(tid)),
                                 dir=directory)
 
     def iter_blobs(self) -> Iterator[tuple[bytes, bytes, str]]:
@@ -352,7 +426,7 @@ class FilesystemHelper:
     def listOIDs(self) -> Iterator[tuple[bytes, str]]:
         """``(oid, oid path)`` for every oid that has a blob file."""
         seen = None
-        for oid, tid, path in self.iter_blobs():
+        for oid, _, _ in self.iter_blobs():
             if oid != seen:
                 seen = oid
                 yield oid, self.getPathForOID(oid)

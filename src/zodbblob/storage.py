@@ -39,7 +39,10 @@ from zodbblob.journal import STATE_DIR
 from zodbblob.journal import Journal
 from zodbblob.journal import JournalError
 from zodbblob.journal import journal_path
+from zodbblob.journal import kill_point
 from zodbblob.layout import FilesystemHelper
+from zodbblob.layout import fsync_directory
+from zodbblob.layout import makedirs_durable
 
 
 logger = logging.getLogger(__name__)
@@ -51,33 +54,6 @@ _staging_counter = itertools.count()
 
 class BlobStorageError(Exception):
     """The blob storage cannot do what was asked, as the message says."""
-
-
-def fsync_directory(path: str) -> None:
-    """Make the entries of directory `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def makedirs_durable(path: str) -> None:
-    """Create `path` and its missing parents, each entry fsynced.
-
-    A directory that a crash forgets would take the blob files in it
-    along, however well those files were synced.
-    """
-    missing = []
-    while not os.path.isdir(path):
-        missing.append(path)
-        path = os.path.dirname(path)
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory)
-        except FileExistsError:
-            continue
-        fsync_directory(os.path.dirname(directory))
 
 
 def rename_or_copy(source: str, target: str) -> None:
@@ -204,7 +180,7 @@ class BlobStorage:
         try:
             journal = self._open_journal(fshelper)
             shared = _Shared(fshelper, journal, lock, False)
-            self._shared = shared
+            self._shared, self.fshelper = shared, fshelper
             self._recover(journal, fshelper)
             journal.set_meta(state='open')
         except BaseException:
@@ -272,6 +248,7 @@ class BlobStorage:
                 else:
                     _remove(final)
                     _remove(staged_path)
+                kill_point('mid_recovery')
             if committed:
                 journal.commit(tid)
             else:
@@ -281,6 +258,12 @@ class BlobStorage:
                 'of interrupted transaction %s', fshelper.base_dir,
                 'forward' if committed else 'back', len(entries),
                 oid_repr(tid))
+        garbage = journal.garbage()
+        if garbage:
+            logger.warning('Recovered blob directory %s: finished removing '
+                           'the %d blob files of an interrupted pack',
+                           fshelper.base_dir, len(garbage))
+            self._remove_blob_files(garbage)
         if os.path.isdir(fshelper.temp_dir):
             for name in os.listdir(fshelper.temp_dir):
                 if name.startswith(STAGING_PREFIX):
@@ -422,7 +405,9 @@ class BlobStorage:
         # The file is ours from here on, whatever the base says next; a
         # ConflictError below leaves it staged, and tpc_abort removes it.
         self._take(oid, blobfilename, transaction)
-        return self.base.store(oid, oldserial, data, '', transaction)
+        result = self.base.store(oid, oldserial, data, '', transaction)
+        kill_point('after_store_blob')
+        return result
 
     def restoreBlob(self, oid, serial, data, blobfilename, prev_txn,
                     transaction):
@@ -472,7 +457,9 @@ class BlobStorage:
         result = self.base.tpc_vote(transaction)
         staged = self._staged
         if staged is not None and staged.transaction is transaction:
+            kill_point('after_base_vote')
             self._publish(staged)
+            kill_point('after_publish')
         return result
 
     def _publish(self, staged: _Staged) -> None:
@@ -494,10 +481,12 @@ class BlobStorage:
                 os.close(fd)
             entries.append((oid, info.st_size, info.st_mode,
                             os.path.relpath(path, self.fshelper.temp_dir)))
+        kill_point('after_staging_fsync')
         self._shared.journal.begin(
             tid, [(oid, size, relative)
                   for oid, size, mode, relative in entries])
         staged.tid = tid
+        kill_point('after_journal_begin')
         directories: dict[str, int] = {}
         for oid, size, mode, relative in entries:
             final = self.fshelper.getBlobFilename(oid, tid)
@@ -512,6 +501,7 @@ class BlobStorage:
                      | (directories[directory] & 0o444))
             os.rename(path, final)
             staged.published.append(final)
+            kill_point('mid_publish')
         for directory in directories:
             fsync_directory(directory)
 
@@ -530,7 +520,9 @@ class BlobStorage:
                         'Base storage %r committed tid %s, but its blob '
                         'files were published for tid %s', self.base,
                         oid_repr(tid), oid_repr(staged.tid))
+                kill_point('after_base_finish')
                 self._shared.journal.commit(staged.tid)
+                kill_point('after_journal_commit')
             shutil.rmtree(staged.staging_dir, ignore_errors=True)
         return tid
 
@@ -562,12 +554,15 @@ class BlobStorage:
                                    % self.fshelper.base_dir)
         try:
             result = self.base.pack(packtime, referencesf, *args, **kw)
+            kill_point('after_base_pack')
             # Read the catalog before the base: a file committed after this
             # read is not in `known`, so a pack never removes it.
             known = [(oid, tid) for oid, tid, size
                      in shared.journal.committed()]
             garbage = self._unreferenced(known)
-            self._remove_blob_files(garbage)
+            if garbage:
+                shared.journal.mark_garbage(garbage)
+                self._remove_blob_files(garbage)
         finally:
             shared.pack_lock.release()
         return result
@@ -603,6 +598,7 @@ class BlobStorage:
         directories = set()
         for oid, tid in garbage:
             _remove(fshelper.getBlobFilename(oid, tid))
+            kill_point('mid_pack_removal')
             if fshelper.layout.directory_per_oid:
                 directories.add(fshelper.getPathForOID(oid))
         self._shared.journal.remove(garbage)

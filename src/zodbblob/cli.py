@@ -1,0 +1,265 @@
+"""The ``zodbblob`` command.
+
+One subcommand per job.  Each is a pair in `COMMANDS`: a function that adds
+its arguments to a subparser, and the function that runs it and returns
+the exit status.  Only ``serve`` exists so far; ``info``, ``verify``,
+``recover``, ``migrate`` and ``cache`` will sit beside it.
+
+``zodbblob serve`` is ZEO's own ``runzeo`` with a default configuration:
+the same options object, the same server class, the same signal handling
+and shutdown.  With no arguments it runs this zeo.conf (see
+`serve_config`)::
+
+    %import zodbblob
+    <zeo>
+      address 127.0.0.1:8100
+    </zeo>
+    <zodbblob 1>
+      blob-dir ./var/blobs
+      layout automatic
+      <filestorage>
+        path ./var/Data.fs
+      </filestorage>
+    </zodbblob>
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import ipaddress
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import zc.lockfile
+import ZConfig
+import ZEO.runzeo
+
+from zodbblob.layout import LAYOUTS
+from zodbblob.storage import BlobStorage, BlobStorageError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOST = '127.0.0.1'
+DEFAULT_PORT = 8100
+DEFAULT_VAR = 'var'
+AUTOMATIC = 'automatic'
+
+
+# serve
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``(host, port)`` of ``HOST:PORT``, ``[IPV6]:PORT`` or ``PORT``.
+
+    A bare port means 127.0.0.1, never every interface: a ZEO server has
+    no authentication, so serving beyond this machine must be asked for.
+    """
+    host, colon, port = text.rpartition(':')
+    if not colon:
+        host = DEFAULT_HOST
+    elif host.startswith('[') and host.endswith(']'):
+        host = host[1:-1]
+    elif not host or ':' in host:
+        raise argparse.ArgumentTypeError(
+            f'address {text!r}: expected HOST:PORT, [IPV6]:PORT or PORT')
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(
+            f'address {text!r}: port {port!r} is not a number from 0 to '
+            f'65535')
+    return host, number
+
+
+def format_address(address: tuple[str, int]) -> str:
+    host, port = address[:2]
+    return f'[{host}]:{port}' if ':' in host else f'{host}:{port}'
+
+
+def is_loopback(host: str) -> bool:
+    if host == 'localhost':
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _zconfig_value(text: str) -> str:
+    # ZConfig substitutes $NAME in values; a path holding a $ must
+    # reach the storage as written.
+    if '\n' in text:
+        raise ValueError(f'{text!r} cannot be written in a ZConfig value')
+    return text.replace('$', '$$')
+
+
+def serve_config(address: tuple[str, int] = (DEFAULT_HOST, DEFAULT_PORT),
+                 var: str = DEFAULT_VAR, layout: str = AUTOMATIC) -> str:
+    """The zeo.conf that ``zodbblob serve`` runs when given no --config."""
+    var = os.path.abspath(var)
+    blob_dir = _zconfig_value(os.path.join(var, 'blobs'))
+    data_fs = _zconfig_value(os.path.join(var, 'Data.fs'))
+    return (
+        '%import zodbblob\n'
+        '\n'
+        '<zeo>\n'
+        f'  address {format_address(address)}\n'
+        '</zeo>\n'
+        '\n'
+        '<zodbblob 1>\n'
+        f'  blob-dir {blob_dir}\n'
+        f'  layout {layout}\n'
+        '  <filestorage>\n'
+        f'    path {data_fs}\n'
+        '  </filestorage>\n'
+        '</zodbblob>\n')
+
+
+class ConfigTextOptions(ZEO.runzeo.ZEOOptions):
+    """ZEO server options read from zeo.conf text instead of ``-C FILE``.
+
+    Only where the configuration comes from differs; everything after
+    loading (defaults, checks, logging) is runzeo's.
+    """
+
+    def __init__(self, text: str, name: str):
+        super().__init__()
+        self.config_text = text
+        self.config_name = name
+
+    def default_configfile(self):
+        # Without a config file name, ZDOptions would not load one at all.
+        return self.config_name
+
+    def load_configfile(self):
+        self.configroot, self.confighandlers = ZConfig.loadConfigFile(
+            self.schema, io.StringIO(self.config_text), self.config_name,
+            self.zconfig_options)
+
+
+class ZEOServer(ZEO.runzeo.ZEOServer):
+    """runzeo's server, which says where it serves and cleans up earlier."""
+
+    def open_storages(self):
+        # runzeo sets up its handlers only after opening the storages; a
+        # SIGTERM during a long FileStorage index rebuild would kill the
+        # process without closing what was already open.
+        self.storages = {}
+        self.setup_signals()
+        super().open_storages()
+
+    def create_server(self):
+        super().create_server()
+        logger.info('Serving ZEO on %s',
+                    format_address(self.server.acceptor.addr))
+        for name, storage in sorted(self.storages.items()):
+            logger.info('Storage %r: %s', name, describe_storage(storage))
+        host = self.server.acceptor.addr[0]
+        if not is_loopback(host):
+            logger.warning(
+                'Serving on %s, not on loopback: ZEO has no authentication, '
+                'so anyone who reaches this port can read and change the '
+                'database', host)
+
+    def close_server(self):
+        if self.server is None:
+            # Stopped before serving: the storages are not the server's to
+            # close yet, so nothing else would close them.
+            for storage in self.storages.values():
+                storage.close()
+        super().close_server()
+        logger.info('Stopped; closed storages %s',
+                    ', '.join(repr(name) for name in sorted(self.storages)))
+
+
+def describe_storage(storage) -> str:
+    if isinstance(storage, BlobStorage):
+        return (f'{storage.base.getName()}, blobs in '
+                f'{storage.fshelper.base_dir.rstrip(os.sep)} '
+                f'(layout {storage.fshelper.layout_name})')
+    return storage.getName()
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        'Run a ZEO server.  Without --config it serves a FileStorage at '
+        'VAR/Data.fs with blobs in VAR/blobs, on 127.0.0.1:8100.')
+    parser.add_argument(
+        '--address', type=parse_address, metavar='HOST:PORT',
+        help=f'where to listen (default {DEFAULT_HOST}:{DEFAULT_PORT}; a '
+             f'bare PORT means {DEFAULT_HOST})')
+    parser.add_argument(
+        '--var', metavar='DIR',
+        help=f'directory for Data.fs and blobs/, created if missing '
+             f'(default ./{DEFAULT_VAR})')
+    parser.add_argument(
+        '--layout', choices=sorted(LAYOUTS) + [AUTOMATIC],
+        help='blob directory layout (default automatic: the existing '
+             "directory's, bushy for a new one)")
+    parser.add_argument(
+        '--config', metavar='ZEO.CONF',
+        help='run this ZEO server configuration instead (use %%import '
+             'zodbblob in it for <zodbblob> sections); --address overrides '
+             'its address')
+
+
+def serve(args: argparse.Namespace) -> int:
+    if args.config is not None:
+        if args.var is not None or args.layout is not None:
+            args.parser.error('--var and --layout configure the default '
+                              'storage; with --config, the file does')
+        argv = ['-C', args.config]
+        if args.address is not None:
+            argv += ['-a', format_address(args.address)]
+        options = ZEO.runzeo.ZEOOptions()
+    else:
+        var = args.var if args.var is not None else DEFAULT_VAR
+        if os.path.exists(var) and not os.path.isdir(var):
+            args.parser.error(f'--var {var}: not a directory')
+        os.makedirs(var, exist_ok=True)
+        text = serve_config(args.address or (DEFAULT_HOST, DEFAULT_PORT),
+                            var, args.layout or AUTOMATIC)
+        argv = []
+        options = ConfigTextOptions(text, '<zodbblob serve defaults>')
+    options.realize(argv, progname=args.parser.prog)
+    try:
+        ZEOServer(options).main()
+    except (BlobStorageError, zc.lockfile.LockError) as e:
+        # Another server has the storage: a message, not a traceback.
+        print(f'{args.parser.prog}: error: {e}', file=sys.stderr)
+        return 1
+    return 0
+
+
+# the command
+
+COMMANDS = {
+    'serve': (add_serve_arguments, serve,
+              'run a ZEO server for a zodbblob storage'),
+}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='zodbblob',
+        description='Safe, fast and manageable blobs for ZODB and ZEO.')
+    commands = parser.add_subparsers(dest='command', metavar='COMMAND',
+                                     required=True)
+    for name, (add_arguments, run, summary) in COMMANDS.items():
+        sub = commands.add_parser(name, help=summary)
+        add_arguments(sub)
+        sub.set_defaults(run=run, parser=sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

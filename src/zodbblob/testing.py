@@ -1,0 +1,265 @@
+"""zope.testrunner layers for the test suites of zodbblob's users.
+
+Two layers, both reached from a test as ``self.layer``:
+
+`BLOB_STORAGE` gives every test a fresh `zodbblob.BlobStorage` over a
+FileStorage in a temporary directory, and a database on it::
+
+    class ImageTests(unittest.TestCase):
+        layer = zodbblob.testing.BLOB_STORAGE
+
+        def test_thumbnail_is_a_blob(self):
+            connection = self.layer.db.open()
+            ...                      # also: self.layer.storage, .blob_dir
+
+`ZEO_SERVER` runs one real ``zodbblob serve`` process on a free port of
+127.0.0.1 for all the tests of the layer; tests connect stock ZEO clients
+to ``self.layer.address``.  The server's data outlives each test (it is one
+database); only the layer's tear-down removes it::
+
+    class SharedImageTests(unittest.TestCase):
+        layer = zodbblob.testing.ZEO_SERVER
+
+        def test_two_clients_see_one_blob(self):
+            db = ZEO.DB(self.layer.address, blob_dir=...)
+
+Both are instances.  Make your own with other settings, named for the
+variable that holds it (zope.testrunner finds layers by that name)::
+
+    LAWN_STORAGE = BlobStorageLayer(layout='lawn', name='LAWN_STORAGE',
+                                    module=__name__)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+import transaction
+import ZODB
+import ZODB.FileStorage
+
+from zodbblob.cli import format_address
+from zodbblob.storage import BlobStorage
+
+
+def free_port(host: str = '127.0.0.1') -> int:
+    """A TCP port on `host` that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+class _Layer:
+    """What zope.testrunner needs of a layer object besides its hooks.
+
+    The runner names a layer ``__module__.__name__`` and may import it by
+    that name (to run layers in subprocesses): give every layer the name
+    of the module variable that holds it.
+    """
+
+    def __init__(self, name: str, module: str):
+        self.__bases__ = ()
+        self.__name__ = name
+        self.__module__ = module
+
+    def __repr__(self):
+        return f'<{self.__module__}.{self.__name__}>'
+
+    def setUp(self):
+        pass
+
+    def tearDown(self):
+        pass
+
+    def testSetUp(self):
+        pass
+
+    def testTearDown(self):
+        pass
+
+
+class BlobStorageLayer(_Layer):
+    """A fresh blob storage and database for every test.
+
+    During a test: ``storage`` (the `zodbblob.BlobStorage`), ``db`` (a
+    ``ZODB.DB`` on it), ``blob_dir`` and ``directory`` (the temporary
+    directory holding ``Data.fs`` and ``blobs/``).  A test may close
+    ``db`` itself (to reopen the files, say); the tear-down closes it
+    anyway, aborts the thread's transaction and removes ``directory``.
+    """
+
+    def __init__(self, *, name: str, module: str,
+                 layout: str = 'automatic'):
+        super().__init__(name, module)
+        self.layout = layout
+        self.directory = self.blob_dir = self.storage = self.db = None
+
+    def testSetUp(self):
+        self.directory = tempfile.mkdtemp(prefix='zodbblob-test-')
+        self.blob_dir = os.path.join(self.directory, 'blobs')
+        try:
+            base = ZODB.FileStorage.FileStorage(
+                os.path.join(self.directory, 'Data.fs'))
+            self.storage = BlobStorage(self.blob_dir, base, self.layout)
+            self.db = ZODB.DB(self.storage)
+        except BaseException:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise
+
+    def testTearDown(self):
+        transaction.abort()
+        try:
+            if self.db is not None:
+                self.db.close()
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = self.blob_dir = self.storage = self.db = None
+
+
+class ServerStartError(RuntimeError):
+    """A ZEO server process did not come up; the message has its output."""
+
+
+class ServerProcess:
+    """A ZEO server running as a child process, with its output in a file.
+
+    `argv` is the whole command line; the server is expected to listen on
+    `address`.  The output goes to a file, not a pipe: nobody reads a pipe
+    while the tests run, and a full pipe would stall the server.
+    """
+
+    def __init__(self, argv: Sequence[str], address: tuple[str, int],
+                 cwd: str, log_path: str):
+        self.argv = list(argv)
+        self.address = address
+        self.cwd = cwd
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    def output(self) -> str:
+        try:
+            with open(self.log_path, errors='replace') as log:
+                return log.read()
+        except FileNotFoundError:
+            return ''
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the server and return once it accepts connections."""
+        with open(self.log_path, 'ab') as log:
+            self.process = subprocess.Popen(
+                self.argv, cwd=self.cwd, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.process.poll()
+            if status is not None:
+                self.process = None
+                raise ServerStartError(
+                    f'ZEO server {self.argv} exited with status {status} '
+                    f'before listening on {self.address}; its output:\n'
+                    f'{self.output()}')
+            # Alive and accepting: a server that failed to bind (the port
+            # was taken meanwhile) exits, which the poll above catches.
+            if self._accepts() and self.process.poll() is None:
+                return
+            if time.monotonic() > deadline:
+                self.stop(timeout=5)
+                raise ServerStartError(
+                    f'ZEO server {self.argv} did not listen on '
+                    f'{self.address} within {timeout} seconds; its output:\n'
+                    f'{self.output()}')
+            time.sleep(0.05)
+
+    def _accepts(self) -> bool:
+        try:
+            socket.create_connection(self.address, timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Signal the server to stop (SIGTERM, or SIGINT for a Ctrl-C);
+        kill it after `timeout`.  Return its exit status.
+
+        A server that had to be killed gets ``-SIGKILL``: whoever stops it
+        can tell a clean shutdown from a forced one.
+        """
+        process, self.process = self.process, None
+        if process is None:
+            return 0
+        process.send_signal(sig)
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            return -signal.SIGKILL
+
+
+def serve_command(*args: str) -> list[str]:
+    """The command line of ``zodbblob serve ARGS`` with this interpreter.
+
+    ``python -m zodbblob.cli`` runs what the ``zodbblob`` script runs,
+    whether or not the script is on the PATH of the test run.
+    """
+    return [sys.executable, '-m', 'zodbblob.cli', 'serve', *args]
+
+
+class ZEOServerLayer(_Layer):
+    """A ``zodbblob serve`` process for the tests of the layer.
+
+    During the layer: ``address`` (``('127.0.0.1', port)``, for
+    ``ZEO.client`` / ``ZEO.DB``), ``var`` (the server's directory),
+    ``blob_dir`` (the server's blob directory, ``var/blobs``) and
+    ``server`` (the `ServerProcess`, whose ``output()`` is the server log).
+    """
+
+    def __init__(self, *, name: str, module: str, layout: str = 'automatic',
+                 start_timeout: float = 30.0, stop_timeout: float = 10.0):
+        super().__init__(name, module)
+        self.layout = layout
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.directory = self.var = self.blob_dir = None
+        self.address = self.server = None
+
+    def setUp(self):
+        self.directory = tempfile.mkdtemp(prefix='zodbblob-zeo-')
+        self.var = os.path.join(self.directory, 'var')
+        self.blob_dir = os.path.join(self.var, 'blobs')
+        self.address = ('127.0.0.1', free_port())
+        self.server = ServerProcess(
+            serve_command('--address', format_address(self.address),
+                          '--var', self.var, '--layout', self.layout),
+            self.address, cwd=self.directory,
+            log_path=os.path.join(self.directory, 'server.log'))
+        try:
+            self.server.start(self.start_timeout)
+        except BaseException:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise
+
+    def tearDown(self):
+        try:
+            status = self.server.stop(timeout=self.stop_timeout)
+            if status != 0:
+                raise RuntimeError(
+                    f'ZEO server {self.server.argv} did not stop cleanly '
+                    f'(exit status {status}); its output:\n'
+                    f'{self.server.output()}')
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = self.var = self.blob_dir = None
+            self.address = self.server = None
+
+
+BLOB_STORAGE = BlobStorageLayer(name='BLOB_STORAGE', module=__name__)
+ZEO_SERVER = ZEOServerLayer(name='ZEO_SERVER', module=__name__)

@@ -1,0 +1,77 @@
+"""A child process for the crash tests: commits blobs until it is killed.
+
+Usage: python -m zodbblob.tests.crash_child DIR [TRANSACTIONS] [--pack]
+
+Opens ``DIR/Data.fs`` with blobs in ``DIR/blobs`` through
+zodbblob.BlobStorage and commits blob transactions of every shape (new and
+changed blobs, several per transaction, empty and multi-MiB ones).  After
+each commit returns, it appends what it committed to ``DIR/committed``
+and fsyncs it: the parent checks exactly those bytes after the crash.
+The parent kills it with SIGKILL, or sets ZODBBLOB_KILL_POINT so that it
+kills itself at a named point of the protocol.
+"""
+
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+
+import transaction
+import ZODB
+import ZODB.FileStorage
+from ZODB.blob import Blob
+
+from zodbblob import BlobStorage
+
+
+def payload(rng: random.Random, shape: int) -> bytes:
+    if shape == 0:
+        return b''
+    if shape == 1:
+        return rng.randbytes(3 * 1024 * 1024 + rng.randrange(1000))
+    return rng.randbytes(rng.randrange(1, 20000))
+
+
+def main(argv):
+    directory = argv[0]
+    count = int(argv[1]) if len(argv) > 1 and argv[1].isdigit() else 10 ** 9
+    pack = '--pack' in argv
+    rng = random.Random(os.getpid())
+    storage = BlobStorage(os.path.join(directory, 'blobs'),
+                          ZODB.FileStorage.FileStorage(
+                              os.path.join(directory, 'Data.fs')))
+    db = ZODB.DB(storage)
+    conn = db.open()
+    root = conn.root()
+    log = open(os.path.join(directory, 'committed'), 'a')
+    print('ready', flush=True)
+    for number in range(count):
+        changed = {}
+        for _ in range(rng.choice((1, 1, 2, 5))):
+            key = 'blob-%d' % rng.randrange(40)
+            data = payload(rng, rng.randrange(12))
+            if key in root:
+                with root[key].open('w') as f:
+                    f.write(data)
+            else:
+                root[key] = Blob(data)
+            changed[key] = hashlib.sha256(data).hexdigest()
+        if number % 7 == 3 and root:
+            key = rng.choice(sorted(root))
+            del root[key]
+            changed.pop(key, None)
+            changed[key] = None
+        transaction.commit()
+        log.write(json.dumps(changed) + '\n')
+        log.flush()
+        os.fsync(log.fileno())
+        if pack and number % 5 == 4:
+            time.sleep(0.002)
+            db.pack()
+    db.close()
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
