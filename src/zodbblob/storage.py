@@ -48,6 +48,7 @@ from zodbblob.layout import makedirs_durable
 logger = logging.getLogger(__name__)
 
 STAGING_PREFIX = 'staged-'
+PROCESS_PREFIX = 'proc-'
 LOCK_NAME = 'lock'
 _staging_counter = itertools.count()
 
@@ -86,6 +87,28 @@ def link_or_copy(source: str, target: str) -> None:
         shutil.copyfile(source, target)
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner_is_dead(name: str) -> bool:
+    """Whether the process that named temp directory `name` has ended."""
+    if name.startswith(STAGING_PREFIX):
+        # Staging belongs to the storage holding the blob directory's lock,
+        # and that is the one opening now.
+        return True
+    if name.startswith(PROCESS_PREFIX):
+        pid = name[len(PROCESS_PREFIX):].split('-')[0]
+        return pid.isdigit() and not _process_alive(int(pid))
+    return False
+
+
 def _remove(path: str) -> None:
     try:
         os.remove(path)
@@ -103,6 +126,7 @@ class _Shared:
         self.read_only = read_only
         self.pack_lock = threading.Lock()
         self.untransform_record_data = lambda data: data
+        self.temp_dir: str | None = None
 
 
 class _Staged:
@@ -264,11 +288,19 @@ class BlobStorage:
                            'the %d blob files of an interrupted pack',
                            fshelper.base_dir, len(garbage))
             self._remove_blob_files(garbage)
+        # Uncommitted files of processes that died: nobody can commit them
+        # any more.  Loose files directly in tmp/ are left alone: stock ZEO
+        # clients with a shared blob directory write there, and may be
+        # alive.
         if os.path.isdir(fshelper.temp_dir):
             for name in os.listdir(fshelper.temp_dir):
-                if name.startswith(STAGING_PREFIX):
-                    shutil.rmtree(os.path.join(fshelper.temp_dir, name),
-                                  ignore_errors=True)
+                path = os.path.join(fshelper.temp_dir, name)
+                if os.path.isdir(path) and _owner_is_dead(name):
+                    if name.startswith(PROCESS_PREFIX) and os.listdir(path):
+                        logger.warning(
+                            'Removed %s: uncommitted blob files of a process '
+                            'that ended', path)
+                    shutil.rmtree(path, ignore_errors=True)
 
     def _base_has(self, tid: bytes, entries) -> bool:
         oid = entries[0][0]
@@ -292,6 +324,9 @@ class BlobStorage:
                     state='closed', last_tid=self.base.lastTransaction())
         finally:
             self.base.close()
+            if shared.temp_dir is not None:
+                shutil.rmtree(shared.temp_dir, ignore_errors=True)
+                shared.temp_dir = None
             if shared.journal is not None:
                 shared.journal.close()
             if shared.lock is not None:
@@ -368,7 +403,20 @@ class BlobStorage:
         return ZODB.blob.BlobFile(filename, 'r', blob)
 
     def temporaryDirectory(self) -> str:
-        return self.fshelper.temp_dir
+        """This storage's own directory below ``tmp`` for new blob files.
+
+        Named for the process, so that the next open can tell the files of
+        a process that died (removed) from those of a live one (kept).
+        """
+        shared = self._shared
+        if shared.read_only:
+            return self.fshelper.temp_dir
+        if shared.temp_dir is None:
+            path = os.path.join(self.fshelper.temp_dir, '%s%d-%d' % (
+                PROCESS_PREFIX, os.getpid(), next(_staging_counter)))
+            os.makedirs(path, exist_ok=True)
+            shared.temp_dir = path
+        return shared.temp_dir
 
     def getSize(self) -> int:
         journal = self._shared.journal

@@ -64,7 +64,8 @@ def main(argv):
             changed.pop(key, None)
             changed[key] = None
         transaction.commit()
-        log.write(json.dumps(changed) + '\n')
+        tid = db.lastTransaction().hex()
+        log.write(json.dumps({'tid': tid, 'changed': changed}) + '\n')
         log.flush()
         os.fsync(log.fileno())
         if pack and number % 5 == 4:
