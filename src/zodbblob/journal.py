@@ -14,6 +14,7 @@ records, without walking the directory.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -93,6 +94,36 @@ def kill_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _load_syncfs():
+    try:
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    syncfs.argtypes = [ctypes.c_int]
+    return syncfs
+
+
+_syncfs = _load_syncfs()
+SYNCFS_AVAILABLE = _syncfs is not None
+
+
+def sync_filesystem(path: str) -> None:
+    """Flush every dirty file and directory entry of `path`'s filesystem.
+
+    One ``syncfs(2)`` makes a whole transaction durable (its staged files,
+    their names and the journal's WAL) for the price of one fsync; per
+    file and per directory fsyncs cost that many times over.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _syncfs(fd) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, 'syncfs failed: %s' % os.strerror(error),
+                          path)
+    finally:
+        os.close(fd)
+
+
 class JournalError(Exception):
     """The journal database cannot be used."""
 
@@ -160,12 +191,15 @@ class Journal:
 
     # the commit protocol
 
-    def begin(self, tid: bytes,
-              entries: Iterable[tuple[bytes, int, str]]) -> None:
+    def begin(self, tid: bytes, entries: Iterable[tuple[bytes, int, str]],
+              durable: bool = True) -> None:
         with self._lock:
             # FULL makes this commit fsync the WAL: the intent is on disk
-            # before any file of the transaction gets its final name.
-            self._db.execute('PRAGMA synchronous=FULL')
+            # before any file of the transaction gets its final name.  A
+            # caller that syncs the whole filesystem right after passes
+            # durable=False and saves the fsync.
+            self._db.execute('PRAGMA synchronous=%s'
+                             % ('FULL' if durable else 'OFF'))
             with self._db:
                 self._db.execute('BEGIN IMMEDIATE')
                 self._db.executemany(
@@ -174,7 +208,13 @@ class Journal:
                     [(oid, tid, size, PENDING, staged)
                      for oid, size, staged in entries])
 
-    def commit(self, tid: bytes) -> None:
+    def commit(self, tid: bytes,
+               retired: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        """Mark `tid` committed; forget the staged names of `retired`.
+
+        `retired` are ``(oid, tid)`` of earlier transactions whose final
+        names are known to be durable, so their staged names can go.
+        """
         with self._lock:
             # Losing this commit to a power cut is harmless: replay finds
             # the rows pending, sees the base has `tid`, and rolls forward.
@@ -185,10 +225,30 @@ class Journal:
                     'SELECT total(size) FROM blob WHERE tid = ? AND state = ?',
                     (tid, PENDING)).fetchone()[0]
                 self._db.execute(
-                    'UPDATE blob SET state = ?, staged = NULL '
-                    'WHERE tid = ? AND state = ?',
+                    'UPDATE blob SET state = ? WHERE tid = ? AND state = ?',
                     (COMMITTED, tid, PENDING))
+                self._db.executemany(
+                    'UPDATE blob SET staged = NULL WHERE oid = ? AND tid = ?',
+                    retired)
                 self._store_total(self._total + int(added))
+
+    def retire(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
+        """Forget the staged names of ``(oid, tid)`` in `pairs`."""
+        with self._lock, self._db:
+            self._db.execute('BEGIN IMMEDIATE')
+            self._db.executemany(
+                'UPDATE blob SET staged = NULL WHERE oid = ? AND tid = ?',
+                pairs)
+
+    def staged(self) -> list[tuple[bytes, bytes, int, str]]:
+        """``(oid, tid, state, staged)`` of every file still staged.
+
+        Pending rows, and committed rows whose final names may not be
+        durable yet: recovery restores a lost final name from these.
+        """
+        return self._db.execute(
+            'SELECT oid, tid, state, staged FROM blob '
+            'WHERE staged IS NOT NULL ORDER BY tid, oid').fetchall()
 
     def discard(self, tid: bytes) -> None:
         with self._lock, self._db:

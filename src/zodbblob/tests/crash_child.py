@@ -1,6 +1,7 @@
 """A child process for the crash tests: commits blobs until it is killed.
 
 Usage: python -m zodbblob.tests.crash_child DIR [TRANSACTIONS] [--pack]
+                                             [--many]
 
 Opens ``DIR/Data.fs`` with blobs in ``DIR/blobs`` through
 zodbblob.BlobStorage and commits blob transactions of every shape (new and
@@ -38,6 +39,9 @@ def main(argv):
     directory = argv[0]
     count = int(argv[1]) if len(argv) > 1 and argv[1].isdigit() else 10 ** 9
     pack = '--pack' in argv
+    # --many: 12 blobs in every transaction, past the storage's threshold
+    # for making a transaction durable with one syncfs.
+    shapes = (12,) if '--many' in argv else (1, 1, 2, 5, 12)
     rng = random.Random(os.getpid())
     storage = BlobStorage(os.path.join(directory, 'blobs'),
                           ZODB.FileStorage.FileStorage(
@@ -49,7 +53,7 @@ def main(argv):
     print('ready', flush=True)
     for number in range(count):
         changed = {}
-        for _ in range(rng.choice((1, 1, 2, 5))):
+        for _ in range(rng.choice(shapes)):
             key = 'blob-%d' % rng.randrange(40)
             data = payload(rng, rng.randrange(12))
             if key in root:

@@ -141,6 +141,17 @@ class KillPointTests(CrashTestCase):
                 last_tid, expected = self.check_guarantee()
                 self.assertIsNotNone(last_tid)
 
+    def test_kill_at_each_commit_point_with_many_files(self):
+        # Transactions of 12 blobs are made durable by one syncfs and keep
+        # staged names until a later flush: the other half of the protocol.
+        for point in COMMIT_POINTS:
+            with self.subTest(point=point):
+                shutil.rmtree(self.dir)
+                os.mkdir(self.dir)
+                self.kill_at(point + ':30', '--many')
+                last_tid, expected = self.check_guarantee()
+                self.assertIsNotNone(last_tid)
+
     def test_kill_at_each_pack_point(self):
         for point in PACK_POINTS:
             with self.subTest(point=point):
