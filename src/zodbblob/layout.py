@@ -362,6 +362,11 @@ class FilesystemHelper:
         fd, staged = tempfile.mkstemp(dir=self.base_dir,
                                       prefix=LAYOUT_MARKER + '-')
         try:
+            # mkstemp makes 0600; the marker must be readable by everyone
+            # who may read the directory, as ZODB's is (read-only mounts).
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)
             with os.fdopen(fd, 'w') as f:
                 f.write(self.layout_name)
                 f.flush()

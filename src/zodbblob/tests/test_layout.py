@@ -434,6 +434,17 @@ class MarkerTests(unittest.TestCase):
             self.assertEqual(sorted(os.listdir(base)),
                              [LAYOUT_MARKER, 'tmp'])
 
+    def test_marker_has_the_same_mode_as_stock_zodbs(self):
+        stock = os.path.join(temporary_directory(self), 'stock')
+        ZODB.blob.FilesystemHelper(stock).create()
+        ours = os.path.join(temporary_directory(self), 'ours')
+        FilesystemHelper(ours).create()
+
+        def mode(base):
+            return os.stat(os.path.join(base, LAYOUT_MARKER)).st_mode & 0o777
+        self.assertEqual(mode(ours), mode(stock))
+        self.assertTrue(mode(ours) & 0o044)
+
     def test_create_twice_changes_nothing(self):
         base = os.path.join(temporary_directory(self), 'blobs')
         FilesystemHelper(base, 'chunky').create()
