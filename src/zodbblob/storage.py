@@ -243,7 +243,10 @@ class BlobStorage:
         base_tid = self.base.lastTransaction()
         if state is None:
             self._rebuild(journal, fshelper, 'it has no blob catalog yet')
-        elif state == 'closed' and last_tid != base_tid:
+        elif state == 'closed' and base_tid > (last_tid or z64):
+            # Only forward: FileStorage may report, for one open after a
+            # crash, the tid of a transaction it truncated (a phantom), and
+            # a tid behind ours means a restored Data.fs, not new files.
             self._rebuild(
                 journal, fshelper,
                 'its base storage was changed without zodbblob (last '
