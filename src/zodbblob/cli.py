@@ -2,8 +2,8 @@
 
 One subcommand per job.  Each is a pair in `COMMANDS`: a function that adds
 its arguments to a subparser, and the function that runs it and returns
-the exit status.  Only ``serve`` exists so far; ``info``, ``verify``,
-``recover``, ``migrate`` and ``cache`` will sit beside it.
+the exit status: ``serve``, ``verify`` and ``recover`` so far; ``info``,
+``migrate`` and ``cache`` will sit beside them.
 
 ``zodbblob serve`` is ZEO's own ``runzeo`` with a default configuration:
 the same options object, the same server class, the same signal handling
@@ -235,11 +235,160 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# opening a storage for the tools
+
+def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        '--config', metavar='FILE',
+        help='a zope.conf, zeo.conf or ZODB config with a <zodbblob> '
+             'section (its first one is used)')
+    parser.add_argument('--data', metavar='DATA.FS',
+                        help='a FileStorage file (with --blob-dir)')
+    parser.add_argument('--blob-dir', metavar='DIR',
+                        help='its blob directory (with --data)')
+    parser.add_argument('--quiet', action='store_true',
+                        help='no progress, only the result')
+
+
+def open_storage(args: argparse.Namespace, read_only: bool) -> BlobStorage:
+    """The storage the arguments name; exits with a message if they don't.
+
+    Nothing is created: a path that does not exist is an error here, not
+    a new database.
+    """
+    import ZODB.FileStorage
+
+    from zodbblob.config import storage_from_file
+    if args.config and (args.data or args.blob_dir):
+        args.parser.error('give --config, or --data and --blob-dir, not both')
+    if args.config:
+        if not os.path.isfile(args.config):
+            args.parser.error(f'--config {args.config}: no such file')
+        try:
+            return storage_from_file(args.config, read_only=read_only)
+        except ZConfig.ConfigurationError as e:
+            args.parser.error(f'--config {args.config}: {e}')
+    if not (args.data and args.blob_dir):
+        args.parser.error('name the storage: --config FILE, or --data '
+                          'DATA.FS and --blob-dir DIR')
+    for option, path, check in (('--data', args.data, os.path.isfile),
+                                ('--blob-dir', args.blob_dir,
+                                 os.path.isdir)):
+        if not check(path):
+            args.parser.error(f'{option} {path}: no such '
+                              f'{"file" if check is os.path.isfile else "directory"}')
+    base = ZODB.FileStorage.FileStorage(args.data, read_only=read_only)
+    try:
+        return BlobStorage(args.blob_dir, base)
+    except BaseException:
+        base.close()
+        raise
+
+
+class Progress:
+    """A one-line progress display on a terminal; silent elsewhere."""
+
+    def __init__(self, label: str, stream=None, quiet: bool = False):
+        self.stream = stream or sys.stderr
+        self.enabled = not quiet and self.stream.isatty()
+        self.label = label
+        self.shown = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or not total:
+            return
+        percent = done * 100 // total
+        if percent != self.shown:
+            self.shown = percent
+            bar = '#' * (percent // 4)
+            self.stream.write(f'\r{self.label} [{bar:<25}] {percent:3d}% '
+                              f'{done}/{total}')
+            if done == total:
+                self.stream.write('\n')
+            self.stream.flush()
+
+
+# verify and recover
+
+def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        'Check that every blob record has its file, and report files no '
+        'record references (orphans), files whose size differs from the '
+        'journal, and unreadable files.  Opens the storage read-only: safe '
+        'while a server runs.  Exit status 0 when clean, 1 otherwise.')
+    add_storage_arguments(parser)
+    parser.add_argument('--checksum', action='store_true',
+                        help='read every byte of every blob file')
+
+
+def verify(args: argparse.Namespace) -> int:
+    from zodbblob.verify import verify as check
+    storage = open_storage(args, read_only=True)
+    try:
+        report = check(storage, checksum=args.checksum,
+                       progress=Progress('verify', quiet=args.quiet))
+    finally:
+        storage.close()
+    lines = report.lines()
+    for line in lines if not report.clean or not args.quiet else lines[-1:]:
+        print(line)
+    return 0 if report.clean else 1
+
+
+def add_recover_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        'Replay the blob journal: finish or undo the commits and the pack '
+        'that a crash interrupted, and remove the temporary files of '
+        'processes that ended, then close.  This is what opening the '
+        'storage does; running it twice is harmless.  It refuses to run '
+        'while a server holds the storage.')
+    add_storage_arguments(parser)
+
+
+class _Collect(logging.Handler):
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def recover(args: argparse.Namespace) -> int:
+    collect = _Collect()
+    storage_logger = logging.getLogger('zodbblob.storage')
+    storage_logger.addHandler(collect)
+    try:
+        storage = open_storage(args, read_only=False)
+    except (BlobStorageError, zc.lockfile.LockError) as e:
+        print(f'{args.parser.prog}: error: the storage is in use by another '
+              f'process (a running server?), so it is not recovered: {e}',
+              file=sys.stderr)
+        return 1
+    finally:
+        storage_logger.removeHandler(collect)
+    blob_dir = storage.fshelper.base_dir.rstrip(os.sep)
+    storage.close()
+    if not args.quiet:
+        for message in collect.messages:
+            print(message)
+    if collect.messages:
+        print(f'{blob_dir}: recovered ({len(collect.messages)} actions)')
+    else:
+        print(f'{blob_dir}: nothing left to recover')
+    return 0
+
+
 # the command
 
 COMMANDS = {
     'serve': (add_serve_arguments, serve,
               'run a ZEO server for a zodbblob storage'),
+    'verify': (add_verify_arguments, verify,
+               'check blob files against their records'),
+    'recover': (add_recover_arguments, recover,
+                'finish what a crash interrupted, without serving'),
 }
 
 

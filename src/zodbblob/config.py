@@ -21,8 +21,12 @@ left behind by an error that was known all along.
 
 from __future__ import annotations
 
+import io
 import os
+import re
 
+import ZConfig
+import ZODB.config
 from ZConfig import ConfigurationError
 from ZODB.config import BaseConfig
 
@@ -129,3 +133,37 @@ class BlobStorageConfig(BaseConfig):
             # lock file outlives the error.
             base.close()
             raise
+
+
+_SECTION = re.compile(r'^\s*<zodbblob(\s[^>]*)?>.*?^\s*</zodbblob>',
+                      re.IGNORECASE | re.MULTILINE | re.DOTALL)
+_DIRECTIVE = re.compile(r'^\s*%(define|import)\s.*$', re.MULTILINE)
+
+
+def storage_from_file(path: str, read_only: bool = False) -> BlobStorage:
+    """Open the first ``<zodbblob>`` section of the config file `path`.
+
+    Any file that holds one will do: a zope.conf, a zeo.conf, a ZODB
+    config; its ``%define`` lines apply.  With `read_only`, the base is
+    opened read-only (where its section has ``read-only``), so tools can
+    look at a storage a server is using.
+    """
+    with open(path) as f:
+        text = f.read()
+    match = _SECTION.search(text)
+    if match is None:
+        raise ConfigurationError(f'{path} has no <zodbblob> section')
+    directives = [d.group(0).strip() for d in _DIRECTIVE.finditer(text)
+                  if d.group(0).split() != ['%import', 'zodbblob']]
+    section = '\n'.join(['%import zodbblob'] + directives + [match.group(0)])
+    root, handlers = ZConfig.loadConfigFile(
+        ZODB.config.getStorageSchema(), io.StringIO(section), path)
+    factory = root.storage
+    if read_only:
+        base = factory.config.base.config
+        if not hasattr(base, 'read_only'):
+            raise ConfigurationError(
+                f'{path}: the base storage of its <zodbblob> section cannot '
+                f'be opened read-only')
+        base.read_only = True
+    return factory.open()
