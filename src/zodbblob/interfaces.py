@@ -1,5 +1,6 @@
 """The contracts of zodbblob's parts, written down before the classes."""
 
+from transaction.interfaces import ISavepointDataManager
 from zope.interface import Attribute
 from zope.interface import Interface
 
@@ -87,3 +88,22 @@ class IBlobJournal(Interface):
 
     def remove(pairs):
         """Forget the committed files ``(oid, tid)`` in `pairs`."""
+
+
+class IBlobDataManager(ISavepointDataManager):
+    """Owns one transaction's temporary directory and blob savepoints.
+
+    Joined to a transaction by the storage's ``temporaryDirectory()`` when
+    that transaction first needs a file.  Savepoints keep every
+    savepoint's blob files (hard links, no copies); rollback puts them
+    back; the end of the transaction, commit or abort, removes what it
+    kept and its directory.
+    """
+
+    directory = Attribute("The transaction's temporary directory.")
+
+    def event():
+        """The transaction asked for its directory again (a new file).
+
+        Takes the state of a savepoint whose state is still pending.
+        """

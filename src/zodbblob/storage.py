@@ -24,17 +24,22 @@ import logging
 import os
 import shutil
 import stat
+import sys
 import threading
 
+import transaction
+import transaction.interfaces
 import zc.lockfile
 import zope.interface
 import ZODB.blob
+import ZODB.Connection
 import ZODB.interfaces
 from ZODB.POSException import POSKeyError
 from ZODB.POSException import ReadOnlyError
 from ZODB.utils import oid_repr
 from ZODB.utils import z64
 
+from zodbblob.datamanager import BlobDataManager
 from zodbblob.journal import COMMITTED
 from zodbblob.journal import STATE_DIR
 from zodbblob.journal import SYNCFS_AVAILABLE
@@ -151,6 +156,28 @@ class _Staged:
         self.published: list[str] = []         # final paths, once voted
         self.retirable: list[tuple[bytes, bytes, str]] = []
         self.synced_filesystem = False         # how the vote made it durable
+
+
+def asking_transaction_manager(depth: int = 12):
+    """The transaction manager of the Blob or Connection calling us.
+
+    ``Blob`` asks for a directory for a new uncommitted file, and the
+    Connection's savepoint store asks for one to put savepoint files in;
+    neither says for which transaction.  Both are on the call stack, a few
+    frames up, as ``self``; their connection names its transaction manager.
+    This reads the stack and changes nothing.  None when neither is found.
+    """
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        caller = frame.f_locals.get('self')
+        if isinstance(caller, ZODB.Connection.Connection):
+            return caller.transaction_manager
+        if isinstance(caller, ZODB.blob.Blob) and caller._p_jar is not None:
+            return caller._p_jar.transaction_manager
+        frame = frame.f_back
+    return None
 
 
 @zope.interface.implementer(ZODB.interfaces.IBlobStorage,
@@ -437,10 +464,19 @@ class BlobStorage:
         return ZODB.blob.BlobFile(filename, 'r', blob)
 
     def temporaryDirectory(self) -> str:
-        """This storage's own directory below ``tmp`` for new blob files.
+        """The current transaction's directory for new blob files.
 
-        Named for the process, so that the next open can tell the files of
-        a process that died (removed) from those of a live one (kept).
+        It belongs to the transaction's BlobDataManager (joined here on
+        first use), which keeps blob savepoints right and removes the
+        directory when the transaction ends.  It lies in this storage's
+        directory below ``tmp``, named for the process, so that the next
+        open can tell the files of a process that died (removed) from
+        those of a live one (kept).
+
+        ZODB asks ``temporaryDirectory()`` without saying for which
+        transaction; `asking_transaction_manager` finds the Blob or the
+        Connection that asks.  Anything else asking gets the process
+        directory, as does a transaction already committing.
         """
         shared = self._shared
         if shared.read_only:
@@ -450,7 +486,38 @@ class BlobStorage:
                 PROCESS_PREFIX, os.getpid(), next(_staging_counter)))
             os.makedirs(path, exist_ok=True)
             shared.temp_dir = path
-        return shared.temp_dir
+        txn_manager = asking_transaction_manager()
+        if txn_manager is None:
+            # Not asked by a Blob or a Connection: no transaction to join.
+            return shared.temp_dir
+        try:
+            current = txn_manager.get()
+        except transaction.interfaces.NoTransaction:
+            # An explicit transaction manager with no transaction begun.
+            return shared.temp_dir
+        try:
+            manager = current.data(shared)
+        except KeyError:
+            manager = BlobDataManager(
+                os.path.join(shared.temp_dir,
+                             'txn-%d' % next(_staging_counter)),
+                txn_manager)
+            current.set_data(shared, manager)
+        if manager.finished:
+            # Asked again after the commit (an after-commit hook).
+            return shared.temp_dir
+        if manager.joined:
+            manager.event(current)
+        else:
+            try:
+                manager.join(current)
+            except ValueError:
+                # Committing already (a blob opened by a commit hook):
+                # too late to join; the process directory serves.
+                if not manager.joined:
+                    manager.tpc_abort(current)
+                return shared.temp_dir
+        return manager.directory
 
     def getSize(self) -> int:
         journal = self._shared.journal

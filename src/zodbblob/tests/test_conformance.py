@@ -135,9 +135,10 @@ def _adapt(suite):
       stock ZODB either.  ``test_blob_file_permissions`` still checks the
       mode bits.
     - ``blob_transaction.txt`` looks for savepoint directories directly in
-      ``<blob_dir>/tmp``; our ``temporaryDirectory()`` is a directory of
-      its own below ``tmp`` (so that files of a process that died can be
-      told from a live one's), so those examples look there instead.
+      ``<blob_dir>/tmp``; ours are in the transaction's directory below
+      ``tmp/proc-<pid>-<n>/`` (so that files of a process that died can
+      be told from a live one's, and each transaction owns its files), so
+      those examples look for them anywhere below ``tmp``.
     """
     adapted = unittest.TestSuite()
     for test in suite:
@@ -155,8 +156,9 @@ def _adapt(suite):
                         if "open(blob.committed(), 'w')" not in example.source]
                 for example in examples:
                     example.source = example.source.replace(
-                        "os.path.join(blob_dir, 'tmp')",
-                        'blob_storage.temporaryDirectory()')
+                        "os.listdir(os.path.join(blob_dir, 'tmp'))",
+                        "[name_ for _, names_, _ in os.walk("
+                        "os.path.join(blob_dir, 'tmp')) for name_ in names_]")
                 test._dt_test.examples = examples
         adapted.addTest(test)
     if getattr(suite, 'layer', None) is not None:
