@@ -39,7 +39,7 @@ setup(
         'ZODB >= 6',
         'ZEO >= 6',
         'ZConfig',
-        'transaction',
+        'transaction >= 3.0',
         'persistent',
         'zope.interface',
     ],

@@ -793,12 +793,25 @@ class BlobStorage:
                 except (POSKeyError, KeyError):
                     garbage.append((oid, tid))
             return garbage
+        # Only objects the catalog knows can have blob records, and a
+        # store's blob records are few distinct pickles (usually one):
+        # remember each pickle's answer instead of unpickling every record.
+        known_oids = {oid for oid, tid in known}
+        answers: dict[bytes, bool] = {}
         live = set()
         transactions = iterator()
         try:
             for transaction in transactions:
                 for record in transaction:
-                    if self.is_blob_record(record.data):
+                    if record.oid not in known_oids:
+                        continue
+                    data = record.data
+                    answer = answers.get(data)
+                    if answer is None:
+                        answer = self.is_blob_record(data)
+                        if len(answers) < 1024:
+                            answers[data] = answer
+                    if answer:
                         live.add((record.oid, record.tid))
         finally:
             close = getattr(transactions, 'close', None)
