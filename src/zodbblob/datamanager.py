@@ -52,8 +52,11 @@ import itertools
 import logging
 import os
 import shutil
+import sys
 
 import transaction.interfaces
+import ZODB.blob
+import ZODB.Connection
 import zope.interface
 
 from zodbblob.interfaces import IBlobDataManager
@@ -64,6 +67,7 @@ logger = logging.getLogger(__name__)
 SAVEPOINT_PREFIX = 'savepoints'   # what ZODB's TmpStore names its directory
 SAVEPOINT_SUFFIX = '.spb'
 SNAPSHOTS = '.snapshots'
+PROCESS_PREFIX = 'proc-'
 _names = itertools.count()
 
 
@@ -299,3 +303,126 @@ class BlobDataManager:
             os.rmdir(self.directory)
         except OSError:
             pass
+
+
+def asking_transaction_manager(depth: int = 12):
+    """The transaction manager of the Blob or Connection calling us.
+
+    ``Blob`` asks for a directory for a new uncommitted file, and the
+    Connection's savepoint store asks for one to put savepoint files in;
+    neither says for which transaction.  Both are on the call stack, a few
+    frames up, as ``self``; their connection names its transaction manager.
+    This reads the stack and changes nothing.  None when neither is found.
+    """
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        caller = frame.f_locals.get('self')
+        if isinstance(caller, ZODB.Connection.Connection):
+            return caller.transaction_manager
+        if isinstance(caller, ZODB.blob.Blob) and caller._p_jar is not None:
+            return caller._p_jar.transaction_manager
+        frame = frame.f_back
+    return None
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def process_directory_is_dead(name: str) -> bool:
+    """Whether `name` is a ``proc-<pid>-<n>`` directory of a dead process."""
+    if not name.startswith(PROCESS_PREFIX):
+        return False
+    pid = name[len(PROCESS_PREFIX):].split('-')[0]
+    return pid.isdigit() and not process_alive(int(pid))
+
+
+class TransactionDirectories:
+    """What a storage's ``temporaryDirectory()`` hands out.
+
+    A directory of this process below `temp_dir` (``proc-<pid>-<n>``, so
+    the next open can tell a dead process's files from a live one's), and
+    in it one directory per transaction, owned by that transaction's
+    BlobDataManager.
+    """
+
+    def __init__(self, temp_dir: str):
+        self.temp_dir = temp_dir
+        self.process_dir: str | None = None
+
+    def process_directory(self) -> str:
+        if self.process_dir is None:
+            path = os.path.join(self.temp_dir, '%s%d-%d' % (
+                PROCESS_PREFIX, os.getpid(), next(_names)))
+            os.makedirs(path, exist_ok=True)
+            self.process_dir = path
+        return self.process_dir
+
+    def directory(self) -> str:
+        """The asking transaction's directory (see the module doc).
+
+        Anything but a Blob or a Connection asking, a transaction manager
+        with no transaction begun, or a transaction already committing
+        gets the process directory.
+        """
+        process_dir = self.process_directory()
+        txn_manager = asking_transaction_manager()
+        if txn_manager is None:
+            return process_dir
+        try:
+            current = txn_manager.get()
+        except transaction.interfaces.NoTransaction:
+            return process_dir
+        try:
+            manager = current.data(self)
+        except KeyError:
+            manager = BlobDataManager(
+                os.path.join(process_dir, 'txn-%d' % next(_names)),
+                txn_manager)
+            current.set_data(self, manager)
+        if manager.finished:
+            # Asked again after the commit (an after-commit hook).
+            return process_dir
+        if manager.joined:
+            manager.event(current)
+        else:
+            try:
+                manager.join(current)
+            except ValueError:
+                # Committing already (a blob opened by a commit hook): too
+                # late to join; the process directory serves.
+                if not manager.joined:
+                    manager.tpc_abort(current)
+                return process_dir
+        return manager.directory
+
+    def remove(self) -> None:
+        """Remove the process directory (the storage is closing)."""
+        if self.process_dir is not None:
+            shutil.rmtree(self.process_dir, ignore_errors=True)
+            self.process_dir = None
+
+    def sweep(self) -> list[str]:
+        """Remove the directories of processes that ended; return them.
+
+        Only ``proc-`` directories: loose files in `temp_dir` may belong
+        to stock ZODB or ZEO code that is alive.
+        """
+        removed = []
+        if not os.path.isdir(self.temp_dir):
+            return removed
+        for name in os.listdir(self.temp_dir):
+            path = os.path.join(self.temp_dir, name)
+            if os.path.isdir(path) and process_directory_is_dead(name):
+                if os.listdir(path):
+                    removed.append(path)
+                shutil.rmtree(path, ignore_errors=True)
+        return removed

@@ -107,3 +107,72 @@ class IBlobDataManager(ISavepointDataManager):
 
         Takes the state of a savepoint whose state is still pending.
         """
+
+
+class IBlobCache(Interface):
+    """A ZEO client's blob cache: files, their index, and downloads.
+
+    The files are laid out as stock ZEO lays out its cache (``zeocache``:
+    ``<oid % 997>/<oid // 997>.<tid hex>.blob``), so an existing stock
+    cache directory is adopted as it is.  The index (SQLite, WAL mode, in
+    the cache directory) knows every file's oid, tid, size, last access and
+    state, so no operation walks the directory.  Several threads and
+    several processes on one host may use one cache directory at once.
+    """
+
+    directory = Attribute("The cache directory (absolute).")
+    size_limit = Attribute(
+        "Bytes above which the cache evicts (None: never evicts).")
+    check_percent = Attribute(
+        "Eviction goes down to size_limit minus this percent of it.")
+
+    def path(oid, tid):
+        """Where the complete file of ``(oid, tid)`` is (or would be)."""
+
+    def lookup(oid, tid):
+        """The path of a complete cached file of ``(oid, tid)``, or None.
+
+        A hit records the access (batched, in memory: no synchronous
+        write per read) and counts a hit.  A file removed by hand, or one
+        whose size is not the indexed size, is a miss (and is forgotten).
+        """
+
+    def load(oid, tid, fetch):
+        """The path of ``(oid, tid)``, downloading it at most once.
+
+        A hit returns at once.  On a miss, exactly one caller among all
+        threads and processes sharing the directory claims the download
+        (``begin``): it calls ``fetch(temp_path)``, which must write the
+        complete blob to the fresh file ``temp_path``; the file then gets
+        its name atomically (``complete``), or, if `fetch` raises, the
+        claim is dropped (``cancel``) and the exception propagates.  Every
+        other caller waits for that download; if its owner died or its
+        claim is older than the timeout, one waiter takes it over with a
+        fresh file.  A partial file is never appended to or served.
+        May evict other files afterwards, to get under the size limit.
+        """
+
+    def admit(oid, tid, filename):
+        """Take `filename`, a blob this client committed, into the cache.
+
+        The file is moved (renamed; linked or copied across filesystems)
+        to its cache name and indexed as complete.  Returns the path.
+        """
+
+    def prune(size_limit=None):
+        """Evict least recently accessed files down to the low-water mark.
+
+        Files being downloaded, and files admitted or accessed in the last
+        few seconds, are never evicted.  Returns ``(files, bytes)``
+        removed.  If the cache cannot get under the limit (everything
+        pinned), it logs that once at WARNING and returns.
+        """
+
+    def stats():
+        """A dict: files, bytes, oldest_access, hits, misses."""
+
+    def flush():
+        """Write the batched accesses and hit counts to the index."""
+
+    def close():
+        """Flush and close the index."""

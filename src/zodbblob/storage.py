@@ -24,22 +24,20 @@ import logging
 import os
 import shutil
 import stat
-import sys
 import threading
 
-import transaction
-import transaction.interfaces
 import zc.lockfile
 import zope.interface
 import ZODB.blob
-import ZODB.Connection
 import ZODB.interfaces
 from ZODB.POSException import POSKeyError
 from ZODB.POSException import ReadOnlyError
 from ZODB.utils import oid_repr
 from ZODB.utils import z64
 
-from zodbblob.datamanager import BlobDataManager
+from zodbblob.datamanager import PROCESS_PREFIX
+from zodbblob.datamanager import TransactionDirectories
+from zodbblob.datamanager import process_alive
 from zodbblob.journal import COMMITTED
 from zodbblob.journal import STATE_DIR
 from zodbblob.journal import SYNCFS_AVAILABLE
@@ -60,7 +58,6 @@ STAGING_PREFIX = 'staged-'
 # file (1000 files: 18 ms against 173 ms here); below it, fsyncs win, and
 # do not pay for other programs' dirty data the way syncfs does.
 SYNCFS_THRESHOLD = 8
-PROCESS_PREFIX = 'proc-'
 LOCK_NAME = 'lock'
 _staging_counter = itertools.count()
 
@@ -99,16 +96,6 @@ def link_or_copy(source: str, target: str) -> None:
         shutil.copyfile(source, target)
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _owner_is_dead(name: str) -> bool:
     """Whether the process that named temp directory `name` has ended."""
     if name.startswith(STAGING_PREFIX):
@@ -117,7 +104,7 @@ def _owner_is_dead(name: str) -> bool:
         return True
     if name.startswith(PROCESS_PREFIX):
         pid = name[len(PROCESS_PREFIX):].split('-')[0]
-        return pid.isdigit() and not _process_alive(int(pid))
+        return pid.isdigit() and not process_alive(int(pid))
     return False
 
 
@@ -138,7 +125,7 @@ class _Shared:
         self.read_only = read_only
         self.pack_lock = threading.Lock()
         self.untransform_record_data = lambda data: data
-        self.temp_dir: str | None = None
+        self.directories: TransactionDirectories | None = None
         self.staging_dir: str | None = None
         # (oid, tid, staged path) of committed files whose final names
         # are not yet known to be durable: their staged names stay until
@@ -156,28 +143,6 @@ class _Staged:
         self.published: list[str] = []         # final paths, once voted
         self.retirable: list[tuple[bytes, bytes, str]] = []
         self.synced_filesystem = False         # how the vote made it durable
-
-
-def asking_transaction_manager(depth: int = 12):
-    """The transaction manager of the Blob or Connection calling us.
-
-    ``Blob`` asks for a directory for a new uncommitted file, and the
-    Connection's savepoint store asks for one to put savepoint files in;
-    neither says for which transaction.  Both are on the call stack, a few
-    frames up, as ``self``; their connection names its transaction manager.
-    This reads the stack and changes nothing.  None when neither is found.
-    """
-    frame = sys._getframe(2)
-    for _ in range(depth):
-        if frame is None:
-            return None
-        caller = frame.f_locals.get('self')
-        if isinstance(caller, ZODB.Connection.Connection):
-            return caller.transaction_manager
-        if isinstance(caller, ZODB.blob.Blob) and caller._p_jar is not None:
-            return caller._p_jar.transaction_manager
-        frame = frame.f_back
-    return None
 
 
 @zope.interface.implementer(ZODB.interfaces.IBlobStorage,
@@ -385,9 +350,8 @@ class BlobStorage:
             if shared.staging_dir is not None:
                 shutil.rmtree(shared.staging_dir, ignore_errors=True)
                 shared.staging_dir = None
-            if shared.temp_dir is not None:
-                shutil.rmtree(shared.temp_dir, ignore_errors=True)
-                shared.temp_dir = None
+            if shared.directories is not None:
+                shared.directories.remove()
             if shared.journal is not None:
                 shared.journal.close()
             if shared.lock is not None:
@@ -474,50 +438,17 @@ class BlobStorage:
         those of a live one (kept).
 
         ZODB asks ``temporaryDirectory()`` without saying for which
-        transaction; `asking_transaction_manager` finds the Blob or the
-        Connection that asks.  Anything else asking gets the process
-        directory, as does a transaction already committing.
+        transaction; ``zodbblob.datamanager.asking_transaction_manager``
+        finds the Blob or the Connection that asks.  Anything else asking
+        gets the process directory, as does a transaction already
+        committing.
         """
         shared = self._shared
         if shared.read_only:
             return self.fshelper.temp_dir
-        if shared.temp_dir is None:
-            path = os.path.join(self.fshelper.temp_dir, '%s%d-%d' % (
-                PROCESS_PREFIX, os.getpid(), next(_staging_counter)))
-            os.makedirs(path, exist_ok=True)
-            shared.temp_dir = path
-        txn_manager = asking_transaction_manager()
-        if txn_manager is None:
-            # Not asked by a Blob or a Connection: no transaction to join.
-            return shared.temp_dir
-        try:
-            current = txn_manager.get()
-        except transaction.interfaces.NoTransaction:
-            # An explicit transaction manager with no transaction begun.
-            return shared.temp_dir
-        try:
-            manager = current.data(shared)
-        except KeyError:
-            manager = BlobDataManager(
-                os.path.join(shared.temp_dir,
-                             'txn-%d' % next(_staging_counter)),
-                txn_manager)
-            current.set_data(shared, manager)
-        if manager.finished:
-            # Asked again after the commit (an after-commit hook).
-            return shared.temp_dir
-        if manager.joined:
-            manager.event(current)
-        else:
-            try:
-                manager.join(current)
-            except ValueError:
-                # Committing already (a blob opened by a commit hook):
-                # too late to join; the process directory serves.
-                if not manager.joined:
-                    manager.tpc_abort(current)
-                return shared.temp_dir
-        return manager.directory
+        if shared.directories is None:
+            shared.directories = TransactionDirectories(self.fshelper.temp_dir)
+        return shared.directories.directory()
 
     def getSize(self) -> int:
         journal = self._shared.journal
