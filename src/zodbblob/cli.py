@@ -380,6 +380,126 @@ def recover(args: argparse.Namespace) -> int:
     return 0
 
 
+# cache
+
+SIZE_UNITS = {'': 1, 'b': 1, 'kb': 1024, 'kib': 1024, 'mb': 1024 ** 2,
+              'mib': 1024 ** 2, 'gb': 1024 ** 3, 'gib': 1024 ** 3,
+              'tb': 1024 ** 4, 'tib': 1024 ** 4}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``500MB``, ``2GB``, ``1.5GiB`` or ``1048576``.
+
+    KB, MB, GB and TB count in 1024s, as ZConfig's byte sizes (and so
+    ``blob-cache-size``) do.
+    """
+    text = text.strip()
+    unit = text.lstrip('0123456789. ')
+    number = text[:len(text) - len(unit)].strip()
+    unit = unit.lower()
+    if unit not in SIZE_UNITS or not number.replace('.', '', 1).isdigit():
+        raise argparse.ArgumentTypeError(
+            f'size {text!r}: expected bytes, or a number with KB, MB, GB, '
+            f'TB (or KiB, MiB, GiB, TiB)')
+    return int(float(number) * SIZE_UNITS[unit])
+
+
+def format_size(size: int) -> str:
+    for unit in ('bytes', 'KiB', 'MiB', 'GiB'):
+        if size < 1024:
+            break
+        size /= 1024
+    else:
+        unit = 'TiB'
+    return f'{size} bytes' if unit == 'bytes' else f'{size:.1f} {unit}'
+
+
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        'Show or prune a ZEO client blob cache directory.  Safe while '
+        'clients use it: both go through the cache index, and files used '
+        'in the last seconds or being downloaded are never pruned.')
+    actions = parser.add_subparsers(dest='action', metavar='ACTION',
+                                    required=True)
+    stats = actions.add_parser(
+        'stats', help='files, bytes, oldest access and hit ratio')
+    prune = actions.add_parser(
+        'prune', help='evict the least recently used files down to a size')
+    for action in (stats, prune):
+        action.add_argument('directory', metavar='DIR',
+                            help='the blob cache directory')
+        action.add_argument('--quiet', action='store_true',
+                            help='only the numbers (stats) or nothing '
+                                 '(prune)')
+    prune.add_argument('--size', type=parse_size, required=True,
+                       metavar='SIZE',
+                       help='bytes to keep at most, e.g. 500MB, 2GB, 1.5GiB')
+    prune.add_argument('--check-percent', type=float, default=0,
+                       metavar='PERCENT',
+                       help='go this percent of SIZE further below it '
+                            '(default 0)')
+
+
+def cache(args: argparse.Namespace) -> int:
+    from zodbblob.cache import LAYOUT, BlobCache
+    from zodbblob.layout import LAYOUT_MARKER, read_marker
+    try:
+        marked = read_marker(args.directory)
+    except ValueError:
+        marked = None
+    if marked != LAYOUT:
+        # Opening it would make it a cache: refuse before anything does.
+        print(f'{args.parser.prog}: error: {args.directory} is not a blob '
+              f'cache directory (no {LAYOUT_MARKER} marker for layout '
+              f'{LAYOUT})', file=sys.stderr)
+        return 2
+    if args.action == 'stats':
+        blob_cache = BlobCache(args.directory)
+    else:
+        blob_cache = BlobCache(args.directory, size_limit=args.size,
+                               check_percent=args.check_percent)
+    try:
+        if args.action == 'prune':
+            files, removed = blob_cache.prune()
+        stats = blob_cache.stats()
+    finally:
+        blob_cache.close()
+    if args.action == 'stats':
+        print_cache_stats(blob_cache.directory, stats, args.quiet)
+        return 0
+    target = args.size - int(args.size * args.check_percent / 100)
+    if not args.quiet:
+        print(f'{blob_cache.directory}: removed {files} files, '
+              f'{format_size(removed)}; {stats["files"]} files, '
+              f'{format_size(stats["bytes"])} left')
+    if stats['bytes'] > target:
+        print(f'{blob_cache.directory}: still above '
+              f'{format_size(target)}: the other files are being '
+              f'downloaded or were used in the last seconds',
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def print_cache_stats(directory: str, stats: dict, quiet: bool) -> None:
+    import datetime
+    if quiet:
+        print(stats['files'], stats['bytes'])
+        return
+    print(f'{directory}:')
+    print(f'  files: {stats["files"]}')
+    readable = format_size(stats['bytes'])
+    print(f'  bytes: {stats["bytes"]}'
+          + (f' ({readable})' if stats['bytes'] >= 1024 else ''))
+    if stats['oldest_access'] is not None:
+        oldest = datetime.datetime.fromtimestamp(stats['oldest_access'])
+        print(f'  oldest access: {oldest:%Y-%m-%d %H:%M:%S}')
+    lookups = stats['hits'] + stats['misses']
+    if lookups:
+        print(f'  hits: {stats["hits"]}, misses: {stats["misses"]} '
+              f'(hit ratio {stats["hits"] / lookups:.1%})')
+
+
 # the command
 
 COMMANDS = {
@@ -389,6 +509,8 @@ COMMANDS = {
                'check blob files against their records'),
     'recover': (add_recover_arguments, recover,
                 'finish what a crash interrupted, without serving'),
+    'cache': (add_cache_arguments, cache,
+              'show or prune a ZEO client blob cache'),
 }
 
 

@@ -1,6 +1,6 @@
-"""ZConfig support: the ``<zodbblob>`` section that ``%import zodbblob`` adds.
+"""ZConfig support: the sections that ``%import zodbblob`` adds.
 
-::
+``<zodbblob>`` gives the storage section inside it blob support::
 
     %import zodbblob
     <zodb>
@@ -13,6 +13,22 @@
       </zodbblob>
     </zodb>
 
+``<zodbblobclient>`` is a ZEO client with zodbblob's blob cache
+(`zodbblob.zeo.ClientStorage`).  It takes every key of ZODB's
+``<zeoclient>`` (it extends it) and of ZEO's ``<clientstorage>``, whose
+``<ssl>`` section is called ``<zodbblob-ssl>`` here, plus its own::
+
+    %import zodbblob
+    <zodb>
+      <zodbblobclient>
+        server zeo.example.com:8100
+        blob-dir var/blob-cache
+        blob-cache-size 2GB
+        read-only-blob-dir /mnt/zeo-blobs
+        blob-download-timeout 5m
+      </zodbblobclient>
+    </zodb>
+
 Everything that can be checked without opening a storage is checked while
 the configuration loads, so a bad configuration fails before any file is
 created: a storage opened first (the base's ``Data.fs``) would otherwise be
@@ -22,10 +38,12 @@ left behind by an error that was known all along.
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 
 import ZConfig
+import ZConfig.datatypes
 import ZODB.config
 from ZConfig import ConfigurationError
 from ZODB.config import BaseConfig
@@ -133,6 +151,177 @@ class BlobStorageConfig(BaseConfig):
             # lock file outlives the error.
             base.close()
             raise
+
+
+def read_only_blob_dir(value: str) -> str:
+    """ZConfig datatype of ``read-only-blob-dir``: the server's blob
+    directory, mounted read-only, as an absolute path.
+
+    It must exist when the client starts (a mount that is missing would
+    silently turn every read into a download), and it must look like a
+    server's blob directory: a marker naming a known layout, or empty.
+    """
+    path = os.path.abspath(os.path.expanduser(value))
+    if not os.path.isdir(path):
+        problem = ('is not a directory' if os.path.exists(path)
+                   else 'does not exist')
+        raise ValueError(f'read-only-blob-dir {value!r}: {path} {problem}')
+    try:
+        marked = read_marker(path)
+        used = bool(marked is None and os.listdir(path))
+    except OSError as e:
+        raise ValueError(
+            f'read-only-blob-dir {value!r}: cannot read {path}: {e}') from None
+    if used:
+        raise ValueError(
+            f'read-only-blob-dir {value!r}: {path} has files but no '
+            f'{LAYOUT_MARKER} marker; a ZEO server\'s blob directory has one')
+    if marked is not None and marked not in LAYOUTS:
+        raise ValueError(
+            f'read-only-blob-dir {value!r}: its marker '
+            f'{os.path.join(path, LAYOUT_MARKER)} names layout {marked!r}, '
+            f'which is not a blob directory layout; known layouts: '
+            f'{", ".join(sorted(LAYOUTS))}')
+    return path
+
+
+_TIME_INTERVAL = ZConfig.datatypes.Registry().get('time-interval')
+
+
+def download_timeout(value: str) -> float:
+    """ZConfig datatype of ``blob-download-timeout``: positive seconds,
+    written as a number (``0.5``, ``300``) or as ZConfig's time-interval
+    (``5m``, ``1h``)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = float(_TIME_INTERVAL(value))
+        except ValueError:
+            seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(
+            f'blob-download-timeout {value!r}: expected a positive number '
+            f'of seconds (such as 300 or 0.5) or a time interval (such as '
+            f'5m or 1h)')
+    return seconds
+
+
+def _inside(path: str, directory: str) -> bool:
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
+
+
+class ClientStorageConfig(BaseConfig):
+    """The ``<zodbblobclient>`` section: checked at load, opened by `open`.
+
+    Each key goes to the `zodbblob.zeo.ClientStorage` argument of its
+    name, as ``ZODB.config.ZEOClient`` and ``ZEO.zconfig`` pass them.  What
+    the client would refuse only when opened, after connecting or
+    creating blob-dir, is refused here, naming the key and its value.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._check()
+
+    def _check(self) -> None:
+        config = self.config
+        where = _section_label(config)
+        blob_dir = config.blob_dir
+        if blob_dir is not None:
+            # As ZEO will open it: relative to the working directory.
+            path = os.path.abspath(blob_dir)
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise ConfigurationError(
+                    f'{where}: blob-dir {blob_dir}: {path} is not a '
+                    f'directory')
+            if not config.shared_blob_dir:
+                self._check_cache_marker(where, blob_dir, path)
+        size = config.blob_cache_size
+        if size is not None and size < 0:
+            raise ConfigurationError(
+                f'{where}: blob-cache-size {size}: a size in bytes cannot '
+                f'be negative')
+        check = config.blob_cache_size_check
+        if check is not None and not 0 <= check < 100:
+            raise ConfigurationError(
+                f'{where}: blob-cache-size-check {check}: expected a '
+                f'percent of blob-cache-size, from 0 to 99')
+        read_only_dir = config.read_only_blob_dir
+        if read_only_dir is None:
+            return
+        if config.shared_blob_dir:
+            raise ConfigurationError(
+                f'{where}: read-only-blob-dir {read_only_dir} cannot be used '
+                f'with shared-blob-dir on: a client writes into a shared '
+                f'blob directory, and never into a read-only one')
+        if blob_dir is None:
+            raise ConfigurationError(
+                f'{where}: read-only-blob-dir {read_only_dir} needs a '
+                f'blob-dir too, to download the blobs not yet visible in it')
+        if _inside(blob_dir, read_only_dir) or _inside(read_only_dir,
+                                                       blob_dir):
+            raise ConfigurationError(
+                f'{where}: blob-dir {blob_dir} and read-only-blob-dir '
+                f'{read_only_dir} must be apart: the cache is written, the '
+                f'server\'s blob directory never is')
+
+    @staticmethod
+    def _check_cache_marker(where: str, blob_dir: str, path: str) -> None:
+        # The likely mistake: blob-dir naming the server's blob directory.
+        # The cache refuses it too, but only once the client is opened.
+        marked = read_marker(path) if os.path.isdir(path) else None
+        if marked is None:
+            return
+        from zodbblob.cache import LAYOUT
+        if marked != LAYOUT:
+            raise ConfigurationError(
+                f'{where}: blob-dir {blob_dir}: its marker '
+                f'{os.path.join(path, LAYOUT_MARKER)} names layout '
+                f'{marked!r}, not the blob cache\'s {LAYOUT!r}; a server\'s '
+                f'blob directory is read-only-blob-dir (or blob-dir with '
+                f'shared-blob-dir on), never a cache')
+
+    def open(self):
+        # Imported here, not above: every config with %import zodbblob
+        # loads this module, servers included, and they need no client.
+        from zodbblob.zeo import ClientStorage
+
+        config = self.config
+        options = {}
+        # Unset, these keep the constructor's defaults, as in ZODB.config.
+        if config.blob_cache_size is not None:
+            options['blob_cache_size'] = config.blob_cache_size
+        if config.blob_cache_size_check is not None:
+            options['blob_cache_size_check'] = config.blob_cache_size_check
+        if config.ssl is not None:
+            options['ssl'], options['ssl_server_hostname'] = config.ssl
+        return ClientStorage(
+            [server.address for server in config.server],
+            storage=config.storage,
+            cache_size=config.cache_size,
+            name=config.name,
+            wait_timeout=config.wait_timeout,
+            read_only=config.read_only,
+            read_only_fallback=config.read_only_fallback,
+            blob_dir=config.blob_dir,
+            shared_blob_dir=config.shared_blob_dir,
+            client_label=config.client_label,
+            cache=config.cache_path,
+            client=config.client,
+            var=config.var,
+            min_disconnect_poll=config.min_disconnect_poll,
+            max_disconnect_poll=config.max_disconnect_poll,
+            wait=config.wait,
+            drop_cache_rather_verify=config.drop_cache_rather_verify,
+            server_sync=config.server_sync,
+            username=config.username,
+            password=config.password,
+            realm=config.realm,
+            read_only_blob_dir=config.read_only_blob_dir,
+            blob_download_timeout=config.blob_download_timeout,
+            **options)
 
 
 _SECTION = re.compile(r'^\s*<zodbblob(\s[^>]*)?>.*?^\s*</zodbblob>',

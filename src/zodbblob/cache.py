@@ -1,0 +1,866 @@
+"""The ZEO client blob cache: files, their index, and one download per blob.
+
+Files sit where stock ZEO puts them (layout ``zeocache``:
+``<oid % 997>/<oid // 997>.<tid hex>.blob``), so a stock cache directory is
+adopted as it is.  Beside them, an SQLite index (``.zodbblob-cache.sqlite``,
+WAL mode) knows every file, so nothing after the first open walks the
+directory:
+
+``blobs``
+    One row per ``(oid, tid)``: ``size``, ``accessed`` (time of the last
+    recorded access), ``state`` (``complete``, or ``in-progress`` while a
+    download runs) and, for a download, the ``token`` of its owner and the
+    time it ``started``.  Indexed by ``accessed`` for eviction (complete
+    rows only) and by ``token`` (in-progress rows only).
+``cache``
+    One row: ``files`` and ``bytes`` of the complete rows (kept by triggers,
+    so every change of a row keeps them right), ``hits`` and ``misses``, and
+    the prune lease (``pruner``, ``pruned_at``).
+
+Every change of a file under its final name happens inside a write
+transaction of the index (``BEGIN IMMEDIATE``, the index's one writer
+lock), in the same transaction that changes its row.  Whoever decides on a
+file by its row, decides under that lock and looks at the file again
+there.
+
+A download is claimed by inserting an in-progress row with a fresh token
+(``<host>-<pid>-<incarnation>-<thread>-<nonce>``), fetched into
+``.tmp/<token>``, and completed by renaming that file to its final name.
+Threads of one process wait for each other on an event per ``(oid, tid)``;
+processes poll the row.  A row whose owner process ended, or whose token is
+older than the download timeout, is taken over with a fresh file.
+
+A hit costs one ``os.stat`` (compared with the size the index gave for
+that revision) and an entry in an in-memory batch of accesses, written to
+the index in one transaction per ~64 entries or ~2 s.  Eviction reads the
+``accessed`` index oldest first and skips what was used in the last
+`grace` seconds, which covers the batches other processes hold.
+
+The processes sharing a directory must run on one host: WAL mode needs
+shared memory, and a claim's owner is judged alive by its pid.  POSIX only
+(``flock``, ``kill(pid, 0)``).  Open a cache after forking, not before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import secrets
+import shutil
+import socket
+import sqlite3
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import zope.interface
+
+from zodbblob.interfaces import IBlobCache
+from zodbblob.layout import BLOB_SUFFIX, LAYOUT_MARKER, read_marker
+
+logger = logging.getLogger(__name__)
+
+LAYOUT = 'zeocache'
+BUCKETS = 997
+INDEX = '.zodbblob-cache.sqlite'
+OPEN_LOCK = '.zodbblob-cache.lock'
+TEMPORARY = '.tmp'
+SCHEMA_VERSION = 1
+MISSING = 'missing'
+
+COMPLETE = 'complete'
+IN_PROGRESS = 'in-progress'
+
+ACCESS_BATCH = 64            # accesses written to the index at once ...
+ACCESS_BATCH_AGE = 2.0       # ... or when the oldest is this many s old
+POLL_FIRST = 0.01            # waiting for another process's download
+POLL_LAST = 0.2
+PRUNE_CHUNK = 256            # files removed per write transaction
+PRUNE_LEASE = 60.0           # a pruner silent this long has lost its lease
+BUSY_TIMEOUT = 60.0
+KNOWN_SIZES = 65536          # sizes remembered for the one-stat hit path
+
+# Files that stock ZEO leaves in a bucket when a process dies: a partial
+# download (``.dl``) and the temporary files of ``storeBlob``.  Their owner
+# is unknown, so only their age says that it is gone.
+STOCK_TEMPORARY = ('.dl', '.tmp', '.tmp-', '.blob-')
+
+_CACHE_FILE = re.compile(r'(0|[1-9][0-9]*)\.([0-9a-f]{16})\.blob\Z')
+
+# Tells this process from an earlier one that had the same pid (a restarted
+# container): a token of this pid and another incarnation is a dead one.
+_INCARNATION = secrets.token_hex(4)
+
+SCHEMA = (
+    """CREATE TABLE blobs (
+        oid BLOB NOT NULL,
+        tid BLOB NOT NULL,
+        size INTEGER NOT NULL,
+        accessed REAL NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('complete', 'in-progress')),
+        token TEXT,
+        started REAL,
+        PRIMARY KEY (oid, tid)) WITHOUT ROWID""",
+    """CREATE INDEX blobs_by_access ON blobs (accessed, oid, tid)
+        WHERE state = 'complete'""",
+    """CREATE INDEX blobs_in_progress ON blobs (token)
+        WHERE state = 'in-progress'""",
+    """CREATE TABLE cache (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        version INTEGER NOT NULL,
+        files INTEGER NOT NULL DEFAULT 0,
+        bytes INTEGER NOT NULL DEFAULT 0,
+        hits INTEGER NOT NULL DEFAULT 0,
+        misses INTEGER NOT NULL DEFAULT 0,
+        pruner TEXT,
+        pruned_at REAL)""",
+    """CREATE TRIGGER blobs_insert AFTER INSERT ON blobs
+        WHEN new.state = 'complete' BEGIN
+            UPDATE cache SET files = files + 1, bytes = bytes + new.size;
+        END""",
+    """CREATE TRIGGER blobs_delete AFTER DELETE ON blobs
+        WHEN old.state = 'complete' BEGIN
+            UPDATE cache SET files = files - 1, bytes = bytes - old.size;
+        END""",
+    """CREATE TRIGGER blobs_update AFTER UPDATE OF state, size ON blobs
+        BEGIN
+            UPDATE cache SET
+                files = files + (new.state = 'complete')
+                              - (old.state = 'complete'),
+                bytes = bytes
+                    + CASE WHEN new.state = 'complete' THEN new.size ELSE 0 END
+                    - CASE WHEN old.state = 'complete' THEN old.size ELSE 0 END;
+        END""",
+)
+
+
+def _size_of(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
+
+
+def _parse_token(token: str) -> tuple[str, int, str] | None:
+    """``(host, pid, incarnation)`` of a token; None for another name."""
+    parts = token.rsplit('-', 4)
+    if len(parts) != 5 or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1]), parts[2]
+
+
+def _index_problem(db: sqlite3.Connection) -> str | None:
+    """What is wrong with the index `db`: None, MISSING, or a reason."""
+    if not db.execute("SELECT count(*) FROM sqlite_master "
+                      "WHERE type = 'table'").fetchone()[0]:
+        return MISSING
+    if db.execute('SELECT version FROM cache').fetchone() != (
+            SCHEMA_VERSION,):
+        return f'not of schema version {SCHEMA_VERSION}'
+    return None
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+@zope.interface.implementer(IBlobCache)
+class BlobCache:
+    """A blob cache directory shared by the threads and processes of a host.
+
+    `grace` is how many seconds a file is safe from eviction after it was
+    accessed or admitted: it covers the readers in other processes whose
+    accesses are still in their batch.
+    """
+
+    def __init__(self, directory: str, size_limit: int | None = None,
+                 check_percent: float = 10,
+                 download_timeout: float = 300.0, grace: float = 10.0):
+        self.directory = os.path.abspath(directory)
+        self.size_limit = size_limit
+        self.check_percent = check_percent
+        self.download_timeout = download_timeout
+        self.grace = grace
+        self._temporary = os.path.join(self.directory, TEMPORARY)
+        self._host = re.sub(r'[^A-Za-z0-9.]', '_', socket.gethostname())
+        # _lock guards the in-memory state below; _db_lock the connection.
+        # Neither is held while taking the other.
+        self._lock = threading.Lock()
+        self._db_lock = threading.RLock()
+        self._accesses: dict[tuple[bytes, bytes], float] = {}
+        self._hits = self._misses = 0
+        self._batch_started: float | None = None
+        self._downloads: dict[tuple[bytes, bytes], threading.Event] = {}
+        self._known_sizes: dict[str, int] = {}
+        self._warned_pinned = False
+        self._db = None
+        created = self._check_layout()
+        os.makedirs(self._temporary, exist_ok=True)
+        with self._open_lock():
+            self._open_index(created)
+            self._remove_dead_downloads()
+
+    def __repr__(self):
+        return f'<BlobCache {self.directory}>'
+
+    # paths
+
+    def path(self, oid: bytes, tid: bytes) -> str:
+        base, bucket = divmod(int.from_bytes(oid, 'big'), BUCKETS)
+        return os.path.join(self.directory, str(bucket),
+                            f'{base}.{tid.hex()}{BLOB_SUFFIX}')
+
+    def _temporary_path(self, token: str) -> str:
+        return os.path.join(self._temporary, token)
+
+    # reading
+
+    def lookup(self, oid: bytes, tid: bytes) -> str | None:
+        return self._lookup(oid, tid, counted=True)
+
+    def _lookup(self, oid, tid, counted):
+        path = self.path(oid, tid)
+        try:
+            size = os.stat(path).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            size = None
+        # The size of a revision never changes, so a size remembered from
+        # the index vouches for the file without asking the index again.
+        if size is None or size != self._known_sizes.get(path):
+            if not self._check_indexed(oid, tid, path, size):
+                self._count(None, counted)
+                return None
+        self._count((oid, tid), counted)
+        return path
+
+    def _check_indexed(self, oid, tid, path, size) -> bool:
+        with self._db_lock:
+            row = self._db.execute(
+                'SELECT size FROM blobs WHERE oid = ? AND tid = ? '
+                'AND state = ?', (oid, tid, COMPLETE)).fetchone()
+        if row is None:
+            return False
+        if size == row[0]:
+            self._remember_size(path, size)
+            return True
+        return self._forget(oid, tid, path)
+
+    def _forget(self, oid, tid, path) -> bool:
+        """Drop the row of a file removed or changed by hand.
+
+        True if, looked at again under the index's lock, the file is fine
+        after all (a download completed it meanwhile).
+        """
+        with self._writing() as db:
+            row = db.execute(
+                'SELECT size FROM blobs WHERE oid = ? AND tid = ? '
+                'AND state = ?', (oid, tid, COMPLETE)).fetchone()
+            if row is None:
+                return False
+            size = _size_of(path)
+            if size == row[0]:
+                return True
+            db.execute('DELETE FROM blobs WHERE oid = ? AND tid = ?',
+                       (oid, tid))
+            if size is not None:
+                _remove(path)
+        self._known_sizes.pop(path, None)
+        if size is None:
+            logger.debug('Blob cache file %s was removed: forgotten', path)
+        else:
+            logger.warning('Blob cache file %s has %d bytes, not the %d '
+                           'indexed: removed', path, size, row[0])
+        return False
+
+    def _remember_size(self, path, size):
+        if len(self._known_sizes) >= KNOWN_SIZES:
+            # Forgetting costs one index read per file on its next hit;
+            # keeping every size would cost memory per file ever read.
+            self._known_sizes.clear()
+        self._known_sizes[path] = size
+
+    def _count(self, key, counted):
+        """Batch an access of `key` (None: a miss) and the hit counts."""
+        now = time.time()
+        with self._lock:
+            if key is not None:
+                self._accesses[key] = now
+                self._hits += counted
+            else:
+                self._misses += counted
+            if self._batch_started is None:
+                self._batch_started = now
+            due = (len(self._accesses) >= ACCESS_BATCH
+                   or now - self._batch_started >= ACCESS_BATCH_AGE)
+        if due:
+            try:
+                self.flush()
+            except sqlite3.OperationalError as e:
+                # A busy index must not fail a read; the batch is kept.
+                logger.warning('Blob cache %s: accesses not recorded yet: '
+                               '%s', self.directory, e)
+
+    def flush(self) -> None:
+        with self._lock:
+            accesses, hits, misses = self._accesses, self._hits, self._misses
+            self._accesses, self._hits, self._misses = {}, 0, 0
+            self._batch_started = None
+        if not (accesses or hits or misses):
+            return
+        try:
+            with self._writing() as db:
+                db.executemany(
+                    'UPDATE blobs SET accessed = ? WHERE oid = ? AND tid = ? '
+                    'AND state = ? AND accessed < ?',
+                    [(when, oid, tid, COMPLETE, when)
+                     for (oid, tid), when in accesses.items()])
+                db.execute('UPDATE cache SET hits = hits + ?, '
+                           'misses = misses + ?', (hits, misses))
+        except BaseException:
+            with self._lock:
+                for key, when in accesses.items():
+                    if self._accesses.get(key, 0) < when:
+                        self._accesses[key] = when
+                self._hits += hits
+                self._misses += misses
+                if self._batch_started is None:
+                    self._batch_started = time.time()
+            raise
+
+    # downloading
+
+    def load(self, oid: bytes, tid: bytes,
+             fetch: Callable[[str], object]) -> str:
+        path = self.lookup(oid, tid)
+        if path is not None:
+            return path
+        key = (oid, tid)
+        while True:
+            with self._lock:
+                downloading = self._downloads.get(key)
+                if downloading is None:
+                    downloading = self._downloads[key] = threading.Event()
+                    break
+            # Another thread of this process has it: wait, then look again
+            # (and claim it ourselves if that download failed).
+            downloading.wait()
+            path = self._lookup(oid, tid, counted=False)
+            if path is not None:
+                return path
+        try:
+            path, total = self._download(oid, tid, fetch)
+        finally:
+            with self._lock:
+                del self._downloads[key]
+            downloading.set()
+        self._prune_if_over(total)
+        return path
+
+    def _download(self, oid, tid, fetch):
+        """``(path, total bytes or None)``, after one download at most."""
+        delay = POLL_FIRST
+        while True:
+            with self._db_lock:
+                row = self._db.execute(
+                    'SELECT state, token, started FROM blobs '
+                    'WHERE oid = ? AND tid = ?', (oid, tid)).fetchone()
+            if row is not None and row[0] == COMPLETE:
+                path = self._lookup(oid, tid, counted=False)
+                if path is not None:
+                    return path, None
+                continue  # forgotten: missing now
+            if row is not None and self._owner_alive(row[1], row[2]):
+                time.sleep(delay)
+                delay = min(delay * 2, POLL_LAST)
+                continue
+            token = self._claim(oid, tid, row and row[1])
+            if token is not None:
+                return self._fetch(oid, tid, token, fetch)
+
+    def _claim(self, oid, tid, previous: str | None) -> str | None:
+        """A fresh token owning the download of ``(oid, tid)``, or None.
+
+        `previous` is the token of a claim seen dead or too old, None if
+        there was no row.  None is returned when another caller got there
+        first.
+        """
+        token = self._new_token()
+        now = time.time()
+        with self._writing() as db:
+            if previous is None:
+                claimed = db.execute(
+                    'INSERT OR IGNORE INTO blobs '
+                    '(oid, tid, size, accessed, state, token, started) '
+                    'VALUES (?, ?, 0, ?, ?, ?, ?)',
+                    (oid, tid, now, IN_PROGRESS, token, now)).rowcount
+            else:
+                claimed = db.execute(
+                    'UPDATE blobs SET token = ?, started = ? '
+                    'WHERE oid = ? AND tid = ? AND state = ? AND token = ?',
+                    (token, now, oid, tid, IN_PROGRESS, previous)).rowcount
+        if not claimed:
+            return None
+        if previous is not None:
+            dead = self._owner_dead(previous)
+            if dead:
+                # Never appended to: its partial file goes, ours is fresh.
+                _remove(self._temporary_path(previous))
+            logger.warning(
+                'Blob cache file %s: taking over its download from %s, '
+                'which %s', self.path(oid, tid), previous,
+                'ended' if dead else
+                f'has not finished in {self.download_timeout:g} s')
+        return token
+
+    def _fetch(self, oid, tid, token, fetch):
+        temporary = self._temporary_path(token)
+        try:
+            with open(temporary, 'xb'):
+                pass
+            fetch(temporary)
+            return self._complete(oid, tid, temporary)
+        except BaseException:
+            self._cancel(oid, tid, token, temporary)
+            raise
+
+    def _complete(self, oid, tid, temporary):
+        """Give `temporary` its final name; ``(path, total bytes)``.
+
+        The claim is not checked: the bytes of a revision are the same
+        whoever fetched them, so the first complete file wins even if its
+        claim was taken over, and the row says complete exactly when the
+        file is there.  A later finisher finds it and drops its own file.
+        """
+        with open(temporary, 'rb') as f:
+            # A cache must not serve a file that a power loss left with
+            # its size but not its bytes.
+            os.fsync(f.fileno())
+            size = os.fstat(f.fileno()).st_size
+        os.chmod(temporary, stat.S_IREAD)
+        path = self.path(oid, tid)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        now = time.time()
+        with self._writing() as db:
+            row = db.execute(
+                'SELECT size FROM blobs WHERE oid = ? AND tid = ? '
+                'AND state = ?', (oid, tid, COMPLETE)).fetchone()
+            if row is not None and _size_of(path) == row[0]:
+                os.remove(temporary)
+                db.execute('UPDATE blobs SET accessed = ? '
+                           'WHERE oid = ? AND tid = ?', (now, oid, tid))
+                size = row[0]
+            else:
+                os.replace(temporary, path)
+                try:
+                    db.execute(
+                        'INSERT INTO blobs (oid, tid, size, accessed, state) '
+                        'VALUES (?, ?, ?, ?, ?) ON CONFLICT (oid, tid) '
+                        'DO UPDATE SET size = excluded.size, '
+                        'accessed = excluded.accessed, '
+                        'state = excluded.state, token = NULL, started = NULL',
+                        (oid, tid, size, now, COMPLETE))
+                except BaseException:
+                    # A file the index does not know would never be evicted.
+                    _remove(path)
+                    raise
+            total = db.execute('SELECT bytes FROM cache').fetchone()[0]
+        self._remember_size(path, size)
+        return path, total
+
+    def _cancel(self, oid, tid, token, temporary):
+        _remove(temporary)
+        try:
+            with self._writing() as db:
+                db.execute('DELETE FROM blobs WHERE oid = ? AND tid = ? '
+                           'AND state = ? AND token = ?',
+                           (oid, tid, IN_PROGRESS, token))
+        except sqlite3.Error as e:
+            # The caller sees the fetch's error; the claim times out.
+            logger.warning('Blob cache %s: could not drop the claim %s: %s',
+                           self.path(oid, tid), token, e)
+
+    # owners
+
+    def _new_token(self) -> str:
+        return (f'{self._host}-{os.getpid()}-{_INCARNATION}-'
+                f'{threading.get_ident()}-{secrets.token_hex(6)}')
+
+    def _owner_dead(self, token: str) -> bool:
+        """True only if the process that made `token` has surely ended."""
+        owner = _parse_token(token)
+        if owner is None or owner[0] != self._host:
+            return False
+        _, pid, incarnation = owner
+        if pid == os.getpid():
+            return incarnation != _INCARNATION
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # alive, another user's
+        return False
+
+    def _owner_alive(self, token, started) -> bool:
+        return (time.time() - started < self.download_timeout
+                and not self._owner_dead(token))
+
+    # admitting
+
+    def admit(self, oid: bytes, tid: bytes, filename: str) -> str:
+        temporary = self._temporary_path(self._new_token())
+        try:
+            os.replace(filename, temporary)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            logger.warning('Copying %s to %s: not on the blob cache\'s '
+                           'filesystem', filename, self.path(oid, tid))
+            try:
+                shutil.copyfile(filename, temporary)
+            except BaseException:
+                _remove(temporary)
+                raise
+            os.remove(filename)
+        try:
+            path, total = self._complete(oid, tid, temporary)
+        except BaseException:
+            _remove(temporary)
+            raise
+        self._prune_if_over(total)
+        return path
+
+    # evicting
+
+    def _prune_if_over(self, total: int | None) -> None:
+        if (total is not None and self.size_limit is not None
+                and total > self.size_limit):
+            try:
+                self.prune()
+            except sqlite3.OperationalError as e:
+                # The blob is there for its reader; the next one prunes.
+                logger.warning('Blob cache %s not pruned: %s',
+                               self.directory, e)
+
+    def prune(self, size_limit: int | None = None) -> tuple[int, int]:
+        limit = self.size_limit if size_limit is None else size_limit
+        if limit is None:
+            return 0, 0
+        target = limit - int(limit * self.check_percent / 100)
+        self.flush()
+        token = self._new_token()
+        if not self._take_lease(token):
+            logger.debug('Blob cache %s: another process prunes',
+                         self.directory)
+            return 0, 0
+        files = removed = 0
+        try:
+            cutoff = time.time() - self.grace
+            after = (float('-inf'), b'', b'')
+            while True:
+                with self._writing() as db:
+                    total = self._total_if_leased(db, token)
+                    if total is None or total <= target:
+                        break
+                    rows = db.execute(
+                        'SELECT accessed, oid, tid, size FROM blobs '
+                        'WHERE state = ? AND accessed < ? '
+                        'AND (accessed, oid, tid) > (?, ?, ?) '
+                        'ORDER BY accessed, oid, tid LIMIT ?',
+                        (COMPLETE, cutoff, *after, PRUNE_CHUNK)).fetchall()
+                    if not rows:
+                        break
+                    for accessed, oid, tid, size in rows:
+                        after = (accessed, oid, tid)
+                        path = self.path(oid, tid)
+                        try:
+                            _remove(path)
+                        except OSError as e:
+                            logger.warning('Blob cache file %s not evicted: '
+                                           '%s', path, e)
+                            continue
+                        db.execute('DELETE FROM blobs WHERE oid = ? '
+                                   'AND tid = ?', (oid, tid))
+                        files += 1
+                        removed += size
+                        total -= size
+                        if total <= target:
+                            break
+        finally:
+            with self._writing() as db:
+                db.execute('UPDATE cache SET pruner = NULL '
+                           'WHERE pruner = ?', (token,))
+        if total is None:
+            pass  # the lease was taken over: that pruner goes on
+        elif total <= target:
+            self._warned_pinned = False
+        elif not self._warned_pinned:
+            self._warned_pinned = True
+            logger.warning(
+                'Blob cache %s holds %d bytes, more than its target of %d: '
+                'the other files are being downloaded or were used in the '
+                'last %g s', self.directory, total, target, self.grace)
+        logger.debug('Blob cache %s: evicted %d files, %d bytes',
+                     self.directory, files, removed)
+        return files, removed
+
+    def _take_lease(self, token) -> bool:
+        now = time.time()
+        with self._writing() as db:
+            pruner, pruned_at = db.execute(
+                'SELECT pruner, pruned_at FROM cache').fetchone()
+            if (pruner is not None and now - pruned_at < PRUNE_LEASE
+                    and not self._owner_dead(pruner)):
+                return False
+            db.execute('UPDATE cache SET pruner = ?, pruned_at = ?',
+                       (token, now))
+        return True
+
+    def _total_if_leased(self, db, token) -> int | None:
+        if not db.execute('UPDATE cache SET pruned_at = ? WHERE pruner = ?',
+                          (time.time(), token)).rowcount:
+            return None
+        return db.execute('SELECT bytes FROM cache').fetchone()[0]
+
+    # the index
+
+    def stats(self) -> dict:
+        self.flush()
+        with self._db_lock:
+            files, size, hits, misses = self._db.execute(
+                'SELECT files, bytes, hits, misses FROM cache').fetchone()
+            oldest, = self._db.execute(
+                'SELECT min(accessed) FROM blobs WHERE state = ?',
+                (COMPLETE,)).fetchone()
+        return dict(files=files, bytes=size, oldest_access=oldest,
+                    hits=hits, misses=misses)
+
+    def close(self) -> None:
+        if self._db is None:
+            return
+        try:
+            self.flush()
+        finally:
+            with self._db_lock:
+                self._db.close()
+                self._db = None
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction, holding the index's writer lock from its
+        start: no other process changes a row or a file meanwhile."""
+        with self._db_lock:
+            self._db.execute('BEGIN IMMEDIATE')
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute('ROLLBACK')
+                raise
+            self._db.execute('COMMIT')
+
+    # opening
+
+    def _check_layout(self) -> bool:
+        """Check the marker, writing it in a new directory; True if new.
+
+        Raises ValueError, changing nothing, for another layout's marker
+        or a used directory without one.
+        """
+        marked = read_marker(self.directory)
+        if marked == LAYOUT:
+            return False
+        if marked is not None:
+            raise ValueError(
+                f'Directory layout `{LAYOUT}` selected for blob cache '
+                f'directory {self.directory}, but marker found for layout '
+                f'`{marked}`')
+        if os.path.isdir(self.directory) and any(
+                not name.startswith('.')
+                for name in os.listdir(self.directory)):
+            raise ValueError(
+                f'Blob cache directory {self.directory} is used but has no '
+                f'{LAYOUT_MARKER} marker: expected layout `{LAYOUT}`')
+        os.makedirs(self.directory, exist_ok=True)
+        fd, staged = tempfile.mkstemp(dir=self.directory,
+                                      prefix=LAYOUT_MARKER + '-')
+        try:
+            with os.fdopen(fd, 'w') as f:
+                f.write(LAYOUT)
+            os.chmod(staged, 0o644)
+            # A link never replaces the marker of a process that created
+            # the directory at the same time.
+            with contextlib.suppress(FileExistsError):
+                os.link(staged, os.path.join(self.directory, LAYOUT_MARKER))
+        finally:
+            os.remove(staged)
+        if read_marker(self.directory) != LAYOUT:
+            return self._check_layout()
+        return True
+
+    @contextlib.contextmanager
+    def _open_lock(self):
+        # Held while the index is checked, rebuilt or moved aside, so two
+        # processes opening at once never both rebuild.
+        fd = os.open(os.path.join(self.directory, OPEN_LOCK),
+                     os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _connect(self, index):
+        db = sqlite3.connect(index, timeout=BUSY_TIMEOUT,
+                             isolation_level=None, check_same_thread=False)
+        try:
+            db.execute('PRAGMA journal_mode = WAL')
+            # WAL with NORMAL survives any process crash; a power loss may
+            # lose the last transactions, which leaves rows the protocol
+            # repairs (a dead claim, a row without its file).
+            db.execute('PRAGMA synchronous = NORMAL')
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _open_index(self, created: bool) -> None:
+        index = os.path.join(self.directory, INDEX)
+        db = None
+        try:
+            db = self._connect(index)
+            problem = _index_problem(db)
+        except sqlite3.DatabaseError as e:
+            problem = str(e)
+        if problem is None:
+            self._db = db
+            return
+        if problem == MISSING:
+            reason = None if created else 'is missing'
+        else:
+            if db is not None:
+                db.close()
+            aside = self._move_aside(index)
+            reason = f'was unreadable ({problem}); moved to {aside}'
+            db = self._connect(index)
+        self._db = db
+        try:
+            self._build(reason)
+        except BaseException:
+            self._db = None
+            db.close()
+            raise
+
+    def _move_aside(self, index: str) -> str:
+        aside = f'{index}.corrupt-{time.strftime("%Y%m%dT%H%M%S")}'
+        aside += f'-{os.getpid()}'
+        # The write-ahead log goes too: replayed into a new index, its
+        # pages would belong to the old one.
+        for suffix in ('', '-wal', '-shm'):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(index + suffix, aside + suffix)
+        return aside
+
+    def _build(self, reason: str | None) -> None:
+        """Create the index and fill it from one scan of the directory."""
+        leftovers = []
+        with self._writing() as db:
+            for statement in SCHEMA:
+                db.execute(statement)
+            db.execute('INSERT INTO cache (id, version) VALUES (1, ?)',
+                       (SCHEMA_VERSION,))
+            db.executemany(
+                'INSERT INTO blobs (oid, tid, size, accessed, state) '
+                'VALUES (?, ?, ?, ?, ?)', self._scan(leftovers))
+            files, size = db.execute(
+                'SELECT files, bytes FROM cache').fetchone()
+        if reason is None:
+            logger.debug('Blob cache %s created', self.directory)
+            return
+        logger.warning(
+            'Blob cache %s: the index %s; rebuilt from the directory: %d '
+            'files, %d bytes adopted, %d leftover temporary files removed',
+            self.directory, reason, files, size, len(leftovers))
+
+    def _scan(self, leftovers: list) -> Iterator[tuple]:
+        """Rows of the blob files in the buckets; removes stock leftovers.
+
+        Access times start from the files' times (stock ZEO records an
+        access in the atime); from then on only the index counts.
+        """
+        now = time.time()
+        with os.scandir(self.directory) as buckets:
+            buckets = [entry for entry in buckets
+                       if entry.name.isdigit()
+                       and entry.is_dir(follow_symlinks=False)]
+        for bucket in buckets:
+            with os.scandir(bucket.path) as entries:
+                for entry in entries:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    found = entry.stat(follow_symlinks=False)
+                    match = _CACHE_FILE.match(entry.name)
+                    if match is not None:
+                        oid = (int(match[1]) * BUCKETS
+                               + int(bucket.name)).to_bytes(8, 'big')
+                        tid = bytes.fromhex(match[2])
+                        if self.path(oid, tid) == entry.path:
+                            yield (oid, tid, found.st_size,
+                                   max(found.st_atime, found.st_mtime),
+                                   COMPLETE)
+                    elif (entry.name.endswith(STOCK_TEMPORARY)
+                          and now - found.st_mtime > self.download_timeout):
+                        _remove(entry.path)
+                        leftovers.append(entry.path)
+
+    def _remove_dead_downloads(self) -> None:
+        """Drop the claims and temporary files of processes that ended.
+
+        Looks only at in-progress rows and in ``.tmp``.
+        """
+        with self._db_lock:
+            claims = self._db.execute(
+                'SELECT oid, tid, token FROM blobs WHERE state = ?',
+                (IN_PROGRESS,)).fetchall()
+        dead = [claim for claim in claims if self._owner_dead(claim[2])]
+        now = time.time()
+        if dead:
+            with self._writing() as db:
+                for oid, tid, token in dead:
+                    # Only a complete file gets its final name: one found
+                    # there is its owner's download, killed before it could
+                    # commit the row.  Dropping the row would hide it from
+                    # eviction for good.
+                    size = _size_of(self.path(oid, tid))
+                    if size is None:
+                        db.execute('DELETE FROM blobs WHERE oid = ? '
+                                   'AND tid = ? AND state = ? AND token = ?',
+                                   (oid, tid, IN_PROGRESS, token))
+                    else:
+                        db.execute('UPDATE blobs SET state = ?, size = ?, '
+                                   'accessed = ?, token = NULL, '
+                                   'started = NULL WHERE oid = ? AND tid = ? '
+                                   'AND state = ? AND token = ?',
+                                   (COMPLETE, size, now, oid, tid,
+                                    IN_PROGRESS, token))
+        removed = []
+        with os.scandir(self._temporary) as entries:
+            for entry in entries:
+                owner = _parse_token(entry.name)
+                if self._owner_dead(entry.name) or (
+                        (owner is None or owner[0] != self._host)
+                        and now - entry.stat().st_mtime
+                        > self.download_timeout):
+                    _remove(entry.path)
+                    removed.append(entry.name)
+        if dead or removed:
+            logger.warning(
+                'Blob cache %s: dropped %d downloads and %d temporary files '
+                'of processes that ended', self.directory, len(dead),
+                len(removed))

@@ -1,0 +1,810 @@
+"""The ZEO client blob cache, on real files in temporary directories.
+
+Hits and misses, one download per blob across threads and processes,
+eviction by last access, adoption of stock ZEO cache directories, and the
+``zodbblob cache`` command.  The process tests run this module as a child
+(``python -m zodbblob.tests.test_cache MODE ...``).
+"""
+
+import contextlib
+import glob
+import io
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+from unittest import mock
+
+from ZEO.ClientStorage import BlobCacheLayout
+from ZODB.utils import p64
+from zope.interface.verify import verifyObject
+
+from zodbblob import cli
+from zodbblob.cache import INDEX
+from zodbblob.cache import BlobCache
+from zodbblob.interfaces import IBlobCache
+
+TID = p64(0x03ED4F1A2B3C4D5E)
+SIZE = 64 * 1024
+
+
+def content(oid: bytes, size: int = SIZE) -> bytes:
+    """Bytes that differ from blob to blob and from offset to offset."""
+    unit = oid + bytes(range(256))
+    return (unit * (size // len(unit) + 1))[:size]
+
+
+def writing(data: bytes, fetches=None, delay=0.0):
+    """A fetch function writing `data`; it appends to the list or file
+    `fetches` each time it runs."""
+    def fetch(path):
+        if isinstance(fetches, list):
+            fetches.append(path)
+        elif fetches is not None:
+            with open(fetches, 'a') as f:
+                f.write(f'{os.getpid()} {threading.get_ident()}\n')
+        time.sleep(delay)
+        with open(path, 'wb') as f:
+            f.write(data)
+    return fetch
+
+
+def not_called(path):
+    raise AssertionError(f'fetched {path}: it was in the cache')
+
+
+def read(path):
+    with open(path, 'rb') as f:
+        return f.read()
+
+
+def tree(directory):
+    """Every file below `directory`: its path, bytes and mtime."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(directory):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            found[path] = (None if name in dirnames else read(path),
+                           os.stat(path).st_mtime)
+    return found
+
+
+def make_stock_cache(directory, blobs, accessed=None):
+    """A cache directory as stock ZEO leaves it: marker, ``.lock`` files
+    and read-only blob files, at the paths of ZEO's own layout."""
+    layout = BlobCacheLayout()
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, '.layout'), 'w') as f:
+        f.write('zeocache')
+    paths = {}
+    for number, data in blobs.items():
+        oid = p64(number)
+        path = os.path.join(directory, layout.getBlobFilePath(oid, TID))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(os.path.join(os.path.dirname(path), '.lock'), 'w').close()
+        with open(path, 'wb') as f:
+            f.write(data)
+        os.chmod(path, stat.S_IREAD)
+        if accessed is not None:
+            os.utime(path, (accessed[number], accessed[number]))
+        paths[number] = path
+    return paths
+
+
+class CacheTestCase(unittest.TestCase):
+
+    def setUp(self):
+        temporary = tempfile.TemporaryDirectory(prefix='zodbblob-cache-')
+        self.addCleanup(temporary.cleanup)
+        self.dir = os.path.join(temporary.name, 'cache')
+        self.outside = os.path.join(temporary.name, 'outside')
+        os.mkdir(self.outside)
+
+    def open(self, **options):
+        cache = BlobCache(self.dir, **options)
+        self.addCleanup(cache.close)
+        return cache
+
+    def admit(self, cache, number, data):
+        source = os.path.join(self.outside, f'{number}.blob')
+        with open(source, 'wb') as f:
+            f.write(data)
+        return cache.admit(p64(number), TID, source)
+
+    def temporary_files(self):
+        return os.listdir(os.path.join(self.dir, '.tmp'))
+
+    def index_rows(self):
+        with contextlib.closing(sqlite3.connect(
+                os.path.join(self.dir, INDEX))) as db:
+            return db.execute(
+                'SELECT oid, tid, size, accessed, state FROM blobs '
+                'ORDER BY oid').fetchall()
+
+
+class LookupTests(CacheTestCase):
+
+    def test_provides_IBlobCache(self):
+        self.assertTrue(verifyObject(IBlobCache, self.open()))
+
+    def test_paths_are_those_of_stock_zeo(self):
+        cache = self.open()
+        layout = BlobCacheLayout()
+        for number in (0, 1, 996, 997, 998, 123456789, 2 ** 64 - 1):
+            self.assertEqual(
+                cache.path(p64(number), TID),
+                os.path.join(self.dir,
+                             layout.getBlobFilePath(p64(number), TID)))
+
+    def test_miss_then_download_then_hit(self):
+        cache = self.open()
+        oid = p64(1)
+        self.assertIsNone(cache.lookup(oid, TID))
+        fetches = []
+        path = cache.load(oid, TID, writing(content(oid), fetches))
+        self.assertEqual(path, cache.path(oid, TID))
+        self.assertEqual(read(path), content(oid))
+        self.assertEqual(cache.lookup(oid, TID), path)
+        self.assertEqual(cache.load(oid, TID, not_called), path)
+        self.assertEqual(len(fetches), 1)
+        self.assertEqual(self.temporary_files(), [])
+        stats = cache.stats()
+        self.assertEqual((stats['files'], stats['bytes']), (1, SIZE))
+        self.assertEqual((stats['hits'], stats['misses']), (2, 2))
+
+    def test_hit_costs_one_stat(self):
+        cache = self.open()
+        oid = p64(2)
+        cache.load(oid, TID, writing(content(oid)))
+        with mock.patch('os.stat', wraps=os.stat) as stat_calls:
+            self.assertEqual(cache.lookup(oid, TID), cache.path(oid, TID))
+        self.assertEqual(stat_calls.call_count, 1)
+
+    def test_index_survives_reopening(self):
+        cache = self.open()
+        for number in (1, 2, 3):
+            cache.load(p64(number), TID, writing(content(p64(number))))
+        cache.lookup(p64(2), TID)
+        cache.close()
+        cache = self.open()
+        for number in (1, 2, 3):
+            self.assertEqual(read(cache.load(p64(number), TID, not_called)),
+                             content(p64(number)))
+        stats = cache.stats()
+        self.assertEqual((stats['files'], stats['bytes']), (3, 3 * SIZE))
+        self.assertEqual((stats['hits'], stats['misses']), (4, 3))
+
+    def test_accesses_reach_the_index_in_batches_not_per_read(self):
+        cache = self.open()
+        for number in range(64):
+            self.admit(cache, number, b'x')
+        admitted = {row[0]: row[3] for row in self.index_rows()}
+        time.sleep(0.01)
+        for number in range(63):
+            cache.lookup(p64(number), TID)
+        self.assertEqual({row[0]: row[3] for row in self.index_rows()},
+                         admitted)
+        cache.lookup(p64(63), TID)
+        for oid, tid, size, accessed, state in self.index_rows():
+            self.assertGreater(accessed, admitted[oid])
+        self.assertEqual(cache.stats()['hits'], 64)
+
+    def test_a_single_access_is_written_by_flush(self):
+        cache = self.open()
+        self.admit(cache, 1, b'x')
+        [(_, _, _, admitted, _)] = self.index_rows()
+        time.sleep(0.01)
+        cache.lookup(p64(1), TID)
+        self.assertEqual(self.index_rows()[0][3], admitted)
+        cache.flush()
+        self.assertGreater(self.index_rows()[0][3], admitted)
+
+    def test_file_removed_by_hand_is_a_miss_and_fetched_again(self):
+        cache = self.open()
+        oid = p64(7)
+        path = cache.load(oid, TID, writing(content(oid)))
+        os.remove(path)
+        self.assertIsNone(cache.lookup(oid, TID))
+        self.assertEqual(cache.stats()['files'], 0)
+        fetches = []
+        self.assertEqual(read(cache.load(oid, TID,
+                                         writing(content(oid), fetches))),
+                         content(oid))
+        self.assertEqual(len(fetches), 1)
+
+    def test_file_of_another_size_is_a_miss_and_removed(self):
+        cache = self.open()
+        oid = p64(7)
+        path = cache.load(oid, TID, writing(content(oid)))
+        os.chmod(path, stat.S_IREAD | stat.S_IWRITE)
+        with open(path, 'r+b') as f:
+            f.truncate(10)
+        with self.assertLogs('zodbblob.cache', 'WARNING') as logs:
+            self.assertIsNone(cache.lookup(oid, TID))
+        self.assertIn(path, logs.output[0])
+        self.assertFalse(os.path.exists(path))
+        self.assertEqual(cache.stats()['bytes'], 0)
+
+
+class LayoutTests(CacheTestCase):
+
+    def test_new_directory_gets_the_zeocache_marker(self):
+        self.open()
+        with open(os.path.join(self.dir, '.layout')) as f:
+            self.assertEqual(f.read(), 'zeocache')
+
+    def test_marker_of_another_layout_is_refused_and_nothing_changes(self):
+        os.makedirs(os.path.join(self.dir, '0x00'))
+        with open(os.path.join(self.dir, '.layout'), 'w') as f:
+            f.write('bushy')
+        with open(os.path.join(self.dir, '0x00', '0x01.blob'), 'w') as f:
+            f.write('data')
+        before = tree(self.dir)
+        with self.assertRaises(ValueError) as raised:
+            BlobCache(self.dir)
+        message = str(raised.exception)
+        for expected in (self.dir, '`zeocache`', '`bushy`'):
+            self.assertIn(expected, message)
+        self.assertEqual(tree(self.dir), before)
+
+    def test_used_directory_without_marker_is_refused(self):
+        os.makedirs(os.path.join(self.dir, 'data'))
+        before = tree(self.dir)
+        with self.assertRaises(ValueError) as raised:
+            BlobCache(self.dir)
+        self.assertIn(self.dir, str(raised.exception))
+        self.assertEqual(tree(self.dir), before)
+
+
+class AdoptionTests(CacheTestCase):
+
+    def test_stock_cache_directory_is_adopted_without_fetching(self):
+        blobs = {number: content(p64(number), 1000 + number)
+                 for number in (1, 2, 998, 5000)}
+        paths = make_stock_cache(self.dir, blobs)
+        with self.assertLogs('zodbblob.cache', 'WARNING') as logs:
+            cache = self.open()
+        self.assertIn('is missing; rebuilt', logs.output[0])
+        stats = cache.stats()
+        self.assertEqual((stats['files'], stats['bytes']),
+                         (4, sum(map(len, blobs.values()))))
+        for number, data in blobs.items():
+            self.assertEqual(cache.load(p64(number), TID, not_called),
+                             paths[number])
+            self.assertEqual(read(paths[number]), data)
+
+    def test_stock_leftovers_are_removed_and_never_counted(self):
+        paths = make_stock_cache(self.dir, {1: b'one', 2: b'two'})
+        bucket = os.path.dirname(paths[1])
+        old = time.time() - 400
+        leftovers = [os.path.join(bucket, name) for name in (
+            '0.03ed4f1a2b3c4d5e.blob.dl', '0x03ed4f1a2b3c4d5eab12cd.tmp-',
+            '0x03ed4f1a2b3c4d5eab12cd.tmp')]
+        running = os.path.join(os.path.dirname(paths[2]),
+                               '0.03ed4f1a2b3c4d5f.blob.dl')
+        for path in leftovers + [running]:
+            with open(path, 'wb') as f:
+                f.write(b'partial')
+        for path in leftovers:
+            os.utime(path, (old, old))
+        with self.assertLogs('zodbblob.cache', 'WARNING') as logs:
+            cache = self.open()
+        self.assertIn('3 leftover temporary files removed', logs.output[0])
+        for path in leftovers:
+            self.assertFalse(os.path.exists(path), path)
+        # Young enough to be a stock client's download in progress.
+        self.assertTrue(os.path.exists(running))
+        self.assertTrue(os.path.exists(os.path.join(bucket, '.lock')))
+        stats = cache.stats()
+        self.assertEqual((stats['files'], stats['bytes']), (2, 6))
+
+    def test_corrupt_index_is_moved_aside_and_rebuilt(self):
+        cache = self.open()
+        for number in (1, 2, 3):
+            cache.load(p64(number), TID, writing(content(p64(number))))
+        cache.close()
+        index = os.path.join(self.dir, INDEX)
+        garbage = b'this is not an index\0' * 500
+        with open(index, 'wb') as f:
+            f.write(garbage)
+        with self.assertLogs('zodbblob.cache', 'WARNING') as logs:
+            cache = self.open()
+        self.assertIn('unreadable', logs.output[0])
+        [aside] = glob.glob(index + '.corrupt-*')
+        self.assertIn(aside, logs.output[0])
+        self.assertEqual(read(aside), garbage)
+        self.assertEqual(cache.stats()['files'], 3)
+        for number in (1, 2, 3):
+            self.assertEqual(read(cache.load(p64(number), TID, not_called)),
+                             content(p64(number)))
+
+
+class DownloadTests(CacheTestCase):
+
+    def test_failed_fetch_leaves_no_claim_and_no_file(self):
+        cache = self.open()
+        oid = p64(3)
+
+        def broken(path):
+            with open(path, 'wb') as f:
+                f.write(b'half')
+            raise ConnectionError('server went away')
+
+        with self.assertRaises(ConnectionError):
+            cache.load(oid, TID, broken)
+        self.assertEqual(self.index_rows(), [])
+        self.assertEqual(self.temporary_files(), [])
+        self.assertFalse(os.path.exists(cache.path(oid, TID)))
+        fetches = []
+        self.assertEqual(
+            read(cache.load(oid, TID, writing(content(oid), fetches))),
+            content(oid))
+        self.assertEqual(len(fetches), 1)
+
+    def test_eight_threads_fetch_once_and_all_read_every_byte(self):
+        cache = self.open()
+        oid = p64(4)
+        fetches, contents = [], []
+        start = threading.Barrier(8)
+
+        def reader():
+            start.wait()
+            path = cache.load(oid, TID,
+                              writing(content(oid), fetches, delay=0.2))
+            contents.append(read(path))
+
+        threads = [threading.Thread(target=reader) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        self.assertEqual(len(fetches), 1)
+        self.assertEqual(contents, [content(oid)] * 8)
+
+    def test_downloads_of_different_blobs_run_at_the_same_time(self):
+        cache = self.open()
+        # Each fetch returns only once the other one runs too.
+        both = threading.Barrier(2, timeout=5)
+        errors, paths = [], []
+
+        def fetching(oid):
+            def fetch(path):
+                both.wait()
+                writing(content(oid))(path)
+            try:
+                paths.append(cache.load(oid, TID, fetch))
+            except Exception as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=fetching, args=(p64(n),))
+                   for n in (5, 6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        self.assertEqual(errors, [])
+        self.assertEqual(len(paths), 2)
+
+    def test_claim_older_than_the_timeout_is_taken_over(self):
+        slow = self.open()
+        impatient = self.open(download_timeout=0.3)
+        oid = p64(8)
+        started, release = threading.Event(), threading.Event()
+        fetches, results = [], []
+
+        def stalled(path):
+            fetches.append(path)
+            with open(path, 'wb') as f:
+                f.write(content(oid)[:100])
+                f.flush()
+                started.set()
+                release.wait(10)
+                f.write(content(oid)[100:])
+
+        thread = threading.Thread(
+            target=lambda: results.append(slow.load(oid, TID, stalled)))
+        thread.start()
+        started.wait(10)
+        with self.assertLogs('zodbblob.cache', 'WARNING') as logs:
+            path = impatient.load(oid, TID, writing(content(oid), fetches))
+        self.assertIn('has not finished in 0.3 s', logs.output[0])
+        self.assertEqual(read(path), content(oid))
+        release.set()
+        thread.join(10)
+        self.assertEqual(results, [path])
+        self.assertEqual(read(path), content(oid))
+        self.assertEqual(len(fetches), 2)
+        self.assertEqual(self.temporary_files(), [])
+        self.assertEqual(impatient.stats()['files'], 1)
+
+    def test_admit_moves_the_file_in_and_counts_it(self):
+        cache = self.open()
+        source = os.path.join(self.outside, 'committed')
+        with open(source, 'wb') as f:
+            f.write(content(p64(9)))
+        path = cache.admit(p64(9), TID, source)
+        self.assertEqual(path, cache.path(p64(9), TID))
+        self.assertFalse(os.path.exists(source))
+        self.assertEqual(read(path), content(p64(9)))
+        self.assertEqual(cache.load(p64(9), TID, not_called), path)
+        stats = cache.stats()
+        self.assertEqual((stats['files'], stats['bytes']), (1, SIZE))
+
+
+    def test_admit_from_another_filesystem_copies_and_says_so(self):
+        os.makedirs(self.dir)
+        elsewhere = next((path for path in ('/dev/shm', tempfile.gettempdir())
+                          if os.path.isdir(path) and os.stat(path).st_dev
+                          != os.stat(self.dir).st_dev), None)
+        if elsewhere is None:
+            self.skipTest('no second filesystem to admit a file from')
+        there = tempfile.TemporaryDirectory(dir=elsewhere)
+        self.addCleanup(there.cleanup)
+        source = os.path.join(there.name, 'committed')
+        with open(source, 'wb') as f:
+            f.write(content(p64(10)))
+        cache = self.open()
+        with self.assertLogs('zodbblob.cache', 'WARNING') as logs:
+            path = cache.admit(p64(10), TID, source)
+        self.assertIn(source, logs.output[0])
+        self.assertIn(path, logs.output[0])
+        self.assertFalse(os.path.exists(source))
+        self.assertEqual(read(path), content(p64(10)))
+        self.assertEqual(self.temporary_files(), [])
+
+
+class ProcessTests(CacheTestCase):
+    """Downloads shared with, and left behind by, other processes."""
+
+    def child(self, *args):
+        process = subprocess.Popen(
+            [sys.executable, '-m', 'zodbblob.tests.test_cache']
+            + [str(arg) for arg in args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(process.wait)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(process.stdout.close)
+        self.addCleanup(process.kill)
+        return process
+
+    def assertReady(self, child):
+        line = child.stdout.readline()
+        if line != 'ready\n':
+            child.kill()
+            self.fail(f'child said {line!r}: {child.stderr.read()}')
+
+    def test_two_processes_and_threads_fetch_once(self):
+        self.open()
+        oid = p64(11)
+        fetches = os.path.join(self.outside, 'fetches')
+        go = os.path.join(self.outside, 'go')
+        children = [self.child('load', self.dir, 11, fetches, go)
+                    for i in range(2)]
+        for child in children:
+            self.assertReady(child)
+        cache = self.open()
+        start = threading.Barrier(5)
+        contents = []
+
+        def reader():
+            start.wait()
+            path = cache.load(oid, TID,
+                              writing(content(oid), fetches, delay=0.3))
+            contents.append(read(path))
+
+        threads = [threading.Thread(target=reader) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        open(go, 'w').close()
+        start.wait()
+        for thread in threads:
+            thread.join(20)
+        for child in children:
+            output, errors = child.communicate(timeout=20)
+            self.assertEqual(output, 'ok\n', errors)
+        self.assertEqual(contents, [content(oid)] * 4)
+        with open(fetches) as f:
+            self.assertEqual(len(f.readlines()), 1)
+
+    def kill_downloader(self, oid):
+        child = self.child('partial', self.dir, oid)
+        self.assertReady(child)
+        [partial] = self.temporary_files()
+        self.assertEqual(
+            os.path.getsize(os.path.join(self.dir, '.tmp', partial)),
+            SIZE // 2)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+
+    def test_download_of_a_killed_process_is_taken_over(self):
+        cache = self.open()
+        oid = p64(12)
+        self.kill_downloader(12)
+        fetches = []
+        with self.assertLogs('zodbblob.cache', 'WARNING') as logs:
+            path = cache.load(oid, TID, writing(content(oid), fetches))
+        self.assertIn('taking over', logs.output[0])
+        self.assertIn('ended', logs.output[0])
+        self.assertEqual(read(path), content(oid))
+        self.assertEqual(len(fetches), 1)
+        self.assertEqual(self.temporary_files(), [])
+        self.assertEqual(cache.stats()['bytes'], SIZE)
+
+    def test_downloads_of_ended_processes_are_dropped_at_open(self):
+        self.open().close()
+        self.kill_downloader(13)
+        with self.assertLogs('zodbblob.cache', 'WARNING') as logs:
+            cache = self.open()
+        self.assertIn('dropped 1 downloads and 1 temporary files',
+                      logs.output[0])
+        self.assertEqual(self.temporary_files(), [])
+        self.assertEqual(self.index_rows(), [])
+        self.assertEqual(read(cache.load(p64(13), TID,
+                                         writing(content(p64(13))))),
+                         content(p64(13)))
+
+
+    def test_download_killed_after_its_rename_is_kept_at_open(self):
+        self.open().close()
+        self.kill_downloader(14)
+        # As if it was killed between renaming its complete file and
+        # committing the row that says so.
+        oid = p64(14)
+        [partial] = self.temporary_files()
+        os.remove(os.path.join(self.dir, '.tmp', partial))
+        path = os.path.join(self.dir,
+                            BlobCacheLayout().getBlobFilePath(oid, TID))
+        os.makedirs(os.path.dirname(path))
+        with open(path, 'wb') as f:
+            f.write(content(oid))
+        with self.assertLogs('zodbblob.cache', 'WARNING'):
+            cache = self.open()
+        self.assertEqual(read(cache.load(oid, TID, not_called)),
+                         content(oid))
+        stats = cache.stats()
+        self.assertEqual((stats['files'], stats['bytes']), (1, SIZE))
+
+
+class EvictionTests(CacheTestCase):
+
+    def cached(self, cache):
+        return sorted(number for number in range(100)
+                      if os.path.exists(cache.path(p64(number), TID)))
+
+    def test_least_recently_accessed_go_first_down_to_the_low_water_mark(
+            self):
+        cache = self.open(size_limit=1000, check_percent=30, grace=0)
+        for number in range(1, 11):
+            self.admit(cache, number, b'x' * 100)
+        # Accessed in another order than admitted.
+        for number in (4, 2, 9, 1, 7, 3, 10, 5, 8, 6):
+            time.sleep(0.002)
+            cache.lookup(p64(number), TID)
+        self.admit(cache, 11, b'x' * 100)
+        self.assertEqual(self.cached(cache), [3, 5, 6, 7, 8, 10, 11])
+        stats = cache.stats()
+        self.assertEqual((stats['files'], stats['bytes']), (7, 700))
+
+    def test_prune_returns_what_it_removed(self):
+        cache = self.open(grace=0)
+        for number in range(5):
+            self.admit(cache, number, b'x' * 100)
+        self.assertEqual(cache.prune(250), (3, 300))
+        self.assertEqual(self.cached(cache), [3, 4])
+        self.assertEqual(cache.prune(), (0, 0))  # no size limit
+
+    def test_recent_files_are_kept_and_that_is_said_once(self):
+        cache = self.open(size_limit=250, check_percent=0)
+        with self.assertLogs('zodbblob.cache', 'WARNING') as logs:
+            for number in range(3):
+                self.admit(cache, number, b'x' * 100)
+        self.assertEqual(len(logs.output), 1)
+        self.assertIn('used in the last 10 s', logs.output[0])
+        with self.assertNoLogs('zodbblob.cache', 'WARNING'):
+            self.admit(cache, 3, b'x' * 100)
+            self.assertEqual(cache.prune(), (0, 0))
+        self.assertEqual(self.cached(cache), [0, 1, 2, 3])
+        cache.grace = 0
+        self.assertEqual(cache.prune(), (2, 200))
+        cache.grace = 10
+        with self.assertLogs('zodbblob.cache', 'WARNING'):
+            self.admit(cache, 4, b'x' * 100)
+            self.admit(cache, 5, b'x' * 100)
+
+    def test_file_being_downloaded_is_not_evicted(self):
+        cache = self.open(grace=0)
+        self.admit(cache, 1, b'x' * 100)
+        started, release = threading.Event(), threading.Event()
+
+        def stalled(path):
+            with open(path, 'wb') as f:
+                f.write(b'y' * 50)
+                f.flush()
+                started.set()
+                release.wait(10)
+                f.write(b'y' * 50)
+
+        thread = threading.Thread(
+            target=lambda: cache.load(p64(2), TID, stalled))
+        thread.start()
+        started.wait(10)
+        self.assertEqual(cache.prune(0), (1, 100))
+        [temporary] = self.temporary_files()
+        release.set()
+        thread.join(10)
+        self.assertEqual(read(cache.path(p64(2), TID)), b'y' * 100)
+        self.assertEqual(self.cached(cache), [2])
+
+    def test_prune_never_walks_the_directory(self):
+        cache = self.open(check_percent=0, grace=0)
+        for number in range(50):
+            self.admit(cache, number, b'x' * 10)
+        walks = {name: mock.patch(f'os.{name}', wraps=getattr(os, name))
+                 for name in ('scandir', 'listdir', 'walk')}
+        with contextlib.ExitStack() as stack:
+            counted = {name: stack.enter_context(patch)
+                       for name, patch in walks.items()}
+            self.assertEqual(cache.prune(200), (30, 300))
+        self.assertEqual({name: call.call_count
+                          for name, call in counted.items()},
+                         dict(scandir=0, listdir=0, walk=0))
+
+    def test_one_pruner_at_a_time(self):
+        cache = self.open(grace=0)
+        for number in range(5):
+            self.admit(cache, number, b'x' * 100)
+        other = self.open(grace=0)
+        self.assertTrue(other._take_lease(other._new_token()))
+        self.assertEqual(cache.prune(0), (0, 0))
+        self.assertEqual(cache.stats()['files'], 5)
+
+    def test_lease_of_an_ended_process_does_not_stop_pruning(self):
+        cache = self.open(grace=0)
+        for number in range(5):
+            self.admit(cache, number, b'x' * 100)
+        ended = subprocess.run([sys.executable, '-c',
+                                'import os; print(os.getpid())'],
+                               capture_output=True, text=True, check=True)
+        token = cache._new_token().split('-')
+        token[-4] = ended.stdout.strip()
+        self.assertTrue(cache._take_lease('-'.join(token)))
+        self.assertEqual(cache.prune(0), (5, 500))
+
+
+class CommandTests(CacheTestCase):
+
+    def make_cache(self):
+        """Five files of 1 KiB adopted from a stock cache, accessed 5, 4,
+        3, 2 and 1 hours ago, then 1 and 2 read again."""
+        self.adopted = time.time()
+        make_stock_cache(
+            self.dir, {number: b'x' * 1024 for number in range(1, 6)},
+            accessed={number: self.adopted - 3600 * (6 - number)
+                      for number in range(1, 6)})
+        with self.assertLogs('zodbblob.cache', 'WARNING'):
+            cache = BlobCache(self.dir)
+        cache.lookup(p64(1), TID)
+        cache.lookup(p64(2), TID)
+        cache.lookup(p64(2), TID)
+        cache.lookup(p64(99), TID)
+        cache.close()
+
+    def run_command(self, *args):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = cli.main(list(args))
+        return status, out.getvalue(), err.getvalue()
+
+    def test_stats(self):
+        self.make_cache()
+        status, out, err = self.run_command('cache', 'stats', self.dir)
+        self.assertEqual(status, 0, err)
+        self.assertIn('files: 5\n', out)
+        self.assertIn('bytes: 5120 (5.0 KiB)\n', out)
+        oldest = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(
+            self.adopted - 3 * 3600))
+        self.assertIn(f'oldest access: {oldest}\n', out)
+        self.assertIn('hits: 3, misses: 1 (hit ratio 75.0%)', out)
+        status, out, err = self.run_command('cache', 'stats', '--quiet',
+                                            self.dir)
+        self.assertEqual(out, '5 5120\n')
+
+    def test_prune_to_a_size(self):
+        self.make_cache()
+        status, out, err = self.run_command('cache', 'prune', self.dir,
+                                            '--size', '2.5KB')
+        self.assertEqual(status, 0, err)
+        self.assertEqual(
+            out, f'{self.dir}: removed 3 files, 3.0 KiB; 2 files, 2.0 KiB '
+                 f'left\n')
+        # 1 and 2 were read last; the rest, oldest first, went.
+        self.assertEqual(sorted(os.listdir(self.dir)),
+                         ['.layout', '.tmp', '.zodbblob-cache.lock',
+                          '.zodbblob-cache.sqlite', '1', '2', '3', '4', '5'])
+        self.assertEqual(
+            sorted(glob.glob(os.path.join(self.dir, '*', '*.blob'))),
+            [os.path.join(self.dir, bucket, '0.03ed4f1a2b3c4d5e.blob')
+             for bucket in ('1', '2')])
+
+    def test_prune_says_when_recent_files_keep_it_above_the_size(self):
+        self.make_cache()
+        status, out, err = self.run_command(
+            'cache', 'prune', self.dir, '--size', '2048', '--check-percent',
+            '50', '--quiet')
+        self.assertEqual((status, out), (1, ''))
+        self.assertIn('still above 1.0 KiB', err)
+        self.assertEqual(self.open().stats()['files'], 2)
+
+    def test_directory_that_is_not_a_cache_is_refused_untouched(self):
+        empty = os.path.join(self.outside, 'empty')
+        os.mkdir(empty)
+        bushy = os.path.join(self.outside, 'bushy')
+        os.mkdir(bushy)
+        with open(os.path.join(bushy, '.layout'), 'w') as f:
+            f.write('bushy')
+        missing = os.path.join(self.outside, 'missing')
+        before = tree(self.outside)
+        for directory in (empty, bushy, missing):
+            for args in (['stats'], ['prune', '--size', '1GB']):
+                status, out, err = self.run_command(
+                    'cache', args[0], directory, *args[1:])
+                self.assertEqual(status, 2)
+                self.assertIn(f'{directory} is not a blob cache directory',
+                              err)
+        self.assertEqual(tree(self.outside), before)
+
+    def test_sizes(self):
+        for text, size in (('500MB', 500 * 2 ** 20), ('2GB', 2 * 2 ** 30),
+                           ('1.5GiB', 3 * 2 ** 29), ('12345', 12345),
+                           ('64 kb', 65536)):
+            self.assertEqual(cli.parse_size(text), size)
+        for text in ('', '-1', '1e3', 'GB', '1.5x', 'inf'):
+            with self.assertRaises(Exception):
+                cli.parse_size(text)
+
+    def test_console_script(self):
+        self.make_cache()
+        result = subprocess.run(
+            [sys.executable, '-m', 'zodbblob.cli', 'cache', 'stats',
+             self.dir], capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn('files: 5', result.stdout)
+
+
+def child(argv):
+    """A process of the process tests.
+
+    ``load DIR OID FETCHES GO``: say ``ready``, wait for the file GO, load
+    the blob (counting a fetch in FETCHES), say ``ok`` if it has every byte.
+    ``partial DIR OID``: start a download, write half the blob, say
+    ``ready`` and wait to be killed.
+    """
+    mode, directory, oid = argv[0], argv[1], p64(int(argv[2]))
+    cache = BlobCache(directory)
+    if mode == 'load':
+        fetches, go = argv[3:5]
+        print('ready', flush=True)
+        while not os.path.exists(go):
+            time.sleep(0.005)
+        path = cache.load(oid, TID, writing(content(oid), fetches,
+                                            delay=0.3))
+        print('ok' if read(path) == content(oid) else 'wrong bytes',
+              flush=True)
+    elif mode == 'partial':
+        def fetch(path):
+            with open(path, 'wb') as f:
+                f.write(content(oid)[:SIZE // 2])
+            print('ready', flush=True)
+            time.sleep(600)
+        cache.load(oid, TID, fetch)
+    cache.close()
+
+
+if __name__ == '__main__':
+    child(sys.argv[1:])

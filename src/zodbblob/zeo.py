@@ -1,0 +1,320 @@
+"""A ZEO ClientStorage whose blob cache is zodbblob's.
+
+``zodbblob.zeo.ClientStorage`` takes every argument ZEO's ``ClientStorage``
+takes, plus:
+
+``read_only_blob_dir``
+    A read-only mount of the server's blob directory.  Committed blobs are
+    read straight from it; writes travel over ZEO; nothing is ever written
+    into it.  A blob not (yet) visible there is downloaded into the local
+    cache (``blob_dir``) instead of raising ``POSKeyError``.
+
+``blob_download_timeout``
+    Seconds after which another process's unfinished download of a blob
+    is taken over (default 300).
+
+With ``blob_dir`` (and no ``shared_blob_dir``) the cache is a
+``zodbblob.cache.BlobCache``: an index of the cached files, eviction of the
+least recently used ones under ``blob_cache_size`` without walking the
+directory, and each blob downloaded once across threads and processes.
+With ``shared_blob_dir`` the client behaves exactly as ZEO's.
+
+What ZEO's client does and this one changes, method by method:
+
+- ``loadBlob`` / ``openCommittedBlobFile``: the cache's download protocol
+  instead of a lock file per 1/997 of all oids held for the whole
+  transfer; a file evicted between lookup and open is fetched again.
+- ``receiveBlobStart/Chunk/Stop`` (called by ZEO's I/O thread while the
+  server streams a blob): written to the downloader's fresh temporary
+  file, never appended to an old partial one.
+- ``storeBlob`` takes the file into this process's temporary directory;
+  ``tpc_abort`` removes it (ZEO leaves a ``.tmp-`` file per aborted
+  commit); ``tpc_finish`` admits it into the cache, counted in its size.
+- ``temporaryDirectory()``: one directory per transaction, as with
+  ``zodbblob.BlobStorage``, so aborted and conflicting transactions leave
+  nothing.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import os
+import shutil
+import threading
+
+import ZEO.ClientStorage
+import ZODB.blob
+from ZODB.POSException import POSKeyError
+
+from zodbblob.cache import BlobCache
+from zodbblob.datamanager import TransactionDirectories
+from zodbblob.layout import FilesystemHelper
+from zodbblob.layout import read_marker
+
+
+logger = logging.getLogger(__name__)
+
+_ZEO_PARAMETERS = inspect.signature(ZEO.ClientStorage.ClientStorage.__init__)
+_names = itertools.count()
+
+
+class ClientStorageError(ValueError):
+    """The client storage's arguments are wrong, as the message says."""
+
+
+class _Download:
+    """One blob this process is receiving from the server."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.file = None
+        self.received = False
+
+
+class ClientStorage(ZEO.ClientStorage.ClientStorage):
+    """ZEO's ClientStorage with zodbblob's blob cache."""
+
+    def __init__(self, addr, *args, read_only_blob_dir: str | None = None,
+                 blob_download_timeout: float = 300.0, **kw):
+        bound = _ZEO_PARAMETERS.bind(self, addr, *args, **kw)
+        bound.apply_defaults()
+        options = bound.arguments
+        blob_dir = options['blob_dir']
+        shared = options['shared_blob_dir']
+        check = options['blob_cache_size_check']
+        if not 0 <= check < 100:
+            raise ClientStorageError(
+                'blob_cache_size_check %r is a percent of blob_cache_size '
+                'and must be from 0 to 99' % (check,))
+        if not blob_download_timeout > 0:
+            raise ClientStorageError(
+                'blob_download_timeout %r must be a number of seconds '
+                'above 0' % (blob_download_timeout,))
+        if read_only_blob_dir is not None:
+            if shared:
+                raise ClientStorageError(
+                    'read-only-blob-dir %s and shared-blob-dir cannot be '
+                    'used together: with a shared blob directory the '
+                    'client writes into it' % read_only_blob_dir)
+            if blob_dir is None:
+                raise ClientStorageError(
+                    'read-only-blob-dir %s needs a blob-dir too: blobs '
+                    'not yet visible there are downloaded into it'
+                    % read_only_blob_dir)
+            read_only_blob_dir = self._check_read_only_dir(read_only_blob_dir)
+        self._blob_cache = self.blob_cache = None
+        self._downloads: dict[tuple[bytes, bytes], _Download] = {}
+        self._downloads_lock = threading.Lock()
+        self._read_only_fshelper = None
+        created = blob_dir is not None and not os.path.exists(blob_dir)
+        if blob_dir is not None and not shared:
+            # Our cache replaces ZEO's: no checker thread walking the
+            # directory (ZEO starts one when it is given a size).
+            self._blob_cache = self.blob_cache = BlobCache(
+                blob_dir, size_limit=options['blob_cache_size'],
+                check_percent=check,
+                download_timeout=blob_download_timeout)
+            options['blob_cache_size'] = None
+            self._directories = TransactionDirectories(
+                os.path.join(self._blob_cache.directory, 'tmp'))
+            for path in self._directories.sweep():
+                logger.warning('Removed %s: uncommitted blob files of a '
+                               'process that ended', path)
+            if read_only_blob_dir is not None:
+                self._read_only_fshelper = FilesystemHelper(
+                    read_only_blob_dir)
+        self.read_only_blob_dir = read_only_blob_dir
+        arguments = dict(options)
+        arguments.pop('self')
+        extra = arguments.pop('kw', None) or {}
+        try:
+            super().__init__(**arguments, **extra)
+        except BaseException:
+            if self._blob_cache is not None:
+                self._blob_cache.close()
+                self._directories.remove()
+            if created:
+                # Could not connect: leave no trace of this attempt.
+                shutil.rmtree(blob_dir, ignore_errors=True)
+            raise
+
+    @staticmethod
+    def _check_read_only_dir(path: str) -> str:
+        path = os.path.abspath(path)
+        if not os.path.isdir(path):
+            raise ClientStorageError(
+                'read-only-blob-dir %s is not a directory' % path)
+        if read_marker(path) is None and os.listdir(path):
+            # ZODB's rule would call it lawn; a mount of a server's blob
+            # directory always has its marker.
+            raise ClientStorageError(
+                'read-only-blob-dir %s has no .layout marker: is it the '
+                "server's blob directory?" % path)
+        return path
+
+    # reading
+
+    def loadBlob(self, oid, serial):
+        if self._blob_cache is None:
+            return super().loadBlob(oid, serial)
+        if self._read_only_fshelper is not None:
+            path = self._read_only_fshelper.getBlobFilename(oid, serial)
+            if os.path.exists(path):
+                return path
+        return self._blob_cache.load(
+            oid, serial, lambda temp_path: self._fetch(oid, serial, temp_path))
+
+    def _fetch(self, oid: bytes, serial: bytes, temp_path: str) -> None:
+        """Have the server send the blob into `temp_path`."""
+        key = (oid, serial)
+        download = _Download(temp_path)
+        with self._downloads_lock:
+            self._downloads[key] = download
+        try:
+            self._call('sendBlob', oid, serial)
+        finally:
+            with self._downloads_lock:
+                self._downloads.pop(key, None)
+            if download.file is not None:
+                download.file.close()
+        if not download.received:
+            raise POSKeyError('No blob file', oid, serial)
+
+    def openCommittedBlobFile(self, oid, serial, blob=None):
+        if self._blob_cache is None:
+            return super().openCommittedBlobFile(oid, serial, blob)
+        for attempt in range(3):
+            path = self.loadBlob(oid, serial)
+            try:
+                if blob is None:
+                    return open(path, 'rb')
+                return ZODB.blob.BlobFile(path, 'r', blob)
+            except FileNotFoundError:
+                # Evicted (by another process) between lookup and open:
+                # fetch it again.
+                logger.debug('Blob file %s went away before it was opened; '
+                             'fetching it again', path)
+        raise POSKeyError('Blob file keeps going away', oid, serial)
+
+    # called by ZEO's I/O thread while the server streams a blob
+
+    def receiveBlobStart(self, oid, serial):
+        if self._blob_cache is None:
+            return super().receiveBlobStart(oid, serial)
+        download = self._downloads.get((oid, serial))
+        if download is None:
+            logger.warning('Received blob %r %r that nobody asked for; '
+                           'ignored', oid, serial)
+            return
+        download.file = open(download.path, 'wb')
+
+    def receiveBlobChunk(self, oid, serial, chunk):
+        if self._blob_cache is None:
+            return super().receiveBlobChunk(oid, serial, chunk)
+        download = self._downloads.get((oid, serial))
+        if download is not None and download.file is not None:
+            download.file.write(chunk)
+
+    def receiveBlobStop(self, oid, serial):
+        if self._blob_cache is None:
+            return super().receiveBlobStop(oid, serial)
+        download = self._downloads.get((oid, serial))
+        if download is not None and download.file is not None:
+            download.file.close()
+            download.file = None
+            download.received = True
+
+    # writing
+
+    def temporaryDirectory(self):
+        if self._blob_cache is None:
+            return super().temporaryDirectory()
+        return self._directories.directory()
+
+    def storeBlob(self, oid, serial, data, blobfilename, version, txn):
+        if self._blob_cache is None:
+            return super().storeBlob(oid, serial, data, blobfilename,
+                                     version, txn)
+        tbuf = self._check_trans(txn, 'storeBlob')
+        # Own the file from here on, in this process's directory: an
+        # abort or a crash leaves it where the next open finds it.
+        target = os.path.join(self._directories.process_directory(),
+                              'store-%d.blob' % next(_names))
+        ZODB.blob.rename_or_copy_blob(blobfilename, target)
+        try:
+            serials = self.store(oid, serial, data, '', txn)
+        except BaseException:
+            os.remove(target)
+            raise
+
+        def messages():
+            yield ('storeBlobStart', ())
+            with open(target, 'rb') as f:
+                while True:
+                    chunk = f.read(59000)
+                    if not chunk:
+                        break
+                    yield ('storeBlobChunk', (chunk, ))
+            yield ('storeBlobEnd', (oid, serial, data, id(txn)))
+
+        self._async_iter(messages())
+        tbuf.storeBlob(oid, target)
+        return serials
+
+    def _transaction_blobs(self, txn) -> list[tuple[bytes, str]]:
+        try:
+            tbuf = txn.data(self)
+        except KeyError:
+            return []
+        return list(getattr(tbuf, 'blobs', None) or ())
+
+    def tpc_finish(self, txn, f=lambda tid: None):
+        if self._blob_cache is None:
+            return super().tpc_finish(txn, f)
+        blobs = self._transaction_blobs(txn)
+        if blobs:
+            # Taken from ZEO's buffer, so that ZEO does not move them into
+            # the cache behind the index's back; we admit them below.
+            del txn.data(self).blobs[:]
+        try:
+            tid = super().tpc_finish(txn, f)
+        except BaseException:
+            for oid, path in blobs:
+                _remove(path)
+            raise
+        try:
+            for oid, path in blobs:
+                self._blob_cache.admit(oid, tid, path)
+        finally:
+            for oid, path in blobs:
+                _remove(path)   # those admit() did not take
+        return tid
+
+    def tpc_abort(self, txn, timeout=None):
+        if self._blob_cache is None:
+            return super().tpc_abort(txn, timeout)
+        blobs = self._transaction_blobs(txn)
+        try:
+            return super().tpc_abort(txn, timeout)
+        finally:
+            # The server has seen the abort, so ZEO's I/O thread has sent
+            # whatever it was sending from these files.
+            for oid, path in blobs:
+                _remove(path)
+
+    def close(self):
+        try:
+            super().close()
+        finally:
+            if self._blob_cache is not None:
+                self._blob_cache.close()
+                self._directories.remove()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
