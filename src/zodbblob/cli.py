@@ -2,8 +2,8 @@
 
 One subcommand per job.  Each is a pair in `COMMANDS`: a function that adds
 its arguments to a subparser, and the function that runs it and returns
-the exit status: ``serve``, ``verify`` and ``recover`` so far; ``info``,
-``migrate`` and ``cache`` will sit beside them.
+the exit status: ``serve``, ``verify``, ``recover`` and ``cache`` so far;
+``info`` and ``migrate`` will sit beside them.
 
 ``zodbblob serve`` is ZEO's own ``runzeo`` with a default configuration:
 the same options object, the same server class, the same signal handling

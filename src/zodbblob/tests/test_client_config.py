@@ -7,7 +7,6 @@ import shutil
 import tempfile
 import unittest
 
-import transaction
 import ZConfig
 import ZEO
 import ZODB.config
@@ -16,6 +15,7 @@ from ZODB.blob import Blob
 import zodbblob.config
 import zodbblob.zeo
 from zodbblob.cli import format_address
+from zodbblob.tests import test_config as config_tests
 from zodbblob.testing import (ZEO_SERVER, ServerProcess, free_port,
                               serve_command)
 
@@ -133,21 +133,9 @@ def listing(directory):
                   for name in dirnames + filenames)
 
 
-class TemporaryDirectory:
+class TemporaryDirectory(config_tests.TemporaryDirectory):
 
-    def setUp(self):
-        self.directory = tempfile.mkdtemp(prefix='zodbblob-client-config-')
-        self.addCleanup(shutil.rmtree, self.directory, ignore_errors=True)
-        self.addCleanup(transaction.abort)
-
-    def path(self, *names):
-        return os.path.join(self.directory, *names)
-
-    def open_db(self, text):
-        db = ZODB.config.databaseFromString(text)
-        # Looked up when called: DB.close replaces itself once closed.
-        self.addCleanup(lambda: db.close())
-        return db
+    prefix = 'zodbblob-client-config-'
 
 
 class SectionKeysTests(unittest.TestCase):

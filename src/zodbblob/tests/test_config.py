@@ -70,8 +70,10 @@ def listing(directory):
 
 class TemporaryDirectory:
 
+    prefix = 'zodbblob-config-'
+
     def setUp(self):
-        self.directory = tempfile.mkdtemp(prefix='zodbblob-config-')
+        self.directory = tempfile.mkdtemp(prefix=self.prefix)
         self.addCleanup(shutil.rmtree, self.directory, ignore_errors=True)
         self.addCleanup(transaction.abort)
 
