@@ -66,6 +66,31 @@ class BlobStorageError(Exception):
     """The blob storage cannot do what was asked, as the message says."""
 
 
+class BlobDirectoryInUse(BlobStorageError):
+    """A live storage holds the blob directory."""
+
+
+def hold_blob_directory(blob_dir: str):
+    """Take the lock a BlobStorage takes on `blob_dir`, for a tool.
+
+    Returns the lock (close it when done), or None when the directory has
+    never been used by zodbblob (nothing to hold, and nothing is created).
+    Raises BlobDirectoryInUse when a live storage (a running server, an
+    application) holds it: tools that change a blob directory must not run
+    beside one.
+    """
+    state_dir = os.path.join(blob_dir, STATE_DIR)
+    if not os.path.isdir(state_dir):
+        return None
+    lock_path = os.path.join(state_dir, LOCK_NAME)
+    try:
+        return zc.lockfile.LockFile(lock_path)
+    except zc.lockfile.LockError:
+        raise BlobDirectoryInUse(
+            'Blob directory %s is in use by a running storage (lock %s is '
+            'held); stop it first' % (blob_dir, lock_path)) from None
+
+
 def rename_or_copy(source: str, target: str) -> None:
     """Rename `source` to `target`; across filesystems, copy and remove.
 
@@ -203,7 +228,7 @@ class BlobStorage:
         try:
             lock = zc.lockfile.LockFile(lock_path)
         except zc.lockfile.LockError:
-            raise BlobStorageError(
+            raise BlobDirectoryInUse(
                 'Blob directory %s is in use by another storage (lock %s is '
                 'held)' % (fshelper.base_dir, lock_path)) from None
         try:
