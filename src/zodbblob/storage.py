@@ -609,8 +609,10 @@ class BlobStorage:
                 finally:
                     os.close(fd)
             entries.append((oid, path, info))
-        if not use_syncfs and entries:
-            fsync_directory(shared.staging_dir)
+        # Per file, the staged names need not be durable: the final names
+        # are made durable below, before the base can commit, and a
+        # transaction the base does not have is rolled back by removing
+        # its final names (staging directories are swept at open).
         shared.journal.begin(
             tid, [(oid, info.st_size, os.path.relpath(path, temp_dir))
                   for oid, path, info in entries],
@@ -666,22 +668,21 @@ class BlobStorage:
                         'files were published for tid %s', self.base,
                         oid_repr(tid), oid_repr(staged.tid))
                 kill_point('after_base_finish')
-                self._shared.journal.commit(
-                    staged.tid, [(oid, tid) for oid, tid, path
-                                 in staged.retirable])
-                kill_point('after_journal_commit')
-                for oid, old_tid, path in staged.retirable:
-                    _remove(path)
                 mine = [(oid, staged.tid, path)
                         for oid, path in staged.files.items()]
+                # Final directories were fsynced at vote, unless the
+                # transaction was made durable by syncfs: then its final
+                # names wait for the next flush.
+                retired = staged.retirable + (
+                    [] if staged.synced_filesystem else mine)
+                self._shared.journal.commit(
+                    staged.tid, [(oid, serial) for oid, serial, path
+                                 in retired])
+                kill_point('after_journal_commit')
+                for oid, serial, path in retired:
+                    _remove(path)
                 if staged.synced_filesystem:
                     self._shared.linked.extend(mine)
-                else:
-                    # Final directories were fsynced at vote.
-                    self._shared.journal.retire(
-                        [(oid, tid) for oid, tid, path in mine])
-                    for oid, tid, path in mine:
-                        _remove(path)
         return tid
 
     def _retire_all(self) -> None:
