@@ -12,6 +12,7 @@ tests_require = [
     'zope.testing',
     'manuel',
     'hypothesis',
+    'zc.buildout',
 ]
 
 setup(
@@ -43,8 +44,9 @@ setup(
         'persistent',
         'zope.interface',
     ],
-    extras_require={'test': tests_require},
+    extras_require={'test': tests_require, 'recipe': ['zc.buildout']},
     entry_points={
         'console_scripts': ['zodbblob = zodbblob.cli:main'],
+        'zc.buildout': ['default = zodbblob.recipe:Recipe'],
     },
 )

@@ -39,6 +39,8 @@ import ZEO.runzeo
 
 from zodbblob.layout import LAYOUTS
 from zodbblob.storage import BlobStorage, BlobStorageError
+from zodbblob.zexp import (add_export_arguments, add_import_arguments,
+                           export_command, import_command)
 
 logger = logging.getLogger(__name__)
 
@@ -511,6 +513,10 @@ COMMANDS = {
                 'finish what a crash interrupted, without serving'),
     'cache': (add_cache_arguments, cache,
               'show or prune a ZEO client blob cache'),
+    'export': (add_export_arguments, export_command,
+               'write an object and its blobs to a ZEXP file'),
+    'import': (add_import_arguments, import_command,
+               'import a ZEXP file, old ones without blob data too'),
 }
 
 
