@@ -2,8 +2,8 @@
 
 One subcommand per job.  Each is a pair in `COMMANDS`: a function that adds
 its arguments to a subparser, and the function that runs it and returns
-the exit status: ``serve``, ``verify``, ``recover`` and ``cache`` so far;
-``info`` and ``migrate`` will sit beside them.
+the exit status: ``serve``, ``verify``, ``recover``, ``cache``,
+``migrate``, ``export``, ``import``, ``backup`` and ``restore``.
 
 ``zodbblob serve`` is ZEO's own ``runzeo`` with a default configuration:
 the same options object, the same server class, the same signal handling
@@ -38,6 +38,7 @@ import ZConfig
 import ZEO.runzeo
 
 from zodbblob.layout import LAYOUTS
+from zodbblob.migrate import add_migrate_arguments, migrate_command
 from zodbblob.storage import BlobStorage, BlobStorageError
 from zodbblob.zexp import (add_export_arguments, add_import_arguments,
                            export_command, import_command)
@@ -513,6 +514,8 @@ COMMANDS = {
                 'finish what a crash interrupted, without serving'),
     'cache': (add_cache_arguments, cache,
               'show or prune a ZEO client blob cache'),
+    'migrate': (add_migrate_arguments, migrate_command,
+                'copy a blob directory into another layout'),
     'export': (add_export_arguments, export_command,
                'write an object and its blobs to a ZEXP file'),
     'import': (add_import_arguments, import_command,

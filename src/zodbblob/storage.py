@@ -221,16 +221,23 @@ class BlobStorage:
             fshelper.check_marker()
             return _Shared(fshelper, self._open_journal_read_only(fshelper),
                            None, True)
-        fshelper.create()
         state_dir = os.path.join(fshelper.base_dir, STATE_DIR)
-        os.makedirs(state_dir, exist_ok=True)
         lock_path = os.path.join(state_dir, LOCK_NAME)
+        # Lock before creating anything where a lock may be held already
+        # (a live storage, a tool such as migrate): a refused open writes
+        # nothing.
+        fshelper.check_marker()
+        lock = self._lock(fshelper, lock_path) if os.path.isdir(
+            state_dir) else None
         try:
-            lock = zc.lockfile.LockFile(lock_path)
-        except zc.lockfile.LockError:
-            raise BlobDirectoryInUse(
-                'Blob directory %s is in use by another storage (lock %s is '
-                'held)' % (fshelper.base_dir, lock_path)) from None
+            fshelper.create()
+            os.makedirs(state_dir, exist_ok=True)
+            if lock is None:
+                lock = self._lock(fshelper, lock_path)
+        except BaseException:
+            if lock is not None:
+                lock.close()
+            raise
         try:
             journal = self._open_journal(fshelper)
             shared = _Shared(fshelper, journal, lock, False)
@@ -270,6 +277,15 @@ class BlobStorage:
                 'transaction %s, catalog knows %s)'
                 % (oid_repr(base_tid), oid_repr(last_tid or z64)))
         return journal
+
+    @staticmethod
+    def _lock(fshelper, lock_path: str):
+        try:
+            return zc.lockfile.LockFile(lock_path)
+        except zc.lockfile.LockError:
+            raise BlobDirectoryInUse(
+                'Blob directory %s is in use by another storage (lock %s is '
+                'held)' % (fshelper.base_dir, lock_path)) from None
 
     def _open_journal_read_only(self, fshelper) -> Journal | None:
         try:

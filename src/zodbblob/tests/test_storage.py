@@ -131,6 +131,21 @@ class WrapperTests(StorageTestCase):
         self.assertIn(self.blob_dir, str(caught.exception))
         self.assertIn('in use', str(caught.exception))
 
+    def test_directory_a_tool_holds_is_refused_and_gets_nothing(self):
+        # A tool (migrate) holds a directory it is still building: a
+        # storage opened there must not write a marker or tmp/ into it.
+        from zodbblob.storage import BlobDirectoryInUse
+        from zodbblob.storage import hold_blob_directory
+        os.makedirs(os.path.join(self.blob_dir, '.zodbblob'))
+        with open(os.path.join(self.blob_dir, 'unfinished'), 'w'):
+            pass
+        lock = hold_blob_directory(self.blob_dir)
+        self.addCleanup(lock.close)
+        before = tree(self.blob_dir)
+        with self.assertRaises(BlobDirectoryInUse):
+            BlobStorage(self.blob_dir, ZODB.MappingStorage.MappingStorage())
+        self.assertEqual(tree(self.blob_dir), before)
+
     def test_layout_mismatch_is_refused_and_changes_nothing(self):
         self.open(create=True).close()
         before = tree(self.dir)

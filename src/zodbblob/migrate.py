@@ -1,0 +1,617 @@
+"""Copy a blob directory into a new one of another layout.
+
+The source is any blob directory of a registered layout (``bushy``,
+``lawn``, ``chunky``, ``flat``: named by its ``.layout`` marker, or
+``lawn`` by ZODB's rule for a used directory without one), or a ZEO client
+blob cache (``zeocache``, stock ZEO's or zodbblob's).  The source is only
+read.  Files are hard-linked into the destination where both sit on one
+filesystem, and copied otherwise.
+
+A destination becomes a blob directory only at the end.  While files are
+added it holds a state file, ``.zodbblob-migrate`` (which source, which
+layout), and no ``.layout`` marker, so nothing takes it for a finished
+one.  Running an interrupted migration again (Ctrl-C, a crash, SIGKILL)
+resumes it: files already there with the source's size are kept, the others
+are written again, each under a temporary name first and then renamed, so
+a partial file never has a blob's name.  The end: both directories are
+enumerated afresh and must hold the same ``(oid, tid)`` pairs with the same
+sizes; the destination is made durable, gets its marker, and loses the
+state file.
+
+zodbblob's own state (``.zodbblob/``, the journal and its catalog) is not
+carried over: a zodbblob storage opened on the destination builds its
+catalog from one scan of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import errno
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+
+from zodbblob.cache import BUCKETS
+from zodbblob.cache import LAYOUT as ZEOCACHE
+from zodbblob.journal import STATE_DIR
+from zodbblob.journal import SYNCFS_AVAILABLE
+from zodbblob.journal import Journal
+from zodbblob.journal import JournalError
+from zodbblob.journal import journal_path
+from zodbblob.journal import sync_filesystem
+from zodbblob.layout import BLOB_SUFFIX
+from zodbblob.layout import LAYOUT_MARKER
+from zodbblob.layout import LAYOUTS
+from zodbblob.layout import FilesystemHelper
+from zodbblob.layout import fsync_directory
+from zodbblob.layout import get_layout
+from zodbblob.layout import read_marker
+from zodbblob.storage import LOCK_NAME
+from zodbblob.storage import BlobStorageError
+from zodbblob.storage import hold_blob_directory
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = '.zodbblob-migrate'
+TEMPORARY_DIR = '.zodbblob-migrate-tmp'
+
+# os.link fails with these where a copy still works: another filesystem,
+# a filesystem without hard links, a file of another user under
+# fs.protected_hardlinks, a file with too many links already.
+_NO_LINK = frozenset((errno.EXDEV, errno.EPERM, errno.ENOTSUP,
+                      errno.EOPNOTSUPP, errno.EMLINK))
+_ZEOCACHE_FILE = re.compile(r'(0|[1-9][0-9]*)\.([0-9a-f]{16})\.blob\Z')
+
+NEW, RESUME, FINISHED = 'new', 'resume', 'finished'
+
+Inventory = dict[tuple[bytes, bytes], tuple[int, str]]
+
+
+class MigrationError(ValueError):
+    """A migration was refused or could not be verified.
+
+    Refusals change nothing on disk.  A failed verification leaves the
+    destination unfinished (no marker), to be resumed.
+    """
+
+
+@dataclasses.dataclass
+class Report:
+    """What a migration did.  `files` and `bytes` count the whole source."""
+
+    source: str
+    destination: str
+    source_layout: str
+    layout: str
+    files: int = 0
+    bytes: int = 0
+    linked: int = 0
+    copied: int = 0
+    skipped: int = 0       # already in the destination with the right size
+    removed: int = 0       # left by an earlier run, gone from the source
+    finished_before: bool = False   # the destination was complete already
+
+    def summary(self) -> str:
+        if self.finished_before:
+            return (f'Nothing to do: {self.destination} holds the '
+                    f'{self.files} blob files ({self.bytes} bytes) of '
+                    f'{self.source} in layout {self.layout} already')
+        text = (f'Migrated {self.files} blob files ({self.bytes} bytes) '
+                f'from {self.source} ({self.source_layout}) to '
+                f'{self.destination} ({self.layout}): {self.linked} linked, '
+                f'{self.copied} copied, {self.skipped} already there')
+        if self.removed:
+            text += f', {self.removed} no longer in the source removed'
+        return text
+
+
+# reading a source
+
+def zeocache_path(oid: bytes, tid: bytes) -> str:
+    """Where stock ZEO's cache (and zodbblob's) keeps a blob, relatively."""
+    base, bucket = divmod(int.from_bytes(oid, 'big'), BUCKETS)
+    return os.path.join(str(bucket), f'{base}.{tid.hex()}{BLOB_SUFFIX}')
+
+
+def iter_zeocache(directory: str) -> Iterator[tuple[bytes, bytes, str]]:
+    """``(oid, tid, path)`` of every blob file of a blob cache directory.
+
+    Only the buckets' ``.blob`` files count: not the index, download
+    temporaries (``.tmp/``, ``.dl``) or stock ZEO's lock files.
+    """
+    buckets = sorted((name for name in os.listdir(directory)
+                      if name.isdigit()), key=int)
+    for bucket in buckets:
+        bucket_path = os.path.join(directory, bucket)
+        if not os.path.isdir(bucket_path):
+            continue
+        for name in sorted(os.listdir(bucket_path)):
+            match = _ZEOCACHE_FILE.match(name)
+            if match is None:
+                continue
+            number = int(match[1]) * BUCKETS + int(bucket)
+            if number >= 2 ** 64:
+                continue
+            oid, tid = number.to_bytes(8, 'big'), bytes.fromhex(match[2])
+            # One spelling per blob: `1995.<tid>.blob` in bucket 0 is not
+            # the file of any oid.
+            if zeocache_path(oid, tid) == os.path.join(bucket, name):
+                yield oid, tid, os.path.join(bucket_path, name)
+
+
+def iter_source(directory: str, layout: str) -> Iterator[
+        tuple[bytes, bytes, str]]:
+    """``(oid, tid, path)`` of every blob file of `directory`."""
+    if layout == ZEOCACHE:
+        return iter_zeocache(directory)
+    return get_layout(layout).iter_blob_paths(directory)
+
+
+def _has_lawn_blob(directory: str) -> bool:
+    # Looks one level deep only: a wrong path (a home directory, /) must
+    # be refused at once, not walked.
+    lawn = get_layout('lawn')
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        try:
+            lawn.path_to_oid(name)
+        except ValueError:
+            continue
+        if os.path.isdir(path) and any(
+                _is_blob_name(lawn, os.path.join(name, file))
+                for file in os.listdir(path)):
+            return True
+    return False
+
+
+def _is_blob_name(layout, relative: str) -> bool:
+    try:
+        layout.blob_path_to_oid_tid(relative)
+    except ValueError:
+        return False
+    return True
+
+
+def detect_layout(directory: str) -> str:
+    """The layout of blob directory `directory`, or MigrationError."""
+    if not os.path.exists(directory):
+        raise MigrationError(f'Source {directory} does not exist: expected '
+                             'a blob directory')
+    if not os.path.isdir(directory):
+        raise MigrationError(f'Source {directory} is not a directory: '
+                             'expected a blob directory')
+    marked = read_marker(directory)
+    if marked is None:
+        if not _has_lawn_blob(directory):
+            raise MigrationError(
+                f'Source {directory} is not a blob directory: it has no '
+                f'{LAYOUT_MARKER} marker and no blob files')
+        return 'lawn'  # ZODB's rule: used, and written before markers
+    if marked != ZEOCACHE and marked not in LAYOUTS:
+        raise MigrationError(
+            f'Source {directory} has a marker for layout `{marked}`, which '
+            f'is not known here (known: '
+            f'{", ".join(sorted([*LAYOUTS, ZEOCACHE]))})')
+    return marked
+
+
+def inventory(blobs: Iterator[tuple[bytes, bytes, str]]) -> Inventory:
+    """``{(oid, tid): (size, path)}`` of `blobs`."""
+    found = {}
+    for oid, tid, path in blobs:
+        try:
+            found[oid, tid] = (os.stat(path).st_size, path)
+        except FileNotFoundError:
+            continue  # evicted from a cache since the listing
+    return found
+
+
+# the destination
+
+def _state_path(destination: str) -> str:
+    return os.path.join(destination, STATE_FILE)
+
+
+def _read_state(destination: str) -> dict | None:
+    path = _state_path(destination)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        # Written to a temporary name and renamed, so never partial.
+        raise MigrationError(
+            f'Migration state file {path} is not readable JSON: remove '
+            f'{destination} and migrate again') from None
+
+
+def _write_state(destination: str, state: dict) -> None:
+    path = _state_path(destination)
+    staged = path + '.new'
+    with open(staged, 'w') as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(staged, path)
+    # The state file is what makes the directory ours on a re-run.
+    fsync_directory(destination)
+
+
+def _lock_only(state_dir: str) -> bool:
+    return set(os.listdir(state_dir)) <= {LOCK_NAME}
+
+
+def _looks_empty(destination: str) -> bool:
+    """True if `destination` holds nothing, or only what a run left that
+    was stopped before writing its state file."""
+    for name in os.listdir(destination):
+        path = os.path.join(destination, name)
+        if name == STATE_DIR and os.path.isdir(path) and _lock_only(path):
+            continue
+        if name == STATE_FILE + '.new':
+            continue
+        return False
+    return True
+
+
+def destination_state(destination: str, expected: dict) -> str:
+    """NEW, RESUME or FINISHED; MigrationError for a directory not ours."""
+    if not os.path.exists(destination):
+        return NEW
+    if not os.path.isdir(destination):
+        raise MigrationError(f'Destination {destination} is not a directory')
+    state = _read_state(destination)
+    marked = read_marker(destination)
+    if state is not None:
+        if state != expected:
+            raise MigrationError(
+                f'Destination {destination} holds an unfinished migration of '
+                f'{state.get("source")} to layout `{state.get("layout")}`: '
+                f'run that one again to finish it, or remove {destination}')
+        if marked not in (None, expected['layout']):
+            raise MigrationError(
+                f'Destination {destination} holds an unfinished migration, '
+                f'but a marker for layout `{marked}` (a storage opened it?): '
+                f'remove {destination} and migrate again')
+        return RESUME
+    if marked is not None:
+        if marked != expected['layout']:
+            raise MigrationError(
+                f'Destination {destination} is a blob directory of layout '
+                f'`{marked}` already: migrate into a new directory')
+        return FINISHED
+    if not _looks_empty(destination):
+        raise MigrationError(
+            f'Destination {destination} is not empty and holds no unfinished '
+            f'migration ({STATE_FILE}): migrate into a new or empty directory')
+    return NEW
+
+
+def _check_apart(source: str, destination: str) -> None:
+    real_source = os.path.realpath(source)
+    real_destination = os.path.realpath(destination)
+    if real_destination == real_source:
+        raise MigrationError(f'Destination {destination} is the source '
+                             'directory: migrate into a new directory')
+    if real_destination.startswith(real_source + os.sep):
+        raise MigrationError(f'Destination {destination} is inside the '
+                             f'source directory {source}')
+    if real_source.startswith(real_destination + os.sep):
+        raise MigrationError(f'Source {source} is inside the destination '
+                             f'directory {destination}')
+
+
+def _check_closed_cleanly(source: str) -> None:
+    """Refuse a zodbblob blob directory whose storage did not close.
+
+    After a crash, files of committed transactions may still wait under
+    their staging names, and files of unfinished ones may have final
+    names: only the storage's recovery knows which is which.
+    """
+    path = journal_path(source)
+    if not os.path.exists(path):
+        return
+    unclean = os.path.exists(path + '-wal') and os.path.getsize(
+        path + '-wal') > 0
+    if not unclean:
+        try:
+            journal = Journal(source, read_only=True)
+        except JournalError:
+            unclean = True
+        else:
+            try:
+                unclean = (journal.get_meta('state') == 'open'
+                           or bool(journal.pending()))
+            finally:
+                journal.close()
+    if unclean:
+        raise MigrationError(
+            f'Source {source} was not closed cleanly by its storage (its '
+            f'journal {path} has unfinished work): run `zodbblob recover` '
+            f'on it first')
+
+
+def _hold(held: contextlib.ExitStack, blob_dir: str):
+    """Take `blob_dir`'s storage lock for the migration, if it has one."""
+    try:
+        lock = hold_blob_directory(blob_dir)
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        # A read-only source: nothing here can change it, but a storage
+        # elsewhere still could.
+        logger.warning('Cannot take the lock of blob directory %s (%s): '
+                       'make sure no storage uses it during the migration',
+                       blob_dir, e.strerror)
+        return None
+    if lock is not None:
+        held.callback(lock.close)
+    return lock
+
+
+class _Writer:
+    """Puts source files at destination names: a link, or else a copy."""
+
+    def __init__(self, source: str, destination: str, temporary: str,
+                 report: Report):
+        self.source = source
+        self.destination = destination
+        self.temporary = temporary
+        self.report = report
+        self.linking = True
+        self.warned = False
+        self._names = itertools.count()
+
+    def _temporary_name(self) -> str:
+        return os.path.join(self.temporary, str(next(self._names)))
+
+    def put(self, source_file: str, final: str) -> None:
+        if self.linking and self._link(source_file, final):
+            self.report.linked += 1
+            return
+        staged = self._temporary_name()
+        shutil.copy2(source_file, staged)
+        os.replace(staged, final)
+        self.report.copied += 1
+
+    def _link(self, source_file: str, final: str) -> bool:
+        # A link appears whole under its name, so it may take the final
+        # name at once; only a file that is there already (of the wrong
+        # size, from an earlier run) is replaced through a temporary name.
+        try:
+            try:
+                os.link(source_file, final)
+            except FileExistsError:
+                staged = self._temporary_name()
+                os.link(source_file, staged)
+                os.replace(staged, final)
+        except OSError as e:
+            if e.errno not in _NO_LINK:
+                raise
+            if e.errno != errno.EMLINK:
+                self.linking = False
+            if not self.warned:
+                self.warned = True
+                logger.warning(
+                    'Copying blob files from %s to %s: hard links between '
+                    'them are not possible (%s), so the copies take as much '
+                    'space again', self.source, self.destination,
+                    e.strerror)
+            return False
+        return True
+
+
+def _differences(source: Inventory, destination: Inventory) -> list[str]:
+    problems = []
+    for key, (size, path) in source.items():
+        found = destination.get(key)
+        if found is None:
+            problems.append(f'missing: {path}')
+        elif found[0] != size:
+            problems.append(f'{found[0]} bytes instead of {size}: {found[1]}')
+    problems.extend(f'not in the source: {path}'
+                    for key, (size, path) in destination.items()
+                    if key not in source)
+    return problems
+
+
+def _sync(directory: str) -> None:
+    if SYNCFS_AVAILABLE:
+        sync_filesystem(directory)
+    else:
+        os.sync()
+
+
+def migrate(src: str, dst: str, layout: str,
+            progress: Callable[[int, int], None] | None = None) -> Report:
+    """Copy blob directory `src` into `dst`, a blob directory of `layout`.
+
+    `dst` must be new, empty, or an unfinished migration of the same
+    source to the same layout (which this resumes).  A `dst` finished
+    before with the same content is left as it is.  `progress` is called
+    as ``progress(files done, files in all)`` after each file.
+
+    Raises MigrationError (changing nothing) for a missing or unknown
+    source, an unknown layout, nested directories, or a destination that
+    is not one of those; BlobDirectoryInUse when a live storage holds
+    either directory.  Both locks are held until the end.
+    """
+    try:
+        target = get_layout(layout)
+    except ValueError as e:
+        raise MigrationError(str(e)) from None
+    source = os.path.abspath(src)
+    destination = os.path.abspath(dst)
+    source_layout = detect_layout(source)
+    _check_apart(source, destination)
+    expected = {'source': os.path.realpath(source), 'layout': layout}
+    destination_state(destination, expected)   # refuse before any change
+    report = Report(source, destination, source_layout, layout)
+    state_dir = os.path.join(destination, STATE_DIR)
+    with contextlib.ExitStack() as held:
+        _hold(held, source)
+        _check_closed_cleanly(source)
+        if destination_state(destination, expected) == FINISHED:
+            _hold(held, destination)
+            return _check_finished(source, source_layout, destination,
+                                   target, report)
+        os.makedirs(state_dir, exist_ok=True)
+        _hold(held, destination)
+        # Looked at again under the lock: a migration started meanwhile by
+        # another process has finished, or left its state file.
+        state = destination_state(destination, expected)
+        if state == FINISHED:
+            return _check_finished(source, source_layout, destination,
+                                   target, report)
+        if not _lock_only(state_dir):
+            raise MigrationError(
+                f'A storage opened {destination} before its migration was '
+                f'finished ({state_dir} holds its state); its catalog does '
+                f'not know the files added since: remove {destination} and '
+                f'migrate again')
+        if state == NEW:
+            _write_state(destination, expected)
+        _fill(source, source_layout, destination, target, state == RESUME,
+              report, progress)
+        _finish(source, source_layout, destination, target)
+        # Our lock file goes too, so that the destination is a plain blob
+        # directory; removing it while held is harmless (whoever opens the
+        # name now gets a new file, and the migration is over).
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(state_dir, LOCK_NAME))
+    with contextlib.suppress(OSError):
+        os.rmdir(state_dir)
+    return report
+
+
+def _check_finished(source, source_layout, destination, target,
+                    report) -> Report:
+    wanted = inventory(iter_source(source, source_layout))
+    problems = _differences(
+        wanted, inventory(target.iter_blob_paths(destination)))
+    if problems:
+        raise MigrationError(
+            f'Destination {destination} is a finished blob directory of '
+            f'layout `{target.name}` that differs from {source} '
+            f'({len(problems)} differences, e.g. {problems[0]}): migrate '
+            f'into a new directory')
+    report.files = report.skipped = len(wanted)
+    report.bytes = sum(size for size, _ in wanted.values())
+    report.finished_before = True
+    return report
+
+
+def _fill(source, source_layout, destination, target, resume, report,
+          progress) -> None:
+    """Put every source file in place; count in `report`."""
+    wanted = inventory(iter_source(source, source_layout))
+    report.files = len(wanted)
+    report.bytes = sum(size for size, _ in wanted.values())
+    present = inventory(target.iter_blob_paths(destination)) if resume else {}
+    temporary = os.path.join(destination, TEMPORARY_DIR)
+    # Partial copies of a run that was killed: none has a final name.
+    shutil.rmtree(temporary, ignore_errors=True)
+    os.mkdir(temporary)
+    writer = _Writer(source, destination, temporary, report)
+    made = set()
+    for done, ((oid, tid), (size, path)) in enumerate(wanted.items(), 1):
+        found = present.pop((oid, tid), None)
+        if found is not None and found[0] == size:
+            report.skipped += 1
+        else:
+            final = os.path.join(destination, target.getBlobFilePath(oid, tid))
+            directory = os.path.dirname(final)
+            if directory not in made:
+                os.makedirs(directory, exist_ok=True)
+                made.add(directory)
+            writer.put(path, final)
+        if progress is not None:
+            progress(done, report.files)
+    for size, path in present.values():
+        os.remove(path)
+        report.removed += 1
+    if report.removed:
+        logger.warning('Removed %d files from %s that an earlier run had '
+                       'migrated and %s no longer holds (packed since?)',
+                       report.removed, destination, source)
+    shutil.rmtree(temporary)
+
+
+def _finish(source, source_layout, destination, target) -> None:
+    """Verify, then make `destination` a blob directory: its marker."""
+    problems = _differences(
+        inventory(iter_source(source, source_layout)),
+        inventory(target.iter_blob_paths(destination)))
+    if problems:
+        raise MigrationError(
+            f'Destination {destination} does not match {source} after the '
+            f'migration ({len(problems)} differences: '
+            f'{"; ".join(problems[:5])}): did the source change meanwhile? '
+            f'Run the migration again to bring it up to date')
+    # The marker declares the directory finished: every file and name must
+    # be on disk before it, or a power loss could leave a marked directory
+    # without some of them.
+    _sync(destination)
+    marked = read_marker(destination)
+    if marked not in (None, target.name):
+        raise MigrationError(
+            f'Destination {destination} got a marker for layout `{marked}` '
+            f'during the migration (a storage tried to open it?): remove '
+            f'{destination} and migrate again')
+    FilesystemHelper(destination, target.name).create()
+    os.remove(_state_path(destination))
+    fsync_directory(destination)
+
+
+# the command: cli.py lists it in COMMANDS
+
+def add_migrate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        'Copy blob directory SRC into DST, a new blob directory of another '
+        'layout: hard links where both are on one filesystem, copies '
+        'otherwise.  SRC is a blob directory of any layout, or a ZEO client '
+        'blob cache (zeocache); it is only read.  DST gets its .layout '
+        'marker last, after a check that it holds every blob file of SRC '
+        'with its size.  Running an interrupted migration again resumes '
+        'it.  Refuses to run while a storage uses SRC or DST.')
+    parser.add_argument('source', metavar='SRC',
+                        help='the blob directory to migrate')
+    parser.add_argument('destination', metavar='DST',
+                        help='the new blob directory (new or empty, or an '
+                             'unfinished migration of SRC)')
+    parser.add_argument('--layout', required=True, metavar='LAYOUT',
+                        help=f'layout of DST: '
+                             f'{", ".join(sorted(LAYOUTS))}')
+    parser.add_argument('--quiet', action='store_true',
+                        help='no progress, only the result')
+
+
+def migrate_command(args: argparse.Namespace) -> int:
+    # cli imports this module, so its Progress is imported when needed.
+    from zodbblob.cli import Progress
+    progress = Progress('migrate', quiet=args.quiet)
+    prog = args.parser.prog
+    try:
+        report = migrate(args.source, args.destination, args.layout,
+                         progress=progress)
+    except KeyboardInterrupt:
+        # Below the progress bar's line, not on it.
+        newline = '\n' if progress.enabled else ''
+        print(f'{newline}{prog}: interrupted: '
+              f'{os.path.abspath(args.destination)} is not finished (no '
+              f'{LAYOUT_MARKER} marker); run the same command again to '
+              f'resume', file=sys.stderr)
+        return 130
+    except (MigrationError, BlobStorageError, OSError) as e:
+        print(f'{prog}: error: {e}', file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
