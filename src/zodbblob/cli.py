@@ -37,6 +37,8 @@ import zc.lockfile
 import ZConfig
 import ZEO.runzeo
 
+from zodbblob.backup import (add_backup_arguments, add_restore_arguments,
+                              backup_command, restore_command)
 from zodbblob.layout import LAYOUTS
 from zodbblob.migrate import add_migrate_arguments, migrate_command
 from zodbblob.storage import BlobStorage, BlobStorageError
@@ -516,6 +518,10 @@ COMMANDS = {
               'show or prune a ZEO client blob cache'),
     'migrate': (add_migrate_arguments, migrate_command,
                 'copy a blob directory into another layout'),
+    'backup': (add_backup_arguments, backup_command,
+               'snapshot a storage, incrementally, beside a live server'),
+    'restore': (add_restore_arguments, restore_command,
+                'restore or check a snapshot taken by backup'),
     'export': (add_export_arguments, export_command,
                'write an object and its blobs to a ZEXP file'),
     'import': (add_import_arguments, import_command,

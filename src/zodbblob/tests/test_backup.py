@@ -1,0 +1,676 @@
+"""``zodbblob backup`` and ``zodbblob restore``, end to end on real stores.
+
+Every test builds a FileStorage with zodbblob blobs, runs the commands as
+a user does (``zodbblob.cli.main``, or ``python -m zodbblob.cli`` where a
+process must die), restores, and reads the restored database back.
+"""
+
+import contextlib
+import io
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+import transaction
+import ZEO
+import ZODB
+import ZODB.FileStorage
+from ZODB.blob import Blob
+
+from zodbblob import BlobStorage
+from zodbblob.backup import (
+    COMPLETE_NAME,
+    KILL_VARIABLE,
+    Manifest,
+    backup,
+    check,
+    snapshots,
+)
+from zodbblob.cli import main
+from zodbblob.layout import get_layout
+from zodbblob.testing import ZEOServerLayer
+
+
+def run(*argv):
+    """``zodbblob ARGV`` in this process: (status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main([str(arg) for arg in argv])
+    return status, out.getvalue(), err.getvalue()
+
+
+def run_process(*argv, env=None):
+    """``python -m zodbblob.cli ARGV`` in a child process."""
+    environment = dict(os.environ)
+    environment.pop(KILL_VARIABLE, None)
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, '-m', 'zodbblob.cli'] + [str(a) for a in argv],
+        capture_output=True, text=True, env=environment, timeout=120)
+
+
+def open_db(directory, layout='automatic', read_only=False):
+    base = ZODB.FileStorage.FileStorage(
+        os.path.join(directory, 'Data.fs'), read_only=read_only)
+    return ZODB.DB(BlobStorage(os.path.join(directory, 'blobs'), base,
+                               layout))
+
+
+def blob_bytes(seed, size=100):
+    return random.Random(seed).randbytes(size)
+
+
+def read_blobs(root):
+    """name -> bytes of every blob in `root`."""
+    result = {}
+    for name, value in root.items():
+        if isinstance(value, Blob):
+            with value.open('r') as f:
+                result[name] = f.read()
+    return result
+
+
+def read_store(directory):
+    db = open_db(directory, read_only=True)
+    try:
+        with db.transaction() as conn:
+            return read_blobs(conn.root())
+    finally:
+        db.close()
+
+
+def blob_inodes(snapshot):
+    """Path below ``blobs/`` -> inode, for every blob file of `snapshot`."""
+    top = os.path.join(snapshot, 'blobs')
+    result = {}
+    for dirpath, dirs, files in os.walk(top):
+        for name in files:
+            if name.endswith('.blob'):
+                path = os.path.join(dirpath, name)
+                result[os.path.relpath(path, top)] = os.stat(path).st_ino
+    return result
+
+
+def tree(path):
+    return sorted((dirpath, sorted(files))
+                  for dirpath, dirs, files in os.walk(path))
+
+
+class StoreTestCase(unittest.TestCase):
+
+    layout = 'automatic'
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix='zodbblob-backup-')
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.source = os.path.join(self.dir, 'source')
+        os.mkdir(self.source)
+        self.data = os.path.join(self.source, 'Data.fs')
+        self.blob_dir = os.path.join(self.source, 'blobs')
+        self.dest = os.path.join(self.dir, 'backups')
+        self.expected = {}
+
+    def commit(self, changes):
+        """Set the blobs in `changes` (name -> bytes), in one transaction."""
+        db = open_db(self.source, self.layout)
+        try:
+            with db.transaction() as conn:
+                root = conn.root()
+                for name, data in changes.items():
+                    if name in root:
+                        with root[name].open('w') as f:
+                            f.write(data)
+                    else:
+                        root[name] = Blob(data)
+        finally:
+            db.close()
+        self.expected.update(changes)
+
+    def make_store(self, count):
+        self.commit({f'b{i}': blob_bytes(i) for i in range(count)})
+
+    def backup(self, *options):
+        status, out, err = run('backup', '--data', self.data, '--blob-dir',
+                               self.blob_dir, *options, self.dest)
+        self.assertEqual(status, 0, out + err)
+        return out
+
+    def restore(self, snapshot, name='restored'):
+        target = os.path.join(self.dir, name)
+        status, out, err = run('restore', target, snapshot)
+        self.assertEqual(status, 0, out + err)
+        return target
+
+    def assertVerifies(self, directory):
+        status, out, err = run(
+            'verify', '--checksum', '--data',
+            os.path.join(directory, 'Data.fs'), '--blob-dir',
+            os.path.join(directory, 'blobs'))
+        self.assertEqual(status, 0, out + err)
+        self.assertIn('clean', out)
+
+    def snapshot_paths(self):
+        return [s.path for s in snapshots(self.dest)]
+
+
+class BackupRestoreTests(StoreTestCase):
+
+    def test_restored_store_verifies_and_every_blob_reads_its_bytes(self):
+        self.make_store(30)
+        out = self.backup()
+        [snapshot] = self.snapshot_paths()
+        self.assertIn('blob files: 30, 30 copied', out)
+        self.assertTrue(os.path.exists(os.path.join(snapshot,
+                                                    COMPLETE_NAME)))
+        restored = self.restore(snapshot)
+        self.assertVerifies(restored)
+        self.assertEqual(read_store(restored), self.expected)
+        with open(os.path.join(restored, 'Data.fs'), 'rb') as copy, \
+                open(self.data, 'rb') as original:
+            self.assertEqual(copy.read(), original.read())
+
+    def test_second_backup_links_unchanged_files_and_copies_only_changed(
+            self):
+        self.make_store(100)
+        self.backup()
+        old = dict(self.expected)
+        self.commit({'b7': b'changed'})  # 1%
+        out = self.backup()
+        first, second = self.snapshot_paths()
+        # The old revision of b7 is still a record in Data.fs: linked too.
+        self.assertIn('blob files: 101, 1 copied (7 bytes), 100 linked', out)
+        before, after = blob_inodes(first), blob_inodes(second)
+        self.assertEqual(len(before), 100)
+        self.assertEqual(len(after), 101)
+        new = set(after) - set(before)
+        self.assertEqual(len(new), 1)
+        for path, inode in before.items():
+            self.assertEqual(after[path], inode, path)
+        # Data.fs: the first snapshot's part linked, the appended bytes new.
+        first_part, = [n for n in os.listdir(first) if n.startswith('Data')]
+        self.assertEqual(
+            os.stat(os.path.join(first, first_part)).st_ino,
+            os.stat(os.path.join(second, first_part)).st_ino)
+        self.assertEqual(read_store(self.restore(second)), self.expected)
+        self.assertEqual(read_store(self.restore(first, 'older')), old)
+        self.assertVerifies(os.path.join(self.dir, 'restored'))
+
+    def test_backup_with_nothing_new_is_up_to_date(self):
+        self.make_store(3)
+        self.backup()
+        out = self.backup()
+        self.assertIn('up to date', out)
+        self.assertEqual(len(self.snapshot_paths()), 1)
+
+    def test_full_backup_links_nothing(self):
+        self.make_store(5)
+        self.backup()
+        self.commit({'b0': b'new'})
+        out = self.backup('--full')
+        self.assertIn('blob files: 6, 6 copied', out)
+        first, second = self.snapshot_paths()
+        self.assertFalse(set(blob_inodes(first).values())
+                         & set(blob_inodes(second).values()))
+
+    def test_check_reports_a_corrupted_byte_and_exits_1(self):
+        self.make_store(10)
+        self.backup()
+        [snapshot] = self.snapshot_paths()
+        status, out, err = run('restore', '--check', snapshot)
+        self.assertEqual(status, 0, out + err)
+        self.assertIn('1 Data.fs parts, 10 blob files, clean', out)
+        path = os.path.join(snapshot, 'blobs', sorted(blob_inodes(snapshot))[3])
+        os.chmod(path, 0o644)
+        with open(path, 'r+b') as f:
+            first = f.read(1)
+            f.seek(0)
+            f.write(bytes([first[0] ^ 1]))
+        status, out, err = run('restore', '--check', snapshot)
+        self.assertEqual(status, 1)
+        self.assertIn(f'checksum mismatch: {path} has sha256', out)
+        self.assertIn('1 problems', out)
+        # Restoring it, checked or not, stops and leaves nothing.
+        target = os.path.join(self.dir, 'restored')
+        status, out, err = run('restore', '--check', target, snapshot)
+        self.assertEqual(status, 1)
+        self.assertFalse(os.path.exists(target))
+        status, out, err = run('restore', target, snapshot)
+        self.assertEqual(status, 1)
+        self.assertIn(f'checksum mismatch: {path}', err)
+        self.assertFalse(os.path.exists(target))
+
+    def test_check_reports_a_corrupted_data_fs_part(self):
+        self.make_store(2)
+        self.backup()
+        [snapshot] = self.snapshot_paths()
+        [part] = [n for n in os.listdir(snapshot) if n.startswith('Data')]
+        path = os.path.join(snapshot, part)
+        os.chmod(path, 0o644)
+        with open(path, 'r+b') as f:
+            f.seek(100)
+            f.write(b'X')
+        status, out, err = run('restore', '--check', snapshot)
+        self.assertEqual(status, 1)
+        self.assertIn(f'checksum mismatch: {path}', out)
+
+    def test_restore_refuses_a_directory_with_a_data_fs_and_changes_nothing(
+            self):
+        self.make_store(2)
+        self.backup()
+        [snapshot] = self.snapshot_paths()
+        target = os.path.join(self.dir, 'occupied')
+        os.mkdir(target)
+        with open(os.path.join(target, 'Data.fs'), 'w') as f:
+            f.write('precious')
+        before = tree(target)
+        status, out, err = run('restore', target, snapshot)
+        self.assertEqual(status, 1)
+        self.assertIn(f'{target}/Data.fs exists', err)
+        self.assertEqual(tree(target), before)
+
+    def test_restore_refuses_a_non_empty_blob_directory(self):
+        self.make_store(2)
+        self.backup()
+        [snapshot] = self.snapshot_paths()
+        target = os.path.join(self.dir, 'occupied')
+        os.makedirs(os.path.join(target, 'blobs'))
+        with open(os.path.join(target, 'blobs', 'x'), 'w'):
+            pass
+        before = tree(target)
+        status, out, err = run('restore', target, snapshot)
+        self.assertEqual(status, 1)
+        self.assertIn('blobs exists and is not empty', err)
+        self.assertEqual(tree(target), before)
+
+    def test_restore_into_an_empty_blob_directory(self):
+        self.make_store(2)
+        self.backup()
+        [snapshot] = self.snapshot_paths()
+        target = os.path.join(self.dir, 'restored')
+        os.makedirs(os.path.join(target, 'blobs'))
+        self.restore(snapshot)
+        self.assertEqual(read_store(target), self.expected)
+
+    def test_restore_refuses_an_unfinished_snapshot(self):
+        self.make_store(2)
+        self.backup()
+        [snapshot] = self.snapshot_paths()
+        os.remove(os.path.join(snapshot, COMPLETE_NAME))
+        status, out, err = run('restore', os.path.join(self.dir, 'r'),
+                               snapshot)
+        self.assertEqual(status, 1)
+        self.assertIn('is unfinished', err)
+        self.assertFalse(os.path.exists(os.path.join(self.dir, 'r')))
+
+    def test_restored_store_opens_without_rescanning_its_blobs(self):
+        self.make_store(3)
+        self.backup()
+        restored = self.restore(self.snapshot_paths()[0])
+        with self.assertNoLogs('zodbblob.storage', logging.WARNING):
+            db = open_db(restored)
+        try:
+            self.assertEqual(len(db.storage._shared.journal), 3)
+            with db.transaction() as conn:
+                conn.root()['b0'] = Blob(b'after the restore')
+        finally:
+            db.close()
+        self.assertVerifies(restored)
+
+    def test_backup_beside_a_storage_open_for_writing(self):
+        self.make_store(5)
+        db = open_db(self.source)
+        try:
+            # The open storage holds the blob directory's lock; the backup
+            # takes no lock of the storage's.
+            self.backup()
+            with db.transaction() as conn:
+                conn.root()['b1'] = Blob(b'while open')
+            self.expected['b1'] = b'while open'
+            self.backup()
+        finally:
+            db.close()
+        restored = self.restore(self.snapshot_paths()[-1])
+        self.assertEqual(read_store(restored), self.expected)
+
+    def test_backup_after_a_pack_copies_data_fs_whole_and_links_blobs(self):
+        self.make_store(20)
+        self.backup()
+        self.commit({'b0': b'new'})
+        db = open_db(self.source)
+        db.pack(time.time() + 1)
+        db.close()
+        with self.assertLogs('zodbblob.backup', logging.WARNING) as logs:
+            status, out, err = run('backup', '--data', self.data,
+                                   '--blob-dir', self.blob_dir, self.dest)
+        self.assertEqual(status, 0, out + err)
+        self.assertIn('(packed?): copying it whole', logs.output[0])
+        self.assertIn('blob files: 20, 1 copied (3 bytes), 19 linked', out)
+        second = self.snapshot_paths()[-1]
+        self.assertEqual(len([n for n in os.listdir(second)
+                              if n.startswith('Data.fs.')]), 1)
+        restored = self.restore(second)
+        self.assertVerifies(restored)
+        self.assertEqual(read_store(restored), self.expected)
+
+    def test_blob_missing_from_the_source_is_reported_and_exits_1(self):
+        self.make_store(3)
+        db = open_db(self.source)
+        with db.transaction() as conn:
+            blob = conn.root()['b2']
+            blob._p_activate()
+            path = db.storage.loadBlob(blob._p_oid, blob._p_serial)
+        db.close()
+        os.remove(path)
+        with self.assertLogs('zodbblob.backup', logging.WARNING):
+            status, out, err = run('backup', '--quiet', '--data', self.data,
+                                   '--blob-dir', self.blob_dir, self.dest)
+        self.assertEqual(status, 1)
+        self.assertIn(f'missing: {path}', out)
+        [snapshot] = self.snapshot_paths()
+        status, out, err = run('restore', '--check', snapshot)
+        self.assertEqual(status, 1)
+        self.assertIn('was not in the source', out)
+
+    def test_backup_reads_a_zope_conf(self):
+        self.make_store(3)
+        conf = os.path.join(self.dir, 'zope.conf')
+        with open(conf, 'w') as f:
+            f.write('%%import zodbblob\n'
+                    '<zodb_db main>\n'
+                    '  <zodbblob>\n'
+                    '    blob-dir %s\n'
+                    '    <filestorage>\n'
+                    '      path %s\n'
+                    '    </filestorage>\n'
+                    '  </zodbblob>\n'
+                    '</zodb_db>\n' % (self.blob_dir, self.data))
+        status, out, err = run('backup', '--config', conf, self.dest)
+        self.assertEqual(status, 0, out + err)
+        restored = self.restore(self.snapshot_paths()[0])
+        self.assertEqual(read_store(restored), self.expected)
+
+    def test_another_backup_into_the_same_destination_is_refused(self):
+        self.make_store(2)
+        os.makedirs(self.dest)
+        import zc.lockfile
+        lock = zc.lockfile.LockFile(os.path.join(self.dest, '.lock'))
+        try:
+            status, out, err = run('backup', '--data', self.data,
+                                   '--blob-dir', self.blob_dir, self.dest)
+        finally:
+            lock.close()
+        self.assertEqual(status, 1)
+        self.assertIn('Another backup is writing into', err)
+        self.assertEqual(self.snapshot_paths(), [])
+
+
+class LawnLayoutTests(StoreTestCase):
+
+    layout = 'lawn'
+
+    def test_snapshot_and_restore_keep_the_layout(self):
+        self.make_store(4)
+        self.backup()
+        [snapshot] = self.snapshot_paths()
+        with open(os.path.join(snapshot, 'blobs', '.layout')) as f:
+            self.assertEqual(f.read(), 'lawn')
+        restored = self.restore(snapshot)
+        with open(os.path.join(restored, 'blobs', '.layout')) as f:
+            self.assertEqual(f.read(), 'lawn')
+        self.assertVerifies(restored)
+        self.assertEqual(read_store(restored), self.expected)
+
+
+class InterruptedBackupTests(StoreTestCase):
+    """A backup process that dies, or is interrupted, and is run again."""
+
+    # Resuming does not depend on the layout; lawn's one directory per oid
+    # (bushy makes eight) keeps these tests of 300 blobs fast.
+    layout = 'lawn'
+
+    def setUp(self):
+        super().setUp()
+        # More than one batch (256 files), so some are marked done.
+        self.make_store(300)
+
+    def backup_process(self, kill=None):
+        return run_process(
+            'backup', '--data', self.data, '--blob-dir', self.blob_dir,
+            self.dest, env={KILL_VARIABLE: kill} if kill else None)
+
+    def partial_files(self):
+        return [os.path.join(d, n) for d, _, names in os.walk(self.dest)
+                for n in names if n.endswith('.partial')]
+
+    def done_files(self, snapshot):
+        manifest = Manifest(snapshot)
+        try:
+            return manifest.counts().get(1, 0)
+        finally:
+            manifest.close()
+
+    def test_killed_backup_resumes_keeping_done_files(self):
+        killed = self.backup_process(kill='280')
+        self.assertEqual(killed.returncode, -signal.SIGKILL, killed.stderr)
+        [snapshot] = snapshots(self.dest)
+        self.assertFalse(snapshot.complete)
+        # Killed in the middle of a file: its partial copy is left.
+        self.assertEqual(len(self.partial_files()), 1)
+        done = self.done_files(snapshot.path)
+        self.assertEqual(done, 256)
+        inodes = blob_inodes(snapshot.path)
+
+        rerun = self.backup_process()
+        self.assertEqual(rerun.returncode, 0, rerun.stderr)
+        self.assertIn('Resuming unfinished snapshot', rerun.stderr)
+        self.assertIn(f'{snapshot.path}: resumed and complete', rerun.stdout)
+        self.assertIn(f'blob files: 300, {300 - done} copied', rerun.stdout)
+        self.assertEqual(self.partial_files(), [])
+        [finished] = snapshots(self.dest)
+        self.assertTrue(finished.complete)
+        # The files done before the kill were kept, not copied again.
+        after = blob_inodes(snapshot.path)
+        self.assertEqual(len(after), 300)
+        self.assertEqual(sum(after[p] == i for p, i in inodes.items()),
+                         done)
+        with open(os.path.join(snapshot.path, COMPLETE_NAME)) as f:
+            self.assertEqual(json.load(f)['blob_files'], 300)
+        status, out, err = run('restore', '--check', snapshot.path)
+        self.assertEqual(status, 0, out)
+        restored = self.restore(snapshot.path)
+        self.assertVerifies(restored)
+        self.assertEqual(read_store(restored), self.expected)
+
+    def test_resume_after_a_reboot_copies_again_a_done_file_that_lost_data(
+            self):
+        killed = self.backup_process(kill='280')
+        self.assertEqual(killed.returncode, -signal.SIGKILL)
+        [snapshot] = snapshots(self.dest)
+        manifest = Manifest(snapshot.path)
+        try:
+            oid, tid, *_ = next(manifest.blobs(1))
+            manifest.set_meta(boot_id='a boot before a power cut')
+        finally:
+            manifest.close()
+        # What a power cut can do to a file whose data was not yet synced.
+        path = os.path.join(snapshot.path, 'blobs',
+                            get_layout('lawn').getBlobFilePath(oid, tid))
+        os.truncate(path, 0)
+        with self.assertLogs('zodbblob.backup', logging.WARNING) as logs:
+            self.backup()
+        self.assertIn('checked the files it had finished; 1 to copy again',
+                      '\n'.join(logs.output))
+        self.assertTrue(check(snapshot.path).clean)
+        self.assertEqual(read_store(self.restore(snapshot.path)),
+                         self.expected)
+
+    def test_ctrl_c_exits_130_with_a_message_and_a_rerun_finishes(self):
+        interrupted = self.backup_process(kill='100:INT')
+        self.assertEqual(interrupted.returncode, 130, interrupted.stderr)
+        [snapshot] = snapshots(self.dest)
+        self.assertIn(f'interrupted; snapshot {snapshot.path} is '
+                      f'unfinished: run the same command again',
+                      interrupted.stderr)
+        self.assertNotIn('Traceback', interrupted.stderr)
+        self.assertEqual(self.partial_files(), [])
+        # What was copied before Ctrl-C is kept: of the 100 files, the
+        # Data.fs part and 99 blob files.
+        self.assertEqual(self.done_files(snapshot.path), 99)
+        rerun = self.backup_process()
+        self.assertEqual(rerun.returncode, 0, rerun.stderr)
+        self.assertIn('blob files: 300, 201 copied', rerun.stdout)
+        self.assertTrue(check(snapshot.path).clean)
+
+    def test_resumed_backup_then_snapshots_the_newer_transactions(self):
+        killed = self.backup_process(kill='50')
+        self.assertEqual(killed.returncode, -signal.SIGKILL)
+        self.commit({'b1': b'after the crash'})
+        rerun = self.backup_process()
+        self.assertEqual(rerun.returncode, 0, rerun.stderr)
+        first, second = snapshots(self.dest)
+        self.assertTrue(first.complete and second.complete)
+        self.assertIn('blob files: 301, 1 copied', rerun.stdout)
+        self.assertEqual(read_store(self.restore(second.path)),
+                         self.expected)
+
+
+class PackedUnfinishedTests(StoreTestCase):
+
+    def test_unfinished_snapshot_of_a_packed_source_is_replaced(self):
+        self.make_store(50)
+        killed = run_process(
+            'backup', '--data', self.data, '--blob-dir', self.blob_dir,
+            self.dest, env={KILL_VARIABLE: '10'})
+        self.assertEqual(killed.returncode, -signal.SIGKILL)
+        [unfinished] = snapshots(self.dest)
+        self.commit({'b1': b'new'})
+        db = open_db(self.source)
+        db.pack(time.time() + 1)
+        db.close()
+        with self.assertLogs('zodbblob.backup', logging.WARNING) as logs:
+            self.backup()
+        self.assertIn(f'Removed unfinished snapshot {unfinished.path}',
+                      logs.output[0])
+        [snapshot] = snapshots(self.dest)
+        self.assertTrue(snapshot.complete)
+        self.assertNotEqual(snapshot.path, unfinished.path)
+        self.assertEqual(read_store(self.restore(snapshot.path)),
+                         self.expected)
+
+
+# A server of our own: the tests commit into it, which the shared
+# ZEO_SERVER layer's other users should not see.
+BACKUP_SERVER = ZEOServerLayer(name='BACKUP_SERVER', module=__name__)
+
+
+class LiveServerTests(unittest.TestCase):
+    """A backup of a database that a ZEO server serves and commits to."""
+
+    layer = BACKUP_SERVER
+    level = 2
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix='zodbblob-backup-live-')
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.db = ZEO.DB(self.layer.address,
+                         blob_dir=os.path.join(self.dir, 'cache'))
+        self.addCleanup(lambda: self.db.close())
+        self.dest = os.path.join(self.dir, 'backups')
+
+    def committer(self, stop, commits):
+        rng = random.Random(1)
+        counter = 0
+        while not stop.is_set():
+            counter += 1
+            with self.db.transaction() as conn:
+                root = conn.root()
+                with root[f'b{rng.randrange(200)}'].open('w') as f:
+                    f.write(blob_bytes(f'changed {counter}', 2000))
+                root[f'new{counter}'] = Blob(blob_bytes(counter, 500))
+            commits.append(counter)
+
+    def test_snapshots_taken_while_a_client_commits_restore_the_database_as_of_their_tid(  # noqa: E501
+            self):
+        with self.db.transaction() as conn:
+            for i in range(200):
+                conn.root()[f'b{i}'] = Blob(blob_bytes(i, 1000))
+        stop, commits = threading.Event(), []
+        thread = threading.Thread(target=self.committer,
+                                  args=(stop, commits))
+        thread.start()
+
+        def wait_for(count):
+            deadline = time.monotonic() + 60
+            while len(commits) < count:
+                self.assertTrue(thread.is_alive(), 'the committer failed')
+                self.assertLess(time.monotonic(), deadline)
+                time.sleep(0.01)
+
+        try:
+            wait_for(5)
+            started = len(commits)
+            argv = ['backup', '--quiet', '--data',
+                    os.path.join(self.layer.var, 'Data.fs'), '--blob-dir',
+                    self.layer.blob_dir, self.dest]
+            first = run(*argv)
+            self.assertEqual(first[0], 0, first)
+            wait_for(started + 10)
+            second = run(*argv)
+            self.assertEqual(second[0], 0, second)
+            during = len(commits) - started
+        finally:
+            stop.set()
+            thread.join()
+        self.assertGreater(during, 10)
+        taken = snapshots(self.dest)
+        self.assertEqual(len(taken), 2)
+        # The second is incremental: every file of the first is linked.
+        first_files = blob_inodes(taken[0].path)
+        second_files = blob_inodes(taken[1].path)
+        self.assertGreater(len(second_files), len(first_files))
+        for path, inode in first_files.items():
+            self.assertEqual(second_files[path], inode)
+        transaction.begin()
+        self.assertGreater(self.db.lastTransaction(), taken[-1].tid)
+        for number, snapshot in enumerate(taken):
+            restored = os.path.join(self.dir, f'restored{number}')
+            status, out, err = run('restore', '--check', restored,
+                                   snapshot.path)
+            self.assertEqual(status, 0, out + err)
+            status, out, err = run(
+                'verify', '--checksum', '--data',
+                os.path.join(restored, 'Data.fs'), '--blob-dir',
+                os.path.join(restored, 'blobs'))
+            self.assertEqual(status, 0, out + err)
+            conn = self.db.open(at=snapshot.tid)
+            try:
+                expected = read_blobs(conn.root())
+            finally:
+                conn.close()
+            self.assertGreater(len(expected), 200)
+            self.assertEqual(read_store(restored), expected)
+
+
+class APITests(StoreTestCase):
+
+    def test_backup_returns_what_it_did(self):
+        self.make_store(4)
+        db = open_db(self.source, read_only=True)
+        try:
+            [result] = backup(db.storage, self.dest)
+        finally:
+            db.close()
+        self.assertEqual((result.blob_files, result.copied, result.linked),
+                         (4, 4, 0))
+        self.assertEqual(result.data_fs_size, os.path.getsize(self.data))
+        self.assertEqual(result.snapshot,
+                         os.path.join(self.dest, result.tid.hex()))
