@@ -1,0 +1,693 @@
+"""ZEO client blob cache: stock ZEO 6.2 against zodbblob.BlobCache.
+
+Not a test: a benchmark that times the size check, eviction and the
+cache-hit path of both caches in one run, and prints the ratios.
+
+Both caches keep the same files in the same place (layout ``zeocache``:
+``<oid % 997>/<oid // 997>.<tid hex>.blob``), so each size gets two
+directories holding identical files: 100 bytes each, oids ``0 .. n-1``,
+one revision each, with access times one millisecond apart in a random
+order, all a day old.  Stock's directory is the files and its layout
+marker; ours is the same, adopted by opening a ``BlobCache`` on it (its
+scan of the directory builds the index).  Building is not timed; its time
+is printed on its own.
+
+Rows:
+
+no-op check
+    The cache is under its limit, nothing to evict.  Stock:
+    ``ZEO.ClientStorage._check_blob_cache_size(blob_dir, target)`` with
+    `target` above the total, which is what stock's checker thread runs
+    after downloads: it lists and stats every file.  Ours:
+    ``cache.prune()`` with a size limit of twice the total (the flush, the
+    prune lease, one look at the total in the index).
+evict 10%
+    A target 10% under the total, so the least recently accessed 10% of
+    the files must go (the same files on both sides: stock orders by
+    atime, ours by the index's access time, which adoption took from the
+    atime).  Stock: ``_check_blob_cache_size(blob_dir, 0.9 * total)``;
+    ours: ``cache.prune(size_limit=total)`` with ``check_percent=10``.
+    Between repeats the evicted files are written again with their times
+    (and, for ours, the index file is put back from a copy taken before
+    the first eviction, and the cache reopened), untimed, then
+    ``os.sync()``: the files to evict are on disk, as in a cache that has
+    run for a while (removing a file whose blocks were never written is
+    much cheaper).
+os.remove of those files alone
+    The same files removed by a plain loop of ``os.remove``, nothing else:
+    the floor under both sides' eviction.
+cache hit
+    Random keys over the cache of ``--hit-files`` files, a new sequence
+    each round, the same for every side; and again over a working set of
+    50,000 of them, fewer than the 65,536 file sizes a ``BlobCache``
+    remembers (over all 100,000 that memory fills, is cleared and fills
+    again, and a hit on a key it lost reads the index).  Stock, as
+    ``ClientStorage.loadBlob`` and its caller: ``os.path.exists(path)``,
+    ``_accessed(path)`` (a stat and a utime), ``open(path,
+    'rb').close()``.  Ours: ``cache.lookup(oid, tid)`` (a stat, a lookup
+    of the size it remembers, the access batched and written to the index
+    every 64 hits) and the same ``open``.  The paths of stock are
+    computed beforehand; ours computes its path inside ``lookup``, so a
+    second stock row computes its path as ``loadBlob`` does
+    (``BlobCacheLayout.getBlobFilePath`` and a join).
+
+Stock is timed for sizes up to ``--stock-max`` files; for larger sizes its
+figure is extrapolated linearly from the largest size measured, and
+labelled so.  Each figure is the median of several repeats; every timing
+comes after one untimed run of the same operation, so the page cache
+(the directory entries, the inodes, the index file) is warm for both
+sides.  Nothing drops the cache.  ``os.sync()`` runs after the build and
+before every eviction and every round of hits, so no writeback of what
+came before lands on the clock.
+
+Checks (exit 1 on failure): both sides evict the same number of files,
+exactly the oldest ones; the no-op check removes nothing; every hit finds
+its file.
+
+Run from the project root:
+
+    /tmp/venv/bin/python bench/cache.py [--sizes 10000,100000,1000000]
+        [--quick] [--repeat 3] [--hits 100000] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version
+
+import ZEO.ClientStorage
+
+from zodbblob.cache import BUCKETS
+from zodbblob.cache import INDEX
+from zodbblob.cache import BlobCache
+from zodbblob.layout import LAYOUT_MARKER
+
+PAYLOAD = b'x' * 100
+TID0 = 0x03E0_0000_0000_0000   # an arbitrary tid of 2020s vintage
+AGE = 86400.0                  # every file was last accessed a day ago
+STEP = 0.001                   # s between two files' access times
+EVICT_PERCENT = 10
+# Disk per 100-byte file on ext4: one 4 KiB block plus its directory
+# entry; the inode comes out of the preallocated table (counted apart).
+BYTES_PER_FILE = 4096 + 64
+INDEX_BYTES_PER_FILE = 200     # the index and its copy, generously
+GiB = 1024 ** 3
+# Fewer keys than BlobCache remembers sizes of (KNOWN_SIZES, 65536): every
+# hit after the first on a key is one stat, no index read.
+WORKING_SET = 50_000
+
+
+class Population:
+    """The files of one size: oid ``i`` has tid ``TID0 + i`` and the
+    access time ``start + rank[i] * STEP``."""
+
+    def __init__(self, count: int, seed: int, start: float):
+        self.count = count
+        self.start = start
+        self.order = list(range(count))          # oids, oldest access first
+        random.Random(seed).shuffle(self.order)
+        self.rank = [0] * count
+        for rank, oid in enumerate(self.order):
+            self.rank[oid] = rank
+        self.evicted = count - (count * (100 - EVICT_PERCENT)) // 100
+
+    @staticmethod
+    def key(oid: int) -> tuple[bytes, bytes]:
+        return oid.to_bytes(8, 'big'), (TID0 + oid).to_bytes(8, 'big')
+
+    @staticmethod
+    def path(directory: str, oid: int) -> str:
+        base, bucket = divmod(oid, BUCKETS)
+        return os.path.join(directory, str(bucket),
+                            f'{base}.{TID0 + oid:016x}.blob')
+
+    def write(self, directory: str, oid: int) -> None:
+        path = self.path(directory, oid)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, PAYLOAD)
+        finally:
+            os.close(fd)
+        when = self.start + self.rank[oid] * STEP
+        os.utime(path, (when, when))
+
+    def build(self, directory: str) -> None:
+        os.makedirs(directory)
+        with open(os.path.join(directory, LAYOUT_MARKER), 'w') as marker:
+            marker.write('zeocache')
+        for bucket in range(min(self.count, BUCKETS)):
+            os.mkdir(os.path.join(directory, str(bucket)))
+        for oid in range(self.count):
+            self.write(directory, oid)
+
+    def restore(self, directory: str) -> None:
+        """Write the files that an eviction of 10% removed, again."""
+        for oid in self.order[:self.evicted]:
+            self.write(directory, oid)
+
+    @property
+    def total(self) -> int:
+        return self.count * len(PAYLOAD)
+
+
+def count_files(directory: str) -> int:
+    count = 0
+    with os.scandir(directory) as buckets:
+        for bucket in buckets:
+            if bucket.name.isdigit() and bucket.is_dir():
+                with os.scandir(bucket.path) as entries:
+                    count += sum(entry.name.endswith('.blob')
+                                 for entry in entries)
+    return count
+
+
+def timed(function: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+class Failures(list):
+
+    def check(self, condition: bool, message: str) -> None:
+        if not condition:
+            print(f'CHECK FAILED: {message}', flush=True)
+            self.append(message)
+
+
+# stock
+
+def stock_check(directory: str, target: int) -> None:
+    ZEO.ClientStorage._check_blob_cache_size(directory, target)
+
+
+def stock_hits(paths: list[str]) -> float:
+    exists = os.path.exists
+    accessed = ZEO.ClientStorage._accessed
+    start = time.perf_counter()
+    for path in paths:
+        if not exists(path):
+            raise AssertionError(f'stock cache miss: {path}')
+        open(accessed(path), 'rb').close()
+    return time.perf_counter() - start
+
+
+def stock_hits_with_path(directory: str,
+                         keys: list[tuple[bytes, bytes]]) -> float:
+    # What loadBlob computes through its FilesystemHelper.getBlobFilename.
+    base = os.path.abspath(directory) + os.path.sep
+    layout = ZEO.ClientStorage.BlobCacheLayout()
+    exists = os.path.exists
+    accessed = ZEO.ClientStorage._accessed
+    join = os.path.join
+    start = time.perf_counter()
+    for oid, tid in keys:
+        path = join(base, layout.getBlobFilePath(oid, tid))
+        if not exists(path):
+            raise AssertionError(f'stock cache miss: {path}')
+        open(accessed(path), 'rb').close()
+    return time.perf_counter() - start
+
+
+# ours
+
+def ours_hits(cache: BlobCache, keys: list[tuple[bytes, bytes]]) -> float:
+    lookup = cache.lookup
+    start = time.perf_counter()
+    for oid, tid in keys:
+        path = lookup(oid, tid)
+        if path is None:
+            raise AssertionError(f'zodbblob cache miss: {oid!r} {tid!r}')
+        open(path, 'rb').close()
+    # The batched accesses are part of the cost of the hits.
+    cache.flush()
+    return time.perf_counter() - start
+
+
+def ours_restore(cache: BlobCache, population: Population, backup: str,
+                 size_limit: int) -> BlobCache:
+    directory = cache.directory
+    cache.close()
+    index = os.path.join(directory, INDEX)
+    for suffix in ('-wal', '-shm'):
+        if os.path.exists(index + suffix):
+            os.remove(index + suffix)
+    shutil.copyfile(backup, index)
+    population.restore(directory)
+    return BlobCache(directory, size_limit=size_limit, check_percent=10)
+
+
+# the runs
+
+class Results:
+
+    def __init__(self):
+        self.build = {}        # (side, count) -> seconds (ours: files, scan)
+        self.times = {}        # (operation, side, count) -> [seconds]
+        self.hits = {}         # (row, side) -> [seconds per hit]
+        self.hit_files = None
+        self.working_set = None
+        self.extrapolated_from = None
+
+
+def run_size(count: int, args, root: str, results: Results,
+             failures: Failures) -> None:
+    population = Population(count, seed=count, start=time.time() - AGE)
+    stock_dir = os.path.join(root, f'stock-{count}')
+    ours_dir = os.path.join(root, f'ours-{count}')
+    with_stock = count <= args.stock_max
+    total = population.total
+    k = population.evicted
+    print(f'\n{count:,} files ({total:,} bytes); evicting 10% = {k:,} files',
+          flush=True)
+
+    if with_stock:
+        seconds = timed(lambda: population.build(stock_dir))
+        results.build['stock', count] = (seconds,)
+        print(f'  built stock: {seconds:.1f} s', flush=True)
+    files = timed(lambda: population.build(ours_dir))
+    caches = []
+    scan = timed(lambda: caches.append(BlobCache(ours_dir)))
+    caches[0].close()
+    results.build['ours', count] = (files, scan)
+    print(f'  built ours: {files:.1f} s files + {scan:.1f} s adoption scan',
+          flush=True)
+    # The build's writeback must not land on the first side's clock.
+    os.sync()
+
+    repeat_noop = max(args.repeat, 5 if count <= 10_000 else args.repeat)
+
+    # no-op check
+    if with_stock:
+        target = 2 * total
+        stock_check(stock_dir, target)             # warm-up
+        samples = [timed(lambda: stock_check(stock_dir, target))
+                   for _ in range(repeat_noop)]
+        results.times['noop', 'stock', count] = samples
+        failures.check(
+            count_files(stock_dir) == count,
+            f'stock no-op check at {count} removed files')
+        print(f'  stock no-op check: {fmt_list(samples)}', flush=True)
+    cache = BlobCache(ours_dir, size_limit=2 * total, check_percent=10)
+    cache.prune()                                  # warm-up
+    samples, removed = [], []
+    for _ in range(max(21, repeat_noop)):
+        start = time.perf_counter()
+        removed.append(cache.prune())
+        samples.append(time.perf_counter() - start)
+    cache.close()
+    results.times['noop', 'ours', count] = samples
+    failures.check(set(removed) == {(0, 0)},
+                   f'zodbblob no-op prune at {count} removed {removed}')
+    print(f'  zodbblob no-op prune: {fmt_list(samples)}', flush=True)
+
+    # evict 10%
+    oldest_kept = population.order[k]
+    newest_evicted = population.order[k - 1]
+    if with_stock:
+        target = total - total * EVICT_PERCENT // 100
+        samples = []
+        for attempt in range(args.repeat + 1):
+            # The evicted files are on disk, as in a cache that has run for
+            # a while: removing a file whose blocks were never written is
+            # ten times cheaper here.
+            os.sync()
+            seconds = timed(lambda: stock_check(stock_dir, target))
+            if attempt == 0:
+                # The first one is the warm-up, but it must do the work
+                # right like every other.
+                failures.check(
+                    count_files(stock_dir) == count - k
+                    and not os.path.exists(
+                        population.path(stock_dir, newest_evicted))
+                    and os.path.exists(
+                        population.path(stock_dir, oldest_kept)),
+                    f'stock eviction at {count}: not exactly the oldest '
+                    f'{k} files')
+            else:
+                samples.append(seconds)
+            population.restore(stock_dir)
+        results.times['evict', 'stock', count] = samples
+        print(f'  stock eviction: {fmt_list(samples)}', flush=True)
+    # The floor of both: removing those files and nothing else.  The
+    # index does not notice (the cache is closed; the same files are back
+    # before it opens).
+    paths = [population.path(ours_dir, oid)
+             for oid in population.order[:k]]
+    samples = []
+    for _ in range(args.repeat):
+        os.sync()
+        samples.append(timed(lambda: [os.remove(path) for path in paths]))
+        population.restore(ours_dir)
+    results.times['unlink', 'both', count] = samples
+    print(f'  removing the {k:,} files alone: {fmt_list(samples)}',
+          flush=True)
+    backup = os.path.join(root, f'index-{count}.copy')
+    shutil.copyfile(os.path.join(ours_dir, INDEX), backup)
+    cache = BlobCache(ours_dir, size_limit=total, check_percent=10)
+    samples = []
+    for attempt in range(args.repeat + 1):
+        os.sync()
+        start = time.perf_counter()
+        removed = cache.prune()
+        seconds = time.perf_counter() - start
+        if attempt == 0:
+            failures.check(
+                removed == (k, k * len(PAYLOAD))
+                and cache.stats()['files'] == count - k
+                and count_files(ours_dir) == count - k
+                and not os.path.exists(
+                    population.path(ours_dir, newest_evicted))
+                and os.path.exists(population.path(ours_dir, oldest_kept)),
+                f'zodbblob eviction at {count}: not exactly the oldest {k} '
+                f'files ({removed})')
+        else:
+            samples.append(seconds)
+        cache = ours_restore(cache, population, backup, total)
+    cache.close()
+    os.remove(backup)
+    results.times['evict', 'ours', count] = samples
+    print(f'  zodbblob eviction: {fmt_list(samples)}', flush=True)
+
+    if with_stock and count == args.hit_files:
+        run_hits(population, stock_dir, ours_dir, args, results)
+
+    for directory in (stock_dir, ours_dir):
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def run_hits(population: Population, stock_dir: str, ours_dir: str, args,
+             results: Results) -> None:
+    count = population.count
+    results.hit_files = count
+    results.working_set = min(count, WORKING_SET)
+    rng = random.Random(1)
+    working_set = rng.sample(range(count), results.working_set)
+    # A fresh cache on ours' directory, as a client process starts.
+    cache = BlobCache(ours_dir)
+    print(f'  cache hits: {args.hits:,} per round, {args.rounds} rounds',
+          flush=True)
+    for row, universe in (('random', range(count)),
+                          ('working set', working_set)):
+        # A new sequence of keys each round (the same for every side), so
+        # that over the rounds the keys are as many as the universe, and a
+        # warm-up round before them.
+        rounds = []
+        for _ in range(args.rounds + 1):
+            oids = rng.choices(universe, k=args.hits)
+            rounds.append(([population.key(oid) for oid in oids],
+                           [population.path(stock_dir, oid)
+                            for oid in oids]))
+        keys, paths = rounds[0]
+        stock_hits(paths)
+        ours_hits(cache, keys)
+        sides = ('stock', 'stock+path', 'ours')
+        for side in sides:
+            results.hits[row, side] = []
+        for round_, (keys, paths) in enumerate(rounds[1:]):
+            runs = {'stock': lambda: stock_hits(paths),
+                    'stock+path': lambda: stock_hits_with_path(stock_dir,
+                                                               keys),
+                    'ours': lambda: ours_hits(cache, keys)}
+            # Alternate who goes first, so a drift lands on both sides.
+            for side in sides if round_ % 2 == 0 else sides[::-1]:
+                # The other side's dirty inodes or index pages are written
+                # back off its clock, not on this one's.
+                os.sync()
+                results.hits[row, side].append(runs[side]() / len(keys))
+        print(f'    {row}: stock '
+              f'{statistics.median(results.hits[row, "stock"]) * 1e6:.2f} '
+              f'us, zodbblob '
+              f'{statistics.median(results.hits[row, "ours"]) * 1e6:.2f} us',
+              flush=True)
+    cache.close()
+
+
+# the report
+
+def fmt_ms(seconds: float) -> str:
+    ms = seconds * 1000
+    if ms >= 100:
+        return f'{ms:,.0f}'
+    if ms >= 10:
+        return f'{ms:.1f}'
+    if ms >= 1:
+        return f'{ms:.2f}'
+    return f'{ms:.3f}'
+
+
+def fmt_ratio(ratio: float) -> str:
+    return f'{ratio:,.0f}x' if ratio >= 100 else f'{ratio:.1f}x'
+
+
+def fmt_list(samples: list[float]) -> str:
+    return ', '.join(f'{fmt_ms(s)} ms' for s in samples)
+
+
+def report(sizes: list[int], args, results: Results) -> tuple[str, list]:
+    lines = ['| operation | files | stock ms | zodbblob ms | stock / zodbblob |',
+             '| --- | ---: | ---: | ---: | ---: |']
+    names = {'noop': 'no-op check (under the limit)',
+             'evict': f'evict {EVICT_PERCENT}% (least recently accessed)'}
+    measured = [n for n in sizes if ('noop', 'stock', n) in results.times]
+    ratios = {}
+    for operation in ('noop', 'evict'):
+        for count in sizes:
+            ours = statistics.median(results.times[operation, 'ours', count])
+            stock_samples = results.times.get((operation, 'stock', count))
+            if stock_samples is not None:
+                stock = statistics.median(stock_samples)
+                stock_cell = fmt_ms(stock)
+            elif measured:
+                base = max(measured)
+                stock = (statistics.median(
+                    results.times[operation, 'stock', base]) * count / base)
+                stock_cell = f'{fmt_ms(stock)} (extrapolated from {base:,})'
+            else:
+                stock = None
+                stock_cell = 'not run'
+            ratio = stock / ours if stock is not None else None
+            ratios[operation, count] = (ratio, stock_samples is not None)
+            lines.append(
+                f'| {names[operation]} | {count:,} | {stock_cell} | '
+                f'{fmt_ms(ours)} | '
+                f'{fmt_ratio(ratio) if ratio is not None else "-"} |')
+    for count in sizes:
+        floor = fmt_ms(statistics.median(results.times['unlink', 'both',
+                                                       count]))
+        lines.append(f'| `os.remove` of those {EVICT_PERCENT}% alone (the '
+                     f'floor of both) | {count:,} | {floor} | {floor} | - |')
+
+    lines += ['', '| cache hit, then open | keys | stock us | zodbblob us '
+              '| zodbblob / stock |', '| --- | --- | ---: | ---: | ---: |']
+    hit_ratio = None
+    if results.hit_files is not None:
+        keys = {'random': f'random over {results.hit_files:,}',
+                'working set': f'random over {results.working_set:,} '
+                               f'of them'}
+        for row in ('random', 'working set'):
+            ours = statistics.median(results.hits[row, 'ours'])
+            for side, label in (('stock', 'stock path given'),
+                                ('stock+path', 'stock computes its path')):
+                stock = statistics.median(results.hits[row, side])
+                ratio = ours / stock
+                if row == 'random' and side == 'stock':
+                    hit_ratio = ratio
+                lines.append(f'| {label} | {keys[row]} | {stock * 1e6:.2f} '
+                             f'| {ours * 1e6:.2f} | {ratio:.2f}x |')
+
+    lines += ['', '| build (untimed above) | files | s |',
+              '| --- | ---: | ---: |']
+    for count in sizes:
+        if ('stock', count) in results.build:
+            lines.append(f'| stock: write the files | {count:,} | '
+                         f'{results.build["stock", count][0]:.1f} |')
+        files, scan = results.build['ours', count]
+        lines.append(f'| zodbblob: write the files | {count:,} | '
+                     f'{files:.1f} |')
+        lines.append(f'| zodbblob: adoption scan (first `BlobCache()`) | '
+                     f'{count:,} | {scan:.1f} |')
+
+    verdicts = []
+    at = 100_000 if 100_000 in measured else (max(measured) if measured
+                                              else None)
+    for operation, goal in (('noop', 100), ('evict', 10)):
+        if at is None:
+            verdicts.append(f'{names[operation]} >= {goal}x faster: not run')
+            continue
+        ratio = ratios[operation, at][0]
+        note = '' if at == 100_000 else f' (at {at:,} files, not 100,000)'
+        verdicts.append(
+            f'{names[operation]} >= {goal}x faster than stock at '
+            f'{at:,} files: {"MET" if ratio >= goal else "NOT MET"} '
+            f'({fmt_ratio(ratio)}){note}')
+    if hit_ratio is None:
+        verdicts.append('cache hit <= 1.1x stock: not run')
+    else:
+        note = ('' if results.hit_files == 100_000
+                else f' (over {results.hit_files:,} files, not 100,000)')
+        verdicts.append(
+            f'cache hit zodbblob <= 1.1x stock: '
+            f'{"MET" if hit_ratio <= 1.1 else "NOT MET"} '
+            f'({hit_ratio:.2f}x){note}')
+    return '\n'.join(lines), verdicts
+
+
+# the machine
+
+def package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return 'not installed'
+
+
+def machine(root: str) -> str:
+    cpu = 'unknown CPU'
+    with open('/proc/cpuinfo') as f:
+        for line in f:
+            if line.startswith('model name'):
+                cpu = line.split(':', 1)[1].strip()
+                break
+    with open('/proc/meminfo') as f:
+        memory_kib = int(f.readline().split()[1])
+    device, filesystem = subprocess.run(
+        ['df', '-T', root], capture_output=True, text=True, check=True
+    ).stdout.splitlines()[-1].split()[:2]
+    return (f'{len(os.sched_getaffinity(0))} CPUs (nproc; {cpu}), '
+            f'{memory_kib / 1024 ** 2:.1f} GiB memory, {root} on '
+            f'{filesystem} ({device}), Linux {platform.release()}\n'
+            f'Python {platform.python_version()}, ZODB '
+            f'{package_version("ZODB")}, ZEO {package_version("ZEO")}, '
+            f'zodbblob {package_version("zodbblob")}')
+
+
+def contention() -> str:
+    """The load average and, where the kernel has it, the I/O pressure:
+    other work on the machine shows in both."""
+    text = f'load average {" ".join(f"{v:.2f}" for v in os.getloadavg())}'
+    try:
+        with open('/proc/pressure/io') as f:
+            some = f.readline().split()
+    except OSError:
+        return text
+    return f'{text}; I/O pressure (some) {" ".join(some[1:4])}'
+
+
+def fitting(sizes: list[int], root: str, stock_max: int) -> list[int]:
+    """The sizes whose directories fit on `root`'s filesystem.
+
+    One size's directories are removed before the next is built, so the
+    largest one decides; 10% of the space and of the inodes are left.
+    """
+    usage = os.statvfs(root)
+    space = usage.f_bavail * usage.f_frsize * 0.9
+    inodes = usage.f_favail * 0.9
+    kept = []
+    for count in sizes:
+        copies = 2 if count <= stock_max else 1
+        needed = count * (copies * BYTES_PER_FILE + INDEX_BYTES_PER_FILE)
+        if needed > space or copies * count > inodes:
+            print(f'SKIPPED {count:,} files: needs about '
+                  f'{needed / GiB:.1f} GiB and {copies * count:,} inodes; '
+                  f'{space / GiB:.1f} GiB and {inodes:,.0f} inodes usable '
+                  f'in {root}', flush=True)
+        else:
+            kept.append(count)
+    return kept
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n\n')[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        '--sizes', default='10000,100000,1000000',
+        type=lambda text: sorted(int(n) for n in text.split(',')),
+        help='cache sizes in files (default: %(default)s)')
+    parser.add_argument(
+        '--quick', action='store_true',
+        help='a smoke run: 10,000 files only, hits over them')
+    parser.add_argument(
+        '--stock-max', type=int, default=100_000,
+        help='largest size stock is timed at; above, its figure is '
+             'extrapolated (default: %(default)s)')
+    parser.add_argument(
+        '--hit-files', type=int, default=100_000,
+        help='size of the cache of the hit rows (default: %(default)s)')
+    parser.add_argument(
+        '--hits', type=int, default=100_000,
+        help='cache hits per round and side (default: %(default)s)')
+    parser.add_argument(
+        '--rounds', type=int, default=5,
+        help='rounds of hits per side (default: %(default)s)')
+    parser.add_argument(
+        '--repeat', type=int, default=3,
+        help='timed repeats of each check (default: %(default)s)')
+    parser.add_argument(
+        '--dir', help='where to work; a given one is kept, what is made in '
+                      'it is removed (default: a temporary directory)')
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes = [10_000]
+        args.hit_files = 10_000
+        args.hits = min(args.hits, 20_000)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # The caches log their adoption scans and a prune that misses its
+    # target at WARNING: worth seeing.
+    logging.basicConfig(level=logging.WARNING,
+                        format='%(levelname)s %(name)s: %(message)s')
+    if args.dir is None:
+        root = tempfile.mkdtemp(prefix='zodbblob-bench-cache-', dir='/tmp')
+        remove_root = True
+    else:
+        root = os.path.abspath(args.dir)
+        os.makedirs(root, exist_ok=True)
+        remove_root = False
+    now = datetime.datetime.now().isoformat(timespec='seconds')
+    print(f'zodbblob blob cache benchmark, {now}')
+    print(machine(root))
+    print(f'at start: {contention()}', flush=True)
+    results = Results()
+    failures = Failures()
+    started = time.perf_counter()
+    try:
+        sizes = fitting(args.sizes, root, args.stock_max)
+        for count in sizes:
+            run_size(count, args, root, results, failures)
+    finally:
+        if remove_root:
+            shutil.rmtree(root, ignore_errors=True)
+    table, verdicts = report(sizes, args, results)
+    print(f'\nat the end: {contention()}')
+    print(f'medians; run took {time.perf_counter() - started:.0f} s\n')
+    print(table)
+    print()
+    for verdict in verdicts:
+        print(verdict)
+    if failures:
+        print(f'\n{len(failures)} CHECKS FAILED')
+        return 1
+    print('\nall checks passed')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
