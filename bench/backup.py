@@ -52,7 +52,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
 
 import transaction
 import ZODB
@@ -63,6 +62,7 @@ from ZODB.blob import Blob
 import zodbblob
 from zodbblob import BlobStorage
 from zodbblob.journal import sync_filesystem
+from machine import hardware, package_version  # bench/machine.py
 
 MiB = 1 << 20
 
@@ -167,30 +167,11 @@ def timed_sync(path: str) -> float:
     return time.perf_counter() - start
 
 
-def package_version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return 'not installed'
-
-
 def machine(root: str) -> str:
-    cpu = 'unknown CPU'
-    with open('/proc/cpuinfo') as f:
-        for line in f:
-            if line.startswith('model name'):
-                cpu = line.split(':', 1)[1].strip()
-                break
-    with open('/proc/meminfo') as f:
-        memory_kib = int(f.readline().split()[1])
-    device, filesystem = subprocess.run(
-        ['df', '-T', root], capture_output=True, text=True, check=True
-    ).stdout.splitlines()[-1].split()[:2]
+    described = hardware(root)
     rsync = subprocess.run(['rsync', '--version'], capture_output=True,
                            text=True).stdout.split('\n')[0]
-    return (f'{len(os.sched_getaffinity(0))} CPUs (nproc; {cpu}), '
-            f'{memory_kib / MiB:.1f} GiB memory, {root} on {filesystem} '
-            f'({device}), Linux {platform.release()}\n'
+    return (f'{described}\n'
             f'Python {platform.python_version()}, ZODB '
             f'{package_version("ZODB")}, ZEO {package_version("ZEO")}, '
             f'zodbblob {package_version("zodbblob")} from '

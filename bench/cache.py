@@ -80,13 +80,10 @@ import platform
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version
 
 import ZEO.ClientStorage
 
@@ -94,6 +91,7 @@ from zodbblob.cache import BUCKETS
 from zodbblob.cache import INDEX
 from zodbblob.cache import BlobCache
 from zodbblob.layout import LAYOUT_MARKER
+from machine import hardware, package_version  # bench/machine.py
 
 PAYLOAD = b'x' * 100
 TID0 = 0x03E0_0000_0000_0000   # an arbitrary tid of 2020s vintage
@@ -548,28 +546,9 @@ def report(sizes: list[int], args, results: Results) -> tuple[str, list]:
 
 # the machine
 
-def package_version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return 'not installed'
-
-
 def machine(root: str) -> str:
-    cpu = 'unknown CPU'
-    with open('/proc/cpuinfo') as f:
-        for line in f:
-            if line.startswith('model name'):
-                cpu = line.split(':', 1)[1].strip()
-                break
-    with open('/proc/meminfo') as f:
-        memory_kib = int(f.readline().split()[1])
-    device, filesystem = subprocess.run(
-        ['df', '-T', root], capture_output=True, text=True, check=True
-    ).stdout.splitlines()[-1].split()[:2]
-    return (f'{len(os.sched_getaffinity(0))} CPUs (nproc; {cpu}), '
-            f'{memory_kib / 1024 ** 2:.1f} GiB memory, {root} on '
-            f'{filesystem} ({device}), Linux {platform.release()}\n'
+    described = hardware(root)
+    return (f'{described}\n'
             f'Python {platform.python_version()}, ZODB '
             f'{package_version("ZODB")}, ZEO {package_version("ZEO")}, '
             f'zodbblob {package_version("zodbblob")}')

@@ -63,12 +63,9 @@ import platform
 import pstats
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version
 
 import ZODB
 import ZODB.FileStorage
@@ -77,6 +74,7 @@ from ZODB.blob import Blob
 from ZODB.POSException import POSKeyError
 
 import zodbblob
+from machine import hardware, package_version  # bench/machine.py
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -224,28 +222,9 @@ def load_average() -> str:
     return ' '.join(f'{value:.2f}' for value in os.getloadavg())
 
 
-def package_version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return 'not installed'
-
-
 def machine(root: str) -> str:
-    cpu = 'unknown CPU'
-    with open('/proc/cpuinfo') as f:
-        for line in f:
-            if line.startswith('model name'):
-                cpu = line.split(':', 1)[1].strip()
-                break
-    with open('/proc/meminfo') as f:
-        memory_kib = int(f.readline().split()[1])
-    device, filesystem = subprocess.run(
-        ['df', '-T', root], capture_output=True, text=True, check=True
-    ).stdout.splitlines()[-1].split()[:2]
-    return (f'{len(os.sched_getaffinity(0))} CPUs (nproc; {cpu}), '
-            f'{memory_kib / MiB:.1f} GiB memory, {root} on {filesystem} '
-            f'({device}), Linux {platform.release()}\n'
+    described = hardware(root)
+    return (f'{described}\n'
             f'Python {platform.python_version()}, ZODB '
             f'{package_version("ZODB")}, ZEO {package_version("ZEO")}, '
             f'transaction {package_version("transaction")}, zodbblob '
