@@ -69,8 +69,10 @@ from zodbblob.layout import (
     LAYOUT_MARKER,
     FilesystemHelper,
     fsync_directory,
+    fsync_path,
     get_layout,
     makedirs_durable,
+    remove_if_exists,
 )
 
 logger = logging.getLogger(__name__)
@@ -149,21 +151,6 @@ def _sqlite_uri(path: str, **parameters) -> str:
     return f'file:{urllib.parse.quote(os.path.abspath(path))}?{query}'
 
 
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
 def _hash_file(path: str) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
@@ -224,7 +211,7 @@ class Manifest:
         self.db.execute('PRAGMA wal_checkpoint(TRUNCATE)')
         self.db.execute('PRAGMA journal_mode=DELETE')
         self.db.close()
-        _fsync_file(self.path)
+        fsync_path(self.path)
 
     def meta(self) -> dict:
         return dict(self.db.execute('SELECT name, value FROM meta'))
@@ -546,7 +533,7 @@ class _Files:
                 os.close(out)
             os.replace(partial, target)
         except BaseException:
-            _remove(partial)
+            remove_if_exists(partial)
             raise
         if not SYNCFS_AVAILABLE:
             self.touched.add(directory)
@@ -721,18 +708,18 @@ class _SnapshotWriter:
         for oid, tid, size, sha256, state in self.manifest.blobs():
             path = self._path(oid, tid)
             if state == IN_PROGRESS:
-                _remove(path + PARTIAL_SUFFIX)
+                remove_if_exists(path + PARTIAL_SUFFIX)
             elif state == DONE and recheck:
                 try:
                     actual = _hash_file(path)
                 except OSError:
                     actual = None
                 if actual != (size, sha256):
-                    _remove(path)
+                    remove_if_exists(path)
                     redo.append((IN_PROGRESS, oid, tid))
         for start, end, sha256, state in self.manifest.parts():
             path = os.path.join(self.path, part_name(start, end))
-            _remove(path + PARTIAL_SUFFIX)
+            remove_if_exists(path + PARTIAL_SUFFIX)
             if state == DONE and recheck:
                 try:
                     actual = _hash_file(path)
@@ -822,13 +809,13 @@ class _SnapshotWriter:
             else:
                 logger.warning('Could not link blob file %s from snapshot '
                                '%s: copied it', existing, self.base)
-                _remove(target)
+                remove_if_exists(target)
         try:
             fd = os.open(source, os.O_RDONLY)
         except FileNotFoundError:
             logger.warning('Blob file %s of oid %s tid %s is missing from '
                            'the source', source, oid_repr(oid), oid_repr(tid))
-            _remove(target)
+            remove_if_exists(target)
             self.done_rows.append((None, None, MISSING, oid, tid))
             return
         try:
@@ -1250,13 +1237,13 @@ def restore(snapshot: str, directory: str,
     os.makedirs(directory, exist_ok=True)
     staged_data = os.path.join(directory, '.Data.fs.restoring')
     staged_blobs = os.path.join(directory, '.blobs.restoring')
-    _remove(staged_data)
+    remove_if_exists(staged_data)
     shutil.rmtree(staged_blobs, ignore_errors=True)
     try:
         result = _restore(snapshot, manifest, meta, directory, staged_data,
                           staged_blobs, progress)
     except BaseException:
-        _remove(staged_data)
+        remove_if_exists(staged_data)
         shutil.rmtree(staged_blobs, ignore_errors=True)
         if created:
             shutil.rmtree(directory, ignore_errors=True)

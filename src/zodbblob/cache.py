@@ -62,7 +62,8 @@ from collections.abc import Callable, Iterator
 import zope.interface
 
 from zodbblob.interfaces import IBlobCache
-from zodbblob.layout import BLOB_SUFFIX, LAYOUT_MARKER, read_marker
+from zodbblob.layout import (BLOB_SUFFIX, LAYOUT_MARKER, read_marker,
+                             remove_if_exists)
 
 logger = logging.getLogger(__name__)
 
@@ -166,11 +167,6 @@ def _index_problem(db: sqlite3.Connection) -> str | None:
     return None
 
 
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
-
-
 @zope.interface.implementer(IBlobCache)
 class BlobCache:
     """A blob cache directory shared by the threads and processes of a host.
@@ -270,7 +266,7 @@ class BlobCache:
             db.execute('DELETE FROM blobs WHERE oid = ? AND tid = ?',
                        (oid, tid))
             if size is not None:
-                _remove(path)
+                remove_if_exists(path)
         self._known_sizes.pop(path, None)
         if size is None:
             logger.debug('Blob cache file %s was removed: forgotten', path)
@@ -411,7 +407,7 @@ class BlobCache:
             dead = self._owner_dead(previous)
             if dead:
                 # Never appended to: its partial file goes, ours is fresh.
-                _remove(self._temporary_path(previous))
+                remove_if_exists(self._temporary_path(previous))
             logger.warning(
                 'Blob cache file %s: taking over its download from %s, '
                 'which %s', self.path(oid, tid), previous,
@@ -468,14 +464,14 @@ class BlobCache:
                         (oid, tid, size, now, COMPLETE))
                 except BaseException:
                     # A file the index does not know would never be evicted.
-                    _remove(path)
+                    remove_if_exists(path)
                     raise
             total = db.execute('SELECT bytes FROM cache').fetchone()[0]
         self._remember_size(path, size)
         return path, total
 
     def _cancel(self, oid, tid, token, temporary):
-        _remove(temporary)
+        remove_if_exists(temporary)
         try:
             with self._writing() as db:
                 db.execute('DELETE FROM blobs WHERE oid = ? AND tid = ? '
@@ -526,13 +522,13 @@ class BlobCache:
             try:
                 shutil.copyfile(filename, temporary)
             except BaseException:
-                _remove(temporary)
+                remove_if_exists(temporary)
                 raise
             os.remove(filename)
         try:
             path, total = self._complete(oid, tid, temporary)
         except BaseException:
-            _remove(temporary)
+            remove_if_exists(temporary)
             raise
         self._prune_if_over(total)
         return path
@@ -581,7 +577,7 @@ class BlobCache:
                         after = (accessed, oid, tid)
                         path = self.path(oid, tid)
                         try:
-                            _remove(path)
+                            remove_if_exists(path)
                         except OSError as e:
                             logger.warning('Blob cache file %s not evicted: '
                                            '%s', path, e)
@@ -816,7 +812,7 @@ class BlobCache:
                                    COMPLETE)
                     elif (entry.name.endswith(STOCK_TEMPORARY)
                           and now - found.st_mtime > self.download_timeout):
-                        _remove(entry.path)
+                        remove_if_exists(entry.path)
                         leftovers.append(entry.path)
 
     def _remove_dead_downloads(self) -> None:
@@ -857,7 +853,7 @@ class BlobCache:
                         (owner is None or owner[0] != self._host)
                         and now - entry.stat().st_mtime
                         > self.download_timeout):
-                    _remove(entry.path)
+                    remove_if_exists(entry.path)
                     removed.append(entry.name)
         if dead or removed:
             logger.warning(

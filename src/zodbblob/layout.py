@@ -287,13 +287,24 @@ def get_layout(name: str, base_dir: str = '') -> ILayout:
             f'{", ".join(sorted(LAYOUTS))}') from None
 
 
-def fsync_directory(path: str) -> None:
-    """Make the entries of directory `path` durable."""
+def fsync_path(path: str) -> None:
+    """Make `path` durable: a file's bytes, or a directory's entries."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+fsync_directory = fsync_path
+
+
+def remove_if_exists(path: str) -> None:
+    """Remove the file `path`; one that is gone already is fine."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def makedirs_durable(path: str) -> None:

@@ -49,6 +49,7 @@ from zodbblob.journal import sync_filesystem
 from zodbblob.layout import FilesystemHelper
 from zodbblob.layout import fsync_directory
 from zodbblob.layout import makedirs_durable
+from zodbblob.layout import remove_if_exists
 
 
 logger = logging.getLogger(__name__)
@@ -131,13 +132,6 @@ def _owner_is_dead(name: str) -> bool:
         pid = name[len(PROCESS_PREFIX):].split('-')[0]
         return pid.isdigit() and not process_alive(int(pid))
     return False
-
-
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
 
 
 class _Shared:
@@ -260,7 +254,7 @@ class BlobStorage:
                            fshelper.base_dir)
             os.replace(path, aside)
             for suffix in ('-wal', '-shm'):
-                _remove(path + suffix)
+                remove_if_exists(path + suffix)
             journal = Journal(fshelper.base_dir)
         state = journal.get_meta('state')
         last_tid = journal.get_meta('last_tid')
@@ -326,8 +320,8 @@ class BlobStorage:
                                      final, staged_path)
                 durable.append((oid, tid, final))
             else:
-                _remove(final)
-                _remove(staged_path)
+                remove_if_exists(final)
+                remove_if_exists(staged_path)
             kill_point('mid_recovery')
         # Final names must be durable before the staged ones are dropped.
         if SYNCFS_AVAILABLE:
@@ -676,7 +670,7 @@ class BlobStorage:
             self._staged = None
             if staged.tid is None:
                 for path in staged.files.values():
-                    _remove(path)  # stored, but published by nobody
+                    remove_if_exists(path)  # stored, but published by nobody
             else:
                 if staged.tid != tid:
                     logger.critical(
@@ -696,7 +690,7 @@ class BlobStorage:
                                  in retired])
                 kill_point('after_journal_commit')
                 for oid, serial, path in retired:
-                    _remove(path)
+                    remove_if_exists(path)
                 if staged.synced_filesystem:
                     self._shared.linked.extend(mine)
         return tid
@@ -710,7 +704,7 @@ class BlobStorage:
         linked, shared.linked = shared.linked, []
         shared.journal.retire([(oid, tid) for oid, tid, path in linked])
         for oid, tid, path in linked:
-            _remove(path)
+            remove_if_exists(path)
 
     def tpc_abort(self, transaction):
         try:
@@ -720,9 +714,9 @@ class BlobStorage:
             if staged is not None and staged.transaction is transaction:
                 self._staged = None
                 for final in staged.published:
-                    _remove(final)
+                    remove_if_exists(final)
                 for path in staged.files.values():
-                    _remove(path)
+                    remove_if_exists(path)
                 if staged.tid is not None:
                     self._shared.journal.discard(staged.tid)
                 # Their final names are durable, but not yet retired.
@@ -799,7 +793,7 @@ class BlobStorage:
         fshelper = self.fshelper
         directories = set()
         for oid, tid in garbage:
-            _remove(fshelper.getBlobFilename(oid, tid))
+            remove_if_exists(fshelper.getBlobFilename(oid, tid))
             kill_point('mid_pack_removal')
             if fshelper.layout.directory_per_oid:
                 directories.add(fshelper.getPathForOID(oid))

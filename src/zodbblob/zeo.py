@@ -52,6 +52,7 @@ from zodbblob.cache import BlobCache
 from zodbblob.datamanager import TransactionDirectories
 from zodbblob.layout import FilesystemHelper
 from zodbblob.layout import read_marker
+from zodbblob.layout import remove_if_exists
 
 
 logger = logging.getLogger(__name__)
@@ -282,14 +283,14 @@ class ClientStorage(ZEO.ClientStorage.ClientStorage):
             tid = super().tpc_finish(txn, f)
         except BaseException:
             for oid, path in blobs:
-                _remove(path)
+                remove_if_exists(path)
             raise
         try:
             for oid, path in blobs:
                 self._blob_cache.admit(oid, tid, path)
         finally:
             for oid, path in blobs:
-                _remove(path)   # those admit() did not take
+                remove_if_exists(path)   # those admit() did not take
         return tid
 
     def tpc_abort(self, txn, timeout=None):
@@ -302,7 +303,7 @@ class ClientStorage(ZEO.ClientStorage.ClientStorage):
             # The server has seen the abort, so ZEO's I/O thread has sent
             # whatever it was sending from these files.
             for oid, path in blobs:
-                _remove(path)
+                remove_if_exists(path)
 
     def close(self):
         try:
@@ -311,10 +312,3 @@ class ClientStorage(ZEO.ClientStorage.ClientStorage):
             if self._blob_cache is not None:
                 self._blob_cache.close()
                 self._directories.remove()
-
-
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
