@@ -62,8 +62,8 @@ from collections.abc import Callable, Iterator
 import zope.interface
 
 from zodbblob.interfaces import IBlobCache
-from zodbblob.layout import (BLOB_SUFFIX, LAYOUT_MARKER, read_marker,
-                             remove_if_exists)
+from zodbblob.layout import (BLOB_SUFFIX, LAYOUT_MARKER, process_alive,
+                             read_marker, remove_if_exists)
 
 logger = logging.getLogger(__name__)
 
@@ -496,13 +496,7 @@ class BlobCache:
         _, pid, incarnation = owner
         if pid == os.getpid():
             return incarnation != _INCARNATION
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass  # alive, another user's
-        return False
+        return not process_alive(pid)
 
     def _owner_alive(self, token, started) -> bool:
         return (time.time() - started < self.download_timeout

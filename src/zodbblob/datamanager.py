@@ -60,6 +60,7 @@ import ZODB.Connection
 import zope.interface
 
 from zodbblob.interfaces import IBlobDataManager
+from zodbblob.layout import process_alive
 
 
 logger = logging.getLogger(__name__)
@@ -325,16 +326,6 @@ def asking_transaction_manager(depth: int = 12):
             return caller._p_jar.transaction_manager
         frame = frame.f_back
     return None
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def process_directory_is_dead(name: str) -> bool:

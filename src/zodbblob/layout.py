@@ -299,6 +299,17 @@ def fsync_path(path: str) -> None:
 fsync_directory = fsync_path
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host is alive (another user's too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_if_exists(path: str) -> None:
     """Remove the file `path`; one that is gone already is fine."""
     try:

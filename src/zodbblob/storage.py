@@ -37,7 +37,6 @@ from ZODB.utils import z64
 
 from zodbblob.datamanager import PROCESS_PREFIX
 from zodbblob.datamanager import TransactionDirectories
-from zodbblob.datamanager import process_alive
 from zodbblob.journal import COMMITTED
 from zodbblob.journal import STATE_DIR
 from zodbblob.journal import SYNCFS_AVAILABLE
@@ -49,6 +48,7 @@ from zodbblob.journal import sync_filesystem
 from zodbblob.layout import FilesystemHelper
 from zodbblob.layout import fsync_directory
 from zodbblob.layout import makedirs_durable
+from zodbblob.layout import process_alive
 from zodbblob.layout import remove_if_exists
 
 
