@@ -373,12 +373,15 @@ class TransactionDirectories:
         except transaction.interfaces.NoTransaction:
             return process_dir
         try:
-            manager = current.data(self)
+            _, manager = current.data(self)
         except KeyError:
             manager = BlobDataManager(
                 os.path.join(process_dir, 'txn-%d' % next(_names)),
                 txn_manager)
-            current.set_data(self, manager)
+            # The transaction keys its data by id(self); holding self
+            # keeps that id from going to another storage's directories
+            # while the transaction lives (it would get our manager).
+            current.set_data(self, (self, manager))
         if manager.finished:
             # Asked again after the commit (an after-commit hook).
             return process_dir

@@ -54,31 +54,26 @@ class ILayout(Interface):
 
 
 class IBlobJournal(Interface):
-    """The commit journal and catalog of a blob directory.
+    """The catalog of a blob directory's committed files.
 
-    It records, durably and before the base storage commits, which blob
-    files a transaction is about to publish; and it knows every committed
-    blob file (oid, tid, size), so that nothing on a hot path has to walk
-    the blob directory.
+    It knows every committed blob file (oid, tid, size), so that nothing
+    on a hot path has to walk the blob directory.  What a transaction is
+    about to publish is in the commit log (``zodbblob.commitlog``), not
+    here: rows are added once the base storage has committed.
     """
 
-    def begin(tid, entries):
-        """Durably record the intent to publish `entries` for `tid`.
+    def add(rows):
+        """Record committed files ``(oid, tid, size)``; existing rows stay.
 
-        `entries` is a sequence of ``(oid, size, staged)``, `staged` being
-        the file's path relative to the blob directory's ``tmp``.  Returns
-        only after the record is on disk (fsync).
+        Not synced: the caller keeps the commit log's record until
+        ``sync`` has made the rows durable.
         """
 
-    def commit(tid):
-        """Mark the intent for `tid` done: its files are committed."""
+    def known(pairs):
+        """The ``(oid, tid)`` of `pairs` that the catalog has."""
 
-    def discard(tid):
-        """Forget the intent for `tid`: its files were removed."""
-
-    def pending():
-        """``{tid: [(oid, size, staged)]}`` of intents neither committed nor
-        discarded: the work a crash left behind."""
+    def sync():
+        """Make every row added so far durable."""
 
     def total_size():
         """The bytes of all committed blob files, in O(1)."""

@@ -1,15 +1,17 @@
-"""The commit journal of a blob directory, which is also its catalog.
+"""The catalog of a blob directory, and the commit protocol's helpers.
 
 One SQLite database (``<blob_dir>/.zodbblob/journal.sqlite``, WAL mode)
-holds a row per blob file: ``(oid, tid, size, state)``.  A transaction's
-rows are written as *pending* and fsynced before its files get their final
-names and before the base storage commits; they become *committed* after
-the base storage has committed.  After a crash, the pending rows are the
-complete list of what the interrupted transaction may have left behind.
+holds a row per committed blob file: ``(oid, tid, size)``.  The rows are
+the catalog: the total size (``getSize`` in O(1)) and the set of blob files
+that pack compares with the base storage's live records, without walking
+the directory.  A transaction's rows are added after the base storage has
+committed it, without a sync: until the next checkpoint, its record in the
+commit log (``zodbblob.commitlog``) is what recovery goes by, and a
+checkpoint makes the rows durable before it lets the record go.
 
-The committed rows are the catalog: the total size (``getSize`` in O(1))
-and the set of blob files that pack compares with the base storage's live
-records, without walking the directory.
+Also here: the files a pack is removing (``garbage``, so that a killed pack
+is finished), ``meta`` values, the crash tests' kill points and
+``sync_filesystem``.
 """
 
 from __future__ import annotations
@@ -31,18 +33,14 @@ logger = logging.getLogger(__name__)
 
 STATE_DIR = '.zodbblob'
 JOURNAL_NAME = 'journal.sqlite'
-PENDING, COMMITTED = 0, 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blob (
     oid BLOB NOT NULL,
     tid BLOB NOT NULL,
     size INTEGER NOT NULL,
-    state INTEGER NOT NULL,
-    staged TEXT,
     PRIMARY KEY (oid, tid)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS blob_pending ON blob (state, tid);
 CREATE TABLE IF NOT EXISTS garbage (
     oid BLOB NOT NULL,
     tid BLOB NOT NULL,
@@ -55,12 +53,15 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 
+# Catalog rows added after commits are written in batches of this many.
+SAVE_EVERY = 64
+
 KILL_POINT_VARIABLE = 'ZODBBLOB_KILL_POINT'
 KILL_POINTS = (
     'after_store_blob', 'after_base_vote', 'after_staging_fsync',
     'after_journal_begin', 'mid_publish', 'after_publish',
     'after_base_finish', 'after_journal_commit', 'mid_recovery',
-    'after_base_pack', 'mid_pack_removal',
+    'mid_checkpoint', 'after_base_pack', 'mid_pack_removal',
 )
 
 
@@ -143,6 +144,7 @@ class Journal:
         self.path = journal_path(blob_dir)
         self.read_only = read_only
         self._lock = threading.Lock()
+        self._unsaved: list[tuple[bytes, bytes, int]] = []
         if read_only:
             # immutable: a reader must not create the -shm and -wal files.
             uri = 'file:%s?mode=ro&immutable=1' % self.path
@@ -155,6 +157,7 @@ class Journal:
         try:
             if not read_only:
                 self._db.execute('PRAGMA journal_mode=WAL')
+                self._drop_old_catalog()
                 self._db.executescript(_SCHEMA)
             self._total = self._read_total()
         except sqlite3.DatabaseError as e:
@@ -162,17 +165,30 @@ class Journal:
             raise JournalError('Cannot use blob journal %s: %s'
                                % (self.path, e)) from e
 
+    def _drop_old_catalog(self) -> None:
+        # zodbblob before the commit log kept pending rows in the catalog
+        # (a `state` column).  Such a catalog is rebuilt from a scan.
+        columns = [row[1] for row in self._db.execute(
+            "PRAGMA table_info('blob')")]
+        if 'state' in columns:
+            logger.warning('Blob catalog %s has an older format; it is '
+                           'rebuilt from a scan', self.path)
+            self._db.executescript(
+                "DROP TABLE blob; DELETE FROM meta WHERE name IN "
+                "('state', 'total_size');")
+
     def _read_total(self) -> int:
         row = self._db.execute(
             "SELECT value FROM meta WHERE name = 'total_size'").fetchone()
         if row is None:
             row = self._db.execute(
-                'SELECT total(size) FROM blob WHERE state = ?',
-                (COMMITTED,)).fetchone()
+                'SELECT total(size) FROM blob').fetchone()
         return int(row[0])
 
     def close(self) -> None:
         with self._lock:
+            if not self.read_only:
+                self._save()
             self._db.close()
 
     # meta values: the clean-shutdown mark and the base's last tid
@@ -189,72 +205,58 @@ class Journal:
                 'INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)',
                 values.items())
 
-    # the commit protocol
+    # the commit protocol: rows are added once the base has committed
 
-    def begin(self, tid: bytes, entries: Iterable[tuple[bytes, int, str]],
-              durable: bool = True) -> None:
-        with self._lock:
-            # FULL makes this commit fsync the WAL: the intent is on disk
-            # before any file of the transaction gets its final name.  A
-            # caller that syncs the whole filesystem right after passes
-            # durable=False and saves the fsync.
-            self._db.execute('PRAGMA synchronous=%s'
-                             % ('FULL' if durable else 'OFF'))
-            with self._db:
-                self._db.execute('BEGIN IMMEDIATE')
-                self._db.executemany(
-                    'INSERT OR REPLACE INTO blob '
-                    '(oid, tid, size, state, staged) VALUES (?, ?, ?, ?, ?)',
-                    [(oid, tid, size, PENDING, staged)
-                     for oid, size, staged in entries])
+    def add(self, rows: Iterable[tuple[bytes, bytes, int]]) -> None:
+        """Record committed blob files ``(oid, tid, size)``.
 
-    def commit(self, tid: bytes,
-               retired: Iterable[tuple[bytes, bytes]] = ()) -> None:
-        """Mark `tid` committed; forget the staged names of `retired`.
-
-        `retired` are ``(oid, tid)`` of earlier transactions whose final
-        names are known to be durable, so their staged names can go.
+        Neither written nor synced at once: rows are kept and written in
+        batches (every SAVE_EVERY rows, before anything reads the catalog,
+        at ``flush`` and ``sync``).  The commit log holds their
+        transactions until a checkpoint, which flushes and syncs them
+        first.  Adding a row that is there already changes nothing.
         """
         with self._lock:
-            # Losing this commit to a power cut is harmless: replay finds
-            # the rows pending, sees the base has `tid`, and rolls forward.
-            self._db.execute('PRAGMA synchronous=NORMAL')
-            with self._db:
-                self._db.execute('BEGIN IMMEDIATE')
-                added = self._db.execute(
-                    'SELECT total(size) FROM blob WHERE tid = ? AND state = ?',
-                    (tid, PENDING)).fetchone()[0]
-                self._db.execute(
-                    'UPDATE blob SET state = ? WHERE tid = ? AND state = ?',
-                    (COMMITTED, tid, PENDING))
-                self._db.executemany(
-                    'UPDATE blob SET staged = NULL WHERE oid = ? AND tid = ?',
-                    retired)
-                self._store_total(self._total + int(added))
+            self._unsaved.extend(rows)
+            if len(self._unsaved) >= SAVE_EVERY:
+                self._save()
 
-    def retire(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
-        """Forget the staged names of ``(oid, tid)`` in `pairs`."""
-        with self._lock, self._db:
+    def _save(self) -> None:
+        # Called with the lock held.
+        if not self._unsaved:
+            return
+        rows, self._unsaved = self._unsaved, []
+        self._db.execute('PRAGMA synchronous=NORMAL')
+        with self._db:
             self._db.execute('BEGIN IMMEDIATE')
-            self._db.executemany(
-                'UPDATE blob SET staged = NULL WHERE oid = ? AND tid = ?',
-                pairs)
+            added = 0
+            for oid, tid, size in rows:
+                if self._db.execute(
+                        'INSERT OR IGNORE INTO blob (oid, tid, size) '
+                        'VALUES (?, ?, ?)', (oid, tid, size)).rowcount:
+                    added += size
+            self._store_total(self._total + added)
 
-    def staged(self) -> list[tuple[bytes, bytes, int, str]]:
-        """``(oid, tid, state, staged)`` of every file still staged.
+    def flush(self) -> None:
+        """Write the rows added so far (without a sync)."""
+        with self._lock:
+            self._save()
 
-        Pending rows, and committed rows whose final names may not be
-        durable yet: recovery restores a lost final name from these.
-        """
-        return self._db.execute(
-            'SELECT oid, tid, state, staged FROM blob '
-            'WHERE staged IS NOT NULL ORDER BY tid, oid').fetchall()
+    def sync(self) -> None:
+        """Make every row added so far durable (a full WAL checkpoint)."""
+        with self._lock:
+            self._save()
+            self._db.execute('PRAGMA wal_checkpoint(FULL)')
 
-    def discard(self, tid: bytes) -> None:
-        with self._lock, self._db:
-            self._db.execute('BEGIN IMMEDIATE')
-            self._db.execute('DELETE FROM blob WHERE tid = ? AND state = ?',
-                             (tid, PENDING))
+    def _query(self, sql: str, parameters=()) -> list:
+        with self._lock:
+            self._save()
+            return self._db.execute(sql, parameters).fetchall()
+
+    def known(self, pairs: Iterable[tuple[bytes, bytes]]) -> set:
+        """The ``(oid, tid)`` of `pairs` that the catalog has."""
+        return {pair for pair in pairs if self._query(
+            'SELECT 1 FROM blob WHERE oid = ? AND tid = ?', pair)}
 
     def _store_total(self, total: int) -> None:
         self._db.execute(
@@ -262,33 +264,22 @@ class Journal:
             "VALUES ('total_size', ?)", (total,))
         self._total = total
 
-    def pending(self) -> dict[bytes, list[tuple[bytes, int, str]]]:
-        result: dict[bytes, list[tuple[bytes, int, str]]] = {}
-        for oid, tid, size, staged in self._db.execute(
-                'SELECT oid, tid, size, staged FROM blob WHERE state = ? '
-                'ORDER BY tid, oid', (PENDING,)):
-            result.setdefault(tid, []).append((oid, size, staged))
-        return result
-
     # the catalog
 
     def total_size(self) -> int:
-        return self._total
+        with self._lock:
+            return self._total + sum(size for oid, tid, size in self._unsaved)
 
     def revisions(self, oid: bytes) -> list[bytes]:
-        return [tid for (tid,) in self._db.execute(
-            'SELECT tid FROM blob WHERE oid = ? AND state = ? ORDER BY tid',
-            (oid, COMMITTED))]
+        return [tid for (tid,) in self._query(
+            'SELECT tid FROM blob WHERE oid = ? ORDER BY tid', (oid,))]
 
     def committed(self) -> Iterable[tuple[bytes, bytes, int]]:
         """``(oid, tid, size)`` of every committed blob file."""
-        return self._db.execute(
-            'SELECT oid, tid, size FROM blob WHERE state = ?',
-            (COMMITTED,)).fetchall()
+        return self._query('SELECT oid, tid, size FROM blob')
 
     def __len__(self):
-        return self._db.execute('SELECT count(*) FROM blob WHERE state = ?',
-                                (COMMITTED,)).fetchone()[0]
+        return self._query('SELECT count(*) FROM blob')[0][0]
 
     def mark_garbage(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
         """Durably record that pack is about to remove these files.
@@ -309,8 +300,10 @@ class Journal:
         return self._db.execute('SELECT oid, tid FROM garbage').fetchall()
 
     def remove(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
+        """Forget the files `pairs` (removed by pack, or rolled back)."""
         pairs = list(pairs)
         with self._lock, self._db:
+            self._save()
             self._db.execute('BEGIN IMMEDIATE')
             removed = 0
             self._db.executemany(
@@ -326,14 +319,15 @@ class Journal:
     def rebuild(self, blobs: Iterable[tuple[bytes, bytes, int]]) -> None:
         """Replace the catalog by `blobs` (from a scan of the directory)."""
         with self._lock, self._db:
+            self._unsaved = []
             self._db.execute('BEGIN IMMEDIATE')
             self._db.execute('DELETE FROM blob')
             total = 0
             rows = []
             for oid, tid, size in blobs:
-                rows.append((oid, tid, size, COMMITTED))
+                rows.append((oid, tid, size))
                 total += size
             self._db.executemany(
-                'INSERT OR REPLACE INTO blob (oid, tid, size, state) '
-                'VALUES (?, ?, ?, ?)', rows)
+                'INSERT OR REPLACE INTO blob (oid, tid, size) '
+                'VALUES (?, ?, ?)', rows)
             self._store_total(total)

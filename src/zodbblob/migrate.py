@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterator
 
 from zodbblob.cache import BUCKETS
 from zodbblob.cache import LAYOUT as ZEOCACHE
+from zodbblob.commitlog import commit_log_path
+from zodbblob.commitlog import unfinished_records
 from zodbblob.journal import STATE_DIR
 from zodbblob.journal import SYNCFS_AVAILABLE
 from zodbblob.journal import Journal
@@ -329,7 +331,8 @@ def _check_closed_cleanly(source: str) -> None:
         else:
             try:
                 unclean = (journal.get_meta('state') == 'open'
-                           or bool(journal.pending()))
+                           or bool(unfinished_records(
+                               commit_log_path(source))))
             finally:
                 journal.close()
     if unclean:

@@ -7,12 +7,16 @@ construction (``copied_methods``) and ``__getattr__`` covers anything else,
 so there is no proxy whose methods rebind to the base behind our back.
 
 Commit, in short (``doc/design.rst`` has the long form): ``storeBlob``
-moves the file into the transaction's staging directory; ``tpc_vote``
-votes the base, fsyncs the staged files, writes and fsyncs the journal
-intent, and renames the files to their final names; ``tpc_finish`` finishes
-the base (the commit point) and marks the intent committed; ``tpc_abort``
-removes whatever the transaction staged or published.  Opening the storage
-replays unfinished intents.
+moves the file into the storage's staging directory; ``tpc_vote`` votes
+the base, writes the transaction's record to the commit log and
+fdatasyncs it (with the blobs' bytes in it when they are small; larger
+files are fdatasynced themselves first), and gives the files their final
+names; ``tpc_finish`` finishes the base (the commit point) and adds the
+files to the catalog; ``tpc_abort`` removes whatever the transaction
+staged or published.  A checkpoint (every CHECKPOINT_RECORDS transactions,
+when the log is full, after a pack and at close) makes files, names and
+catalog durable with one filesystem sync and starts the log afresh.
+Opening the storage replays the log's records since the last checkpoint.
 """
 
 from __future__ import annotations
@@ -35,9 +39,13 @@ from ZODB.POSException import ReadOnlyError
 from ZODB.utils import oid_repr
 from ZODB.utils import z64
 
+from zodbblob.commitlog import ABORT
+from zodbblob.commitlog import CommitLog
+from zodbblob.commitlog import CommitLogError
+from zodbblob.commitlog import Entry
+from zodbblob.commitlog import commit_log_path
 from zodbblob.datamanager import PROCESS_PREFIX
 from zodbblob.datamanager import TransactionDirectories
-from zodbblob.journal import COMMITTED
 from zodbblob.journal import STATE_DIR
 from zodbblob.journal import SYNCFS_AVAILABLE
 from zodbblob.journal import Journal
@@ -47,6 +55,7 @@ from zodbblob.journal import kill_point
 from zodbblob.journal import sync_filesystem
 from zodbblob.layout import FilesystemHelper
 from zodbblob.layout import fsync_directory
+from zodbblob.layout import fsync_path
 from zodbblob.layout import makedirs_durable
 from zodbblob.layout import process_alive
 from zodbblob.layout import remove_if_exists
@@ -55,11 +64,20 @@ from zodbblob.layout import remove_if_exists
 logger = logging.getLogger(__name__)
 
 STAGING_PREFIX = 'staged-'
-# From this many files in one transaction, one syncfs beats an fsync per
-# file (1000 files: 18 ms against 173 ms here); below it, fsyncs win, and
-# do not pay for other programs' dirty data the way syncfs does.
-SYNCFS_THRESHOLD = 8
 LOCK_NAME = 'lock'
+# A transaction whose blobs add up to at most this many bytes writes them
+# into its commit log record: one fdatasync makes them durable, and their
+# files reach the disk at the next checkpoint.  Larger transactions make
+# their files durable themselves, and log only their names.
+INLINE_LIMIT = 8 * 1024 * 1024
+# A transaction with this many files that are not inline makes them
+# durable with one syncfs (1000 files: 18 ms against 173 ms for an fsync
+# each here); below it, fdatasyncs win, and do not pay for other programs'
+# dirty data the way syncfs does.
+SYNCFS_THRESHOLD = 8
+# A checkpoint after this many logged transactions bounds what recovery
+# reads and what the staging directory holds.
+CHECKPOINT_RECORDS = 1000
 _staging_counter = itertools.count()
 
 
@@ -122,6 +140,21 @@ def link_or_copy(source: str, target: str) -> None:
         shutil.copyfile(source, target)
 
 
+def _read(path: str) -> bytes:
+    with open(path, 'rb') as f:
+        return f.read()
+
+
+def _holds(path: str, data: bytes) -> bool:
+    """Whether the file at `path` holds exactly `data`."""
+    try:
+        if os.stat(path).st_size != len(data):
+            return False
+        return _read(path) == data
+    except FileNotFoundError:
+        return False
+
+
 def _owner_is_dead(name: str) -> bool:
     """Whether the process that named temp directory `name` has ended."""
     if name.startswith(STAGING_PREFIX):
@@ -146,10 +179,17 @@ class _Shared:
         self.untransform_record_data = lambda data: data
         self.directories: TransactionDirectories | None = None
         self.staging_dir: str | None = None
-        # (oid, tid, staged path) of committed files whose final names
-        # are not yet known to be durable: their staged names stay until
-        # the next filesystem sync covers the final ones.
-        self.linked: list[tuple[bytes, bytes, str]] = []
+        self.commit_log: CommitLog | None = None
+        # Logged transactions not yet finished or aborted; a checkpoint
+        # waits for none, and holds `logging` so that none starts.
+        self.logging = threading.Condition()
+        self.in_flight = 0
+        # Since the last checkpoint: the final names of committed files
+        # (without syncfs, the checkpoint fsyncs them one by one), and the
+        # staged names of files that were not inline, kept until the
+        # checkpoint makes their final names durable.
+        self.unsynced: list[str] = []
+        self.linked: list[str] = []
 
 
 class _Staged:
@@ -158,10 +198,10 @@ class _Staged:
     def __init__(self, transaction):
         self.transaction = transaction
         self.files: dict[bytes, str] = {}      # oid -> staged path
-        self.tid: bytes | None = None          # set once voted
+        self.tid: bytes | None = None          # set once logged
+        self.sizes: dict[bytes, int] = {}      # oid -> size, once logged
+        self.inline = False                    # bytes in the log record
         self.published: list[str] = []         # final paths, once voted
-        self.retirable: list[tuple[bytes, bytes, str]] = []
-        self.synced_filesystem = False         # how the vote made it durable
 
 
 @zope.interface.implementer(ZODB.interfaces.IBlobStorage,
@@ -235,9 +275,20 @@ class BlobStorage:
         try:
             journal = self._open_journal(fshelper)
             shared = _Shared(fshelper, journal, lock, False)
+            try:
+                shared.commit_log = CommitLog(
+                    commit_log_path(fshelper.base_dir))
+            except CommitLogError:
+                journal.close()
+                raise
             self._shared, self.fshelper = shared, fshelper
-            self._recover(journal, fshelper)
-            journal.set_meta(state='open')
+            try:
+                self._recover(journal, fshelper)
+                journal.set_meta(state='open')
+            except BaseException:
+                shared.commit_log.close()
+                journal.close()
+                raise
         except BaseException:
             lock.close()
             raise
@@ -298,47 +349,55 @@ class BlobStorage:
     def _recover(self, journal, fshelper) -> None:
         """Finish or undo what a crash interrupted, then clear staging.
 
-        An intent whose transaction the base storage has is rolled
-        forward (its files get their final names); any other is rolled
-        back (its files are removed).  Replaying twice is harmless.
+        Each blob file a record of the commit log names since the last
+        checkpoint is decided on its own: if the base storage has that
+        revision, the file gets its final name and exact bytes (rewritten
+        from the record, or linked from its staged name) and its catalog
+        row; if not, the file and row are removed.  A file whose revision
+        the base has is never removed.  Replaying twice is harmless.
         """
-        forward = {tid: self._base_has(tid, entries)
-                   for tid, entries in journal.pending().items()}
-        durable = []
-        for oid, tid, state, staged in journal.staged():
+        shared = self._shared
+        latest: dict[tuple[bytes, bytes], Entry | None] = {}
+        for record in shared.commit_log.records:
+            if record.kind == ABORT:
+                for key in latest:
+                    if key[1] == record.tid:
+                        latest[key] = None
+                continue
+            for entry in record.entries:
+                latest[entry.oid, record.tid] = entry
+        in_catalog = journal.known(latest)
+        forward, back, rows, gone = set(), set(), [], []
+        for (oid, tid), entry in sorted(latest.items(),
+                                        key=lambda item: item[0][::-1]):
             final = fshelper.getBlobFilename(oid, tid)
-            staged_path = os.path.join(fshelper.temp_dir, staged)
-            if state == COMMITTED or forward[tid]:
-                if not os.path.exists(final):
-                    if os.path.exists(staged_path):
-                        makedirs_durable(os.path.dirname(final))
-                        os.link(staged_path, final)
-                    else:
-                        logger.error('Blob file %s of oid %s tid %s is '
-                                     'lost: neither %s nor %s exists',
-                                     final, oid_repr(oid), oid_repr(tid),
-                                     final, staged_path)
-                durable.append((oid, tid, final))
+            if self._base_has(oid, tid):
+                if entry is None:
+                    continue  # aborted; the revision is someone else's
+                if self._roll_forward(entry, final, tid):
+                    forward.add(tid)
+                if (oid, tid) not in in_catalog:
+                    rows.append((oid, tid, entry.size))
+                    forward.add(tid)
+                shared.unsynced.append(final)
             else:
+                if entry is not None:
+                    back.add(tid)
                 remove_if_exists(final)
-                remove_if_exists(staged_path)
+                if entry is not None and entry.staged:
+                    remove_if_exists(os.path.join(fshelper.temp_dir,
+                                                  entry.staged))
+                if (oid, tid) in in_catalog:
+                    gone.append((oid, tid))
             kill_point('mid_recovery')
-        # Final names must be durable before the staged ones are dropped.
-        if SYNCFS_AVAILABLE:
-            sync_filesystem(fshelper.base_dir)
-        else:
-            for directory in {os.path.dirname(f) for o, t, f in durable}:
-                fsync_directory(directory)
-        for tid, committed in forward.items():
-            if committed:
-                journal.commit(tid)
-            else:
-                journal.discard(tid)
+        journal.add(rows)
+        journal.remove(gone)
+        self._checkpoint()
+        for tid in sorted(forward | back):
             logger.warning(
                 'Recovered blob directory %s: rolled %s the blob files '
                 'of interrupted transaction %s', fshelper.base_dir,
-                'forward' if committed else 'back', oid_repr(tid))
-        journal.retire([(oid, tid) for oid, tid, final in durable])
+                'back' if tid in back else 'forward', oid_repr(tid))
         garbage = journal.garbage()
         if garbage:
             logger.warning('Recovered blob directory %s: finished removing '
@@ -359,8 +418,39 @@ class BlobStorage:
                             'that ended', path)
                     shutil.rmtree(path, ignore_errors=True)
 
-    def _base_has(self, tid: bytes, entries) -> bool:
-        oid = entries[0][0]
+    def _roll_forward(self, entry: Entry, final: str, tid: bytes) -> bool:
+        """Give a committed file its final name and bytes; True if needed."""
+        if entry.data is not None:
+            if _holds(final, entry.data):
+                return False
+            self._rewrite(final, entry.data)
+            return True
+        if os.path.exists(final):
+            return False
+        staged = os.path.join(self.fshelper.temp_dir, entry.staged)
+        if os.path.exists(staged):
+            makedirs_durable(os.path.dirname(final))
+            os.link(staged, final)
+        else:
+            logger.error('Blob file %s of oid %s tid %s is lost: neither it '
+                         'nor %s exists', final, oid_repr(entry.oid),
+                         oid_repr(tid), staged)
+        return True
+
+    def _rewrite(self, final: str, data: bytes) -> None:
+        """Write `final` afresh from the commit log's copy of its bytes."""
+        directory = os.path.dirname(final)
+        makedirs_durable(directory)
+        temporary = os.path.join(self.fshelper.temp_dir,
+                                 'recovered-%d.blob' % os.getpid())
+        with open(temporary, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, os.stat(directory).st_mode & 0o444)
+        os.replace(temporary, final)
+
+    def _base_has(self, oid: bytes, tid: bytes) -> bool:
         try:
             self.base.loadSerial(oid, tid)
         except (POSKeyError, KeyError):
@@ -377,7 +467,7 @@ class BlobStorage:
             return
         try:
             if shared.journal is not None and not shared.read_only:
-                self._retire_all()
+                self._checkpoint()
                 shared.journal.set_meta(
                     state='closed', last_tid=self.base.lastTransaction())
         finally:
@@ -387,6 +477,8 @@ class BlobStorage:
                 shared.staging_dir = None
             if shared.directories is not None:
                 shared.directories.remove()
+            if shared.commit_log is not None:
+                shared.commit_log.close()
             if shared.journal is not None:
                 shared.journal.close()
             if shared.lock is not None:
@@ -512,8 +604,9 @@ class BlobStorage:
                 self.fshelper.temp_dir, '%s%d-%d' % (
                     STAGING_PREFIX, os.getpid(), next(_staging_counter)))
             os.mkdir(directory)
-            if not SYNCFS_AVAILABLE:
-                fsync_directory(self.fshelper.temp_dir)
+            # Durable once: files that are not inline are found by their
+            # staged names after a crash.
+            fsync_directory(self.fshelper.temp_dir)
             shared.staging_dir = directory
         return os.path.join(shared.staging_dir,
                             '%d.blob' % next(_staging_counter))
@@ -591,55 +684,54 @@ class BlobStorage:
         return result
 
     def _publish(self, staged: _Staged) -> None:
-        """Give the staged files their final names, durably and journaled.
+        """Log the transaction durably, then give its files final names.
 
         Runs after the base voted and before it finishes: the files are in
-        place before anyone can learn the tid, and a crash from here on
-        leaves a journal intent that tells recovery what to do.
+        place before anyone can learn the tid, and from here on a crash
+        leaves a record that tells recovery what to do.
 
-        With syncfs, one flush makes the staged files, their names and the
-        intent durable together; the final names are hard links, and the
-        staged names stay until a later flush has covered the final ones,
-        so a crash that loses a final name loses nothing.
+        Small transactions put their blobs' bytes in the record, so its
+        one fdatasync is the only sync here; their files are renamed to
+        their final names and reach the disk at the next checkpoint.
+        Larger ones make their files and staged names durable first (an
+        fdatasync per file and one fsync of the staging directory, or one
+        syncfs for many files), log only the names, and link the final
+        names; the staged names stay until the next checkpoint.
         """
         shared = self._shared
         tid = self.base._tid
         temp_dir = self.fshelper.temp_dir
-        use_syncfs = staged.synced_filesystem = (
-            SYNCFS_AVAILABLE and len(staged.files) >= SYNCFS_THRESHOLD)
-        entries = []
-        for oid, path in staged.files.items():
-            if use_syncfs:
-                info = os.stat(path)
-            else:
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                    info = os.fstat(fd)
-                finally:
-                    os.close(fd)
-            entries.append((oid, path, info))
-        # Per file, the staged names need not be durable: the final names
-        # are made durable below, before the base can commit, and a
-        # transaction the base does not have is rolled back by removing
-        # its final names (staging directories are swept at open).
-        shared.journal.begin(
-            tid, [(oid, info.st_size, os.path.relpath(path, temp_dir))
-                  for oid, path, info in entries],
-            durable=not use_syncfs)
+        files = [(oid, path, os.stat(path))
+                 for oid, path in staged.files.items()]
+        staged.inline = sum(info.st_size
+                            for oid, path, info in files) <= INLINE_LIMIT
+        if staged.inline:
+            entries = [Entry(oid, info.st_size, data=_read(path))
+                       for oid, path, info in files]
+        else:
+            self._make_durable([path for oid, path, info in files])
+            kill_point('after_staging_fsync')
+            entries = [Entry(oid, info.st_size,
+                             staged=os.path.relpath(path, temp_dir))
+                       for oid, path, info in files]
+        if not shared.commit_log.fits(entries):
+            self._checkpoint()
+        with shared.logging:
+            shared.in_flight += 1
+        try:
+            shared.commit_log.append(tid, entries)
+        except BaseException:
+            self._done_logging()
+            raise
         staged.tid = tid
+        staged.sizes = {oid: info.st_size for oid, path, info in files}
         kill_point('after_journal_begin')
-        if use_syncfs:
-            sync_filesystem(self.fshelper.base_dir)
-            # Final names linked before this flush are durable now.
-            staged.retirable, shared.linked = shared.linked, []
-        kill_point('after_staging_fsync')
         directories: dict[str, int] = {}
-        for oid, path, info in entries:
+        for oid, path, info in files:
             final = self.fshelper.getBlobFilename(oid, tid)
             directory = os.path.dirname(final)
             if directory not in directories:
-                if use_syncfs:
+                if SYNCFS_AVAILABLE:
                     os.makedirs(directory, exist_ok=True)
                 else:
                     makedirs_durable(directory)
@@ -648,16 +740,33 @@ class BlobStorage:
             # whoever may read their directory.
             os.chmod(path, (stat.S_IMODE(info.st_mode) & ~0o222)
                      | (directories[directory] & 0o444))
-            try:
-                os.link(path, final)
-            except FileExistsError:
-                os.remove(final)  # left by an earlier, aborted attempt
+            if staged.inline:
+                os.replace(path, final)
+            else:
+                remove_if_exists(final)  # left by an earlier, aborted try
                 os.link(path, final)
             staged.published.append(final)
             kill_point('mid_publish')
-        if not use_syncfs:
-            for directory in directories:
-                fsync_directory(directory)
+
+    def _make_durable(self, paths: list[str]) -> None:
+        """Make the bytes of staged files and their staged names durable."""
+        if SYNCFS_AVAILABLE and len(paths) >= SYNCFS_THRESHOLD:
+            sync_filesystem(self.fshelper.base_dir)
+            return
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                getattr(os, 'fdatasync', os.fsync)(fd)
+            finally:
+                os.close(fd)
+        for directory in {os.path.dirname(path) for path in paths}:
+            fsync_directory(directory)
+
+    def _done_logging(self) -> None:
+        shared = self._shared
+        with shared.logging:
+            shared.in_flight -= 1
+            shared.logging.notify_all()
 
     def tpc_finish(self, transaction, f=None):
         # Some bases (MappingStorage) call `f` unconditionally.
@@ -672,38 +781,61 @@ class BlobStorage:
                 for path in staged.files.values():
                     remove_if_exists(path)  # stored, but published by nobody
             else:
-                if staged.tid != tid:
-                    logger.critical(
-                        'Base storage %r committed tid %s, but its blob '
-                        'files were published for tid %s', self.base,
-                        oid_repr(tid), oid_repr(staged.tid))
-                kill_point('after_base_finish')
-                mine = [(oid, staged.tid, path)
-                        for oid, path in staged.files.items()]
-                # Final directories were fsynced at vote, unless the
-                # transaction was made durable by syncfs: then its final
-                # names wait for the next flush.
-                retired = staged.retirable + (
-                    [] if staged.synced_filesystem else mine)
-                self._shared.journal.commit(
-                    staged.tid, [(oid, serial) for oid, serial, path
-                                 in retired])
-                kill_point('after_journal_commit')
-                for oid, serial, path in retired:
-                    remove_if_exists(path)
-                if staged.synced_filesystem:
-                    self._shared.linked.extend(mine)
+                self._finished(staged, tid)
         return tid
 
-    def _retire_all(self) -> None:
-        """Make every final name durable and drop the staged names."""
+    def _finished(self, staged: _Staged, tid: bytes) -> None:
         shared = self._shared
-        if not shared.linked:
-            return
-        sync_filesystem(self.fshelper.base_dir)
-        linked, shared.linked = shared.linked, []
-        shared.journal.retire([(oid, tid) for oid, tid, path in linked])
-        for oid, tid, path in linked:
+        try:
+            if staged.tid != tid:
+                logger.critical(
+                    'Base storage %r committed tid %s, but its blob '
+                    'files were published for tid %s', self.base,
+                    oid_repr(tid), oid_repr(staged.tid))
+            kill_point('after_base_finish')
+            shared.journal.add([(oid, staged.tid, size)
+                                for oid, size in staged.sizes.items()])
+            kill_point('after_journal_commit')
+            with shared.logging:
+                shared.unsynced.extend(staged.published)
+                if not staged.inline:
+                    shared.linked.extend(staged.files.values())
+        finally:
+            self._done_logging()
+        if len(shared.commit_log) >= CHECKPOINT_RECORDS:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Make every logged transaction durable; start the log afresh.
+
+        Waits until no logged transaction is still finishing, and holds
+        off new ones meanwhile.  One syncfs covers the files, their names
+        and the catalog; without syncfs, each file and directory is
+        fsynced.  Then the staged names kept for files that were not
+        inline can go.
+        """
+        shared = self._shared
+        with shared.logging:
+            while shared.in_flight:
+                shared.logging.wait()
+            if not len(shared.commit_log) and not shared.linked:
+                return
+            if SYNCFS_AVAILABLE:
+                shared.journal.flush()
+                sync_filesystem(self.fshelper.base_dir)
+            else:
+                for path in shared.unsynced:
+                    if os.path.exists(path):
+                        fsync_path(path)
+                for directory in {os.path.dirname(path)
+                                  for path in shared.unsynced}:
+                    if os.path.isdir(directory):
+                        fsync_directory(directory)
+                shared.journal.sync()
+            kill_point('mid_checkpoint')
+            shared.commit_log.checkpoint()
+            linked, shared.linked, shared.unsynced = shared.linked, [], []
+        for path in linked:
             remove_if_exists(path)
 
     def tpc_abort(self, transaction):
@@ -718,9 +850,10 @@ class BlobStorage:
                 for path in staged.files.values():
                     remove_if_exists(path)
                 if staged.tid is not None:
-                    self._shared.journal.discard(staged.tid)
-                # Their final names are durable, but not yet retired.
-                self._shared.linked.extend(staged.retirable)
+                    try:
+                        self._shared.commit_log.abort(staged.tid)
+                    finally:
+                        self._done_logging()
 
     # pack
 
@@ -746,6 +879,10 @@ class BlobStorage:
             if garbage:
                 shared.journal.mark_garbage(garbage)
                 self._remove_blob_files(garbage)
+                # No record from before the pack outlives it: recovery
+                # would find their removed revisions missing from the
+                # base, and call them interrupted.
+                self._checkpoint()
         finally:
             shared.pack_lock.release()
         return result

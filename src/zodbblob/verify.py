@@ -15,6 +15,9 @@ from collections.abc import Callable
 
 from ZODB.utils import oid_repr
 
+from zodbblob.commitlog import commit_log_path
+from zodbblob.commitlog import unfinished_records
+
 
 @dataclasses.dataclass
 class Report:
@@ -76,14 +79,18 @@ def verify(storage, checksum: bool = False,
     report.records = len(records)
 
     journal = storage._shared.journal
+    # A storage open for writing replayed its commit log at open, and the
+    # records since are its own; read-only, nothing replayed it.
+    unfinished = storage._shared.read_only and unfinished_records(
+        commit_log_path(fshelper.base_dir))
+    if unfinished:
+        report.unfinished.append(
+            'unfinished: the commit log holds %d transactions a crash '
+            'interrupted or left unsynced; run `zodbblob recover`'
+            % unfinished)
     sizes = {}
     if journal is not None:
         sizes = {(oid, tid): size for oid, tid, size in journal.committed()}
-        for tid, entries in journal.pending().items():
-            report.unfinished.append(
-                'unfinished: transaction %s with %d blob files was '
-                'interrupted; run `zodbblob recover`'
-                % (oid_repr(tid), len(entries)))
         if journal.garbage():
             report.unfinished.append(
                 'unfinished: a pack was interrupted while removing %d blob '

@@ -1,7 +1,7 @@
 """A child process for the crash tests: commits blobs until it is killed.
 
 Usage: python -m zodbblob.tests.crash_child DIR [TRANSACTIONS] [--pack]
-                                             [--many]
+           [--many] [--not-inline] [--checkpoint-every N]
 
 Opens ``DIR/Data.fs`` with blobs in ``DIR/blobs`` through
 zodbblob.BlobStorage and commits blob transactions of every shape (new and
@@ -24,6 +24,7 @@ import ZODB
 import ZODB.FileStorage
 from ZODB.blob import Blob
 
+import zodbblob.storage
 from zodbblob import BlobStorage
 
 
@@ -40,8 +41,16 @@ def main(argv):
     count = int(argv[1]) if len(argv) > 1 and argv[1].isdigit() else 10 ** 9
     pack = '--pack' in argv
     # --many: 12 blobs in every transaction, past the storage's threshold
-    # for making a transaction durable with one syncfs.
+    # for making files durable with one syncfs.
     shapes = (12,) if '--many' in argv else (1, 1, 2, 5, 12)
+    # --not-inline: no blob bytes in the commit log; every file is made
+    # durable itself (the path of transactions with large blobs).
+    if '--not-inline' in argv:
+        zodbblob.storage.INLINE_LIMIT = -1
+    # --checkpoint-every N: checkpoints during the run, not only at close.
+    if '--checkpoint-every' in argv:
+        zodbblob.storage.CHECKPOINT_RECORDS = int(
+            argv[argv.index('--checkpoint-every') + 1])
     rng = random.Random(os.getpid())
     storage = BlobStorage(os.path.join(directory, 'blobs'),
                           ZODB.FileStorage.FileStorage(

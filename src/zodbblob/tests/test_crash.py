@@ -8,15 +8,17 @@ moment.  The parent then reopens the storage and checks the guarantee:
   its exact bytes;
 - no file of an uncommitted transaction is left in the blob directory:
   the blob files on disk are exactly the blob records the base holds;
-- ``tmp/`` is empty and the journal has nothing pending.
+- ``tmp/`` is empty and the commit log holds no record.
 """
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -28,14 +30,27 @@ import ZODB.blob
 import ZODB.FileStorage
 
 from zodbblob import BlobStorage
+from zodbblob.commitlog import CommitLog
+from zodbblob.commitlog import commit_log_path
+from zodbblob.commitlog import unfinished_records
 from zodbblob.journal import KILL_POINT_VARIABLE
+from zodbblob.journal import journal_path
+from zodbblob.layout import FilesystemHelper
+from zodbblob.verify import verify
 
 
 COMMIT_POINTS = (
-    'after_store_blob', 'after_base_vote', 'after_staging_fsync',
-    'after_journal_begin', 'mid_publish', 'after_publish',
-    'after_base_finish', 'after_journal_commit',
+    'after_store_blob', 'after_base_vote', 'after_journal_begin',
+    'mid_publish', 'after_publish', 'after_base_finish',
+    'after_journal_commit', 'mid_checkpoint',
 )
+# Only transactions whose blobs are not in the commit log sync their files.
+NOT_INLINE_POINTS = COMMIT_POINTS + ('after_staging_fsync',)
+# Checkpoints every few transactions, not only at close.
+CHECKPOINTS = ('--checkpoint-every', '4')
+# The shapes of commit: blob bytes in the log; files synced one by one;
+# many files synced by one syncfs.
+MODES = ((), ('--not-inline',), ('--not-inline', '--many'))
 PACK_POINTS = ('after_base_pack', 'mid_pack_removal')
 
 
@@ -49,12 +64,13 @@ def run_child(directory, *args, kill_point=None, timeout=120):
         + list(args), env=env, timeout=timeout, capture_output=True)
 
 
-def start_child(directory):
+def start_child(directory, *args):
     env = dict(os.environ)
     env.pop(KILL_POINT_VARIABLE, None)
     return subprocess.Popen(
-        [sys.executable, '-m', 'zodbblob.tests.crash_child', directory],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [sys.executable, '-m', 'zodbblob.tests.crash_child', directory]
+        + list(args), env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
 
 
 class CrashTestCase(unittest.TestCase):
@@ -84,7 +100,7 @@ class CrashTestCase(unittest.TestCase):
             os.path.join(self.dir, 'Data.fs')))
         db = ZODB.DB(storage)
         try:
-            self.assertEqual(storage._shared.journal.pending(), {})
+            self.assertEqual(len(storage._shared.commit_log), 0)
             self.assertEqual(storage._shared.journal.garbage(), [])
             self.assertEqual(os.listdir(os.path.join(blob_dir, 'tmp')), [])
             last_tid, expected = self.committed_log()
@@ -153,27 +169,34 @@ class KillPointTests(CrashTestCase):
                          'child was not killed at %s: %s'
                          % (point, result.stderr.decode()[-2000:]))
 
-    def test_kill_at_each_commit_point(self):
-        for point in COMMIT_POINTS:
+    def kill_at_each(self, points, *args, hit=6):
+        for point in points:
             with self.subTest(point=point):
                 shutil.rmtree(self.dir)
                 os.mkdir(self.dir)
                 # The 6th hit: whatever the shape of the transactions, at
                 # least one transaction was committed (and logged) before.
-                self.kill_at(point + ':6')
+                # The 3rd checkpoint follows at least 8 transactions.
+                self.kill_at('%s:%d' % (
+                    point, 3 if point == 'mid_checkpoint' else hit),
+                    *CHECKPOINTS, *args)
                 last_tid, expected = self.check_guarantee()
                 self.assertIsNotNone(last_tid)
 
+    def test_kill_at_each_commit_point(self):
+        # Small transactions: the blobs' bytes are in the commit log, and
+        # their files are not synced before the checkpoint.
+        self.kill_at_each(COMMIT_POINTS)
+
+    def test_kill_at_each_commit_point_with_synced_files(self):
+        # Files made durable one by one, staged names kept until the
+        # checkpoint.
+        self.kill_at_each(NOT_INLINE_POINTS, '--not-inline')
+
     def test_kill_at_each_commit_point_with_many_files(self):
-        # Transactions of 12 blobs are made durable by one syncfs and keep
-        # staged names until a later flush: the other half of the protocol.
-        for point in COMMIT_POINTS:
-            with self.subTest(point=point):
-                shutil.rmtree(self.dir)
-                os.mkdir(self.dir)
-                self.kill_at(point + ':30', '--many')
-                last_tid, expected = self.check_guarantee()
-                self.assertIsNotNone(last_tid)
+        # 12 files per transaction, made durable by one syncfs.
+        self.kill_at_each(NOT_INLINE_POINTS, '--not-inline', '--many',
+                          hit=30)
 
     def test_kill_at_each_pack_point(self):
         for point in PACK_POINTS:
@@ -202,6 +225,98 @@ class KillPointTests(CrashTestCase):
         self.check_guarantee()
 
 
+class LostWritesTests(CrashTestCase):
+    """What a power cut could lose after a crash, and the log restores.
+
+    A SIGKILL keeps the page cache; a power cut does not.  Until a
+    checkpoint, zodbblob syncs neither the files of transactions whose
+    commit record holds their bytes, nor final names, nor catalog rows.
+    Each test kills the child, takes away what a power cut could have (for
+    the transactions in the log only: a checkpoint made the rest
+    durable), and checks the guarantee.
+    """
+
+    def kill_child(self, *args):
+        result = run_child(self.dir, '30', *args,
+                           kill_point='after_journal_commit:20')
+        self.assertEqual(result.returncode, -signal.SIGKILL)
+        blob_dir = os.path.join(self.dir, 'blobs')
+        log = CommitLog(commit_log_path(blob_dir), read_only=True)
+        self.addCleanup(log.close)
+        fshelper = FilesystemHelper(blob_dir)
+        logged = [(entry, fshelper.getBlobFilename(entry.oid, record.tid))
+                  for record in log.records for entry in record.entries]
+        self.assertGreater(len(logged), 19)
+        return logged
+
+    def check_recovered(self):
+        with self.assertLogs('zodbblob.storage', logging.WARNING) as logs:
+            self.check_guarantee()
+        self.assertIn('rolled forward', '\n'.join(logs.output))
+
+    def test_lost_and_emptied_files_are_rewritten_from_the_log(self):
+        logged = self.kill_child()
+        inline = [final for entry, final in logged if entry.data is not None]
+        # Transactions of more than INLINE_LIMIT bytes (several 3 MiB
+        # blobs) log names instead; their files were synced.
+        self.assertGreater(len(inline), len(logged) / 2)
+        for number, final in enumerate(inline):
+            if number % 2:
+                os.remove(final)
+            else:
+                open(final, 'wb').close()
+        self.check_recovered()
+
+    def test_lost_final_names_are_linked_from_the_staged_names(self):
+        logged = self.kill_child('--not-inline')
+        for entry, final in logged:
+            self.assertIsNone(entry.data)
+            os.remove(final)
+        self.check_recovered()
+
+    def test_verify_read_only_says_the_log_was_not_replayed(self):
+        self.kill_child()
+        blob_dir = os.path.join(self.dir, 'blobs')
+        storage = BlobStorage(blob_dir, ZODB.FileStorage.FileStorage(
+            os.path.join(self.dir, 'Data.fs'), read_only=True))
+        try:
+            report = verify(storage)
+        finally:
+            storage.close()
+        records = unfinished_records(commit_log_path(blob_dir))
+        self.assertGreater(records, 1)
+        self.assertEqual(report.unfinished, [
+            'unfinished: the commit log holds %d transactions a crash '
+            'interrupted or left unsynced; run `zodbblob recover`'
+            % records])
+
+    def test_lost_catalog_rows_are_added_again(self):
+        logged = self.kill_child()
+        blob_dir = os.path.join(self.dir, 'blobs')
+        db = sqlite3.connect(journal_path(blob_dir), isolation_level=None)
+        with db:
+            db.execute('BEGIN')
+            for entry, final in logged:
+                oid, tid = FilesystemHelper(blob_dir).splitBlobFilename(final)
+                db.execute('DELETE FROM blob WHERE oid = ? AND tid = ?',
+                           (oid, tid))
+            db.execute("UPDATE meta SET value = (SELECT total(size) FROM "
+                       "blob) WHERE name = 'total_size'")
+        db.close()
+        self.check_recovered()
+        storage = BlobStorage(blob_dir, ZODB.FileStorage.FileStorage(
+            os.path.join(self.dir, 'Data.fs')))
+        try:
+            files = [(oid, tid, os.path.getsize(path)) for oid, tid, path
+                     in storage.fshelper.iter_blobs()]
+            self.assertEqual(sorted(storage._shared.journal.committed()),
+                             sorted(files))
+            self.assertEqual(storage.getSize() - storage.base.getSize(),
+                             sum(size for oid, tid, size in files))
+        finally:
+            storage.close()
+
+
 class RandomKillTests(CrashTestCase):
     """SIGKILL at random moments, 200 times over one growing store."""
 
@@ -210,7 +325,8 @@ class RandomKillTests(CrashTestCase):
     def test_random_kills(self):
         rng = random.Random(20261122)
         for iteration in range(200):
-            child = start_child(self.dir)
+            child = start_child(self.dir, *CHECKPOINTS,
+                                *MODES[iteration % len(MODES)])
             self.assertEqual(child.stdout.readline().strip(), b'ready')
             time.sleep(rng.uniform(0.0, 0.4))
             child.send_signal(signal.SIGKILL)

@@ -23,6 +23,9 @@ from zope.interface.verify import verifyObject
 
 from zodbblob import BlobStorage
 from zodbblob import BlobStorageError
+from zodbblob.commitlog import CommitLog
+from zodbblob.commitlog import commit_log_path
+from zodbblob.commitlog import unfinished_records
 from zodbblob.journal import journal_path
 
 
@@ -234,14 +237,21 @@ class CommitTests(StorageTestCase):
         self.assertEqual(os.listdir(storage.temporaryDirectory()), [])
         self.assertEqual(len(blob_files(self.blob_dir)), 2)
 
-    def test_committed_files_are_durable_names_in_journal(self):
+    def test_commit_is_logged_with_its_bytes_until_a_checkpoint(self):
         storage = self.open()
         db = ZODB.DB(storage)
         self.addCleanup(close_once, db)
         oid, serial = self.commit_blob(db, 'b', b'x' * 1000)
-        journal = storage._shared.journal
-        self.assertEqual(journal.revisions(oid), [serial])
-        self.assertEqual(journal.pending(), {})
+        self.assertEqual(storage._shared.journal.revisions(oid), [serial])
+        log_path = commit_log_path(self.blob_dir)
+        log = CommitLog(log_path, read_only=True)
+        records = log.records
+        log.close()
+        self.assertEqual([(r.tid, [(e.oid, e.size, e.data, e.staged)
+                                   for e in r.entries]) for r in records],
+                         [(serial, [(oid, 1000, b'x' * 1000, None)])])
+        db.close()
+        self.assertEqual(unfinished_records(log_path), 0)
 
     def test_copy_across_filesystems_is_logged_at_warning(self):
         shm = '/dev/shm'

@@ -1,0 +1,334 @@
+"""The commit log: one durable write per blob transaction.
+
+Before the base storage commits a transaction with blobs, one record
+describing it is written to ``<blob_dir>/.zodbblob/commit.log`` and
+fdatasynced: the transaction's tid and, for each blob, its oid and size,
+and either the blob's bytes (*inline*, for transactions whose blobs are
+small) or the name of its staged file (whose bytes and name were made
+durable before the record).  With inline bytes, that one ``fdatasync`` is
+the only sync the blob directory needs before the base commits: the blob
+files and their names reach the disk later, at the next checkpoint, and
+until then the log can rewrite them.
+
+The file is zero-filled when it is created or grown and afterwards only
+overwritten, so a record's ``fdatasync`` writes data and flushes the disk,
+without a filesystem journal commit.  Records start on 4 KiB boundaries,
+so writing one never rewrites a page of an earlier one.
+
+A *checkpoint* (after the caller made every file named since the last one
+durable) moves the log's start past every record: the next record is
+written at the beginning again, with the next sequence number.  Two
+header slots, written alternately, hold the sequence number the first
+record after the checkpoint must have.  Reading stops at the first record
+that is torn, has another sequence number (a leftover of an earlier lap)
+or is not a record at all.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import zlib
+from dataclasses import dataclass
+
+from zodbblob.journal import STATE_DIR
+from zodbblob.layout import fsync_directory
+
+NAME = 'commit.log'
+PAGE = 4096
+HEADER_SLOTS = (0, PAGE)
+FIRST_RECORD = 2 * PAGE
+INITIAL_SIZE = 256 * 1024
+MAXIMUM_SIZE = 64 * 1024 * 1024
+
+_HEADER = struct.Struct('>8sQQ')        # magic, generation, first sequence
+_HEADER_MAGIC = b'ZBLOGHD1'
+_RECORD = struct.Struct('>4sBQQ8sI')    # magic, kind, sequence, length, tid,
+_RECORD_MAGIC = b'ZBLR'                 # entries
+_ENTRY = struct.Struct('>8sQBH')        # oid, size, inline, staged length
+_CRC = struct.Struct('>I')
+
+COMMIT, ABORT = 1, 2
+
+
+class CommitLogError(Exception):
+    """The commit log cannot be used."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One blob of a logged transaction.
+
+    `data` holds the bytes of an inline blob; `staged` (a path relative to
+    the blob directory's ``tmp``) names a blob whose file was made durable
+    before the record.
+    """
+    oid: bytes
+    size: int
+    data: bytes | None = None
+    staged: str | None = None
+
+
+@dataclass(frozen=True)
+class Record:
+    kind: int
+    sequence: int
+    tid: bytes
+    entries: tuple[Entry, ...]
+
+
+def _aligned(length: int) -> int:
+    return (length + PAGE - 1) // PAGE * PAGE
+
+
+def record_length(entries) -> int:
+    """The length of a commit record of `entries`, before alignment."""
+    return _RECORD.size + _CRC.size + sum(
+        _ENTRY.size + len((entry.staged or '').encode('utf-8'))
+        + (len(entry.data) if entry.data is not None else 0)
+        for entry in entries)
+
+
+def encode(kind: int, sequence: int, tid: bytes, entries=()) -> bytes:
+    parts = [b'']
+    for entry in entries:
+        staged = (entry.staged or '').encode('utf-8')
+        parts.append(_ENTRY.pack(entry.oid, entry.size,
+                                 entry.data is not None, len(staged)))
+        parts.append(staged)
+        if entry.data is not None:
+            parts.append(entry.data)
+    body = b''.join(parts)
+    length = _RECORD.size + len(body) + _CRC.size
+    head = _RECORD.pack(_RECORD_MAGIC, kind, sequence, length, tid,
+                        len(entries))
+    crc = zlib.crc32(body, zlib.crc32(head))
+    return head + body + _CRC.pack(crc)
+
+
+def _decode_entries(body: bytes, count: int) -> tuple[Entry, ...]:
+    entries = []
+    position = 0
+    for _ in range(count):
+        oid, size, inline, staged_length = _ENTRY.unpack_from(body, position)
+        position += _ENTRY.size
+        staged = body[position:position + staged_length].decode('utf-8')
+        position += staged_length
+        data = None
+        if inline:
+            data = body[position:position + size]
+            position += size
+        entries.append(Entry(oid, size, data, staged or None))
+    if position != len(body):
+        raise ValueError('entries do not fill the record')
+    return tuple(entries)
+
+
+class CommitLog:
+    """The commit log of one blob directory, open for writing.
+
+    Thread-safe; the storage serializes commits, and a checkpoint must not
+    run while a logged transaction is still finishing (the storage waits
+    for that).
+    """
+
+    def __init__(self, path: str, read_only: bool = False):
+        self.path = path
+        self._lock = threading.Lock()
+        if not read_only and not os.path.exists(path):
+            self._create(path)
+        self._fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+        try:
+            self._capacity = os.fstat(self._fd).st_size
+            header = self._read_header()
+            if header is None:
+                raise CommitLogError(
+                    'Commit log %s has no valid header (it is not a '
+                    'zodbblob commit log, or was damaged)' % path)
+            self._generation, self._first_sequence = header
+            self.records = self._read_records()
+        except BaseException:
+            os.close(self._fd)
+            raise
+        last = self.records[-1] if self.records else None
+        self._next_sequence = (last.sequence + 1 if last
+                               else self._first_sequence)
+        self._position = self._end_of_records
+
+    @staticmethod
+    def _create(path: str) -> None:
+        temporary = path + '.new'
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _zero_fill(fd, 0, INITIAL_SIZE)
+            os.pwrite(fd, _header_bytes(0, 1), HEADER_SLOTS[0])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temporary, path)
+        fsync_directory(os.path.dirname(path))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    # reading
+
+    def _read_header(self) -> tuple[int, int] | None:
+        best = None
+        for offset in HEADER_SLOTS:
+            raw = os.pread(self._fd, _HEADER.size + _CRC.size, offset)
+            if len(raw) < _HEADER.size + _CRC.size:
+                continue
+            (crc,) = _CRC.unpack_from(raw, _HEADER.size)
+            if zlib.crc32(raw[:_HEADER.size]) != crc:
+                continue
+            magic, generation, first = _HEADER.unpack_from(raw)
+            if magic == _HEADER_MAGIC and (
+                    best is None or generation > best[0]):
+                best = (generation, first)
+        return best
+
+    def _read_records(self) -> list[Record]:
+        records = []
+        position = FIRST_RECORD
+        expected = self._first_sequence
+        while position + _RECORD.size <= self._capacity:
+            head = os.pread(self._fd, _RECORD.size, position)
+            magic, kind, sequence, length, tid, count = _RECORD.unpack(head)
+            if (magic != _RECORD_MAGIC or sequence != expected
+                    or kind not in (COMMIT, ABORT)
+                    or length < _RECORD.size + _CRC.size
+                    or position + length > self._capacity):
+                break
+            raw = os.pread(self._fd, length, position)
+            (crc,) = _CRC.unpack_from(raw, length - _CRC.size)
+            if zlib.crc32(raw[:-_CRC.size]) != crc:
+                break  # torn: its fdatasync never returned
+            try:
+                entries = _decode_entries(raw[_RECORD.size:-_CRC.size],
+                                          count)
+            except (ValueError, struct.error, UnicodeDecodeError):
+                break
+            records.append(Record(kind, sequence, tid, entries))
+            position += _aligned(length)
+            expected += 1
+        self._end_of_records = position
+        return records
+
+    # writing
+
+    def __len__(self) -> int:
+        """Records written since the last checkpoint."""
+        return self._next_sequence - self._first_sequence
+
+    def fits(self, entries) -> bool:
+        """Whether a record of `entries` fits without a checkpoint.
+
+        The log grows up to MAXIMUM_SIZE; a larger record fits only an
+        empty log.
+        """
+        end = self._position + _aligned(record_length(entries))
+        return (end <= max(self._capacity, MAXIMUM_SIZE)
+                or self._position == FIRST_RECORD)
+
+    def append(self, tid: bytes, entries, durable: bool = True) -> None:
+        """Write the record of transaction `tid`; fdatasync it if `durable`.
+
+        Raises CommitLogError when the log is full: checkpoint first
+        (``fits`` tells).
+        """
+        self._write(COMMIT, tid, entries, durable)
+
+    def abort(self, tid: bytes) -> None:
+        """Record that `tid`'s logged transaction aborted (not synced).
+
+        Not needed for correctness (recovery asks the base storage), but it
+        saves recovery the question.  The next durable record makes it
+        durable too.
+        """
+        self._write(ABORT, tid, (), False)
+
+    def _write(self, kind, tid, entries, durable) -> None:
+        with self._lock:
+            record = encode(kind, self._next_sequence, tid, entries)
+            end = self._position + _aligned(len(record))
+            if end > self._capacity:
+                if (end > MAXIMUM_SIZE
+                        and self._position > FIRST_RECORD):
+                    raise CommitLogError(
+                        'Commit log %s is full; a checkpoint must come first'
+                        % self.path)
+                self._grow(end)
+            os.pwrite(self._fd, record, self._position)
+            if durable:
+                _fdatasync(self._fd)
+            self._position = end
+            self._next_sequence += 1
+
+    def _grow(self, needed: int) -> None:
+        capacity = self._capacity
+        while capacity < needed:
+            capacity *= 2
+        _zero_fill(self._fd, self._capacity, capacity - self._capacity)
+        os.fsync(self._fd)
+        self._capacity = capacity
+
+    def checkpoint(self) -> None:
+        """Start the log afresh: every record so far is no longer needed.
+
+        The caller has made every file and name the records describe
+        durable, and the catalog rows too.
+        """
+        with self._lock:
+            generation = self._generation + 1
+            slot = HEADER_SLOTS[generation % len(HEADER_SLOTS)]
+            os.pwrite(self._fd, _header_bytes(generation,
+                                              self._next_sequence), slot)
+            _fdatasync(self._fd)
+            self._generation = generation
+            self._first_sequence = self._next_sequence
+            self._position = FIRST_RECORD
+            self.records = []
+
+
+def commit_log_path(blob_dir: str) -> str:
+    return os.path.join(blob_dir, STATE_DIR, NAME)
+
+
+def unfinished_records(path: str) -> int:
+    """How many records the commit log at `path` holds past its checkpoint.
+
+    Zero for a blob directory its storage closed cleanly (or that has no
+    log); read-only, for tools that must not touch an unrecovered
+    directory.
+    """
+    if not os.path.exists(path):
+        return 0
+    log = CommitLog(path, read_only=True)
+    try:
+        return len(log.records)
+    finally:
+        log.close()
+
+
+def _header_bytes(generation: int, first_sequence: int) -> bytes:
+    header = _HEADER.pack(_HEADER_MAGIC, generation, first_sequence)
+    return header + _CRC.pack(zlib.crc32(header))
+
+
+def _zero_fill(fd: int, offset: int, length: int) -> None:
+    # Real zeros, not a sparse hole or fallocate's unwritten extents: an
+    # overwrite of written blocks changes no metadata, so the records'
+    # fdatasync needs no filesystem journal commit.
+    chunk = b'\0' * min(length, 1024 * 1024)
+    end = offset + length
+    while offset < end:
+        offset += os.pwrite(fd, chunk[:end - offset], offset)
+
+
+def _fdatasync(fd: int) -> None:
+    getattr(os, 'fdatasync', os.fsync)(fd)
