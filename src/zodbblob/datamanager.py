@@ -372,9 +372,8 @@ class TransactionDirectories:
             current = txn_manager.get()
         except transaction.interfaces.NoTransaction:
             return process_dir
-        try:
-            _, manager = current.data(self)
-        except KeyError:
+        manager = self.manager_of(current)
+        if manager is None:
             manager = BlobDataManager(
                 os.path.join(process_dir, 'txn-%d' % next(_names)),
                 txn_manager)
@@ -397,6 +396,13 @@ class TransactionDirectories:
                     manager.tpc_abort(current)
                 return process_dir
         return manager.directory
+
+    def manager_of(self, txn) -> BlobDataManager | None:
+        """The BlobDataManager of `txn` here, if it has one."""
+        try:
+            return txn.data(self)[1]
+        except KeyError:
+            return None
 
     def remove(self) -> None:
         """Remove the process directory (the storage is closing)."""

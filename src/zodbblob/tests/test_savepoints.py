@@ -118,7 +118,8 @@ class SavepointTests(SavepointTestCase):
             f.write(b'y')
         transaction.savepoint()
         transaction.savepoint()   # takes the state of the one before
-        manager = transaction.get().data(self.db.storage._shared.directories)
+        manager = self.db.storage._shared.directories.manager_of(
+            transaction.get())
         snapshots = os.path.join(manager.directory, '.snapshots')
         kept = {os.stat(os.path.join(snapshots, name)).st_ino
                 for name in os.listdir(snapshots)}
