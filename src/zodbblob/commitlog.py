@@ -40,7 +40,7 @@ PAGE = 4096
 HEADER_SLOTS = (0, PAGE)
 FIRST_RECORD = 2 * PAGE
 INITIAL_SIZE = 256 * 1024
-MAXIMUM_SIZE = 64 * 1024 * 1024
+MAXIMUM_SIZE = 16 * 1024 * 1024
 
 _HEADER = struct.Struct('>8sQQ')        # magic, generation, first sequence
 _HEADER_MAGIC = b'ZBLOGHD1'
