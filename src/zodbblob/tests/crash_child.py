@@ -1,7 +1,7 @@
 """A child process for the crash tests: commits blobs until it is killed.
 
 Usage: python -m zodbblob.tests.crash_child DIR [TRANSACTIONS] [--pack]
-           [--many] [--not-inline] [--checkpoint-every N]
+           [--many] [--not-inline] [--checkpoint-every N] [--log-mib N]
 
 Opens ``DIR/Data.fs`` with blobs in ``DIR/blobs`` through
 zodbblob.BlobStorage and commits blob transactions of every shape (new and
@@ -24,6 +24,7 @@ import ZODB
 import ZODB.FileStorage
 from ZODB.blob import Blob
 
+import zodbblob.commitlog
 import zodbblob.storage
 from zodbblob import BlobStorage
 
@@ -47,6 +48,10 @@ def main(argv):
     # durable itself (the path of transactions with large blobs).
     if '--not-inline' in argv:
         zodbblob.storage.INLINE_LIMIT = -1
+    # --log-mib N: a commit log of up to N MiB (checkpoints when full).
+    if '--log-mib' in argv:
+        zodbblob.commitlog.MAXIMUM_SIZE = int(
+            argv[argv.index('--log-mib') + 1]) << 20
     # --checkpoint-every N: checkpoints during the run, not only at close.
     if '--checkpoint-every' in argv:
         zodbblob.storage.CHECKPOINT_RECORDS = int(

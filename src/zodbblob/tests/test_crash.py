@@ -237,7 +237,8 @@ class LostWritesTests(CrashTestCase):
     """
 
     def kill_child(self, *args):
-        result = run_child(self.dir, '30', *args,
+        # A log large enough that no checkpoint comes before the kill.
+        result = run_child(self.dir, '30', '--log-mib', '256', *args,
                            kill_point='after_journal_commit:20')
         self.assertEqual(result.returncode, -signal.SIGKILL)
         blob_dir = os.path.join(self.dir, 'blobs')
