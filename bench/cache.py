@@ -34,19 +34,22 @@ evict 10%
     run for a while (removing a file whose blocks were never written is
     much cheaper).
 os.remove of those files alone
-    The same files removed by a plain loop of ``os.remove``, nothing else:
-    the floor under both sides' eviction.
+    The same files removed by ``os.remove``, nothing else: in one thread
+    (the floor under stock's eviction), and spread over as many threads
+    as a ``BlobCache`` removes files with (``PRUNE_THREADS``: the floor
+    under ours).
 cache hit
     Random keys over the cache of ``--hit-files`` files, a new sequence
-    each round, the same for every side; and again over a working set of
-    50,000 of them, fewer than the 65,536 file sizes a ``BlobCache``
-    remembers (over all 100,000 that memory fills, is cleared and fills
-    again, and a hit on a key it lost reads the index).  Stock, as
-    ``ClientStorage.loadBlob`` and its caller: ``os.path.exists(path)``,
-    ``_accessed(path)`` (a stat and a utime), ``open(path,
-    'rb').close()``.  Ours: ``cache.lookup(oid, tid)`` (a stat, a lookup
-    of the size it remembers, the access batched and written to the index
-    every 64 hits) and the same ``open``.  The paths of stock are
+    each round, the same for every side; again over a working set of
+    50,000 of them; and each file once, in a ``BlobCache`` opened just
+    before the round, so that no size is remembered yet and every hit
+    reads the index.  Stock, as ``ClientStorage.loadBlob`` and its
+    caller: ``os.path.exists(path)``, ``_accessed(path)`` (a stat and a
+    utime), ``open(path, 'rb').close()``.  Ours: ``cache.lookup(oid,
+    tid)`` (a stat, a lookup of the size it remembers for the last
+    ``KNOWN_SIZES`` files it read, the access batched and appended to the
+    index's access log every ~1024 hits, the log folded into the rows
+    every ~262,144) and the same ``open``.  The paths of stock are
     computed beforehand; ours computes its path inside ``lookup``, so a
     second stock row computes its path as ``loadBlob`` does
     (``BlobCacheLayout.getBlobFilePath`` and a join).
@@ -84,11 +87,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import ZEO.ClientStorage
 
 from zodbblob.cache import BUCKETS
 from zodbblob.cache import INDEX
+from zodbblob.cache import KNOWN_SIZES
+from zodbblob.cache import PRUNE_THREADS
 from zodbblob.cache import BlobCache
 from zodbblob.layout import LAYOUT_MARKER
 from machine import hardware, package_version  # bench/machine.py
@@ -103,8 +109,7 @@ EVICT_PERCENT = 10
 BYTES_PER_FILE = 4096 + 64
 INDEX_BYTES_PER_FILE = 200     # the index and its copy, generously
 GiB = 1024 ** 3
-# Fewer keys than BlobCache remembers sizes of (KNOWN_SIZES, 65536): every
-# hit after the first on a key is one stat, no index read.
+# Hits over fewer keys than the cache has files.
 WORKING_SET = 50_000
 
 
@@ -170,6 +175,16 @@ def count_files(directory: str) -> int:
                     count += sum(entry.name.endswith('.blob')
                                  for entry in entries)
     return count
+
+
+def remove_all(paths: list[str], threads: int) -> None:
+    if threads == 1:
+        for path in paths:
+            os.remove(path)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(os.remove, paths, chunksize=16):
+            pass
 
 
 def timed(function: Callable[[], object]) -> float:
@@ -345,14 +360,15 @@ def run_size(count: int, args, root: str, results: Results,
     # before it opens).
     paths = [population.path(ours_dir, oid)
              for oid in population.order[:k]]
-    samples = []
-    for _ in range(args.repeat):
-        os.sync()
-        samples.append(timed(lambda: [os.remove(path) for path in paths]))
-        population.restore(ours_dir)
-    results.times['unlink', 'both', count] = samples
-    print(f'  removing the {k:,} files alone: {fmt_list(samples)}',
-          flush=True)
+    for threads in (1, PRUNE_THREADS):
+        samples = []
+        for _ in range(args.repeat):
+            os.sync()
+            samples.append(timed(lambda: remove_all(paths, threads)))
+            population.restore(ours_dir)
+        results.times['unlink', threads, count] = samples
+        print(f'  removing the {k:,} files alone, {threads} thread(s): '
+              f'{fmt_list(samples)}', flush=True)
     backup = os.path.join(root, f'index-{count}.copy')
     shutil.copyfile(os.path.join(ours_dir, INDEX), backup)
     cache = BlobCache(ours_dir, size_limit=total, check_percent=10)
@@ -396,16 +412,21 @@ def run_hits(population: Population, stock_dir: str, ours_dir: str, args,
     working_set = rng.sample(range(count), results.working_set)
     # A fresh cache on ours' directory, as a client process starts.
     cache = BlobCache(ours_dir)
-    print(f'  cache hits: {args.hits:,} per round, {args.rounds} rounds',
-          flush=True)
+    print(f'  cache hits: {args.hits:,} per round, {args.rounds} rounds; '
+          f'a BlobCache remembers {KNOWN_SIZES:,} sizes', flush=True)
     for row, universe in (('random', range(count)),
-                          ('working set', working_set)):
+                          ('working set', working_set),
+                          ('first', range(count))):
         # A new sequence of keys each round (the same for every side), so
         # that over the rounds the keys are as many as the universe, and a
-        # warm-up round before them.
+        # warm-up round before them.  The first hits are each key's first
+        # in a BlobCache opened just before the round.
         rounds = []
         for _ in range(args.rounds + 1):
-            oids = rng.choices(universe, k=args.hits)
+            if row == 'first':
+                oids = rng.sample(universe, min(args.hits, count))
+            else:
+                oids = rng.choices(universe, k=args.hits)
             rounds.append(([population.key(oid) for oid in oids],
                            [population.path(stock_dir, oid)
                             for oid in oids]))
@@ -422,6 +443,9 @@ def run_hits(population: Population, stock_dir: str, ours_dir: str, args,
                     'ours': lambda: ours_hits(cache, keys)}
             # Alternate who goes first, so a drift lands on both sides.
             for side in sides if round_ % 2 == 0 else sides[::-1]:
+                if side == 'ours' and row == 'first':
+                    cache.close()
+                    cache = BlobCache(ours_dir)
                 # The other side's dirty inodes or index pages are written
                 # back off its clock, not on this one's.
                 os.sync()
@@ -484,10 +508,14 @@ def report(sizes: list[int], args, results: Results) -> tuple[str, list]:
                 f'{fmt_ms(ours)} | '
                 f'{fmt_ratio(ratio) if ratio is not None else "-"} |')
     for count in sizes:
-        floor = fmt_ms(statistics.median(results.times['unlink', 'both',
-                                                       count]))
-        lines.append(f'| `os.remove` of those {EVICT_PERCENT}% alone (the '
-                     f'floor of both) | {count:,} | {floor} | {floor} | - |')
+        floor = fmt_ms(statistics.median(results.times['unlink', 1, count]))
+        threaded = fmt_ms(statistics.median(
+            results.times['unlink', PRUNE_THREADS, count]))
+        lines.append(f'| `os.remove` of those {EVICT_PERCENT}% alone, one '
+                     f'thread (stock\'s floor) | {count:,} | {floor} | - | - |')
+        lines.append(f'| `os.remove` of those {EVICT_PERCENT}% alone, '
+                     f'{PRUNE_THREADS} threads (zodbblob\'s floor) | '
+                     f'{count:,} | - | {threaded} | - |')
 
     lines += ['', '| cache hit, then open | keys | stock us | zodbblob us '
               '| zodbblob / stock |', '| --- | --- | ---: | ---: | ---: |']
@@ -495,8 +523,9 @@ def report(sizes: list[int], args, results: Results) -> tuple[str, list]:
     if results.hit_files is not None:
         keys = {'random': f'random over {results.hit_files:,}',
                 'working set': f'random over {results.working_set:,} '
-                               f'of them'}
-        for row in ('random', 'working set'):
+                               f'of them',
+                'first': 'each once, in a new `BlobCache`'}
+        for row in ('random', 'working set', 'first'):
             ours = statistics.median(results.hits[row, 'ours'])
             for side, label in (('stock', 'stock path given'),
                                 ('stock+path', 'stock computes its path')):

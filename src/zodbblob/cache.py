@@ -8,33 +8,48 @@ directory:
 
 ``blobs``
     One row per ``(oid, tid)``: ``size``, ``accessed`` (time of the last
-    recorded access), ``state`` (``complete``, or ``in-progress`` while a
-    download runs) and, for a download, the ``token`` of its owner and the
-    time it ``started``.  Indexed by ``accessed`` for eviction (complete
-    rows only) and by ``token`` (in-progress rows only).
+    access folded in from the log), ``state`` (``complete``;
+    ``in-progress`` while a download runs; ``evicting`` while a pruner
+    removes the file) and, for the last two, the ``token`` of the owner
+    and the time it ``started``.  Indexed by ``accessed`` for eviction
+    (complete rows only) and by ``token`` (rows that have one).
+``accesses``
+    The access log: one row per batch of accesses, its ``(oid, tid,
+    time)`` records packed in one ``batch`` value (`ACCESS_RECORD`).
+    Appending a batch writes a page or two, wherever in the index its
+    files' rows are.  A prune (and ``stats``, and a flush that finds the
+    log long) folds it into ``blobs.accessed``, each file's row once, and
+    empties it, in one write transaction.
 ``cache``
     One row: ``files`` and ``bytes`` of the complete rows (kept by triggers,
-    so every change of a row keeps them right), ``hits`` and ``misses``, and
-    the prune lease (``pruner``, ``pruned_at``).
+    so every change of a row keeps them right), ``hits`` and ``misses``,
+    the number of accesses ``logged``, and the prune lease (``pruner``,
+    ``pruned_at``).
 
 Every change of a file under its final name happens inside a write
 transaction of the index (``BEGIN IMMEDIATE``, the index's one writer
-lock), in the same transaction that changes its row.  Whoever decides on a
-file by its row, decides under that lock and looks at the file again
-there.
+lock), in the same transaction that changes its row; the one exception is
+the removal of a file whose row is ``evicting``, which belongs to the
+pruner that marked it.  Whoever decides on a file by its row, decides under
+that lock and looks at the file again there, and leaves alone a file whose
+row is ``evicting``: no download or admission puts a file under that name
+until its pruner has dropped the row (or ended).
 
 A download is claimed by inserting an in-progress row with a fresh token
 (``<host>-<pid>-<incarnation>-<thread>-<nonce>``), fetched into
 ``.tmp/<token>``, and completed by renaming that file to its final name.
 Threads of one process wait for each other on an event per ``(oid, tid)``;
 processes poll the row.  A row whose owner process ended, or whose token is
-older than the download timeout, is taken over with a fresh file.
+older than the download timeout, is taken over with a fresh file (an
+evicting row only once its pruner ended).
 
 A hit costs one ``os.stat`` (compared with the size the index gave for
-that revision) and an entry in an in-memory batch of accesses, written to
-the index in one transaction per ~64 entries or ~2 s.  Eviction reads the
-``accessed`` index oldest first and skips what was used in the last
-`grace` seconds, which covers the batches other processes hold.
+that revision, remembered for the most recently used files) and an entry
+in an in-memory batch of accesses, appended to the log in one transaction
+per ~1024 entries or ~2 s.  Eviction folds the log, marks the oldest
+complete rows ``evicting`` (skipping what was used in the last `grace`
+seconds, which covers the batches other processes hold), removes their
+files with a few threads outside the writer lock, then drops the rows.
 
 The processes sharing a directory must run on one host: WAL mode needs
 shared memory, and a claim's owner is judged alive by its pid.  POSIX only
@@ -54,10 +69,13 @@ import shutil
 import socket
 import sqlite3
 import stat
+import struct
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import zope.interface
 
@@ -72,20 +90,25 @@ BUCKETS = 997
 INDEX = '.zodbblob-cache.sqlite'
 OPEN_LOCK = '.zodbblob-cache.lock'
 TEMPORARY = '.tmp'
-SCHEMA_VERSION = 1
-MISSING = 'missing'
+SCHEMA_VERSION = 2
 
 COMPLETE = 'complete'
 IN_PROGRESS = 'in-progress'
+EVICTING = 'evicting'
 
-ACCESS_BATCH = 64            # accesses written to the index at once ...
+ACCESS_BATCH = 1024          # accesses appended to the log at once ...
 ACCESS_BATCH_AGE = 2.0       # ... or when the oldest is this many s old
+ACCESS_LOG_LIMIT = 262144    # a flush that leaves more rows folds the log
 POLL_FIRST = 0.01            # waiting for another process's download
 POLL_LAST = 0.2
-PRUNE_CHUNK = 256            # files removed per write transaction
+PRUNE_CHUNK = 1024           # files marked, removed and dropped at once
+PRUNE_THREADS = 8            # removing them (see bench/README.md) ...
+REMOVAL_BATCH = 64           # ... this many files per task
 PRUNE_LEASE = 60.0           # a pruner silent this long has lost its lease
 BUSY_TIMEOUT = 60.0
-KNOWN_SIZES = 65536          # sizes remembered for the one-stat hit path
+KNOWN_SIZES = 131072         # sizes remembered for the one-stat hit path
+BUILD_CACHE_KIB = 262144     # SQLite's page cache while building the index
+FOLD_CACHE_KIB = 65536       # ... and while folding the access log
 
 # Files that stock ZEO leaves in a bucket when a process dies: a partial
 # download (``.dl``) and the temporary files of ``storeBlob``.  Their owner
@@ -98,20 +121,18 @@ _CACHE_FILE = re.compile(r'(0|[1-9][0-9]*)\.([0-9a-f]{16})\.blob\Z')
 # container): a token of this pid and another incarnation is a dead one.
 _INCARNATION = secrets.token_hex(4)
 
-SCHEMA = (
+TABLES = (
     """CREATE TABLE blobs (
         oid BLOB NOT NULL,
         tid BLOB NOT NULL,
         size INTEGER NOT NULL,
         accessed REAL NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('complete', 'in-progress')),
+        state TEXT NOT NULL
+            CHECK (state IN ('complete', 'in-progress', 'evicting')),
         token TEXT,
         started REAL,
         PRIMARY KEY (oid, tid)) WITHOUT ROWID""",
-    """CREATE INDEX blobs_by_access ON blobs (accessed, oid, tid)
-        WHERE state = 'complete'""",
-    """CREATE INDEX blobs_in_progress ON blobs (token)
-        WHERE state = 'in-progress'""",
+    'CREATE TABLE accesses (batch BLOB NOT NULL)',
     """CREATE TABLE cache (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         version INTEGER NOT NULL,
@@ -119,8 +140,22 @@ SCHEMA = (
         bytes INTEGER NOT NULL DEFAULT 0,
         hits INTEGER NOT NULL DEFAULT 0,
         misses INTEGER NOT NULL DEFAULT 0,
+        logged INTEGER NOT NULL DEFAULT 0,
         pruner TEXT,
         pruned_at REAL)""",
+)
+
+# A record of the access log: oid, tid (ZODB's 8-byte strings) and the
+# time of the access.
+ACCESS_RECORD = struct.Struct('>8s8sd')
+
+# Created once the rows of a build are in: the indexes are then sorted in
+# one pass, and the totals are counted once instead of per row.
+DERIVED = (
+    """CREATE INDEX blobs_by_access ON blobs (accessed, oid, tid)
+        WHERE state = 'complete'""",
+    """CREATE INDEX blobs_by_token ON blobs (token)
+        WHERE token IS NOT NULL""",
     """CREATE TRIGGER blobs_insert AFTER INSERT ON blobs
         WHEN new.state = 'complete' BEGIN
             UPDATE cache SET files = files + 1, bytes = bytes + new.size;
@@ -140,12 +175,46 @@ SCHEMA = (
         END""",
 )
 
+# An index of an older schema version is brought to this one in one write
+# transaction, keeping its files, access times and counts.
+MIGRATIONS = {
+    1: (
+        'DROP TRIGGER blobs_insert',
+        'DROP TRIGGER blobs_delete',
+        'DROP TRIGGER blobs_update',
+        'DROP INDEX blobs_by_access',
+        'DROP INDEX blobs_in_progress',
+        'ALTER TABLE blobs RENAME TO blobs_1',
+        *TABLES[:2],
+        'ALTER TABLE cache ADD COLUMN logged INTEGER NOT NULL DEFAULT 0',
+        """INSERT INTO blobs (oid, tid, size, accessed, state)
+            SELECT oid, tid, size, accessed, state FROM blobs_1
+            WHERE state = 'complete'""",
+        'DROP TABLE blobs_1',
+        """UPDATE cache SET
+            files = (SELECT count(*) FROM blobs),
+            bytes = (SELECT coalesce(sum(size), 0) FROM blobs),
+            pruner = NULL""",
+        *DERIVED,
+    ),
+}
 
 def _size_of(path: str) -> int | None:
     try:
         return os.stat(path).st_size
     except FileNotFoundError:
         return None
+
+
+def _evict_file(path: str) -> OSError | None:
+    """Remove the file `path`; the error that kept it, if one did."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        return e
+    return None
 
 
 def _parse_token(token: str) -> tuple[str, int, str] | None:
@@ -156,15 +225,15 @@ def _parse_token(token: str) -> tuple[str, int, str] | None:
     return parts[0], int(parts[1]), parts[2]
 
 
-def _index_problem(db: sqlite3.Connection) -> str | None:
-    """What is wrong with the index `db`: None, MISSING, or a reason."""
+def _index_version(db: sqlite3.Connection) -> int | None:
+    """The schema version of the index `db`; None if it has no tables."""
     if not db.execute("SELECT count(*) FROM sqlite_master "
                       "WHERE type = 'table'").fetchone()[0]:
-        return MISSING
-    if db.execute('SELECT version FROM cache').fetchone() != (
-            SCHEMA_VERSION,):
-        return f'not of schema version {SCHEMA_VERSION}'
-    return None
+        return None
+    row = db.execute('SELECT version FROM cache').fetchone()
+    if row is None:
+        raise sqlite3.DatabaseError('no row in table cache')
+    return row[0]
 
 
 @zope.interface.implementer(IBlobCache)
@@ -185,6 +254,8 @@ class BlobCache:
         self.download_timeout = download_timeout
         self.grace = grace
         self._temporary = os.path.join(self.directory, TEMPORARY)
+        self._buckets = [os.path.join(self.directory, str(bucket), '')
+                         for bucket in range(BUCKETS)]
         self._host = re.sub(r'[^A-Za-z0-9.]', '_', socket.gethostname())
         # _lock guards the in-memory state below; _db_lock the connection.
         # Neither is held while taking the other.
@@ -194,14 +265,17 @@ class BlobCache:
         self._hits = self._misses = 0
         self._batch_started: float | None = None
         self._downloads: dict[tuple[bytes, bytes], threading.Event] = {}
-        self._known_sizes: dict[str, int] = {}
+        # oid + tid -> size, least recently used first.
+        self._known_sizes: OrderedDict[bytes, int] = OrderedDict()
         self._warned_pinned = False
         self._db = None
         created = self._check_layout()
+        # zodbblob leaves its open lock in every directory it opened.
+        adopted = not os.path.exists(os.path.join(self.directory, OPEN_LOCK))
         os.makedirs(self._temporary, exist_ok=True)
         with self._open_lock():
-            self._open_index(created)
-            self._remove_dead_downloads()
+            self._open_index(created, adopted)
+            self._remove_dead_claims()
 
     def __repr__(self):
         return f'<BlobCache {self.directory}>'
@@ -210,8 +284,7 @@ class BlobCache:
 
     def path(self, oid: bytes, tid: bytes) -> str:
         base, bucket = divmod(int.from_bytes(oid, 'big'), BUCKETS)
-        return os.path.join(self.directory, str(bucket),
-                            f'{base}.{tid.hex()}{BLOB_SUFFIX}')
+        return f'{self._buckets[bucket]}{base}.{tid.hex()}{BLOB_SUFFIX}'
 
     def _temporary_path(self, token: str) -> str:
         return os.path.join(self._temporary, token)
@@ -229,7 +302,12 @@ class BlobCache:
             size = None
         # The size of a revision never changes, so a size remembered from
         # the index vouches for the file without asking the index again.
-        if size is None or size != self._known_sizes.get(path):
+        key = oid + tid
+        with self._lock:
+            known = self._known_sizes.get(key)
+            if known is not None:
+                self._known_sizes.move_to_end(key)
+        if size is None or size != known:
             if not self._check_indexed(oid, tid, path, size):
                 self._count(None, counted)
                 return None
@@ -244,7 +322,7 @@ class BlobCache:
         if row is None:
             return False
         if size == row[0]:
-            self._remember_size(path, size)
+            self._remember_size(oid, tid, size)
             return True
         return self._forget(oid, tid, path)
 
@@ -267,7 +345,8 @@ class BlobCache:
                        (oid, tid))
             if size is not None:
                 remove_if_exists(path)
-        self._known_sizes.pop(path, None)
+        with self._lock:
+            self._known_sizes.pop(oid + tid, None)
         if size is None:
             logger.debug('Blob cache file %s was removed: forgotten', path)
         else:
@@ -275,12 +354,15 @@ class BlobCache:
                            'indexed: removed', path, size, row[0])
         return False
 
-    def _remember_size(self, path, size):
-        if len(self._known_sizes) >= KNOWN_SIZES:
-            # Forgetting costs one index read per file on its next hit;
-            # keeping every size would cost memory per file ever read.
-            self._known_sizes.clear()
-        self._known_sizes[path] = size
+    def _remember_size(self, oid, tid, size):
+        with self._lock:
+            self._known_sizes[oid + tid] = size
+            self._known_sizes.move_to_end(oid + tid)
+            if len(self._known_sizes) > KNOWN_SIZES:
+                # The least recently used: forgetting it costs one index
+                # read on its next hit, keeping every size memory per file
+                # ever read (about 170 bytes each).
+                self._known_sizes.popitem(last=False)
 
     def _count(self, key, counted):
         """Batch an access of `key` (None: a miss) and the hit counts."""
@@ -312,13 +394,20 @@ class BlobCache:
             return
         try:
             with self._writing() as db:
-                db.executemany(
-                    'UPDATE blobs SET accessed = ? WHERE oid = ? AND tid = ? '
-                    'AND state = ? AND accessed < ?',
-                    [(when, oid, tid, COMPLETE, when)
-                     for (oid, tid), when in accesses.items()])
+                # Appended, not updated in place: the rows of a batch are
+                # spread over the whole index, the log's end is one page.
+                if accesses:
+                    db.execute(
+                        'INSERT INTO accesses (batch) VALUES (?)',
+                        (b''.join([ACCESS_RECORD.pack(oid, tid, when)
+                                   for (oid, tid), when in accesses.items()
+                                   ]),))
                 db.execute('UPDATE cache SET hits = hits + ?, '
-                           'misses = misses + ?', (hits, misses))
+                           'misses = misses + ?, logged = logged + ?',
+                           (hits, misses, len(accesses)))
+                logged, = db.execute('SELECT logged FROM cache').fetchone()
+                if logged > ACCESS_LOG_LIMIT:
+                    self._fold(db)
         except BaseException:
             with self._lock:
                 for key, when in accesses.items():
@@ -329,6 +418,43 @@ class BlobCache:
                 if self._batch_started is None:
                     self._batch_started = time.time()
             raise
+
+    def _fold(self, db) -> None:
+        """Fold the access log into ``blobs.accessed``, inside `db`'s
+        write transaction."""
+        size = ACCESS_RECORD.size
+        records = sorted(
+            batch[start:start + size]
+            for batch, in db.execute('SELECT batch FROM accesses')
+            for start in range(0, len(batch), size))
+        if not records:
+            return
+        # Sorted as bytes, records are in (oid, tid, time) order (a
+        # positive big-endian double sorts as its value): a file's last
+        # record is its latest access, and the rows come in their order.
+        latest = {record[:16]: record for record in records}
+        # The rows of the log's files are spread over the whole index: a
+        # page cache that holds it reads and writes each page once.
+        with self._page_cache(FOLD_CACHE_KIB):
+            db.executemany(
+                'UPDATE blobs SET accessed = ? WHERE oid = ? AND tid = ? '
+                'AND state = ? AND accessed < ?',
+                [(at, oid, tid, COMPLETE, at) for oid, tid, at
+                 in map(ACCESS_RECORD.unpack, latest.values())])
+        db.execute('DELETE FROM accesses')
+        db.execute('UPDATE cache SET logged = 0')
+
+    @contextlib.contextmanager
+    def _page_cache(self, kib: int) -> Iterator[None]:
+        """SQLite's page cache at `kib` KiB (for a long write), then back
+        to its size before, which frees the pages beyond that."""
+        with self._db_lock:
+            previous, = self._db.execute('PRAGMA cache_size').fetchone()
+            self._db.execute(f'PRAGMA cache_size = -{kib}')
+            try:
+                yield
+            finally:
+                self._db.execute(f'PRAGMA cache_size = {previous}')
 
     # downloading
 
@@ -372,7 +498,8 @@ class BlobCache:
                 if path is not None:
                     return path, None
                 continue  # forgotten: missing now
-            if row is not None and self._owner_alive(row[1], row[2]):
+            if row is not None and self._owner_alive(*row):
+                # A download, or an eviction, of this file is under way.
                 time.sleep(delay)
                 delay = min(delay * 2, POLL_LAST)
                 continue
@@ -383,9 +510,9 @@ class BlobCache:
     def _claim(self, oid, tid, previous: str | None) -> str | None:
         """A fresh token owning the download of ``(oid, tid)``, or None.
 
-        `previous` is the token of a claim seen dead or too old, None if
-        there was no row.  None is returned when another caller got there
-        first.
+        `previous` is the token of a claim or an eviction seen dead or too
+        old, None if there was no row.  None is returned when another
+        caller got there first.
         """
         token = self._new_token()
         now = time.time()
@@ -396,11 +523,18 @@ class BlobCache:
                     '(oid, tid, size, accessed, state, token, started) '
                     'VALUES (?, ?, 0, ?, ?, ?, ?)',
                     (oid, tid, now, IN_PROGRESS, token, now)).rowcount
+                evicting = False
             else:
+                evicting = db.execute(
+                    'SELECT state = ? FROM blobs WHERE oid = ? AND tid = ? '
+                    'AND token = ?', (EVICTING, oid, tid, previous)
+                ).fetchone() == (1,)
                 claimed = db.execute(
-                    'UPDATE blobs SET token = ?, started = ? '
-                    'WHERE oid = ? AND tid = ? AND state = ? AND token = ?',
-                    (token, now, oid, tid, IN_PROGRESS, previous)).rowcount
+                    'UPDATE blobs SET state = ?, size = 0, token = ?, '
+                    'started = ? WHERE oid = ? AND tid = ? AND state != ? '
+                    'AND token = ?',
+                    (IN_PROGRESS, token, now, oid, tid, COMPLETE, previous)
+                ).rowcount
         if not claimed:
             return None
         if previous is not None:
@@ -409,9 +543,9 @@ class BlobCache:
                 # Never appended to: its partial file goes, ours is fresh.
                 remove_if_exists(self._temporary_path(previous))
             logger.warning(
-                'Blob cache file %s: taking over its download from %s, '
-                'which %s', self.path(oid, tid), previous,
-                'ended' if dead else
+                'Blob cache file %s: taking over its %s from %s, which %s',
+                self.path(oid, tid), 'eviction' if evicting else 'download',
+                previous, 'ended' if dead else
                 f'has not finished in {self.download_timeout:g} s')
         return token
 
@@ -442,33 +576,49 @@ class BlobCache:
         os.chmod(temporary, stat.S_IREAD)
         path = self.path(oid, tid)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        now = time.time()
-        with self._writing() as db:
-            row = db.execute(
-                'SELECT size FROM blobs WHERE oid = ? AND tid = ? '
-                'AND state = ?', (oid, tid, COMPLETE)).fetchone()
-            if row is not None and _size_of(path) == row[0]:
-                os.remove(temporary)
-                db.execute('UPDATE blobs SET accessed = ? '
-                           'WHERE oid = ? AND tid = ?', (now, oid, tid))
-                size = row[0]
-            else:
-                os.replace(temporary, path)
-                try:
-                    db.execute(
-                        'INSERT INTO blobs (oid, tid, size, accessed, state) '
-                        'VALUES (?, ?, ?, ?, ?) ON CONFLICT (oid, tid) '
-                        'DO UPDATE SET size = excluded.size, '
-                        'accessed = excluded.accessed, '
-                        'state = excluded.state, token = NULL, started = NULL',
-                        (oid, tid, size, now, COMPLETE))
-                except BaseException:
-                    # A file the index does not know would never be evicted.
-                    remove_if_exists(path)
-                    raise
-            total = db.execute('SELECT bytes FROM cache').fetchone()[0]
-        self._remember_size(path, size)
+        delay = POLL_FIRST
+        while True:
+            with self._writing() as db:
+                row = db.execute(
+                    'SELECT state, size, token FROM blobs '
+                    'WHERE oid = ? AND tid = ?', (oid, tid)).fetchone()
+                if (row is None or row[0] != EVICTING
+                        or self._owner_dead(row[2])):
+                    size = self._install(db, oid, tid, temporary, path,
+                                         size, row)
+                    total = db.execute(
+                        'SELECT bytes FROM cache').fetchone()[0]
+                    break
+            # Its pruner removes the file under this name, then drops the
+            # row: a file put there before would be removed with it.
+            time.sleep(delay)
+            delay = min(delay * 2, POLL_LAST)
+        self._remember_size(oid, tid, size)
         return path, total
+
+    def _install(self, db, oid, tid, temporary, path, size, row) -> int:
+        """Put `temporary` under `path` unless a complete file is there;
+        the size of the file there now."""
+        now = time.time()
+        if row is not None and row[0] == COMPLETE and _size_of(path) == row[1]:
+            os.remove(temporary)
+            db.execute('UPDATE blobs SET accessed = ? '
+                       'WHERE oid = ? AND tid = ?', (now, oid, tid))
+            return row[1]
+        os.replace(temporary, path)
+        try:
+            db.execute(
+                'INSERT INTO blobs (oid, tid, size, accessed, state) '
+                'VALUES (?, ?, ?, ?, ?) ON CONFLICT (oid, tid) '
+                'DO UPDATE SET size = excluded.size, '
+                'accessed = excluded.accessed, '
+                'state = excluded.state, token = NULL, started = NULL',
+                (oid, tid, size, now, COMPLETE))
+        except BaseException:
+            # A file the index does not know would never be evicted.
+            remove_if_exists(path)
+            raise
+        return size
 
     def _cancel(self, oid, tid, token, temporary):
         remove_if_exists(temporary)
@@ -498,7 +648,14 @@ class BlobCache:
             return incarnation != _INCARNATION
         return not process_alive(pid)
 
-    def _owner_alive(self, token, started) -> bool:
+    def _owner_alive(self, state, token, started) -> bool:
+        """Whether the download or eviction of a row is still its owner's.
+
+        An eviction has no timeout: its pruner removes the file whenever it
+        gets to it, so only its end makes the file safe to replace.
+        """
+        if state == EVICTING:
+            return not self._owner_dead(token)
         return (time.time() - started < self.download_timeout
                 and not self._owner_dead(token))
 
@@ -550,7 +707,10 @@ class BlobCache:
             logger.debug('Blob cache %s: another process prunes',
                          self.directory)
             return 0, 0
-        files = removed = 0
+        # Every file marked is handed to the pool at once, so its threads
+        # remove files while the next ones are marked.
+        pool = None
+        removals = []
         try:
             cutoff = time.time() - self.grace
             after = (float('-inf'), b'', b'')
@@ -559,34 +719,28 @@ class BlobCache:
                     total = self._total_if_leased(db, token)
                     if total is None or total <= target:
                         break
-                    rows = db.execute(
-                        'SELECT accessed, oid, tid, size FROM blobs '
-                        'WHERE state = ? AND accessed < ? '
-                        'AND (accessed, oid, tid) > (?, ?, ?) '
-                        'ORDER BY accessed, oid, tid LIMIT ?',
-                        (COMPLETE, cutoff, *after, PRUNE_CHUNK)).fetchall()
-                    if not rows:
-                        break
-                    for accessed, oid, tid, size in rows:
-                        after = (accessed, oid, tid)
-                        path = self.path(oid, tid)
-                        try:
-                            remove_if_exists(path)
-                        except OSError as e:
-                            logger.warning('Blob cache file %s not evicted: '
-                                           '%s', path, e)
-                            continue
-                        db.execute('DELETE FROM blobs WHERE oid = ? '
-                                   'AND tid = ?', (oid, tid))
-                        files += 1
-                        removed += size
-                        total -= size
-                        if total <= target:
-                            break
+                    self._fold(db)
+                    victims = self._mark_evicting(db, token, cutoff, after,
+                                                  total - target)
+                if not victims:
+                    break
+                after = victims[-1][:3]
+                if pool is None:
+                    pool = ThreadPoolExecutor(
+                        PRUNE_THREADS, thread_name_prefix='zodbblob-prune')
+                for start in range(0, len(victims), REMOVAL_BATCH):
+                    batch = victims[start:start + REMOVAL_BATCH]
+                    removals.append(
+                        (batch, pool.submit(self._remove_files, batch)))
         finally:
-            with self._writing() as db:
-                db.execute('UPDATE cache SET pruner = NULL '
-                           'WHERE pruner = ?', (token,))
+            try:
+                files, removed = self._drop_evicted(removals, token)
+            finally:
+                if pool is not None:
+                    pool.shutdown()
+                with self._writing() as db:
+                    db.execute('UPDATE cache SET pruner = NULL '
+                               'WHERE pruner = ?', (token,))
         if total is None:
             pass  # the lease was taken over: that pruner goes on
         elif total <= target:
@@ -599,6 +753,72 @@ class BlobCache:
                 'last %g s', self.directory, total, target, self.grace)
         logger.debug('Blob cache %s: evicted %d files, %d bytes',
                      self.directory, files, removed)
+        return files, removed
+
+    def _mark_evicting(self, db, token, cutoff, after, excess) -> list:
+        """Mark the oldest complete rows after `after` that make up
+        `excess` bytes as evicting by `token`; those rows
+        ``(accessed, oid, tid, size)``, oldest first."""
+        victims = []
+        for row in db.execute(
+                'SELECT accessed, oid, tid, size FROM blobs '
+                'WHERE state = ? AND accessed < ? '
+                'AND (accessed, oid, tid) > (?, ?, ?) '
+                'ORDER BY accessed, oid, tid LIMIT ?',
+                (COMPLETE, cutoff, *after, PRUNE_CHUNK)).fetchall():
+            victims.append(row)
+            excess -= row[3]
+            if excess <= 0:
+                break
+        if victims:
+            # They are all the complete rows of that range of the index:
+            # the writer lock is held since they were read.
+            db.execute(
+                'UPDATE blobs SET state = ?, token = ?, started = ? '
+                'WHERE state = ? AND (accessed, oid, tid) > (?, ?, ?) '
+                'AND (accessed, oid, tid) <= (?, ?, ?)',
+                (EVICTING, token, time.time(), COMPLETE, *after,
+                 *victims[-1][:3]))
+        return victims
+
+    def _remove_files(self, victims) -> list[OSError | None]:
+        """Remove the files of `victims`, outside the writer lock: their
+        rows are evicting, by this pruner.  For each, the error that kept
+        it, if one did."""
+        return [_evict_file(self.path(oid, tid)) for _, oid, tid, _ in victims]
+
+    def _drop_evicted(self, removals, token) -> tuple[int, int]:
+        """Wait for the `removals`; drop the rows of the files removed and
+        make those of the files kept complete again.  ``(files, bytes)``
+        removed."""
+        files = removed = 0
+        kept = []
+        for victims, removal in removals:
+            try:
+                errors = removal.result()
+            except BaseException:
+                # Which of them went is unknown: back to complete, the rows
+                # of the files gone are forgotten at their next lookup.
+                kept.extend((oid, tid) for _, oid, tid, _ in victims)
+                logger.exception('Blob cache %s: evicting files failed',
+                                 self.directory)
+                continue
+            for (_, oid, tid, size), error in zip(victims, errors):
+                if error is None:
+                    files += 1
+                    removed += size
+                else:
+                    logger.warning('Blob cache file %s not evicted: %s',
+                                   self.path(oid, tid), error)
+                    kept.append((oid, tid))
+        if removals:
+            with self._writing() as db:
+                db.executemany(
+                    'UPDATE blobs SET state = ?, token = NULL, '
+                    'started = NULL WHERE oid = ? AND tid = ? AND token = ?',
+                    [(COMPLETE, oid, tid, token) for oid, tid in kept])
+                db.execute('DELETE FROM blobs WHERE token = ? AND state = ?',
+                           (token, EVICTING))
         return files, removed
 
     def _take_lease(self, token) -> bool:
@@ -623,10 +843,11 @@ class BlobCache:
 
     def stats(self) -> dict:
         self.flush()
-        with self._db_lock:
-            files, size, hits, misses = self._db.execute(
+        with self._writing() as db:
+            self._fold(db)
+            files, size, hits, misses = db.execute(
                 'SELECT files, bytes, hits, misses FROM cache').fetchone()
-            oldest, = self._db.execute(
+            oldest, = db.execute(
                 'SELECT min(accessed) FROM blobs WHERE state = ?',
                 (COMPLETE,)).fetchone()
         return dict(files=files, bytes=size, oldest_access=oldest,
@@ -639,13 +860,13 @@ class BlobCache:
             self.flush()
         finally:
             with self._db_lock:
-                self._db.close()
-                self._db = None
+                self._close_index()
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
         """A write transaction, holding the index's writer lock from its
-        start: no other process changes a row or a file meanwhile."""
+        start: no other process changes a row or a file meanwhile (but
+        the files of evicting rows, which their pruners remove)."""
         with self._db_lock:
             self._db.execute('BEGIN IMMEDIATE')
             try:
@@ -715,40 +936,60 @@ class BlobCache:
             # lose the last transactions, which leaves rows the protocol
             # repairs (a dead claim, a row without its file).
             db.execute('PRAGMA synchronous = NORMAL')
+            # Some builds zero what a delete frees; nothing here is secret,
+            # and a fold would write every page of the log twice.
+            db.execute('PRAGMA secure_delete = OFF')
         except BaseException:
             db.close()
             raise
         return db
 
-    def _open_index(self, created: bool) -> None:
+    def _open_index(self, created: bool, adopted: bool) -> None:
         index = os.path.join(self.directory, INDEX)
-        db = None
+        problem = None
         try:
-            db = self._connect(index)
-            problem = _index_problem(db)
+            self._db = self._connect(index)
+            version = _index_version(self._db)
+            if version == SCHEMA_VERSION:
+                return
+            label = f'version-{version}'
+            if version in MIGRATIONS:
+                try:
+                    self._migrate(version)
+                    return
+                except sqlite3.DatabaseError as e:
+                    problem = (f'could not be brought from schema version '
+                               f'{version} to {SCHEMA_VERSION} ({e})')
+            elif version is not None:
+                problem = (f'is of schema version {version}, not '
+                           f'{SCHEMA_VERSION}')
         except sqlite3.DatabaseError as e:
-            problem = str(e)
-        if problem is None:
-            self._db = db
-            return
-        if problem == MISSING:
-            reason = None if created else 'is missing'
-        else:
-            if db is not None:
-                db.close()
-            aside = self._move_aside(index)
-            reason = f'was unreadable ({problem}); moved to {aside}'
-            db = self._connect(index)
-        self._db = db
+            problem, label = f'was unreadable ({e})', 'corrupt'
         try:
+            if problem is not None:
+                self._close_index()
+                aside = self._move_aside(index, label)
+                reason = f'the index {problem}; moved to {aside} and rebuilt'
+                self._db = self._connect(index)
+            elif created:
+                reason = None
+            elif adopted:
+                reason = 'adopted a stock ZEO cache directory (no zodbblob ' \
+                         'index yet)'
+            else:
+                reason = 'the index is missing; rebuilt'
             self._build(reason)
         except BaseException:
-            self._db = None
-            db.close()
+            self._close_index()
             raise
 
-    def _move_aside(self, index: str) -> str:
-        aside = f'{index}.corrupt-{time.strftime("%Y%m%dT%H%M%S")}'
+    def _close_index(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _move_aside(self, index: str, label: str) -> str:
+        aside = f'{index}.{label}-{time.strftime("%Y%m%dT%H%M%S")}'
         aside += f'-{os.getpid()}'
         # The write-ahead log goes too: replayed into a new index, its
         # pages would belong to the old one.
@@ -757,25 +998,42 @@ class BlobCache:
                 os.replace(index + suffix, aside + suffix)
         return aside
 
-    def _build(self, reason: str | None) -> None:
-        """Create the index and fill it from one scan of the directory."""
-        leftovers = []
+    def _migrate(self, version: int) -> None:
         with self._writing() as db:
-            for statement in SCHEMA:
+            for statement in MIGRATIONS[version]:
                 db.execute(statement)
-            db.execute('INSERT INTO cache (id, version) VALUES (1, ?)',
-                       (SCHEMA_VERSION,))
+            db.execute('UPDATE cache SET version = ?', (SCHEMA_VERSION,))
+        logger.info('Blob cache %s: index brought from schema version %d '
+                    'to %d', self.directory, version, SCHEMA_VERSION)
+
+    def _build(self, reason: str | None) -> None:
+        """Create the index and fill it from one scan of the directory.
+
+        `reason` says why, for the log; None for a new directory.
+        """
+        leftovers = []
+        # Rows come in the order of the scan, random for the primary key:
+        # a page cache that holds the whole table keeps those inserts from
+        # reading and writing pages again and again.
+        with self._writing() as db, self._page_cache(BUILD_CACHE_KIB):
+            for statement in TABLES:
+                db.execute(statement)
             db.executemany(
                 'INSERT INTO blobs (oid, tid, size, accessed, state) '
                 'VALUES (?, ?, ?, ?, ?)', self._scan(leftovers))
             files, size = db.execute(
-                'SELECT files, bytes FROM cache').fetchone()
+                'SELECT count(*), coalesce(sum(size), 0) FROM blobs'
+            ).fetchone()
+            db.execute('INSERT INTO cache (id, version, files, bytes) '
+                       'VALUES (1, ?, ?, ?)', (SCHEMA_VERSION, files, size))
+            for statement in DERIVED:
+                db.execute(statement)
         if reason is None:
             logger.debug('Blob cache %s created', self.directory)
             return
         logger.warning(
-            'Blob cache %s: the index %s; rebuilt from the directory: %d '
-            'files, %d bytes adopted, %d leftover temporary files removed',
+            'Blob cache %s: %s: %d files, %d bytes indexed from one scan of '
+            'the directory, %d leftover temporary files removed',
             self.directory, reason, files, size, len(leftovers))
 
     def _scan(self, leftovers: list) -> Iterator[tuple]:
@@ -809,29 +1067,38 @@ class BlobCache:
                         remove_if_exists(entry.path)
                         leftovers.append(entry.path)
 
-    def _remove_dead_downloads(self) -> None:
-        """Drop the claims and temporary files of processes that ended.
+    def _remove_dead_claims(self) -> None:
+        """Drop the claims and temporary files of processes that ended,
+        and finish their evictions.
 
-        Looks only at in-progress rows and in ``.tmp``.
+        Looks only at rows with a token and in ``.tmp``.
         """
         with self._db_lock:
             claims = self._db.execute(
-                'SELECT oid, tid, token FROM blobs WHERE state = ?',
-                (IN_PROGRESS,)).fetchall()
-        dead = [claim for claim in claims if self._owner_dead(claim[2])]
+                'SELECT oid, tid, state, token FROM blobs '
+                'WHERE token IS NOT NULL').fetchall()
+        dead = [claim for claim in claims if self._owner_dead(claim[3])]
+        evictions = sum(state == EVICTING for _, _, state, _ in dead)
         now = time.time()
         if dead:
             with self._writing() as db:
-                for oid, tid, token in dead:
-                    # Only a complete file gets its final name: one found
-                    # there is its owner's download, killed before it could
-                    # commit the row.  Dropping the row would hide it from
-                    # eviction for good.
-                    size = _size_of(self.path(oid, tid))
+                for oid, tid, state, token in dead:
+                    path = self.path(oid, tid)
+                    if state == EVICTING:
+                        # Its pruner ended between marking the row and
+                        # dropping it; the row was counted out already.
+                        remove_if_exists(path)
+                        size = None
+                    else:
+                        # Only a complete file gets its final name: one
+                        # found there is its owner's download, killed
+                        # before it could commit the row.  Dropping the row
+                        # would hide it from eviction for good.
+                        size = _size_of(path)
                     if size is None:
                         db.execute('DELETE FROM blobs WHERE oid = ? '
                                    'AND tid = ? AND state = ? AND token = ?',
-                                   (oid, tid, IN_PROGRESS, token))
+                                   (oid, tid, state, token))
                     else:
                         db.execute('UPDATE blobs SET state = ?, size = ?, '
                                    'accessed = ?, token = NULL, '
@@ -852,5 +1119,6 @@ class BlobCache:
         if dead or removed:
             logger.warning(
                 'Blob cache %s: dropped %d downloads and %d temporary files '
-                'of processes that ended', self.directory, len(dead),
-                len(removed))
+                'of processes that ended, and finished %d of their '
+                'evictions', self.directory, len(dead) - evictions,
+                len(removed), evictions)

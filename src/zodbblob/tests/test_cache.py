@@ -19,13 +19,16 @@ import tempfile
 import threading
 import time
 import unittest
+from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
 
 from ZEO.ClientStorage import BlobCacheLayout
 from ZODB.utils import p64
 from zope.interface.verify import verifyObject
 
+import zodbblob.cache
 from zodbblob import cli
+from zodbblob.cache import ACCESS_RECORD
 from zodbblob.cache import INDEX
 from zodbblob.cache import BlobCache
 from zodbblob.interfaces import IBlobCache
@@ -75,6 +78,50 @@ def tree(directory):
     return found
 
 
+# The index as zodbblob wrote it before the access log, at version 1.
+SCHEMA_1 = (
+    """CREATE TABLE blobs (
+        oid BLOB NOT NULL,
+        tid BLOB NOT NULL,
+        size INTEGER NOT NULL,
+        accessed REAL NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('complete', 'in-progress')),
+        token TEXT,
+        started REAL,
+        PRIMARY KEY (oid, tid)) WITHOUT ROWID""",
+    """CREATE INDEX blobs_by_access ON blobs (accessed, oid, tid)
+        WHERE state = 'complete'""",
+    """CREATE INDEX blobs_in_progress ON blobs (token)
+        WHERE state = 'in-progress'""",
+    """CREATE TABLE cache (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        version INTEGER NOT NULL,
+        files INTEGER NOT NULL DEFAULT 0,
+        bytes INTEGER NOT NULL DEFAULT 0,
+        hits INTEGER NOT NULL DEFAULT 0,
+        misses INTEGER NOT NULL DEFAULT 0,
+        pruner TEXT,
+        pruned_at REAL)""",
+    """CREATE TRIGGER blobs_insert AFTER INSERT ON blobs
+        WHEN new.state = 'complete' BEGIN
+            UPDATE cache SET files = files + 1, bytes = bytes + new.size;
+        END""",
+    """CREATE TRIGGER blobs_delete AFTER DELETE ON blobs
+        WHEN old.state = 'complete' BEGIN
+            UPDATE cache SET files = files - 1, bytes = bytes - old.size;
+        END""",
+    """CREATE TRIGGER blobs_update AFTER UPDATE OF state, size ON blobs
+        BEGIN
+            UPDATE cache SET
+                files = files + (new.state = 'complete')
+                              - (old.state = 'complete'),
+                bytes = bytes
+                    + CASE WHEN new.state = 'complete' THEN new.size ELSE 0 END
+                    - CASE WHEN old.state = 'complete' THEN old.size ELSE 0 END;
+        END""",
+)
+
+
 def make_stock_cache(directory, blobs, accessed=None):
     """A cache directory as stock ZEO leaves it: marker, ``.lock`` files
     and read-only blob files, at the paths of ZEO's own layout."""
@@ -95,6 +142,17 @@ def make_stock_cache(directory, blobs, accessed=None):
             os.utime(path, (accessed[number], accessed[number]))
         paths[number] = path
     return paths
+
+
+def mark_evicting(cache, size):
+    """Do the first step of a prune by `cache`: mark its oldest files
+    that make up `size` bytes as evicting.  The token and the rows."""
+    token = cache._new_token()
+    assert cache._take_lease(token)
+    with cache._writing() as db:
+        victims = cache._mark_evicting(db, token, time.time(),
+                                       (float('-inf'), b'', b''), size)
+    return token, victims
 
 
 class CacheTestCase(unittest.TestCase):
@@ -126,6 +184,19 @@ class CacheTestCase(unittest.TestCase):
             return db.execute(
                 'SELECT oid, tid, size, accessed, state FROM blobs '
                 'ORDER BY oid').fetchall()
+
+    def cached(self, cache):
+        return sorted(number for number in range(100)
+                      if os.path.exists(cache.path(p64(number), TID)))
+
+    def logged(self):
+        """The access log's records, oldest batch first."""
+        with contextlib.closing(sqlite3.connect(
+                os.path.join(self.dir, INDEX))) as db:
+            return [record
+                    for batch, in db.execute('SELECT batch FROM accesses '
+                                             'ORDER BY rowid')
+                    for record in ACCESS_RECORD.iter_unpack(batch)]
 
 
 class LookupTests(CacheTestCase):
@@ -180,20 +251,26 @@ class LookupTests(CacheTestCase):
         self.assertEqual((stats['files'], stats['bytes']), (3, 3 * SIZE))
         self.assertEqual((stats['hits'], stats['misses']), (4, 3))
 
-    def test_accesses_reach_the_index_in_batches_not_per_read(self):
+    @mock.patch.object(zodbblob.cache, 'ACCESS_BATCH', 16)
+    def test_accesses_reach_the_log_in_batches_not_per_read(self):
         cache = self.open()
-        for number in range(64):
+        for number in range(16):
             self.admit(cache, number, b'x')
         admitted = {row[0]: row[3] for row in self.index_rows()}
         time.sleep(0.01)
-        for number in range(63):
+        for number in range(15):
             cache.lookup(p64(number), TID)
+        self.assertEqual(self.logged(), [])
+        cache.lookup(p64(15), TID)
+        logged = self.logged()
+        self.assertEqual(sorted(oid for oid, tid, at in logged),
+                         sorted(admitted))
+        for oid, tid, at in logged:
+            self.assertGreater(at, admitted[oid])
+        # Appended to the log; the rows stay as they were until a fold.
         self.assertEqual({row[0]: row[3] for row in self.index_rows()},
                          admitted)
-        cache.lookup(p64(63), TID)
-        for oid, tid, size, accessed, state in self.index_rows():
-            self.assertGreater(accessed, admitted[oid])
-        self.assertEqual(cache.stats()['hits'], 64)
+        self.assertEqual(cache.stats()['hits'], 16)
 
     def test_a_single_access_is_written_by_flush(self):
         cache = self.open()
@@ -201,9 +278,57 @@ class LookupTests(CacheTestCase):
         [(_, _, _, admitted, _)] = self.index_rows()
         time.sleep(0.01)
         cache.lookup(p64(1), TID)
-        self.assertEqual(self.index_rows()[0][3], admitted)
+        self.assertEqual(self.logged(), [])
         cache.flush()
-        self.assertGreater(self.index_rows()[0][3], admitted)
+        [(oid, tid, at)] = self.logged()
+        self.assertEqual((oid, tid), (p64(1), TID))
+        self.assertGreater(at, admitted)
+
+    def test_stats_folds_the_log_into_the_rows(self):
+        cache = self.open()
+        for number in (1, 2, 3):
+            self.admit(cache, number, b'x')
+        time.sleep(0.01)
+        cache.lookup(p64(2), TID)
+        cache.lookup(p64(1), TID)
+        cache.flush()
+        logged = {oid: at for oid, tid, at in self.logged()}
+        admitted = {row[0]: row[3] for row in self.index_rows()}
+        self.assertEqual(cache.stats()['oldest_access'], admitted[p64(3)])
+        self.assertEqual(self.logged(), [])
+        self.assertEqual({row[0]: row[3] for row in self.index_rows()},
+                         {**admitted, **logged})
+
+    def test_fold_keeps_the_latest_access_whatever_order_it_was_logged_in(
+            self):
+        first, second = self.open(), self.open()
+        self.admit(first, 1, b'x')
+        time.sleep(0.01)
+        first.lookup(p64(1), TID)
+        time.sleep(0.01)
+        second.lookup(p64(1), TID)
+        second.flush()
+        first.flush()
+        [(_, _, later), (_, _, earlier)] = self.logged()
+        self.assertLess(earlier, later)
+        self.assertEqual(first.stats()['oldest_access'], later)
+
+    def test_flush_that_makes_the_log_long_folds_it(self):
+        cache = self.open()
+        self.admit(cache, 1, b'x')
+        self.admit(cache, 2, b'x')
+        with mock.patch.object(zodbblob.cache, 'ACCESS_LOG_LIMIT', 3):
+            for lookups in range(3):
+                cache.lookup(p64(1), TID)
+                cache.flush()
+                self.assertEqual(len(self.logged()), lookups + 1)
+            latest = self.logged()[-1][2]
+            cache.lookup(p64(2), TID)
+            cache.flush()
+        self.assertEqual(self.logged(), [])
+        [one, two] = self.index_rows()
+        self.assertEqual(one[3], latest)
+        self.assertGreater(two[3], latest)
 
     def test_file_removed_by_hand_is_a_miss_and_fetched_again(self):
         cache = self.open()
@@ -270,7 +395,7 @@ class AdoptionTests(CacheTestCase):
         paths = make_stock_cache(self.dir, blobs)
         with self.assertLogs('zodbblob.cache', 'WARNING') as logs:
             cache = self.open()
-        self.assertIn('is missing; rebuilt', logs.output[0])
+        self.assertIn('adopted a stock ZEO cache directory', logs.output[0])
         stats = cache.stats()
         self.assertEqual((stats['files'], stats['bytes']),
                          (4, sum(map(len, blobs.values()))))
@@ -303,6 +428,70 @@ class AdoptionTests(CacheTestCase):
         self.assertTrue(os.path.exists(os.path.join(bucket, '.lock')))
         stats = cache.stats()
         self.assertEqual((stats['files'], stats['bytes']), (2, 6))
+
+    def test_missing_index_of_a_zodbblob_cache_is_rebuilt(self):
+        cache = self.open()
+        for number in (1, 2):
+            self.admit(cache, number, content(p64(number)))
+        cache.close()
+        os.remove(os.path.join(self.dir, INDEX))
+        with self.assertLogs('zodbblob.cache', 'WARNING') as logs:
+            cache = self.open()
+        self.assertIn('the index is missing; rebuilt: 2 files',
+                      logs.output[0])
+        self.assertEqual(cache.stats()['files'], 2)
+
+    def test_index_of_schema_version_1_is_migrated_keeping_its_order(self):
+        blobs = {number: b'x' * 100 for number in range(1, 6)}
+        make_stock_cache(self.dir, blobs)
+        open(os.path.join(self.dir, '.zodbblob-cache.lock'), 'w').close()
+        now = time.time()
+        accessed = {3: now - 500, 5: now - 400, 1: now - 300, 4: now - 200,
+                    2: now - 100}
+        with contextlib.closing(sqlite3.connect(
+                os.path.join(self.dir, INDEX))) as db:
+            for statement in SCHEMA_1:
+                db.execute(statement)
+            db.execute('INSERT INTO cache (id, version, hits, misses) '
+                       'VALUES (1, 1, 7, 3)')
+            db.executemany(
+                'INSERT INTO blobs (oid, tid, size, accessed, state) '
+                'VALUES (?, ?, 100, ?, ?)',
+                [(p64(number), TID, when, 'complete')
+                 for number, when in accessed.items()])
+            db.execute('INSERT INTO blobs (oid, tid, size, accessed, state, '
+                       "token, started) VALUES (?, ?, 0, ?, 'in-progress', "
+                       "'elsewhere-1-0-1-0', ?)", (p64(9), TID, now, now))
+            db.commit()
+        with self.assertLogs('zodbblob.cache', 'INFO') as logs:
+            cache = self.open(grace=0, check_percent=0)
+        self.assertEqual(len(logs.output), 1)
+        self.assertIn('from schema version 1 to 2', logs.output[0])
+        stats = cache.stats()
+        self.assertEqual(
+            [stats[name] for name in ('files', 'bytes', 'hits', 'misses')],
+            [5, 500, 7, 3])
+        self.assertEqual(stats['oldest_access'], accessed[3])
+        self.assertEqual(cache.prune(300), (2, 200))
+        self.assertEqual(self.cached(cache), [1, 2, 4])
+        self.assertEqual(glob.glob(os.path.join(self.dir, INDEX + '.*')), [])
+
+    def test_index_of_an_unknown_schema_version_is_moved_aside_and_rebuilt(
+            self):
+        cache = self.open()
+        for number in (1, 2):
+            self.admit(cache, number, content(p64(number)))
+        cache.close()
+        index = os.path.join(self.dir, INDEX)
+        with contextlib.closing(sqlite3.connect(index)) as db:
+            db.execute('UPDATE cache SET version = 99')
+            db.commit()
+        with self.assertLogs('zodbblob.cache', 'WARNING') as logs:
+            cache = self.open()
+        self.assertIn('is of schema version 99, not 2', logs.output[0])
+        [aside] = glob.glob(index + '.version-99-*')
+        self.assertIn(aside, logs.output[0])
+        self.assertEqual(cache.stats()['files'], 2)
 
     def test_corrupt_index_is_moved_aside_and_rebuilt(self):
         cache = self.open()
@@ -570,12 +759,64 @@ class ProcessTests(CacheTestCase):
         stats = cache.stats()
         self.assertEqual((stats['files'], stats['bytes']), (1, SIZE))
 
+    def test_accesses_of_another_process_order_the_eviction(self):
+        cache = self.open(grace=0, check_percent=0)
+        for number in range(1, 7):
+            self.admit(cache, number, b'x' * 100)
+        reader = self.child('read', self.dir, 2, 4, 6)
+        output, errors = reader.communicate(timeout=60)
+        self.assertEqual(output, 'ok\n', errors)
+        # In the log, not yet in the rows: the prune folds them in.
+        self.assertEqual(sorted(oid for oid, tid, at in self.logged()),
+                         [p64(2), p64(4), p64(6)])
+        self.assertEqual(cache.prune(300), (3, 300))
+        self.assertEqual(self.cached(cache), [2, 4, 6])
+        self.assertEqual(self.logged(), [])
+
+    def kill_pruner(self, size):
+        """A process that marked the files of `size` bytes evicting and
+        was killed before it removed them."""
+        pruner = self.child('evict', self.dir, size)
+        self.assertReady(pruner)
+        pruner.send_signal(signal.SIGKILL)
+        pruner.wait()
+
+    def test_eviction_of_a_killed_pruner_is_finished_at_open(self):
+        cache = self.open(grace=0)
+        for number in range(1, 6):
+            self.admit(cache, number, b'x' * 100)
+        cache.close()
+        self.kill_pruner(250)
+        self.assertEqual([row[4] for row in self.index_rows()],
+                         ['evicting'] * 3 + ['complete'] * 2)
+        self.assertEqual(self.cached(cache), [1, 2, 3, 4, 5])
+        with self.assertLogs('zodbblob.cache', 'WARNING') as logs:
+            cache = self.open()
+        self.assertIn('finished 3 of their evictions', logs.output[0])
+        self.assertEqual(self.cached(cache), [4, 5])
+        self.assertEqual([row[0] for row in self.index_rows()],
+                         [p64(4), p64(5)])
+        stats = cache.stats()
+        self.assertEqual((stats['files'], stats['bytes']), (2, 200))
+
+    def test_file_whose_pruner_was_killed_is_fetched_again(self):
+        # Opened before the pruner ran, and not knowing the file's size.
+        cache = self.open()
+        admitting = self.open()
+        self.admit(admitting, 1, content(p64(1)))
+        self.kill_pruner(1)
+        fetches = []
+        with self.assertLogs('zodbblob.cache', 'WARNING') as logs:
+            path = cache.load(p64(1), TID, writing(content(p64(1)), fetches))
+        self.assertIn('taking over its eviction', logs.output[0])
+        self.assertIn('ended', logs.output[0])
+        self.assertEqual(len(fetches), 1)
+        self.assertEqual(read(path), content(p64(1)))
+        self.assertEqual([row[4] for row in self.index_rows()], ['complete'])
+        self.assertEqual(cache.stats()['bytes'], SIZE)
+
 
 class EvictionTests(CacheTestCase):
-
-    def cached(self, cache):
-        return sorted(number for number in range(100)
-                      if os.path.exists(cache.path(p64(number), TID)))
 
     def test_least_recently_accessed_go_first_down_to_the_low_water_mark(
             self):
@@ -640,6 +881,37 @@ class EvictionTests(CacheTestCase):
         thread.join(10)
         self.assertEqual(read(cache.path(p64(2), TID)), b'y' * 100)
         self.assertEqual(self.cached(cache), [2])
+
+    def test_file_admitted_while_its_name_is_evicted_is_kept(self):
+        cache = self.open(grace=0)
+        self.admit(cache, 1, b'old')
+        token, victims = mark_evicting(cache, 1)
+        admitted = []
+        admitting = threading.Thread(
+            target=lambda: admitted.append(self.admit(cache, 1, b'new')))
+        admitting.start()
+        # Time for an admission that did not wait to put its file where
+        # the pruner is about to remove one.
+        admitting.join(0.5)
+        with ThreadPoolExecutor(1) as pool:
+            removal = pool.submit(cache._remove_files, victims)
+            self.assertEqual(
+                cache._drop_evicted([(victims, removal)], token), (1, 3))
+        admitting.join(10)
+        self.assertEqual(admitted, [cache.path(p64(1), TID)])
+        self.assertEqual(read(admitted[0]), b'new')
+        self.assertEqual([row[2:] for row in self.index_rows()],
+                         [(3, self.index_rows()[0][3], 'complete')])
+        stats = cache.stats()
+        self.assertEqual((stats['files'], stats['bytes']), (1, 3))
+
+    def test_file_being_evicted_is_a_miss(self):
+        cache = self.open(grace=0)
+        self.admit(cache, 1, b'x')
+        other = self.open()
+        mark_evicting(cache, 1)
+        # Another process, which has not read the file yet.
+        self.assertIsNone(other.lookup(p64(1), TID))
 
     def test_prune_never_walks_the_directory(self):
         cache = self.open(check_percent=0, grace=0)
@@ -784,10 +1056,14 @@ def child(argv):
     the blob (counting a fetch in FETCHES), say ``ok`` if it has every byte.
     ``partial DIR OID``: start a download, write half the blob, say
     ``ready`` and wait to be killed.
+    ``read DIR OID...``: look the blobs up, close, say ``ok`` if all hit.
+    ``evict DIR BYTES``: take the prune lease, mark the oldest files that
+    make up BYTES as evicting, say ``ready`` and wait to be killed.
     """
-    mode, directory, oid = argv[0], argv[1], p64(int(argv[2]))
+    mode, directory = argv[0], argv[1]
     cache = BlobCache(directory)
     if mode == 'load':
+        oid = p64(int(argv[2]))
         fetches, go = argv[3:5]
         print('ready', flush=True)
         while not os.path.exists(go):
@@ -797,12 +1073,22 @@ def child(argv):
         print('ok' if read(path) == content(oid) else 'wrong bytes',
               flush=True)
     elif mode == 'partial':
+        oid = p64(int(argv[2]))
+
         def fetch(path):
             with open(path, 'wb') as f:
                 f.write(content(oid)[:SIZE // 2])
             print('ready', flush=True)
             time.sleep(600)
         cache.load(oid, TID, fetch)
+    elif mode == 'read':
+        found = [cache.lookup(p64(int(number)), TID) for number in argv[2:]]
+        cache.close()
+        print('ok' if None not in found else f'missed: {found}', flush=True)
+    elif mode == 'evict':
+        mark_evicting(cache, int(argv[2]))
+        print('ready', flush=True)
+        time.sleep(600)
     cache.close()
 
 
