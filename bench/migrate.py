@@ -18,17 +18,21 @@ destination directory on the same filesystem (so every side hard-links):
 - ours, bushy -> chunky: the layout without a directory per oid.
 
 Ours does more than stock's: it holds the storage locks, lists and stats
-the source before starting (for the progress total and the sizes), writes
-its state file, and at the end lists and stats both directories again to
-compare them, syncs the destination's filesystem (``syncfs``) and writes
-the marker last.  The table also shows one list-and-stat of the source
-alone, for scale.
+the source once before starting (the progress total, the sizes, and what
+the end is checked against), writes its state file, and at the end lists
+and stats the destination to compare it with that listing, syncs the
+destination's filesystem (``syncfs``) and writes the marker last.  The
+table also shows one list-and-stat of the source alone, for scale, and
+each run prints the load average (1 minute) before and after it, and
+its CPU time (user + system, in this process).
 
 Each side runs ``--repeat`` times, in rotating order, each run in a fresh
 destination; the table gives the median and the range.  Dirty pages are
-flushed (``os.sync``) before every run and the destination of the last
-run is removed before it, untimed; the page cache is warm (the source was
-just written and is walked once before the first run); nothing drops it.
+flushed (``os.sync``) before every run; the page cache is warm (the source
+was just written and is walked once before the first run); nothing drops
+it.  The destinations stay until the end (they go with the work
+directory, untimed): removing one (100,000 directories for lawn) right
+before a run slowed that run by up to a third, whichever side it was.
 
 Run from the project root:
 
@@ -44,18 +48,18 @@ import datetime
 import io
 import os
 import platform
+import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import version
 
 import ZODB.blob
 import ZODB.scripts.migrateblobs
 from ZODB.utils import p64
 
+from machine import hardware, package_version  # bench/machine.py
 from zodbblob.migrate import inventory
 from zodbblob.migrate import iter_source
 from zodbblob.migrate import migrate
@@ -105,26 +109,22 @@ def sizes(blob_dir: str, layout: str) -> dict:
             in inventory(iter_source(blob_dir, layout)).items()}
 
 
-def machine() -> str:
-    def command(*args):
-        try:
-            return subprocess.run(args, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except OSError:
-            return '?'
-    cpu = '?'
-    with contextlib.suppress(OSError), open('/proc/cpuinfo') as f:
-        for line in f:
-            if line.startswith('model name'):
-                cpu = line.split(':', 1)[1].strip()
-                break
-    memory = '?'
-    with contextlib.suppress(OSError), open('/proc/meminfo') as f:
-        kib = int(f.readline().split()[1])
-        memory = f'{kib / 1024 ** 2:.1f} GiB'
-    return (f'{os.cpu_count()} CPUs (nproc {command("nproc")}), {cpu}, '
-            f'{memory} memory, Linux {platform.release()}, Python '
-            f'{platform.python_version()}, ZODB {version("ZODB")}')
+def machine(root: str) -> str:
+    return (f'{hardware(root)}\n'
+            f'Python {platform.python_version()}, ZODB '
+            f'{package_version("ZODB")}, ZEO {package_version("ZEO")}, '
+            f'zodbblob {package_version("zodbblob")}')
+
+
+def load() -> str:
+    return f'{os.getloadavg()[0]:.2f}'
+
+
+def cpu_time() -> float:
+    """User and system seconds of this process: less at the mercy of the
+    other work on the machine than the wall clock."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv=None) -> int:
@@ -152,10 +152,7 @@ def main(argv=None) -> int:
 
 
 def run(work: str, count: int, repeat: int) -> int:
-    print(f'{datetime.date.today()}  {machine()}')
-    print(f'work directory {work}: '
-          + subprocess.run(['df', '-T', work], capture_output=True,
-                           text=True).stdout.splitlines()[-1])
+    print(f'{datetime.date.today()}, {machine(work)}')
     source = os.path.join(work, 'source')
     start = time.perf_counter()
     build_source(source, count)
@@ -170,36 +167,39 @@ def run(work: str, count: int, repeat: int) -> int:
         problems.append(f'source holds {len(expected)} files, not {count}')
 
     times = {name: [] for name, _, _ in SIDES}
-    destination = None
+    cpu = {name: [] for name, _, _ in SIDES}
     for round in range(repeat):
         order = SIDES[round % len(SIDES):] + SIDES[:round % len(SIDES)]
-        for name, layout, side in order:
-            if destination is not None:
-                shutil.rmtree(destination)
-            destination = os.path.join(work, f'dst-{round}-{layout}')
+        for number, (name, layout, side) in enumerate(order):
+            destination = os.path.join(work, f'dst-{round}-{number}-{layout}')
             os.sync()
-            start = time.perf_counter()
+            before = load()
+            start, start_cpu = time.perf_counter(), cpu_time()
             side(source, destination)
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(cpu_time() - start_cpu)
+            after = load()
             found = sizes(destination, layout)
             if found != expected:
                 problems.append(f'{name}, run {round + 1}: '
                                 f'{len(found)} files, not the source\'s '
                                 f'{len(expected)} with their sizes')
-            print(f'  run {round + 1}: {name}: {times[name][-1]:.2f} s',
+            print(f'  run {round + 1}: {name}: {times[name][-1]:.2f} s, '
+                  f'CPU {cpu[name][-1]:.2f} s (load {before} -> {after})',
                   flush=True)
 
     stock = statistics.median(times[SIDES[0][0]])
     print()
     print(f'{count} blob files, {repeat} runs per side (median, range):')
     print()
-    print('| migration | s | range s | stock / this |')
-    print('| --- | ---: | ---: | ---: |')
+    print('| migration | s | range s | stock / this | CPU s |')
+    print('| --- | ---: | ---: | ---: | ---: |')
     for name, _, _ in SIDES:
         median = statistics.median(times[name])
         print(f'| {name} | {median:.2f} | {min(times[name]):.2f}-'
-              f'{max(times[name]):.2f} | {stock / median:.2f}x |')
-    print(f'| (one list + stat of the source alone) | {walk:.2f} | | |')
+              f'{max(times[name]):.2f} | {stock / median:.2f}x | '
+              f'{statistics.median(cpu[name]):.2f} |')
+    print(f'| (one list + stat of the source alone) | {walk:.2f} | | | |')
     print()
     if problems:
         for problem in problems:

@@ -41,7 +41,9 @@ from zodbblob.backup import (add_backup_arguments, add_restore_arguments,
                               backup_command, restore_command)
 from zodbblob.layout import LAYOUTS
 from zodbblob.migrate import add_migrate_arguments, migrate_command
+from zodbblob.progress import Progress
 from zodbblob.storage import BlobStorage, BlobStorageError
+from zodbblob.verify import verify as check_blob_files
 from zodbblob.zexp import (add_export_arguments, add_import_arguments,
                            export_command, import_command)
 
@@ -290,29 +292,6 @@ def open_storage(args: argparse.Namespace, read_only: bool) -> BlobStorage:
         raise
 
 
-class Progress:
-    """A one-line progress display on a terminal; silent elsewhere."""
-
-    def __init__(self, label: str, stream=None, quiet: bool = False):
-        self.stream = stream or sys.stderr
-        self.enabled = not quiet and self.stream.isatty()
-        self.label = label
-        self.shown = -1
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.enabled or not total:
-            return
-        percent = done * 100 // total
-        if percent != self.shown:
-            self.shown = percent
-            bar = '#' * (percent // 4)
-            self.stream.write(f'\r{self.label} [{bar:<25}] {percent:3d}% '
-                              f'{done}/{total}')
-            if done == total:
-                self.stream.write('\n')
-            self.stream.flush()
-
-
 # verify and recover
 
 def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
@@ -327,11 +306,11 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def verify(args: argparse.Namespace) -> int:
-    from zodbblob.verify import verify as check
     storage = open_storage(args, read_only=True)
     try:
-        report = check(storage, checksum=args.checksum,
-                       progress=Progress('verify', quiet=args.quiet))
+        report = check_blob_files(
+            storage, checksum=args.checksum,
+            progress=Progress('verify', quiet=args.quiet))
     finally:
         storage.close()
     lines = report.lines()

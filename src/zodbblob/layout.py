@@ -63,8 +63,10 @@ def _from_repr(text: str) -> bytes | None:
     """
     if _REPR.fullmatch(text) is None:
         return None
-    packed = bytes.fromhex(text[2:]).rjust(8, b'\0')
-    return packed if oid_repr(packed) == text else None
+    # oid_repr writes no leading zero byte, except for zero itself.
+    if text.startswith('0x00') and text != '0x00':
+        return None
+    return bytes.fromhex(text[2:]).rjust(8, b'\0')
 
 
 def _tid_from_name(name: str, path: str) -> bytes:
@@ -104,24 +106,121 @@ class _Layout:
     def iter_blob_paths(self, base_dir: str) -> Iterator[
             tuple[bytes, bytes, str]]:
         base_dir = os.path.abspath(base_dir)
-        for dirpath, dirnames, filenames in os.walk(base_dir):
-            # Hidden directories and tmp hold no committed blob; sorting
-            # makes enumeration (and so tests and migrations) repeatable.
-            dirnames[:] = sorted(
-                d for d in dirnames
-                if not d.startswith('.') and not (
-                    dirpath == base_dir and d == 'tmp'))
-            relative = '' if dirpath == base_dir else os.path.relpath(
-                dirpath, base_dir)
-            for name in sorted(filenames):
-                if not name.endswith(BLOB_SUFFIX):
-                    continue
-                try:
-                    oid, tid = self.blob_path_to_oid_tid(
-                        os.path.join(relative, name))
-                except ValueError:
-                    continue
-                yield oid, tid, os.path.join(dirpath, name)
+        if self._reads_paths_by_level():
+            return _scan(base_dir, self._root, self._depth, self._read_level,
+                         self._read_file, self._files_only)
+        return _scan(base_dir, '', None, self._join_level, self._parse_file,
+                     self._files_only)
+
+    # A scan reads a path one directory level at a time, and each level
+    # once, however many files are below it: `_read_level` turns what the
+    # levels above gave (`_root` at the top) and a directory name into
+    # what the next level needs, or None where no blob file can be below;
+    # `_read_file` turns what `_depth` levels gave and a file name into
+    # ``(oid, tid)``, or None.  Together they accept exactly the paths
+    # that `blob_path_to_oid_tid` accepts.
+    _root = None
+    _depth: int | None = None
+    _files_only = False   # or anything but a directory, as os.walk lists
+
+    def _read_level(self, level: int, above, name: str) -> None:
+        return None   # a layout without directory levels: flat
+
+    def _reads_paths_by_level(self) -> bool:
+        # A subclass that names files its own way (FanoutLayout in
+        # doc/layouts.rst overrides path_to_oid) inherits readers that do
+        # not know its paths: it gets the walk that asks
+        # blob_path_to_oid_tid about every file instead.
+        for cls in type(self).__mro__:
+            defined = vars(cls)
+            if '_read_file' in defined:
+                return True
+            if any(name in defined for name in _PATH_METHODS):
+                return False
+        return False
+
+    @staticmethod
+    def _join_level(level: int, above: str, name: str) -> str:
+        return os.path.join(above, name)
+
+    def _parse_file(self, above: str, name: str) -> tuple[
+            bytes, bytes] | None:
+        if not name.endswith(BLOB_SUFFIX):
+            return None
+        try:
+            return self.blob_path_to_oid_tid(os.path.join(above, name))
+        except ValueError:
+            return None
+
+
+_PATH_METHODS = ('oid_to_path', 'path_to_oid', 'oid_directory',
+                 'getBlobFilePath', 'blob_path_to_oid_tid')
+
+
+def _entry_name(entry: os.DirEntry) -> str:
+    return entry.name
+
+
+def _scan(base_dir: str, root, depth: int | None, read_level, read_file,
+          files_only: bool) -> Iterator[tuple[bytes, bytes, str]]:
+    """``(oid, tid, path)`` of the blob files below `base_dir`.
+
+    Files are read only `depth` levels deep (at any level for None), and
+    a directory's files come before its subdirectories, each in name
+    order, as ``os.walk`` with sorted names gives them.  What ``os.walk``
+    passes over is passed over: hidden directories, ``tmp`` at the top,
+    links to directories (not followed), and directories that cannot be
+    listed.
+    """
+    waiting = [(base_dir, 0, root)]
+    while waiting:
+        path, level, above = waiting.pop()
+        try:
+            with os.scandir(path) as listing:
+                entries = sorted(listing, key=_entry_name)
+        except OSError:
+            continue
+        directories = []
+        for entry in entries:
+            try:
+                is_directory = entry.is_dir()
+            except OSError:
+                is_directory = False
+            if is_directory:
+                if level != depth:
+                    directories.append(entry)
+            elif depth is None or level == depth:
+                found = read_file(above, entry.name)
+                if found is not None and (not files_only
+                                          or _is_file(entry)):
+                    yield found[0], found[1], entry.path
+        below = []
+        for entry in directories:
+            name = entry.name
+            # Hidden directories and tmp hold no committed blob: staged
+            # files of running transactions, the journal.
+            if name.startswith('.') or (level == 0 and name == 'tmp'):
+                continue
+            if entry.is_symlink():
+                continue
+            read = read_level(level, above, name)
+            if read is not None:
+                below.append((entry.path, level + 1, read))
+        waiting.extend(reversed(below))
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
+def _tid_of(name: str) -> bytes | None:
+    """The tid of file name ``<tid repr>.blob``; None for other names."""
+    if not name.endswith(BLOB_SUFFIX):
+        return None
+    return _from_repr(name[:-len(BLOB_SUFFIX)])
 
 
 class _SharedDirectoryLayout(_Layout):
@@ -142,6 +241,13 @@ class _SharedDirectoryLayout(_Layout):
             raise ValueError(f'Not a blob file name: `{path}`')
         return (self.path_to_oid(os.path.join(directory, prefix)),
                 _tid_from_name(rest, path))
+
+    @staticmethod
+    def _split_file_name(name: str) -> tuple[str, bytes] | None:
+        """``(oid part, tid)`` of ``<oid part>.<tid repr>.blob``, or None."""
+        prefix, dot, rest = name.partition('.')
+        tid = _tid_of(rest) if dot else None
+        return None if tid is None else (prefix, tid)
 
 
 @zope.interface.implementer(ILayout)
@@ -164,6 +270,20 @@ class BushyLayout(_Layout):
             raise _invalid(path)
         return bytes(int(level, 16) for level in levels)
 
+    _root = b''
+    _depth = 8
+
+    def _read_level(self, level: int, above: bytes, name: str) -> \
+            bytes | None:
+        if _BUSHY_LEVEL.fullmatch(name) is None:
+            return None
+        return above + bytes.fromhex(name[2:])
+
+    def _read_file(self, oid: bytes, name: str) -> tuple[
+            bytes, bytes] | None:
+        tid = _tid_of(name)
+        return None if tid is None else (oid, tid)
+
 
 @zope.interface.implementer(ILayout)
 class LawnLayout(_Layout):
@@ -179,6 +299,14 @@ class LawnLayout(_Layout):
         if oid is None:
             raise _invalid(path)
         return oid
+
+    _depth = 1
+
+    def _read_level(self, level: int, above: None, name: str) -> \
+            bytes | None:
+        return _from_repr(name)
+
+    _read_file = BushyLayout._read_file
 
 
 @zope.interface.implementer(ILayout)
@@ -208,6 +336,25 @@ class ChunkyLayout(_SharedDirectoryLayout):
             raise _invalid(path)
         return bytes.fromhex(''.join(match.groups()))
 
+    _root = ''
+    _depth = 4
+    _levels = (re.compile('0x[0-9a-f]{4}'),) + 3 * (
+        re.compile('0x[0-9a-f]{3}'),)
+    _file_prefix = re.compile('0x[0-9a-f]{3}')
+
+    def _read_level(self, level: int, digits: str, name: str) -> \
+            str | None:
+        if self._levels[level].fullmatch(name) is None:
+            return None
+        return digits + name[2:]
+
+    def _read_file(self, digits: str, name: str) -> tuple[
+            bytes, bytes] | None:
+        split = self._split_file_name(name)
+        if split is None or self._file_prefix.fullmatch(split[0]) is None:
+            return None
+        return bytes.fromhex(digits + split[0][2:]), split[1]
+
 
 @zope.interface.implementer(ILayout)
 class FlatLayout(_SharedDirectoryLayout):
@@ -220,20 +367,15 @@ class FlatLayout(_SharedDirectoryLayout):
     oid_to_path = LawnLayout.oid_to_path
     path_to_oid = LawnLayout.path_to_oid
 
-    def iter_blob_paths(self, base_dir: str) -> Iterator[
-            tuple[bytes, bytes, str]]:
-        # No walk: nothing below the top level can be a flat blob file.
-        base_dir = os.path.abspath(base_dir)
-        if not os.path.isdir(base_dir):
-            return
-        for name in sorted(os.listdir(base_dir)):
-            try:
-                oid, tid = self.blob_path_to_oid_tid(name)
-            except ValueError:
-                continue
-            path = os.path.join(base_dir, name)
-            if os.path.isfile(path):
-                yield oid, tid, path
+    # No walk: nothing below the top level can be a flat blob file.
+    _depth = 0
+    _files_only = True
+
+    def _read_file(self, above: None, name: str) -> tuple[
+            bytes, bytes] | None:
+        split = self._split_file_name(name)
+        oid = None if split is None else _from_repr(split[0])
+        return None if oid is None else (oid, split[1])
 
 
 for _layout in (BushyLayout(), LawnLayout(), ChunkyLayout(), FlatLayout()):
@@ -449,6 +591,7 @@ class FilesystemHelper:
     def iter_blobs(self) -> Iterator[tuple[bytes, bytes, str]]:
         """``(oid, tid, path)`` of every committed blob file."""
         return self.layout.iter_blob_paths(self.base_dir)
+
 
     def listOIDs(self) -> Iterator[tuple[bytes, str]]:
         """``(oid, oid path)`` for every oid that has a blob file."""

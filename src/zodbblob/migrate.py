@@ -13,10 +13,13 @@ layout), and no ``.layout`` marker, so nothing takes it for a finished
 one.  Running an interrupted migration again (Ctrl-C, a crash, SIGKILL)
 resumes it: files already there with the source's size are kept, the others
 are written again, each under a temporary name first and then renamed, so
-a partial file never has a blob's name.  The end: both directories are
-enumerated afresh and must hold the same ``(oid, tid)`` pairs with the same
-sizes; the destination is made durable, gets its marker, and loses the
-state file.
+a partial file never has a blob's name.  The end: the destination is
+enumerated afresh and must hold the ``(oid, tid)`` pairs of the source,
+as this run listed them when it started, with the same sizes; the
+destination is made durable, gets its marker, and loses the state file.
+The source is listed once per run: it must not change during the run,
+which the storage lock ensures for a zodbblob storage (a stock one must be
+stopped).
 
 zodbblob's own state (``.zodbblob/``, the journal and its catalog) is not
 carried over: a zodbblob storage opened on the destination builds its
@@ -48,13 +51,13 @@ from zodbblob.journal import Journal
 from zodbblob.journal import JournalError
 from zodbblob.journal import journal_path
 from zodbblob.journal import sync_filesystem
-from zodbblob.layout import BLOB_SUFFIX
 from zodbblob.layout import LAYOUT_MARKER
 from zodbblob.layout import LAYOUTS
 from zodbblob.layout import FilesystemHelper
 from zodbblob.layout import fsync_directory
 from zodbblob.layout import get_layout
 from zodbblob.layout import read_marker
+from zodbblob.progress import Progress
 from zodbblob.storage import LOCK_NAME
 from zodbblob.storage import BlobStorageError
 from zodbblob.storage import hold_blob_directory
@@ -69,6 +72,7 @@ TEMPORARY_DIR = '.zodbblob-migrate-tmp'
 # fs.protected_hardlinks, a file with too many links already.
 _NO_LINK = frozenset((errno.EXDEV, errno.EPERM, errno.ENOTSUP,
                       errno.EOPNOTSUPP, errno.EMLINK))
+_ZEOCACHE_BUCKET = re.compile(r'0|[1-9][0-9]*')
 _ZEOCACHE_FILE = re.compile(r'(0|[1-9][0-9]*)\.([0-9a-f]{16})\.blob\Z')
 
 NEW, RESUME, FINISHED = 'new', 'resume', 'finished'
@@ -116,36 +120,35 @@ class Report:
 
 # reading a source
 
-def zeocache_path(oid: bytes, tid: bytes) -> str:
-    """Where stock ZEO's cache (and zodbblob's) keeps a blob, relatively."""
-    base, bucket = divmod(int.from_bytes(oid, 'big'), BUCKETS)
-    return os.path.join(str(bucket), f'{base}.{tid.hex()}{BLOB_SUFFIX}')
-
-
 def iter_zeocache(directory: str) -> Iterator[tuple[bytes, bytes, str]]:
     """``(oid, tid, path)`` of every blob file of a blob cache directory.
 
     Only the buckets' ``.blob`` files count: not the index, download
     temporaries (``.tmp/``, ``.dl``) or stock ZEO's lock files.
     """
-    buckets = sorted((name for name in os.listdir(directory)
-                      if name.isdigit()), key=int)
-    for bucket in buckets:
-        bucket_path = os.path.join(directory, bucket)
-        if not os.path.isdir(bucket_path):
-            continue
+    buckets = []
+    with os.scandir(directory) as listing:
+        for entry in listing:
+            # One spelling per blob: ``01/`` is no bucket, nor is ``997/``.
+            if _ZEOCACHE_BUCKET.fullmatch(entry.name) and int(
+                    entry.name) < BUCKETS and _is_directory(entry):
+                buckets.append((int(entry.name), entry.path))
+    for bucket, bucket_path in sorted(buckets):
         for name in sorted(os.listdir(bucket_path)):
             match = _ZEOCACHE_FILE.match(name)
             if match is None:
                 continue
-            number = int(match[1]) * BUCKETS + int(bucket)
-            if number >= 2 ** 64:
-                continue
-            oid, tid = number.to_bytes(8, 'big'), bytes.fromhex(match[2])
-            # One spelling per blob: `1995.<tid>.blob` in bucket 0 is not
-            # the file of any oid.
-            if zeocache_path(oid, tid) == os.path.join(bucket, name):
-                yield oid, tid, os.path.join(bucket_path, name)
+            number = int(match[1]) * BUCKETS + bucket
+            if number < 2 ** 64:
+                yield (number.to_bytes(8, 'big'), bytes.fromhex(match[2]),
+                       os.path.join(bucket_path, name))
+
+
+def _is_directory(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def iter_source(directory: str, layout: str) -> Iterator[
@@ -482,9 +485,9 @@ def migrate(src: str, dst: str, layout: str,
                 f'migrate again')
         if state == NEW:
             _write_state(destination, expected)
-        _fill(source, source_layout, destination, target, state == RESUME,
-              report, progress)
-        _finish(source, source_layout, destination, target)
+        wanted = _fill(source, source_layout, destination, target,
+                       state == RESUME, report, progress)
+        _finish(source, destination, target, wanted)
         # Our lock file goes too, so that the destination is a plain blob
         # directory; removing it while held is harmless (whoever opens the
         # name now gets a new file, and the migration is over).
@@ -513,8 +516,12 @@ def _check_finished(source, source_layout, destination, target,
 
 
 def _fill(source, source_layout, destination, target, resume, report,
-          progress) -> None:
-    """Put every source file in place; count in `report`."""
+          progress) -> Inventory:
+    """Put every source file in place; count in `report`.
+
+    Returns the source's inventory, listed once: what `_finish` checks
+    the destination against.
+    """
     wanted = inventory(iter_source(source, source_layout))
     report.files = len(wanted)
     report.bytes = sum(size for size, _ in wanted.values())
@@ -524,17 +531,14 @@ def _fill(source, source_layout, destination, target, resume, report,
     shutil.rmtree(temporary, ignore_errors=True)
     os.mkdir(temporary)
     writer = _Writer(source, destination, temporary, report)
-    made = set()
+    made = {destination}
     for done, ((oid, tid), (size, path)) in enumerate(wanted.items(), 1):
         found = present.pop((oid, tid), None)
         if found is not None and found[0] == size:
             report.skipped += 1
         else:
             final = os.path.join(destination, target.getBlobFilePath(oid, tid))
-            directory = os.path.dirname(final)
-            if directory not in made:
-                os.makedirs(directory, exist_ok=True)
-                made.add(directory)
+            _make_directory(os.path.dirname(final), made)
             writer.put(path, final)
         if progress is not None:
             progress(done, report.files)
@@ -546,18 +550,42 @@ def _fill(source, source_layout, destination, target, resume, report,
                        'migrated and %s no longer holds (packed since?)',
                        report.removed, destination, source)
     shutil.rmtree(temporary)
+    return wanted
 
 
-def _finish(source, source_layout, destination, target) -> None:
-    """Verify, then make `destination` a blob directory: its marker."""
+def _make_directory(directory: str, made: set[str]) -> None:
+    """Create `directory` and its missing parents, once per run.
+
+    Tried first, checked only when it fails: in a new destination nearly
+    every directory is missing, and one ``mkdir`` is all it costs (lawn
+    makes one per oid).
+    """
+    if directory in made:
+        return
+    try:
+        os.mkdir(directory)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        _make_directory(os.path.dirname(directory), made)
+        os.mkdir(directory)
+    made.add(directory)
+
+
+def _finish(source, destination, target, wanted: Inventory) -> None:
+    """Verify, then make `destination` a blob directory: its marker.
+
+    The destination is listed afresh and must hold exactly the files in
+    `wanted`, the source's inventory from the start of this run, with
+    their sizes.
+    """
     problems = _differences(
-        inventory(iter_source(source, source_layout)),
-        inventory(target.iter_blob_paths(destination)))
+        wanted, inventory(target.iter_blob_paths(destination)))
     if problems:
         raise MigrationError(
             f'Destination {destination} does not match {source} after the '
             f'migration ({len(problems)} differences: '
-            f'{"; ".join(problems[:5])}): did the source change meanwhile? '
+            f'{"; ".join(problems[:5])}): did either change meanwhile? '
             f'Run the migration again to bring it up to date')
     # The marker declares the directory finished: every file and name must
     # be on disk before it, or a power loss could leave a marked directory
@@ -598,8 +626,6 @@ def add_migrate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def migrate_command(args: argparse.Namespace) -> int:
-    # cli imports this module, so its Progress is imported when needed.
-    from zodbblob.cli import Progress
     progress = Progress('migrate', quiet=args.quiet)
     prog = args.parser.prog
     try:

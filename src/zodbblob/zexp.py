@@ -57,6 +57,7 @@ from zodbblob.layout import BLOB_SUFFIX
 from zodbblob.layout import auto_layout_select
 from zodbblob.layout import get_layout
 from zodbblob.layout import read_marker
+from zodbblob.progress import Progress
 
 
 logger = logging.getLogger(__name__)
@@ -678,8 +679,9 @@ class SourceBlobDirectory:
 # the command
 
 def _cli():
-    # The command's helpers live in zodbblob.cli, which imports this module
-    # for its table of commands: fetched when a command runs, not before.
+    # The storage arguments and their opening live in zodbblob.cli, which
+    # imports this module for its table of commands: fetched when a
+    # command runs, not before.
     from zodbblob import cli
     return cli
 
@@ -775,7 +777,7 @@ def export_command(args: argparse.Namespace) -> int:
         if getattr(obj, '_p_oid', None) is None:
             return _error(args, f'the object at {args.path} is not a '
                                 f'persistent object of its own')
-        progress = _cli().Progress('export', quiet=args.quiet)
+        progress = Progress('export', quiet=args.quiet)
         try:
             report = export_file(connection, obj._p_oid, args.file, progress)
         except (OSError, ExportError, POSKeyError) as e:
@@ -823,7 +825,7 @@ def import_command(args: argparse.Namespace) -> int:
                                     f'give another --name')
             obj = import_file(
                 connection, args.file, args.source_blob_dir, report,
-                _cli().Progress('import', quiet=args.quiet))
+                Progress('import', quiet=args.quiet))
             container[name] = obj
             manager.commit()
         except (LookupError, ExportError, OSError) as e:

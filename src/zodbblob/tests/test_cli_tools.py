@@ -1,6 +1,8 @@
-"""``zodbblob verify`` and ``zodbblob recover``, run as a user runs them."""
+"""``zodbblob verify`` and ``zodbblob recover``, run as a user runs them;
+the progress display of the tools."""
 
 import os
+import pty
 import shutil
 import signal
 import subprocess
@@ -20,6 +22,32 @@ def zodbblob(*args, cwd=None):
     return subprocess.run(
         [sys.executable, '-m', 'zodbblob.cli'] + list(args),
         capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def on_a_terminal(*args):
+    """`zodbblob` with its stderr on a pseudo-terminal: (status, what the
+    terminal showed)."""
+    controller, terminal = pty.openpty()
+    try:
+        result = subprocess.run(
+            [sys.executable, '-m', 'zodbblob.cli'] + list(args),
+            stdout=subprocess.DEVNULL, stderr=terminal, timeout=120)
+        os.close(terminal)
+        terminal = None
+        shown = b''
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:   # EIO: everything written has been read
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        if terminal is not None:
+            os.close(terminal)
+        os.close(controller)
+    return result.returncode, shown.decode()
 
 
 def tree(path):
@@ -106,6 +134,22 @@ class ToolTests(unittest.TestCase):
         check = zodbblob('verify', '--data', self.data, '--blob-dir',
                          self.blob_dir)
         self.assertEqual(check.returncode, 0, check.stdout)
+
+    def test_progress_shows_on_a_terminal_unless_quiet(self):
+        self.make_store()
+        storage = ('--data', self.data, '--blob-dir', self.blob_dir)
+        runs = [(('verify', *storage), 'verify', '3/3'),
+                (('migrate', self.blob_dir, os.path.join(self.dir, 'flat'),
+                  '--layout', 'flat'), 'migrate', '3/3')]
+        for args, label, total in runs:
+            with self.subTest(label):
+                status, shown = on_a_terminal(*args)
+                self.assertEqual(status, 0, shown)
+                self.assertIn(f'\r{label} [', shown)
+                self.assertTrue(shown.rstrip().endswith(f'100% {total}'),
+                                shown)
+        status, shown = on_a_terminal('verify', *storage, '--quiet')
+        self.assertEqual((status, shown), (0, ''))
 
     def test_recover_refuses_a_storage_in_use(self):
         self.make_store()

@@ -6,6 +6,7 @@ path and on disk in both directions, because invariant 1 of the design
 on them.
 """
 
+import contextlib
 import os
 import random
 import shutil
@@ -75,6 +76,21 @@ def write_blob_file(fshelper, oid, tid, data=b''):
     with open(filename, 'wb') as f:
         f.write(data or filename.encode())
     return filename
+
+
+@contextlib.contextmanager
+def recording_listings():
+    """The directories listed (``os.scandir``, which ``os.walk`` uses too)
+    while the block runs."""
+    listed = []
+    real_scandir = os.scandir
+
+    def scandir(path='.'):
+        listed.append(os.path.abspath(path))
+        return real_scandir(path)
+
+    with mock.patch('os.scandir', scandir):
+        yield listed
 
 
 def random_revisions(seed, count):
@@ -278,14 +294,6 @@ class EnumerationTests(unittest.TestCase):
     def test_iteration_never_descends_into_tmp_or_hidden_directories(self):
         # Nothing there can be a committed blob, and there may be much:
         # staged files of running transactions, the journal.
-        walked = []
-        real_walk = os.walk
-
-        def recording_walk(top, *args, **kw):
-            for dirpath, dirnames, filenames in real_walk(top, *args, **kw):
-                walked.append(os.path.relpath(dirpath, top))
-                yield dirpath, dirnames, filenames
-
         for name in BUILTIN_LAYOUTS:
             fshelper = FilesystemHelper(temporary_directory(self), name)
             fshelper.create()
@@ -293,12 +301,13 @@ class EnumerationTests(unittest.TestCase):
             for skipped in ('.zodbblob', '.snapshot'):
                 os.makedirs(os.path.join(fshelper.base_dir, skipped, 'deep'))
             os.makedirs(os.path.join(fshelper.temp_dir, 'deep'))
-            del walked[:]
-            with mock.patch('os.walk', recording_walk):
+            with recording_listings() as listed:
                 self.assertEqual(len(list(fshelper.iter_blobs())), 1)
-            entered = {path.split(os.sep)[0] for path in walked}
+            entered = {os.path.relpath(path, fshelper.base_dir).split(
+                os.sep)[0] for path in listed}
             self.assertEqual(entered & {'tmp', '.zodbblob', '.snapshot'},
                              set(), name)
+            self.assertIn('.', entered, name)
 
     def test_iteration_of_a_missing_or_empty_directory_finds_nothing(self):
         for name in BUILTIN_LAYOUTS:
@@ -333,6 +342,269 @@ class EnumerationTests(unittest.TestCase):
             filename = fshelper.getBlobFilename(p64(9), p64(10))
             self.assertEqual(fshelper.splitBlobFilename(filename),
                              (p64(9), p64(10)))
+
+
+def reference_listing(fshelper):
+    """What iter_blobs must find, the slow and obvious way.
+
+    Every name below the blob directory (os.walk, links to directories
+    not followed), minus ``tmp`` at the top and hidden directories
+    anywhere, minus directories (and for ``flat``, anything but files),
+    each whole relative path asked of ``splitBlobFilename``; in
+    ``os.walk`` order with sorted names.
+    """
+    base = fshelper.base_dir
+    found = []
+    for dirpath, dirnames, filenames in os.walk(base):
+        relative = os.path.relpath(dirpath, base).split(os.sep)
+        if relative[0] == 'tmp' or any(
+                part.startswith('.') and part != '.' for part in relative):
+            continue
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if fshelper.layout_name == 'flat' and not os.path.isfile(path):
+                continue
+            oid, tid = fshelper.splitBlobFilename(path)
+            if oid is not None:
+                found.append((oid, tid, path))
+    return sorted(found, key=lambda item: item[2].split(os.sep))
+
+
+def write(path, data=b'not a blob'):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'wb') as f:
+        f.write(data)
+
+
+def oid_directory(fshelper, oid):
+    return os.path.join(fshelper.base_dir, fshelper.layout.oid_directory(oid))
+
+
+# Junk a blob directory may hold besides its blob files, one kind each;
+# `blob` is the relative path of a real blob file of the directory.
+
+def junk_in_tmp(fshelper, blob):
+    # Staged and uncommitted files, some under a committed file's path.
+    write(os.path.join(fshelper.temp_dir, blob))
+    write(os.path.join(fshelper.temp_dir, 'staged-1', blob))
+    write(os.path.join(fshelper.temp_dir, '0x01.0x03.blob'))
+
+
+def junk_markers_and_locks(fshelper, blob):
+    # .layout is there already; a marker being written, stock ZEO's and
+    # backup's lock files.
+    base = fshelper.base_dir
+    for name in ('.layout-x1y2', '.lock', 'lock', '0x01.lock'):
+        write(os.path.join(base, name))
+    write(os.path.join(base, os.path.dirname(blob), '.lock'))
+
+
+def junk_state_directories(fshelper, blob):
+    # zodbblob's state, a migration's, a filesystem snapshot's: hidden
+    # directories, holding what looks like committed files.
+    base = fshelper.base_dir
+    for hidden in ('.zodbblob', '.zodbblob-migrate-tmp', '.snapshot'):
+        write(os.path.join(base, hidden, 'journal.sqlite'))
+        write(os.path.join(base, hidden, blob))
+    write(os.path.join(base, os.path.dirname(blob), '.hidden', '0x01.blob'))
+
+
+def junk_stray_files(fshelper, blob):
+    base = fshelper.base_dir
+    oid_dir = oid_directory(fshelper, p64(0x1234))
+    fd, _ = fshelper.blob_mkstemp(p64(0x1234), p64(7))
+    os.close(fd)
+    for path in (os.path.join(base, 'README'),
+                 os.path.join(base, 'README.blob'),
+                 os.path.join(base, '.0x01.0x03.blob'),
+                 os.path.join(oid_dir, 'notes.blob'),
+                 os.path.join(oid_dir, 'notes'),
+                 os.path.join(base, blob)[:-len('.blob')] + '.txt',
+                 os.path.join(base, blob) + '~'):
+        write(path)
+
+
+def junk_misspelled_names(fshelper, blob):
+    # Names that parse as numbers but are not how ZODB spells an oid or
+    # a tid: never where getBlobFilename points.
+    base = fshelper.base_dir
+    directory, name = os.path.split(blob)
+    for wrong in (name.upper(), name.replace('0x', '0x0'),
+                  '0x1.0x03.blob', '0x0001.0x03.blob', '0x01.0x0003.blob',
+                  '0x01.0xg3.blob'):
+        write(os.path.join(base, directory, wrong))
+    if directory:
+        top, _, rest = directory.partition(os.sep)
+        for wrong in (top.upper(), top + '0', top.replace('0x', '0x0'),
+                      'x' + top[1:]):
+            write(os.path.join(base, wrong, rest, name))
+
+
+def junk_at_the_wrong_depth(fshelper, blob):
+    # A blob file's name one level too high or too low, and a directory
+    # that has a blob file's name.
+    base = fshelper.base_dir
+    directory, name = os.path.split(blob)
+    if directory:
+        write(os.path.join(base, name))
+    write(os.path.join(base, directory, 'deeper', name))
+    write(os.path.join(base, directory, '0x01', name))
+    if directory:
+        write(os.path.join(base, os.path.dirname(directory), name))
+    os.makedirs(os.path.join(base, directory, '0x01.0x04.blob'))
+    os.makedirs(os.path.join(base, directory, '0x04.blob'))
+
+
+def junk_links_to_directories(fshelper, blob):
+    # Not followed: a link would make one blob file show up twice, and a
+    # loop would never end.
+    base = fshelper.base_dir
+    elsewhere = tempfile.mkdtemp(prefix='zodbblob-test-elsewhere-')
+    write(os.path.join(elsewhere, blob))
+    directory = os.path.dirname(blob)
+    linked = fshelper.getPathForOID(p64(0x4321))
+    if fshelper.layout.directory_per_oid:
+        os.makedirs(os.path.dirname(linked), exist_ok=True)
+        os.symlink(os.path.join(elsewhere, directory), linked)
+    os.symlink(base, os.path.join(base, 'loop'))
+    os.symlink(elsewhere, os.path.join(base, '0x99'))
+    return elsewhere
+
+
+JUNK = {
+    'tmp': junk_in_tmp,
+    'markers and locks': junk_markers_and_locks,
+    'state directories': junk_state_directories,
+    'stray files': junk_stray_files,
+    'misspelled names': junk_misspelled_names,
+    'wrong depth': junk_at_the_wrong_depth,
+    'links to directories': junk_links_to_directories,
+}
+
+
+class ScanTests(unittest.TestCase):
+    """iter_blob_paths against a reference listing, junk of every kind."""
+
+    def blob_directory(self, name, revisions=()):
+        fshelper = FilesystemHelper(
+            os.path.join(temporary_directory(self), 'blobs'), name)
+        fshelper.create()
+        written = [(oid, tid, write_blob_file(fshelper, oid, tid))
+                   for oid, tid in [(p64(0x1234), p64(0x03ec)), *revisions]]
+        return fshelper, written
+
+    def assert_finds_only_the_blobs(self, kind):
+        for name in BUILTIN_LAYOUTS:
+            with self.subTest(layout=name):
+                fshelper, written = self.blob_directory(name)
+                blob = os.path.relpath(written[0][2], fshelper.base_dir)
+                elsewhere = JUNK[kind](fshelper, blob)
+                if elsewhere:
+                    self.addCleanup(shutil.rmtree, elsewhere)
+                self.assertEqual(list(fshelper.iter_blobs()), written)
+                self.assertEqual(reference_listing(fshelper), written)
+
+    def test_files_in_tmp_are_not_blobs(self):
+        self.assert_finds_only_the_blobs('tmp')
+
+    def test_markers_and_lock_files_are_not_blobs(self):
+        self.assert_finds_only_the_blobs('markers and locks')
+
+    def test_hidden_state_directories_are_not_searched(self):
+        self.assert_finds_only_the_blobs('state directories')
+
+    def test_stray_and_temporary_files_are_not_blobs(self):
+        self.assert_finds_only_the_blobs('stray files')
+
+    def test_names_zodb_would_not_write_are_not_blobs(self):
+        self.assert_finds_only_the_blobs('misspelled names')
+
+    def test_blob_names_at_the_wrong_depth_are_not_blobs(self):
+        self.assert_finds_only_the_blobs('wrong depth')
+
+    def test_links_to_directories_are_not_followed(self):
+        self.assert_finds_only_the_blobs('links to directories')
+
+    def test_scan_equals_the_reference_with_every_junk_mixed_in(self):
+        layouts = [*BUILTIN_LAYOUTS, 'test-fanout']
+        saved = dict(LAYOUTS)
+        self.addCleanup(LAYOUTS.update, saved)
+        self.addCleanup(LAYOUTS.clear)
+        register_layout(FanoutLayout())
+        for name in layouts:
+            with self.subTest(layout=name):
+                fshelper, written = self.blob_directory(
+                    name, random_revisions('scan' + name, 300))
+                blob = os.path.relpath(written[0][2], fshelper.base_dir)
+                for add_junk in JUNK.values():
+                    elsewhere = add_junk(fshelper, blob)
+                    if elsewhere:
+                        self.addCleanup(shutil.rmtree, elsewhere)
+                # Links to files count, as before: a blob file's name is
+                # what makes it one.
+                target = written[1][2]
+                link = fshelper.getBlobFilename(written[1][0], p64(0x7777))
+                os.symlink(target, link)
+                expected = reference_listing(fshelper)
+                self.assertEqual(len(expected), 302)
+                self.assertIn((written[1][0], p64(0x7777), link), expected)
+                self.assertEqual(list(fshelper.iter_blobs()), expected)
+                self.assertEqual(list(fshelper.listOIDs()), [
+                    (oid, fshelper.getPathForOID(oid))
+                    for oid in dict.fromkeys(oid for oid, _, _ in expected)])
+
+    @given(layout_name=st.sampled_from(BUILTIN_LAYOUTS), oid=oids, tid=tids,
+           change=st.sampled_from(['none', 'drop', 'repeat', 'replace']),
+           position=st.integers(0, 40), char=st.sampled_from('0x1f.'))
+    @example(layout_name='bushy', oid=p64(1), tid=p64(2), change='drop',
+             position=0, char='0')
+    @example(layout_name='chunky', oid=p64(1), tid=p64(2), change='replace',
+             position=4, char='0')
+    @property_settings
+    def test_scan_takes_a_file_exactly_when_its_path_parses(
+            self, layout_name, oid, tid, change, position, char):
+        # A blob file's path, changed a little: one level dropped or
+        # repeated, or one character replaced.
+        chosen = LAYOUTS[layout_name]
+        parts = chosen.getBlobFilePath(oid, tid).split(os.sep)
+        index = position % len(parts)
+        if change == 'drop' and len(parts) > 1:
+            del parts[index]
+        elif change == 'repeat':
+            parts.insert(index, parts[index])
+        elif change == 'replace':
+            part = parts[index]
+            spot = position % len(part)
+            parts[index] = part[:spot] + char + part[spot + 1:]
+        if any(part in ('', '.', '..') for part in parts):
+            return
+        base = tempfile.mkdtemp(prefix='zodbblob-test-')
+        try:
+            fshelper = FilesystemHelper(base, layout_name)
+            write(os.path.join(fshelper.base_dir, *parts))
+            self.assertEqual(list(fshelper.iter_blobs()),
+                             reference_listing(fshelper))
+        finally:
+            shutil.rmtree(base)
+
+    def test_scan_lists_no_directory_where_no_blob_can_be(self):
+        # Foreign trees inside a blob directory (a backup copied in, a
+        # checkout) cost nothing to pass over.
+        for name in BUILTIN_LAYOUTS:
+            with self.subTest(layout=name):
+                fshelper, written = self.blob_directory(name)
+                base = fshelper.base_dir
+                foreign = [os.path.join(base, 'backup', 'deep'),
+                           os.path.join(base, '0x0000000', 'deep'),
+                           os.path.join(oid_directory(fshelper, p64(5)),
+                                        'extra', 'deep')]
+                for path in foreign:
+                    write(os.path.join(path, '0x01.blob'))
+                with recording_listings() as listed:
+                    self.assertEqual(list(fshelper.iter_blobs()), written)
+                for path in foreign:
+                    self.assertNotIn(path, listed)
+                    self.assertNotIn(os.path.dirname(path), listed)
 
 
 class DirectoryShapeTests(unittest.TestCase):

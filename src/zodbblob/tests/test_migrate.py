@@ -25,10 +25,11 @@ import ZODB
 import ZODB.blob
 import ZODB.FileStorage
 from ZODB.blob import Blob
+from ZODB.utils import p64
 
 from zodbblob import BlobStorage
 from zodbblob import cli
-from zodbblob.cache import BlobCache
+from zodbblob.cache import BUCKETS, BlobCache
 from zodbblob.journal import Journal
 from zodbblob.layout import LAYOUT_MARKER, FilesystemHelper, read_marker
 from zodbblob.migrate import (
@@ -211,6 +212,78 @@ class ChainTests(MigrateTestCase):
             self.assert_reads_everything(destination, revisions)
             source = destination
 
+    def test_each_directory_is_listed_once(self):
+        # The source once (its inventory is kept for the final check), the
+        # destination once (that check).
+        source = self.make_store()
+        for layout in ('lawn', 'chunky'):
+            destination = self.path(f'listed-{layout}')
+            listed = []
+            real_scandir = os.scandir
+
+            def scandir(path='.'):
+                if not isinstance(path, int):   # shutil.rmtree's
+                    listed.append(os.path.abspath(path))
+                return real_scandir(path)
+
+            with mock.patch('os.scandir', scandir):
+                migrate(source, destination, layout)
+            self.assert_finished(source, destination, layout)
+            for top in (source, destination):
+                below = [path for path in listed
+                         if path == top or path.startswith(top + os.sep)]
+                self.assertTrue(below, top)
+                self.assertEqual(len(below), len(set(below)), top)
+
+    def test_a_destination_file_lost_before_the_check_is_found(self):
+        source = self.make_store()
+        destination = self.path('lawn')
+        lost = []
+
+        def lose_one(done, total):
+            # After the last file is in place, before the check.
+            if done == total:
+                (oid, tid), = list(contents(source))[:1]
+                path = FilesystemHelper(destination, 'lawn').getBlobFilename(
+                    oid, tid)
+                os.remove(path)
+                lost.append(path)
+
+        with self.assertRaises(MigrationError) as raised:
+            migrate(source, destination, 'lawn', progress=lose_one)
+        self.assertIn(f'missing: {source}', str(raised.exception))
+        self.assertIsNone(read_marker(destination))
+        status, out, err = run_cli(source, destination, '--layout', 'lawn')
+        self.assertEqual((status, err), (0, ''))
+        self.assertIn('1 linked, 0 copied, 10 already there', out)
+        self.assert_finished(source, destination, 'lawn')
+
+    def test_a_destination_file_changed_or_added_before_the_check(self):
+        source = self.make_store()
+        destination = self.path('bushy')
+        helper = FilesystemHelper(destination, 'bushy')
+        (oid, tid), = list(contents(source))[:1]
+
+        def meddle(done, total):
+            if done == total:
+                # A link shares its bytes with the source file: replace it.
+                path = helper.getBlobFilename(oid, tid)
+                os.remove(path)
+                with open(path, 'wb') as f:
+                    f.write(b'changed')
+                os.makedirs(helper.getPathForOID(p64(0x4321)))
+                with open(helper.getBlobFilename(p64(0x4321), tid), 'wb') as f:
+                    f.write(b'extra')
+
+        with self.assertRaises(MigrationError) as raised:
+            migrate(source, destination, 'bushy', progress=meddle)
+        message = str(raised.exception)
+        self.assertIn('2 differences', message)
+        self.assertIn('7 bytes instead of', message)
+        self.assertIn(f'not in the source: '
+                      f'{helper.getBlobFilename(p64(0x4321), tid)}', message)
+        self.assertIsNone(read_marker(destination))
+
     def test_links_share_the_source_files(self):
         source = self.make_store()
         destination = self.path('chunky')
@@ -301,6 +374,56 @@ class ZEOCacheTests(MigrateTestCase):
         self.assertEqual(self.assert_finished(cache, destination, 'bushy'),
                          revisions)
         self.assert_reads_everything(destination, revisions, stock=True)
+
+    def test_only_files_where_zeo_puts_a_blob_are_listed(self):
+        source = self.make_store()
+        cache = self.stock_cache(source)
+        tid_hex = '03ec2b3f2e5c1a88'
+        # Names ZEO never writes: an oid in another spelling or bucket,
+        # oids past 2**64, other suffixes and hex spellings.
+        junk = [name % tid_hex for name in (
+            '01/2.%s.blob', '997/0.%s.blob', '5/01.%s.blob',
+            f'5/{2 ** 64 // BUCKETS + 1}.%s.blob', '5/2.%s.blobx', '5/2.%s',
+            'x5/2.%s.blob', '.tmp/2.%s.blob', '5/2.%s.blob.dl')]
+        junk += ['5/2.%s.blob' % tid_hex.upper(),
+                 '5/2.%s.blob' % tid_hex[1:]]
+        for name in junk:
+            os.makedirs(os.path.dirname(os.path.join(cache, name)),
+                        exist_ok=True)
+            with open(os.path.join(cache, name), 'w') as f:
+                f.write('x')
+        # Written the way ZEO writes them: 2 * 997 + 5 in bucket 5.
+        for name in ('5/2.%s.blob' % tid_hex, '996/0.%s.blob' % tid_hex):
+            os.makedirs(os.path.dirname(os.path.join(cache, name)),
+                        exist_ok=True)
+            with open(os.path.join(cache, name), 'w') as f:
+                f.write('a blob')
+        # The reference: every name below a bucket that ZEO's own layout
+        # writes for the oid and tid it spells.
+        layout = ZEO.ClientStorage.BlobCacheLayout()
+        expected = []
+        for bucket in sorted(os.listdir(cache)):
+            if not os.path.isdir(os.path.join(cache, bucket)):
+                continue
+            for name in sorted(os.listdir(os.path.join(cache, bucket))):
+                base, _, rest = name.partition('.')
+                try:
+                    number = int(base) * BUCKETS + int(bucket)
+                    tid = bytes.fromhex(rest.partition('.')[0])
+                except ValueError:
+                    continue
+                if not (0 <= number < 2 ** 64 and len(tid) == 8):
+                    continue
+                if layout.getBlobFilePath(p64(number), tid) == os.path.join(
+                        bucket, name):
+                    expected.append((p64(number), tid,
+                                     os.path.join(cache, bucket, name)))
+        listed = list(iter_source(cache, 'zeocache'))
+        self.assertEqual(sorted(listed), sorted(expected))
+        self.assertEqual(len(listed), len(contents(source)) + 2)
+        self.assertIn(
+            (p64(2 * BUCKETS + 5), bytes.fromhex(tid_hex),
+             os.path.join(cache, '5', '2.%s.blob' % tid_hex)), listed)
 
     def test_zodbblob_cache_with_its_index_migrates(self):
         source = self.make_store()
@@ -476,7 +599,7 @@ class InterruptionTests(MigrateTestCase):
                 if done == 4:
                     raise KeyboardInterrupt
 
-        with mock.patch('zodbblob.cli.Progress', Interrupting):
+        with mock.patch('zodbblob.migrate.Progress', Interrupting):
             status, out, err = run_cli(source, destination, '--layout',
                                        'flat')
         self.assertEqual(status, 130)
