@@ -11,27 +11,34 @@ The store is a FileStorage with ``zodbblob.BlobStorage`` (bushy layout),
 1. ``zodbblob backup --quiet`` (as a child process, the way a cron job runs
    it) into ``ours/``;  ``rsync -a var/ rsync/1/``.
 2. One transaction changes ``--changed-percent`` of the blobs.
-3. ``zodbblob backup`` again (incremental: links what the first snapshot
-   has); ``rsync -a --link-dest=rsync/1 var/ rsync/2/``.
+3. ``zodbblob backup`` again (incremental: copies into the destination's
+   pool only the new blob files); ``rsync -a --link-dest=rsync/1 var/
+   rsync/2/`` (a new tree that hard-links the unchanged files).
 
-Both write the same kind of tree (one hard link per unchanged blob file,
-a copy of each new one) and make it durable in different ways: zodbblob
+The two write different things.  zodbblob keeps each blob file once per
+destination, in a pool of few directories, and a snapshot is its
+manifest and its ``Data.fs`` parts; rsync makes a full tree of the
+source per backup.  They make it durable in different ways: zodbblob
 syncs its filesystem before it marks a snapshot complete, rsync syncs
-nothing.  The table therefore gives rsync twice: alone, and followed by a
-``syncfs`` of the destination (what makes its copy as durable as ours).
-Before every timed run, ``os.sync()`` flushes what earlier steps wrote,
-so no run pays for another's writeback.
+nothing.  The table therefore gives rsync twice: alone, and followed by
+a ``syncfs`` of the destination (what makes its copy as durable as
+ours).  Before every timed run, ``os.sync()`` flushes what earlier
+steps wrote, so no run pays for another's writeback.
 
 Columns: *s*, the wall time; *new files* and *new bytes*, the files of the
-backup whose inode is not in the previous backup, and their sizes (what
-was written rather than linked); *written*, the bytes the child process
-dirtied (``getrusage`` ``ru_oublock`` x 512: file data, not metadata).
+whole destination whose inode was not there after the previous backup,
+and their sizes (what was written rather than kept or linked); *new
+dirs*, the directories that were not; *written*, the bytes the child
+process dirtied (``getrusage`` ``ru_oublock`` x 512: file data, not
+metadata).
 
-Checks (exit 1 if one fails): the second snapshot of ours copied exactly
-the changed blob files and linked all others; it restores
-(``zodbblob restore``) into a database that ``zodbblob verify --checksum``
-finds clean and whose every blob reads the bytes of the source; rsync's
-second copy has the same blob files as the source.
+Checks (exit 1 if one fails): the second backup of ours wrote exactly
+the changed blob files plus the snapshot's 3 own files (its ``Data.fs``
+part, ``manifest.sqlite``, ``COMPLETE``) and made one directory, the
+snapshot (nothing tree-shaped); it restores (``zodbblob restore``) into
+a database that ``zodbblob verify --checksum`` finds clean and whose
+every blob reads the bytes of the source; rsync's second copy has the
+same blob files as the source.
 
 Run from the project root (``rsync`` must be installed):
 
@@ -124,14 +131,17 @@ def contents(var: str) -> dict[int, str]:
         db.close()
 
 
-def inodes(root: str) -> dict[int, int]:
-    """inode -> size of every regular file below `root`."""
-    result = {}
+def inodes(root: str) -> tuple[dict[int, int], set[int]]:
+    """inode -> size of every regular file below `root`, and the inodes
+    of its directories."""
+    files = {}
+    directories = set()
     for directory, _, names in os.walk(root):
+        directories.add(os.lstat(directory).st_ino)
         for name in names:
             info = os.lstat(os.path.join(directory, name))
-            result[info.st_ino] = info.st_size
-    return result
+            files[info.st_ino] = info.st_size
+    return files, directories
 
 
 def blob_file_hashes(blob_dir: str) -> dict[str, str]:
@@ -178,6 +188,11 @@ def machine(root: str) -> str:
             f'{os.path.dirname(zodbblob.__file__)}; {rsync}')
 
 
+def load_average() -> str:
+    with open('/proc/loadavg') as f:
+        return ' '.join(f.read().split()[:3])
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split('\n\n')[0],
@@ -207,6 +222,7 @@ def main(argv=None) -> int:
     rsync = os.path.join(work, 'rsync')
     os.makedirs(rsync)
     print(f'{datetime.date.today()}, {machine(work)}')
+    print(f'load average at the start: {load_average()}')
     started = time.perf_counter()
     build(var, args.blobs, args.per_transaction, rng)
     print(f'built {args.blobs} blobs in '
@@ -216,8 +232,8 @@ def main(argv=None) -> int:
                     '--blob-dir', os.path.join(var, 'blobs'), ours]
 
     rows = []
-    seen_ours: dict[int, int] = {}
-    seen_rsync: dict[int, int] = {}
+    seen_ours: tuple[dict[int, int], set[int]] = ({}, set())
+    seen_rsync: tuple[dict[int, int], set[int]] = ({}, set())
     failures = []
     changed = max(1, int(args.blobs * args.changed_percent / 100))
     for run in (1, 2):
@@ -225,11 +241,12 @@ def main(argv=None) -> int:
             change(var, changed, args.blobs, rng)
         seconds, written, output = timed(ours_command)
         snapshot = output.split(':', 1)[0]
-        files = inodes(snapshot)
-        new = {i: s for i, s in files.items() if i not in seen_ours}
-        seen_ours = files
+        files, dirs = inodes(ours)
+        new = {i: s for i, s in files.items() if i not in seen_ours[0]}
+        new_dirs = dirs - seen_ours[1]
+        seen_ours = files, dirs
         rows.append(('zodbblob backup', run, seconds, None, len(new),
-                     sum(new.values()), written))
+                     sum(new.values()), len(new_dirs), written))
         print(output.strip(), flush=True)
 
         target = os.path.join(rsync, str(run))
@@ -238,19 +255,23 @@ def main(argv=None) -> int:
             argv.append('--link-dest=' + os.path.join(rsync, '1'))
         seconds, written, _ = timed(argv + [var + '/', target])
         sync_seconds = timed_sync(target)
-        files = inodes(target)
-        new = {i: s for i, s in files.items() if i not in seen_rsync}
-        seen_rsync = files
+        files, dirs = inodes(rsync)
+        new = {i: s for i, s in files.items() if i not in seen_rsync[0]}
+        new_dirs = dirs - seen_rsync[1]
+        seen_rsync = files, dirs
         rows.append(('rsync -a' + (' --link-dest' if run == 2 else ''), run,
                      seconds, seconds + sync_seconds, len(new),
-                     sum(new.values()), written))
+                     sum(new.values()), len(new_dirs), written))
 
     # checks
     last = rows[2]
     restored = os.path.join(work, 'restored')
+    os.sync()
+    started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, '-m', 'zodbblob.cli', 'restore', '--quiet',
          restored, snapshot], capture_output=True, text=True)
+    restore_seconds = time.perf_counter() - started
     if result.returncode:
         failures.append(f'restore failed: {result.stdout}{result.stderr}')
     else:
@@ -264,11 +285,15 @@ def main(argv=None) -> int:
         if contents(restored) != contents(var):
             failures.append('the restored store reads other bytes than the '
                             'source')
-    # New in the second snapshot: the changed blobs' files, the Data.fs
-    # part appended, the manifest, blobs/.layout and COMPLETE.
-    if last[4] != changed + 4:
-        failures.append(f'second snapshot wrote {last[4]} files, expected '
-                        f'{changed} blob files + 4')
+    # New in the second backup: the changed blobs' files in the pool, and
+    # the snapshot's Data.fs part, manifest and COMPLETE (its link in
+    # .manifests is the manifest's inode); one directory, the snapshot.
+    if last[4] != changed + 3:
+        failures.append(f'second backup wrote {last[4]} files, expected '
+                        f'{changed} blob files + 3')
+    if last[6] != 1:
+        failures.append(f'second backup made {last[6]} directories, '
+                        f'expected 1 (the snapshot)')
     if (blob_file_hashes(os.path.join(var, 'blobs'))
             != blob_file_hashes(os.path.join(rsync, '2', 'blobs'))):
         failures.append("rsync's second copy differs from the source")
@@ -278,22 +303,27 @@ def main(argv=None) -> int:
           f'({args.changed_percent}%) before the second backup')
     print()
     print('| tool | backup | s | s with sync | new files | new bytes | '
-          'written bytes |')
-    print('| --- | ---: | ---: | ---: | ---: | ---: | ---: |')
-    for tool, run, seconds, synced, new_files, new_bytes, written in rows:
+          'new dirs | written bytes |')
+    print('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
+    for (tool, run, seconds, synced, new_files, new_bytes, new_dirs,
+         written) in rows:
         synced_text = '(syncs)' if synced is None else f'{synced:.2f}'
         print(f'| {tool} | {run} | {seconds:.2f} | {synced_text} | '
-              f'{new_files:,} | {new_bytes:,} | {written:,} |')
+              f'{new_files:,} | {new_bytes:,} | {new_dirs:,} | '
+              f'{written:,} |')
     first, second = rows[0], rows[2]
     print()
     print(f'zodbblob second/first: time {second[2] / first[2]:.3f}, new '
           f'bytes {second[5] / first[5]:.4f}, written bytes '
-          f'{second[6] / max(first[6], 1):.4f}')
+          f'{second[7] / max(first[7], 1):.4f}')
     rsync_first, rsync_second = rows[1], rows[3]
     print(f'rsync second/first: time {rsync_second[2] / rsync_first[2]:.3f}'
           f' (with sync {rsync_second[3] / rsync_first[3]:.3f})')
     print(f'zodbblob/rsync with sync: first {first[2] / rsync_first[3]:.2f},'
           f' second {second[2] / rsync_second[3]:.2f}')
+    print(f'zodbblob restore of the second snapshot: '
+          f'{restore_seconds:.2f} s')
+    print(f'load average at the end: {load_average()}')
     for failure in failures:
         print('CHECK FAILED:', failure)
     if not failures:

@@ -7,38 +7,55 @@ of the storage's.  The snapshot holds the database as of one transaction
 end of *T* (a valid ``Data.fs``; FileStorage only appends, so those bytes
 no longer change), and the file of every blob record in those bytes.
 
-Snapshots are directories in one destination, named for their tid::
+A destination holds the snapshots of one database, in format 2::
 
-    DEST/03f0c4a1b2c3d4e5/
+    DEST/.zodbblob-backup    {"format": 2}: what the directory is
+    DEST/.blobs/             the pool: each blob file once, in the chunky
+                             layout, named for its oid and tid
+    DEST/.manifests/         <tid>.sqlite: a hard link to each snapshot's
+                             manifest, for `collect`
+    DEST/03f0c4a1b2c3d4e5/   a snapshot, named for its tid:
       Data.fs.0000000000000000-00000000000a3f20  Data.fs bytes 0 to 0xa3f20
       Data.fs.00000000000a3f20-00000000000b0010  the bytes appended since
-      blobs/                                     the source's layout
       manifest.sqlite                            every file, its sha256
       COMPLETE                                   written last
 
 The ``Data.fs.*`` parts, concatenated in name order, are the ``Data.fs``
-of the snapshot (``cat Data.fs.* > Data.fs`` would do; ``restore`` does
-it and checks every byte).  A new snapshot is incremental: it hard-links
-the previous snapshot's parts and the blob files it already has (a
-committed blob file never changes: one (oid, tid) is one content), and
-writes only the bytes appended to ``Data.fs`` since and the new blob
-files.  Each snapshot is complete on its own, so any of them can be
-deleted.  When the previous snapshot's last part no longer matches the
-source (``Data.fs`` was packed), the new snapshot copies ``Data.fs``
-whole, and still links the blob files.
+of the snapshot (``cat Data.fs.* > Data.fs`` would do).  ``restore``
+concatenates them and builds a blob directory of the source's layout
+from the pool, checking every byte against the manifest.
+
+A committed blob file never changes (one (oid, tid) is one content), so
+the pool holds it once, however many snapshots list it.  A new snapshot
+is incremental: its manifest is the previous one's rows, copied by one
+SQL statement, plus the blob records of the transactions committed since;
+its parts are hard links to the previous snapshot's plus the bytes
+appended since; it copies into the pool only the new blob files.  What a
+backup writes grows with what changed, not with the store.  When
+``Data.fs`` was packed since the previous snapshot (its bytes no longer
+match), the new snapshot copies it whole and reads all its records, and
+still takes from the pool every file the previous manifest lists.
+
+Removing a snapshot (`prune`, or deleting its directory) leaves pool
+files that may be no snapshot's any more; `collect` removes them.  The
+links in ``.manifests`` tell it which to consider: a link whose snapshot
+is gone lists them, and a file goes only when no remaining manifest
+lists it.  The link goes last, so a collection that is interrupted is
+finished by the next backup or prune.
 
 An interrupted backup resumes: the manifest lists every file the
-snapshot needs, each in progress or done.  Files are copied to
-``.partial`` names and renamed, then marked done, so a rerun skips what
-is done, discards partial files and copies the rest (after a reboot, it
-first checks the files marked done: see `_SnapshotWriter`).
-``COMPLETE`` is written only once everything is durable; a snapshot
-without it is resumed, never linked from.
+snapshot needs, each in progress, done or missing (from the source).
+Files are copied to ``.partial`` names and renamed, then marked done, so
+a rerun skips what is done, discards partial files and copies the rest
+(after a reboot, it first checks the files it had copied: see
+`_SnapshotWriter`).  ``COMPLETE`` is written only once everything is
+durable; a snapshot without it is resumed, never built upon.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import errno
@@ -47,6 +64,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import sqlite3
@@ -67,20 +85,27 @@ from ZODB.utils import oid_repr, z64
 from zodbblob.journal import SYNCFS_AVAILABLE, Journal, sync_filesystem
 from zodbblob.layout import (
     LAYOUT_MARKER,
-    FilesystemHelper,
+    LAYOUTS,
     fsync_directory,
     fsync_path,
     get_layout,
     makedirs_durable,
     remove_if_exists,
 )
+from zodbblob.progress import Progress
+from zodbblob.storage import BlobDirectoryInUse, hold_blob_directory
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
+DESTINATION_MARKER = '.zodbblob-backup'
+POOL_NAME = '.blobs'
+POOL_LAYOUT = get_layout('chunky')
+MANIFESTS_NAME = '.manifests'
+MANIFEST_SUFFIX = '.sqlite'
+REMOVING_PREFIX = '.removing-'
 MANIFEST_NAME = 'manifest.sqlite'
 COMPLETE_NAME = 'COMPLETE'
-BLOBS_NAME = 'blobs'
 PART_PREFIX = 'Data.fs.'
 PARTIAL_SUFFIX = '.partial'
 LOCK_NAME = '.lock'
@@ -91,11 +116,17 @@ IN_PROGRESS, DONE, MISSING = 0, 1, 2
 BATCH_FILES = 256
 BATCH_BYTES = 256 << 20
 CHUNK = 1 << 20
-# ZODBBLOB_BACKUP_KILL_AFTER=N[:SIGNAL]: the tests' crash point.  After N
-# files copied, the process sends itself SIGNAL (default KILL) while the
-# next copy is half written.
+# The tests' crash points, N[:SIGNAL].  ZODBBLOB_BACKUP_KILL_AFTER: after
+# N files copied, the process sends itself SIGNAL (default KILL) while
+# the next copy is half written.  ZODBBLOB_BACKUP_KILL_COLLECT_AFTER:
+# after N pool files removed by `collect`.
 KILL_VARIABLE = 'ZODBBLOB_BACKUP_KILL_AFTER'
+COLLECT_KILL_VARIABLE = 'ZODBBLOB_BACKUP_KILL_COLLECT_AFTER'
 
+# ``copied`` is 1 for the blob files this snapshot put into the pool: the
+# ones to check again when a backup resumes after a reboot.  A row costs
+# about 70 bytes: the manifest is what a snapshot writes in proportion to
+# all its files.
 _SCHEMA = """
 CREATE TABLE meta (
     name TEXT PRIMARY KEY,
@@ -113,6 +144,7 @@ CREATE TABLE blob (
     size INTEGER,
     sha256 BLOB,
     state INTEGER NOT NULL,
+    copied INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (oid, tid)
 ) WITHOUT ROWID;
 """
@@ -146,6 +178,12 @@ def part_name(start: int, end: int) -> str:
     return f'{PART_PREFIX}{start:016x}-{end:016x}'
 
 
+def pool_path(destination: str, oid: bytes, tid: bytes) -> str:
+    """Where the pool of `destination` keeps the blob file of (oid, tid)."""
+    return os.path.join(destination, POOL_NAME,
+                        POOL_LAYOUT.getBlobFilePath(oid, tid))
+
+
 def _sqlite_uri(path: str, **parameters) -> str:
     query = urllib.parse.urlencode(parameters)
     return f'file:{urllib.parse.quote(os.path.abspath(path))}?{query}'
@@ -166,21 +204,25 @@ def _hash_file(path: str) -> tuple[int, str]:
 class Manifest:
     """The ``manifest.sqlite`` of one snapshot.
 
-    ``meta`` holds what the snapshot is (``tid``, ``size``: the end of
-    Data.fs, ``layout``, ``source``, ``base``, ``state``); ``part`` a row
-    per Data.fs part and ``blob`` a row per blob file, each with its size,
-    SHA-256 (32 bytes: ``hex(sha256)`` in SQL) and state (0: in progress,
-    1: done, 2: missing from the source).  A row is about 70 bytes: the
-    manifest is what a snapshot writes in proportion to all its files.
+    ``meta`` holds what the snapshot is (``format``, ``tid``, ``size``: the
+    end of Data.fs, ``layout``: the source's, ``source``, ``base``: the
+    snapshot it was built on, ``state``, ``plan``: a token of this plan);
+    ``part`` a row per Data.fs part and ``blob`` a row per blob file, each
+    with its size, SHA-256 (32 bytes: ``hex(sha256)`` in SQL) and state
+    (0: in progress, 1: done, 2: missing from the source).
+
+    `read_only` opens a complete snapshot's manifest as the one file it
+    is, never written again (readable from read-only media, with no -shm
+    file), and an unfinished one read-only.
     """
 
     def __init__(self, snapshot: str, create: bool = False,
                  read_only: bool = False):
         self.path = os.path.join(snapshot, MANIFEST_NAME)
         if read_only:
-            # A complete snapshot's manifest is one file, never written
-            # again: readable from read-only media, with no -shm file.
-            target = _sqlite_uri(self.path, mode='ro', immutable=1)
+            sealed = os.path.exists(os.path.join(snapshot, COMPLETE_NAME))
+            target = _sqlite_uri(self.path, mode='ro', **(
+                {'immutable': 1} if sealed else {}))
         elif create:
             target = self.path
         else:
@@ -206,9 +248,13 @@ class Manifest:
     def close(self) -> None:
         self.db.close()
 
+    def checkpoint(self) -> None:
+        """Move what the WAL holds into the one file."""
+        self.db.execute('PRAGMA wal_checkpoint(TRUNCATE)')
+
     def seal(self) -> None:
         """Fold the WAL into the one file and close: the snapshot is done."""
-        self.db.execute('PRAGMA wal_checkpoint(TRUNCATE)')
+        self.checkpoint()
         self.db.execute('PRAGMA journal_mode=DELETE')
         self.db.close()
         fsync_path(self.path)
@@ -221,30 +267,26 @@ class Manifest:
             'INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)',
             values.items())
 
-    def parts(self) -> list[tuple[int, int, str | None, int]]:
+    def parts(self) -> list[tuple[int, int, bytes | None, int]]:
         return self.db.execute(
             'SELECT start, "end", sha256, state FROM part ORDER BY start'
         ).fetchall()
 
-    def blobs(self, state: int | None = None) -> Iterator[
-            tuple[bytes, bytes, int, str, int]]:
-        """``(oid, tid, size, sha256, state)`` in (oid, tid) order."""
-        where = '' if state is None else 'state = ? AND '
+    def blobs(self, state: int | None = None, copied: bool = False
+              ) -> Iterator[tuple[bytes, bytes, int, bytes, int]]:
+        """``(oid, tid, size, sha256, state)`` in (oid, tid) order.
+
+        Only those in `state`, if given; only those this snapshot copied
+        into the pool, if `copied`.
+        """
+        conditions = ['state = ?'] if state is not None else []
+        if copied:
+            conditions.append('copied = 1')
+        where = ''.join(f'{condition} AND ' for condition in conditions)
         return self._pages(
             f'SELECT oid, tid, size, sha256, state FROM blob '
             f'WHERE {where}(oid, tid) > (?, ?) ORDER BY oid, tid LIMIT ?',
             () if state is None else (state,))
-
-    def pending_with_base(self) -> Iterator[
-            tuple[bytes, bytes, int | None, str | None]]:
-        """``(oid, tid, size, sha256)`` of the blob files in progress;
-        size and sha256 are the attached base snapshot's, where it has
-        the file."""
-        return self._pages(
-            'SELECT n.oid, n.tid, b.size, b.sha256 FROM blob n '
-            'LEFT JOIN base.blob b ON b.oid = n.oid AND b.tid = n.tid '
-            'AND b.state = ? WHERE n.state = ? AND (n.oid, n.tid) > (?, ?) '
-            'ORDER BY n.oid, n.tid LIMIT ?', (DONE, IN_PROGRESS))
 
     def _pages(self, query: str, parameters: tuple, page: int = 1000):
         # A page at a time, keyed on (oid, tid): memory stays flat, and
@@ -258,17 +300,12 @@ class Manifest:
                 return
             last = rows[-1][:2]
 
-    def lookup(self, oid: bytes, tid: bytes):
-        return self.db.execute(
-            'SELECT size, sha256, state FROM blob WHERE oid = ? AND tid = ?',
-            (oid, tid)).fetchone()
-
     def counts(self) -> dict[int, int]:
         return dict(self.db.execute(
             'SELECT state, count(*) FROM blob GROUP BY state'))
 
 
-# snapshots in a destination
+# the destination and its snapshots
 
 @dataclasses.dataclass
 class Snapshot:
@@ -294,6 +331,129 @@ def snapshots(destination: str) -> list[Snapshot]:
             result.append(Snapshot(path, bytes.fromhex(name), os.path.exists(
                 os.path.join(path, COMPLETE_NAME))))
     return result
+
+
+def _read_destination(destination: str) -> bool:
+    """Whether `destination` is a backup destination of this format.
+
+    False where it is new: missing, or empty.  Raises BackupError, naming
+    the path, for anything else (a file, a destination of another format,
+    a directory of other things), having changed nothing.
+    """
+    if not os.path.lexists(destination):
+        return False
+    if not os.path.isdir(destination):
+        raise BackupError(f'{destination} is not a directory')
+    marker = os.path.join(destination, DESTINATION_MARKER)
+    try:
+        with open(marker) as f:
+            text = f.read()
+    except FileNotFoundError:
+        names = sorted(n for n in os.listdir(destination) if n != LOCK_NAME)
+        if not names:
+            return False
+        older = [n for n in names if SNAPSHOT_NAME.match(n)]
+        if older:
+            raise BackupError(
+                f'{destination} holds snapshots of an older backup format '
+                f'({os.path.join(destination, older[0])} and others, and no '
+                f'{DESTINATION_MARKER}); this zodbblob reads and writes '
+                f'format {FORMAT}: back up into a new destination') from None
+        raise BackupError(
+            f'{destination} is not a backup destination (it has no '
+            f'{DESTINATION_MARKER}) and is not empty: give a new or empty '
+            f'directory') from None
+    try:
+        found = json.loads(text)['format']
+    except (ValueError, KeyError, TypeError):
+        raise BackupError(f'{marker} is not a zodbblob backup marker: '
+                          f'{text[:80]!r}') from None
+    if found != FORMAT:
+        raise BackupError(
+            f'{destination} is a backup destination of format {found} '
+            f'({marker}); this zodbblob reads and writes format {FORMAT}: '
+            f'back up into a new destination')
+    return True
+
+
+def _prepare_destination(destination: str) -> None:
+    """Make `destination` one: its marker, pool and manifests' links."""
+    # The marker first: a directory with a pool but no marker would be
+    # refused as someone else's.
+    if not os.path.exists(os.path.join(destination, DESTINATION_MARKER)):
+        _write_marker(destination, DESTINATION_MARKER, json.dumps({
+            'format': FORMAT, 'pool_layout': POOL_LAYOUT.name}) + '\n')
+    for name in (POOL_NAME, MANIFESTS_NAME):
+        os.makedirs(os.path.join(destination, name), exist_ok=True)
+
+
+@contextlib.contextmanager
+def _locked(destination: str):
+    """Hold `destination`'s lock: one backup or prune at a time."""
+    try:
+        lock = zc.lockfile.LockFile(os.path.join(destination, LOCK_NAME))
+    except zc.lockfile.LockError:
+        raise BackupError(f'Another backup is writing into {destination} '
+                          f'(lock {LOCK_NAME} is held)') from None
+    try:
+        yield
+    finally:
+        lock.close()
+
+
+def _manifest_link(destination: str, name: str) -> str:
+    return os.path.join(destination, MANIFESTS_NAME, name + MANIFEST_SUFFIX)
+
+
+def _link_manifest(destination: str, snapshot: str,
+                   manifest: Manifest) -> None:
+    """Give `snapshot`'s manifest its name in ``.manifests``.
+
+    Done before the snapshot copies anything into the pool: `collect`
+    learns from these names which pool files a removed snapshot listed.
+    The planned rows are checkpointed into the one file first, so the
+    link (or, where links fail, the copy) holds them all.
+    """
+    manifest.checkpoint()
+    target = _manifest_link(destination, os.path.basename(snapshot))
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.samefile(target, manifest.path):
+            return
+    staged = target + PARTIAL_SUFFIX
+    remove_if_exists(staged)
+    try:
+        os.link(manifest.path, staged)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK,
+                           errno.ENOTSUP):
+            raise
+        shutil.copyfile(manifest.path, staged)
+        fsync_path(staged)
+    os.replace(staged, target)
+    fsync_directory(os.path.dirname(target))
+
+
+def _plan_token(path: str, **parameters) -> str | None:
+    try:
+        db = sqlite3.connect(_sqlite_uri(path, mode='ro', **parameters),
+                             uri=True)
+        try:
+            row = db.execute(
+                "SELECT value FROM meta WHERE name = 'plan'").fetchone()
+        finally:
+            db.close()
+    except sqlite3.DatabaseError:
+        return None
+    return row[0] if row else None
+
+
+def _same_manifest(link: str, manifest: str) -> bool:
+    with contextlib.suppress(OSError):
+        if os.path.samefile(link, manifest):
+            return True
+    # A copy, where the destination's filesystem has no hard links.
+    token = _plan_token(link, immutable=1)
+    return token is not None and token == _plan_token(manifest)
 
 
 # reading the source
@@ -444,13 +604,14 @@ class _Source:
         return answer
 
 
+
 # writing files durably
 
 class _Kill:
-    """The crash point of `KILL_VARIABLE`, for the tests."""
+    """A crash point for the tests: `KILL_VARIABLE` by default."""
 
-    def __init__(self):
-        value = os.environ.get(KILL_VARIABLE, '')
+    def __init__(self, variable: str = KILL_VARIABLE):
+        value = os.environ.get(variable, '')
         count, _, name = value.partition(':')
         self.after = int(count) if count else None
         self.signal = getattr(signal, 'SIG' + (name or 'KILL').upper())
@@ -460,6 +621,10 @@ class _Kill:
         if self.after is not None and self.copied >= self.after:
             self.after = None
             os.kill(os.getpid(), self.signal)
+
+    def after_one(self) -> None:
+        self.copied += 1
+        self.mid_copy()
 
 
 class _Files:
@@ -589,6 +754,7 @@ def _write_marker(directory: str, name: str, text: str) -> None:
     fsync_directory(directory)
 
 
+
 # taking a snapshot
 
 @dataclasses.dataclass
@@ -603,7 +769,7 @@ class BackupResult:
     data_fs_copied: int = 0
     blob_files: int = 0
     copied: int = 0
-    linked: int = 0
+    pooled: int = 0
     bytes_copied: int = 0
     missing: list = dataclasses.field(default_factory=list)
 
@@ -616,7 +782,8 @@ class BackupResult:
                   f'  Data.fs: {self.data_fs_size} bytes, '
                   f'{self.data_fs_copied} copied',
                   f'  blob files: {self.blob_files}, {self.copied} copied '
-                  f'({self.bytes_copied} bytes), {self.linked} linked']
+                  f'({self.bytes_copied} bytes), {self.pooled} already '
+                  f'backed up']
         for path in self.missing:
             result.append(f'  missing: {path} was not in the source blob '
                           f'directory')
@@ -624,48 +791,41 @@ class BackupResult:
 
 
 class _SnapshotWriter:
-    """Fills one snapshot directory from the source; resumable.
+    """Fills one snapshot (and the pool) from the source; resumable.
 
-    Finished files are marked done in the manifest a batch at a time,
-    without a sync: after a crash of the process, the files it wrote are
-    intact.  Only a crash of the machine can lose them, so a run that
-    resumes in another boot than the one that wrote them checks every
-    file marked done again.  Everything is synced before ``COMPLETE``.
+    The manifest arrives planned: every blob file the snapshot needs is a
+    row, done already where the pool has it, in progress where it is to
+    be copied (or, after ``--full``, in progress with the size and sha256
+    the pool's file must have).  Finished files are marked done a batch
+    at a time, without a sync: after a crash of the process, the files it
+    wrote are intact.  Only a crash of the machine can lose them, so a run
+    that resumes in another boot than the one that wrote them checks every
+    file this snapshot copied again.  Everything is synced before
+    ``COMPLETE``.
     """
 
     def __init__(self, path: str, source: _Source, manifest: Manifest,
                  progress, kill: _Kill, resuming: bool = False):
         self.path = path
+        self.destination = os.path.dirname(path)
         self.source = source
         self.manifest = manifest
         self.progress = progress
         self.resuming = resuming
         self.files = _Files(path, kill)
-        meta = manifest.meta()
-        self.meta = meta
-        self.tid = bytes.fromhex(meta['tid'])
-        self.layout = get_layout(meta['layout'])
-        self.blobs = os.path.join(path, BLOBS_NAME)
-        self.base = None
-        if meta['base']:
-            base_path = os.path.join(os.path.dirname(path), meta['base'])
-            if os.path.exists(os.path.join(base_path, COMPLETE_NAME)):
-                self.base = base_path
-                self.base_blobs = os.path.join(base_path, BLOBS_NAME)
-                manifest.db.execute(
-                    'ATTACH DATABASE ? AS base',
-                    (_sqlite_uri(os.path.join(base_path, MANIFEST_NAME),
-                                 mode='ro', immutable=1),))
-                self.base_layout = get_layout(manifest.db.execute(
-                    "SELECT value FROM base.meta WHERE name = 'layout'"
-                ).fetchone()[0])
-        self.result = BackupResult(path, self.tid, data_fs_size=meta['size'])
+        self.meta = manifest.meta()
+        self.tid = bytes.fromhex(self.meta['tid'])
+        self.base = (os.path.join(self.destination, self.meta['base'])
+                     if self.meta['base'] else None)
+        self.result = BackupResult(path, self.tid,
+                                   data_fs_size=self.meta['size'])
         self.done_rows: list[tuple] = []
         self.batch_bytes = 0
 
     def run(self) -> BackupResult:
         if self.resuming:
             self._prepare_resume()
+        _link_manifest(self.destination, self.path, self.manifest)
         counts = self.manifest.counts()
         parts = self.manifest.parts()
         total = sum(counts.values()) + len(parts)
@@ -676,15 +836,11 @@ class _SnapshotWriter:
         try:
             for start, end, sha256, state in parts:
                 if state != DONE:
-                    self._part(start, end)
+                    self._part(start, end, sha256)
                     done += 1
                     self._progress(done, total)
-            if self.base is not None:
-                rows = self.manifest.pending_with_base()
-            else:
-                rows = ((oid, tid, None, None) for oid, tid, *_
-                        in self.manifest.blobs(IN_PROGRESS))
-            for oid, tid, size, sha256 in rows:
+            for oid, tid, size, sha256, _ in self.manifest.blobs(
+                    IN_PROGRESS):
                 self._blob(oid, tid, size, sha256)
                 done += 1
                 self._progress(done, total)
@@ -695,27 +851,28 @@ class _SnapshotWriter:
         except KeyboardInterrupt:
             self._flush()
             raise BackupInterrupted(self.path) from None
-        for oid, tid, size, sha256, state in self.manifest.blobs(MISSING):
+        for oid, tid, *_ in self.manifest.blobs(MISSING):
             self.result.missing.append(self._source_path(oid, tid))
+        self.result.pooled = (self.result.blob_files - self.result.copied
+                              - len(self.result.missing))
         self._finish()
         return self.result
 
     def _prepare_resume(self) -> None:
-        """Remove partial files; after a reboot, check what is done."""
+        """Remove partial files; after a reboot, check what was copied."""
         boot = _boot_id()
         recheck = boot is None or self.meta.get('boot_id') != boot
+        for oid, tid, *_ in self.manifest.blobs(IN_PROGRESS):
+            remove_if_exists(self._pool_path(oid, tid) + PARTIAL_SUFFIX)
         redo = []
-        for oid, tid, size, sha256, state in self.manifest.blobs():
-            path = self._path(oid, tid)
-            if state == IN_PROGRESS:
-                remove_if_exists(path + PARTIAL_SUFFIX)
-            elif state == DONE and recheck:
+        if recheck:
+            for oid, tid, size, sha256, _ in self.manifest.blobs(
+                    DONE, copied=True):
                 try:
-                    actual = _hash_file(path)
+                    actual = _hash_file(self._pool_path(oid, tid))
                 except OSError:
                     actual = None
                 if actual != (size, sha256):
-                    remove_if_exists(path)
                     redo.append((IN_PROGRESS, oid, tid))
         for start, end, sha256, state in self.manifest.parts():
             path = os.path.join(self.path, part_name(start, end))
@@ -726,14 +883,17 @@ class _SnapshotWriter:
                 except OSError:
                     actual = None
                 if actual != (end - start, sha256):
+                    remove_if_exists(path)
                     self.manifest.db.execute(
                         'UPDATE part SET state = ? WHERE start = ?',
                         (IN_PROGRESS, start))
                     redo.append(None)
         with self.manifest.db:
             self.manifest.db.execute('BEGIN')
+            # Copied again from the source, not checked against these.
             self.manifest.db.executemany(
-                'UPDATE blob SET state = ? WHERE oid = ? AND tid = ?',
+                'UPDATE blob SET state = ?, size = NULL, sha256 = NULL, '
+                'copied = 0 WHERE oid = ? AND tid = ?',
                 [row for row in redo if row is not None])
             self.manifest.set_meta(boot_id=boot or '')
         if recheck:
@@ -745,32 +905,36 @@ class _SnapshotWriter:
         if self.progress is not None:
             self.progress(done, total)
 
-    def _path(self, oid: bytes, tid: bytes) -> str:
-        return os.path.join(self.blobs, self.layout.getBlobFilePath(oid, tid))
+    def _pool_path(self, oid: bytes, tid: bytes) -> str:
+        return pool_path(self.destination, oid, tid)
 
     def _source_path(self, oid: bytes, tid: bytes) -> str:
         return self.source.fshelper.getBlobFilename(oid, tid)
 
-    def _part(self, start: int, end: int) -> None:
+    def _part(self, start: int, end: int, sha256: bytes | None) -> None:
         name = part_name(start, end)
         target = os.path.join(self.path, name)
-        if self.base is not None:
-            row = self.manifest.db.execute(
-                'SELECT sha256 FROM base.part WHERE start = ? AND "end" = ? '
-                'AND state = ?', (start, end, DONE)).fetchone()
-            existing = os.path.join(self.base, name)
-            if (row is not None and self.files.link(existing, target)
+        if sha256 is not None and self.base is not None:
+            # The previous snapshot's part: linked, or (if that snapshot
+            # is gone) copied from the source and checked.
+            if (self.files.link(os.path.join(self.base, name), target)
                     and os.stat(target).st_size == end - start):
-                self._done_part(start, row[0])
+                self._done_part(start, sha256)
                 return
-        size, sha256 = self.files.copy(self.source.file.fileno(), target,
+            remove_if_exists(target)
+        size, actual = self.files.copy(self.source.file.fileno(), target,
                                        0o444, start, end - start)
         if size != end - start:
             raise SourceChanged(f'{self.source.path} ends at {start + size}, '
                                 f'before the end of transaction '
                                 f'{self.tid.hex()} at {end}')
+        if sha256 is not None and actual != sha256:
+            remove_if_exists(target)
+            raise SourceChanged(f'{self.source.path}: bytes {start} to {end} '
+                                f'are not those of snapshot {self.base} '
+                                f'(packed?)')
         self.result.data_fs_copied += size
-        self._done_part(start, sha256)
+        self._done_part(start, actual)
 
     def _done_part(self, start: int, sha256: bytes) -> None:
         with self.manifest.db:
@@ -779,47 +943,33 @@ class _SnapshotWriter:
                 'UPDATE part SET sha256 = ?, state = ? WHERE start = ?',
                 (sha256, DONE, start))
 
-    def _blob(self, oid, tid, base_size, base_sha256) -> None:
-        # One layout computation for the three trees, where they share it.
-        relative = self.layout.getBlobFilePath(oid, tid)
-        target = os.path.join(self.blobs, relative)
-        source = os.path.join(self.source.blob_dir, relative) if (
-            self.source.fshelper.layout is self.layout) else (
-                self._source_path(oid, tid))
-        if base_size is not None:
+    def _blob(self, oid, tid, pooled_size, pooled_sha256) -> None:
+        target = self._pool_path(oid, tid)
+        if pooled_sha256 is not None:
+            # --full: keep the pool's file if it is still what an earlier
+            # snapshot recorded.
             try:
-                live_size = os.stat(source).st_size
-            except FileNotFoundError:
-                live_size = None
-                logger.warning('Blob file %s is missing from the source; '
-                               'kept the copy in snapshot %s', source,
-                               self.base)
-            existing = os.path.join(self.base_blobs, relative if (
-                self.base_layout is self.layout) else (
-                    self.base_layout.getBlobFilePath(oid, tid)))
-            if live_size is not None and live_size != base_size:
-                logger.warning('Blob file %s is %d bytes, but %d in '
-                               'snapshot %s: copied it again', source,
-                               live_size, base_size, self.base)
-            elif (self.files.link(existing, target)
-                  and os.stat(target).st_size == base_size):
-                self.result.linked += 1
-                self.done_rows.append((base_size, base_sha256, DONE, oid, tid))
+                actual = _hash_file(target)
+            except OSError:
+                actual = None
+            if actual == (pooled_size, pooled_sha256):
+                self.done_rows.append(
+                    (pooled_size, pooled_sha256, DONE, 0, oid, tid))
                 return
-            else:
-                logger.warning('Could not link blob file %s from snapshot '
-                               '%s: copied it', existing, self.base)
-                remove_if_exists(target)
+            logger.warning('Blob file %s in the pool is missing or damaged: '
+                           'copied it again from the source', target)
+        source = self._source_path(oid, tid)
         try:
             fd = os.open(source, os.O_RDONLY)
         except FileNotFoundError:
             logger.warning('Blob file %s of oid %s tid %s is missing from '
                            'the source', source, oid_repr(oid), oid_repr(tid))
-            remove_if_exists(target)
-            self.done_rows.append((None, None, MISSING, oid, tid))
+            self.done_rows.append((None, None, MISSING, 0, oid, tid))
             return
         try:
             info = os.fstat(fd)
+            # Replaces a file an interrupted run copied but had not yet
+            # marked done: the same bytes.
             size, sha256 = self.files.copy(
                 fd, target, stat.S_IMODE(info.st_mode), 0, info.st_size)
         finally:
@@ -827,14 +977,14 @@ class _SnapshotWriter:
         self.result.copied += 1
         self.result.bytes_copied += size
         self.batch_bytes += size
-        self.done_rows.append((size, sha256, DONE, oid, tid))
+        self.done_rows.append((size, sha256, DONE, 1, oid, tid))
 
     def _flush(self) -> None:
         """Mark the files finished since the last flush done."""
         with self.manifest.db:
             self.manifest.db.execute('BEGIN')
             self.manifest.db.executemany(
-                'UPDATE blob SET size = ?, sha256 = ?, state = ? '
+                'UPDATE blob SET size = ?, sha256 = ?, state = ?, copied = ? '
                 'WHERE oid = ? AND tid = ?', self.done_rows)
         self.done_rows = []
         self.batch_bytes = 0
@@ -845,14 +995,45 @@ class _SnapshotWriter:
         self.files.sync()
         counts = self.manifest.counts()
         self.manifest.set_meta(state='complete', finished=time.time())
-        if self.base is not None:
-            self.manifest.db.execute('DETACH DATABASE base')
         self.manifest.seal()
         _write_marker(self.path, COMPLETE_NAME, json.dumps({
             'format': FORMAT, 'tid': self.tid.hex(),
             'size': self.meta['size'], 'blob_files': counts.get(DONE, 0),
             'missing': counts.get(MISSING, 0)}) + '\n')
-        fsync_directory(os.path.dirname(self.path))
+        fsync_directory(self.destination)
+
+
+def _refuse_another_database(destination: str, source: _Source) -> None:
+    """Raise BackupError unless the destination's snapshots are `source`'s.
+
+    They are when the newest was taken of the same path, or when the
+    source still holds the bytes of its last Data.fs part (the database
+    was moved).  One destination, one database: the pool names files by
+    oid and tid, which only one database's history keeps apart.
+    """
+    for snapshot in reversed(snapshots(destination)):
+        try:
+            manifest = Manifest(snapshot.path, read_only=True)
+        except BackupError:
+            continue  # interrupted before its plan: no one's
+        try:
+            meta = manifest.meta()
+            if meta.get('source') == source.path:
+                return
+            done = [part for part in manifest.parts() if part[3] == DONE]
+            moved = bool(done) and source.holds(*done[-1][:3])
+        finally:
+            manifest.close()
+        if moved:
+            logger.warning('Snapshots in %s were taken of %s; %s holds the '
+                           'same transactions: continuing with it',
+                           destination, meta.get('source'), source.path)
+            return
+        raise BackupError(
+            f'{destination} holds snapshots of {meta.get("source")}, and '
+            f'{source.path} is another database (it does not hold the '
+            f'Data.fs bytes of {snapshot.path}): back up each database into '
+            f'its own destination')
 
 
 def _plan(destination: str, source: _Source, base: Snapshot | None,
@@ -860,29 +1041,22 @@ def _plan(destination: str, source: _Source, base: Snapshot | None,
     """Plan a snapshot of the source's last committed transaction.
 
     Creates its directory and manifest, which lists every file the
-    snapshot needs, in progress, written in one transaction: a snapshot
-    directory without that plan is garbage, removed by the next run.
-    Returns the snapshot's path, and whether it was there already,
-    complete (nothing was committed since).
+    snapshot needs, written in one transaction: a snapshot directory
+    without that plan is garbage, removed by the next run.  Returns the
+    snapshot's path, and whether it was there already, complete (nothing
+    was committed since).
     """
     base_manifest = None
-    parts: list[tuple[int, int]] = []
+    base_parts: list[tuple[int, int, bytes, int]] = []
     start = 0
     if base is not None:
         base_manifest = Manifest(base.path, read_only=True)
-        base_meta = base_manifest.meta()
-        if base_meta.get('source') != source.path:
-            logger.warning('Snapshots in %s were taken of %s, not %s: '
-                           'copying everything', destination,
-                           base_meta.get('source'), source.path)
-            base_manifest.close()
-            base_manifest = base = None
     try:
         if base is not None and not full:
-            base_parts = base_manifest.parts()
-            last_start, last_end, last_sha256, _ = base_parts[-1]
+            parts = base_manifest.parts()
+            last_start, last_end, last_sha256, _ = parts[-1]
             if source.holds(last_start, last_end, last_sha256):
-                parts = [(s, e) for s, e, *_ in base_parts]
+                base_parts = parts
                 start = last_end
             else:
                 logger.warning('%s changed before position %d since '
@@ -898,62 +1072,69 @@ def _plan(destination: str, source: _Source, base: Snapshot | None,
         path = os.path.join(destination, tid.hex())
         if os.path.exists(os.path.join(path, COMPLETE_NAME)):
             return path, True
-        parts.append((start, end))
-        _write_plan(path, source, tid, end, parts, start, base_manifest,
-                    base.name if base is not None and not full else '')
     finally:
         if base_manifest is not None:
             base_manifest.close()
-    return path, False
-
-
-def _write_plan(path, source, tid, end, parts, start, base_manifest,
-                base_name) -> None:
     os.mkdir(path)
     try:
-        _write_manifest(path, source, tid, end, parts, start, base_manifest,
-                        base_name)
+        _write_manifest(path, source, tid, end, base, base_parts, start, full)
     except BaseException:
         # Interrupted while reading Data.fs, say: no half plan is left.
         shutil.rmtree(path, ignore_errors=True)
         raise
-    fsync_directory(os.path.dirname(path))
+    fsync_directory(destination)
+    return path, False
 
 
-def _write_manifest(path, source, tid, end, parts, start, base_manifest,
-                    base_name) -> None:
-    os.mkdir(os.path.join(path, BLOBS_NAME))
-    _write_marker(os.path.join(path, BLOBS_NAME), LAYOUT_MARKER,
-                  source.layout_name)
+def _write_manifest(path, source, tid, end, base, base_parts, start,
+                    full) -> None:
     manifest = Manifest(path, create=True)
+    db = manifest.db
     try:
-        with manifest.db:
-            manifest.db.execute('BEGIN')
+        if base is not None:
+            db.execute('ATTACH DATABASE ? AS base', (_sqlite_uri(
+                os.path.join(base.path, MANIFEST_NAME), mode='ro',
+                immutable=1),))
+        with db:
+            db.execute('BEGIN')
             manifest.set_meta(
                 format=FORMAT, tid=tid.hex(), size=end,
                 layout=source.layout_name, source=source.path,
                 blob_dir=source.blob_dir, started=time.time(),
-                base=base_name, state='planned', boot_id=_boot_id() or '')
-            manifest.db.executemany(
-                'INSERT INTO part (start, "end", state) VALUES (?, ?, ?)',
-                [(s, e, IN_PROGRESS) for s, e in parts])
+                base=base.name if base is not None else '',
+                state='planned', boot_id=_boot_id() or '',
+                plan=secrets.token_hex(16))
+            db.executemany(
+                'INSERT INTO part (start, "end", sha256, state) '
+                'VALUES (?, ?, ?, ?)',
+                [(s, e, sha256, IN_PROGRESS) for s, e, sha256, _
+                 in base_parts] + [(start, end, None, IN_PROGRESS)])
             if start:
-                # The base's files: those of every blob record before
-                # `start`, which the source still holds byte for byte.
-                # Written with their size and digest, which linking them
-                # confirms: rows that do not grow when they are done keep
-                # the manifest's pages full.
-                manifest.db.executemany(
+                # The base's files are those of every blob record before
+                # `start`, which the source still holds byte for byte: the
+                # pool has them (the missing ones are tried again).
+                db.execute(
                     'INSERT INTO blob (oid, tid, size, sha256, state) '
-                    'VALUES (?, ?, ?, ?, ?)',
-                    ((oid, record_tid, size, sha256, IN_PROGRESS)
-                     for oid, record_tid, size, sha256, _
-                     in base_manifest.blobs()))
-            manifest.db.executemany(
+                    'SELECT oid, tid, size, sha256, CASE state WHEN ? THEN '
+                    '? ELSE ? END FROM base.blob',
+                    (DONE, DONE, IN_PROGRESS))
+            db.executemany(
                 'INSERT OR IGNORE INTO blob (oid, tid, state) '
                 'VALUES (?, ?, ?)',
                 ((oid, record_tid, IN_PROGRESS) for oid, record_tid
                  in source.blob_records(start, tid)))
+            if base is not None and not start:
+                # Data.fs read whole: of its files, those the base lists
+                # are in the pool, done (or, with --full, to be checked).
+                db.execute(
+                    'UPDATE blob SET (size, sha256, state) = (SELECT '
+                    'b.size, b.sha256, ? FROM base.blob b WHERE b.oid = '
+                    'blob.oid AND b.tid = blob.tid) WHERE EXISTS (SELECT 1 '
+                    'FROM base.blob b WHERE b.oid = blob.oid AND b.tid = '
+                    'blob.tid AND b.state = ?)',
+                    (IN_PROGRESS if full else DONE, DONE))
+        if base is not None:
+            db.execute('DETACH DATABASE base')
     finally:
         manifest.close()
 
@@ -961,8 +1142,9 @@ def _write_manifest(path, source, tid, end, parts, start, base_manifest,
 def _open_unfinished(snapshot: Snapshot, source: _Source) -> Manifest | None:
     """The manifest of an unfinished snapshot that can be finished.
 
-    None (and a warning) when it cannot: no plan, another source, or a
-    source that no longer holds its transaction.
+    None (and a warning) when it cannot: no plan, or a source that no
+    longer holds its transaction.  Such a snapshot is removed; its pool
+    files are left to `collect`.
     """
     manifest = None
     try:
@@ -970,8 +1152,6 @@ def _open_unfinished(snapshot: Snapshot, source: _Source) -> Manifest | None:
         meta = manifest.meta()
         if meta.get('state') != 'planned':
             reason = 'it was interrupted before its plan was written'
-        elif meta.get('source') != source.path:
-            reason = f'it is a snapshot of {meta.get("source")}'
         else:
             last_start = manifest.parts()[-1][0]
             if source.end_of(snapshot.tid, last_start) == meta['size']:
@@ -983,7 +1163,7 @@ def _open_unfinished(snapshot: Snapshot, source: _Source) -> Manifest | None:
         manifest.close()
     logger.warning('Removed unfinished snapshot %s, which cannot be '
                    'finished: %s', snapshot.path, reason)
-    shutil.rmtree(snapshot.path)
+    _remove_snapshot(snapshot)
     return None
 
 
@@ -993,27 +1173,26 @@ def backup(storage, destination: str, full: bool = False,
     """Snapshot `storage` (a zodbblob BlobStorage over a FileStorage).
 
     The storage may be opened read-only beside a running server.  First
-    finishes any unfinished snapshot in `destination`, then takes one of
-    the storage's last transaction, unless the newest snapshot holds it
-    already.  With `full`, the new snapshot links nothing from earlier
-    ones.  Returns a result per snapshot finished or found up to date.
+    finishes what an interrupted run left (a snapshot, a removal), then
+    takes a snapshot of the storage's last transaction, unless the newest
+    snapshot holds it already.  With `full`, Data.fs is copied whole and
+    every blob file the pool has already is read again, and copied again
+    from the source if it is missing or damaged.  Returns a result per
+    snapshot finished or found up to date.
 
     Raises BackupInterrupted on Ctrl-C (the snapshot is left to be
-    resumed), BackupError when the source cannot be read as planned.
+    resumed), BackupError when the destination is not one of this
+    storage's or the source cannot be read as planned.
     """
+    destination = os.path.abspath(destination)
+    _read_destination(destination)
     source = _Source(storage)
     try:
+        _refuse_another_database(destination, source)
         os.makedirs(destination, exist_ok=True)
-        destination = os.path.abspath(destination)
-        try:
-            lock = zc.lockfile.LockFile(os.path.join(destination, LOCK_NAME))
-        except zc.lockfile.LockError:
-            raise BackupError(f'Another backup is writing into {destination} '
-                              f'(lock {LOCK_NAME} is held)') from None
-        try:
+        with _locked(destination):
+            _prepare_destination(destination)
             return _backup(source, destination, full, progress)
-        finally:
-            lock.close()
     finally:
         source.close()
 
@@ -1021,18 +1200,24 @@ def backup(storage, destination: str, full: bool = False,
 def _backup(source: _Source, destination: str, full: bool,
             progress) -> list[BackupResult]:
     kill = _Kill()
+    _finish_removals(destination)
+    collect(destination)
     results = []
+    removed = False
     for snapshot in snapshots(destination):
         if snapshot.complete:
             continue
         manifest = _open_unfinished(snapshot, source)
         if manifest is None:
+            removed = True
             continue
         logger.warning('Resuming unfinished snapshot %s', snapshot.path)
         result = _SnapshotWriter(snapshot.path, source, manifest, progress,
                                  kill, resuming=True).run()
         result.resumed = True
         results.append(result)
+    if removed:
+        collect(destination)
     complete = [s for s in snapshots(destination) if s.complete]
     path, up_to_date = _plan(destination, source,
                              complete[-1] if complete else None, full)
@@ -1045,6 +1230,198 @@ def _backup(source: _Source, destination: str, full: bool,
     results.append(_SnapshotWriter(path, source, manifest, progress,
                                    kill).run())
     return results
+
+
+# removing snapshots
+
+def _remove_snapshot(snapshot: Snapshot) -> None:
+    """Take `snapshot` out of the destination, then delete it.
+
+    Renamed first, in one step, so that no half-deleted directory is ever
+    taken for a snapshot; a rename left by a crash is deleted by the next
+    backup or prune.  Its pool files stay until `collect`.
+    """
+    destination = os.path.dirname(snapshot.path)
+    removing = os.path.join(destination, REMOVING_PREFIX + snapshot.name)
+    shutil.rmtree(removing, ignore_errors=True)
+    os.rename(snapshot.path, removing)
+    fsync_directory(destination)
+    shutil.rmtree(removing)
+
+
+def _finish_removals(destination: str) -> None:
+    for name in os.listdir(destination):
+        if name.startswith(REMOVING_PREFIX):
+            shutil.rmtree(os.path.join(destination, name))
+
+
+@dataclasses.dataclass
+class CollectResult:
+    """What `collect` removed from the pool."""
+
+    snapshots: list = dataclasses.field(default_factory=list)
+    files: int = 0
+    bytes: int = 0
+
+
+def collect(destination: str) -> CollectResult:
+    """Remove the pool files of removed snapshots that no snapshot lists.
+
+    A removed snapshot is a link in ``.manifests`` without its snapshot
+    directory (or whose directory holds another plan).  Its files are
+    candidates; every remaining manifest, complete or not, strikes those
+    it lists; the rest are removed, then the links.  Safe to kill at any
+    point: until its link goes, a removed snapshot is collected again,
+    and a file a remaining manifest lists is never a candidate.  Call it
+    with the destination's lock held.
+    """
+    destination = os.path.abspath(destination)
+    result = CollectResult()
+    directory = os.path.join(destination, MANIFESTS_NAME)
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return result
+    remaining = {}
+    for snapshot in snapshots(destination):
+        path = os.path.join(snapshot.path, MANIFEST_NAME)
+        if os.path.exists(path):
+            remaining[snapshot.name] = (path, snapshot.complete)
+    removed = []
+    for name in names:
+        link = os.path.join(directory, name)
+        if name.endswith(PARTIAL_SUFFIX):
+            remove_if_exists(link)  # a link that was being made
+            continue
+        found = remaining.get(name[:-len(MANIFEST_SUFFIX)])
+        if found is None or not _same_manifest(link, found[0]):
+            removed.append(link)
+    if not removed:
+        return result
+    doomed, partials = _unlisted(removed, remaining.values())
+    kill = _Kill(COLLECT_KILL_VARIABLE)
+    touched = set()
+    for oid, tid in partials:
+        remove_if_exists(pool_path(destination, oid, tid) + PARTIAL_SUFFIX)
+    for oid, tid in doomed:
+        path = pool_path(destination, oid, tid)
+        try:
+            size = os.stat(path).st_size
+            os.remove(path)
+        except FileNotFoundError:
+            continue  # removed by a collection that was interrupted
+        result.files += 1
+        result.bytes += size
+        touched.add(os.path.dirname(path))
+        kill.after_one()
+    # The removals durable before the links that list them go: a power
+    # cut then leaves no file that nothing would collect.
+    if SYNCFS_AVAILABLE:
+        sync_filesystem(destination)
+    else:
+        for path in touched:
+            fsync_directory(path)
+    for link in removed:
+        os.remove(link)
+        result.snapshots.append(os.path.basename(link)[:-len(
+            MANIFEST_SUFFIX)])
+    fsync_directory(directory)
+    if result.files:
+        logger.debug('Removed %d blob files (%d bytes) from %s: no '
+                     'remaining snapshot lists them', result.files,
+                     result.bytes, os.path.join(destination, POOL_NAME))
+    return result
+
+
+def _unlisted(removed: list[str], remaining) -> tuple[list, list]:
+    """``(oid, tid)`` of the files the `removed` manifests list and no
+    `remaining` one does; and of those they list as in progress."""
+    db = sqlite3.connect(':memory:', isolation_level=None)
+    try:
+        db.execute('CREATE TABLE candidate (oid BLOB, tid BLOB, '
+                   'PRIMARY KEY (oid, tid)) WITHOUT ROWID')
+        partials = []
+        for path in removed:
+            with _attached(db, _sqlite_uri(path, mode='ro', immutable=1),
+                           path):
+                db.execute('INSERT OR IGNORE INTO candidate '
+                           'SELECT oid, tid FROM listed.blob')
+                partials += db.execute(
+                    'SELECT oid, tid FROM listed.blob WHERE state = ?',
+                    (IN_PROGRESS,)).fetchall()
+        for path, complete in remaining:
+            # An unfinished manifest may have rows in its WAL: read it as
+            # SQLite reads a live database.
+            uri = _sqlite_uri(path, mode='ro', **(
+                {'immutable': 1} if complete else {}))
+            with _attached(db, uri, path):
+                db.execute('DELETE FROM candidate WHERE EXISTS (SELECT 1 '
+                           'FROM listed.blob b WHERE b.oid = candidate.oid '
+                           'AND b.tid = candidate.tid)')
+        doomed = db.execute('SELECT oid, tid FROM candidate').fetchall()
+    finally:
+        db.close()
+    return doomed, partials
+
+
+@contextlib.contextmanager
+def _attached(db: sqlite3.Connection, uri: str, path: str):
+    try:
+        db.execute('ATTACH DATABASE ? AS listed', (uri,))
+    except sqlite3.DatabaseError as e:
+        raise BackupError(f'Cannot read snapshot manifest {path}: {e}; '
+                          f'nothing was removed from the pool') from e
+    try:
+        yield
+    except sqlite3.DatabaseError as e:
+        raise BackupError(f'Cannot read snapshot manifest {path}: {e}; '
+                          f'nothing was removed from the pool') from e
+    finally:
+        db.execute('DETACH DATABASE listed')
+
+
+@dataclasses.dataclass
+class PruneResult:
+    """The snapshots `prune` removed, and the pool files it freed."""
+
+    destination: str
+    removed: list = dataclasses.field(default_factory=list)
+    files: int = 0
+    bytes: int = 0
+
+    def lines(self) -> list[str]:
+        result = [f'{self.destination}: removed snapshot {snapshot.name} '
+                  f'({tid_time(snapshot.tid)})' for snapshot in self.removed]
+        if self.removed or self.files:
+            result.append(f'  freed {self.files} blob files ({self.bytes} '
+                          f'bytes) that no remaining snapshot lists')
+        return result
+
+
+def prune(destination: str, keep: int) -> PruneResult:
+    """Keep the newest `keep` complete snapshots of `destination`.
+
+    Removes the older complete ones (an unfinished snapshot is left to the
+    next backup, which finishes it), then the pool files that only they
+    listed.  Killed at any point, it removes nothing a remaining snapshot
+    needs, and the next backup or prune finishes it.
+    """
+    if keep < 1:
+        raise BackupError(f'keep {keep} snapshots: at least 1 is needed')
+    destination = os.path.abspath(destination)
+    if not _read_destination(destination):
+        raise BackupError(f'{destination} is not a backup destination: no '
+                          f'snapshot to remove')
+    result = PruneResult(destination)
+    with _locked(destination):
+        _finish_removals(destination)
+        complete = [s for s in snapshots(destination) if s.complete]
+        for snapshot in complete[:-keep]:
+            _remove_snapshot(snapshot)
+            result.removed.append(snapshot)
+        collected = collect(destination)
+    result.files, result.bytes = collected.files, collected.bytes
+    return result
 
 
 # checking a snapshot
@@ -1070,17 +1447,46 @@ class CheckReport:
             + ('clean' if self.clean else f'{len(self.problems)} problems')]
 
 
-def _open_snapshot(snapshot: str) -> tuple[Manifest, dict]:
-    if not os.path.exists(os.path.join(snapshot, MANIFEST_NAME)):
+def _open_snapshot(snapshot: str, complete: bool = True
+                   ) -> tuple[Manifest, dict]:
+    """The manifest of `snapshot`, a snapshot of this format whose pool
+    is there; unfinished ones too unless `complete`."""
+    if os.path.exists(os.path.join(snapshot, DESTINATION_MARKER)):
+        taken = [s for s in snapshots(snapshot) if s.complete]
+        example = taken[-1].path if taken else os.path.join(snapshot,
+                                                            '<tid>')
+        raise BackupError(f'{snapshot} is a backup destination, not a '
+                          f'snapshot: name one of its snapshots, such as '
+                          f'{example}')
+    has_manifest = os.path.exists(os.path.join(snapshot, MANIFEST_NAME))
+    if complete and not os.path.exists(os.path.join(snapshot,
+                                                    COMPLETE_NAME)):
+        if has_manifest:
+            raise BackupError(f'{snapshot} is unfinished (no {COMPLETE_NAME}'
+                              f' marker): run the backup again to finish it')
+        raise BackupError(f'{snapshot} is not a snapshot: it has no '
+                          f'{COMPLETE_NAME} marker')
+    if not has_manifest:
         raise BackupError(f'{snapshot} is not a snapshot: it has no '
                           f'{MANIFEST_NAME}')
-    complete = os.path.exists(os.path.join(snapshot, COMPLETE_NAME))
-    manifest = Manifest(snapshot, read_only=complete)
-    meta = manifest.meta()
-    if meta.get('format') != FORMAT:
+    manifest = Manifest(snapshot, read_only=True)
+    try:
+        meta = manifest.meta()
+        if meta.get('format') != FORMAT:
+            raise BackupError(
+                f'{snapshot} is a snapshot of backup format '
+                f'{meta.get("format")}; this zodbblob reads format {FORMAT}')
+        destination = os.path.dirname(snapshot)
+        pool = os.path.join(destination, POOL_NAME)
+        if not os.path.isdir(pool):
+            raise BackupError(
+                f'{snapshot}: its blob files are in {pool}, which does not '
+                f'exist: a snapshot is read where it was taken, beside '
+                f'the pool of its destination')
+        _read_destination(destination)
+    except BaseException:
         manifest.close()
-        raise BackupError(f'{snapshot}: snapshot format {meta.get("format")}'
-                          f' is not format {FORMAT}')
+        raise
     return manifest, meta
 
 
@@ -1122,9 +1528,11 @@ def _check_parts(snapshot: str, manifest: Manifest, meta: dict,
 
 def check(snapshot: str,
           progress: Callable[[int, int], None] | None = None) -> CheckReport:
-    """Re-hash every file of `snapshot` against its manifest."""
+    """Re-hash every file of `snapshot`, in it and in the pool, against
+    its manifest."""
     snapshot = os.path.abspath(snapshot)
-    manifest, meta = _open_snapshot(snapshot)
+    manifest, meta = _open_snapshot(snapshot, complete=False)
+    destination = os.path.dirname(snapshot)
     report = CheckReport(snapshot, bytes.fromhex(meta['tid']))
     problems = report.problems
     try:
@@ -1132,12 +1540,9 @@ def check(snapshot: str,
             problems.append(f'unfinished: {snapshot} has no {COMPLETE_NAME} '
                             f'marker; run the backup again to finish it')
         report.parts = len(_check_parts(snapshot, manifest, meta, problems))
-        helper = FilesystemHelper(os.path.join(snapshot, BLOBS_NAME),
-                                  meta['layout'])
         total = sum(manifest.counts().values())
         for done, (oid, tid, size, sha256, state) in enumerate(
                 manifest.blobs(), 1):
-            path = helper.getBlobFilename(oid, tid)
             if state == MISSING:
                 problems.append(
                     f'missing: the blob file of oid {oid_repr(oid)} tid '
@@ -1145,6 +1550,7 @@ def check(snapshot: str,
                     f'snapshot was taken')
             elif state == DONE:
                 report.blob_files += 1
+                path = pool_path(destination, oid, tid)
                 try:
                     actual_size, actual = _hash_file(path)
                 except OSError as e:
@@ -1158,11 +1564,6 @@ def check(snapshot: str,
                         problems.append(_mismatch(path, actual, sha256))
             if progress is not None:
                 progress(done, total)
-        for oid, tid, path in helper.iter_blobs():
-            row = manifest.lookup(oid, tid)
-            if row is None or row[2] != DONE:
-                problems.append(f'unexpected: the manifest does not list '
-                                f'{path}')
     finally:
         manifest.close()
     return report
@@ -1177,11 +1578,16 @@ class RestoreResult:
     data_fs_size: int
     blob_files: int
     missing: int
+    linked: int = 0
 
     def lines(self) -> list[str]:
         result = [f'{self.directory}: restored transaction {self.tid.hex()} '
                   f'({tid_time(self.tid)}): Data.fs {self.data_fs_size} '
                   f'bytes, {self.blob_files} blob files']
+        if self.linked:
+            copies = self.blob_files - self.linked
+            result.append(f'  {self.linked} blob files are hard links to '
+                          f'the backup\'s files, {copies} are copies')
         if self.missing:
             result.append(f'  {self.missing} blob files were missing from '
                           f'the source when the snapshot was taken; '
@@ -1193,7 +1599,7 @@ def _refuse_occupied(directory: str) -> None:
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise BackupError(f'{directory} is not a directory')
     data_fs = os.path.join(directory, 'Data.fs')
-    blob_dir = os.path.join(directory, BLOBS_NAME)
+    blob_dir = os.path.join(directory, 'blobs')
     if os.path.lexists(data_fs):
         raise BackupError(f'{data_fs} exists: restore into a directory '
                           f'without a Data.fs')
@@ -1207,55 +1613,98 @@ def _refuse_occupied(directory: str) -> None:
                     f'directory without Data.fs files')
     if os.path.lexists(blob_dir) and (not os.path.isdir(blob_dir)
                                       or os.listdir(blob_dir)):
+        try:
+            lock = hold_blob_directory(blob_dir)
+        except BlobDirectoryInUse as e:
+            raise BackupError(f'{e}: restore into a directory no storage '
+                              f'uses') from None
+        except OSError:
+            lock = None
+        if lock is not None:
+            lock.close()
         raise BackupError(f'{blob_dir} exists and is not empty: restore into '
                           f'a directory without a blob directory')
 
 
-def restore(snapshot: str, directory: str,
+def restore(snapshot: str, directory: str, link: bool = False,
+            layout: str | None = None,
             progress: Callable[[int, int], None] | None = None
             ) -> RestoreResult:
-    """Make ``directory/Data.fs`` and ``directory/blobs`` of `snapshot`.
+    """Make ``directory/Data.fs`` (with its index) and ``directory/blobs``.
 
-    Refuses, changing nothing, when `directory` holds a Data.fs (or its
-    index) or a non-empty ``blobs``, and when the snapshot is unfinished.
-    Every byte read is checked against the manifest; both are written
-    under hidden names and renamed into place at the end, so a failed or
-    interrupted restore leaves nothing behind.  The blob directory gets
-    zodbblob's catalog, so the first open need not scan it.
+    The blob directory gets `layout` (by default the source's), and
+    copies of the pool's files; with `link`, hard links to them where
+    the filesystem allows.  Refuses, changing nothing, when `directory`
+    holds a Data.fs (or its index) or a non-empty ``blobs``, and when the
+    snapshot is unfinished.  Every byte read is checked against the
+    manifest; everything is written under hidden names and renamed into
+    place at the end, so a failed or interrupted restore leaves nothing
+    behind.  The blob directory gets zodbblob's catalog and Data.fs its
+    ``Data.fs.index``, so the first open need scan neither.
     """
     snapshot = os.path.abspath(snapshot)
     directory = os.path.abspath(directory)
-    if not os.path.exists(os.path.join(snapshot, COMPLETE_NAME)):
-        if os.path.exists(os.path.join(snapshot, MANIFEST_NAME)):
-            raise BackupError(f'{snapshot} is unfinished (no {COMPLETE_NAME}'
-                              f' marker): run the backup again to finish it')
-        raise BackupError(f'{snapshot} is not a snapshot: it has no '
-                          f'{COMPLETE_NAME} marker')
-    _refuse_occupied(directory)
     manifest, meta = _open_snapshot(snapshot)
-    created = not os.path.exists(directory)
-    os.makedirs(directory, exist_ok=True)
-    staged_data = os.path.join(directory, '.Data.fs.restoring')
-    staged_blobs = os.path.join(directory, '.blobs.restoring')
-    remove_if_exists(staged_data)
-    shutil.rmtree(staged_blobs, ignore_errors=True)
     try:
-        result = _restore(snapshot, manifest, meta, directory, staged_data,
-                          staged_blobs, progress)
-    except BaseException:
-        remove_if_exists(staged_data)
+        try:
+            chosen = get_layout(layout or meta['layout'])
+        except ValueError as e:
+            raise BackupError(str(e)) from None
+        _refuse_occupied(directory)
+        created = not os.path.exists(directory)
+        os.makedirs(directory, exist_ok=True)
+        staged_data = os.path.join(directory, '.Data.fs.restoring')
+        staged_blobs = os.path.join(directory, '.blobs.restoring')
+        staged = [staged_data] + [staged_data + suffix for suffix in (
+            '.index', '.lock', '.tmp', '.index.index_tmp')]
+        for path in staged:
+            remove_if_exists(path)
         shutil.rmtree(staged_blobs, ignore_errors=True)
-        if created:
-            shutil.rmtree(directory, ignore_errors=True)
-        raise
+        try:
+            return _restore(snapshot, manifest, meta, chosen, link,
+                            directory, staged_data, staged_blobs, progress)
+        except BaseException:
+            for path in staged:
+                remove_if_exists(path)
+            shutil.rmtree(staged_blobs, ignore_errors=True)
+            if created:
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
     finally:
         manifest.close()
-    return result
 
 
-def _restore(snapshot, manifest, meta, directory, staged_data, staged_blobs,
-             progress) -> RestoreResult:
+def _write_index(data_fs: str) -> str:
+    """Write ``Data.fs.index`` of `data_fs`, the way FileStorage does.
+
+    FileStorage writes its index when it opens a file without one, and
+    changes nothing else of a file that ends with a committed
+    transaction, as a snapshot's does.  Returns the index's path.
+    """
+    ZODB.FileStorage.FileStorage(data_fs).close()
+    for suffix in ('.lock', '.tmp'):
+        remove_if_exists(data_fs + suffix)
+    index = data_fs + '.index'
+    if not os.path.exists(index):
+        raise BackupError(f'FileStorage wrote no index {index}')
+    fsync_path(index)
+    return index
+
+
+def _check_pooled(path: str, actual_size: int, actual: bytes, size: int,
+                  sha256: bytes) -> None:
+    if actual_size != size:
+        raise BackupError(f'size mismatch: {path} is {actual_size} bytes, '
+                          f'the manifest recorded {size}; nothing restored')
+    if actual != sha256:
+        raise BackupError(_mismatch(path, actual, sha256)
+                          + '; nothing restored')
+
+
+def _restore(snapshot, manifest, meta, layout, link, directory, staged_data,
+             staged_blobs, progress) -> RestoreResult:
     tid = bytes.fromhex(meta['tid'])
+    destination = os.path.dirname(snapshot)
     problems: list[str] = []
     parts = _check_parts(snapshot, manifest, meta, problems,
                          hash_files=False)
@@ -1275,31 +1724,37 @@ def _restore(snapshot, manifest, meta, directory, staged_data, staged_blobs,
                                   + '; nothing restored')
         out.flush()
         os.fsync(out.fileno())
+    staged_index = _write_index(staged_data)
 
-    layout = get_layout(meta['layout'])
     os.mkdir(staged_blobs)
-    _write_marker(staged_blobs, LAYOUT_MARKER, meta['layout'])
+    _write_marker(staged_blobs, LAYOUT_MARKER, layout.name)
     counts = manifest.counts()
     total = counts.get(DONE, 0)
     catalog = []
+    linked = 0
     for oid, blob_tid, size, sha256, state in manifest.blobs(DONE):
-        relative = layout.getBlobFilePath(oid, blob_tid)
-        path = os.path.join(snapshot, BLOBS_NAME, relative)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            info = os.fstat(fd)
-            actual_size, actual = files.copy(
-                fd, os.path.join(staged_blobs, relative),
-                stat.S_IMODE(info.st_mode), 0, info.st_size)
-        finally:
-            os.close(fd)
-        if actual_size != size:
-            raise BackupError(f'size mismatch: {path} is {actual_size} '
-                              f'bytes, the manifest recorded {size}; nothing '
-                              f'restored')
-        if actual != sha256:
-            raise BackupError(_mismatch(path, actual, sha256)
-                              + '; nothing restored')
+        path = pool_path(destination, oid, blob_tid)
+        target = os.path.join(staged_blobs,
+                              layout.getBlobFilePath(oid, blob_tid))
+        placed = False
+        if link:
+            _check_pooled(path, *_hash_file(path), size, sha256)
+            placed = files.link(path, target)
+            if placed:
+                linked += 1
+            else:
+                logger.warning('Cannot hard-link %s into %s: copying the '
+                               'blob files instead', path, directory)
+                link = False
+        if not placed:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                info = os.fstat(fd)
+                actual_size, actual = files.copy(
+                    fd, target, stat.S_IMODE(info.st_mode), 0, info.st_size)
+            finally:
+                os.close(fd)
+            _check_pooled(path, actual_size, actual, size, sha256)
         catalog.append((oid, blob_tid, size))
         if progress is not None:
             progress(len(catalog), total)
@@ -1310,14 +1765,26 @@ def _restore(snapshot, manifest, meta, directory, staged_data, staged_blobs,
     finally:
         journal.close()
     files.sync()
-    os.replace(staged_blobs, os.path.join(directory, BLOBS_NAME))
+    os.replace(staged_blobs, os.path.join(directory, 'blobs'))
+    os.replace(staged_index, os.path.join(directory, 'Data.fs.index'))
     os.replace(staged_data, os.path.join(directory, 'Data.fs'))
     fsync_directory(directory)
     return RestoreResult(directory, tid, meta['size'], len(catalog),
-                         counts.get(MISSING, 0))
+                         counts.get(MISSING, 0), linked)
 
 
 # the commands
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number of '
+                                         f'snapshots (1 or more)')
+    return value
+
 
 def add_backup_arguments(parser: argparse.ArgumentParser) -> None:
     from zodbblob.cli import add_storage_arguments
@@ -1325,16 +1792,22 @@ def add_backup_arguments(parser: argparse.ArgumentParser) -> None:
         'Take a snapshot of a FileStorage and its blob directory, '
         'consistent at its last committed transaction, into DEST/<tid>.  '
         'Reads the storage without locking it: safe while a server serves '
-        'and commits.  A new snapshot hard-links what the previous one has '
-        'and copies only what changed; an interrupted backup is resumed '
-        'by running it again.  Exit status 0 when complete, 1 when blob '
-        'files were missing from the source, 130 when interrupted.')
+        'and commits.  Blob files are kept once per destination, in '
+        'DEST/.blobs: a new snapshot copies only the files committed since '
+        'the previous one.  An interrupted backup is resumed by running it '
+        'again.  Exit status 0 when complete, 1 when blob files were '
+        'missing from the source, 130 when interrupted.')
     add_storage_arguments(parser)
     parser.add_argument('destination', metavar='DEST',
-                        help='directory of the snapshots, created if missing')
+                        help='directory of the snapshots of this database, '
+                             'created if missing')
     parser.add_argument('--full', action='store_true',
-                        help='copy everything, linking nothing from earlier '
-                             'snapshots')
+                        help='copy Data.fs whole, and read every blob file '
+                             'DEST has again, copying from the source those '
+                             'missing or damaged')
+    parser.add_argument('--keep', metavar='N', type=_positive,
+                        help='after the backup, remove all but the newest N '
+                             'snapshots, and the blob files only they had')
 
 
 def _interrupted_line(progress) -> str:
@@ -1343,7 +1816,7 @@ def _interrupted_line(progress) -> str:
 
 
 def backup_command(args: argparse.Namespace) -> int:
-    from zodbblob.cli import Progress, open_storage
+    from zodbblob.cli import open_storage
     prog = args.parser.prog
     progress = Progress('backup', quiet=args.quiet)
     storage = None
@@ -1372,17 +1845,30 @@ def backup_command(args: argparse.Namespace) -> int:
         for line in lines if not args.quiet else lines[:1] + [
                 line for line in lines if 'missing:' in line]:
             print(line)
-    return 1 if any(result.missing for result in results) else 0
+    status = 1 if any(result.missing for result in results) else 0
+    if args.keep is not None:
+        try:
+            pruned = prune(args.destination, args.keep)
+        except KeyboardInterrupt:
+            print(f'{prog}: interrupted while removing old snapshots; run '
+                  f'the same command again to finish', file=sys.stderr)
+            return 130
+        except (BackupError, OSError) as e:
+            print(f'{prog}: error: {e}', file=sys.stderr)
+            return 1
+        for line in pruned.lines():
+            print(line)
+    return status
 
 
 def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         'Restore a snapshot that `zodbblob backup` took: write DEST_DIR/'
-        'Data.fs and DEST_DIR/blobs, checking every byte against the '
-        'manifest.  Refuses a DEST_DIR that has a Data.fs or a non-empty '
-        'blobs directory.  With --check, first re-hash every file of '
-        'SNAPSHOT and report mismatches (exit status 1); without DEST_DIR, '
-        'only check.')
+        'Data.fs, its index, and DEST_DIR/blobs, checking every byte '
+        'against the manifest.  Refuses a DEST_DIR that has a Data.fs or a '
+        'non-empty blobs directory.  With --check, first re-hash every file '
+        'of SNAPSHOT and report mismatches (exit status 1); without '
+        'DEST_DIR, only check.')
     parser.add_argument('directory', metavar='DEST_DIR', nargs='?',
                         help='where to write Data.fs and blobs/')
     parser.add_argument('snapshot', metavar='SNAPSHOT',
@@ -1390,12 +1876,19 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--check', action='store_true',
                         help='re-hash every file of the snapshot against '
                              'its manifest')
+    parser.add_argument('--link', action='store_true',
+                        help='hard-link the blob files to the backup\'s '
+                             'where one filesystem holds both (fast, but '
+                             'the restored files are the backup\'s: see '
+                             'doc/backup.rst); copies by default')
+    parser.add_argument('--layout', choices=sorted(LAYOUTS),
+                        help='layout of the restored blob directory '
+                             '(default: the source\'s)')
     parser.add_argument('--quiet', action='store_true',
                         help='no progress, only problems and the result')
 
 
 def restore_command(args: argparse.Namespace) -> int:
-    from zodbblob.cli import Progress
     prog = args.parser.prog
     if args.directory is None and not args.check:
         args.parser.error('name the directory to restore into: DEST_DIR '
@@ -1410,7 +1903,8 @@ def restore_command(args: argparse.Namespace) -> int:
                 print(line)
             if not report.clean or args.directory is None:
                 return 0 if report.clean else 1
-        result = restore(args.snapshot, args.directory,
+        result = restore(args.snapshot, args.directory, link=args.link,
+                         layout=args.layout,
                          progress=Progress('restore', quiet=args.quiet))
     except KeyboardInterrupt:
         newline = '\n' if sys.stderr.isatty() and not args.quiet else ''
@@ -1423,4 +1917,3 @@ def restore_command(args: argparse.Namespace) -> int:
     for line in result.lines():
         print(line)
     return 0
-

@@ -28,15 +28,17 @@ from ZODB.blob import Blob
 
 from zodbblob import BlobStorage
 from zodbblob.backup import (
+    COLLECT_KILL_VARIABLE,
     COMPLETE_NAME,
     KILL_VARIABLE,
     Manifest,
     backup,
     check,
+    pool_path,
+    prune,
     snapshots,
 )
 from zodbblob.cli import main
-from zodbblob.layout import get_layout
 from zodbblob.testing import ZEOServerLayer
 
 
@@ -52,6 +54,7 @@ def run_process(*argv, env=None):
     """``python -m zodbblob.cli ARGV`` in a child process."""
     environment = dict(os.environ)
     environment.pop(KILL_VARIABLE, None)
+    environment.pop(COLLECT_KILL_VARIABLE, None)
     environment.update(env or {})
     return subprocess.run(
         [sys.executable, '-m', 'zodbblob.cli'] + [str(a) for a in argv],
@@ -88,16 +91,41 @@ def read_store(directory):
         db.close()
 
 
-def blob_inodes(snapshot):
-    """Path below ``blobs/`` -> inode, for every blob file of `snapshot`."""
-    top = os.path.join(snapshot, 'blobs')
+def files_below(top, suffix=''):
+    """Path below `top` -> inode, for every file whose name ends so."""
     result = {}
-    for dirpath, dirs, files in os.walk(top):
-        for name in files:
-            if name.endswith('.blob'):
+    for dirpath, dirs, names in os.walk(top):
+        for name in names:
+            if name.endswith(suffix):
                 path = os.path.join(dirpath, name)
                 result[os.path.relpath(path, top)] = os.stat(path).st_ino
     return result
+
+
+def pool_files(destination):
+    """Path below the pool -> inode, for every blob file in it."""
+    return files_below(os.path.join(destination, '.blobs'), '.blob')
+
+
+def directories(top):
+    return {dirpath for dirpath, dirs, names in os.walk(top)}
+
+
+def listed(snapshot):
+    """(oid, tid) of every blob file the manifest of `snapshot` lists."""
+    manifest = Manifest(snapshot, read_only=True)
+    try:
+        return {(oid, tid) for oid, tid, *_ in manifest.blobs()}
+    finally:
+        manifest.close()
+
+
+def pooled(destination):
+    """(oid, tid) of every blob file in the pool of `destination`."""
+    from zodbblob.backup import POOL_LAYOUT
+    top = os.path.join(destination, '.blobs')
+    return {POOL_LAYOUT.blob_path_to_oid_tid(path)
+            for path in files_below(top, '.blob')}
 
 
 def tree(path):
@@ -138,15 +166,22 @@ class StoreTestCase(unittest.TestCase):
     def make_store(self, count):
         self.commit({f'b{i}': blob_bytes(i) for i in range(count)})
 
+    def pack(self):
+        db = open_db(self.source, self.layout)
+        try:
+            db.pack(time.time() + 1)
+        finally:
+            db.close()
+
     def backup(self, *options):
         status, out, err = run('backup', '--data', self.data, '--blob-dir',
                                self.blob_dir, *options, self.dest)
         self.assertEqual(status, 0, out + err)
         return out
 
-    def restore(self, snapshot, name='restored'):
+    def restore(self, snapshot, name='restored', *options):
         target = os.path.join(self.dir, name)
-        status, out, err = run('restore', target, snapshot)
+        status, out, err = run('restore', *options, target, snapshot)
         self.assertEqual(status, 0, out + err)
         return target
 
@@ -157,6 +192,10 @@ class StoreTestCase(unittest.TestCase):
             os.path.join(directory, 'blobs'))
         self.assertEqual(status, 0, out + err)
         self.assertIn('clean', out)
+
+    def assertChecks(self, snapshot):
+        status, out, err = run('restore', '--check', snapshot)
+        self.assertEqual(status, 0, out + err)
 
     def snapshot_paths(self):
         return [s.path for s in snapshots(self.dest)]
@@ -169,8 +208,14 @@ class BackupRestoreTests(StoreTestCase):
         out = self.backup()
         [snapshot] = self.snapshot_paths()
         self.assertIn('blob files: 30, 30 copied', out)
-        self.assertTrue(os.path.exists(os.path.join(snapshot,
-                                                    COMPLETE_NAME)))
+        # The snapshot is its Data.fs part, manifest and marker; its blob
+        # files are in the destination's pool.
+        self.assertEqual(sorted(os.listdir(snapshot)), [
+            COMPLETE_NAME, f'Data.fs.0000000000000000-'
+            f'{os.path.getsize(self.data):016x}', 'manifest.sqlite'])
+        self.assertEqual(len(pool_files(self.dest)), 30)
+        with open(os.path.join(self.dest, '.zodbblob-backup')) as f:
+            self.assertEqual(json.load(f)['format'], 2)
         restored = self.restore(snapshot)
         self.assertVerifies(restored)
         self.assertEqual(read_store(restored), self.expected)
@@ -178,23 +223,28 @@ class BackupRestoreTests(StoreTestCase):
                 open(self.data, 'rb') as original:
             self.assertEqual(copy.read(), original.read())
 
-    def test_second_backup_links_unchanged_files_and_copies_only_changed(
+    def test_second_backup_copies_only_the_changed_files_and_makes_no_tree(
             self):
         self.make_store(100)
         self.backup()
         old = dict(self.expected)
+        before = pool_files(self.dest)
+        dirs_before = directories(self.dest)
         self.commit({'b7': b'changed'})  # 1%
         out = self.backup()
         first, second = self.snapshot_paths()
-        # The old revision of b7 is still a record in Data.fs: linked too.
-        self.assertIn('blob files: 101, 1 copied (7 bytes), 100 linked', out)
-        before, after = blob_inodes(first), blob_inodes(second)
-        self.assertEqual(len(before), 100)
+        # The old revision of b7 is still a record in Data.fs: listed too.
+        self.assertIn('blob files: 101, 1 copied (7 bytes), 100 already '
+                      'backed up', out)
+        after = pool_files(self.dest)
         self.assertEqual(len(after), 101)
-        new = set(after) - set(before)
-        self.assertEqual(len(new), 1)
+        self.assertEqual(len(set(after) - set(before)), 1)
         for path, inode in before.items():
             self.assertEqual(after[path], inode, path)
+        # One new directory, the snapshot: no tree of the blob files.
+        self.assertEqual(directories(self.dest) - dirs_before, {second})
+        self.assertEqual(len(listed(second)), 101)
+        self.assertLess(listed(first), listed(second))
         # Data.fs: the first snapshot's part linked, the appended bytes new.
         first_part, = [n for n in os.listdir(first) if n.startswith('Data')]
         self.assertEqual(
@@ -211,15 +261,37 @@ class BackupRestoreTests(StoreTestCase):
         self.assertIn('up to date', out)
         self.assertEqual(len(self.snapshot_paths()), 1)
 
-    def test_full_backup_links_nothing(self):
+    def test_full_backup_copies_again_a_damaged_pool_file_and_keeps_others(
+            self):
         self.make_store(5)
         self.backup()
+        [first] = self.snapshot_paths()
+        before = pool_files(self.dest)
+        damaged = os.path.join(self.dest, '.blobs', sorted(before)[2])
+        os.chmod(damaged, 0o644)
+        with open(damaged, 'r+b') as f:
+            f.write(b'!')
+        self.assertFalse(check(first).clean)
         self.commit({'b0': b'new'})
-        out = self.backup('--full')
-        self.assertIn('blob files: 6, 6 copied', out)
-        first, second = self.snapshot_paths()
-        self.assertFalse(set(blob_inodes(first).values())
-                         & set(blob_inodes(second).values()))
+        with self.assertLogs('zodbblob.backup', logging.WARNING) as logs:
+            out = self.backup('--full')
+        self.assertIn(f'Blob file {damaged} in the pool is missing or '
+                      f'damaged', '\n'.join(logs.output))
+        # The new revision and the damaged file: copied from the source.
+        self.assertIn('blob files: 6, 2 copied', out)
+        self.assertIn('4 already backed up', out)
+        after = pool_files(self.dest)
+        for path, inode in before.items():
+            if os.path.join(self.dest, '.blobs', path) == damaged:
+                self.assertNotEqual(after[path], inode)
+            else:
+                self.assertEqual(after[path], inode)
+        # The repaired file is the first snapshot's too.
+        self.assertTrue(check(first).clean)
+        second = self.snapshot_paths()[-1]
+        self.assertEqual(len([n for n in os.listdir(second)
+                              if n.startswith('Data.fs.')]), 1)
+        self.assertEqual(read_store(self.restore(second)), self.expected)
 
     def test_check_reports_a_corrupted_byte_and_exits_1(self):
         self.make_store(10)
@@ -228,7 +300,8 @@ class BackupRestoreTests(StoreTestCase):
         status, out, err = run('restore', '--check', snapshot)
         self.assertEqual(status, 0, out + err)
         self.assertIn('1 Data.fs parts, 10 blob files, clean', out)
-        path = os.path.join(snapshot, 'blobs', sorted(blob_inodes(snapshot))[3])
+        path = os.path.join(self.dest, '.blobs',
+                            sorted(pool_files(self.dest))[3])
         os.chmod(path, 0o644)
         with open(path, 'r+b') as f:
             first = f.read(1)
@@ -238,15 +311,28 @@ class BackupRestoreTests(StoreTestCase):
         self.assertEqual(status, 1)
         self.assertIn(f'checksum mismatch: {path} has sha256', out)
         self.assertIn('1 problems', out)
-        # Restoring it, checked or not, stops and leaves nothing.
+        # Restoring it, checked or not, linked or not, stops and leaves
+        # nothing.
         target = os.path.join(self.dir, 'restored')
         status, out, err = run('restore', '--check', target, snapshot)
         self.assertEqual(status, 1)
         self.assertFalse(os.path.exists(target))
-        status, out, err = run('restore', target, snapshot)
+        for options in ([], ['--link']):
+            status, out, err = run('restore', *options, target, snapshot)
+            self.assertEqual(status, 1)
+            self.assertIn(f'checksum mismatch: {path}', err)
+            self.assertFalse(os.path.exists(target))
+
+    def test_check_reports_a_missing_pool_file(self):
+        self.make_store(3)
+        self.backup()
+        [snapshot] = self.snapshot_paths()
+        path = os.path.join(self.dest, '.blobs',
+                            sorted(pool_files(self.dest))[0])
+        os.remove(path)
+        status, out, err = run('restore', '--check', snapshot)
         self.assertEqual(status, 1)
-        self.assertIn(f'checksum mismatch: {path}', err)
-        self.assertFalse(os.path.exists(target))
+        self.assertIn(f'unreadable: {path}', out)
 
     def test_check_reports_a_corrupted_data_fs_part(self):
         self.make_store(2)
@@ -291,6 +377,25 @@ class BackupRestoreTests(StoreTestCase):
         self.assertIn('blobs exists and is not empty', err)
         self.assertEqual(tree(target), before)
 
+    def test_restore_refuses_a_blob_directory_a_live_storage_holds(self):
+        self.make_store(2)
+        self.backup()
+        [snapshot] = self.snapshot_paths()
+        target = os.path.join(self.dir, 'target')
+        os.mkdir(target)
+        live = ZODB.DB(BlobStorage(
+            os.path.join(target, 'blobs'),
+            ZODB.FileStorage.FileStorage(os.path.join(self.dir, 'other.fs'))))
+        try:
+            before = tree(target)
+            status, out, err = run('restore', target, snapshot)
+            self.assertEqual(tree(target), before)
+        finally:
+            live.close()
+        self.assertEqual(status, 1)
+        self.assertIn(f'Blob directory {target}/blobs is in use by a running '
+                      f'storage', err)
+
     def test_restore_into_an_empty_blob_directory(self):
         self.make_store(2)
         self.backup()
@@ -325,6 +430,50 @@ class BackupRestoreTests(StoreTestCase):
             db.close()
         self.assertVerifies(restored)
 
+    def test_restore_writes_the_data_fs_index_and_leaves_data_fs_as_taken(
+            self):
+        self.make_store(3)
+        self.backup()
+        restored = self.restore(self.snapshot_paths()[0])
+        self.assertEqual(sorted(os.listdir(restored)),
+                         ['Data.fs', 'Data.fs.index', 'blobs'])
+        with open(os.path.join(restored, 'Data.fs'), 'rb') as copy, \
+                open(self.data, 'rb') as original:
+            self.assertEqual(copy.read(), original.read())
+        storage = ZODB.FileStorage.FileStorage(
+            os.path.join(restored, 'Data.fs'), read_only=True)
+        try:
+            # ZODB's marker: the index was read, Data.fs not scanned.
+            self.assertEqual(storage._used_index, 1)
+        finally:
+            storage.close()
+
+    def test_restore_copies_by_default_and_links_with_link(self):
+        self.make_store(4)
+        self.backup()
+        [snapshot] = self.snapshot_paths()
+        pool = set(pool_files(self.dest).values())
+        copied = self.restore(snapshot, 'copied')
+        self.assertFalse(pool & set(files_below(copied, '.blob').values()))
+        target = os.path.join(self.dir, 'linked')
+        status, out, err = run('restore', '--link', target, snapshot)
+        self.assertEqual(status, 0, err)
+        self.assertIn('4 blob files are hard links to the backup\'s files, '
+                      '0 are copies', out)
+        self.assertEqual(set(files_below(target, '.blob').values()), pool)
+        self.assertVerifies(target)
+        self.assertEqual(read_store(target), self.expected)
+
+    def test_restore_into_another_layout(self):
+        self.make_store(4)
+        self.backup()
+        restored = self.restore(self.snapshot_paths()[0], 'restored',
+                                '--layout', 'chunky')
+        with open(os.path.join(restored, 'blobs', '.layout')) as f:
+            self.assertEqual(f.read(), 'chunky')
+        self.assertVerifies(restored)
+        self.assertEqual(read_store(restored), self.expected)
+
     def test_backup_beside_a_storage_open_for_writing(self):
         self.make_store(5)
         db = open_db(self.source)
@@ -341,19 +490,19 @@ class BackupRestoreTests(StoreTestCase):
         restored = self.restore(self.snapshot_paths()[-1])
         self.assertEqual(read_store(restored), self.expected)
 
-    def test_backup_after_a_pack_copies_data_fs_whole_and_links_blobs(self):
+    def test_backup_after_a_pack_copies_data_fs_whole_and_reuses_the_pool(
+            self):
         self.make_store(20)
         self.backup()
         self.commit({'b0': b'new'})
-        db = open_db(self.source)
-        db.pack(time.time() + 1)
-        db.close()
+        self.pack()
         with self.assertLogs('zodbblob.backup', logging.WARNING) as logs:
             status, out, err = run('backup', '--data', self.data,
                                    '--blob-dir', self.blob_dir, self.dest)
         self.assertEqual(status, 0, out + err)
         self.assertIn('(packed?): copying it whole', logs.output[0])
-        self.assertIn('blob files: 20, 1 copied (3 bytes), 19 linked', out)
+        self.assertIn('blob files: 20, 1 copied (3 bytes), 19 already '
+                      'backed up', out)
         second = self.snapshot_paths()[-1]
         self.assertEqual(len([n for n in os.listdir(second)
                               if n.startswith('Data.fs.')]), 1)
@@ -413,6 +562,233 @@ class BackupRestoreTests(StoreTestCase):
         self.assertEqual(self.snapshot_paths(), [])
 
 
+class WrongInputTests(StoreTestCase):
+    """Each is refused with the path named, and changes nothing."""
+
+    def setUp(self):
+        super().setUp()
+        self.make_store(3)
+
+    def assertRefused(self, argv, message, path):
+        before = tree(path)
+        status, out, err = run(*argv)
+        self.assertEqual(status, 1, out + err)
+        self.assertIn(message, err)
+        self.assertNotIn('Traceback', err)
+        self.assertEqual(tree(path), before)
+
+    def backup_argv(self, destination):
+        return ['backup', '--data', self.data, '--blob-dir', self.blob_dir,
+                destination]
+
+    def test_a_destination_of_the_older_format_is_refused(self):
+        # Format 1: a tree of blob files in every snapshot, no marker.
+        old = os.path.join(self.dest, '040d41ee5deeafdd')
+        os.makedirs(os.path.join(old, 'blobs'))
+        manifest = Manifest(old, create=True)
+        manifest.set_meta(format=1, tid='040d41ee5deeafdd')
+        manifest.seal()
+        with open(os.path.join(old, COMPLETE_NAME), 'w'):
+            pass
+        self.assertRefused(
+            self.backup_argv(self.dest),
+            f'error: {self.dest} holds snapshots of an older backup format '
+            f'({old} and others', self.dest)
+        self.assertRefused(
+            ['restore', os.path.join(self.dir, 'r'), old],
+            f'{old} is a snapshot of backup format 1; this zodbblob reads '
+            f'format 2', self.dir)
+
+    def test_a_snapshot_of_another_format_is_refused(self):
+        self.backup()
+        [snapshot] = self.snapshot_paths()
+        os.remove(os.path.join(snapshot, COMPLETE_NAME))
+        manifest = Manifest(snapshot)
+        manifest.set_meta(format=1)
+        manifest.seal()
+        with open(os.path.join(snapshot, COMPLETE_NAME), 'w'):
+            pass
+        self.assertRefused(
+            ['restore', os.path.join(self.dir, 'r'), snapshot],
+            f'{snapshot} is a snapshot of backup format 1; this zodbblob '
+            f'reads format 2', self.dir)
+
+    def test_a_destination_marker_of_another_format_is_refused(self):
+        self.backup()
+        marker = os.path.join(self.dest, '.zodbblob-backup')
+        with open(marker, 'w') as f:
+            f.write('{"format": 3}\n')
+        self.commit({'b1': b'new'})
+        self.assertRefused(
+            self.backup_argv(self.dest),
+            f'{self.dest} is a backup destination of format 3 ({marker})',
+            self.dest)
+
+    def test_a_directory_of_other_things_is_refused(self):
+        os.makedirs(self.dest)
+        with open(os.path.join(self.dest, 'notes.txt'), 'w'):
+            pass
+        self.assertRefused(
+            self.backup_argv(self.dest),
+            f'{self.dest} is not a backup destination (it has no '
+            f'.zodbblob-backup) and is not empty', self.dest)
+
+    def test_a_file_as_destination_is_refused(self):
+        with open(self.dest, 'w'):
+            pass
+        self.assertRefused(self.backup_argv(self.dest),
+                           f'{self.dest} is not a directory', self.dir)
+
+    def test_another_database_is_refused(self):
+        self.backup()
+        other = os.path.join(self.dir, 'other')
+        os.mkdir(other)
+        db = open_db(other)
+        with db.transaction() as conn:
+            conn.root()['x'] = Blob(b'another database')
+        db.close()
+        self.assertRefused(
+            ['backup', '--data', os.path.join(other, 'Data.fs'),
+             '--blob-dir', os.path.join(other, 'blobs'), self.dest],
+            f'{self.dest} holds snapshots of {self.data}, and '
+            f'{other}/Data.fs is another database', self.dest)
+
+    def test_a_moved_database_continues_its_destination(self):
+        self.backup()
+        moved = os.path.join(self.dir, 'moved')
+        os.rename(self.source, moved)
+        self.source = moved
+        self.data = os.path.join(moved, 'Data.fs')
+        self.blob_dir = os.path.join(moved, 'blobs')
+        self.commit({'b1': b'after the move'})
+        with self.assertLogs('zodbblob.backup', logging.WARNING) as logs:
+            out = self.backup()
+        self.assertIn('holds the same transactions: continuing with it',
+                      logs.output[0])
+        self.assertIn('blob files: 4, 1 copied', out)
+        self.assertEqual(read_store(self.restore(self.snapshot_paths()[-1])),
+                         self.expected)
+
+    def test_a_snapshot_away_from_its_destination_is_refused(self):
+        self.backup()
+        [snapshot] = self.snapshot_paths()
+        away = os.path.join(self.dir, 'away')
+        os.mkdir(away)
+        copy = os.path.join(away, os.path.basename(snapshot))
+        shutil.copytree(snapshot, copy)
+        self.assertRefused(
+            ['restore', os.path.join(self.dir, 'r'), copy],
+            f'{copy}: its blob files are in {away}/.blobs, which does not '
+            f'exist', self.dir)
+
+    def test_the_destination_instead_of_a_snapshot_is_refused(self):
+        self.backup()
+        [snapshot] = self.snapshot_paths()
+        self.assertRefused(
+            ['restore', os.path.join(self.dir, 'r'), self.dest],
+            f'{self.dest} is a backup destination, not a snapshot: name one '
+            f'of its snapshots, such as {snapshot}', self.dir)
+
+    def test_keep_needs_a_positive_number(self):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), \
+                self.assertRaises(SystemExit) as exit:
+            main(self.backup_argv(self.dest) + ['--keep', '0'])
+        self.assertEqual(exit.exception.code, 2)
+        self.assertIn("--keep: '0' is not a number of snapshots",
+                      err.getvalue())
+        self.assertFalse(os.path.exists(self.dest))
+
+
+class PruneTests(StoreTestCase):
+    """Removing snapshots, and the pool files only they listed."""
+
+    def three_snapshots(self):
+        """Three snapshots; Data.fs packed before each of the last two, so
+        that each older one lists revisions the newer ones do not."""
+        self.make_store(10)
+        self.backup()
+        for round in (1, 2):
+            self.commit({f'b{i}': blob_bytes(f'{round}-{i}') for i in range(5)})
+            self.pack()
+            self.backup()
+        return self.snapshot_paths()
+
+    def test_keep_removes_old_snapshots_and_the_files_only_they_listed(self):
+        first, second, third = self.three_snapshots()
+        self.assertEqual(len(pooled(self.dest)), 20)
+        self.commit({'b9': b'the newest'})
+        out = self.backup('--keep', '2')
+        fourth = self.snapshot_paths()[-1]
+        self.assertEqual(self.snapshot_paths(), [third, fourth])
+        self.assertIn(f'{self.dest}: removed snapshot '
+                      f'{os.path.basename(first)}', out)
+        self.assertIn(f'{self.dest}: removed snapshot '
+                      f'{os.path.basename(second)}', out)
+        # The first's 5 and the second's 5 revisions of b0-b4.
+        self.assertIn('freed 10 blob files (1000 bytes)', out)
+        self.assertEqual(pooled(self.dest), listed(third) | listed(fourth))
+        self.assertEqual(sorted(os.listdir(os.path.join(self.dest,
+                                                        '.manifests'))),
+                         [os.path.basename(third) + '.sqlite',
+                          os.path.basename(fourth) + '.sqlite'])
+        for snapshot in (third, fourth):
+            self.assertChecks(snapshot)
+        self.assertEqual(read_store(self.restore(fourth)), self.expected)
+
+    def test_prune_keeps_the_newest_and_is_idempotent(self):
+        *_, third = self.three_snapshots()
+        result = prune(self.dest, 1)
+        self.assertEqual((len(result.removed), result.files), (2, 10))
+        self.assertEqual(pooled(self.dest), listed(third))
+        again = prune(self.dest, 1)
+        self.assertEqual((again.removed, again.files), ([], 0))
+        self.assertEqual(read_store(self.restore(third)), self.expected)
+
+    def test_a_snapshot_deleted_by_hand_is_collected_by_the_next_backup(
+            self):
+        first, second, third = self.three_snapshots()
+        shutil.rmtree(first)
+        out = self.backup()
+        self.assertIn('up to date', out)
+        self.assertEqual(pooled(self.dest), listed(second) | listed(third))
+        self.assertEqual(len(pooled(self.dest)), 15)
+        self.assertChecks(second)
+
+    def test_a_killed_collection_removes_nothing_needed_and_a_rerun_finishes(
+            self):
+        first, second, third = self.three_snapshots()
+        killed = run_process(
+            'backup', '--keep', '1', '--data', self.data, '--blob-dir',
+            self.blob_dir, self.dest, env={COLLECT_KILL_VARIABLE: '3'})
+        self.assertEqual(killed.returncode, -signal.SIGKILL, killed.stderr)
+        self.assertEqual(self.snapshot_paths(), [third])
+        # Killed after 3 of the 10 files: the remaining snapshot has all
+        # of its files, and the removed ones are still listed for later.
+        self.assertEqual(len(pooled(self.dest)), 17)
+        self.assertLess(listed(third), pooled(self.dest))
+        self.assertChecks(third)
+        self.assertEqual(len(os.listdir(os.path.join(self.dest,
+                                                     '.manifests'))), 3)
+        rerun = run_process('backup', '--keep', '1', '--data', self.data,
+                            '--blob-dir', self.blob_dir, self.dest)
+        self.assertEqual(rerun.returncode, 0, rerun.stderr)
+        self.assertEqual(pooled(self.dest), listed(third))
+        self.assertEqual(os.listdir(os.path.join(self.dest, '.manifests')),
+                         [os.path.basename(third) + '.sqlite'])
+        self.assertEqual(read_store(self.restore(third)), self.expected)
+
+    def test_a_killed_removal_is_finished_by_the_next_backup(self):
+        first, second, third = self.three_snapshots()
+        # Where a kill between the rename and the delete leaves it.
+        os.rename(first, os.path.join(self.dest, '.removing-'
+                                      + os.path.basename(first)))
+        self.backup()
+        self.assertEqual(sorted(n for n in os.listdir(self.dest)
+                                if n.startswith('.removing')), [])
+        self.assertEqual(pooled(self.dest), listed(second) | listed(third))
+
+
 class LawnLayoutTests(StoreTestCase):
 
     layout = 'lawn'
@@ -421,8 +797,11 @@ class LawnLayoutTests(StoreTestCase):
         self.make_store(4)
         self.backup()
         [snapshot] = self.snapshot_paths()
-        with open(os.path.join(snapshot, 'blobs', '.layout')) as f:
-            self.assertEqual(f.read(), 'lawn')
+        manifest = Manifest(snapshot, read_only=True)
+        try:
+            self.assertEqual(manifest.meta()['layout'], 'lawn')
+        finally:
+            manifest.close()
         restored = self.restore(snapshot)
         with open(os.path.join(restored, 'blobs', '.layout')) as f:
             self.assertEqual(f.read(), 'lawn')
@@ -464,10 +843,12 @@ class InterruptedBackupTests(StoreTestCase):
         [snapshot] = snapshots(self.dest)
         self.assertFalse(snapshot.complete)
         # Killed in the middle of a file: its partial copy is left.
-        self.assertEqual(len(self.partial_files()), 1)
+        [partial] = self.partial_files()
+        self.assertTrue(partial.startswith(os.path.join(self.dest,
+                                                        '.blobs')))
         done = self.done_files(snapshot.path)
         self.assertEqual(done, 256)
-        inodes = blob_inodes(snapshot.path)
+        inodes = pool_files(self.dest)
 
         rerun = self.backup_process()
         self.assertEqual(rerun.returncode, 0, rerun.stderr)
@@ -478,14 +859,20 @@ class InterruptedBackupTests(StoreTestCase):
         [finished] = snapshots(self.dest)
         self.assertTrue(finished.complete)
         # The files done before the kill were kept, not copied again.
-        after = blob_inodes(snapshot.path)
-        self.assertEqual(len(after), 300)
+        manifest = Manifest(snapshot.path, read_only=True)
+        try:
+            kept = {os.path.relpath(pool_path(self.dest, oid, tid),
+                                    os.path.join(self.dest, '.blobs'))
+                    for oid, tid, *_ in manifest.blobs()}
+        finally:
+            manifest.close()
+        after = pool_files(self.dest)
+        self.assertEqual(set(after), kept)
         self.assertEqual(sum(after[p] == i for p, i in inodes.items()),
                          done)
         with open(os.path.join(snapshot.path, COMPLETE_NAME)) as f:
             self.assertEqual(json.load(f)['blob_files'], 300)
-        status, out, err = run('restore', '--check', snapshot.path)
-        self.assertEqual(status, 0, out)
+        self.assertChecks(snapshot.path)
         restored = self.restore(snapshot.path)
         self.assertVerifies(restored)
         self.assertEqual(read_store(restored), self.expected)
@@ -502,9 +889,7 @@ class InterruptedBackupTests(StoreTestCase):
         finally:
             manifest.close()
         # What a power cut can do to a file whose data was not yet synced.
-        path = os.path.join(snapshot.path, 'blobs',
-                            get_layout('lawn').getBlobFilePath(oid, tid))
-        os.truncate(path, 0)
+        os.truncate(pool_path(self.dest, oid, tid), 0)
         with self.assertLogs('zodbblob.backup', logging.WARNING) as logs:
             self.backup()
         self.assertIn('checked the files it had finished; 1 to copy again',
@@ -552,10 +937,9 @@ class PackedUnfinishedTests(StoreTestCase):
             self.dest, env={KILL_VARIABLE: '10'})
         self.assertEqual(killed.returncode, -signal.SIGKILL)
         [unfinished] = snapshots(self.dest)
+        # b1's file, among the first copied, is no record after the pack.
         self.commit({'b1': b'new'})
-        db = open_db(self.source)
-        db.pack(time.time() + 1)
-        db.close()
+        self.pack()
         with self.assertLogs('zodbblob.backup', logging.WARNING) as logs:
             self.backup()
         self.assertIn(f'Removed unfinished snapshot {unfinished.path}',
@@ -563,6 +947,12 @@ class PackedUnfinishedTests(StoreTestCase):
         [snapshot] = snapshots(self.dest)
         self.assertTrue(snapshot.complete)
         self.assertNotEqual(snapshot.path, unfinished.path)
+        # What the removed snapshot had copied and no snapshot lists is
+        # gone from the pool, with its partial file.
+        self.assertEqual(pooled(self.dest), listed(snapshot.path))
+        self.assertEqual(
+            [n for d, _, names in os.walk(self.dest) for n in names
+             if n.endswith('.partial')], [])
         self.assertEqual(read_store(self.restore(snapshot.path)),
                          self.expected)
 
@@ -623,6 +1013,7 @@ class LiveServerTests(unittest.TestCase):
                     self.layer.blob_dir, self.dest]
             first = run(*argv)
             self.assertEqual(first[0], 0, first)
+            first_pool = pool_files(self.dest)
             wait_for(started + 10)
             second = run(*argv)
             self.assertEqual(second[0], 0, second)
@@ -633,12 +1024,12 @@ class LiveServerTests(unittest.TestCase):
         self.assertGreater(during, 10)
         taken = snapshots(self.dest)
         self.assertEqual(len(taken), 2)
-        # The second is incremental: every file of the first is linked.
-        first_files = blob_inodes(taken[0].path)
-        second_files = blob_inodes(taken[1].path)
-        self.assertGreater(len(second_files), len(first_files))
-        for path, inode in first_files.items():
-            self.assertEqual(second_files[path], inode)
+        # The second is incremental: it lists every file of the first,
+        # which it left in the pool as they were.
+        self.assertLess(listed(taken[0].path), listed(taken[1].path))
+        second_pool = pool_files(self.dest)
+        for path, inode in first_pool.items():
+            self.assertEqual(second_pool[path], inode)
         transaction.begin()
         self.assertGreater(self.db.lastTransaction(), taken[-1].tid)
         for number, snapshot in enumerate(taken):
@@ -664,13 +1055,19 @@ class APITests(StoreTestCase):
 
     def test_backup_returns_what_it_did(self):
         self.make_store(4)
-        db = open_db(self.source, read_only=True)
-        try:
-            [result] = backup(db.storage, self.dest)
-        finally:
-            db.close()
-        self.assertEqual((result.blob_files, result.copied, result.linked),
+        results = []
+        for change in ({}, {'b0': b'new'}):
+            self.commit(change)
+            db = open_db(self.source, read_only=True)
+            try:
+                results += backup(db.storage, self.dest)
+            finally:
+                db.close()
+        result, second = results
+        self.assertEqual((result.blob_files, result.copied, result.pooled),
                          (4, 4, 0))
-        self.assertEqual(result.data_fs_size, os.path.getsize(self.data))
-        self.assertEqual(result.snapshot,
-                         os.path.join(self.dest, result.tid.hex()))
+        self.assertEqual(second.data_fs_size, os.path.getsize(self.data))
+        self.assertEqual(second.snapshot,
+                         os.path.join(self.dest, second.tid.hex()))
+        self.assertEqual((second.blob_files, second.copied, second.pooled),
+                         (5, 1, 4))
