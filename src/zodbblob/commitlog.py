@@ -33,6 +33,7 @@ import zlib
 from dataclasses import dataclass
 
 from zodbblob.journal import STATE_DIR
+from zodbblob.layout import fdatasync
 from zodbblob.layout import fsync_directory
 
 NAME = 'commit.log'
@@ -265,7 +266,7 @@ class CommitLog:
                 self._grow(end)
             os.pwrite(self._fd, record, self._position)
             if durable:
-                _fdatasync(self._fd)
+                fdatasync(self._fd)
             self._position = end
             self._next_sequence += 1
 
@@ -288,7 +289,7 @@ class CommitLog:
             slot = HEADER_SLOTS[generation % len(HEADER_SLOTS)]
             os.pwrite(self._fd, _header_bytes(generation,
                                               self._next_sequence), slot)
-            _fdatasync(self._fd)
+            fdatasync(self._fd)
             self._generation = generation
             self._first_sequence = self._next_sequence
             self._position = FIRST_RECORD
@@ -329,6 +330,3 @@ def _zero_fill(fd: int, offset: int, length: int) -> None:
     while offset < end:
         offset += os.pwrite(fd, chunk[:end - offset], offset)
 
-
-def _fdatasync(fd: int) -> None:
-    getattr(os, 'fdatasync', os.fsync)(fd)

@@ -429,11 +429,19 @@ def get_layout(name: str, base_dir: str = '') -> ILayout:
             f'{", ".join(sorted(LAYOUTS))}') from None
 
 
-def fsync_path(path: str) -> None:
-    """Make `path` durable: a file's bytes, or a directory's entries."""
+# A file's bytes (and size), without its timestamps; fsync where the
+# platform has no fdatasync.
+fdatasync = getattr(os, 'fdatasync', os.fsync)
+
+
+def fsync_path(path: str, data_only: bool = False) -> None:
+    """Make `path` durable: a file's bytes, or a directory's entries.
+
+    With `data_only`, an fdatasync: the bytes without the timestamps.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        (fdatasync if data_only else os.fsync)(fd)
     finally:
         os.close(fd)
 

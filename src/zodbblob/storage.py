@@ -754,11 +754,7 @@ class BlobStorage:
             sync_filesystem(self.fshelper.base_dir)
             return
         for path in paths:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                getattr(os, 'fdatasync', os.fsync)(fd)
-            finally:
-                os.close(fd)
+            fsync_path(path, data_only=True)
         for directory in {os.path.dirname(path) for path in paths}:
             fsync_directory(directory)
 
