@@ -44,7 +44,6 @@ from zodbblob.commitlog import CommitLog
 from zodbblob.commitlog import CommitLogError
 from zodbblob.commitlog import Entry
 from zodbblob.commitlog import commit_log_path
-from zodbblob.datamanager import PROCESS_PREFIX
 from zodbblob.datamanager import TransactionDirectories
 from zodbblob.journal import STATE_DIR
 from zodbblob.journal import SYNCFS_AVAILABLE
@@ -57,7 +56,6 @@ from zodbblob.layout import FilesystemHelper
 from zodbblob.layout import fsync_directory
 from zodbblob.layout import fsync_path
 from zodbblob.layout import makedirs_durable
-from zodbblob.layout import process_alive
 from zodbblob.layout import remove_if_exists
 
 
@@ -153,18 +151,6 @@ def _holds(path: str, data: bytes) -> bool:
         return _read(path) == data
     except FileNotFoundError:
         return False
-
-
-def _owner_is_dead(name: str) -> bool:
-    """Whether the process that named temp directory `name` has ended."""
-    if name.startswith(STAGING_PREFIX):
-        # Staging belongs to the storage holding the blob directory's lock,
-        # and that is the one opening now.
-        return True
-    if name.startswith(PROCESS_PREFIX):
-        pid = name[len(PROCESS_PREFIX):].split('-')[0]
-        return pid.isdigit() and not process_alive(int(pid))
-    return False
 
 
 class _Shared:
@@ -404,19 +390,19 @@ class BlobStorage:
                            'the %d blob files of an interrupted pack',
                            fshelper.base_dir, len(garbage))
             self._remove_blob_files(garbage)
-        # Uncommitted files of processes that died: nobody can commit them
-        # any more.  Loose files directly in tmp/ are left alone: stock ZEO
-        # clients with a shared blob directory write there, and may be
-        # alive.
+        # Staging belongs to the storage holding the blob directory's lock,
+        # and that is the one opening now: what is there is left over.
         if os.path.isdir(fshelper.temp_dir):
             for name in os.listdir(fshelper.temp_dir):
                 path = os.path.join(fshelper.temp_dir, name)
-                if os.path.isdir(path) and _owner_is_dead(name):
-                    if name.startswith(PROCESS_PREFIX) and os.listdir(path):
-                        logger.warning(
-                            'Removed %s: uncommitted blob files of a process '
-                            'that ended', path)
+                if name.startswith(STAGING_PREFIX) and os.path.isdir(path):
                     shutil.rmtree(path, ignore_errors=True)
+        # Uncommitted files of processes that died: nobody can commit them
+        # any more.
+        shared.directories = TransactionDirectories(fshelper.temp_dir)
+        for path in shared.directories.sweep():
+            logger.warning('Removed %s: uncommitted blob files of a process '
+                           'that ended', path)
 
     def _roll_forward(self, entry: Entry, final: str, tid: bytes) -> bool:
         """Give a committed file its final name and bytes; True if needed."""
