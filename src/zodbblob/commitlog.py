@@ -244,6 +244,10 @@ class CommitLog:
         """
         self._write(COMMIT, tid, entries, durable)
 
+    def sync(self) -> None:
+        """Make every record written so far durable."""
+        fdatasync(self._fd)
+
     def abort(self, tid: bytes) -> None:
         """Record that `tid`'s logged transaction aborted (not synced).
 

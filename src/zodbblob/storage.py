@@ -7,11 +7,11 @@ construction (``copied_methods``) and ``__getattr__`` covers anything else,
 so there is no proxy whose methods rebind to the base behind our back.
 
 Commit, in short (``doc/design.rst`` has the long form): ``storeBlob``
-moves the file into the storage's staging directory; ``tpc_vote`` votes
-the base, writes the transaction's record to the commit log and
-fdatasyncs it (with the blobs' bytes in it when they are small; larger
-files are fdatasynced themselves first), and gives the files their final
-names; ``tpc_finish`` finishes the base (the commit point) and adds the
+moves the file into the storage's staging directory; ``tpc_vote`` writes
+the transaction's record to the commit log (with the blobs' bytes in it
+when they are small; larger files are fdatasynced themselves first) and
+fdatasyncs it in a worker thread while the base votes, then gives the
+files their final names; ``tpc_finish`` finishes the base (the commit point) and adds the
 files to the catalog; ``tpc_abort`` removes whatever the transaction
 staged or published.  A checkpoint (every CHECKPOINT_RECORDS transactions,
 when the log is full, after a pack and at close) makes files, names and
@@ -22,6 +22,7 @@ Opening the storage replays the log's records since the last checkpoint.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import errno
 import itertools
 import logging
@@ -176,6 +177,19 @@ class _Shared:
         # checkpoint makes their final names durable.
         self.unsynced: list[str] = []
         self.linked: list[str] = []
+        self._syncer: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def syncer(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The thread that fdatasyncs commit log records."""
+        if self._syncer is None:
+            self._syncer = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix='zodbblob-commit-log')
+        return self._syncer
+
+    def close(self) -> None:
+        if self._syncer is not None:
+            self._syncer.shutdown()
+            self._syncer = None
 
 
 class _Staged:
@@ -185,7 +199,8 @@ class _Staged:
         self.transaction = transaction
         self.files: dict[bytes, str] = {}      # oid -> staged path
         self.tid: bytes | None = None          # set once logged
-        self.sizes: dict[bytes, int] = {}      # oid -> size, once logged
+        self.stats: list = []                  # (oid, path, stat), logged
+        self.sizes: dict[bytes, int] = {}      # oid -> size, once voted
         self.inline = False                    # bytes in the log record
         self.published: list[str] = []         # final paths, once voted
 
@@ -463,6 +478,7 @@ class BlobStorage:
                 shared.staging_dir = None
             if shared.directories is not None:
                 shared.directories.remove()
+            shared.close()
             if shared.commit_log is not None:
                 shared.commit_log.close()
             if shared.journal is not None:
@@ -661,28 +677,38 @@ class BlobStorage:
             self.tpc_finish(trans)
 
     def tpc_vote(self, transaction):
-        result = self.base.tpc_vote(transaction)
         staged = self._staged
-        if staged is not None and staged.transaction is transaction:
+        if staged is None or staged.transaction is not transaction:
+            return self.base.tpc_vote(transaction)
+        syncing = self._log(staged)
+        try:
+            result = self.base.tpc_vote(transaction)
             kill_point('after_base_vote')
-            self._publish(staged)
-            kill_point('after_publish')
+            directories = self._make_directories(staged)
+        finally:
+            syncing.result()
+        kill_point('after_journal_begin')
+        self._publish(staged, directories)
+        kill_point('after_publish')
         return result
 
-    def _publish(self, staged: _Staged) -> None:
-        """Log the transaction durably, then give its files final names.
+    def _log(self, staged: _Staged):
+        """Write the transaction's record; return its fdatasync's future.
 
-        Runs after the base voted and before it finishes: the files are in
-        place before anyone can learn the tid, and from here on a crash
-        leaves a record that tells recovery what to do.
+        Runs before the base votes, and the record's fdatasync runs in a
+        worker thread meanwhile: the base's vote and the mkdirs of the
+        files' directories overlap it, and only then do the files get
+        their final names.  A crash before the sync returned leaves at
+        most empty directories and a record that recovery checks against
+        the base.
 
         Small transactions put their blobs' bytes in the record, so its
-        one fdatasync is the only sync here; their files are renamed to
-        their final names and reach the disk at the next checkpoint.
-        Larger ones make their files and staged names durable first (an
-        fdatasync per file and one fsync of the staging directory, or one
-        syncfs for many files), log only the names, and link the final
-        names; the staged names stay until the next checkpoint.
+        one fdatasync is the only sync before the base commits; their
+        files reach the disk at the next checkpoint.  Larger ones make
+        their files and staged names durable first (an fdatasync per file
+        and one fsync of the staging directory, or one syncfs for many
+        files), and log only the names; the staged names stay until the
+        next checkpoint.
         """
         shared = self._shared
         tid = self.base._tid
@@ -705,27 +731,42 @@ class BlobStorage:
         with shared.logging:
             shared.in_flight += 1
         try:
-            shared.commit_log.append(tid, entries)
+            shared.commit_log.append(tid, entries, durable=False)
         except BaseException:
             self._done_logging()
             raise
         staged.tid = tid
-        staged.sizes = {oid: info.st_size for oid, path, info in files}
-        kill_point('after_journal_begin')
+        staged.stats = files
+        return shared.syncer().submit(shared.commit_log.sync)
+
+    def _make_directories(self, staged: _Staged) -> dict[str, int]:
+        """Create the directories of the files' final names: {dir: mode}."""
         directories: dict[str, int] = {}
-        for oid, path, info in files:
-            final = self.fshelper.getBlobFilename(oid, tid)
-            directory = os.path.dirname(final)
+        for oid, path, info in staged.stats:
+            directory = os.path.dirname(
+                self.fshelper.getBlobFilename(oid, staged.tid))
             if directory not in directories:
                 if SYNCFS_AVAILABLE:
                     os.makedirs(directory, exist_ok=True)
                 else:
                     makedirs_durable(directory)
                 directories[directory] = os.stat(directory).st_mode
+        return directories
+
+    def _publish(self, staged: _Staged, directories: dict[str, int]) -> None:
+        """Give the logged transaction's files their final names.
+
+        Runs after the base voted and before it finishes: the files are in
+        place before anyone can learn the tid.
+        """
+        staged.sizes = {oid: info.st_size for oid, path, info in staged.stats}
+        for oid, path, info in staged.stats:
+            final = self.fshelper.getBlobFilename(oid, staged.tid)
+            mode = directories[os.path.dirname(final)]
             # As in ZODB: committed files are not writable, and readable by
             # whoever may read their directory.
             os.chmod(path, (stat.S_IMODE(info.st_mode) & ~0o222)
-                     | (directories[directory] & 0o444))
+                     | (mode & 0o444))
             if staged.inline:
                 os.replace(path, final)
             else:
