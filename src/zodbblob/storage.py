@@ -11,11 +11,12 @@ moves the file into the storage's staging directory; ``tpc_vote`` writes
 the transaction's record to the commit log (with the blobs' bytes in it
 when they are small; larger files are fdatasynced themselves first) and
 fdatasyncs it in a worker thread while the base votes, then gives the
-files their final names; ``tpc_finish`` finishes the base (the commit point) and adds the
-files to the catalog; ``tpc_abort`` removes whatever the transaction
-staged or published.  A checkpoint (every CHECKPOINT_RECORDS transactions,
-when the log is full, after a pack and at close) makes files, names and
-catalog durable with one filesystem sync and starts the log afresh.
+files their final names; ``tpc_finish`` finishes the base (the commit
+point) and adds the files to the catalog; ``tpc_abort`` removes whatever
+the transaction staged or published.  A checkpoint (every
+CHECKPOINT_RECORDS transactions, when the log is full, after a pack and
+at close) makes files, names and catalog durable with one filesystem sync
+and starts the log afresh.
 Opening the storage replays the log's records since the last checkpoint.
 """
 

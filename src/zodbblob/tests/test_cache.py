@@ -816,6 +816,73 @@ class ProcessTests(CacheTestCase):
         self.assertEqual(cache.stats()['bytes'], SIZE)
 
 
+class AccessResolutionTests(CacheTestCase):
+    """Access times are kept to within 1% of the cache's age, at most a
+    minute: a hit that soon after the recorded one records nothing."""
+
+    def make_cache(self, hours_ago):
+        now = time.time()
+        make_stock_cache(
+            self.dir, {number: b'x' * 100 for number in hours_ago},
+            accessed={number: now - 3600 * hours
+                      for number, hours in hours_ago.items()})
+        with self.assertLogs('zodbblob.cache', 'WARNING'):
+            return self.open(grace=0, check_percent=0)
+
+    def test_a_hit_soon_after_the_recorded_access_records_nothing(self):
+        # Oldest access an hour ago: a resolution of 36 s.
+        cache = self.make_cache({1: 1, 2: 0.5})
+        for _ in range(3):
+            self.assertIsNotNone(cache.lookup(p64(1), TID))
+            cache.flush()
+        [(oid, tid, first)] = self.logged()
+        self.assertEqual(oid, p64(1))
+        self.assertEqual(cache.stats()['hits'], 3)
+        # Later than the resolution, it is recorded again.
+        with mock.patch.object(zodbblob.cache.time, 'time',
+                               return_value=first + 37):
+            cache.lookup(p64(1), TID)
+            cache.flush()
+        self.assertEqual([at for oid, tid, at in self.logged()],
+                         [first + 37])
+
+    def test_without_age_every_hit_is_recorded(self):
+        cache = self.open(grace=0)
+        self.admit(cache, 1, b'x')
+        for _ in range(3):
+            time.sleep(0.01)
+            cache.lookup(p64(1), TID)
+            cache.flush()
+        self.assertEqual(len(self.logged()), 3)
+
+    def test_prune_spares_files_used_within_the_resolution(self):
+        # Resolution 36 s: file 2, whose access was recorded 20 s ago, may
+        # have had unrecorded hits since; only 1 and 3 go.
+        cache = self.make_cache({1: 1, 2: 20 / 3600, 3: 0.5})
+        with self.assertLogs('zodbblob.cache', 'WARNING') as logs:
+            self.assertEqual(cache.prune(0), (2, 200))
+        self.assertIn('more than its target', logs.output[0])
+        self.assertEqual(self.cached(cache), [2])
+
+    def test_sizes_of_the_most_recently_used_files_are_preloaded(self):
+        cache = self.make_cache({1: 3, 2: 1, 3: 2})
+        cache.close()
+        with mock.patch.object(zodbblob.cache, 'KNOWN_SIZES', 2):
+            cache = self.open()
+            cache._preloading.join()
+            self.assertEqual(
+                [(key[:8], known) for key, known in
+                 cache._known_sizes.items()],
+                [(p64(3), [100, mock.ANY]), (p64(2), [100, mock.ANY])])
+            # A hit of a preloaded file does not read the index.
+            statements = []
+            cache._db.set_trace_callback(statements.append)
+            self.assertIsNotNone(cache.lookup(p64(2), TID))
+            self.assertIsNotNone(cache.lookup(p64(1), TID))
+            self.assertEqual(len(statements), 1)
+            self.assertIn('SELECT size, accessed FROM blobs', statements[0])
+
+
 class EvictionTests(CacheTestCase):
 
     def test_least_recently_accessed_go_first_down_to_the_low_water_mark(
@@ -907,10 +974,12 @@ class EvictionTests(CacheTestCase):
 
     def test_file_being_evicted_is_a_miss(self):
         cache = self.open(grace=0)
-        self.admit(cache, 1, b'x')
+        # Another process, which does not know the file's size yet (its
+        # open preloaded the sizes of the files there were then).
         other = self.open()
+        other._preloading.join()
+        self.admit(cache, 1, b'x')
         mark_evicting(cache, 1)
-        # Another process, which has not read the file yet.
         self.assertIsNone(other.lookup(p64(1), TID))
 
     def test_prune_never_walks_the_directory(self):
