@@ -44,11 +44,14 @@ older than the download timeout, is taken over with a fresh file (an
 evicting row only once its pruner ended).
 
 A hit costs one ``os.stat`` (compared with the size the index gave for
-that revision, remembered for the most recently used files) and an entry
-in an in-memory batch of accesses, appended to the log in one transaction
-per ~1024 entries or ~2 s.  Eviction folds the log, marks the oldest
-complete rows ``evicting`` (skipping what was used in the last `grace`
-seconds, which covers the batches other processes hold), removes their
+that revision, remembered for the most recently used files and preloaded
+when the cache opens) and an entry in an in-memory batch of accesses,
+appended to the log in one transaction per ~1024 entries or ~2 s; none
+if this process recorded an access of that file within the resolution of
+access times (1% of the cache's age, at most a minute).  Eviction folds
+the log, marks the oldest complete rows ``evicting`` (skipping what was
+used in the last `grace` seconds plus that resolution, which covers the
+batches other processes hold and the hits not recorded), removes their
 files with a few threads outside the writer lock, then drops the rows.
 
 The processes sharing a directory must run on one host: WAL mode needs

@@ -4,6 +4,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 import unittest
 from unittest import mock
@@ -252,6 +253,42 @@ class CommitTests(StorageTestCase):
                          [(serial, [(oid, 1000, b'x' * 1000, None)])])
         db.close()
         self.assertEqual(unfinished_records(log_path), 0)
+
+    def test_commit_log_sync_overlaps_the_base_vote(self):
+        # The record's sync waits until the base votes, and the base's vote
+        # until the record is synced: only together can they finish.
+        voting, synced = threading.Event(), threading.Event()
+        sync = CommitLog.sync
+
+        def sync_when_voting(log):
+            if not voting.wait(10):
+                raise AssertionError('the base did not vote meanwhile')
+            sync(log)
+            synced.set()
+
+        class Base(ZODB.FileStorage.FileStorage):
+            checking = False
+
+            def tpc_vote(self, transaction):
+                if self.checking:
+                    voting.set()
+                    if not synced.wait(10):
+                        raise AssertionError('the record was not synced')
+                return super().tpc_vote(transaction)
+
+        base = Base('Data.fs')
+        storage = BlobStorage(self.blob_dir, base)
+        self.addCleanup(storage.close)
+        db = ZODB.DB(storage)
+        self.addCleanup(close_once, db)
+        with db.transaction() as conn:
+            conn.root()['b'] = Blob(b'blob')
+        base.checking = True
+        with mock.patch.object(CommitLog, 'sync', sync_when_voting):
+            oid, serial = self.commit_blob(db, 'b', b'changed')
+        self.assertTrue(synced.is_set())
+        with open(storage.loadBlob(oid, serial), 'rb') as f:
+            self.assertEqual(f.read(), b'changed')
 
     def test_copy_across_filesystems_is_logged_at_warning(self):
         shm = '/dev/shm'
