@@ -82,6 +82,7 @@ from ZODB.FileStorage.FileStorage import packed_version
 from ZODB.FileStorage.format import TRANS_HDR, TRANS_HDR_LEN
 from ZODB.utils import oid_repr, z64
 
+from zodbblob.arguments import add_storage_arguments, open_storage
 from zodbblob.journal import SYNCFS_AVAILABLE, Journal, sync_filesystem
 from zodbblob.layout import (
     LAYOUT_MARKER,
@@ -1787,7 +1788,6 @@ def _positive(text: str) -> int:
 
 
 def add_backup_arguments(parser: argparse.ArgumentParser) -> None:
-    from zodbblob.cli import add_storage_arguments
     parser.description = (
         'Take a snapshot of a FileStorage and its blob directory, '
         'consistent at its last committed transaction, into DEST/<tid>.  '
@@ -1816,7 +1816,6 @@ def _interrupted_line(progress) -> str:
 
 
 def backup_command(args: argparse.Namespace) -> int:
-    from zodbblob.cli import open_storage
     prog = args.parser.prog
     progress = Progress('backup', quiet=args.quiet)
     storage = None

@@ -37,6 +37,7 @@ import zc.lockfile
 import ZConfig
 import ZEO.runzeo
 
+from zodbblob.arguments import add_storage_arguments, open_storage
 from zodbblob.backup import (add_backup_arguments, add_restore_arguments,
                               backup_command, restore_command)
 from zodbblob.layout import LAYOUTS
@@ -240,56 +241,6 @@ def serve(args: argparse.Namespace) -> int:
         print(f'{args.parser.prog}: error: {e}', file=sys.stderr)
         return 1
     return 0
-
-
-# opening a storage for the tools
-
-def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        '--config', metavar='FILE',
-        help='a zope.conf, zeo.conf or ZODB config with a <zodbblob> '
-             'section (its first one is used)')
-    parser.add_argument('--data', metavar='DATA.FS',
-                        help='a FileStorage file (with --blob-dir)')
-    parser.add_argument('--blob-dir', metavar='DIR',
-                        help='its blob directory (with --data)')
-    parser.add_argument('--quiet', action='store_true',
-                        help='no progress, only the result')
-
-
-def open_storage(args: argparse.Namespace, read_only: bool) -> BlobStorage:
-    """The storage the arguments name; exits with a message if they don't.
-
-    Nothing is created: a path that does not exist is an error here, not
-    a new database.
-    """
-    import ZODB.FileStorage
-
-    from zodbblob.config import storage_from_file
-    if args.config and (args.data or args.blob_dir):
-        args.parser.error('give --config, or --data and --blob-dir, not both')
-    if args.config:
-        if not os.path.isfile(args.config):
-            args.parser.error(f'--config {args.config}: no such file')
-        try:
-            return storage_from_file(args.config, read_only=read_only)
-        except ZConfig.ConfigurationError as e:
-            args.parser.error(f'--config {args.config}: {e}')
-    if not (args.data and args.blob_dir):
-        args.parser.error('name the storage: --config FILE, or --data '
-                          'DATA.FS and --blob-dir DIR')
-    for option, path, check in (('--data', args.data, os.path.isfile),
-                                ('--blob-dir', args.blob_dir,
-                                 os.path.isdir)):
-        if not check(path):
-            args.parser.error(f'{option} {path}: no such '
-                              f'{"file" if check is os.path.isfile else "directory"}')
-    base = ZODB.FileStorage.FileStorage(args.data, read_only=read_only)
-    try:
-        return BlobStorage(args.blob_dir, base)
-    except BaseException:
-        base.close()
-        raise
 
 
 # verify and recover

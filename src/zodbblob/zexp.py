@@ -51,6 +51,8 @@ from ZODB.utils import oid_repr
 from ZODB.utils import p64
 from ZODB.utils import u64
 
+from zodbblob.arguments import add_storage_arguments
+from zodbblob.arguments import open_storage
 from zodbblob.cache import BUCKETS as ZEOCACHE_BUCKETS
 from zodbblob.cache import LAYOUT as ZEOCACHE_LAYOUT
 from zodbblob.layout import BLOB_SUFFIX
@@ -678,21 +680,13 @@ class SourceBlobDirectory:
 
 # the command
 
-def _cli():
-    # The storage arguments and their opening live in zodbblob.cli, which
-    # imports this module for its table of commands: fetched when a
-    # command runs, not before.
-    from zodbblob import cli
-    return cli
-
-
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         'Write the object at --path, and every object it references, to a '
         'ZEXP file that Zope and ZODB (Connection.importFile) import, '
         'blobs included.  Refuses to run while a storage holds the blob '
         'directory.')
-    _cli().add_storage_arguments(parser)
+    add_storage_arguments(parser)
     parser.add_argument('--path', default='/', metavar='/A/B',
                         help='keys from the root to the object, split on '
                              '/ (default: the root)')
@@ -706,7 +700,7 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
         'blob data included) and store its object in the container at '
         '--path under --name, in one transaction.  Refuses to run while '
         'a storage holds the blob directory.')
-    _cli().add_storage_arguments(parser)
+    add_storage_arguments(parser)
     parser.add_argument('--path', default='/', metavar='/A/B',
                         help='keys from the root to the container, split '
                              'on / (default: the root)')
@@ -746,7 +740,7 @@ def _open(args, read_only: bool):
     in_use = ('the storage is in use by another process (a running '
               'server?); stop it first: {}')
     try:
-        storage = _cli().open_storage(args, read_only=read_only)
+        storage = open_storage(args, read_only=read_only)
     except (BlobStorageError, LockError) as e:
         return in_use.format(e)
     lock = None

@@ -1,0 +1,63 @@
+"""Naming a storage on the command line, and opening it, for the tools.
+
+``zodbblob verify``, ``recover``, ``export``, ``import`` and ``backup``
+take the same arguments: ``--config FILE`` (a zope.conf, zeo.conf or
+ZODB config with a ``<zodbblob>`` section), or ``--data DATA.FS`` and
+``--blob-dir DIR``; and ``--quiet``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import ZConfig
+import ZODB.FileStorage
+
+from zodbblob.config import storage_from_file
+from zodbblob.storage import BlobStorage
+
+
+def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        '--config', metavar='FILE',
+        help='a zope.conf, zeo.conf or ZODB config with a <zodbblob> '
+             'section (its first one is used)')
+    parser.add_argument('--data', metavar='DATA.FS',
+                        help='a FileStorage file (with --blob-dir)')
+    parser.add_argument('--blob-dir', metavar='DIR',
+                        help='its blob directory (with --data)')
+    parser.add_argument('--quiet', action='store_true',
+                        help='no progress, only the result')
+
+
+def open_storage(args: argparse.Namespace, read_only: bool) -> BlobStorage:
+    """The storage the arguments name; exits with a message if they don't.
+
+    Nothing is created: a path that does not exist is an error here, not
+    a new database.
+    """
+    if args.config and (args.data or args.blob_dir):
+        args.parser.error('give --config, or --data and --blob-dir, not both')
+    if args.config:
+        if not os.path.isfile(args.config):
+            args.parser.error(f'--config {args.config}: no such file')
+        try:
+            return storage_from_file(args.config, read_only=read_only)
+        except ZConfig.ConfigurationError as e:
+            args.parser.error(f'--config {args.config}: {e}')
+    if not (args.data and args.blob_dir):
+        args.parser.error('name the storage: --config FILE, or --data '
+                          'DATA.FS and --blob-dir DIR')
+    for option, path, check in (('--data', args.data, os.path.isfile),
+                                ('--blob-dir', args.blob_dir,
+                                 os.path.isdir)):
+        if not check(path):
+            args.parser.error(f'{option} {path}: no such '
+                              f'{"file" if check is os.path.isfile else "directory"}')
+    base = ZODB.FileStorage.FileStorage(args.data, read_only=read_only)
+    try:
+        return BlobStorage(args.blob_dir, base)
+    except BaseException:
+        base.close()
+        raise
