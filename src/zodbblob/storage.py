@@ -201,7 +201,6 @@ class _Staged:
         self.files: dict[bytes, str] = {}      # oid -> staged path
         self.tid: bytes | None = None          # set once logged
         self.stats: list = []                  # (oid, path, stat), logged
-        self.sizes: dict[bytes, int] = {}      # oid -> size, once voted
         self.inline = False                    # bytes in the log record
         self.published: list[str] = []         # final paths, once voted
 
@@ -760,7 +759,6 @@ class BlobStorage:
         Runs after the base voted and before it finishes: the files are in
         place before anyone can learn the tid.
         """
-        staged.sizes = {oid: info.st_size for oid, path, info in staged.stats}
         for oid, path, info in staged.stats:
             final = self.fshelper.getBlobFilename(oid, staged.tid)
             mode = directories[os.path.dirname(final)]
@@ -817,8 +815,8 @@ class BlobStorage:
                     'files were published for tid %s', self.base,
                     oid_repr(tid), oid_repr(staged.tid))
             kill_point('after_base_finish')
-            shared.journal.add([(oid, staged.tid, size)
-                                for oid, size in staged.sizes.items()])
+            shared.journal.add([(oid, staged.tid, info.st_size)
+                                for oid, path, info in staged.stats])
             kill_point('after_journal_commit')
             with shared.logging:
                 shared.unsynced.extend(staged.published)
