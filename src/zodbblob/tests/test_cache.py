@@ -178,12 +178,15 @@ class CacheTestCase(unittest.TestCase):
     def temporary_files(self):
         return os.listdir(os.path.join(self.dir, '.tmp'))
 
-    def index_rows(self):
+    def index_rows(self, table='blobs', last='state'):
         with contextlib.closing(sqlite3.connect(
                 os.path.join(self.dir, INDEX))) as db:
             return db.execute(
-                'SELECT oid, tid, size, accessed, state FROM blobs '
+                f'SELECT oid, tid, size, accessed, {last} FROM {table} '
                 'ORDER BY oid').fetchall()
+
+    def evicting_rows(self):
+        return self.index_rows('evicting', 'token')
 
     def cached(self, cache):
         return sorted(number for number in range(100)
@@ -466,7 +469,7 @@ class AdoptionTests(CacheTestCase):
         with self.assertLogs('zodbblob.cache', 'INFO') as logs:
             cache = self.open(grace=0, check_percent=0)
         self.assertEqual(len(logs.output), 1)
-        self.assertIn('from schema version 1 to 2', logs.output[0])
+        self.assertIn('from schema version 1 to 3', logs.output[0])
         stats = cache.stats()
         self.assertEqual(
             [stats[name] for name in ('files', 'bytes', 'hits', 'misses')],
@@ -488,7 +491,7 @@ class AdoptionTests(CacheTestCase):
             db.commit()
         with self.assertLogs('zodbblob.cache', 'WARNING') as logs:
             cache = self.open()
-        self.assertIn('is of schema version 99, not 2', logs.output[0])
+        self.assertIn('is of schema version 99, not 3', logs.output[0])
         [aside] = glob.glob(index + '.version-99-*')
         self.assertIn(aside, logs.output[0])
         self.assertEqual(cache.stats()['files'], 2)
@@ -787,8 +790,10 @@ class ProcessTests(CacheTestCase):
             self.admit(cache, number, b'x' * 100)
         cache.close()
         self.kill_pruner(250)
-        self.assertEqual([row[4] for row in self.index_rows()],
-                         ['evicting'] * 3 + ['complete'] * 2)
+        self.assertEqual([row[0] for row in self.index_rows()],
+                         [p64(4), p64(5)])
+        self.assertEqual([row[0] for row in self.evicting_rows()],
+                         [p64(1), p64(2), p64(3)])
         self.assertEqual(self.cached(cache), [1, 2, 3, 4, 5])
         with self.assertLogs('zodbblob.cache', 'WARNING') as logs:
             cache = self.open()
@@ -796,6 +801,7 @@ class ProcessTests(CacheTestCase):
         self.assertEqual(self.cached(cache), [4, 5])
         self.assertEqual([row[0] for row in self.index_rows()],
                          [p64(4), p64(5)])
+        self.assertEqual(self.evicting_rows(), [])
         stats = cache.stats()
         self.assertEqual((stats['files'], stats['bytes']), (2, 200))
 
@@ -808,11 +814,12 @@ class ProcessTests(CacheTestCase):
         fetches = []
         with self.assertLogs('zodbblob.cache', 'WARNING') as logs:
             path = cache.load(p64(1), TID, writing(content(p64(1)), fetches))
-        self.assertIn('taking over its eviction', logs.output[0])
-        self.assertIn('ended', logs.output[0])
+        self.assertIn('replacing it; its pruner', logs.output[0])
+        self.assertIn('ended before removing it', logs.output[0])
         self.assertEqual(len(fetches), 1)
         self.assertEqual(read(path), content(p64(1)))
         self.assertEqual([row[4] for row in self.index_rows()], ['complete'])
+        self.assertEqual(self.evicting_rows(), [])
         self.assertEqual(cache.stats()['bytes'], SIZE)
 
 
