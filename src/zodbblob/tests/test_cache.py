@@ -10,7 +10,10 @@ import contextlib
 import glob
 import io
 import os
+import re
+import shutil
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -119,6 +122,38 @@ SCHEMA_1 = (
                     + CASE WHEN new.state = 'complete' THEN new.size ELSE 0 END
                     - CASE WHEN old.state = 'complete' THEN old.size ELSE 0 END;
         END""",
+)
+
+
+# The index as zodbblob wrote it before the evicting table, at version 2:
+# a pruner marked its rows 'evicting' in place.
+SCHEMA_2 = (
+    """CREATE TABLE blobs (
+        oid BLOB NOT NULL,
+        tid BLOB NOT NULL,
+        size INTEGER NOT NULL,
+        accessed REAL NOT NULL,
+        state TEXT NOT NULL
+            CHECK (state IN ('complete', 'in-progress', 'evicting')),
+        token TEXT,
+        started REAL,
+        PRIMARY KEY (oid, tid)) WITHOUT ROWID""",
+    'CREATE TABLE accesses (batch BLOB NOT NULL)',
+    """CREATE TABLE cache (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        version INTEGER NOT NULL,
+        files INTEGER NOT NULL DEFAULT 0,
+        bytes INTEGER NOT NULL DEFAULT 0,
+        hits INTEGER NOT NULL DEFAULT 0,
+        misses INTEGER NOT NULL DEFAULT 0,
+        logged INTEGER NOT NULL DEFAULT 0,
+        pruner TEXT,
+        pruned_at REAL)""",
+    """CREATE INDEX blobs_by_access ON blobs (accessed, oid, tid)
+        WHERE state = 'complete'""",
+    """CREATE INDEX blobs_by_token ON blobs (token)
+        WHERE token IS NOT NULL""",
+    *SCHEMA_1[-3:],
 )
 
 
@@ -478,6 +513,43 @@ class AdoptionTests(CacheTestCase):
         self.assertEqual(cache.prune(300), (2, 200))
         self.assertEqual(self.cached(cache), [1, 2, 4])
         self.assertEqual(glob.glob(os.path.join(self.dir, INDEX + '.*')), [])
+
+    def test_index_of_schema_version_2_is_migrated_with_its_evictions(self):
+        blobs = {number: b'x' * 100 for number in range(1, 5)}
+        paths = make_stock_cache(self.dir, blobs)
+        open(os.path.join(self.dir, '.zodbblob-cache.lock'), 'w').close()
+        now = time.time()
+        # A pruner of this process's pid in an earlier incarnation: ended.
+        host = re.sub(r'[^A-Za-z0-9.]', '_', socket.gethostname())
+        dead = f'{host}-{os.getpid()}-ended-1-0'
+        with contextlib.closing(sqlite3.connect(
+                os.path.join(self.dir, INDEX))) as db:
+            for statement in SCHEMA_2:
+                db.execute(statement)
+            db.execute('INSERT INTO cache (id, version, hits, misses) '
+                       'VALUES (1, 2, 7, 3)')
+            db.executemany(
+                'INSERT INTO blobs (oid, tid, size, accessed, state) '
+                "VALUES (?, ?, 100, ?, 'complete')",
+                [(p64(number), TID, now - 100 * number)
+                 for number in (2, 3, 4)])
+            db.execute('INSERT INTO blobs (oid, tid, size, accessed, state, '
+                       "token, started) VALUES (?, ?, 100, ?, 'evicting', "
+                       '?, ?)', (p64(1), TID, now - 500, dead, now))
+            db.commit()
+        with self.assertLogs('zodbblob.cache', 'INFO') as logs:
+            cache = self.open(grace=0, check_percent=0)
+        self.assertEqual(len(logs.output), 2)
+        self.assertIn('from schema version 2 to 3', logs.output[0])
+        self.assertIn('finished 1 of their evictions', logs.output[1])
+        self.assertFalse(os.path.exists(paths[1]))
+        self.assertEqual(self.evicting_rows(), [])
+        stats = cache.stats()
+        self.assertEqual(
+            [stats[name] for name in ('files', 'bytes', 'hits', 'misses')],
+            [3, 300, 7, 3])
+        self.assertEqual(cache.prune(200), (1, 100))
+        self.assertEqual(self.cached(cache), [2, 3])
 
     def test_index_of_an_unknown_schema_version_is_moved_aside_and_rebuilt(
             self):
@@ -931,6 +1003,86 @@ class EvictionTests(CacheTestCase):
         with self.assertLogs('zodbblob.cache', 'WARNING'):
             self.admit(cache, 4, b'x' * 100)
             self.admit(cache, 5, b'x' * 100)
+
+    def test_prune_in_chunks_evicts_exactly_the_oldest(self):
+        cache = self.open(grace=0, check_percent=0)
+        for number in range(12):
+            self.admit(cache, number, b'x' * 100)
+            time.sleep(0.002)
+        with mock.patch.multiple(zodbblob.cache, PRUNE_CHUNK=2,
+                                 PRUNE_CHUNK_MAX=4, REMOVAL_BATCH=1):
+            marks = mock.patch.object(cache, '_mark_evicting',
+                                      wraps=cache._mark_evicting)
+            with marks as marking:
+                self.assertEqual(cache.prune(300), (9, 900))
+        # Chunks of 2, 4 and 4 rows: 3 of the last one make up the bytes.
+        self.assertEqual([call.args[-1] for call in marking.call_args_list],
+                         [2, 4, 4])
+        self.assertEqual(self.cached(cache), [9, 10, 11])
+        self.assertEqual(self.evicting_rows(), [])
+        stats = cache.stats()
+        self.assertEqual((stats['files'], stats['bytes']), (3, 300))
+
+    def test_files_of_a_failed_removal_stay_indexed(self):
+        cache = self.open(grace=0, check_percent=0)
+        for number in range(6):
+            self.admit(cache, number, b'x' * 100)
+        failing = mock.patch.object(cache, '_remove_files',
+                                    side_effect=RuntimeError('no way'))
+        with failing, self.assertLogs('zodbblob.cache', 'ERROR'):
+            with self.assertRaises(RuntimeError):
+                cache.prune(300)
+        self.assertEqual(self.cached(cache), [0, 1, 2, 3, 4, 5])
+        self.assertEqual([row[4] for row in self.index_rows()],
+                         ['complete'] * 6)
+        self.assertEqual(self.evicting_rows(), [])
+        stats = cache.stats()
+        self.assertEqual((stats['files'], stats['bytes']), (6, 600))
+        # The lease went with it: the next prune evicts.
+        self.assertEqual(cache.prune(300), (3, 300))
+
+    def test_prune_checkpoints_the_index_after_it(self):
+        cache = self.open(grace=0, check_percent=0)
+        for number in range(20):
+            self.admit(cache, number, b'x' * 100)
+        cache.prune(1000)
+        cache._checkpointing.join(10)
+        self.assertEqual(
+            cache._db.execute('PRAGMA wal_autocheckpoint').fetchone(),
+            (1000,))
+        # The index file alone, without its write-ahead log, has the rows.
+        copy = os.path.join(self.outside, 'index-alone.sqlite')
+        shutil.copyfile(os.path.join(self.dir, INDEX), copy)
+        with contextlib.closing(sqlite3.connect(copy)) as db:
+            self.assertEqual(db.execute('SELECT count(*) FROM blobs')
+                             .fetchone(), (10,))
+
+    def test_removal_threads_depend_on_whether_removing_waits(self):
+        cache = self.open()
+        victims = [(0.0, p64(number), TID, 1) for number in range(200)]
+
+        def waiting(batch):
+            for _ in batch:
+                time.sleep(0.0005)
+            return [None] * len(batch)
+
+        def working(batch):
+            end = time.thread_time() + 0.02
+            while time.thread_time() < end:
+                pass
+            return [None] * len(batch)
+
+        for remove, threads in ((waiting, zodbblob.cache.PRUNE_THREADS),
+                                (working, zodbblob.cache.REMOVAL_THREADS)):
+            removals = []
+            with mock.patch.object(cache, '_remove_files', remove), \
+                    self.assertLogs('zodbblob.cache', 'DEBUG') as logs:
+                rest, pool = cache._start_removals(victims, removals)
+            pool.shutdown()
+            self.assertEqual(rest, victims[zodbblob.cache.REMOVAL_BATCH:])
+            self.assertEqual(len(removals), 1)
+            self.assertIn(f'removing files with {threads} threads',
+                          logs.output[0])
 
     def test_file_being_downloaded_is_not_evicted(self):
         cache = self.open(grace=0)
