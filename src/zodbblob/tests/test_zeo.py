@@ -119,6 +119,16 @@ class ServerTestCase(unittest.TestCase):
             return {key: self.oid_tid(conn.root()[key]) for key in blobs}
 
     @staticmethod
+    def wait_until_seen(db, tid, timeout=10.0):
+        """Wait until the client of `db` has heard of the transaction
+        `tid` (another client's commit reaches it asynchronously)."""
+        deadline = time.monotonic() + timeout
+        while db.storage.lastTransaction() < tid:
+            if time.monotonic() > deadline:
+                raise AssertionError(f'{db} never heard of {tid.hex()}')
+            time.sleep(0.01)
+
+    @staticmethod
     def oid_tid(blob):
         blob._p_activate()   # a ghost's serial is not known yet
         return blob._p_oid, blob._p_serial
@@ -387,7 +397,8 @@ class ReadOnlyBlobDirTests(ServerTestCase):
                 self.assertEqual(f.read(), b'after the copy')
         self.assertEqual(self.sent()[sent_before:], [new['new']])
         # Writes travel over ZEO.
-        self.commit_blobs(db, {'mine': b'written by the client'})
+        mine = self.commit_blobs(db, {'mine': b'written by the client'})
+        self.wait_until_seen(writer, mine['mine'][1])
         with writer.transaction() as conn:
             with conn.root()['mine'].open() as f:
                 self.assertEqual(f.read(), b'written by the client')
