@@ -58,6 +58,20 @@ cache hit
     second stock row computes its path as ``loadBlob`` does
     (``BlobCacheLayout.getBlobFilePath`` and a join).
 
+cold download
+    Against a real ZEO server process on 127.0.0.1
+    (``zodbblob.tests.counting_server``: stock ``FileStorage`` with a blob
+    directory, writing down every blob it sends), one blob of
+    ``--download-mib`` MiB, committed beforehand: a client connected to
+    an empty cache directory reads it with ``loadBlob(oid, tid)``, timed
+    from the call to its return, stock ``ZEO.ClientStorage`` against
+    ``zodbblob.zeo.ClientStorage``.  Then ``--readers`` threads of one
+    client, released together, read it cold at once: wall time from
+    their release until the last has its file, and the blobs the server
+    sent meanwhile.  Each round starts both clients afresh (a new cache
+    directory), alternating which goes first, ``os.sync()`` before each
+    timing; every reader's file is checked against the bytes committed.
+
 Stock is timed for sizes up to ``--stock-max`` files; for larger sizes its
 figure is extrapolated linearly from the largest size measured, and
 labelled so.  Each figure is the median of several repeats; every timing
@@ -69,7 +83,8 @@ came before lands on the clock.
 
 Checks (exit 1 on failure): both sides evict the same number of files,
 exactly the oldest ones; the no-op check removes nothing; every hit finds
-its file.
+its file; every download has the committed bytes; zodbblob's concurrent
+readers cause exactly one transfer.
 
 Run from the project root:
 
@@ -89,11 +104,17 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import ZEO.ClientStorage
+import ZODB
+from ZODB.blob import Blob
+
+import zodbblob.zeo
+from zodbblob.testing import ServerProcess, free_port
 
 from zodbblob.cache import BUCKETS
 from zodbblob.cache import INDEX
@@ -289,6 +310,8 @@ class Results:
         self.hit_files = None
         self.working_set = None
         self.extrapolated_from = None
+        self.downloads = {}    # (row, side) -> [seconds]
+        self.transfers = {}    # side -> [blobs sent per concurrent round]
 
 
 def run_size(count: int, args, root: str, results: Results,
@@ -418,6 +441,120 @@ def run_size(count: int, args, root: str, results: Results,
 
     for directory in (stock_dir, ours_dir):
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def run_downloads(args, root: str, results: Results,
+                  failures: Failures) -> None:
+    """The cold download rows, against a counting ZEO server process."""
+    directory = os.path.join(root, 'server')
+    os.makedirs(directory)
+    address = ('127.0.0.1', free_port())
+    server = ServerProcess(
+        [sys.executable, '-m', 'zodbblob.tests.counting_server', directory,
+         str(address[1]), 'stock'],
+        address, cwd=directory, log_path=os.path.join(directory, 'log'))
+    server.start()
+    try:
+        payload = os.urandom(args.download_mib * 1024 * 1024)
+        db = ZODB.DB(ZEO.ClientStorage.ClientStorage(
+            address, blob_dir=os.path.join(root, 'committer'),
+            wait_timeout=30))
+        try:
+            with db.transaction() as conn:
+                conn.root()['blob'] = Blob(payload)
+            with db.transaction() as conn:
+                blob = conn.root()['blob']
+                blob._p_activate()
+                key = blob._p_oid, blob._p_serial
+        finally:
+            db.close()
+        print(f'\ncold downloads of one {args.download_mib} MiB blob, '
+              f'{args.download_rounds} rounds; {args.readers} readers at '
+              f'once', flush=True)
+        sides = {'stock': ZEO.ClientStorage.ClientStorage,
+                 'ours': zodbblob.zeo.ClientStorage}
+        sent = os.path.join(directory, 'sent')
+        for round_ in range(args.download_rounds + 1):
+            order = list(sides) if round_ % 2 else list(sides)[::-1]
+            for readers in (1, args.readers):
+                for side in order:
+                    before = count_lines(sent)
+                    seconds, paths_ok = cold_read(
+                        sides[side], address, key, readers, root, payload)
+                    transfers = count_lines(sent) - before
+                    failures.check(
+                        paths_ok,
+                        f'{side}: a cold download of {readers} reader(s) '
+                        f'does not have the committed bytes')
+                    if side == 'ours':
+                        failures.check(
+                            transfers == 1,
+                            f'zodbblob: {readers} cold reader(s) caused '
+                            f'{transfers} transfers')
+                    if round_ == 0:
+                        continue  # the warm-up round
+                    row = 'single' if readers == 1 else 'concurrent'
+                    results.downloads.setdefault((row, side), []).append(
+                        seconds)
+                    if readers > 1:
+                        results.transfers.setdefault(side, []).append(
+                            transfers)
+        for row in ('single', 'concurrent'):
+            for side in sides:
+                print(f'  {row} {side}: '
+                      f'{fmt_list(results.downloads[row, side])}',
+                      flush=True)
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def cold_read(factory, address, key, readers: int, root: str,
+              payload: bytes) -> tuple[float, bool]:
+    """`readers` threads of one new client, with an empty cache, reading
+    the blob `key` at once: the seconds until the last has its file, and
+    whether every file has `payload`."""
+    cache_dir = tempfile.mkdtemp(prefix='cold-', dir=root)
+    storage = factory(address, blob_dir=cache_dir, wait_timeout=30)
+    try:
+        paths = [None] * readers
+        finished = [0.0] * readers
+        barrier = threading.Barrier(readers + 1)
+
+        def read(number):
+            barrier.wait()
+            paths[number] = storage.loadBlob(*key)
+            finished[number] = time.perf_counter()
+
+        threads = [threading.Thread(target=read, args=(number,))
+                   for number in range(readers)]
+        for thread in threads:
+            thread.start()
+        os.sync()
+        barrier.wait()
+        start = time.perf_counter()
+        for thread in threads:
+            thread.join()
+        return (max(finished) - start,
+                all(read_bytes(path) == payload for path in paths))
+    finally:
+        storage.close()
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def count_lines(path: str) -> int:
+    try:
+        with open(path) as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def read_bytes(path) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, 'rb') as f:
+        return f.read()
 
 
 def run_hits(population: Population, stock_dir: str, ours_dir: str, args,
@@ -554,6 +691,40 @@ def report(sizes: list[int], args, results: Results) -> tuple[str, list]:
                 lines.append(f'| {label} | {keys[row]} | {stock * 1e6:.2f} '
                              f'| {ours * 1e6:.2f} | {ratio:.2f}x |')
 
+    download_verdicts = []
+    if results.downloads:
+        mib = args.download_mib
+        lines += ['', f'| cold download of one {mib} MiB blob | stock ms '
+                  f'| zodbblob ms | stock / zodbblob |',
+                  '| --- | ---: | ---: | ---: |']
+        medians = {key: statistics.median(samples)
+                   for key, samples in results.downloads.items()}
+        for row, label in (('single', 'one reader'),
+                           ('concurrent', f'{args.readers} readers of one '
+                                          f'client at once')):
+            stock, ours = medians[row, 'stock'], medians[row, 'ours']
+            lines.append(f'| {label} | {fmt_ms(stock)} | {fmt_ms(ours)} | '
+                         f'{stock / ours:.2f}x |')
+        lines.append(
+            f'| one reader, MiB/s | {mib / medians["single", "stock"]:.0f} '
+            f'| {mib / medians["single", "ours"]:.0f} | - |')
+        lines.append(
+            f'| blobs sent per round of {args.readers} readers | '
+            f'{", ".join(map(str, results.transfers["stock"]))} | '
+            f'{", ".join(map(str, results.transfers["ours"]))} | - |')
+        ratio = medians['single', 'stock'] / medians['single', 'ours']
+        download_verdicts.append(
+            f'{mib} MiB cold download throughput zodbblob >= stock: '
+            f'{"MET" if ratio >= 1 else "NOT MET"} ({ratio:.2f}x)')
+        ratio = medians['concurrent', 'ours'] / medians['single', 'ours']
+        once = set(results.transfers['ours']) == {1}
+        download_verdicts.append(
+            f'{args.readers} concurrent cold readers: zodbblob one '
+            f'transfer, wall <= 1.2x one reader: '
+            f'{"MET" if once and ratio <= 1.2 else "NOT MET"} '
+            f'({ratio:.2f}x; transfers per round '
+            f'{sorted(set(results.transfers["ours"]))})')
+
     lines += ['', '| build (untimed above) | files | s |',
               '| --- | ---: | ---: |']
     for count in sizes:
@@ -588,7 +759,7 @@ def report(sizes: list[int], args, results: Results) -> tuple[str, list]:
             f'cache hit zodbblob <= 1.1x stock: '
             f'{"MET" if hit_ratio <= 1.1 else "NOT MET"} '
             f'({hit_ratio:.2f}x){note}')
-    return '\n'.join(lines), verdicts
+    return '\n'.join(lines), verdicts + download_verdicts
 
 
 # the machine
@@ -664,10 +835,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         '--repeat', type=int, default=3,
         help='timed repeats of each check (default: %(default)s)')
     parser.add_argument(
+        '--download-mib', type=int, default=10,
+        help='size of the blob of the cold download rows, in MiB '
+             '(default: %(default)s)')
+    parser.add_argument(
+        '--download-rounds', type=int, default=5,
+        help='rounds of cold downloads per side; 0 leaves them out '
+             '(default: %(default)s)')
+    parser.add_argument(
+        '--readers', type=int, default=8,
+        help='threads reading the blob cold at once (default: %(default)s)')
+    parser.add_argument(
         '--dir', help='where to work; a given one is kept, what is made in '
                       'it is removed (default: a temporary directory)')
     args = parser.parse_args(argv)
     if args.quick:
+        args.download_rounds = min(args.download_rounds, 2)
         args.sizes = [10_000]
         args.hit_files = 10_000
         args.hits = min(args.hits, 20_000)
@@ -698,6 +881,8 @@ def main(argv=None) -> int:
         sizes = fitting(args.sizes, root, args.stock_max)
         for count in sizes:
             run_size(count, args, root, results, failures)
+        if args.download_rounds:
+            run_downloads(args, root, results, failures)
     finally:
         if remove_root:
             shutil.rmtree(root, ignore_errors=True)

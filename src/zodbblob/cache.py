@@ -22,6 +22,13 @@ directory:
 ``evicting``
     The rows of the files a pruner is removing, moved here from ``blobs``
     with the pruner's ``token``, and dropped when it is done.
+``unsynced``
+    The files put in place whose bytes a thread has not yet written to
+    disk (``fdatasync``), with the ``token`` of the process and the
+    ``boot`` of the machine that wrote them: a reader does not wait for
+    the disk, and a cache opened after the machine restarted removes
+    those files (a power loss may have left them with their size but not
+    their bytes).
 ``cache``
     One row: ``files`` and ``bytes`` of the complete rows (kept by triggers
     when a row becomes complete, and by the two deletes of complete rows),
@@ -68,6 +75,7 @@ import errno
 import fcntl
 import logging
 import os
+import queue
 import re
 import secrets
 import shutil
@@ -133,6 +141,20 @@ _CACHE_FILE = re.compile(r'(0|[1-9][0-9]*)\.([0-9a-f]{16})\.blob\Z')
 # container): a token of this pid and another incarnation is a dead one.
 _INCARNATION = secrets.token_hex(4)
 
+
+def _boot_id() -> str:
+    """This boot of the machine: a file written since is in the page
+    cache or on disk.  Where the kernel does not say, a value no later
+    process has, so that every file not synced counts as lost."""
+    try:
+        with open('/proc/sys/kernel/random/boot_id') as f:
+            return f.read().strip()
+    except OSError:
+        return f'unknown-{_INCARNATION}'
+
+
+_BOOT = _boot_id()
+
 TABLES = (
     """CREATE TABLE blobs (
         oid BLOB NOT NULL,
@@ -150,6 +172,12 @@ TABLES = (
         size INTEGER NOT NULL,
         accessed REAL NOT NULL,
         token TEXT NOT NULL,
+        PRIMARY KEY (oid, tid)) WITHOUT ROWID""",
+    """CREATE TABLE unsynced (
+        oid BLOB NOT NULL,
+        tid BLOB NOT NULL,
+        token TEXT NOT NULL,
+        boot TEXT NOT NULL,
         PRIMARY KEY (oid, tid)) WITHOUT ROWID""",
     """CREATE TABLE cache (
         id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -202,7 +230,7 @@ MIGRATIONS = {
         'DROP INDEX blobs_by_access',
         'DROP INDEX blobs_in_progress',
         'ALTER TABLE blobs RENAME TO blobs_1',
-        *TABLES[:3],
+        *TABLES[:4],
         'ALTER TABLE cache ADD COLUMN logged INTEGER NOT NULL DEFAULT 0',
         """INSERT INTO blobs (oid, tid, size, accessed, state)
             SELECT oid, tid, size, accessed, state FROM blobs_1
@@ -220,6 +248,7 @@ MIGRATIONS = {
     2: (
         'DROP TRIGGER blobs_delete',
         TABLES[2],
+        TABLES[3],
         """INSERT INTO evicting (oid, tid, size, accessed, token)
             SELECT oid, tid, size, accessed, token FROM blobs
             WHERE state = 'evicting'""",
@@ -243,6 +272,19 @@ def _evict_file(path: str) -> OSError | None:
     except OSError as e:
         return e
     return None
+
+
+def _sync_file(path: str) -> bool:
+    """Write the file `path` to disk; False if it is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    return True
 
 
 def _parse_token(token: str) -> tuple[str, int, str] | None:
@@ -310,6 +352,8 @@ class BlobCache:
             self._resolution = self._resolution_in(self._db, time.time())
         self._closing = threading.Event()
         self._checkpointing: threading.Thread | None = None
+        self._to_sync: queue.SimpleQueue = queue.SimpleQueue()
+        self._syncing: threading.Thread | None = None
         self._preloading = threading.Thread(
             target=self._preload_known_sizes, daemon=True,
             name=f'zodbblob-cache-preload {self.directory}')
@@ -699,11 +743,7 @@ class BlobCache:
         claim was taken over, and the row says complete exactly when the
         file is there.  A later finisher finds it and drops its own file.
         """
-        with open(temporary, 'rb') as f:
-            # A cache must not serve a file that a power loss left with
-            # its size but not its bytes.
-            os.fsync(f.fileno())
-            size = os.fstat(f.fileno()).st_size
+        size = os.stat(temporary).st_size
         os.chmod(temporary, stat.S_IREAD)
         path = self.path(oid, tid)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -725,8 +765,8 @@ class BlobCache:
                     row = db.execute(
                         'SELECT state, size FROM blobs '
                         'WHERE oid = ? AND tid = ?', (oid, tid)).fetchone()
-                    size = self._install(db, oid, tid, temporary, path,
-                                         size, row)
+                    size, installed = self._install(
+                        db, oid, tid, temporary, path, size, row)
                     total = db.execute(
                         'SELECT bytes FROM cache').fetchone()[0]
                     break
@@ -734,18 +774,22 @@ class BlobCache:
             # row: a file put there before would be removed with it.
             time.sleep(delay)
             delay = min(delay * 2, POLL_LAST)
+        if installed is not None:
+            self._sync_later(oid, tid, installed)
         self._remember_size(oid, tid, size, time.time())
         return path, total
 
-    def _install(self, db, oid, tid, temporary, path, size, row) -> int:
+    def _install(self, db, oid, tid, temporary, path, size, row):
         """Put `temporary` under `path` unless a complete file is there;
-        the size of the file there now."""
+        the size of the file there now, and the token of its row in
+        ``unsynced`` if it is the one put there."""
         now = time.time()
         if row is not None and row[0] == COMPLETE and _size_of(path) == row[1]:
             os.remove(temporary)
             db.execute('UPDATE blobs SET accessed = ? '
                        'WHERE oid = ? AND tid = ?', (now, oid, tid))
-            return row[1]
+            return row[1], None
+        token = self._new_token()
         os.replace(temporary, path)
         try:
             db.execute(
@@ -755,11 +799,59 @@ class BlobCache:
                 'accessed = excluded.accessed, '
                 'state = excluded.state, token = NULL, started = NULL',
                 (oid, tid, size, now, COMPLETE))
+            db.execute('INSERT OR REPLACE INTO unsynced '
+                       '(oid, tid, token, boot) VALUES (?, ?, ?, ?)',
+                       (oid, tid, token, _BOOT))
         except BaseException:
             # A file the index does not know would never be evicted.
             remove_if_exists(path)
             raise
-        return size
+        return size, token
+
+    # syncing
+
+    def _sync_later(self, oid, tid, token) -> None:
+        """Have the file of ``(oid, tid)`` written to disk by the syncing
+        thread, which then drops its row in ``unsynced`` (if `token` is
+        still that row's).
+
+        Its reader does not wait for the disk (a 10 MiB file takes ~20 ms
+        to sync here, as long as its download).  Until then the row says
+        that a power loss may have left the file with its size but not its
+        bytes: a cache opened after the machine restarted drops such files
+        (`_remove_dead_claims`).
+        """
+        with self._lock:
+            self._to_sync.put((oid, tid, token))
+            if self._syncing is None:
+                self._syncing = threading.Thread(
+                    target=self._sync_files, daemon=True,
+                    name=f'zodbblob-cache-sync {self.directory}')
+                self._syncing.start()
+
+    def _sync_files(self) -> None:
+        while True:
+            items = [self._to_sync.get()]
+            while True:
+                try:
+                    items.append(self._to_sync.get_nowait())
+                except queue.Empty:
+                    break
+            done = [item for item in items if item is not None]
+            for oid, tid, _ in done:
+                _sync_file(self.path(oid, tid))
+            if done:
+                try:
+                    with self._writing() as db:
+                        db.executemany(
+                            'DELETE FROM unsynced WHERE oid = ? AND tid = ? '
+                            'AND token = ?', done)
+                except sqlite3.Error as e:
+                    # Synced all the same; the next open drops the rows.
+                    logger.warning('Blob cache %s: could not record files '
+                                   'as synced: %s', self.directory, e)
+            if None in items:
+                return
 
     def _cancel(self, oid, tid, token, temporary):
         remove_if_exists(temporary)
@@ -1072,7 +1164,10 @@ class BlobCache:
         self._closing.set()
         self._preloading.join()
         with self._lock:
-            checkpointing = self._checkpointing
+            checkpointing, syncing = self._checkpointing, self._syncing
+            self._to_sync.put(None)
+        if syncing is not None:
+            syncing.join()
         if checkpointing is not None:
             checkpointing.join()
         try:
@@ -1298,8 +1393,13 @@ class BlobCache:
                 'WHERE token IS NOT NULL').fetchall()
             evicting = self._db.execute(
                 'SELECT oid, tid, token FROM evicting').fetchall()
+            unsynced = self._db.execute(
+                'SELECT oid, tid, token, boot FROM unsynced').fetchall()
         dead = [claim for claim in claims if self._owner_dead(claim[2])]
         evictions = [row for row in evicting if self._owner_dead(row[2])]
+        unsynced = [row for row in unsynced
+                    if row[3] != _BOOT or self._owner_dead(row[2])]
+        lost = self._finish_syncs(unsynced)
         now = time.time()
         if dead or evictions:
             with self._writing() as db:
@@ -1347,3 +1447,37 @@ class BlobCache:
                 'of processes that ended, and finished %d of their '
                 'evictions', self.directory, len(dead), len(removed),
                 len(evictions))
+        if lost:
+            logger.warning(
+                'Blob cache %s: removed %d files written before the machine '
+                'restarted and not synced to disk then', self.directory,
+                lost)
+
+    def _finish_syncs(self, unsynced) -> int:
+        """Settle the `unsynced` rows of processes that ended: a file
+        written since this boot is in the page cache or on disk, so it is
+        synced now; one written before is removed with its row (a power
+        loss may have left it with its size but not its bytes).  How many
+        were removed."""
+        lost = 0
+        if not unsynced:
+            return lost
+        with self._writing() as db:
+            for oid, tid, token, boot in unsynced:
+                path = self.path(oid, tid)
+                if boot == _BOOT:
+                    _sync_file(path)
+                else:
+                    row = db.execute(
+                        'SELECT size FROM blobs WHERE oid = ? AND tid = ? '
+                        'AND state = ?', (oid, tid, COMPLETE)).fetchone()
+                    if row is not None:
+                        db.execute('DELETE FROM blobs WHERE oid = ? '
+                                   'AND tid = ?', (oid, tid))
+                        db.execute('UPDATE cache SET files = files - 1, '
+                                   'bytes = bytes - ?', (row[0],))
+                    remove_if_exists(path)
+                    lost += 1
+                db.execute('DELETE FROM unsynced WHERE oid = ? AND tid = ? '
+                           'AND token = ?', (oid, tid, token))
+        return lost
