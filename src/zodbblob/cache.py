@@ -31,7 +31,7 @@ directory:
     their bytes).
 ``cache``
     One row: ``files`` and ``bytes`` of the complete rows (kept by triggers
-    when a row becomes complete, and by the two deletes of complete rows),
+    when a row becomes complete, and by whoever deletes complete rows),
     ``hits`` and ``misses``, the number of accesses ``logged``, and the
     prune lease (``pruner``, ``pruned_at``).
 
@@ -93,8 +93,8 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 import zope.interface
 
 from zodbblob.interfaces import IBlobCache
-from zodbblob.layout import (BLOB_SUFFIX, LAYOUT_MARKER, process_alive,
-                             read_marker, remove_if_exists)
+from zodbblob.layout import (BLOB_SUFFIX, LAYOUT_MARKER, fsync_path,
+                             process_alive, read_marker, remove_if_exists)
 
 logger = logging.getLogger(__name__)
 
@@ -197,9 +197,9 @@ ACCESS_RECORD = struct.Struct('>8s8sd')
 
 # Created once the rows of a build are in: the indexes are then sorted in
 # one pass, and the totals are counted once instead of per row.  A row that
-# becomes complete counts itself in; a complete row is deleted by code that
-# counts it out in the same statement's transaction (`_forget`, a prune
-# moving many at once), as a trigger per row costs as much as the delete.
+# becomes complete counts itself in; whoever deletes complete rows counts
+# them out in the same transaction (`_count_out`: `_forget`, a prune, a
+# file lost to a restart), as a trigger per row costs as much as the delete.
 DERIVED = (
     """CREATE INDEX blobs_by_access ON blobs (accessed, oid, tid)
         WHERE state = 'complete'""",
@@ -274,17 +274,18 @@ def _evict_file(path: str) -> OSError | None:
     return None
 
 
-def _sync_file(path: str) -> bool:
-    """Write the file `path` to disk; False if it is gone."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-    return True
+def _sync_file(path: str) -> None:
+    """Write the file `path` to disk, if it is still there."""
+    with contextlib.suppress(FileNotFoundError):
+        fsync_path(path, data_only=True)
+
+
+def _count_out(db, files: int, size: int) -> None:
+    """Take `files` complete files of `size` bytes in all out of the
+    totals (the deletes of complete rows do; a trigger per row would cost
+    as much as the delete)."""
+    db.execute('UPDATE cache SET files = files - ?, bytes = bytes - ?',
+               (files, size))
 
 
 def _parse_token(token: str) -> tuple[str, int, str] | None:
@@ -429,8 +430,7 @@ class BlobCache:
                 return True
             db.execute('DELETE FROM blobs WHERE oid = ? AND tid = ?',
                        (oid, tid))
-            db.execute('UPDATE cache SET files = files - 1, '
-                       'bytes = bytes - ?', (row[0],))
+            _count_out(db, 1, row[0])
             if size is not None:
                 remove_if_exists(path)
         with self._lock:
@@ -1039,8 +1039,7 @@ class BlobCache:
                        f'SELECT oid, tid, size, accessed, ? {chosen}',
                        (token, *bounds))
             db.execute(f'DELETE {chosen}', bounds)
-            db.execute('UPDATE cache SET files = files - ?, '
-                       'bytes = bytes - ?', (len(victims), size))
+            _count_out(db, len(victims), size)
         return victims
 
     def _start_removals(self, victims, removals) -> tuple[list, Executor]:
@@ -1385,7 +1384,8 @@ class BlobCache:
         """Drop the claims and temporary files of processes that ended,
         and finish their evictions.
 
-        Looks only at rows with a token, at ``evicting`` and in ``.tmp``.
+        Looks only at rows with a token, at ``evicting``, ``unsynced``
+        and in ``.tmp``.
         """
         with self._db_lock:
             claims = self._db.execute(
@@ -1474,8 +1474,7 @@ class BlobCache:
                     if row is not None:
                         db.execute('DELETE FROM blobs WHERE oid = ? '
                                    'AND tid = ?', (oid, tid))
-                        db.execute('UPDATE cache SET files = files - 1, '
-                                   'bytes = bytes - ?', (row[0],))
+                        _count_out(db, 1, row[0])
                     remove_if_exists(path)
                     lost += 1
                 db.execute('DELETE FROM unsynced WHERE oid = ? AND tid = ? '

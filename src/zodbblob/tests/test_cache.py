@@ -157,6 +157,29 @@ SCHEMA_2 = (
 )
 
 
+
+def dead_token():
+    """A token of this pid in an earlier incarnation: its owner ended."""
+    host = re.sub(r'[^A-Za-z0-9.]', '_', socket.gethostname())
+    return f'{host}-{os.getpid()}-ended-1-0'
+
+
+@contextlib.contextmanager
+def old_index(directory, schema, version):
+    """An index of an older `schema` in `directory` (a zodbblob cache
+    directory, its open lock there), its cache row at `version` with 7
+    hits and 3 misses; the connection, committed at the end."""
+    open(os.path.join(directory, '.zodbblob-cache.lock'), 'w').close()
+    with contextlib.closing(sqlite3.connect(
+            os.path.join(directory, INDEX))) as db:
+        for statement in schema:
+            db.execute(statement)
+        db.execute('INSERT INTO cache (id, version, hits, misses) '
+                   'VALUES (1, ?, 7, 3)', (version,))
+        yield db
+        db.commit()
+
+
 def make_stock_cache(directory, blobs, accessed=None):
     """A cache directory as stock ZEO leaves it: marker, ``.lock`` files
     and read-only blob files, at the paths of ZEO's own layout."""
@@ -482,16 +505,10 @@ class AdoptionTests(CacheTestCase):
     def test_index_of_schema_version_1_is_migrated_keeping_its_order(self):
         blobs = {number: b'x' * 100 for number in range(1, 6)}
         make_stock_cache(self.dir, blobs)
-        open(os.path.join(self.dir, '.zodbblob-cache.lock'), 'w').close()
         now = time.time()
         accessed = {3: now - 500, 5: now - 400, 1: now - 300, 4: now - 200,
                     2: now - 100}
-        with contextlib.closing(sqlite3.connect(
-                os.path.join(self.dir, INDEX))) as db:
-            for statement in SCHEMA_1:
-                db.execute(statement)
-            db.execute('INSERT INTO cache (id, version, hits, misses) '
-                       'VALUES (1, 1, 7, 3)')
+        with old_index(self.dir, SCHEMA_1, 1) as db:
             db.executemany(
                 'INSERT INTO blobs (oid, tid, size, accessed, state) '
                 'VALUES (?, ?, 100, ?, ?)',
@@ -500,7 +517,6 @@ class AdoptionTests(CacheTestCase):
             db.execute('INSERT INTO blobs (oid, tid, size, accessed, state, '
                        "token, started) VALUES (?, ?, 0, ?, 'in-progress', "
                        "'elsewhere-1-0-1-0', ?)", (p64(9), TID, now, now))
-            db.commit()
         with self.assertLogs('zodbblob.cache', 'INFO') as logs:
             cache = self.open(grace=0, check_percent=0)
         self.assertEqual(len(logs.output), 1)
@@ -517,17 +533,8 @@ class AdoptionTests(CacheTestCase):
     def test_index_of_schema_version_2_is_migrated_with_its_evictions(self):
         blobs = {number: b'x' * 100 for number in range(1, 5)}
         paths = make_stock_cache(self.dir, blobs)
-        open(os.path.join(self.dir, '.zodbblob-cache.lock'), 'w').close()
         now = time.time()
-        # A pruner of this process's pid in an earlier incarnation: ended.
-        host = re.sub(r'[^A-Za-z0-9.]', '_', socket.gethostname())
-        dead = f'{host}-{os.getpid()}-ended-1-0'
-        with contextlib.closing(sqlite3.connect(
-                os.path.join(self.dir, INDEX))) as db:
-            for statement in SCHEMA_2:
-                db.execute(statement)
-            db.execute('INSERT INTO cache (id, version, hits, misses) '
-                       'VALUES (1, 2, 7, 3)')
+        with old_index(self.dir, SCHEMA_2, 2) as db:
             db.executemany(
                 'INSERT INTO blobs (oid, tid, size, accessed, state) '
                 "VALUES (?, ?, 100, ?, 'complete')",
@@ -535,8 +542,7 @@ class AdoptionTests(CacheTestCase):
                  for number in (2, 3, 4)])
             db.execute('INSERT INTO blobs (oid, tid, size, accessed, state, '
                        "token, started) VALUES (?, ?, 100, ?, 'evicting', "
-                       '?, ?)', (p64(1), TID, now - 500, dead, now))
-            db.commit()
+                       '?, ?)', (p64(1), TID, now - 500, dead_token(), now))
         with self.assertLogs('zodbblob.cache', 'INFO') as logs:
             cache = self.open(grace=0, check_percent=0)
         self.assertEqual(len(logs.output), 2)
@@ -601,12 +607,11 @@ class SyncTests(CacheTestCase):
                               'ORDER BY oid').fetchall()
 
     def add_unsynced(self, number, boot):
-        host = re.sub(r'[^A-Za-z0-9.]', '_', socket.gethostname())
-        dead = f'{host}-{os.getpid()}-ended-1-0'
         with contextlib.closing(sqlite3.connect(
                 os.path.join(self.dir, INDEX))) as db:
             db.execute('INSERT INTO unsynced (oid, tid, token, boot) '
-                       'VALUES (?, ?, ?, ?)', (p64(number), TID, dead, boot))
+                       'VALUES (?, ?, ?, ?)',
+                       (p64(number), TID, dead_token(), boot))
             db.commit()
 
     def test_a_download_is_synced_by_a_thread_after_its_reader_has_it(self):
