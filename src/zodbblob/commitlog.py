@@ -33,6 +33,7 @@ import zlib
 from dataclasses import dataclass
 
 from zodbblob.journal import STATE_DIR
+from zodbblob.layout import check_id
 from zodbblob.layout import fdatasync
 from zodbblob.layout import fsync_directory
 
@@ -258,6 +259,12 @@ class CommitLog:
         self._write(ABORT, tid, (), False)
 
     def _write(self, kind, tid, entries, durable) -> None:
+        # struct's '8s' cuts or pads silently: a record of a 9-byte oid
+        # would name another object, and recovery would act on that one.
+        blob_dir = os.path.dirname(os.path.dirname(self.path))
+        check_id(tid, 'tid', blob_dir)
+        for entry in entries:
+            check_id(entry.oid, 'oid', blob_dir)
         with self._lock:
             record = encode(kind, self._next_sequence, tid, entries)
             end = self._position + _aligned(len(record))

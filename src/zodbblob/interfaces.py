@@ -21,6 +21,9 @@ class ILayout(Interface):
     def oid_to_path(oid):
         """The path that names `oid` (8 bytes).
 
+        Raises ``zodbblob.layout.InvalidIdError`` (a ValueError) for an
+        oid that is not 8 bytes: ``oid_repr`` of one may hold ``/..``.
+
         For a layout with a directory per oid this is that directory; for
         one without, it is the directory plus the file name prefix that
         every revision of the oid shares.
@@ -37,7 +40,11 @@ class ILayout(Interface):
         """The directory that holds the blob files of `oid`."""
 
     def getBlobFilePath(oid, tid):
-        """The path of the committed blob file of revision `tid` of `oid`."""
+        """The path of the committed blob file of revision `tid` of `oid`.
+
+        Raises ``zodbblob.layout.InvalidIdError`` when either is not 8
+        bytes.
+        """
 
     def blob_path_to_oid_tid(path):
         """``(oid, tid)`` for a path returned by `getBlobFilePath`.

@@ -78,9 +78,37 @@ def _tid_from_name(name: str, path: str) -> bytes:
     return tid
 
 
-def _packed(oid) -> bytes:
-    # ZODB passes oids and tids around as integers in places.
-    return p64(oid) if isinstance(oid, int) else oid
+class InvalidIdError(ValueError):
+    """An oid or tid that is not exactly 8 bytes."""
+
+
+def check_id(value, kind: str = 'oid', blob_dir: str | None = None) -> bytes:
+    """`value` as the 8 bytes of an oid or tid; InvalidIdError otherwise.
+
+    Every path and every commit log record is built from ids that passed
+    here.  ``oid_repr`` writes ``repr()`` for an id of another length,
+    slashes and ``..`` included, so a path made of a ZEO client's 20-byte
+    "oid" would leave the blob directory; and ``struct`` packs such an id
+    cut or padded to 8 bytes, so a record would name another object.
+    ZODB passes ids around as integers in places: those are packed.
+    """
+    if isinstance(value, bytes):
+        if len(value) == 8:
+            return value
+        what = f'{len(value)} bytes'
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if 0 <= value < 1 << 64:
+            return p64(value)
+        what = 'an integer out of range'
+    else:
+        what = f'a {type(value).__name__}'
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + '...'
+    where = f' for blob directory {blob_dir}' if blob_dir else ''
+    article = 'an' if kind[0] in 'aeiou' else 'a'
+    raise InvalidIdError(f'Refused {kind} {shown}{where}: {article} {kind} '
+                         f'is exactly 8 bytes, this is {what}')
 
 
 class _Layout:
@@ -97,7 +125,7 @@ class _Layout:
 
     def getBlobFilePath(self, oid: bytes, tid: bytes) -> str:
         return os.path.join(self.oid_to_path(oid),
-                            oid_repr(tid) + BLOB_SUFFIX)
+                            oid_repr(check_id(tid, 'tid')) + BLOB_SUFFIX)
 
     def blob_path_to_oid_tid(self, path: str) -> tuple[bytes, bytes]:
         directory, name = os.path.split(path)
@@ -232,7 +260,8 @@ class _SharedDirectoryLayout(_Layout):
         return os.path.dirname(self.oid_to_path(oid))
 
     def getBlobFilePath(self, oid: bytes, tid: bytes) -> str:
-        return f'{self.oid_to_path(oid)}.{oid_repr(tid)}{BLOB_SUFFIX}'
+        return (f'{self.oid_to_path(oid)}.{oid_repr(check_id(tid, "tid"))}'
+                f'{BLOB_SUFFIX}')
 
     def blob_path_to_oid_tid(self, path: str) -> tuple[bytes, bytes]:
         directory, name = os.path.split(path)
@@ -261,7 +290,7 @@ class BushyLayout(_Layout):
     name = 'bushy'
 
     def oid_to_path(self, oid: bytes) -> str:
-        return os.path.sep.join(f'0x{byte:02x}' for byte in oid)
+        return os.path.sep.join(f'0x{byte:02x}' for byte in check_id(oid))
 
     def path_to_oid(self, path: str) -> bytes:
         levels = path.split(os.path.sep)
@@ -292,7 +321,7 @@ class LawnLayout(_Layout):
     name = 'lawn'
 
     def oid_to_path(self, oid: bytes) -> str:
-        return oid_repr(oid)
+        return oid_repr(check_id(oid))
 
     def path_to_oid(self, path: str) -> bytes:
         oid = _from_repr(path)
@@ -327,7 +356,7 @@ class ChunkyLayout(_SharedDirectoryLayout):
         r'0x([0-9a-f]{3})/0x([0-9a-f]{3})'.replace('/', re.escape(os.sep)))
 
     def oid_to_path(self, oid: bytes) -> str:
-        digits = oid.hex()
+        digits = check_id(oid).hex()
         return os.path.sep.join('0x' + digits[a:b] for a, b in self._cuts)
 
     def path_to_oid(self, path: str) -> bytes:
@@ -561,7 +590,7 @@ class FilesystemHelper:
         self.check_marker()
 
     def getPathForOID(self, oid, create: bool = False) -> str:
-        oid = _packed(oid)
+        oid = check_id(oid, 'oid', self.base_dir)
         if create:
             os.makedirs(os.path.join(self.base_dir,
                                      self.layout.oid_directory(oid)),
@@ -576,8 +605,11 @@ class FilesystemHelper:
         return self.layout.path_to_oid(path)
 
     def getBlobFilename(self, oid, tid) -> str:
+        # Checked here too, not only by the built-in layouts: a layout
+        # registered by someone else may build paths from anything.
         return os.path.join(self.base_dir, self.layout.getBlobFilePath(
-            _packed(oid), _packed(tid)))
+            check_id(oid, 'oid', self.base_dir),
+            check_id(tid, 'tid', self.base_dir)))
 
     def splitBlobFilename(self, filename: str):
         """``(oid, tid)`` of a blob file name; ``(None, None)`` otherwise."""
@@ -591,9 +623,11 @@ class FilesystemHelper:
 
     def blob_mkstemp(self, oid, tid):
         """A new temporary file beside the committed files of `oid`."""
+        oid = check_id(oid, 'oid', self.base_dir)
+        tid = check_id(tid, 'tid', self.base_dir)
         directory = os.path.join(self.base_dir,
-                                 self.layout.oid_directory(_packed(oid)))
-        return tempfile.mkstemp(suffix='.tmp', prefix=oid_repr(_packed(tid)),
+                                 self.layout.oid_directory(oid))
+        return tempfile.mkstemp(suffix='.tmp', prefix=oid_repr(tid),
                                 dir=directory)
 
     def iter_blobs(self) -> Iterator[tuple[bytes, bytes, str]]:

@@ -55,6 +55,7 @@ from zodbblob.journal import journal_path
 from zodbblob.journal import kill_point
 from zodbblob.journal import sync_filesystem
 from zodbblob.layout import FilesystemHelper
+from zodbblob.layout import check_id
 from zodbblob.layout import fsync_directory
 from zodbblob.layout import fsync_path
 from zodbblob.layout import makedirs_durable
@@ -214,7 +215,7 @@ class BlobStorage:
     copied_methods = (
         'getName', 'getTid', 'history', 'isReadOnly', 'lastTransaction',
         'load', 'loadBefore', 'loadSerial', 'new_oid', 'prefetch',
-        'release', 'restore', 'sortKey', 'store', 'supportsUndo',
+        'release', 'sortKey', 'supportsUndo',
         'tpc_begin', 'undoInfo', 'undoLog', 'checkCurrentSerialInTransaction',
         'iterator', 'record_iternext', 'poll_invalidations', 'sync',
         'lastInvalidations', 'loadEx', 'pack_gc',
@@ -233,6 +234,10 @@ class BlobStorage:
             method = getattr(base, name, None)
             if method is not None:
                 setattr(self, name, method)
+        # Only where the base has it: copyTransactionsFrom asks whether a
+        # storage can restore.
+        if getattr(base, 'restore', None) is not None:
+            self.restore = self._restore
         provided = [zope.interface.providedBy(base)]
         if ZODB.interfaces.IStorageRestoreable.providedBy(base):
             provided.insert(0, ZODB.interfaces.IBlobStorageRestoreable)
@@ -544,14 +549,20 @@ class BlobStorage:
 
     # reading
 
+    def _check_id(self, value, kind: str) -> bytes:
+        return check_id(value, kind, self.fshelper.base_dir)
+
     def loadBlob(self, oid: bytes, serial: bytes) -> str:
-        filename = self.fshelper.getBlobFilename(oid, serial)
+        # A ZEO client's sendBlob names both: checked before the path is
+        # built, or a serial holding '/..' could name any file.
+        filename = self.fshelper.getBlobFilename(
+            self._check_id(oid, 'oid'), self._check_id(serial, 'serial'))
         if not os.path.exists(filename):
             raise POSKeyError('No blob file at %s' % filename, oid, serial)
         return filename
 
     def openCommittedBlobFile(self, oid: bytes, serial: bytes, blob=None):
-        filename = self.loadBlob(oid, serial)
+        filename = self.loadBlob(oid, serial)   # checks oid and serial
         if blob is None:
             return open(filename, 'rb')
         return ZODB.blob.BlobFile(filename, 'r', blob)
@@ -623,9 +634,25 @@ class BlobStorage:
             rename_or_copy(filename, target)
         staged.files[oid] = target
 
+    # A ZEO client chooses the oids it stores.  FileStorage writes an oid
+    # that is not 8 bytes cut to 8, then fails to index it at tpc_finish
+    # and closes itself: the server stops serving everyone.
+
+    def store(self, oid, oldserial, data, version, transaction):
+        return self.base.store(self._check_id(oid, 'oid'), oldserial, data,
+                               version, transaction)
+
+    def _restore(self, oid, serial, data, version, prev_txn, transaction):
+        return self.base.restore(self._check_id(oid, 'oid'),
+                                 self._check_id(serial, 'serial'), data,
+                                 version, prev_txn, transaction)
+
     def storeBlob(self, oid, oldserial, data, blobfilename, version,
                   transaction):
         assert not version, "Versions aren't supported."
+        # Before the file is taken or the base sees the oid: a ZEO client
+        # chooses it, and the base would record it cut to 8 bytes.
+        oid = self._check_id(oid, 'oid')
         # The file is ours from here on, whatever the base says next; a
         # ConflictError below leaves it staged, and tpc_abort removes it.
         self._take(oid, blobfilename, transaction)
@@ -635,6 +662,8 @@ class BlobStorage:
 
     def restoreBlob(self, oid, serial, data, blobfilename, prev_txn,
                     transaction):
+        oid = self._check_id(oid, 'oid')
+        serial = self._check_id(serial, 'serial')
         self._take(oid, blobfilename, transaction)
         self.base.restore(oid, serial, data, '', prev_txn, transaction)
 

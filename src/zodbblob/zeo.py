@@ -51,6 +51,7 @@ from ZODB.POSException import POSKeyError
 from zodbblob.cache import BlobCache
 from zodbblob.datamanager import TransactionDirectories
 from zodbblob.layout import FilesystemHelper
+from zodbblob.layout import check_id
 from zodbblob.layout import read_marker
 from zodbblob.layout import remove_if_exists
 
@@ -157,7 +158,12 @@ class ClientStorage(ZEO.ClientStorage.ClientStorage):
 
     # reading
 
+    def _check_ids(self, oid, serial) -> tuple[bytes, bytes]:
+        where = getattr(self, 'blob_dir', None)
+        return check_id(oid, 'oid', where), check_id(serial, 'serial', where)
+
     def loadBlob(self, oid, serial):
+        oid, serial = self._check_ids(oid, serial)
         if self._blob_cache is None:
             return super().loadBlob(oid, serial)
         if self._read_only_fshelper is not None:
@@ -199,9 +205,12 @@ class ClientStorage(ZEO.ClientStorage.ClientStorage):
                              'fetching it again', path)
         raise POSKeyError('Blob file keeps going away', oid, serial)
 
-    # called by ZEO's I/O thread while the server streams a blob
+    # called by ZEO's I/O thread while the server streams a blob; the ids
+    # are the server's word, checked before ZEO's own code (a shared blob
+    # directory) builds a path from them
 
     def receiveBlobStart(self, oid, serial):
+        oid, serial = self._check_ids(oid, serial)
         if self._blob_cache is None:
             return super().receiveBlobStart(oid, serial)
         download = self._downloads.get((oid, serial))
@@ -212,6 +221,7 @@ class ClientStorage(ZEO.ClientStorage.ClientStorage):
         download.file = open(download.path, 'wb')
 
     def receiveBlobChunk(self, oid, serial, chunk):
+        oid, serial = self._check_ids(oid, serial)
         if self._blob_cache is None:
             return super().receiveBlobChunk(oid, serial, chunk)
         download = self._downloads.get((oid, serial))
@@ -219,6 +229,7 @@ class ClientStorage(ZEO.ClientStorage.ClientStorage):
             download.file.write(chunk)
 
     def receiveBlobStop(self, oid, serial):
+        oid, serial = self._check_ids(oid, serial)
         if self._blob_cache is None:
             return super().receiveBlobStop(oid, serial)
         download = self._downloads.get((oid, serial))
@@ -239,16 +250,18 @@ class ClientStorage(ZEO.ClientStorage.ClientStorage):
             return super().storeBlob(oid, serial, data, blobfilename,
                                      version, txn)
         tbuf = self._check_trans(txn, 'storeBlob')
+        oid = check_id(oid, 'oid', self.blob_dir)
         # Own the file from here on, in this process's directory: an
         # abort or a crash leaves it where the next open finds it.
         target = os.path.join(self._directories.process_directory(),
                               'store-%d.blob' % next(_names))
         ZODB.blob.rename_or_copy_blob(blobfilename, target)
-        try:
-            serials = self.store(oid, serial, data, '', txn)
-        except BaseException:
-            os.remove(target)
-            raise
+        # The pickle travels once, with storeBlobEnd.  ZEO's client also
+        # sends it with a store() first, and the server stores both: two
+        # data records of the object in the transaction.  Only store()'s
+        # local half is kept: the buffer that updates the client's object
+        # cache at tpc_finish.
+        tbuf.store(oid, data)
 
         def messages():
             yield ('storeBlobStart', ())
@@ -262,7 +275,6 @@ class ClientStorage(ZEO.ClientStorage.ClientStorage):
 
         self._async_iter(messages())
         tbuf.storeBlob(oid, target)
-        return serials
 
     def _transaction_blobs(self, txn) -> list[tuple[bytes, str]]:
         try:
