@@ -30,6 +30,11 @@ What ZEO's client does and this one changes, method by method:
 - ``storeBlob`` takes the file into this process's temporary directory;
   ``tpc_abort`` removes it (ZEO leaves a ``.tmp-`` file per aborted
   commit); ``tpc_finish`` admits it into the cache, counted in its size.
+  The object's pickle is sent once, with ``storeBlobEnd`` (ZEO sends it
+  with a ``store`` too, and the server writes two data records).
+- ``loadBlob``, ``storeBlob`` and ``receiveBlob*`` refuse an oid or serial
+  that is not 8 bytes (``zodbblob.layout.check_id``) before any file is
+  touched.
 - ``temporaryDirectory()``: one directory per transaction, as with
   ``zodbblob.BlobStorage``, so aborted and conflicting transactions leave
   nothing.
