@@ -953,6 +953,8 @@ class BlobStorage:
         next open.
         """
         shared = self._shared
+        if shared.read_only:
+            raise ReadOnlyError()
         if not shared.pack_lock.acquire(blocking=False):
             raise BlobStorageError('Already packing blob directory %s'
                                    % self.fshelper.base_dir)
