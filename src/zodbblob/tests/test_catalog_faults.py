@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -26,9 +27,11 @@ import ZODB
 import ZODB.blob
 import ZODB.FileStorage
 from ZODB.blob import Blob
+from zope.interface.verify import verifyObject
 
 from zodbblob import BlobStorage
 from zodbblob.cli import main
+from zodbblob.interfaces import IBlobJournal
 from zodbblob.journal import KILL_POINT_VARIABLE
 from zodbblob.journal import STATE_DIR
 from zodbblob.journal import journal_path
@@ -250,9 +253,49 @@ class DamagedCatalogTests(CatalogTestCase):
         self.assertEqual(len(warnings), 1, logs.output)
         self.assertIn('damaged', warnings[0].getMessage())
         self.assertTrue(os.path.exists(path + '.corrupt'))
+        verifyObject(IBlobJournal, storage._shared.journal)
         try:
             self.assertEqual(len(self.check_catalog(storage)), 2005)
             self.assertTrue(verify(storage).clean)
+        finally:
+            db.close()
+        self.check_nothing_left_after_deleting_everything()
+
+
+class DamagedInUseTests(CatalogTestCase):
+
+    def test_pages_damaged_while_open_lose_no_committed_row(self):
+        storage, db = self.open()
+        with db.transaction() as conn:
+            for blob in range(1000):
+                conn.root()['%d' % blob] = Blob(b'%d' % blob)
+        db.close()  # the rows are in journal.sqlite itself now
+        storage, db = self.open()
+        path = journal_path(self.blob_dir)
+        pages = os.path.getsize(path) // 4096
+        self.assertGreater(pages, 4)
+        with open(path, 'r+b') as f:
+            for page in range(1, pages):
+                f.seek(page * 4096)
+                f.write(b'\xa5' * 4096)
+        # Another program writes page 1 (the header only): the storage's
+        # connection sees the WAL change, drops its page cache, and reads
+        # the damaged pages at its next write.
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute('PRAGMA user_version = 7')
+        other.close()
+        with self.assertLogs('zodbblob', logging.WARNING) as logs:
+            with db.transaction() as conn:
+                for blob in range(64):
+                    conn.root()['late-%d' % blob] = Blob(b'late')
+            with db.transaction() as conn:
+                with conn.root()['late-63'].open() as f:
+                    self.assertEqual(f.read(), b'late')
+            db.close()
+        self.assertIn('malformed', '\n'.join(logs.output))
+        storage, db = self.open()
+        try:
+            self.assertEqual(len(self.check_catalog(storage)), 1064)
         finally:
             db.close()
         self.check_nothing_left_after_deleting_everything()
