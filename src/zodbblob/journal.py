@@ -203,8 +203,11 @@ class Journal:
         """
         try:
             rows = self._db.execute('PRAGMA quick_check').fetchall()
+        except sqlite3.OperationalError as e:
+            # Locked, or an I/O error: not a reason to rebuild the catalog.
+            raise self._failed('check', e) from e
         except sqlite3.DatabaseError as e:
-            return str(e)
+            return str(e)  # malformed, or not a database
         problems = [row[0] for row in rows if row[0] != 'ok']
         return '; '.join(problems[:3]) if problems else None
 
@@ -245,10 +248,9 @@ class Journal:
                                      (name, value))
 
         with self._lock:
-            self._db.execute('PRAGMA synchronous=FULL')
             self._write(change, 'write meta values to')
 
-    def _write(self, change, action: str):
+    def _write(self, change, action: str, synchronous: str = 'FULL'):
         """Run `change` in one write transaction; JournalError if it fails.
 
         Called with the lock held.  A failed transaction is rolled back
@@ -256,6 +258,7 @@ class Journal:
         the database and the in-memory state stay as they were.
         """
         try:
+            self._db.execute('PRAGMA synchronous=%s' % synchronous)
             self._db.execute('BEGIN IMMEDIATE')
             result = change()
             self._db.execute('COMMIT')
@@ -312,8 +315,8 @@ class Journal:
             self._store_total(self._total + added)
             return added
 
-        self._db.execute('PRAGMA synchronous=NORMAL')
-        added = self._write(insert, 'add %d rows to' % len(rows))
+        added = self._write(insert, 'add %d rows to' % len(rows),
+                            synchronous='NORMAL')
         del self._unsaved[:len(rows)]
         self._failed_rows = 0
         self._total += added
@@ -394,7 +397,6 @@ class Journal:
         """
         pairs = list(pairs)
         with self._lock:
-            self._db.execute('PRAGMA synchronous=FULL')
             self._write(lambda: self._db.executemany(
                 'INSERT OR REPLACE INTO garbage (oid, tid) VALUES (?, ?)',
                 pairs), 'mark garbage in')
@@ -422,7 +424,8 @@ class Journal:
 
         with self._lock:
             self._save()
-            self._total -= self._write(delete, 'remove rows from')
+            self._total -= self._write(delete, 'remove rows from',
+                                       synchronous='NORMAL')
 
     def rebuild(self, blobs: Iterable[tuple[bytes, bytes, int]]) -> None:
         """Replace the catalog by `blobs` (from a scan of the directory)."""
@@ -437,7 +440,7 @@ class Journal:
             self._store_total(total)
 
         with self._lock:
-            self._write(replace, 'rebuild')
+            self._write(replace, 'rebuild', synchronous='NORMAL')
             self._unsaved = []
             self._failed_rows = 0
             self._total = total

@@ -882,9 +882,9 @@ class BlobStorage:
         if len(shared.commit_log) >= CHECKPOINT_RECORDS:
             try:
                 self._checkpoint()
-            except (JournalError, OSError) as e:
-                # The transaction has committed, and must not be reported
-                # as failed.  The log keeps its records (a checkpoint
+            except Exception as e:
+                # Whatever failed, the transaction has committed, and must
+                # not be reported as failed.  The log keeps its records (a checkpoint
                 # first syncs, then lets them go), and the next commit, or
                 # the first one whose record does not fit, tries again.
                 logger.warning('Could not checkpoint blob directory %s '
