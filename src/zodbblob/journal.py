@@ -15,8 +15,8 @@ the rows.  ``check`` (at open) finds a damaged database, which the storage
 moves aside and rebuilds.
 
 Also here: a pack's intent and the files it is removing (``garbage``), so
-that a killed pack is finished, ``meta`` values, the crash tests' kill points and
-``sync_filesystem``.
+that a killed pack is finished, ``meta`` values, the crash tests' kill
+points and ``sync_filesystem``.
 """
 
 from __future__ import annotations

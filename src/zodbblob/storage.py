@@ -14,7 +14,7 @@ fdatasyncs it in a worker thread while the base votes, then gives the
 files their final names; ``tpc_finish`` finishes the base (the commit
 point) and adds the files to the catalog; ``tpc_abort`` removes whatever
 the transaction staged or published.  A checkpoint (every
-CHECKPOINT_RECORDS transactions, when the log is full, after a pack and
+CHECKPOINT_RECORDS transactions, when the log is full, around a pack and
 at close) makes files, names and catalog durable with one filesystem sync
 and starts the log afresh.
 Opening the storage replays the log's records since the last checkpoint.
@@ -884,9 +884,10 @@ class BlobStorage:
                 self._checkpoint()
             except Exception as e:
                 # Whatever failed, the transaction has committed, and must
-                # not be reported as failed.  The log keeps its records (a checkpoint
-                # first syncs, then lets them go), and the next commit, or
-                # the first one whose record does not fit, tries again.
+                # not be reported as failed.  The log keeps its records (a
+                # checkpoint first syncs, then lets them go), and the next
+                # commit, or the first whose record does not fit, tries
+                # again.
                 logger.warning('Could not checkpoint blob directory %s '
                                'after a commit (%s); its commit log keeps '
                                'the transactions', self.fshelper.base_dir, e)

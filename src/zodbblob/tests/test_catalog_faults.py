@@ -376,7 +376,7 @@ class InterruptedPackTests(CatalogTestCase):
     def test_next_open_finishes_a_pack_killed_after_the_base_packed(self):
         self.kill_pack()
         with self.assertLogs('zodbblob.storage', logging.WARNING) as logs:
-            storage, db = self.open()
+            db = self.open()[1]
         db.close()
         self.assertIn('finished a pack', '\n'.join(logs.output))
         self.check_packed()
@@ -393,6 +393,7 @@ class InterruptedPackTests(CatalogTestCase):
         finally:
             db.close()
         code, output = self.run_cli('recover')
+        self.assertEqual(code, 0)
         self.assertIn('nothing left to recover', output)
 
 
