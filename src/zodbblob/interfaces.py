@@ -73,8 +73,13 @@ class IBlobJournal(Interface):
         """Record committed files ``(oid, tid, size)``; existing rows stay.
 
         Not synced: the caller keeps the commit log's record until
-        ``sync`` has made the rows durable.
+        ``sync`` has made the rows durable.  Never raises for the
+        database (the transaction has committed): rows that cannot be
+        written stay pending, and ``sync`` raises until they are written.
         """
+
+    def check():
+        """What is wrong with the database file, or None if it is sound."""
 
     def known(pairs):
         """The ``(oid, tid)`` of `pairs` that the catalog has."""
@@ -90,6 +95,15 @@ class IBlobJournal(Interface):
 
     def remove(pairs):
         """Forget the committed files ``(oid, tid)`` in `pairs`."""
+
+    def begin_pack(packtime):
+        """Durably record that a pack starts, before the base packs."""
+
+    def pack_started():
+        """The pack time of a pack that did not finish, or None."""
+
+    def end_pack():
+        """The pack has removed its files: forget its intent."""
 
 
 class IBlobDataManager(ISavepointDataManager):

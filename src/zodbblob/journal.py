@@ -7,11 +7,16 @@ that pack compares with the base storage's live records, without walking
 the directory.  A transaction's rows are added after the base storage has
 committed it, without a sync: until the next checkpoint, its record in the
 commit log (``zodbblob.commitlog``) is what recovery goes by, and a
-checkpoint makes the rows durable before it lets the record go.
+checkpoint makes the rows durable before it lets the record go.  A batch
+that cannot be written (a full disk, a damaged page) stays pending: the
+commit it belongs to has happened, and the checkpoint that would let its
+log records go fails instead, so the next write or the next open adds
+the rows.  ``check`` (at open) finds a damaged database, which the storage
+moves aside and rebuilds.
 
-Also here: the files a pack is removing (``garbage``, so that a killed pack
-is finished), ``meta`` values, the crash tests' kill points and
-``sync_filesystem``.
+Also here: a pack's intent and the files it is removing (``garbage``), so
+that a killed pack is finished, ``meta`` values, the crash tests' kill
+points and ``sync_filesystem``.
 """
 
 from __future__ import annotations
@@ -145,6 +150,9 @@ class Journal:
         self.read_only = read_only
         self._lock = threading.Lock()
         self._unsaved: list[tuple[bytes, bytes, int]] = []
+        # Pending rows when the last batch failed: the next try waits
+        # for one more batch.
+        self._failed_rows = 0
         if read_only:
             # immutable: a reader must not create the -shm and -wal files.
             uri = 'file:%s?mode=ro&immutable=1' % self.path
@@ -185,13 +193,42 @@ class Journal:
                 'SELECT total(size) FROM blob').fetchone()
         return int(row[0])
 
-    def close(self) -> None:
-        with self._lock:
-            if not self.read_only:
-                self._save()
-            self._db.close()
+    def check(self) -> str | None:
+        """What is wrong with the database file, or None if it is sound.
 
-    # meta values: the clean-shutdown mark and the base's last tid
+        SQLite's ``quick_check``: every page of every table and index is
+        read and its structure checked (not the indexes' contents), so a
+        page overwritten in the middle of the file is found here, at open,
+        instead of by the first commit that reads it.
+        """
+        try:
+            rows = self._db.execute('PRAGMA quick_check').fetchall()
+        except sqlite3.OperationalError as e:
+            # Locked, or an I/O error: not a reason to rebuild the catalog.
+            raise self._failed('check', e) from e
+        except sqlite3.DatabaseError as e:
+            return str(e)  # malformed, or not a database
+        problems = [row[0] for row in rows if row[0] != 'ok']
+        return '; '.join(problems[:3]) if problems else None
+
+    def close(self) -> None:
+        """Write the pending rows (if possible) and close the database.
+
+        Rows that cannot be written are left to the commit log, whose
+        records the storage keeps when its checkpoint fails.
+        """
+        with self._lock:
+            try:
+                if not self.read_only:
+                    self._save()
+            finally:
+                self._db.close()
+
+    def _failed(self, action: str, error: Exception) -> JournalError:
+        return JournalError('Cannot %s blob catalog %s: %s'
+                            % (action, self.path, error))
+
+    # meta values: the clean-shutdown mark, the base's last tid, a pack
 
     def get_meta(self, name: str):
         row = self._db.execute('SELECT value FROM meta WHERE name = ?',
@@ -199,11 +236,40 @@ class Journal:
         return None if row is None else row[0]
 
     def set_meta(self, **values) -> None:
-        with self._lock, self._db:
-            self._db.execute('BEGIN')
-            self._db.executemany(
-                'INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)',
-                values.items())
+        """Set meta values durably; a value of None removes its name."""
+        def change():
+            for name, value in values.items():
+                if value is None:
+                    self._db.execute('DELETE FROM meta WHERE name = ?',
+                                     (name,))
+                else:
+                    self._db.execute('INSERT OR REPLACE INTO meta '
+                                     '(name, value) VALUES (?, ?)',
+                                     (name, value))
+
+        with self._lock:
+            self._write(change, 'write meta values to')
+
+    def _write(self, change, action: str, synchronous: str = 'FULL'):
+        """Run `change` in one write transaction; JournalError if it fails.
+
+        Called with the lock held.  A failed transaction is rolled back
+        (SQLite may already have rolled it back when COMMIT failed), so
+        the database and the in-memory state stay as they were.
+        """
+        try:
+            self._db.execute('PRAGMA synchronous=%s' % synchronous)
+            self._db.execute('BEGIN IMMEDIATE')
+            result = change()
+            self._db.execute('COMMIT')
+        except sqlite3.Error as e:
+            if self._db.in_transaction:
+                try:
+                    self._db.execute('ROLLBACK')
+                except sqlite3.Error:
+                    pass
+            raise self._failed(action, e) from e
+        return result
 
     # the commit protocol: rows are added once the base has committed
 
@@ -215,20 +281,31 @@ class Journal:
         at ``flush`` and ``sync``).  The commit log holds their
         transactions until a checkpoint, which flushes and syncs them
         first.  Adding a row that is there already changes nothing.
+
+        Never raises for the database: the caller's transaction has
+        committed.  A batch that cannot be written stays pending, and is
+        tried again with the next batch or ``flush``.
         """
         with self._lock:
             self._unsaved.extend(rows)
-            if len(self._unsaved) >= SAVE_EVERY:
-                self._save()
+            if len(self._unsaved) >= SAVE_EVERY + self._failed_rows:
+                try:
+                    self._save()
+                except JournalError as e:
+                    # Tried again one batch later, not at every commit.
+                    self._failed_rows = len(self._unsaved)
+                    logger.warning('%s; %d committed rows stay pending (the '
+                                   'commit log keeps their transactions)',
+                                   e, len(self._unsaved))
 
     def _save(self) -> None:
-        # Called with the lock held.
+        # Called with the lock held.  The rows leave `_unsaved` only once
+        # their transaction has committed: a batch that fails is kept.
         if not self._unsaved:
             return
-        rows, self._unsaved = self._unsaved, []
-        self._db.execute('PRAGMA synchronous=NORMAL')
-        with self._db:
-            self._db.execute('BEGIN IMMEDIATE')
+        rows = list(self._unsaved)
+
+        def insert():
             added = 0
             for oid, tid, size in rows:
                 if self._db.execute(
@@ -236,9 +313,17 @@ class Journal:
                         'VALUES (?, ?, ?)', (oid, tid, size)).rowcount:
                     added += size
             self._store_total(self._total + added)
+            return added
+
+        added = self._write(insert, 'add %d rows to' % len(rows),
+                            synchronous='NORMAL')
+        del self._unsaved[:len(rows)]
+        self._failed_rows = 0
+        self._total += added
 
     def flush(self) -> None:
-        """Write the rows added so far (without a sync)."""
+        """Write the rows added so far (without a sync); JournalError if
+        they cannot be written (they stay pending)."""
         with self._lock:
             self._save()
 
@@ -246,12 +331,18 @@ class Journal:
         """Make every row added so far durable (a full WAL checkpoint)."""
         with self._lock:
             self._save()
-            self._db.execute('PRAGMA wal_checkpoint(FULL)')
+            try:
+                self._db.execute('PRAGMA wal_checkpoint(FULL)').fetchall()
+            except sqlite3.Error as e:
+                raise self._failed('checkpoint', e) from e
 
     def _query(self, sql: str, parameters=()) -> list:
         with self._lock:
             self._save()
-            return self._db.execute(sql, parameters).fetchall()
+            try:
+                return self._db.execute(sql, parameters).fetchall()
+            except sqlite3.Error as e:
+                raise self._failed('read', e) from e
 
     def known(self, pairs: Iterable[tuple[bytes, bytes]]) -> set:
         """The ``(oid, tid)`` of `pairs` that the catalog has."""
@@ -259,10 +350,10 @@ class Journal:
             'SELECT 1 FROM blob WHERE oid = ? AND tid = ?', pair)}
 
     def _store_total(self, total: int) -> None:
+        # Inside a write transaction; `_total` follows once it committed.
         self._db.execute(
             "INSERT OR REPLACE INTO meta (name, value) "
             "VALUES ('total_size', ?)", (total,))
-        self._total = total
 
     # the catalog
 
@@ -281,19 +372,34 @@ class Journal:
     def __len__(self):
         return self._query('SELECT count(*) FROM blob')[0][0]
 
+    # pack
+
+    def begin_pack(self, packtime: float) -> None:
+        """Durably record that a pack starts, before the base packs.
+
+        A pack killed after the base packed and before its garbage was
+        marked leaves this mark, and the next open finishes the pack.
+        """
+        self.set_meta(pack_started=packtime)
+
+    def pack_started(self):
+        """The pack time of a pack that started and did not finish."""
+        return self.get_meta('pack_started')
+
+    def end_pack(self) -> None:
+        self.set_meta(pack_started=None)
+
     def mark_garbage(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
         """Durably record that pack is about to remove these files.
 
         A pack killed while removing leaves this list behind, and the next
         open finishes the removal.
         """
+        pairs = list(pairs)
         with self._lock:
-            self._db.execute('PRAGMA synchronous=FULL')
-            with self._db:
-                self._db.execute('BEGIN IMMEDIATE')
-                self._db.executemany(
-                    'INSERT OR REPLACE INTO garbage (oid, tid) VALUES (?, ?)',
-                    pairs)
+            self._write(lambda: self._db.executemany(
+                'INSERT OR REPLACE INTO garbage (oid, tid) VALUES (?, ?)',
+                pairs), 'mark garbage in')
 
     def garbage(self) -> list[tuple[bytes, bytes]]:
         """The files a pack marked for removal and has not yet removed."""
@@ -302,9 +408,8 @@ class Journal:
     def remove(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
         """Forget the files `pairs` (removed by pack, or rolled back)."""
         pairs = list(pairs)
-        with self._lock, self._db:
-            self._save()
-            self._db.execute('BEGIN IMMEDIATE')
+
+        def delete():
             removed = 0
             self._db.executemany(
                 'DELETE FROM garbage WHERE oid = ? AND tid = ?', pairs)
@@ -315,19 +420,27 @@ class Journal:
                 if row is not None:
                     removed += row[0]
             self._store_total(self._total - removed)
+            return removed
+
+        with self._lock:
+            self._save()
+            self._total -= self._write(delete, 'remove rows from',
+                                       synchronous='NORMAL')
 
     def rebuild(self, blobs: Iterable[tuple[bytes, bytes, int]]) -> None:
         """Replace the catalog by `blobs` (from a scan of the directory)."""
-        with self._lock, self._db:
-            self._unsaved = []
-            self._db.execute('BEGIN IMMEDIATE')
+        rows = list(blobs)
+        total = sum(size for oid, tid, size in rows)
+
+        def replace():
             self._db.execute('DELETE FROM blob')
-            total = 0
-            rows = []
-            for oid, tid, size in blobs:
-                rows.append((oid, tid, size))
-                total += size
             self._db.executemany(
                 'INSERT OR REPLACE INTO blob (oid, tid, size) '
                 'VALUES (?, ?, ?)', rows)
             self._store_total(total)
+
+        with self._lock:
+            self._write(replace, 'rebuild', synchronous='NORMAL')
+            self._unsaved = []
+            self._failed_rows = 0
+            self._total = total

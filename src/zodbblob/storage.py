@@ -14,7 +14,7 @@ fdatasyncs it in a worker thread while the base votes, then gives the
 files their final names; ``tpc_finish`` finishes the base (the commit
 point) and adds the files to the catalog; ``tpc_abort`` removes whatever
 the transaction staged or published.  A checkpoint (every
-CHECKPOINT_RECORDS transactions, when the log is full, after a pack and
+CHECKPOINT_RECORDS transactions, when the log is full, around a pack and
 at close) makes files, names and catalog durable with one filesystem sync
 and starts the log afresh.
 Opening the storage replays the log's records since the last checkpoint.
@@ -305,14 +305,26 @@ class BlobStorage:
         try:
             journal = Journal(fshelper.base_dir)
         except JournalError as e:
+            damage = str(e)
+        else:
+            damage = journal.check()
+            if damage is not None:
+                journal.close()
+        if damage is not None:
+            # Moved aside, never deleted: the rows are rebuilt from a scan
+            # (and the commit log, which recovery replays next), but the
+            # file may be wanted to see what happened.
             aside = path + '.corrupt'
-            logger.warning('%s; moved it to %s and rebuilding the blob '
-                           'catalog from a scan of %s', e, aside,
-                           fshelper.base_dir)
             os.replace(path, aside)
-            for suffix in ('-wal', '-shm'):
-                remove_if_exists(path + suffix)
+            remove_if_exists(aside + '-wal')
+            if os.path.exists(path + '-wal'):
+                os.replace(path + '-wal', aside + '-wal')
+            remove_if_exists(path + '-shm')
             journal = Journal(fshelper.base_dir)
+            self._rebuild(journal, fshelper, 'the catalog %s was damaged (%s) '
+                          'and was moved to %s' % (path, damage, aside),
+                          level=logging.WARNING)
+            return journal
         state = journal.get_meta('state')
         last_tid = journal.get_meta('last_tid')
         base_tid = self.base.lastTransaction()
@@ -344,10 +356,12 @@ class BlobStorage:
         except (JournalError, Exception):
             return None
 
-    def _rebuild(self, journal, fshelper, reason: str) -> None:
+    def _rebuild(self, journal, fshelper, reason: str,
+                 level: int | None = None) -> None:
         blobs = [(oid, tid, os.stat(path).st_size)
                  for oid, tid, path in fshelper.iter_blobs()]
-        level = logging.WARNING if blobs else logging.DEBUG
+        if level is None:
+            level = logging.WARNING if blobs else logging.DEBUG
         logger.log(level, 'Rebuilt the blob catalog of %s from a scan (%s): '
                    '%d blob files', fshelper.base_dir, reason, len(blobs))
         journal.rebuild(blobs)
@@ -410,6 +424,8 @@ class BlobStorage:
                            'the %d blob files of an interrupted pack',
                            fshelper.base_dir, len(garbage))
             self._remove_blob_files(garbage)
+        if journal.pack_started() is not None:
+            self._finish_pack(journal, fshelper, quiet=bool(garbage))
         # Staging belongs to the storage holding the blob directory's lock,
         # and that is the one opening now: what is there is left over.
         if os.path.isdir(fshelper.temp_dir):
@@ -423,6 +439,26 @@ class BlobStorage:
         for path in shared.directories.sweep():
             logger.warning('Removed %s: uncommitted blob files of a process '
                            'that ended', path)
+
+    def _finish_pack(self, journal, fshelper, quiet: bool) -> None:
+        """Remove the files of a pack killed before it marked its garbage.
+
+        The base may have packed: every catalog row whose revision the
+        base no longer has is garbage.  Asked with ``loadSerial``, not by
+        unpickling records: there is no database yet to untransform them,
+        and a revision the base still has is never removed.
+        """
+        garbage = [(oid, tid) for oid, tid, size in journal.committed()
+                   if not self._base_has(oid, tid)]
+        if garbage:
+            journal.mark_garbage(garbage)
+            self._remove_blob_files(garbage)
+        if garbage or not quiet:
+            logger.warning('Recovered blob directory %s: finished a pack '
+                           'interrupted after its base storage packed (%d '
+                           'blob files removed)', fshelper.base_dir,
+                           len(garbage))
+        journal.end_pack()
 
     def _roll_forward(self, entry: Entry, final: str, tid: bytes) -> bool:
         """Give a committed file its final name and bytes; True if needed."""
@@ -473,9 +509,18 @@ class BlobStorage:
             return
         try:
             if shared.journal is not None and not shared.read_only:
-                self._checkpoint()
-                shared.journal.set_meta(
-                    state='closed', last_tid=self.base.lastTransaction())
+                try:
+                    self._checkpoint()
+                    shared.journal.set_meta(
+                        state='closed', last_tid=self.base.lastTransaction())
+                except (JournalError, OSError) as e:
+                    # Nothing committed is lost: the commit log keeps the
+                    # transactions whose rows could not be written, and
+                    # the next open replays them.
+                    logger.warning('Closed blob directory %s without a '
+                                   'checkpoint (%s); the next open replays '
+                                   'its commit log', self.fshelper.base_dir,
+                                   e)
         finally:
             self.base.close()
             if shared.staging_dir is not None:
@@ -487,7 +532,10 @@ class BlobStorage:
             if shared.commit_log is not None:
                 shared.commit_log.close()
             if shared.journal is not None:
-                shared.journal.close()
+                try:
+                    shared.journal.close()
+                except JournalError:
+                    pass  # logged above; the commit log has the rows
             if shared.lock is not None:
                 shared.lock.close()
 
@@ -680,13 +728,20 @@ class BlobStorage:
         # Only the oids the undo touched, not a walk of the directory; and
         # the restored revision is linked, not copied: blob files never
         # change once committed, so two names for one file are safe.
+        # Undo gives each oid its state from before the undone
+        # transaction: a file only where that state is a blob record.  An
+        # oid the undone transaction created (a Blob that replaced
+        # another) gets none: its undo record says it does not exist.
         for oid in oids:
-            undone = self.fshelper.getBlobFilename(oid, undone_tid)
-            if not os.path.exists(undone):
+            try:
+                before = self.base.loadBefore(oid, undone_tid)
+            except (POSKeyError, KeyError):
+                before = None
+            if before is None or not self.is_blob_record(before[0]):
                 continue
-            before = self.base.loadBefore(oid, undone_tid)
-            source = undone if before is None else (
-                self.fshelper.getBlobFilename(oid, before[1]))
+            source = self.fshelper.getBlobFilename(oid, before[1])
+            if not os.path.exists(source):
+                continue  # packed away; the base's undo would have failed
             self._take(oid, source, transaction, link=True)
         return undo_tid, oids
 
@@ -861,7 +916,17 @@ class BlobStorage:
         finally:
             self._done_logging()
         if len(shared.commit_log) >= CHECKPOINT_RECORDS:
-            self._checkpoint()
+            try:
+                self._checkpoint()
+            except Exception as e:
+                # Whatever failed, the transaction has committed, and must
+                # not be reported as failed.  The log keeps its records (a
+                # checkpoint first syncs, then lets them go), and the next
+                # commit, or the first whose record does not fit, tries
+                # again.
+                logger.warning('Could not checkpoint blob directory %s '
+                               'after a commit (%s); its commit log keeps '
+                               'the transactions', self.fshelper.base_dir, e)
 
     def _checkpoint(self) -> None:
         """Make every logged transaction durable; start the log afresh.
@@ -920,14 +985,33 @@ class BlobStorage:
 
         The files to remove are the catalog's committed files minus the
         blob records the packed base still holds; the directory is never
-        walked.
+        walked.  The pack's intent is recorded first, so that a kill after
+        the base packed and before the files are marked is finished by the
+        next open.
         """
         shared = self._shared
+        if shared.read_only:
+            raise ReadOnlyError()
         if not shared.pack_lock.acquire(blocking=False):
             raise BlobStorageError('Already packing blob directory %s'
                                    % self.fshelper.base_dir)
         try:
-            result = self.base.pack(packtime, referencesf, *args, **kw)
+            shared.journal.begin_pack(packtime)
+            # No record from before the pack may be replayed after it: a
+            # kill before the files are removed would have recovery take
+            # the packed revisions for interrupted transactions.  After
+            # this checkpoint the next open's _finish_pack removes them.
+            self._checkpoint()
+            try:
+                result = self.base.pack(packtime, referencesf, *args, **kw)
+            except BaseException:
+                # The base did not pack (FileStorage swaps in the packed
+                # file last): there is nothing for the next open to finish.
+                try:
+                    shared.journal.end_pack()
+                except JournalError:
+                    pass  # the next open finds the intent, and finishes
+                raise
             kill_point('after_base_pack')
             # Read the catalog before the base: a file committed after this
             # read is not in `known`, so a pack never removes it.
@@ -941,6 +1025,7 @@ class BlobStorage:
                 # would find their removed revisions missing from the
                 # base, and call them interrupted.
                 self._checkpoint()
+            shared.journal.end_pack()
         finally:
             shared.pack_lock.release()
         return result
