@@ -87,10 +87,12 @@ from zodbblob.journal import SYNCFS_AVAILABLE, Journal, sync_filesystem
 from zodbblob.layout import (
     LAYOUT_MARKER,
     LAYOUTS,
+    NotABlobFile,
     fsync_directory,
     fsync_path,
     get_layout,
     makedirs_durable,
+    open_blob_file,
     remove_if_exists,
 )
 from zodbblob.progress import Progress
@@ -193,7 +195,9 @@ def _sqlite_uri(path: str, **parameters) -> str:
 def _hash_file(path: str) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
-    with open(path, 'rb') as f:
+    # Pool files and parts are the backup's own, but the destination is
+    # a directory like any other: a link there is not followed either.
+    with open(open_blob_file(path), 'rb') as f:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
             size += len(chunk)
@@ -773,6 +777,7 @@ class BackupResult:
     pooled: int = 0
     bytes_copied: int = 0
     missing: list = dataclasses.field(default_factory=list)
+    not_files: list = dataclasses.field(default_factory=list)
 
     def lines(self) -> list[str]:
         when = f'transaction {self.tid.hex()} ({tid_time(self.tid)})'
@@ -788,6 +793,9 @@ class BackupResult:
         for path in self.missing:
             result.append(f'  missing: {path} was not in the source blob '
                           f'directory')
+        for path, kind in self.not_files:
+            result.append(f'  not a file: {path} is {kind} under a blob '
+                          f'name, not a regular file; not backed up')
         return result
 
 
@@ -852,10 +860,14 @@ class _SnapshotWriter:
         except KeyboardInterrupt:
             self._flush()
             raise BackupInterrupted(self.path) from None
+        not_files = {path for path, kind in self.result.not_files}
         for oid, tid, *_ in self.manifest.blobs(MISSING):
-            self.result.missing.append(self._source_path(oid, tid))
+            path = self._source_path(oid, tid)
+            if path not in not_files:
+                self.result.missing.append(path)
         self.result.pooled = (self.result.blob_files - self.result.copied
-                              - len(self.result.missing))
+                              - len(self.result.missing)
+                              - len(self.result.not_files))
         self._finish()
         return self.result
 
@@ -961,7 +973,16 @@ class _SnapshotWriter:
                            'copied it again from the source', target)
         source = self._source_path(oid, tid)
         try:
-            fd = os.open(source, os.O_RDONLY)
+            fd = open_blob_file(source)
+        except NotABlobFile as e:
+            # Never followed nor read: a link may point at a file only
+            # root may read, and a FIFO would block the backup for ever.
+            logger.warning('Blob file %s of oid %s tid %s is %s, not a '
+                           'regular file: not backed up', source,
+                           oid_repr(oid), oid_repr(tid), e.kind)
+            self.result.not_files.append((source, e.kind))
+            self.done_rows.append((None, None, MISSING, 0, oid, tid))
+            return
         except FileNotFoundError:
             logger.warning('Blob file %s of oid %s tid %s is missing from '
                            'the source', source, oid_repr(oid), oid_repr(tid))
@@ -1748,7 +1769,7 @@ def _restore(snapshot, manifest, meta, layout, link, directory, staged_data,
                                'blob files instead', path, directory)
                 link = False
         if not placed:
-            fd = os.open(path, os.O_RDONLY)
+            fd = open_blob_file(path)
             try:
                 info = os.fstat(fd)
                 actual_size, actual = files.copy(
@@ -1842,9 +1863,11 @@ def backup_command(args: argparse.Namespace) -> int:
     for result in results:
         lines = result.lines()
         for line in lines if not args.quiet else lines[:1] + [
-                line for line in lines if 'missing:' in line]:
+                line for line in lines if 'missing:' in line
+                or 'not a file:' in line]:
             print(line)
-    status = 1 if any(result.missing for result in results) else 0
+    status = 1 if any(result.missing or result.not_files
+                      for result in results) else 0
     if args.keep is not None:
         try:
             pruned = prune(args.destination, args.keep)

@@ -54,8 +54,11 @@ from zodbblob.journal import sync_filesystem
 from zodbblob.layout import LAYOUT_MARKER
 from zodbblob.layout import LAYOUTS
 from zodbblob.layout import FilesystemHelper
+from zodbblob.layout import NotABlobFile
+from zodbblob.layout import check_blob_file
 from zodbblob.layout import fsync_directory
 from zodbblob.layout import get_layout
+from zodbblob.layout import open_blob_file
 from zodbblob.layout import read_marker
 from zodbblob.progress import Progress
 from zodbblob.storage import LOCK_NAME
@@ -103,6 +106,14 @@ class Report:
     skipped: int = 0       # already in the destination with the right size
     removed: int = 0       # left by an earlier run, gone from the source
     finished_before: bool = False   # the destination was complete already
+    # (path, kind) of what is under a source blob name but is no regular
+    # file: neither linked nor copied.
+    not_files: list = dataclasses.field(default_factory=list)
+
+    def problems(self) -> list[str]:
+        return [f'not a file: {path} is {kind} under a blob name, not a '
+                f'regular file; not migrated'
+                for path, kind in self.not_files]
 
     def summary(self) -> str:
         if self.finished_before:
@@ -207,14 +218,22 @@ def detect_layout(directory: str) -> str:
     return marked
 
 
-def inventory(blobs: Iterator[tuple[bytes, bytes, str]]) -> Inventory:
-    """``{(oid, tid): (size, path)}`` of `blobs`."""
+def inventory(blobs: Iterator[tuple[bytes, bytes, str]],
+              not_files: list | None = None) -> Inventory:
+    """``{(oid, tid): (size, path)}`` of `blobs`.
+
+    Only regular files count; anything else under a blob name (a link, a
+    FIFO, a device) goes to `not_files` as ``(path, kind)``.
+    """
     found = {}
     for oid, tid, path in blobs:
         try:
-            found[oid, tid] = (os.stat(path).st_size, path)
+            found[oid, tid] = (check_blob_file(path).st_size, path)
         except FileNotFoundError:
             continue  # evicted from a cache since the listing
+        except NotABlobFile as e:
+            if not_files is not None:
+                not_files.append((path, e.kind))
     return found
 
 
@@ -384,7 +403,17 @@ class _Writer:
             self.report.linked += 1
             return
         staged = self._temporary_name()
-        shutil.copy2(source_file, staged)
+        fd = open_blob_file(source_file)
+        try:
+            with open(fd, 'rb', closefd=False) as source, \
+                    open(staged, 'xb') as target:
+                shutil.copyfileobj(source, target, 1 << 20)
+            # As shutil.copy2 would: the mode and the times.
+            info = os.fstat(fd)
+            os.chmod(staged, info.st_mode & 0o7777)
+            os.utime(staged, ns=(info.st_atime_ns, info.st_mtime_ns))
+        finally:
+            os.close(fd)
         os.replace(staged, final)
         self.report.copied += 1
 
@@ -393,6 +422,8 @@ class _Writer:
         # name at once; only a file that is there already (of the wrong
         # size, from an earlier run) is replaced through a temporary name.
         try:
+            # A link to a symbolic link would carry the link over.
+            check_blob_file(source_file)
             try:
                 os.link(source_file, final)
             except FileExistsError:
@@ -500,7 +531,7 @@ def migrate(src: str, dst: str, layout: str,
 
 def _check_finished(source, source_layout, destination, target,
                     report) -> Report:
-    wanted = inventory(iter_source(source, source_layout))
+    wanted = inventory(iter_source(source, source_layout), report.not_files)
     problems = _differences(
         wanted, inventory(target.iter_blob_paths(destination)))
     if problems:
@@ -522,7 +553,10 @@ def _fill(source, source_layout, destination, target, resume, report,
     Returns the source's inventory, listed once: what `_finish` checks
     the destination against.
     """
-    wanted = inventory(iter_source(source, source_layout))
+    wanted = inventory(iter_source(source, source_layout), report.not_files)
+    for path, kind in report.not_files:
+        logger.warning('Blob file %s of %s is %s, not a regular file: not '
+                       'migrated', path, source, kind)
     report.files = len(wanted)
     report.bytes = sum(size for size, _ in wanted.values())
     present = inventory(target.iter_blob_paths(destination)) if resume else {}
@@ -643,4 +677,6 @@ def migrate_command(args: argparse.Namespace) -> int:
         print(f'{prog}: error: {e}', file=sys.stderr)
         return 1
     print(report.summary())
-    return 0
+    for line in report.problems():
+        print(line)
+    return 1 if report.not_files else 0
