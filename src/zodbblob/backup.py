@@ -1817,7 +1817,8 @@ def add_backup_arguments(parser: argparse.ArgumentParser) -> None:
         'DEST/.blobs: a new snapshot copies only the files committed since '
         'the previous one.  An interrupted backup is resumed by running it '
         'again.  Exit status 0 when complete, 1 when blob files were '
-        'missing from the source, 130 when interrupted.')
+        'missing from the source (or not regular files: never copied), 2 '
+        'when it could not run, 130 when interrupted.')
     add_storage_arguments(parser)
     parser.add_argument('destination', metavar='DEST',
                         help='directory of the snapshots of this database, '
@@ -1856,7 +1857,7 @@ def backup_command(args: argparse.Namespace) -> int:
         return 130
     except (BackupError, OSError) as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
-        return 1
+        return 2
     finally:
         if storage is not None:
             storage.close()
@@ -1877,7 +1878,7 @@ def backup_command(args: argparse.Namespace) -> int:
             return 130
         except (BackupError, OSError) as e:
             print(f'{prog}: error: {e}', file=sys.stderr)
-            return 1
+            return 2
         for line in pruned.lines():
             print(line)
     return status
@@ -1935,7 +1936,7 @@ def restore_command(args: argparse.Namespace) -> int:
         return 130
     except (BackupError, OSError) as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
-        return 1
+        return 2
     for line in result.lines():
         print(line)
     return 0

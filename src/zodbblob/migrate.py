@@ -203,7 +203,10 @@ def detect_layout(directory: str) -> str:
     if not os.path.isdir(directory):
         raise MigrationError(f'Source {directory} is not a directory: '
                              'expected a blob directory')
-    marked = read_marker(directory)
+    try:
+        marked = read_marker(directory)
+    except UnicodeDecodeError:
+        marked = ''   # no layout name at all: damaged
     if marked is None:
         if not _has_lawn_blob(directory):
             raise MigrationError(
@@ -212,8 +215,9 @@ def detect_layout(directory: str) -> str:
         return 'lawn'  # ZODB's rule: used, and written before markers
     if marked != ZEOCACHE and marked not in LAYOUTS:
         raise MigrationError(
-            f'Source {directory} has a marker for layout `{marked}`, which '
-            f'is not known here (known: '
+            f'Source {directory} has a marker '
+            f'{os.path.join(directory, LAYOUT_MARKER)} for layout '
+            f'`{marked}`, which is not known here (known: '
             f'{", ".join(sorted([*LAYOUTS, ZEOCACHE]))})')
     return marked
 
@@ -675,7 +679,7 @@ def migrate_command(args: argparse.Namespace) -> int:
         return 130
     except (MigrationError, BlobStorageError, OSError) as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
-        return 1
+        return 2
     print(report.summary())
     for line in report.problems():
         print(line)
