@@ -123,8 +123,13 @@ CHUNK = 1 << 20
 # N files copied, the process sends itself SIGNAL (default KILL) while
 # the next copy is half written.  ZODBBLOB_BACKUP_KILL_COLLECT_AFTER:
 # after N pool files removed by `collect`.
+# ZODBBLOB_RESTORE_KILL_AFTER: after N of restore's final renames.
 KILL_VARIABLE = 'ZODBBLOB_BACKUP_KILL_AFTER'
 COLLECT_KILL_VARIABLE = 'ZODBBLOB_BACKUP_KILL_COLLECT_AFTER'
+RESTORE_KILL_VARIABLE = 'ZODBBLOB_RESTORE_KILL_AFTER'
+# Written before restore's final renames, removed after them: a restore
+# interrupted between them is finished by the next run.
+RESTORING_NAME = '.zodbblob-restoring'
 
 # ``copied`` is 1 for the blob files this snapshot put into the pool: the
 # ones to check again when a backup resumes after a reboot.  A row costs
@@ -1672,6 +1677,9 @@ def restore(snapshot: str, directory: str, link: bool = False,
             chosen = get_layout(layout or meta['layout'])
         except ValueError as e:
             raise BackupError(str(e)) from None
+        finished = _finish_interrupted_restore(directory, meta)
+        if finished is not None:
+            return finished
         _refuse_occupied(directory)
         created = not os.path.exists(directory)
         os.makedirs(directory, exist_ok=True)
@@ -1787,12 +1795,65 @@ def _restore(snapshot, manifest, meta, layout, link, directory, staged_data,
     finally:
         journal.close()
     files.sync()
-    os.replace(staged_blobs, os.path.join(directory, 'blobs'))
-    os.replace(staged_index, os.path.join(directory, 'Data.fs.index'))
-    os.replace(staged_data, os.path.join(directory, 'Data.fs'))
+    result = RestoreResult(directory, tid, meta['size'], len(catalog),
+                           counts.get(MISSING, 0), linked)
+    _write_marker(directory, RESTORING_NAME, json.dumps(
+        dataclasses.asdict(result) | {'tid': tid.hex()}) + '\n')
+    _rename_restored(directory, _Kill(RESTORE_KILL_VARIABLE))
+    return result
+
+
+def _rename_restored(directory: str, kill: _Kill | None = None) -> None:
+    """Give the staged Data.fs, its index and blobs their names; done
+    with the restore's marker last.  What is renamed already is skipped."""
+    for staged, final in (('.blobs.restoring', 'blobs'),
+                          ('.Data.fs.restoring.index', 'Data.fs.index'),
+                          ('.Data.fs.restoring', 'Data.fs')):
+        staged = os.path.join(directory, staged)
+        if os.path.lexists(staged):
+            os.replace(staged, os.path.join(directory, final))
+            if kill is not None:
+                kill.after_one()
+    for name in ('blobs', 'Data.fs.index', 'Data.fs'):
+        if not os.path.lexists(os.path.join(directory, name)):
+            raise BackupError(
+                f'{directory}: the interrupted restore lost its '
+                f'{name} ({RESTORING_NAME} is left): remove what it '
+                f'restored and restore again')
     fsync_directory(directory)
-    return RestoreResult(directory, tid, meta['size'], len(catalog),
-                         counts.get(MISSING, 0), linked)
+    os.remove(os.path.join(directory, RESTORING_NAME))
+    fsync_directory(directory)
+
+
+def _finish_interrupted_restore(directory: str, meta: dict
+                                ) -> RestoreResult | None:
+    """Finish the restore of this snapshot that `directory` holds,
+    interrupted among its final renames; None when there is none.
+
+    BackupError for an interrupted restore of another snapshot: its
+    files are in place in part, and only that snapshot finishes them.
+    """
+    marker = os.path.join(directory, RESTORING_NAME)
+    try:
+        with open(marker) as f:
+            recorded = json.load(f)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as e:
+        raise BackupError(f'{marker}: cannot read the marker of an '
+                          f'interrupted restore: {e}') from None
+    if recorded.get('tid') != meta['tid']:
+        raise BackupError(
+            f'{directory} holds a restore of snapshot {recorded.get("tid")} '
+            f'that was interrupted ({marker}): restore that snapshot again '
+            f'to finish it')
+    _rename_restored(directory)
+    logger.warning('Finished the restore into %s that was interrupted '
+                   'during its final renames', directory)
+    return RestoreResult(
+        directory, bytes.fromhex(recorded['tid']),
+        recorded['data_fs_size'], recorded['blob_files'],
+        recorded['missing'], recorded['linked'])
 
 
 # the commands

@@ -85,6 +85,12 @@ def _stat(value: str, path: str) -> os.stat_result | None:
                          f'{_shown(path)}: {e.strerror}') from None
 
 
+def _may(path: str, mode: int) -> bool:
+    # As the process will open it: with its effective ids.
+    return os.access(path, mode,
+                     effective_ids=os.access in os.supports_effective_ids)
+
+
 def blob_dir(value: str) -> str:
     """ZConfig datatype of ``blob-dir``: a directory, or a path to make one.
 
@@ -106,7 +112,7 @@ def blob_dir(value: str) -> str:
         if not stat.S_ISDIR(info.st_mode):
             raise ValueError(f'blob-dir {_shown(value)}: {_shown(path)} is '
                              f'not a directory')
-        if not os.access(path, os.R_OK | os.X_OK):
+        if not _may(path, os.R_OK | os.X_OK):
             raise ValueError(f'blob-dir {_shown(value)}: {_shown(path)} '
                              f'cannot be read: permission denied')
         return path
@@ -120,7 +126,7 @@ def blob_dir(value: str) -> str:
         raise ValueError(f'blob-dir {_shown(value)}: {_shown(ancestor)} is '
                          f'not a directory, so {_shown(path)} cannot be '
                          f'created')
-    if not os.access(ancestor, os.W_OK | os.X_OK):
+    if not _may(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f'blob-dir {_shown(value)}: {_shown(path)} cannot '
                          f'be created: {_shown(ancestor)} is not writable')
     try:
@@ -130,7 +136,7 @@ def blob_dir(value: str) -> str:
     if any(len(os.fsencode(name)) > name_max
            for name in path[len(ancestor):].split(os.sep)):
         raise ValueError(f'blob-dir {_shown(value)}: a name in the path is '
-                         f'longer than {name_max} bytes')
+                         f'too long (over {name_max} bytes)')
     return path
 
 

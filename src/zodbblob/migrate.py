@@ -386,6 +386,22 @@ def _hold(held: contextlib.ExitStack, blob_dir: str):
     return lock
 
 
+def copy_blob_file(source_file: str, target: str) -> None:
+    """Copy blob file `source_file` to the new file `target`, with its
+    mode and times, as ``shutil.copy2`` would; but a link is never
+    followed, nor a FIFO waited on (NotABlobFile)."""
+    fd = open_blob_file(source_file)
+    try:
+        with open(fd, 'rb', closefd=False) as source, \
+                open(target, 'xb') as copy:
+            shutil.copyfileobj(source, copy, 1 << 20)
+        info = os.fstat(fd)
+        os.chmod(target, info.st_mode & 0o7777)
+        os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
+    finally:
+        os.close(fd)
+
+
 class _Writer:
     """Puts source files at destination names: a link, or else a copy."""
 
@@ -407,17 +423,7 @@ class _Writer:
             self.report.linked += 1
             return
         staged = self._temporary_name()
-        fd = open_blob_file(source_file)
-        try:
-            with open(fd, 'rb', closefd=False) as source, \
-                    open(staged, 'xb') as target:
-                shutil.copyfileobj(source, target, 1 << 20)
-            # As shutil.copy2 would: the mode and the times.
-            info = os.fstat(fd)
-            os.chmod(staged, info.st_mode & 0o7777)
-            os.utime(staged, ns=(info.st_atime_ns, info.st_mtime_ns))
-        finally:
-            os.close(fd)
+        copy_blob_file(source_file, staged)
         os.replace(staged, final)
         self.report.copied += 1
 

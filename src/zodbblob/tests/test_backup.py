@@ -319,7 +319,7 @@ class BackupRestoreTests(StoreTestCase):
         self.assertFalse(os.path.exists(target))
         for options in ([], ['--link']):
             status, out, err = run('restore', *options, target, snapshot)
-            self.assertEqual(status, 1)
+            self.assertEqual(status, 2)
             self.assertIn(f'checksum mismatch: {path}', err)
             self.assertFalse(os.path.exists(target))
 
@@ -359,7 +359,7 @@ class BackupRestoreTests(StoreTestCase):
             f.write('precious')
         before = tree(target)
         status, out, err = run('restore', target, snapshot)
-        self.assertEqual(status, 1)
+        self.assertEqual(status, 2)
         self.assertIn(f'{target}/Data.fs exists', err)
         self.assertEqual(tree(target), before)
 
@@ -373,7 +373,7 @@ class BackupRestoreTests(StoreTestCase):
             pass
         before = tree(target)
         status, out, err = run('restore', target, snapshot)
-        self.assertEqual(status, 1)
+        self.assertEqual(status, 2)
         self.assertIn('blobs exists and is not empty', err)
         self.assertEqual(tree(target), before)
 
@@ -392,7 +392,7 @@ class BackupRestoreTests(StoreTestCase):
             self.assertEqual(tree(target), before)
         finally:
             live.close()
-        self.assertEqual(status, 1)
+        self.assertEqual(status, 2)
         self.assertIn(f'Blob directory {target}/blobs is in use by a running '
                       f'storage', err)
 
@@ -412,7 +412,7 @@ class BackupRestoreTests(StoreTestCase):
         os.remove(os.path.join(snapshot, COMPLETE_NAME))
         status, out, err = run('restore', os.path.join(self.dir, 'r'),
                                snapshot)
-        self.assertEqual(status, 1)
+        self.assertEqual(status, 2)
         self.assertIn('is unfinished', err)
         self.assertFalse(os.path.exists(os.path.join(self.dir, 'r')))
 
@@ -557,7 +557,7 @@ class BackupRestoreTests(StoreTestCase):
                                    '--blob-dir', self.blob_dir, self.dest)
         finally:
             lock.close()
-        self.assertEqual(status, 1)
+        self.assertEqual(status, 2)
         self.assertIn('Another backup is writing into', err)
         self.assertEqual(self.snapshot_paths(), [])
 
@@ -572,7 +572,7 @@ class WrongInputTests(StoreTestCase):
     def assertRefused(self, argv, message, path):
         before = tree(path)
         status, out, err = run(*argv)
-        self.assertEqual(status, 1, out + err)
+        self.assertEqual(status, 2, out + err)
         self.assertIn(message, err)
         self.assertNotIn('Traceback', err)
         self.assertEqual(tree(path), before)

@@ -167,7 +167,7 @@ class ToolTests(unittest.TestCase):
         holder.stdout.close()
         result = zodbblob('recover', '--data', self.data, '--blob-dir',
                           self.blob_dir)
-        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.returncode, 2)
         self.assertIn('in use', result.stderr)
 
 
