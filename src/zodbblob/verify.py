@@ -13,8 +13,11 @@ check, not a hot path, and it opens nothing for writing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sqlite3
+import urllib.parse
 from collections.abc import Callable
 
 from ZODB.POSException import POSKeyError
@@ -23,6 +26,7 @@ from ZODB.utils import oid_repr
 from zodbblob.commitlog import ABORT
 from zodbblob.commitlog import CommitLog
 from zodbblob.commitlog import commit_log_path
+from zodbblob.journal import journal_path
 from zodbblob.layout import NotABlobFile
 from zodbblob.layout import file_kind
 from zodbblob.layout import open_blob_file
@@ -110,9 +114,70 @@ def _base_has(base, oid: bytes, tid: bytes) -> bool:
     return True
 
 
-def unfinished_transactions(storage, journal) -> list[tuple[bytes, str]]:
+_UNFINISHED = {
+    'back': 'unfinished: transaction %s was interrupted; recovery would '
+            'roll its blob files back: run `zodbblob recover`',
+    'forward': 'unfinished: transaction %s was interrupted; recovery would '
+               'roll its blob files forward: run `zodbblob recover`',
+    'rows': 'unfinished: transaction %s committed, but the process ended '
+            'before writing its catalog rows; recovery would roll its blob '
+            'files forward: run `zodbblob recover`',
+}
+
+
+class _Catalog:
+    """The catalog as the next open of the storage will find it.
+
+    The storage's read-only journal reads the database file alone; a
+    process that ended without closing its storage left its last rows in
+    the WAL beside it, which recovery reads.  Then (and only when no
+    storage holds the directory) the WAL is read too.
+    """
+
+    def __init__(self, storage, live: bool):
+        self._journal = storage._shared.journal
+        self._db = None
+        path = journal_path(storage.fshelper.base_dir)
+        wal = path + '-wal'
+        if not live and os.path.exists(wal) and os.path.getsize(wal):
+            with contextlib.suppress(sqlite3.Error):
+                self._db = sqlite3.connect(
+                    'file:%s?mode=ro' % urllib.parse.quote(path), uri=True)
+                self._query('SELECT 1 FROM blob LIMIT 1')
+
+    def _query(self, sql: str, parameters=()) -> list:
+        return self._db.execute(sql, parameters).fetchall()
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+
+    @property
+    def readable(self) -> bool:
+        return self._db is not None or self._journal is not None
+
+    def known(self, pairs) -> set:
+        if self._db is None:
+            return self._journal.known(pairs)
+        return {pair for pair in pairs if self._query(
+            'SELECT 1 FROM blob WHERE oid = ? AND tid = ?', pair)}
+
+    def sizes(self) -> dict:
+        rows = (self._query('SELECT oid, tid, size FROM blob')
+                if self._db is not None else self._journal.committed())
+        return {(oid, tid): size for oid, tid, size in rows}
+
+    def garbage(self) -> list:
+        if self._db is not None:
+            return self._query('SELECT oid, tid FROM garbage')
+        return self._journal.garbage()
+
+
+def unfinished_transactions(storage, catalog) -> list[tuple[bytes, str]]:
     """``(tid, what recovery would do)`` for each transaction of the commit
-    log that recovery would change, tid order.
+    log that recovery would change, tid order: ``back`` (remove its
+    files), ``forward`` (put its files in place), ``rows`` (its files are
+    in place; write the catalog rows the process did not write).
 
     Judged as `BlobStorage._recover` decides: a revision the base holds
     must have its file (with the record's bytes, when the record holds
@@ -139,7 +204,7 @@ def unfinished_transactions(storage, journal) -> list[tuple[bytes, str]]:
             continue
         for entry in record.entries:
             latest[entry.oid, record.tid] = entry
-    in_catalog = journal.known(latest) if journal is not None else None
+    in_catalog = catalog.known(latest) if catalog.readable else None
     found = {}
     for (oid, tid), entry in latest.items():
         final = fshelper.getBlobFilename(oid, tid)
@@ -150,9 +215,10 @@ def unfinished_transactions(storage, journal) -> list[tuple[bytes, str]]:
                 present = _holds(final, entry.data)
             else:
                 present = os.path.lexists(final)
-            if not present or (in_catalog is not None
-                                and (oid, tid) not in in_catalog):
+            if not present:
                 found[tid] = 'forward'
+            elif in_catalog is not None and (oid, tid) not in in_catalog:
+                found.setdefault(tid, 'rows')
         else:
             staged = (entry is not None and entry.staged
                       and os.path.lexists(os.path.join(fshelper.temp_dir,
@@ -182,23 +248,23 @@ def verify(storage, checksum: bool = False,
     report.records = len(records)
     seen_up_to = storage.base.lastTransaction()
 
-    journal = storage._shared.journal
     # A storage open for writing replayed its commit log at open, and the
     # records since are its own; so are those of a live storage elsewhere.
     live = (not storage._shared.read_only) or _live(fshelper.base_dir)
-    if not live:
-        for tid, direction in unfinished_transactions(storage, journal):
-            report.unfinished.append(
-                'unfinished: transaction %s was interrupted; recovery would '
-                'roll its blob files %s: run `zodbblob recover`'
-                % (oid_repr(tid), direction))
-    sizes = {}
-    if journal is not None:
-        sizes = {(oid, tid): size for oid, tid, size in journal.committed()}
-        if journal.garbage() and not live:
-            report.unfinished.append(
-                'unfinished: a pack was interrupted while removing %d blob '
-                'files; run `zodbblob recover`' % len(journal.garbage()))
+    catalog = _Catalog(storage, live)
+    try:
+        if not live:
+            for tid, change in unfinished_transactions(storage, catalog):
+                report.unfinished.append(_UNFINISHED[change]
+                                         % oid_repr(tid))
+        sizes = catalog.sizes() if catalog.readable else {}
+        garbage = catalog.garbage() if catalog.readable and not live else []
+    finally:
+        catalog.close()
+    if garbage:
+        report.unfinished.append(
+            'unfinished: a pack was interrupted while removing %d blob '
+            'files; run `zodbblob recover`' % len(garbage))
 
     files = list(fshelper.iter_blobs())
     report.files = len(files)

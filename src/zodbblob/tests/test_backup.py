@@ -31,6 +31,8 @@ from zodbblob.backup import (
     COLLECT_KILL_VARIABLE,
     COMPLETE_NAME,
     KILL_VARIABLE,
+    RESTORE_KILL_VARIABLE,
+    RESTORING_NAME,
     Manifest,
     backup,
     check,
@@ -55,6 +57,7 @@ def run_process(*argv, env=None):
     environment = dict(os.environ)
     environment.pop(KILL_VARIABLE, None)
     environment.pop(COLLECT_KILL_VARIABLE, None)
+    environment.pop(RESTORE_KILL_VARIABLE, None)
     environment.update(env or {})
     return subprocess.run(
         [sys.executable, '-m', 'zodbblob.cli'] + [str(a) for a in argv],
@@ -926,6 +929,59 @@ class InterruptedBackupTests(StoreTestCase):
         self.assertIn('blob files: 301, 1 copied', rerun.stdout)
         self.assertEqual(read_store(self.restore(second.path)),
                          self.expected)
+
+
+class InterruptedRestoreTests(StoreTestCase):
+
+    def test_restore_killed_between_its_final_renames_is_finished_by_a_rerun(
+            self):
+        self.make_store(20)
+        self.backup()
+        [snapshot] = self.snapshot_paths()
+        # After 1 rename: blobs/ in place, Data.fs not; after 2: its
+        # index too.
+        for renamed in (1, 2):
+            with self.subTest(renamed=renamed):
+                target = os.path.join(self.dir, f'killed-after-{renamed}')
+                killed = run_process('restore', '--quiet', target, snapshot,
+                                     env={RESTORE_KILL_VARIABLE:
+                                          str(renamed)})
+                self.assertEqual(killed.returncode, -signal.SIGKILL)
+                self.assertTrue(os.listdir(os.path.join(target, 'blobs')))
+                self.assertFalse(os.path.exists(
+                    os.path.join(target, 'Data.fs')))
+                rerun = run_process('restore', '--quiet', target, snapshot)
+                self.assertEqual(rerun.returncode, 0, rerun.stderr)
+                self.assertIn('restored transaction', rerun.stdout)
+                self.assertIn('20 blob files', rerun.stdout)
+                self.assertNotIn(RESTORING_NAME, os.listdir(target))
+                self.assertEqual(sorted(n for n in os.listdir(target)
+                                        if n.startswith('.')), [])
+                self.assertVerifies(target)
+                self.assertEqual(read_store(target), self.expected)
+                # Finished: a third run is refused as any occupied one.
+                again = run_process('restore', '--quiet', target, snapshot)
+                self.assertEqual(again.returncode, 2)
+                self.assertIn('Data.fs exists', again.stderr)
+
+    def test_interrupted_restore_of_another_snapshot_is_not_finished(self):
+        self.make_store(5)
+        self.backup()
+        self.commit({'b1': b'newer'})
+        self.backup()
+        first, second = self.snapshot_paths()
+        target = os.path.join(self.dir, 'restored')
+        killed = run_process('restore', '--quiet', target, first,
+                             env={RESTORE_KILL_VARIABLE: '1'})
+        self.assertEqual(killed.returncode, -signal.SIGKILL)
+        before = sorted(os.listdir(target))
+        other = run_process('restore', '--quiet', target, second)
+        self.assertEqual(other.returncode, 2)
+        self.assertIn(f'restore of snapshot {os.path.basename(first)} that '
+                      f'was interrupted', other.stderr)
+        self.assertEqual(sorted(os.listdir(target)), before)
+        self.assertEqual(run_process('restore', '--quiet', target,
+                                     first).returncode, 0)
 
 
 class PackedUnfinishedTests(StoreTestCase):
