@@ -14,8 +14,12 @@ import os
 import ZConfig
 import ZODB.FileStorage
 
-from zodbblob.config import storage_from_file
+from zodbblob.config import check_blob_directory, storage_from_file
 from zodbblob.storage import BlobStorage
+
+
+class ToolError(Exception):
+    """A tool cannot run, as the one-line message says (exit status 2)."""
 
 
 def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,8 +48,8 @@ def open_storage(args: argparse.Namespace, read_only: bool) -> BlobStorage:
             args.parser.error(f'--config {args.config}: no such file')
         try:
             return storage_from_file(args.config, read_only=read_only)
-        except ZConfig.ConfigurationError as e:
-            args.parser.error(f'--config {args.config}: {e}')
+        except (ZConfig.ConfigurationError, ValueError) as e:
+            raise ToolError(f'--config {args.config}: {e}') from None
     if not (args.data and args.blob_dir):
         args.parser.error('name the storage: --config FILE, or --data '
                           'DATA.FS and --blob-dir DIR')
@@ -55,6 +59,10 @@ def open_storage(args: argparse.Namespace, read_only: bool) -> BlobStorage:
         if not check(path):
             args.parser.error(f'{option} {path}: no such '
                               f'{"file" if check is os.path.isfile else "directory"}')
+    try:
+        check_blob_directory(args.blob_dir)
+    except ValueError as e:
+        raise ToolError(str(e)) from None
     base = ZODB.FileStorage.FileStorage(args.data, read_only=read_only)
     try:
         return BlobStorage(args.blob_dir, base)

@@ -87,10 +87,12 @@ from zodbblob.journal import SYNCFS_AVAILABLE, Journal, sync_filesystem
 from zodbblob.layout import (
     LAYOUT_MARKER,
     LAYOUTS,
+    NotABlobFile,
     fsync_directory,
     fsync_path,
     get_layout,
     makedirs_durable,
+    open_blob_file,
     remove_if_exists,
 )
 from zodbblob.progress import Progress
@@ -121,8 +123,13 @@ CHUNK = 1 << 20
 # N files copied, the process sends itself SIGNAL (default KILL) while
 # the next copy is half written.  ZODBBLOB_BACKUP_KILL_COLLECT_AFTER:
 # after N pool files removed by `collect`.
+# ZODBBLOB_RESTORE_KILL_AFTER: after N of restore's final renames.
 KILL_VARIABLE = 'ZODBBLOB_BACKUP_KILL_AFTER'
 COLLECT_KILL_VARIABLE = 'ZODBBLOB_BACKUP_KILL_COLLECT_AFTER'
+RESTORE_KILL_VARIABLE = 'ZODBBLOB_RESTORE_KILL_AFTER'
+# Written before restore's final renames, removed after them: a restore
+# interrupted between them is finished by the next run.
+RESTORING_NAME = '.zodbblob-restoring'
 
 # ``copied`` is 1 for the blob files this snapshot put into the pool: the
 # ones to check again when a backup resumes after a reboot.  A row costs
@@ -193,7 +200,9 @@ def _sqlite_uri(path: str, **parameters) -> str:
 def _hash_file(path: str) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
-    with open(path, 'rb') as f:
+    # Pool files and parts are the backup's own, but the destination is
+    # a directory like any other: a link there is not followed either.
+    with open(open_blob_file(path), 'rb') as f:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
             size += len(chunk)
@@ -773,6 +782,7 @@ class BackupResult:
     pooled: int = 0
     bytes_copied: int = 0
     missing: list = dataclasses.field(default_factory=list)
+    not_files: list = dataclasses.field(default_factory=list)
 
     def lines(self) -> list[str]:
         when = f'transaction {self.tid.hex()} ({tid_time(self.tid)})'
@@ -788,6 +798,9 @@ class BackupResult:
         for path in self.missing:
             result.append(f'  missing: {path} was not in the source blob '
                           f'directory')
+        for path, kind in self.not_files:
+            result.append(f'  not a file: {path} is {kind} under a blob '
+                          f'name, not a regular file; not backed up')
         return result
 
 
@@ -852,10 +865,14 @@ class _SnapshotWriter:
         except KeyboardInterrupt:
             self._flush()
             raise BackupInterrupted(self.path) from None
+        not_files = {path for path, kind in self.result.not_files}
         for oid, tid, *_ in self.manifest.blobs(MISSING):
-            self.result.missing.append(self._source_path(oid, tid))
+            path = self._source_path(oid, tid)
+            if path not in not_files:
+                self.result.missing.append(path)
         self.result.pooled = (self.result.blob_files - self.result.copied
-                              - len(self.result.missing))
+                              - len(self.result.missing)
+                              - len(self.result.not_files))
         self._finish()
         return self.result
 
@@ -961,7 +978,16 @@ class _SnapshotWriter:
                            'copied it again from the source', target)
         source = self._source_path(oid, tid)
         try:
-            fd = os.open(source, os.O_RDONLY)
+            fd = open_blob_file(source)
+        except NotABlobFile as e:
+            # Never followed nor read: a link may point at a file only
+            # root may read, and a FIFO would block the backup for ever.
+            logger.warning('Blob file %s of oid %s tid %s is %s, not a '
+                           'regular file: not backed up', source,
+                           oid_repr(oid), oid_repr(tid), e.kind)
+            self.result.not_files.append((source, e.kind))
+            self.done_rows.append((None, None, MISSING, 0, oid, tid))
+            return
         except FileNotFoundError:
             logger.warning('Blob file %s of oid %s tid %s is missing from '
                            'the source', source, oid_repr(oid), oid_repr(tid))
@@ -1651,6 +1677,9 @@ def restore(snapshot: str, directory: str, link: bool = False,
             chosen = get_layout(layout or meta['layout'])
         except ValueError as e:
             raise BackupError(str(e)) from None
+        finished = _finish_interrupted_restore(directory, meta)
+        if finished is not None:
+            return finished
         _refuse_occupied(directory)
         created = not os.path.exists(directory)
         os.makedirs(directory, exist_ok=True)
@@ -1748,7 +1777,7 @@ def _restore(snapshot, manifest, meta, layout, link, directory, staged_data,
                                'blob files instead', path, directory)
                 link = False
         if not placed:
-            fd = os.open(path, os.O_RDONLY)
+            fd = open_blob_file(path)
             try:
                 info = os.fstat(fd)
                 actual_size, actual = files.copy(
@@ -1766,12 +1795,65 @@ def _restore(snapshot, manifest, meta, layout, link, directory, staged_data,
     finally:
         journal.close()
     files.sync()
-    os.replace(staged_blobs, os.path.join(directory, 'blobs'))
-    os.replace(staged_index, os.path.join(directory, 'Data.fs.index'))
-    os.replace(staged_data, os.path.join(directory, 'Data.fs'))
+    result = RestoreResult(directory, tid, meta['size'], len(catalog),
+                           counts.get(MISSING, 0), linked)
+    _write_marker(directory, RESTORING_NAME, json.dumps(
+        dataclasses.asdict(result) | {'tid': tid.hex()}) + '\n')
+    _rename_restored(directory, _Kill(RESTORE_KILL_VARIABLE))
+    return result
+
+
+def _rename_restored(directory: str, kill: _Kill | None = None) -> None:
+    """Give the staged Data.fs, its index and blobs their names; done
+    with the restore's marker last.  What is renamed already is skipped."""
+    for staged, final in (('.blobs.restoring', 'blobs'),
+                          ('.Data.fs.restoring.index', 'Data.fs.index'),
+                          ('.Data.fs.restoring', 'Data.fs')):
+        staged = os.path.join(directory, staged)
+        if os.path.lexists(staged):
+            os.replace(staged, os.path.join(directory, final))
+            if kill is not None:
+                kill.after_one()
+    for name in ('blobs', 'Data.fs.index', 'Data.fs'):
+        if not os.path.lexists(os.path.join(directory, name)):
+            raise BackupError(
+                f'{directory}: the interrupted restore lost its '
+                f'{name} ({RESTORING_NAME} is left): remove what it '
+                f'restored and restore again')
     fsync_directory(directory)
-    return RestoreResult(directory, tid, meta['size'], len(catalog),
-                         counts.get(MISSING, 0), linked)
+    os.remove(os.path.join(directory, RESTORING_NAME))
+    fsync_directory(directory)
+
+
+def _finish_interrupted_restore(directory: str, meta: dict
+                                ) -> RestoreResult | None:
+    """Finish the restore of this snapshot that `directory` holds,
+    interrupted among its final renames; None when there is none.
+
+    BackupError for an interrupted restore of another snapshot: its
+    files are in place in part, and only that snapshot finishes them.
+    """
+    marker = os.path.join(directory, RESTORING_NAME)
+    try:
+        with open(marker) as f:
+            recorded = json.load(f)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as e:
+        raise BackupError(f'{marker}: cannot read the marker of an '
+                          f'interrupted restore: {e}') from None
+    if recorded.get('tid') != meta['tid']:
+        raise BackupError(
+            f'{directory} holds a restore of snapshot {recorded.get("tid")} '
+            f'that was interrupted ({marker}): restore that snapshot again '
+            f'to finish it')
+    _rename_restored(directory)
+    logger.warning('Finished the restore into %s that was interrupted '
+                   'during its final renames', directory)
+    return RestoreResult(
+        directory, bytes.fromhex(recorded['tid']),
+        recorded['data_fs_size'], recorded['blob_files'],
+        recorded['missing'], recorded['linked'])
 
 
 # the commands
@@ -1796,7 +1878,8 @@ def add_backup_arguments(parser: argparse.ArgumentParser) -> None:
         'DEST/.blobs: a new snapshot copies only the files committed since '
         'the previous one.  An interrupted backup is resumed by running it '
         'again.  Exit status 0 when complete, 1 when blob files were '
-        'missing from the source, 130 when interrupted.')
+        'missing from the source (or not regular files: never copied), 2 '
+        'when it could not run, 130 when interrupted.')
     add_storage_arguments(parser)
     parser.add_argument('destination', metavar='DEST',
                         help='directory of the snapshots of this database, '
@@ -1835,16 +1918,18 @@ def backup_command(args: argparse.Namespace) -> int:
         return 130
     except (BackupError, OSError) as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
-        return 1
+        return 2
     finally:
         if storage is not None:
             storage.close()
     for result in results:
         lines = result.lines()
         for line in lines if not args.quiet else lines[:1] + [
-                line for line in lines if 'missing:' in line]:
+                line for line in lines if 'missing:' in line
+                or 'not a file:' in line]:
             print(line)
-    status = 1 if any(result.missing for result in results) else 0
+    status = 1 if any(result.missing or result.not_files
+                      for result in results) else 0
     if args.keep is not None:
         try:
             pruned = prune(args.destination, args.keep)
@@ -1854,7 +1939,7 @@ def backup_command(args: argparse.Namespace) -> int:
             return 130
         except (BackupError, OSError) as e:
             print(f'{prog}: error: {e}', file=sys.stderr)
-            return 1
+            return 2
         for line in pruned.lines():
             print(line)
     return status
@@ -1912,7 +1997,7 @@ def restore_command(args: argparse.Namespace) -> int:
         return 130
     except (BackupError, OSError) as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
-        return 1
+        return 2
     for line in result.lines():
         print(line)
     return 0

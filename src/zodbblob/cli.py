@@ -5,6 +5,12 @@ its arguments to a subparser, and the function that runs it and returns
 the exit status: ``serve``, ``verify``, ``recover``, ``cache``,
 ``migrate``, ``export``, ``import``, ``backup`` and ``restore``.
 
+Every command exits 0 when it did its job (and found nothing wrong), 1
+when it ran and found problems, which it names, and 2 when it could not
+run: bad arguments, the wrong kind of directory, damaged state.  A
+command that cannot run says why in one line on stderr, never with a
+traceback.  (130: interrupted, for the commands that say so.)
+
 ``zodbblob serve`` is ZEO's own ``runzeo`` with a default configuration:
 the same options object, the same server class, the same signal handling
 and shutdown.  With no arguments it runs this zeo.conf (see
@@ -30,6 +36,7 @@ import io
 import ipaddress
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 
@@ -37,9 +44,11 @@ import zc.lockfile
 import ZConfig
 import ZEO.runzeo
 
-from zodbblob.arguments import add_storage_arguments, open_storage
+from zodbblob.arguments import ToolError, add_storage_arguments, open_storage
 from zodbblob.backup import (add_backup_arguments, add_restore_arguments,
                               backup_command, restore_command)
+from zodbblob.commitlog import CommitLogError
+from zodbblob.journal import JournalError
 from zodbblob.layout import LAYOUTS
 from zodbblob.migrate import add_migrate_arguments, migrate_command
 from zodbblob.progress import Progress
@@ -127,7 +136,15 @@ def serve_config(address: tuple[str, int] = (DEFAULT_HOST, DEFAULT_PORT),
         '</zodbblob>\n')
 
 
-class ConfigTextOptions(ZEO.runzeo.ZEOOptions):
+class ServeOptions(ZEO.runzeo.ZEOOptions):
+    """runzeo's options, whose errors are one line, as every tool's."""
+
+    def usage(self, msg):
+        sys.stderr.write(f'{self.progname}: error: {" ".join(msg.split())}\n')
+        sys.exit(2)
+
+
+class ConfigTextOptions(ServeOptions):
     """ZEO server options read from zeo.conf text instead of ``-C FILE``.
 
     Only where the configuration comes from differs; everything after
@@ -223,7 +240,7 @@ def serve(args: argparse.Namespace) -> int:
         argv = ['-C', args.config]
         if args.address is not None:
             argv += ['-a', format_address(args.address)]
-        options = ZEO.runzeo.ZEOOptions()
+        options = ServeOptions()
     else:
         var = args.var if args.var is not None else DEFAULT_VAR
         if os.path.exists(var) and not os.path.isdir(var):
@@ -239,7 +256,7 @@ def serve(args: argparse.Namespace) -> int:
     except (BlobStorageError, zc.lockfile.LockError) as e:
         # Another server has the storage: a message, not a traceback.
         print(f'{args.parser.prog}: error: {e}', file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 
@@ -249,8 +266,11 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         'Check that every blob record has its file, and report files no '
         'record references (orphans), files whose size differs from the '
-        'journal, and unreadable files.  Opens the storage read-only: safe '
-        'while a server runs.  Exit status 0 when clean, 1 otherwise.')
+        'journal, unreadable files, anything under a blob name that is not '
+        'a regular file (never opened), and transactions a crash left for '
+        '`zodbblob recover`.  Opens the storage read-only: safe while a '
+        'server runs.  Exit status 0 when clean, 1 when problems were '
+        'found, 2 when it could not run.')
     add_storage_arguments(parser)
     parser.add_argument('--checksum', action='store_true',
                         help='read every byte of every blob file')
@@ -300,7 +320,7 @@ def recover(args: argparse.Namespace) -> int:
         print(f'{args.parser.prog}: error: the storage is in use by another '
               f'process (a running server?), so it is not recovered: {e}',
               file=sys.stderr)
-        return 1
+        return 2
     finally:
         storage_logger.removeHandler(collect)
     blob_dir = storage.fshelper.base_dir.rstrip(os.sep)
@@ -459,10 +479,27 @@ COMMANDS = {
 }
 
 
+class ToolArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line: the usage is --help's."""
+
+    def error(self, message: str):
+        self.exit(2, f'{self.prog}: error: {message} (see {self.prog} '
+                     f'--help)\n')
+
+
+# What a command raises when the storage or a directory it names cannot be
+# used: said in one line, status 2.  Anything else is a bug, shown as one.
+CANNOT_RUN = (ToolError, ValueError, OSError, ZConfig.ConfigurationError,
+              BlobStorageError, zc.lockfile.LockError, CommitLogError,
+              JournalError, sqlite3.DatabaseError)
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ToolArgumentParser(
         prog='zodbblob',
-        description='Safe, fast and manageable blobs for ZODB and ZEO.')
+        description='Safe, fast and manageable blobs for ZODB and ZEO.  '
+                    'Exit status: 0 done (clean), 1 problems found, 2 could '
+                    'not run.')
     commands = parser.add_subparsers(dest='command', metavar='COMMAND',
                                      required=True)
     for name, (add_arguments, run, summary) in COMMANDS.items():
@@ -472,9 +509,20 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(error: BaseException) -> str:
+    """`error`'s message on one line, for stderr."""
+    text = ' '.join(str(error).split())
+    return text or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except CANNOT_RUN as e:
+        logger.debug('%s could not run', args.parser.prog, exc_info=True)
+        print(f'{args.parser.prog}: error: {one_line(e)}', file=sys.stderr)
+        return 2
 
 
 if __name__ == '__main__':

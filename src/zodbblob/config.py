@@ -41,6 +41,7 @@ import io
 import math
 import os
 import re
+import stat
 
 import ZConfig
 import ZConfig.datatypes
@@ -48,8 +49,12 @@ import ZODB.config
 from ZConfig import ConfigurationError
 from ZODB.config import BaseConfig
 
+from zodbblob.commitlog import CommitLog, CommitLogError, commit_log_path
 from zodbblob.layout import LAYOUT_MARKER, LAYOUTS, read_marker
 from zodbblob.storage import BlobStorage
+
+# A marker holds a layout name: anything longer is not one.
+_MARKER_LIMIT = 256
 
 AUTOMATIC = 'automatic'
 
@@ -63,23 +68,75 @@ def layout_name(value: str) -> str:
     return value
 
 
+def _shown(value: str) -> str:
+    # A path of thousands of characters makes no readable message.
+    return repr(value if len(value) <= 80 else value[:60] + '...')
+
+
+def _stat(value: str, path: str) -> os.stat_result | None:
+    """`path`'s stat; None if nothing is there; ValueError, in one line
+    naming the value, when the path cannot be looked at."""
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise ValueError(f'blob-dir {_shown(value)}: cannot use '
+                         f'{_shown(path)}: {e.strerror}') from None
+
+
+def _may(path: str, mode: int) -> bool:
+    # As the process will open it: with its effective ids.
+    return os.access(path, mode,
+                     effective_ids=os.access in os.supports_effective_ids)
+
+
 def blob_dir(value: str) -> str:
     """ZConfig datatype of ``blob-dir``: a directory, or a path to make one.
 
     The path is made absolute now: a server that changes its working
-    directory later must not find another blob directory.
+    directory later must not find another blob directory.  An empty value
+    is refused (it would make the working directory a blob directory), and
+    so is a path with a NUL byte, one too long for the system, or one this
+    process may not read (or, to create it, write).
     """
+    if not value.strip():
+        raise ValueError('blob-dir is empty: expected the path of a blob '
+                         'directory')
+    if '\0' in value:
+        raise ValueError(f'blob-dir {_shown(value)}: a path cannot hold a '
+                         f'NUL byte')
     path = os.path.abspath(os.path.expanduser(value))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f'blob-dir {value!r}: {path} is not a directory')
-    # The first existing ancestor must be a directory too, or creating
-    # the blob directory fails only after the base storage was opened.
+    info = _stat(value, path)
+    if info is not None:
+        if not stat.S_ISDIR(info.st_mode):
+            raise ValueError(f'blob-dir {_shown(value)}: {_shown(path)} is '
+                             f'not a directory')
+        if not _may(path, os.R_OK | os.X_OK):
+            raise ValueError(f'blob-dir {_shown(value)}: {_shown(path)} '
+                             f'cannot be read: permission denied')
+        return path
+    # The first existing ancestor must be a directory this process may
+    # write in, or creating the blob directory fails only after the base
+    # storage was opened.
     ancestor = os.path.dirname(path)
-    while not os.path.exists(ancestor):
+    while (found := _stat(value, ancestor)) is None:
         ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        raise ValueError(f'blob-dir {value!r}: {ancestor} is not a '
-                         f'directory, so {path} cannot be created')
+    if not stat.S_ISDIR(found.st_mode):
+        raise ValueError(f'blob-dir {_shown(value)}: {_shown(ancestor)} is '
+                         f'not a directory, so {_shown(path)} cannot be '
+                         f'created')
+    if not _may(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f'blob-dir {_shown(value)}: {_shown(path)} cannot '
+                         f'be created: {_shown(ancestor)} is not writable')
+    try:
+        name_max = os.pathconf(ancestor, 'PC_NAME_MAX')
+    except (OSError, ValueError):
+        name_max = 255
+    if any(len(os.fsencode(name)) > name_max
+           for name in path[len(ancestor):].split(os.sep)):
+        raise ValueError(f'blob-dir {_shown(value)}: a name in the path is '
+                         f'too long (over {name_max} bytes)')
     return path
 
 
@@ -108,6 +165,57 @@ def _blob_dirs(factory, path=()):
                 yield from _blob_dirs(nested, path)
 
 
+def marked_layout(blob_dir: str) -> str | None:
+    """The layout `blob_dir`'s marker names, or None without a marker.
+
+    ValueError, in one line naming the path, for a marker that names no
+    known layout (damaged, or a ZEO client blob cache's) or that cannot
+    be read.
+    """
+    marker = os.path.join(blob_dir, LAYOUT_MARKER)
+    try:
+        with open(marker, 'rb') as f:
+            raw = f.read(_MARKER_LIMIT + 1)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise ValueError(f'blob-dir {blob_dir}: cannot read its marker '
+                         f'{marker}: {e.strerror}') from None
+    try:
+        marked = raw.decode('ascii').strip()
+    except UnicodeDecodeError:
+        marked = None
+    if marked in LAYOUTS:
+        return marked
+    from zodbblob.cache import LAYOUT as CACHE_LAYOUT
+    if marked == CACHE_LAYOUT:
+        raise ValueError(f'blob-dir {blob_dir} is a ZEO client blob cache '
+                         f'(its marker {marker} says {CACHE_LAYOUT!r}), not '
+                         f'a storage\'s blob directory')
+    shown = repr(marked) if marked and len(raw) <= _MARKER_LIMIT else (
+        'no layout name')
+    raise ValueError(f'blob-dir {blob_dir}: its marker {marker} is damaged '
+                     f'or foreign: it holds {shown}; expected one of '
+                     f'{", ".join(sorted(LAYOUTS))}')
+
+
+def check_blob_directory(blob_dir: str) -> None:
+    """Refuse, with a one-line ValueError naming the path, a blob
+    directory that no storage can open: a damaged or foreign marker, a
+    client cache, a commit log without a valid header.  Changes nothing.
+    """
+    marked_layout(blob_dir)
+    path = commit_log_path(blob_dir)
+    if os.path.lexists(path):
+        try:
+            CommitLog(path, read_only=True).close()
+        except CommitLogError as e:
+            raise ValueError(str(e)) from None
+        except OSError as e:
+            raise ValueError(f'blob-dir {blob_dir}: cannot read its commit '
+                             f'log {path}: {e.strerror}') from None
+
+
 class BlobStorageConfig(BaseConfig):
     """The ``<zodbblob>`` section: checked at load, opened by `open`.
 
@@ -128,21 +236,20 @@ class BlobStorageConfig(BaseConfig):
 
     @staticmethod
     def _check_marker(blob_dir: str, layout: str) -> None:
-        marked = read_marker(blob_dir) if os.path.isdir(blob_dir) else None
-        if marked is None:
-            return
-        marker = os.path.join(blob_dir, LAYOUT_MARKER)
-        if marked not in LAYOUTS:
-            raise ConfigurationError(
-                f'blob-dir {blob_dir}: its marker {marker} names layout '
-                f'{marked!r}, which is not a blob directory layout; known '
-                f'layouts: {", ".join(sorted(LAYOUTS))}')
-        if layout not in (AUTOMATIC, marked):
+        try:
+            marked = marked_layout(blob_dir)
+        except ValueError as e:
+            raise ConfigurationError(str(e)) from None
+        if marked is not None and layout not in (AUTOMATIC, marked):
+            marker = os.path.join(blob_dir, LAYOUT_MARKER)
             raise ConfigurationError(
                 f'layout {layout!r} selected for blob-dir {blob_dir}, but its '
                 f'marker {marker} names layout {marked!r}')
 
     def open(self):
+        # Checked again when opened: the directory may have changed since
+        # the configuration loaded, and a refusal now opens no base.
+        check_blob_directory(self.config.blob_dir)
         base = self.config.base.open()
         try:
             return BlobStorage(self.config.blob_dir, base, self.config.layout)

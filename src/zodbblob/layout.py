@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterator
 
@@ -646,3 +647,67 @@ class FilesystemHelper:
     def getOIDsForSerial(self, search_serial: bytes) -> list[bytes]:
         return [oid for oid, tid, path in self.iter_blobs()
                 if tid == search_serial]
+
+
+# Opening a blob name safely, for the tools: anything but a regular file
+# under a blob name (a FIFO, a device, a symbolic link to anywhere) is
+# damage or an attack, and a tool that opened it blindly would wait on it
+# forever, read a device without end, or copy a file it should never see.
+
+_FILE_KINDS = ((stat.S_ISLNK, 'a symbolic link'), (stat.S_ISFIFO, 'a FIFO'),
+               (stat.S_ISCHR, 'a character device'),
+               (stat.S_ISBLK, 'a block device'), (stat.S_ISSOCK, 'a socket'),
+               (stat.S_ISDIR, 'a directory'))
+
+
+class NotABlobFile(OSError):
+    """Something other than a regular file is under a blob name."""
+
+    def __init__(self, path: str, kind: str):
+        super().__init__(f'{path} is {kind}, not a regular file: expected '
+                         f'a blob file')
+        self.path = path
+        self.kind = kind
+
+
+def file_kind(mode: int) -> str:
+    """What `mode` (an ``st_mode``) is, in words: ``a FIFO``."""
+    for test, kind in _FILE_KINDS:
+        if test(mode):
+            return kind
+    return 'a regular file' if stat.S_ISREG(mode) else 'not a file'
+
+
+def check_blob_file(path: str) -> os.stat_result:
+    """The ``lstat`` of blob file `path`; NotABlobFile unless regular.
+
+    For a tool about to hard-link `path`: a link to a symbolic link is
+    the symbolic link.
+    """
+    info = os.lstat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise NotABlobFile(path, file_kind(info.st_mode))
+    return info
+
+
+def open_blob_file(path: str) -> int:
+    """A read-only descriptor of blob file `path`; NotABlobFile unless
+    it is a regular file.
+
+    Nothing else is opened: a symbolic link is not followed, and neither
+    opening a FIFO nor reading a device can wait.  The kind is checked
+    again on the descriptor, for a file replaced between the two looks.
+    """
+    check_blob_file(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotABlobFile(path, 'a symbolic link') from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotABlobFile(path, file_kind(mode))
+    return fd

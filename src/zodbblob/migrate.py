@@ -54,8 +54,11 @@ from zodbblob.journal import sync_filesystem
 from zodbblob.layout import LAYOUT_MARKER
 from zodbblob.layout import LAYOUTS
 from zodbblob.layout import FilesystemHelper
+from zodbblob.layout import NotABlobFile
+from zodbblob.layout import check_blob_file
 from zodbblob.layout import fsync_directory
 from zodbblob.layout import get_layout
+from zodbblob.layout import open_blob_file
 from zodbblob.layout import read_marker
 from zodbblob.progress import Progress
 from zodbblob.storage import LOCK_NAME
@@ -103,6 +106,14 @@ class Report:
     skipped: int = 0       # already in the destination with the right size
     removed: int = 0       # left by an earlier run, gone from the source
     finished_before: bool = False   # the destination was complete already
+    # (path, kind) of what is under a source blob name but is no regular
+    # file: neither linked nor copied.
+    not_files: list = dataclasses.field(default_factory=list)
+
+    def problems(self) -> list[str]:
+        return [f'not a file: {path} is {kind} under a blob name, not a '
+                f'regular file; not migrated'
+                for path, kind in self.not_files]
 
     def summary(self) -> str:
         if self.finished_before:
@@ -192,7 +203,10 @@ def detect_layout(directory: str) -> str:
     if not os.path.isdir(directory):
         raise MigrationError(f'Source {directory} is not a directory: '
                              'expected a blob directory')
-    marked = read_marker(directory)
+    try:
+        marked = read_marker(directory)
+    except UnicodeDecodeError:
+        marked = ''   # no layout name at all: damaged
     if marked is None:
         if not _has_lawn_blob(directory):
             raise MigrationError(
@@ -201,20 +215,29 @@ def detect_layout(directory: str) -> str:
         return 'lawn'  # ZODB's rule: used, and written before markers
     if marked != ZEOCACHE and marked not in LAYOUTS:
         raise MigrationError(
-            f'Source {directory} has a marker for layout `{marked}`, which '
-            f'is not known here (known: '
+            f'Source {directory} has a marker '
+            f'{os.path.join(directory, LAYOUT_MARKER)} for layout '
+            f'`{marked}`, which is not known here (known: '
             f'{", ".join(sorted([*LAYOUTS, ZEOCACHE]))})')
     return marked
 
 
-def inventory(blobs: Iterator[tuple[bytes, bytes, str]]) -> Inventory:
-    """``{(oid, tid): (size, path)}`` of `blobs`."""
+def inventory(blobs: Iterator[tuple[bytes, bytes, str]],
+              not_files: list | None = None) -> Inventory:
+    """``{(oid, tid): (size, path)}`` of `blobs`.
+
+    Only regular files count; anything else under a blob name (a link, a
+    FIFO, a device) goes to `not_files` as ``(path, kind)``.
+    """
     found = {}
     for oid, tid, path in blobs:
         try:
-            found[oid, tid] = (os.stat(path).st_size, path)
+            found[oid, tid] = (check_blob_file(path).st_size, path)
         except FileNotFoundError:
             continue  # evicted from a cache since the listing
+        except NotABlobFile as e:
+            if not_files is not None:
+                not_files.append((path, e.kind))
     return found
 
 
@@ -363,6 +386,22 @@ def _hold(held: contextlib.ExitStack, blob_dir: str):
     return lock
 
 
+def copy_blob_file(source_file: str, target: str) -> None:
+    """Copy blob file `source_file` to the new file `target`, with its
+    mode and times, as ``shutil.copy2`` would; but a link is never
+    followed, nor a FIFO waited on (NotABlobFile)."""
+    fd = open_blob_file(source_file)
+    try:
+        with open(fd, 'rb', closefd=False) as source, \
+                open(target, 'xb') as copy:
+            shutil.copyfileobj(source, copy, 1 << 20)
+        info = os.fstat(fd)
+        os.chmod(target, info.st_mode & 0o7777)
+        os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
+    finally:
+        os.close(fd)
+
+
 class _Writer:
     """Puts source files at destination names: a link, or else a copy."""
 
@@ -384,7 +423,7 @@ class _Writer:
             self.report.linked += 1
             return
         staged = self._temporary_name()
-        shutil.copy2(source_file, staged)
+        copy_blob_file(source_file, staged)
         os.replace(staged, final)
         self.report.copied += 1
 
@@ -393,6 +432,8 @@ class _Writer:
         # name at once; only a file that is there already (of the wrong
         # size, from an earlier run) is replaced through a temporary name.
         try:
+            # A link to a symbolic link would carry the link over.
+            check_blob_file(source_file)
             try:
                 os.link(source_file, final)
             except FileExistsError:
@@ -500,7 +541,7 @@ def migrate(src: str, dst: str, layout: str,
 
 def _check_finished(source, source_layout, destination, target,
                     report) -> Report:
-    wanted = inventory(iter_source(source, source_layout))
+    wanted = inventory(iter_source(source, source_layout), report.not_files)
     problems = _differences(
         wanted, inventory(target.iter_blob_paths(destination)))
     if problems:
@@ -522,7 +563,10 @@ def _fill(source, source_layout, destination, target, resume, report,
     Returns the source's inventory, listed once: what `_finish` checks
     the destination against.
     """
-    wanted = inventory(iter_source(source, source_layout))
+    wanted = inventory(iter_source(source, source_layout), report.not_files)
+    for path, kind in report.not_files:
+        logger.warning('Blob file %s of %s is %s, not a regular file: not '
+                       'migrated', path, source, kind)
     report.files = len(wanted)
     report.bytes = sum(size for size, _ in wanted.values())
     present = inventory(target.iter_blob_paths(destination)) if resume else {}
@@ -641,6 +685,8 @@ def migrate_command(args: argparse.Namespace) -> int:
         return 130
     except (MigrationError, BlobStorageError, OSError) as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
-        return 1
+        return 2
     print(report.summary())
-    return 0
+    for line in report.problems():
+        print(line)
+    return 1 if report.not_files else 0

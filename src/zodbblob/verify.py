@@ -2,21 +2,36 @@
 
 Every blob record of the base (every revision the base still holds) must
 have its file; every blob file must belong to a record; every file must
-have the size the journal recorded, and be readable.  This is the one
+have the size the journal recorded, be readable, and be a regular file
+(anything else under a blob name is reported, never opened: see
+`zodbblob.layout.open_blob_file`).  The commit log is judged as recovery
+would judge it: only a transaction whose files or catalog rows recovery
+would change is reported as unfinished.  This is the one
 place that walks the whole blob directory on purpose: it is an operator's
 check, not a hot path, and it opens nothing for writing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sqlite3
+import urllib.parse
 from collections.abc import Callable
 
+from ZODB.POSException import POSKeyError
 from ZODB.utils import oid_repr
 
+from zodbblob.commitlog import ABORT
+from zodbblob.commitlog import CommitLog
 from zodbblob.commitlog import commit_log_path
-from zodbblob.commitlog import unfinished_records
+from zodbblob.journal import journal_path
+from zodbblob.layout import NotABlobFile
+from zodbblob.layout import file_kind
+from zodbblob.layout import open_blob_file
+from zodbblob.storage import BlobDirectoryInUse
+from zodbblob.storage import hold_blob_directory
 
 
 @dataclasses.dataclass
@@ -30,12 +45,13 @@ class Report:
     orphans: list = dataclasses.field(default_factory=list)
     size_mismatches: list = dataclasses.field(default_factory=list)
     unreadable: list = dataclasses.field(default_factory=list)
+    not_files: list = dataclasses.field(default_factory=list)
     unfinished: list = dataclasses.field(default_factory=list)
 
     @property
     def clean(self) -> bool:
         return not (self.missing or self.orphans or self.size_mismatches
-                    or self.unreadable or self.unfinished)
+                    or self.unreadable or self.not_files or self.unfinished)
 
     def lines(self) -> list[str]:
         result = []
@@ -49,6 +65,9 @@ class Report:
                           'recorded %d' % (path, actual, expected))
         for path, error in self.unreadable:
             result.append('unreadable: %s: %s' % (path, error))
+        for path, kind in self.not_files:
+            result.append('not a file: %s is %s under a blob name, not a '
+                          'regular file' % (path, kind))
         result.extend(self.unfinished)
         result.append('%s: %d blob records, %d blob files, %s' % (
             self.blob_dir, self.records, self.files,
@@ -56,10 +75,158 @@ class Report:
         return result
 
 
-def _read_all(path: str) -> None:
-    with open(path, 'rb') as f:
-        while f.read(1 << 20):
-            pass
+def _read_all(fd: int) -> None:
+    while os.read(fd, 1 << 20):
+        pass
+
+
+def _holds(path: str, data: bytes) -> bool:
+    try:
+        fd = open_blob_file(path)
+    except OSError:
+        return False
+    with open(fd, 'rb') as f:
+        return f.read(len(data) + 1) == data
+
+
+def _live(blob_dir: str) -> bool:
+    """Whether a storage holds `blob_dir` now (a server, an application).
+
+    Its lock is taken and let go at once: a storage that holds it replayed
+    the commit log when it opened, and the records since are its own.
+    """
+    try:
+        lock = hold_blob_directory(blob_dir)
+    except BlobDirectoryInUse:
+        return True
+    except OSError:
+        return False   # a read-only directory: no storage writes there
+    if lock is not None:
+        lock.close()
+    return False
+
+
+def _base_has(base, oid: bytes, tid: bytes) -> bool:
+    try:
+        base.loadSerial(oid, tid)
+    except (POSKeyError, KeyError):
+        return False
+    return True
+
+
+_UNFINISHED = {
+    'back': 'unfinished: transaction %s was interrupted; recovery would '
+            'roll its blob files back: run `zodbblob recover`',
+    'forward': 'unfinished: transaction %s was interrupted; recovery would '
+               'roll its blob files forward: run `zodbblob recover`',
+    'rows': 'unfinished: transaction %s committed, but the process ended '
+            'before writing its catalog rows; recovery would roll its blob '
+            'files forward: run `zodbblob recover`',
+}
+
+
+class _Catalog:
+    """The catalog as the next open of the storage will find it.
+
+    The storage's read-only journal reads the database file alone; a
+    process that ended without closing its storage left its last rows in
+    the WAL beside it, which recovery reads.  Then (and only when no
+    storage holds the directory) the WAL is read too.
+    """
+
+    def __init__(self, storage, live: bool):
+        self._journal = storage._shared.journal
+        self._db = None
+        path = journal_path(storage.fshelper.base_dir)
+        wal = path + '-wal'
+        if not live and os.path.exists(wal) and os.path.getsize(wal):
+            with contextlib.suppress(sqlite3.Error):
+                self._db = sqlite3.connect(
+                    'file:%s?mode=ro' % urllib.parse.quote(path), uri=True)
+                self._query('SELECT 1 FROM blob LIMIT 1')
+
+    def _query(self, sql: str, parameters=()) -> list:
+        return self._db.execute(sql, parameters).fetchall()
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+
+    @property
+    def readable(self) -> bool:
+        return self._db is not None or self._journal is not None
+
+    def known(self, pairs) -> set:
+        if self._db is None:
+            return self._journal.known(pairs)
+        return {pair for pair in pairs if self._query(
+            'SELECT 1 FROM blob WHERE oid = ? AND tid = ?', pair)}
+
+    def sizes(self) -> dict:
+        rows = (self._query('SELECT oid, tid, size FROM blob')
+                if self._db is not None else self._journal.committed())
+        return {(oid, tid): size for oid, tid, size in rows}
+
+    def garbage(self) -> list:
+        if self._db is not None:
+            return self._query('SELECT oid, tid FROM garbage')
+        return self._journal.garbage()
+
+
+def unfinished_transactions(storage, catalog) -> list[tuple[bytes, str]]:
+    """``(tid, what recovery would do)`` for each transaction of the commit
+    log that recovery would change, tid order: ``back`` (remove its
+    files), ``forward`` (put its files in place), ``rows`` (its files are
+    in place; write the catalog rows the process did not write).
+
+    Judged as `BlobStorage._recover` decides: a revision the base holds
+    must have its file (with the record's bytes, when the record holds
+    them) and its catalog row; a revision the base does not hold must
+    have left no file and no row.  Records of transactions that finished
+    (all of them, in a store whose process ended without closing it) ask
+    for nothing.
+    """
+    fshelper = storage.fshelper
+    path = commit_log_path(fshelper.base_dir)
+    if not os.path.exists(path):
+        return []
+    log = CommitLog(path, read_only=True)
+    try:
+        records = log.records
+    finally:
+        log.close()
+    latest = {}
+    for record in records:
+        if record.kind == ABORT:
+            for key in latest:
+                if key[1] == record.tid:
+                    latest[key] = None
+            continue
+        for entry in record.entries:
+            latest[entry.oid, record.tid] = entry
+    in_catalog = catalog.known(latest) if catalog.readable else None
+    found = {}
+    for (oid, tid), entry in latest.items():
+        final = fshelper.getBlobFilename(oid, tid)
+        if _base_has(storage.base, oid, tid):
+            if entry is None:
+                continue
+            if entry.data is not None:
+                present = _holds(final, entry.data)
+            else:
+                present = os.path.lexists(final)
+            if not present:
+                found[tid] = 'forward'
+            elif in_catalog is not None and (oid, tid) not in in_catalog:
+                found.setdefault(tid, 'rows')
+        else:
+            staged = (entry is not None and entry.staged
+                      and os.path.lexists(os.path.join(fshelper.temp_dir,
+                                                       entry.staged)))
+            if (os.path.lexists(final) or staged
+                    or (in_catalog is not None and (oid, tid) in in_catalog)):
+                found.setdefault(tid, 'back')
+    return sorted(found.items())
 
 
 def verify(storage, checksum: bool = False,
@@ -68,6 +235,8 @@ def verify(storage, checksum: bool = False,
 
     With `checksum`, every byte of every file is read; otherwise each file
     is opened.  `progress(done, total)` is called as files are checked.
+    Beside a live storage, files and records of transactions committed
+    after the base was opened here are not reported.
     """
     fshelper = storage.fshelper
     report = Report(fshelper.base_dir.rstrip(os.sep))
@@ -77,46 +246,64 @@ def verify(storage, checksum: bool = False,
             if storage.is_blob_record(record.data):
                 records.add((record.oid, record.tid))
     report.records = len(records)
+    seen_up_to = storage.base.lastTransaction()
 
-    journal = storage._shared.journal
     # A storage open for writing replayed its commit log at open, and the
-    # records since are its own; read-only, nothing replayed it.
-    unfinished = storage._shared.read_only and unfinished_records(
-        commit_log_path(fshelper.base_dir))
-    if unfinished:
+    # records since are its own; so are those of a live storage elsewhere.
+    live = (not storage._shared.read_only) or _live(fshelper.base_dir)
+    catalog = _Catalog(storage, live)
+    try:
+        if not live:
+            for tid, change in unfinished_transactions(storage, catalog):
+                report.unfinished.append(_UNFINISHED[change]
+                                         % oid_repr(tid))
+        sizes = catalog.sizes() if catalog.readable else {}
+        garbage = catalog.garbage() if catalog.readable and not live else []
+    finally:
+        catalog.close()
+    if garbage:
         report.unfinished.append(
-            'unfinished: the commit log holds %d transactions a crash '
-            'interrupted or left unsynced; run `zodbblob recover`'
-            % unfinished)
-    sizes = {}
-    if journal is not None:
-        sizes = {(oid, tid): size for oid, tid, size in journal.committed()}
-        if journal.garbage():
-            report.unfinished.append(
-                'unfinished: a pack was interrupted while removing %d blob '
-                'files; run `zodbblob recover`' % len(journal.garbage()))
+            'unfinished: a pack was interrupted while removing %d blob '
+            'files; run `zodbblob recover`' % len(garbage))
 
     files = list(fshelper.iter_blobs())
     report.files = len(files)
     seen = set()
     for done, (oid, tid, path) in enumerate(files, 1):
         seen.add((oid, tid))
-        if (oid, tid) not in records:
+        if (oid, tid) not in records and not (live and tid > seen_up_to):
             report.orphans.append(path)
         try:
-            size = os.stat(path).st_size
-            if checksum:
-                _read_all(path)
-            else:
-                os.close(os.open(path, os.O_RDONLY))
+            fd = open_blob_file(path)
+        except NotABlobFile as e:
+            report.not_files.append((path, e.kind))
         except OSError as e:
             report.unreadable.append((path, e.strerror or str(e)))
         else:
-            expected = sizes.get((oid, tid))
-            if expected is not None and expected != size:
-                report.size_mismatches.append((path, expected, size))
+            try:
+                size = os.fstat(fd).st_size
+                if checksum:
+                    _read_all(fd)
+            except OSError as e:
+                report.unreadable.append((path, e.strerror or str(e)))
+            else:
+                expected = sizes.get((oid, tid))
+                if expected is not None and expected != size:
+                    report.size_mismatches.append((path, expected, size))
+            finally:
+                os.close(fd)
         if progress is not None:
             progress(done, len(files))
     for oid, tid in sorted(records - seen):
-        report.missing.append((oid, tid, fshelper.getBlobFilename(oid, tid)))
+        path = fshelper.getBlobFilename(oid, tid)
+        try:
+            # What a layout's walk passes over (a link to a directory, a
+            # FIFO where only files are listed) is still under the name.
+            kind = file_kind(os.lstat(path).st_mode)
+        except OSError:
+            kind = None
+        if kind is not None and kind != 'a regular file':
+            report.not_files.append((path, kind))
+        else:
+            report.missing.append((oid, tid, path))
     return report

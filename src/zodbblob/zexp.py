@@ -56,8 +56,10 @@ from zodbblob.arguments import open_storage
 from zodbblob.cache import BUCKETS as ZEOCACHE_BUCKETS
 from zodbblob.cache import LAYOUT as ZEOCACHE_LAYOUT
 from zodbblob.layout import BLOB_SUFFIX
+from zodbblob.layout import NotABlobFile
 from zodbblob.layout import auto_layout_select
 from zodbblob.layout import get_layout
+from zodbblob.layout import open_blob_file
 from zodbblob.layout import read_marker
 from zodbblob.progress import Progress
 
@@ -182,7 +184,8 @@ def _write_blob(f, storage, oid: bytes, serial: bytes) -> int:
         raise ExportError(f'The blob file of oid {oid_repr(oid)}, '
                           f'revision {oid_repr(serial)}, is missing from '
                           f'the blob directory') from None
-    with open(filename, 'rb') as blob:
+    # Never a link followed nor a FIFO waited on (NotABlobFile instead).
+    with open(open_blob_file(filename), 'rb') as blob:
         size = os.fstat(blob.fileno()).st_size
         f.write(BLOB_MARKER + p64(size))
         copied = _copy(blob, f, size)
@@ -588,7 +591,7 @@ def _fill_blob(zexp: _File, blob, entry: _Entry, source, written_at,
             report.empty_blobs.append((entry.oid, blob._p_oid))
             return 0
         path, revisions = found
-        with open(path, 'rb') as data:
+        with open(open_blob_file(path), 'rb') as data:
             shutil.copyfileobj(data, target, CHUNK)
             size = data.tell()
         report.source_blobs.append((entry.oid, blob._p_oid, path))
@@ -713,9 +716,9 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('file', metavar='FILE.zexp')
 
 
-def _error(args, message: str) -> int:
+def _error(args, message: str, status: int = 2) -> int:
     print(f'{args.parser.prog}: error: {message}', file=sys.stderr)
-    return 1
+    return status
 
 
 def _traverse(root, path: str):
@@ -774,7 +777,11 @@ def export_command(args: argparse.Namespace) -> int:
         progress = Progress('export', quiet=args.quiet)
         try:
             report = export_file(connection, obj._p_oid, args.file, progress)
-        except (OSError, ExportError, POSKeyError) as e:
+        except (NotABlobFile, ExportError) as e:
+            # A blob file missing, or something else under its name: a
+            # problem of the blob directory, found and named (status 1).
+            return _error(args, f'{args.file} not written: {e}', 1)
+        except (OSError, POSKeyError) as e:
             return _error(args, f'{args.file}: {e}')
     finally:
         db.close()

@@ -31,6 +31,8 @@ from zodbblob.backup import (
     COLLECT_KILL_VARIABLE,
     COMPLETE_NAME,
     KILL_VARIABLE,
+    RESTORE_KILL_VARIABLE,
+    RESTORING_NAME,
     Manifest,
     backup,
     check,
@@ -55,6 +57,7 @@ def run_process(*argv, env=None):
     environment = dict(os.environ)
     environment.pop(KILL_VARIABLE, None)
     environment.pop(COLLECT_KILL_VARIABLE, None)
+    environment.pop(RESTORE_KILL_VARIABLE, None)
     environment.update(env or {})
     return subprocess.run(
         [sys.executable, '-m', 'zodbblob.cli'] + [str(a) for a in argv],
@@ -319,7 +322,7 @@ class BackupRestoreTests(StoreTestCase):
         self.assertFalse(os.path.exists(target))
         for options in ([], ['--link']):
             status, out, err = run('restore', *options, target, snapshot)
-            self.assertEqual(status, 1)
+            self.assertEqual(status, 2)
             self.assertIn(f'checksum mismatch: {path}', err)
             self.assertFalse(os.path.exists(target))
 
@@ -359,7 +362,7 @@ class BackupRestoreTests(StoreTestCase):
             f.write('precious')
         before = tree(target)
         status, out, err = run('restore', target, snapshot)
-        self.assertEqual(status, 1)
+        self.assertEqual(status, 2)
         self.assertIn(f'{target}/Data.fs exists', err)
         self.assertEqual(tree(target), before)
 
@@ -373,7 +376,7 @@ class BackupRestoreTests(StoreTestCase):
             pass
         before = tree(target)
         status, out, err = run('restore', target, snapshot)
-        self.assertEqual(status, 1)
+        self.assertEqual(status, 2)
         self.assertIn('blobs exists and is not empty', err)
         self.assertEqual(tree(target), before)
 
@@ -392,7 +395,7 @@ class BackupRestoreTests(StoreTestCase):
             self.assertEqual(tree(target), before)
         finally:
             live.close()
-        self.assertEqual(status, 1)
+        self.assertEqual(status, 2)
         self.assertIn(f'Blob directory {target}/blobs is in use by a running '
                       f'storage', err)
 
@@ -412,7 +415,7 @@ class BackupRestoreTests(StoreTestCase):
         os.remove(os.path.join(snapshot, COMPLETE_NAME))
         status, out, err = run('restore', os.path.join(self.dir, 'r'),
                                snapshot)
-        self.assertEqual(status, 1)
+        self.assertEqual(status, 2)
         self.assertIn('is unfinished', err)
         self.assertFalse(os.path.exists(os.path.join(self.dir, 'r')))
 
@@ -557,7 +560,7 @@ class BackupRestoreTests(StoreTestCase):
                                    '--blob-dir', self.blob_dir, self.dest)
         finally:
             lock.close()
-        self.assertEqual(status, 1)
+        self.assertEqual(status, 2)
         self.assertIn('Another backup is writing into', err)
         self.assertEqual(self.snapshot_paths(), [])
 
@@ -572,7 +575,7 @@ class WrongInputTests(StoreTestCase):
     def assertRefused(self, argv, message, path):
         before = tree(path)
         status, out, err = run(*argv)
-        self.assertEqual(status, 1, out + err)
+        self.assertEqual(status, 2, out + err)
         self.assertIn(message, err)
         self.assertNotIn('Traceback', err)
         self.assertEqual(tree(path), before)
@@ -926,6 +929,59 @@ class InterruptedBackupTests(StoreTestCase):
         self.assertIn('blob files: 301, 1 copied', rerun.stdout)
         self.assertEqual(read_store(self.restore(second.path)),
                          self.expected)
+
+
+class InterruptedRestoreTests(StoreTestCase):
+
+    def test_restore_killed_between_its_final_renames_is_finished_by_a_rerun(
+            self):
+        self.make_store(20)
+        self.backup()
+        [snapshot] = self.snapshot_paths()
+        # After 1 rename: blobs/ in place, Data.fs not; after 2: its
+        # index too.
+        for renamed in (1, 2):
+            with self.subTest(renamed=renamed):
+                target = os.path.join(self.dir, f'killed-after-{renamed}')
+                killed = run_process('restore', '--quiet', target, snapshot,
+                                     env={RESTORE_KILL_VARIABLE:
+                                          str(renamed)})
+                self.assertEqual(killed.returncode, -signal.SIGKILL)
+                self.assertTrue(os.listdir(os.path.join(target, 'blobs')))
+                self.assertFalse(os.path.exists(
+                    os.path.join(target, 'Data.fs')))
+                rerun = run_process('restore', '--quiet', target, snapshot)
+                self.assertEqual(rerun.returncode, 0, rerun.stderr)
+                self.assertIn('restored transaction', rerun.stdout)
+                self.assertIn('20 blob files', rerun.stdout)
+                self.assertNotIn(RESTORING_NAME, os.listdir(target))
+                self.assertEqual(sorted(n for n in os.listdir(target)
+                                        if n.startswith('.')), [])
+                self.assertVerifies(target)
+                self.assertEqual(read_store(target), self.expected)
+                # Finished: a third run is refused as any occupied one.
+                again = run_process('restore', '--quiet', target, snapshot)
+                self.assertEqual(again.returncode, 2)
+                self.assertIn('Data.fs exists', again.stderr)
+
+    def test_interrupted_restore_of_another_snapshot_is_not_finished(self):
+        self.make_store(5)
+        self.backup()
+        self.commit({'b1': b'newer'})
+        self.backup()
+        first, second = self.snapshot_paths()
+        target = os.path.join(self.dir, 'restored')
+        killed = run_process('restore', '--quiet', target, first,
+                             env={RESTORE_KILL_VARIABLE: '1'})
+        self.assertEqual(killed.returncode, -signal.SIGKILL)
+        before = sorted(os.listdir(target))
+        other = run_process('restore', '--quiet', target, second)
+        self.assertEqual(other.returncode, 2)
+        self.assertIn(f'restore of snapshot {os.path.basename(first)} that '
+                      f'was interrupted', other.stderr)
+        self.assertEqual(sorted(os.listdir(target)), before)
+        self.assertEqual(run_process('restore', '--quiet', target,
+                                     first).returncode, 0)
 
 
 class PackedUnfinishedTests(StoreTestCase):

@@ -3,6 +3,7 @@ the progress display of the tools."""
 
 import os
 import pty
+import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import ZODB.FileStorage
 from ZODB.blob import Blob
 
 from zodbblob import BlobStorage
+from zodbblob.commitlog import commit_log_path, unfinished_records
 from zodbblob.tests.test_crash import run_child
 
 
@@ -55,7 +57,7 @@ def tree(path):
                   for dirpath, dirs, files in os.walk(path))
 
 
-class ToolTests(unittest.TestCase):
+class StoreTestCase(unittest.TestCase):
 
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix='zodbblob-cli-')
@@ -75,6 +77,9 @@ class ToolTests(unittest.TestCase):
             path = db.storage.loadBlob(blob._p_oid, blob._p_serial)
         db.close()
         return path
+
+
+class ToolTests(StoreTestCase):
 
     def test_verify_clean_store_exits_0(self):
         self.make_store()
@@ -167,8 +172,140 @@ class ToolTests(unittest.TestCase):
         holder.stdout.close()
         result = zodbblob('recover', '--data', self.data, '--blob-dir',
                           self.blob_dir)
-        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.returncode, 2)
         self.assertIn('in use', result.stderr)
+
+
+# Opens the storage, commits blob transactions, says so, and then either
+# waits (a live storage) or ends without closing it, as a SIGTERM to
+# Zope's runwsgi does.
+HOLDER = """
+import os, sys, transaction, ZODB, ZODB.FileStorage, zodbblob
+from ZODB.blob import Blob
+db = ZODB.DB(zodbblob.BlobStorage(
+    sys.argv[2], ZODB.FileStorage.FileStorage(sys.argv[1])))
+# 5 transactions of one blob; or one of 64, a batch of catalog rows,
+# which the storage writes at once.
+for n in range(int(sys.argv[4])):
+    with db.transaction() as conn:
+        for m in range(int(sys.argv[5])):
+            conn.root()['held%d.%d' % (n, m)] = Blob(b'held' * (n + 1))
+print('committed', flush=True)
+if sys.argv[3] == 'exit':
+    os._exit(0)
+sys.stdin.read()
+"""
+
+
+class VerifyTellsTheTruthTests(StoreTestCase):
+    """verify reports a transaction unfinished only when recovery would
+    change its files or rows: not beside a live storage, not after a
+    process that ended without closing the storage."""
+
+    def hold(self, how, transactions=5, blobs=1):
+        holder = subprocess.Popen(
+            [sys.executable, '-c', HOLDER, self.data, self.blob_dir, how,
+             str(transactions), str(blobs)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.addCleanup(holder.wait)
+        self.addCleanup(holder.stdin.close)
+        self.assertEqual(holder.stdout.readline().strip(), b'committed')
+        holder.stdout.close()
+        return holder
+
+    def verify(self):
+        return zodbblob('verify', '--data', self.data, '--blob-dir',
+                        self.blob_dir, '--checksum')
+
+    def test_verify_beside_a_live_storage_is_clean(self):
+        self.make_store()
+        self.hold('wait')
+        result = self.verify()
+        self.assertEqual(result.returncode, 0, result.stdout)
+        self.assertIn('8 blob records, 8 blob files, clean', result.stdout)
+        self.assertNotIn('unfinished', result.stdout)
+
+    def recover(self):
+        result = zodbblob('recover', '--data', self.data, '--blob-dir',
+                          self.blob_dir)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result.stdout
+
+    def unfinished(self, output):
+        """The tids of verify's unfinished lines, and their direction."""
+        return sorted(re.match(r'unfinished: transaction (\S+) .* roll its '
+                               r'blob files (back|forward):', line).groups()
+                      for line in output.splitlines()
+                      if line.startswith('unfinished:'))
+
+    def rolled(self, output):
+        """The tids of recover's output, and their direction."""
+        return sorted((line.split()[-1], line.split()[-8])
+                      for line in output.splitlines()
+                      if 'of interrupted transaction' in line)
+
+    def test_verify_after_a_process_that_did_not_close_is_clean(self):
+        self.make_store()
+        holder = self.hold('exit', transactions=1, blobs=64)
+        self.assertEqual(holder.wait(), 0)
+        self.assertTrue(unfinished_records(commit_log_path(self.blob_dir)))
+        check = self.verify()
+        self.assertEqual(check.returncode, 0, check.stdout)
+        self.assertIn('67 blob records, 67 blob files, clean', check.stdout)
+        self.assertEqual(self.rolled(self.recover()), [])
+
+    def test_verify_and_recover_agree_on_catalog_rows_left_unwritten(self):
+        self.make_store()
+        holder = self.hold('exit')
+        self.assertEqual(holder.wait(), 0)
+        check = self.verify()
+        # Its last catalog rows were still in memory: recovery (or any
+        # open) writes them from the commit log, and changes nothing else.
+        self.assertEqual(check.returncode, 1, check.stdout)
+        self.assertEqual(check.stdout.count('before writing its catalog '
+                                            'rows'), 5, check.stdout)
+        unfinished = self.unfinished(check.stdout)
+        self.assertEqual(len(unfinished), 5)
+        self.assertEqual(self.rolled(self.recover()), unfinished)
+        after = self.verify()
+        self.assertEqual(after.returncode, 0, after.stdout)
+        self.assertIn('8 blob records, 8 blob files, clean', after.stdout)
+
+    def test_verify_after_a_sigkill_agrees_with_recover(self):
+        result = run_child(self.dir, '30', kill_point='after_journal_commit:12')
+        self.assertEqual(result.returncode, -signal.SIGKILL)
+        check = self.verify()
+        unfinished = self.unfinished(check.stdout)
+        self.assertEqual(check.returncode, 1 if unfinished else 0,
+                         check.stdout)
+        # Every transaction finished: at most catalog rows are left.
+        self.assertNotIn('was interrupted', check.stdout)
+        self.assertEqual(self.rolled(self.recover()), unfinished)
+        self.assertEqual(self.verify().returncode, 0)
+
+    def test_verify_names_the_transactions_recovery_would_change(self):
+        # Killed with the 3rd transaction's files published and the base
+        # not committed; and with the base committed, but not its rows.
+        for point, told in (
+                ('after_publish:3', 'was interrupted; recovery would roll '
+                                    'its blob files back'),
+                ('after_base_finish:3', 'committed, but the process ended '
+                                        'before writing its catalog rows')):
+            with self.subTest(point):
+                shutil.rmtree(self.dir)
+                os.mkdir(self.dir)
+                result = run_child(self.dir, '20', kill_point=point)
+                self.assertEqual(result.returncode, -signal.SIGKILL)
+                check = self.verify()
+                self.assertEqual(check.returncode, 1, check.stdout)
+                unfinished = self.unfinished(check.stdout)
+                last = [line for line in check.stdout.splitlines()
+                        if line.startswith('unfinished:')][-1]
+                self.assertIn(told, last)
+                self.assertIn(unfinished[-1][0], last)
+                # The transactions verify named are those recovery changes.
+                self.assertEqual(self.rolled(self.recover()), unfinished)
+                self.assertEqual(self.verify().returncode, 0)
 
 
 def test_suite():

@@ -332,6 +332,70 @@ class RefusedConfigTests(TemporaryDirectory, unittest.TestCase):
             self.path('blobs', '.layout'), "'leaves'", *sorted(LAYOUTS))
 
 
+class BlobDirValueTests(TemporaryDirectory, unittest.TestCase):
+    """A blob-dir value no storage can use fails while the configuration
+    loads, in one line naming it, and creates nothing anywhere."""
+
+    def assertRefused(self, value, *fragments):
+        text = f"""
+            %import zodbblob
+            <zodbblob>
+              blob-dir {value}
+              <filestorage>
+                path {self.path('Data.fs')}
+              </filestorage>
+            </zodbblob>
+            """
+        before = listing(self.directory)
+        with self.assertRaises(ZConfig.ConfigurationError) as caught:
+            ZODB.config.storageFromString(text)
+        message = str(caught.exception)
+        self.assertEqual(len(message.splitlines()), 1, message)
+        for fragment in fragments:
+            self.assertIn(fragment, message)
+        self.assertEqual(listing(self.directory), before)
+        return message
+
+    def test_empty_blob_dir_is_refused_not_the_working_directory(self):
+        here = os.getcwd()
+        os.chdir(self.directory)
+        self.addCleanup(os.chdir, here)
+        self.assertRefused('', 'blob-dir is empty')
+
+    def test_blob_dir_with_a_nul_byte_is_refused(self):
+        self.assertRefused(self.path('bl\0obs'), 'blob-dir',
+                           'cannot hold a NUL byte')
+
+    def test_over_long_blob_dirs_are_refused(self):
+        # Too long a name where the path exists up to it, and beyond.
+        self.assertRefused(self.path('x' * 300), 'blob-dir',
+                           self.path('x' * 10), 'too long')
+        self.assertRefused(self.path('x' * 300, 'blobs'), 'blob-dir',
+                           self.path('x' * 10), 'too long')
+        deep = self.path(*['y' * 200] * 25)   # 5000 bytes, short names
+        message = self.assertRefused(deep, 'blob-dir', 'File name too long')
+        self.assertLess(len(message), 400)
+
+    def test_unreadable_blob_dirs_are_refused(self):
+        if os.geteuid() != 0:
+            self.skipTest('needs root, to look as another user')
+        os.chmod(self.directory, 0o755)
+        private = self.path('private')
+        os.mkdir(private, 0o700)
+        os.mkdir(self.path('readable'), 0o755)
+        os.mkdir(self.path('readable', 'closed'), 0o700)
+        os.seteuid(65534)   # nobody: root reads everything
+        try:
+            self.assertRefused(os.path.join(private, 'blobs'), 'blob-dir',
+                               private, 'Permission denied')
+            self.assertRefused(self.path('readable', 'closed'),
+                               'blob-dir', 'cannot be read')
+            self.assertRefused(self.path('readable', 'new'), 'blob-dir',
+                               'cannot be created', 'not writable')
+        finally:
+            os.seteuid(0)
+
+
 class ExistingBlobDirectoryTests(unittest.TestCase):
     """Configurations over a blob directory that a storage already made."""
 

@@ -28,6 +28,7 @@ import unittest
 import ZODB
 import ZODB.blob
 import ZODB.FileStorage
+from ZODB.utils import oid_repr
 
 from zodbblob import BlobStorage
 from zodbblob.commitlog import CommitLog
@@ -275,21 +276,32 @@ class LostWritesTests(CrashTestCase):
             os.remove(final)
         self.check_recovered()
 
-    def test_verify_read_only_says_the_log_was_not_replayed(self):
-        self.kill_child()
-        blob_dir = os.path.join(self.dir, 'blobs')
-        storage = BlobStorage(blob_dir, ZODB.FileStorage.FileStorage(
-            os.path.join(self.dir, 'Data.fs'), read_only=True))
+    def verify_read_only(self):
+        storage = BlobStorage(
+            os.path.join(self.dir, 'blobs'), ZODB.FileStorage.FileStorage(
+                os.path.join(self.dir, 'Data.fs'), read_only=True))
         try:
-            report = verify(storage)
+            return verify(storage)
         finally:
             storage.close()
-        records = unfinished_records(commit_log_path(blob_dir))
-        self.assertGreater(records, 1)
+
+    def test_verify_read_only_reports_only_what_recovery_would_change(self):
+        logged = self.kill_child()
+        blob_dir = os.path.join(self.dir, 'blobs')
+        self.assertGreater(unfinished_records(commit_log_path(blob_dir)), 1)
+        # Every logged transaction finished before the kill: recovery
+        # would change nothing, and verify says so.
+        self.assertEqual(self.verify_read_only().unfinished, [])
+        entry, final = next((entry, final) for entry, final in logged
+                            if entry.data is not None)
+        os.remove(final)
+        oid, tid = FilesystemHelper(blob_dir).splitBlobFilename(final)
+        report = self.verify_read_only()
         self.assertEqual(report.unfinished, [
-            'unfinished: the commit log holds %d transactions a crash '
-            'interrupted or left unsynced; run `zodbblob recover`'
-            % records])
+            'unfinished: transaction %s was interrupted; recovery would '
+            'roll its blob files forward: run `zodbblob recover`'
+            % oid_repr(tid)])
+        self.check_recovered()
 
     def test_lost_catalog_rows_are_added_again(self):
         logged = self.kill_child()

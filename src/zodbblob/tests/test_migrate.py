@@ -29,6 +29,7 @@ from ZODB.utils import p64
 
 from zodbblob import BlobStorage
 from zodbblob import cli
+from zodbblob import migrate as migrate_module
 from zodbblob.cache import BUCKETS, BlobCache
 from zodbblob.journal import Journal
 from zodbblob.layout import LAYOUT_MARKER, FilesystemHelper, read_marker
@@ -499,7 +500,7 @@ class CopyTests(MigrateTestCase):
     def test_interrupted_copy_leaves_no_partial_file_under_a_blob_name(self):
         source = self.make_store()
         destination = os.path.join(self.other_filesystem(), 'bushy')
-        real_copy = shutil.copy2
+        real_copy = migrate_module.copy_blob_file
 
         def copy_half(source_file, target):
             # Dies the way a kill in the middle of a copy would leave it.
@@ -507,13 +508,13 @@ class CopyTests(MigrateTestCase):
                 out.write(f.read()[:5])
             raise KeyboardInterrupt
 
-        with mock.patch('shutil.copy2', copy_half), \
+        with mock.patch('zodbblob.migrate.copy_blob_file', copy_half), \
                 self.assertLogs('zodbblob.migrate', logging.WARNING):
             with self.assertRaises(KeyboardInterrupt):
                 migrate(source, destination, 'bushy')
         self.assertEqual(contents(destination, 'bushy'), {})
         self.assertIsNone(read_marker(destination))
-        with mock.patch('shutil.copy2', real_copy), \
+        with mock.patch('zodbblob.migrate.copy_blob_file', real_copy), \
                 self.assertLogs('zodbblob.migrate', logging.WARNING):
             report = migrate(source, destination, 'bushy')
         self.assertEqual((report.copied, report.skipped), (11, 0))
@@ -662,7 +663,7 @@ class InterruptionTests(MigrateTestCase):
 class RefusalTests(MigrateTestCase):
 
     def assert_refused(self, source, destination, *options,
-                       message, status=1):
+                       message, status=2):
         before = snapshot(source), snapshot(destination)
         code, out, err = run_cli(source, destination, *options)
         self.assertEqual(code, status, err)

@@ -327,5 +327,5 @@ class ZEOServerLayerTests(TemporaryDirectory, unittest.TestCase):
         with self.assertRaises(ServerStartError) as caught:
             server.start()
         message = str(caught.exception)
-        self.assertIn('exited with status 1', message)
+        self.assertIn('exited with status 2', message)
         self.assertIn(os.path.join(self.layer.var, 'Data.fs.lock'), message)

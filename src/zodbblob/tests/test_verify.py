@@ -70,12 +70,13 @@ class VerifyTests(unittest.TestCase):
         report = verify(self.storage)
         self.assertEqual(report.size_mismatches, [(path, 1000, 10)])
 
-    def test_unreadable_file_is_reported(self):
+    def test_dangling_link_is_reported_as_no_regular_file(self):
         path = self.path_of_b1()
         os.remove(path)
         os.symlink(os.path.join(self.dir, 'gone'), path)
         report = verify(self.storage, checksum=True)
-        self.assertEqual([p for p, error in report.unreadable], [path])
+        self.assertEqual(report.not_files, [(path, 'a symbolic link')])
+        self.assertEqual(report.unreadable, [])
 
     def test_verify_writes_nothing(self):
         def snapshot():

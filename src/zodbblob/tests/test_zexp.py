@@ -652,11 +652,11 @@ class CommandTests(ZexpTestCase):
             with self.subTest(args):
                 status, out, err = self.run_main('import', *self.storage,
                                                  *args, path)
-                self.assertEqual(status, 1)
+                self.assertEqual(status, 2)
                 self.assertIn(message, err)
         missing = self.path('missing.zexp')
         status, out, err = self.run_main('import', *self.storage, missing)
-        self.assertEqual(status, 1)
+        self.assertEqual(status, 2)
         self.assertIn(f'{missing}: no such file', err)
         self.assertEqual(sorted(self.snapshot_at()), ['folder'])
         self.assertEqual(blob_files(self.path('source', 'blobs')), before)
@@ -676,14 +676,14 @@ class CommandTests(ZexpTestCase):
         holder.stdout.close()
         status, out, err = self.run_main('export', *self.storage, '--path',
                                          '/folder', self.path('f.zexp'))
-        self.assertEqual(status, 1)
+        self.assertEqual(status, 2)
         self.assertIn('the storage is in use by another process', err)
         self.assertFalse(os.path.exists(self.path('f.zexp')))
         with open(self.path('f.zexp'), 'wb') as f:
             f.write(b'ZEXP' + zexp.END_MARKER)
         status, out, err = self.run_main('import', *self.storage,
                                          self.path('f.zexp'))
-        self.assertEqual(status, 1)
+        self.assertEqual(status, 2)
         self.assertIn('the storage is in use by another process', err)
 
     def test_interrupted_import_leaves_nothing_and_can_be_run_again(self):
@@ -693,7 +693,7 @@ class CommandTests(ZexpTestCase):
         with mock.patch.object(zexp, '_fill_blob',
                                side_effect=KeyboardInterrupt):
             status, out, err = self.run_main('import', *self.storage, path)
-        self.assertEqual(status, 1)
+        self.assertEqual(status, 2)
         self.assertIn('interrupted: nothing of', err)
         env = dict(os.environ)
         env[KILL_POINT_VARIABLE] = 'after_journal_begin'
