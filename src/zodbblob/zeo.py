@@ -251,11 +251,11 @@ class ClientStorage(ZEO.ClientStorage.ClientStorage):
         return self._directories.directory()
 
     def storeBlob(self, oid, serial, data, blobfilename, version, txn):
+        oid = check_id(oid, 'oid', self.blob_dir)
         if self._blob_cache is None:
             return super().storeBlob(oid, serial, data, blobfilename,
                                      version, txn)
         tbuf = self._check_trans(txn, 'storeBlob')
-        oid = check_id(oid, 'oid', self.blob_dir)
         # Own the file from here on, in this process's directory: an
         # abort or a crash leaves it where the next open finds it.
         target = os.path.join(self._directories.process_directory(),
