@@ -1,0 +1,163 @@
+"""Every ``zodbblob`` command that cannot run exits 2 with one line on
+stderr naming the thing, and changes nothing on disk.
+
+The table: each subcommand given bad arguments, a ZEO client blob cache
+where a storage's blob directory belongs, a blob directory whose commit
+log header is damaged, one whose ``.layout`` marker is damaged, and a
+directory that does not exist.  Run as a user runs them, in processes.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import ZODB
+import ZODB.FileStorage
+from ZODB.blob import Blob
+
+from zodbblob import BlobStorage
+from zodbblob.cache import BlobCache
+from zodbblob.cli import COMMANDS
+from zodbblob.commitlog import commit_log_path
+
+
+def zodbblob(*args):
+    return subprocess.run(
+        [sys.executable, '-m', 'zodbblob.cli'] + [str(a) for a in args],
+        capture_output=True, text=True, timeout=120)
+
+
+def listing(top):
+    """Every path below `top`, with its size and modification time."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            info = os.lstat(path)
+            found[path] = (info.st_size, info.st_mtime_ns)
+    return found
+
+
+class ExitStatusTests(unittest.TestCase):
+
+    level = 2   # forty processes
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix='zodbblob-status-')
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        store = self.path('store')
+        os.mkdir(store)
+        db = ZODB.DB(BlobStorage(
+            os.path.join(store, 'blobs'),
+            ZODB.FileStorage.FileStorage(os.path.join(store, 'Data.fs'))))
+        with db.transaction() as conn:
+            conn.root()['blob'] = Blob(b'data')
+        db.close()
+        for suffix in ('.lock', '.tmp'):
+            os.remove(os.path.join(store, 'Data.fs' + suffix))
+        # Each case a whole var directory (Data.fs, blobs/), as serve
+        # --var wants it.
+        self.cases = {}
+        for case in ('cache', 'commit-log', 'layout'):
+            shutil.copytree(store, self.path(case))
+            self.cases[case] = self.path(case)
+        shutil.rmtree(self.path('cache', 'blobs'))
+        BlobCache(self.path('cache', 'blobs')).close()
+        with open(commit_log_path(self.path('commit-log', 'blobs')),
+                  'r+b') as f:
+            f.write(os.urandom(8192))   # both header slots
+        with open(self.path('layout', 'blobs', '.layout'), 'wb') as f:
+            f.write(b'\xff\xfe\0bushy?')
+        self.cases['missing'] = self.path('missing')
+        with open(self.path('empty.zexp'), 'wb'):
+            pass
+
+    def path(self, *names):
+        return os.path.join(self.dir, *names)
+
+    def storage(self, var):
+        return ('--data', os.path.join(var, 'Data.fs'), '--blob-dir',
+                os.path.join(var, 'blobs'))
+
+    def argv(self, command, case):
+        """The arguments that point `command` at `case`, and the path its
+        error must name; None where the case means nothing to the
+        command."""
+        argv = self._argv(command, case)
+        if argv is None:
+            return None
+        named = self.cases[case]
+        if command == 'cache' and case == 'cache':
+            named = self.path('store', 'blobs')
+        return argv, named
+
+    def _argv(self, command, case):
+        var = self.cases[case]
+        blobs = os.path.join(var, 'blobs')
+        if command in ('verify', 'recover'):
+            return (command, *self.storage(var))
+        if command == 'backup':
+            return (command, *self.storage(var), self.path('backups'))
+        if command == 'export':
+            return (command, *self.storage(var), self.path('out.zexp'))
+        if command == 'import':
+            return (command, *self.storage(var), self.path('empty.zexp'))
+        if command == 'migrate':
+            if case == 'cache':   # a cache is a source: not as destination
+                return (command, self.path('store', 'blobs'), blobs,
+                        '--layout', 'lawn')
+            return (command, blobs, self.path('migrated'), '--layout',
+                    'lawn')
+        if command == 'restore':
+            if case in ('commit-log', 'layout'):
+                return None   # no storage: a snapshot
+            return (command, self.path('restored'), blobs)
+        if command == 'cache':
+            if case == 'cache':
+                return (command, 'stats', self.path('store', 'blobs'))
+            if case == 'commit-log':
+                return None   # a cache has no commit log
+            return (command, 'stats', blobs)
+        if command == 'serve':
+            if case == 'missing':   # --var makes a missing one: a feature
+                return (command, '--config', os.path.join(var, 'zeo.conf'))
+            return (command, '--var', var, '--address', '127.0.0.1:0')
+        raise AssertionError(f'no case for {command}')
+
+    def assertCannotRun(self, argv, named=None):
+        before = listing(self.dir)
+        result = zodbblob(*argv)
+        self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
+        self.assertNotIn('Traceback', result.stderr)
+        lines = result.stderr.splitlines()
+        if argv[0] == 'serve':
+            # runzeo logs what it opens to stderr: the error is the last
+            # line.
+            lines = lines[-1:]
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertIn('error:', lines[0])
+        if named is not None:
+            self.assertIn(named, lines[0])
+        self.assertEqual(result.stdout, '')
+        self.assertEqual(listing(self.dir), before)
+
+    def test_bad_arguments_exit_2_in_one_line(self):
+        for command in COMMANDS:
+            with self.subTest(command):
+                self.assertCannotRun((command, '--no-such-option'))
+
+    def test_the_wrong_kind_of_directory_and_damaged_state_exit_2(self):
+        for case in ('cache', 'commit-log', 'layout', 'missing'):
+            for command in COMMANDS:
+                found = self.argv(command, case)
+                if found is None:
+                    continue
+                with self.subTest(command=command, case=case):
+                    self.assertCannotRun(*found)
+
+
+def test_suite():
+    return unittest.defaultTestLoader.loadTestsFromName(__name__)
