@@ -503,9 +503,9 @@ def migrate(src: str, dst: str, layout: str,
     destination_state(destination, expected)   # refuse before any change
     report = Report(source, destination, source_layout, layout)
     state_dir = os.path.join(destination, STATE_DIR)
-    # Checked before the lock too: taking it writes the lock file, and a
-    # refusal changes nothing.
-    _check_closed_cleanly(source)
+    # A damaged commit log is refused before the lock is taken (taking it
+    # writes the lock file): a refusal changes nothing.
+    unfinished_records(commit_log_path(source))
     with contextlib.ExitStack() as held:
         _hold(held, source)
         _check_closed_cleanly(source)

@@ -272,7 +272,8 @@ class VerifyTellsTheTruthTests(StoreTestCase):
         self.assertIn('8 blob records, 8 blob files, clean', after.stdout)
 
     def test_verify_after_a_sigkill_agrees_with_recover(self):
-        result = run_child(self.dir, '30', kill_point='after_journal_commit:12')
+        result = run_child(self.dir, '30',
+                           kill_point='after_journal_commit:12')
         self.assertEqual(result.returncode, -signal.SIGKILL)
         check = self.verify()
         unfinished = self.unfinished(check.stdout)

@@ -290,14 +290,17 @@ class LostWritesTests(CrashTestCase):
         blob_dir = os.path.join(self.dir, 'blobs')
         self.assertGreater(unfinished_records(commit_log_path(blob_dir)), 1)
         # Every logged transaction finished before the kill: recovery
-        # would change nothing, and verify says so.
-        self.assertEqual(self.verify_read_only().unfinished, [])
+        # would at most write the catalog rows still in memory then.
+        self.assertEqual([line for line in self.verify_read_only().unfinished
+                          if 'before writing its catalog rows' not in line],
+                         [])
         entry, final = next((entry, final) for entry, final in logged
                             if entry.data is not None)
         os.remove(final)
         oid, tid = FilesystemHelper(blob_dir).splitBlobFilename(final)
         report = self.verify_read_only()
-        self.assertEqual(report.unfinished, [
+        self.assertEqual([line for line in report.unfinished
+                          if 'before writing its catalog rows' not in line], [
             'unfinished: transaction %s was interrupted; recovery would '
             'roll its blob files forward: run `zodbblob recover`'
             % oid_repr(tid)])

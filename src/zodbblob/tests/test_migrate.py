@@ -533,6 +533,23 @@ KILLING_CHILD = textwrap.dedent('''
 ''')
 
 
+# Killed in the last window: the destination has its marker, and still
+# its state file.
+FINISH_KILLING_CHILD = textwrap.dedent('''
+    import os, signal, sys
+    import zodbblob.migrate
+    from zodbblob.layout import FilesystemHelper
+
+    class KilledAfterTheMarker(FilesystemHelper):
+        def create(self):
+            super().create()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    zodbblob.migrate.FilesystemHelper = KilledAfterTheMarker
+    zodbblob.migrate.migrate(sys.argv[1], sys.argv[2], 'chunky')
+''')
+
+
 class InterruptionTests(MigrateTestCase):
 
     def make_many(self, count=60):
@@ -570,6 +587,25 @@ class InterruptionTests(MigrateTestCase):
         self.assertIn('36 linked, 0 copied, 24 already there', out)
         revisions = self.assert_finished(source, destination, 'chunky')
         self.assertEqual(len(revisions), 60)
+        self.assert_reads_everything(destination, revisions)
+
+    def test_sigkill_between_the_marker_and_the_state_file_then_a_rerun(
+            self):
+        source = self.make_many(10)
+        destination = self.path('chunky')
+        child = subprocess.run(
+            [sys.executable, '-c', FINISH_KILLING_CHILD, source, destination],
+            capture_output=True, timeout=120)
+        self.assertEqual(child.returncode, -signal.SIGKILL, child.stderr)
+        self.assertEqual(read_marker(destination), 'chunky')
+        self.assertTrue(os.path.exists(os.path.join(destination,
+                                                    STATE_FILE)))
+        status, out, err = run_cli(source, destination, '--layout', 'chunky')
+        self.assertEqual((status, err), (0, ''))
+        self.assertIn('0 linked, 0 copied, 10 already there', out)
+        self.assertFalse(os.path.exists(os.path.join(destination,
+                                                     STATE_FILE)))
+        revisions = self.assert_finished(source, destination, 'chunky')
         self.assert_reads_everything(destination, revisions)
 
     def test_no_marker_until_verified(self):
