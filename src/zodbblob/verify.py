@@ -6,7 +6,10 @@ have the size the journal recorded, be readable, and be a regular file
 (anything else under a blob name is reported, never opened: see
 `zodbblob.layout.open_blob_file`).  The commit log is judged as recovery
 would judge it: only a transaction whose files or catalog rows recovery
-would change is reported as unfinished.  This is the one
+would change is reported as unfinished; catalog rows that only the commit
+log holds (a process that ended without closing its storage, as Zope does
+on every SIGTERM) are a note, not a problem: every open writes them.  This
+is the one
 place that walks the whole blob directory on purpose: it is an operator's
 check, not a hot path, and it opens nothing for writing.
 """
@@ -47,6 +50,8 @@ class Report:
     unreadable: list = dataclasses.field(default_factory=list)
     not_files: list = dataclasses.field(default_factory=list)
     unfinished: list = dataclasses.field(default_factory=list)
+    # Transactions whose catalog rows are in the commit log only.
+    pending_rows: list = dataclasses.field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -69,9 +74,15 @@ class Report:
             result.append('not a file: %s is %s under a blob name, not a '
                           'regular file' % (path, kind))
         result.extend(self.unfinished)
+        problems = len(result)
+        if self.pending_rows:
+            result.append('note: %d committed transactions have their '
+                          'catalog rows in the commit log only; the next '
+                          'open of the storage writes them'
+                          % len(self.pending_rows))
         result.append('%s: %d blob records, %d blob files, %s' % (
             self.blob_dir, self.records, self.files,
-            'clean' if self.clean else '%d problems' % (len(result))))
+            'clean' if self.clean else '%d problems' % problems))
         return result
 
 
@@ -119,9 +130,6 @@ _UNFINISHED = {
             'roll its blob files back: run `zodbblob recover`',
     'forward': 'unfinished: transaction %s was interrupted; recovery would '
                'roll its blob files forward: run `zodbblob recover`',
-    'rows': 'unfinished: transaction %s committed, but the process ended '
-            'before writing its catalog rows; recovery would roll its blob '
-            'files forward: run `zodbblob recover`',
 }
 
 
@@ -166,6 +174,13 @@ class _Catalog:
         rows = (self._query('SELECT oid, tid, size FROM blob')
                 if self._db is not None else self._journal.committed())
         return {(oid, tid): size for oid, tid, size in rows}
+
+    def pack_started(self):
+        if self._db is not None:
+            rows = self._query(
+                "SELECT value FROM meta WHERE name = 'pack_started'")
+            return rows[0][0] if rows else None
+        return self._journal.pack_started()
 
     def garbage(self) -> list:
         if self._db is not None:
@@ -255,12 +270,21 @@ def verify(storage, checksum: bool = False,
     try:
         if not live:
             for tid, change in unfinished_transactions(storage, catalog):
-                report.unfinished.append(_UNFINISHED[change]
-                                         % oid_repr(tid))
+                if change == 'rows':
+                    report.pending_rows.append(tid)
+                else:
+                    report.unfinished.append(_UNFINISHED[change]
+                                             % oid_repr(tid))
         sizes = catalog.sizes() if catalog.readable else {}
         garbage = catalog.garbage() if catalog.readable and not live else []
+        catalog_pack_started = (catalog.readable and not live
+                                and catalog.pack_started() is not None)
     finally:
         catalog.close()
+    if not live and catalog_pack_started:
+        report.unfinished.append(
+            'unfinished: a pack was interrupted after the base storage '
+            'packed; run `zodbblob recover`')
     if garbage:
         report.unfinished.append(
             'unfinished: a pack was interrupted while removing %d blob '

@@ -342,6 +342,8 @@ class InterruptedPackTests(CatalogTestCase):
         code, output = self.run_cli('verify', '--quiet')
         self.assertEqual(code, 1, output)
         self.assertEqual(output.count('orphan:'), 2, output)
+        self.assertIn('unfinished: a pack was interrupted after the base '
+                      'storage packed; run `zodbblob recover`', output)
 
     def run_cli(self, *args):
         out = io.StringIO()
