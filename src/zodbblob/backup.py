@@ -1754,7 +1754,7 @@ def _restore(snapshot, manifest, meta, layout, link, directory, staged_data,
                                   + '; nothing restored')
         out.flush()
         os.fsync(out.fileno())
-    staged_index = _write_index(staged_data)
+    _write_index(staged_data)
 
     os.mkdir(staged_blobs)
     _write_marker(staged_blobs, LAYOUT_MARKER, layout.name)

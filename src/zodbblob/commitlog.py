@@ -307,6 +307,21 @@ class CommitLog:
             self.records = []
 
 
+def latest_entries(records) -> dict[tuple[bytes, bytes], Entry | None]:
+    """Each ``(oid, tid)`` the records name, with its entry: None where an
+    abort record followed the commit record (its files must not stay)."""
+    latest: dict[tuple[bytes, bytes], Entry | None] = {}
+    for record in records:
+        if record.kind == ABORT:
+            for key in latest:
+                if key[1] == record.tid:
+                    latest[key] = None
+            continue
+        for entry in record.entries:
+            latest[entry.oid, record.tid] = entry
+    return latest
+
+
 def commit_log_path(blob_dir: str) -> str:
     return os.path.join(blob_dir, STATE_DIR, NAME)
 

@@ -41,11 +41,11 @@ from ZODB.POSException import ReadOnlyError
 from ZODB.utils import oid_repr
 from ZODB.utils import z64
 
-from zodbblob.commitlog import ABORT
 from zodbblob.commitlog import CommitLog
 from zodbblob.commitlog import CommitLogError
 from zodbblob.commitlog import Entry
 from zodbblob.commitlog import commit_log_path
+from zodbblob.commitlog import latest_entries
 from zodbblob.datamanager import TransactionDirectories
 from zodbblob.journal import STATE_DIR
 from zodbblob.journal import SYNCFS_AVAILABLE
@@ -377,15 +377,7 @@ class BlobStorage:
         the base has is never removed.  Replaying twice is harmless.
         """
         shared = self._shared
-        latest: dict[tuple[bytes, bytes], Entry | None] = {}
-        for record in shared.commit_log.records:
-            if record.kind == ABORT:
-                for key in latest:
-                    if key[1] == record.tid:
-                        latest[key] = None
-                continue
-            for entry in record.entries:
-                latest[entry.oid, record.tid] = entry
+        latest = latest_entries(shared.commit_log.records)
         in_catalog = journal.known(latest)
         forward, back, rows, gone = set(), set(), [], []
         for (oid, tid), entry in sorted(latest.items(),

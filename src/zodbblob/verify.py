@@ -26,9 +26,9 @@ from collections.abc import Callable
 from ZODB.POSException import POSKeyError
 from ZODB.utils import oid_repr
 
-from zodbblob.commitlog import ABORT
 from zodbblob.commitlog import CommitLog
 from zodbblob.commitlog import commit_log_path
+from zodbblob.commitlog import latest_entries
 from zodbblob.journal import journal_path
 from zodbblob.layout import NotABlobFile
 from zodbblob.layout import file_kind
@@ -210,15 +210,7 @@ def unfinished_transactions(storage, catalog) -> list[tuple[bytes, str]]:
         records = log.records
     finally:
         log.close()
-    latest = {}
-    for record in records:
-        if record.kind == ABORT:
-            for key in latest:
-                if key[1] == record.tid:
-                    latest[key] = None
-            continue
-        for entry in record.entries:
-            latest[entry.oid, record.tid] = entry
+    latest = latest_entries(records)
     in_catalog = catalog.known(latest) if catalog.readable else None
     found = {}
     for (oid, tid), entry in latest.items():
