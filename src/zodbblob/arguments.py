@@ -3,7 +3,9 @@
 ``zodbblob verify``, ``recover``, ``export``, ``import`` and ``backup``
 take the same arguments: ``--config FILE`` (a zope.conf, zeo.conf or
 ZODB config with a ``<zodbblob>`` section), or ``--data DATA.FS`` and
-``--blob-dir DIR``; and ``--quiet``.
+``--blob-dir DIR``; and ``--quiet``.  The ones that name a blob directory
+layout (``migrate``, ``restore``) take ``--layout`` from the same fixed
+list of registered layouts.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import ZConfig
 import ZODB.FileStorage
 
 from zodbblob.config import check_blob_directory, storage_from_file
+from zodbblob.layout import LAYOUTS
 from zodbblob.storage import BlobStorage
 
 
@@ -33,6 +36,17 @@ def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
                         help='its blob directory (with --data)')
     parser.add_argument('--quiet', action='store_true',
                         help='no progress, only the result')
+
+
+def add_layout_argument(parser: argparse.ArgumentParser, help: str,
+                        required: bool = False) -> None:
+    """``--layout``, one of the registered layouts.
+
+    A fixed choice, so that a misspelt layout is argparse's one-line error
+    naming the choices (status 2) before anything is opened.
+    """
+    parser.add_argument('--layout', choices=sorted(LAYOUTS),
+                        required=required, help=help)
 
 
 def open_storage(args: argparse.Namespace, read_only: bool) -> BlobStorage:

@@ -687,8 +687,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         'Write the object at --path, and every object it references, to a '
         'ZEXP file that Zope and ZODB (Connection.importFile) import, '
-        'blobs included.  Refuses to run while a storage holds the blob '
-        'directory.')
+        'blobs included.  Opens the storage read-only and takes no lock: '
+        'safe while a server serves and commits; the file holds the '
+        'database as of the last transaction committed when it started.')
     add_storage_arguments(parser)
     parser.add_argument('--path', default='/', metavar='/A/B',
                         help='keys from the root to the object, split on '
@@ -734,35 +735,26 @@ def _traverse(root, path: str):
     return obj
 
 
-def _open(args, read_only: bool):
-    """The storage, held against live storages; (storage, lock) or a str."""
+def _open_for_import(args):
+    """The storage, held against live storages; or a str saying why not."""
     from zc.lockfile import LockError
 
     from zodbblob.storage import BlobStorageError
-    from zodbblob.storage import hold_blob_directory
-    in_use = ('the storage is in use by another process (a running '
-              'server?); stop it first: {}')
     try:
-        storage = open_storage(args, read_only=read_only)
+        return open_storage(args, read_only=False)
     except (BlobStorageError, LockError) as e:
-        return in_use.format(e)
-    lock = None
-    if read_only:
-        # Read-only opening takes no lock: take the storage's own, so that
-        # no commit changes what is being exported.
-        try:
-            lock = hold_blob_directory(storage.fshelper.base_dir)
-        except BlobStorageError as e:
-            storage.close()
-            return in_use.format(e)
-    return storage, lock
+        return (f'the storage is in use by another process (a running '
+                f'server?); stop it first: {e}')
 
 
 def export_command(args: argparse.Namespace) -> int:
-    opened = _open(args, read_only=True)
-    if isinstance(opened, str):
-        return _error(args, opened)
-    storage, lock = opened
+    # Read-only, as verify and backup open it: no lock, so a server may
+    # go on serving and committing.  The view is the database as of the
+    # last transaction committed when Data.fs was opened (a read-only
+    # FileStorage indexes no later one), and a committed transaction's
+    # blob files are in place before its commit: what is exported is one
+    # consistent state, whatever the server commits meanwhile.
+    storage = open_storage(args, read_only=True)
     db = ZODB.DB(storage)
     try:
         connection = db.open(
@@ -785,8 +777,6 @@ def export_command(args: argparse.Namespace) -> int:
             return _error(args, f'{args.file}: {e}')
     finally:
         db.close()
-        if lock is not None:
-            lock.close()
     print(f'{args.file}: exported {args.path}: {report.records} objects, '
           f'{report.blobs} blobs ({report.blob_bytes} bytes)')
     for oid in report.missing:
@@ -805,10 +795,9 @@ def import_command(args: argparse.Namespace) -> int:
         return _error(args, f'--source-blob-dir {args.source_blob_dir}: no '
                             f'such directory')
     name = args.name or os.path.splitext(os.path.basename(args.file))[0]
-    opened = _open(args, read_only=False)
-    if isinstance(opened, str):
-        return _error(args, opened)
-    storage, _ = opened
+    storage = _open_for_import(args)
+    if isinstance(storage, str):
+        return _error(args, storage)
     db = ZODB.DB(storage)
     manager = transaction.TransactionManager()
     report = ImportReport()

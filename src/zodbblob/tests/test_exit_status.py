@@ -114,7 +114,7 @@ class ExitStatusTests(unittest.TestCase):
         if command == 'restore':
             if case in ('commit-log', 'layout'):
                 return None   # no storage: a snapshot
-            return (command, self.path('restored'), blobs)
+            return (command, blobs, self.path('restored'))
         if command == 'cache':
             if case == 'cache':
                 return (command, 'stats', self.path('store', 'blobs'))
