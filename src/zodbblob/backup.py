@@ -82,8 +82,11 @@ from ZODB.FileStorage.FileStorage import packed_version
 from ZODB.FileStorage.format import TRANS_HDR, TRANS_HDR_LEN
 from ZODB.utils import oid_repr, z64
 
-from zodbblob.arguments import (add_layout_argument, add_storage_arguments,
-                                 open_storage)
+from zodbblob.arguments import (
+    add_layout_argument,
+    add_storage_arguments,
+    open_storage,
+)
 from zodbblob.journal import SYNCFS_AVAILABLE, Journal, sync_filesystem
 from zodbblob.layout import (
     LAYOUT_MARKER,

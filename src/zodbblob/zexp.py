@@ -775,6 +775,9 @@ def export_command(args: argparse.Namespace) -> int:
             return _error(args, f'{args.file} not written: {e}', 1)
         except (OSError, POSKeyError) as e:
             return _error(args, f'{args.file}: {e}')
+        except KeyboardInterrupt:
+            # export_file removed its partial file.
+            return _error(args, f'interrupted: {args.file} not written', 130)
     finally:
         db.close()
     print(f'{args.file}: exported {args.path}: {report.records} objects, '
@@ -822,7 +825,7 @@ def import_command(args: argparse.Namespace) -> int:
             return _error(args, str(e))
         except KeyboardInterrupt:
             return _error(args, f'interrupted: nothing of {args.file} was '
-                                f'imported')
+                                f'imported', 130)
         finally:
             manager.abort()
             connection.close()

@@ -692,6 +692,47 @@ class WrongInputTests(StoreTestCase):
             f'{self.dest} is a backup destination, not a snapshot: name one '
             f'of its snapshots, such as {snapshot}', self.dir)
 
+    def test_swapped_arguments_name_the_first_as_no_snapshot(self):
+        self.backup()
+        [snapshot] = self.snapshot_paths()
+        for name, make in [('new', None), ('empty', os.mkdir)]:
+            target = os.path.join(self.dir, name)
+            if make is not None:
+                make(target)
+            with self.subTest(name):
+                status, out, err = run('restore', target, snapshot)
+                self.assertEqual(status, 2, out + err)
+                self.assertEqual(out, '')
+                problem = ('no such directory' if make is None
+                           else 'no manifest.sqlite')
+                self.assertEqual(
+                    err, f'zodbblob restore: error: {target} is not a backup '
+                         f'snapshot: {problem}; {snapshot} is one: the '
+                         f'snapshot comes first, as in restore SNAPSHOT '
+                         f'DEST_DIR\n')
+                self.assertEqual(os.path.exists(target), make is not None)
+                if make is not None:
+                    self.assertEqual(os.listdir(target), [])
+        self.assertEqual(sorted(os.listdir(self.dir)),
+                         ['backups', 'empty', 'source'])
+
+    def test_a_first_argument_that_is_no_snapshot_is_named(self):
+        self.backup()
+        some_file = os.path.join(self.dir, 'notes.txt')
+        with open(some_file, 'w') as f:
+            f.write('x')
+        for first, problem in [(some_file, 'not a directory'),
+                               (self.source, 'no manifest.sqlite')]:
+            with self.subTest(first):
+                self.assertRefused(
+                    ['restore', first, os.path.join(self.dir, 'r')],
+                    f'error: {first} is not a backup snapshot: {problem}\n',
+                    self.dir)
+                self.assertRefused(
+                    ['restore', '--check', first],
+                    f'error: {first} is not a backup snapshot: {problem}\n',
+                    self.dir)
+
     def test_keep_needs_a_positive_number(self):
         err = io.StringIO()
         with contextlib.redirect_stderr(err), \

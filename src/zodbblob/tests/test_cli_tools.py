@@ -1,6 +1,8 @@
 """``zodbblob verify`` and ``zodbblob recover``, run as a user runs them;
 the progress display of the tools."""
 
+import contextlib
+import io
 import os
 import pty
 import re
@@ -10,12 +12,13 @@ import subprocess
 import sys
 import tempfile
 import unittest
+from unittest import mock
 
 import ZODB
 import ZODB.FileStorage
 from ZODB.blob import Blob
 
-from zodbblob import BlobStorage
+from zodbblob import BlobStorage, cli
 from zodbblob.commitlog import commit_log_path, unfinished_records
 from zodbblob.tests.test_crash import run_child
 
@@ -96,6 +99,22 @@ class ToolTests(StoreTestCase):
         self.assertEqual(result.returncode, 1)
         self.assertIn('missing: blob file of oid', result.stdout)
         self.assertIn(path, result.stdout)
+
+    def test_interrupted_verify_exits_130_in_one_line(self):
+        self.make_store()
+        out, err = io.StringIO(), io.StringIO()
+        with mock.patch.object(cli, 'check_blob_files',
+                               side_effect=KeyboardInterrupt), \
+                contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
+            try:
+                status = cli.main(['verify', '--data', self.data,
+                                   '--blob-dir', self.blob_dir])
+            except KeyboardInterrupt:
+                status = 'a traceback'
+        self.assertEqual(status, 130)
+        self.assertEqual(out.getvalue(), '')
+        self.assertEqual(err.getvalue(), 'zodbblob verify: interrupted\n')
 
     def test_verify_reads_a_zope_conf(self):
         self.make_store()

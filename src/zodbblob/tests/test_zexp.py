@@ -692,6 +692,22 @@ class CommandTests(ZexpTestCase):
         self.assertEqual(status, 2)
         self.assertIn('the storage is in use by another process', err)
 
+    def test_interrupted_export_exits_130_and_leaves_no_file(self):
+        path = self.path('f.zexp')
+        with mock.patch.object(zexp, '_write_blob',
+                               side_effect=KeyboardInterrupt):
+            try:
+                status, out, err = self.run_main(
+                    'export', *self.storage, '--quiet', '--path', '/folder',
+                    path)
+            except KeyboardInterrupt:
+                status = 'a traceback'
+        self.assertEqual(status, 130)
+        self.assertEqual(out, '')
+        self.assertEqual(err, f'zodbblob export: error: interrupted: {path} '
+                              f'not written\n')
+        self.assertEqual(sorted(os.listdir(self.dir)), ['source'])
+
     def test_interrupted_import_leaves_nothing_and_can_be_run_again(self):
         path = self.path('f.zexp')
         self.run_main('export', *self.storage, '--path', '/folder', path)
@@ -699,7 +715,7 @@ class CommandTests(ZexpTestCase):
         with mock.patch.object(zexp, '_fill_blob',
                                side_effect=KeyboardInterrupt):
             status, out, err = self.run_main('import', *self.storage, path)
-        self.assertEqual(status, 2)
+        self.assertEqual(status, 130)
         self.assertIn('interrupted: nothing of', err)
         env = dict(os.environ)
         env[KILL_POINT_VARIABLE] = 'after_journal_begin'
@@ -747,7 +763,7 @@ class LiveServerExportTests(unittest.TestCase):
     def zodbblob(self, *args):
         return subprocess.run(
             [sys.executable, '-m', 'zodbblob.cli', *args],
-            capture_output=True, text=True, timeout=300)
+            capture_output=True, text=True, timeout=300, check=False)
 
     def commit_generation(self, generation):
         """Every blob of root['folder'] rewritten, in one transaction."""
@@ -845,9 +861,9 @@ class LiveServerExportTests(unittest.TestCase):
                 conn.root()['after'] = Blob(b'after the export')
         finally:
             other.close()
-        with self.db.transaction() as conn:
-            with conn.root()['after'].open() as f:
-                self.assertEqual(f.read(), b'after the export')
+        with self.db.transaction() as conn, \
+                conn.root()['after'].open() as f:
+            self.assertEqual(f.read(), b'after the export')
 
 
 def test_suite():
