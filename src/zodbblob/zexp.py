@@ -747,6 +747,14 @@ def _open_for_import(args):
                 f'server?); stop it first: {e}')
 
 
+def _file_identity(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
 def export_command(args: argparse.Namespace) -> int:
     # Read-only, as verify and backup open it: no lock, so a server may
     # go on serving and committing.  The view is the database as of the
@@ -754,9 +762,29 @@ def export_command(args: argparse.Namespace) -> int:
     # FileStorage indexes no later one), and a committed transaction's
     # blob files are in place before its commit: what is exported is one
     # consistent state, whatever the server commits meanwhile.
+    #
+    # A pack replaces Data.fs.  What was opened goes on being read (the
+    # index, and the reading handle FileStorage opens by name at the
+    # first load, which DB() makes), unless the pack renamed its file
+    # into place in between; and the blob files of revisions it packed
+    # away go.  Both are told from a damaged store by Data.fs's inode.
+    opened = _file_identity(args.data) if args.data else None
     storage = open_storage(args, read_only=True)
-    db = ZODB.DB(storage)
+    data_fs = storage.base.getName()
+    if opened is None:
+        opened = _file_identity(data_fs)
+    packed = (f'{data_fs} was replaced (packed?) while export read it: '
+              f'{args.file} not written; run the export again')
     try:
+        db = ZODB.DB(storage)
+    except BaseException:
+        storage.close()
+        if _file_identity(data_fs) != opened:
+            return _error(args, packed)
+        raise
+    try:
+        if _file_identity(data_fs) != opened:
+            return _error(args, packed)
         connection = db.open(
             transaction_manager=transaction.TransactionManager())
         try:
@@ -770,6 +798,8 @@ def export_command(args: argparse.Namespace) -> int:
         try:
             report = export_file(connection, obj._p_oid, args.file, progress)
         except (NotABlobFile, ExportError) as e:
+            if _file_identity(data_fs) != opened:
+                return _error(args, packed)
             # A blob file missing, or something else under its name: a
             # problem of the blob directory, found and named (status 1).
             return _error(args, f'{args.file} not written: {e}', 1)

@@ -692,6 +692,76 @@ class CommandTests(ZexpTestCase):
         self.assertEqual(status, 2)
         self.assertIn('the storage is in use by another process', err)
 
+    def test_export_during_a_pack_that_removed_its_blobs_says_run_again(
+            self):
+        live = self.open_db('source')
+        write_blob = zexp._write_blob
+        packed = []
+
+        def pack_then_write(*args):
+            # Once the export has its view: new revisions of every blob,
+            # and a pack that removes the files of the ones it exports.
+            if not packed:
+                with live.transaction() as conn:
+                    folder = conn.root()['folder']
+                    for blob in (folder['empty'], folder['small'],
+                                 folder['big'],
+                                 folder['tree']['item007']['blob']):
+                        with blob.open('w') as f:
+                            f.write(b'new')
+                live.pack(time.time() + 1)
+                packed.append(True)
+            return write_blob(*args)
+
+        path = self.path('f.zexp')
+        with mock.patch.object(zexp, '_write_blob',
+                               side_effect=pack_then_write):
+            status, out, err = self.run_main('export', *self.storage,
+                                             '--quiet', '--path', '/folder',
+                                             path)
+        self.assertEqual(packed, [True])
+        self.assertEqual(status, 2, err)
+        self.assertEqual(out, '')
+        data_fs = self.path('source', 'Data.fs')
+        self.assertEqual(err, f'zodbblob export: error: {data_fs} was '
+                              f'replaced (packed?) while export read it: '
+                              f'{path} not written; run the export again\n')
+        self.assertEqual(sorted(os.listdir(self.dir)), ['source'])
+        status, out, err = self.run_main('export', *self.storage, '--quiet',
+                                         '--path', '/folder', path)
+        self.assertEqual(status, 0, err)
+        live.close()
+        db = self.open_db('copy')
+        folder = self.import_into(db, path)
+        with folder['small'].open() as f:
+            self.assertEqual(f.read(), b'new')
+
+    def test_export_opened_as_a_pack_replaced_data_fs_says_run_again(self):
+        live = self.open_db('source')
+        with live.transaction() as conn:
+            conn.root()['folder']['small'] = Blob(b'second revision')
+        open_storage = zexp.open_storage
+
+        def open_then_pack(*args, **kw):
+            # The index read from the file a pack then replaces.
+            storage = open_storage(*args, **kw)
+            live.pack(time.time() + 1)
+            return storage
+
+        path = self.path('f.zexp')
+        with mock.patch.object(zexp, 'open_storage',
+                               side_effect=open_then_pack):
+            status, out, err = self.run_main('export', *self.storage,
+                                             '--quiet', '--path', '/folder',
+                                             path)
+        self.assertEqual(status, 2, err)
+        self.assertEqual(out, '')
+        self.assertEqual(err, f'zodbblob export: error: '
+                              f'{self.path("source", "Data.fs")} was '
+                              f'replaced (packed?) while export read it: '
+                              f'{path} not written; run the export again\n')
+        self.assertEqual(sorted(os.listdir(self.dir)), ['source'])
+
     def test_interrupted_export_exits_130_and_leaves_no_file(self):
         path = self.path('f.zexp')
         with mock.patch.object(zexp, '_write_blob',
