@@ -747,6 +747,18 @@ def _open_for_import(args):
                 f'server?); stop it first: {e}')
 
 
+class _NamedByTheCommand(logging.Handler):
+    """Held on this module's logger while a command runs, which names
+    itself what `export_file` and `import_file` log at WARNING: where no
+    logging is configured, Python would print those too (its
+    ``lastResort``).  Anything worse still reaches stderr."""
+
+    def emit(self, record):
+        if (record.levelno > logging.WARNING and logging.lastResort
+                and not logging.getLogger().handlers):
+            logging.lastResort.handle(record)
+
+
 def _file_identity(path: str) -> tuple[int, int] | None:
     try:
         info = os.stat(path)
@@ -795,6 +807,8 @@ def export_command(args: argparse.Namespace) -> int:
             return _error(args, f'the object at {args.path} is not a '
                                 f'persistent object of its own')
         progress = Progress('export', quiet=args.quiet)
+        said_below = _NamedByTheCommand()
+        logger.addHandler(said_below)
         try:
             report = export_file(connection, obj._p_oid, args.file, progress)
         except (NotABlobFile, ExportError) as e:
@@ -808,6 +822,8 @@ def export_command(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             # export_file removed its partial file.
             return _error(args, f'interrupted: {args.file} not written', 130)
+        finally:
+            logger.removeHandler(said_below)
     finally:
         db.close()
     print(f'{args.file}: exported {args.path}: {report.records} objects, '
@@ -818,7 +834,8 @@ def export_command(args: argparse.Namespace) -> int:
     if report.without_data:
         print(f'{len(report.without_data)} blob records were written without '
               f'data: the storage has no blob support', file=sys.stderr)
-    return 0
+    # Written, but what is named above is not in it: problems found.
+    return 1 if report.missing or report.without_data else 0
 
 
 def import_command(args: argparse.Namespace) -> int:
@@ -846,9 +863,14 @@ def import_command(args: argparse.Namespace) -> int:
             if taken:
                 return _error(args, f'{args.path} already holds {name!r}; '
                                     f'give another --name')
-            obj = import_file(
-                connection, args.file, args.source_blob_dir, report,
-                Progress('import', quiet=args.quiet))
+            said_below = _NamedByTheCommand()
+            logger.addHandler(said_below)
+            try:
+                obj = import_file(
+                    connection, args.file, args.source_blob_dir, report,
+                    Progress('import', quiet=args.quiet))
+            finally:
+                logger.removeHandler(said_below)
             container[name] = obj
             manager.commit()
         except (LookupError, ExportError, OSError) as e:
@@ -866,4 +888,6 @@ def import_command(args: argparse.Namespace) -> int:
           f'{report.blobs} blobs ({report.blob_bytes} bytes)')
     for line in report.lines():
         print(line, file=sys.stderr)
-    return 0
+    # Imported, but a blob without its bytes is a problem found (status 1);
+    # a guessed revision is named, not counted.
+    return 1 if report.empty_blobs else 0

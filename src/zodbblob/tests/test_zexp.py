@@ -607,7 +607,7 @@ class CommandTests(ZexpTestCase):
         old = self.export_stock('source', 'old.zexp', blobs=False)
         status, out, err = self.run_main(
             'import', *self.storage, '--name', 'empty', old)
-        self.assertEqual(status, 0, err)
+        self.assertEqual(status, 1, err)
         self.assertIn('imported as /empty', out)
         self.assertEqual(err.count('empty blob: oid'), 4, err)
         status, out, err = self.run_main(
@@ -616,6 +616,20 @@ class CommandTests(ZexpTestCase):
         self.assertEqual(status, 0, err)
         self.assertEqual(err, '')
         self.assertEqual(self.snapshot_at('old'), self.expected)
+
+    def test_import_names_each_empty_blob_once_and_exits_1(self):
+        old = self.export_stock('source', 'old.zexp', blobs=False)
+        # In a process of its own, as a user runs it: no logging configured.
+        result = subprocess.run(
+            [sys.executable, '-m', 'zodbblob.cli', 'import', *self.storage,
+             '--quiet', old],
+            capture_output=True, text=True, timeout=120, check=False)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        lines = result.stderr.splitlines()
+        self.assertEqual(len(lines), 4, result.stderr)
+        for line in lines:
+            self.assertRegex(line, r'^empty blob: oid 0x[0-9a-f]+ \(oid '
+                                   r'0x[0-9a-f]+ in the file\) has no data')
 
     def test_progress_shows_on_a_terminal_unless_quiet(self):
         path = self.path('f.zexp')
@@ -761,6 +775,27 @@ class CommandTests(ZexpTestCase):
                               f'replaced (packed?) while export read it: '
                               f'{path} not written; run the export again\n')
         self.assertEqual(sorted(os.listdir(self.dir)), ['source'])
+
+    def test_export_skipping_a_dangling_reference_names_it_and_exits_1(
+            self):
+        db = self.open_db('source')
+        with db.transaction() as conn:
+            ghost = PersistentMapping()
+            # A reference to an oid no transaction stored.
+            ghost._p_oid, ghost._p_jar = conn.db().storage.new_oid(), conn
+            conn.root()['folder']['ghost'] = ghost
+        db.close()
+        path = self.path('f.zexp')
+        # In a process of its own, as a user runs it: no logging configured.
+        result = subprocess.run(
+            [sys.executable, '-m', 'zodbblob.cli', 'export', *self.storage,
+             '--quiet', '--path', '/folder', path],
+            capture_output=True, text=True, timeout=120, check=False)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn(f'{path}: exported /folder', result.stdout)
+        self.assertEqual(result.stderr,
+                         f'skipped: oid {oid_repr(ghost._p_oid)} is '
+                         f'referenced but not in the database\n')
 
     def test_interrupted_export_exits_130_and_leaves_no_file(self):
         path = self.path('f.zexp')
