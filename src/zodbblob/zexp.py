@@ -50,6 +50,7 @@ from ZODB.TimeStamp import TimeStamp
 from ZODB.utils import oid_repr
 from ZODB.utils import p64
 from ZODB.utils import u64
+from ZODB.utils import z64
 
 from zodbblob.arguments import add_storage_arguments
 from zodbblob.arguments import open_storage
@@ -787,6 +788,14 @@ def export_command(args: argparse.Namespace) -> int:
         opened = _file_identity(data_fs)
     packed = (f'{data_fs} was replaced (packed?) while export read it: '
               f'{args.file} not written; run the export again')
+    try:
+        storage.load(z64)
+    except POSKeyError:
+        # DB() would try to store a root, and fail on a read-only storage.
+        storage.close()
+        return _error(args, f'{data_fs} holds no root object (no client '
+                            f'has opened the database yet): nothing to '
+                            f'export')
     try:
         db = ZODB.DB(storage)
     except BaseException:

@@ -797,6 +797,22 @@ class CommandTests(ZexpTestCase):
                          f'skipped: oid {oid_repr(ghost._p_oid)} is '
                          f'referenced but not in the database\n')
 
+    def test_export_of_a_database_without_a_root_says_so(self):
+        os.mkdir(self.path('new'))
+        data_fs = self.path('new', 'Data.fs')
+        BlobStorage(self.path('new', 'blobs'),
+                    ZODB.FileStorage.FileStorage(data_fs)).close()
+        path = self.path('f.zexp')
+        status, out, err = self.run_main(
+            'export', '--data', data_fs, '--blob-dir',
+            self.path('new', 'blobs'), path)
+        self.assertEqual(status, 2)
+        self.assertEqual(out, '')
+        self.assertEqual(err, f'zodbblob export: error: {data_fs} holds no '
+                              f'root object (no client has opened the '
+                              f'database yet): nothing to export\n')
+        self.assertFalse(os.path.exists(path))
+
     def test_interrupted_export_exits_130_and_leaves_no_file(self):
         path = self.path('f.zexp')
         with mock.patch.object(zexp, '_write_blob',
