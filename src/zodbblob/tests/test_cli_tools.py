@@ -263,6 +263,27 @@ class VerifyTellsTheTruthTests(StoreTestCase):
                       for line in output.splitlines()
                       if 'of interrupted transaction' in line)
 
+    def test_tools_beside_a_new_live_store_say_nothing_of_its_index(self):
+        # A new FileStorage saves the index of its empty file at once:
+        # beside it, read-only opens find that index and ignore it.
+        os.mkdir(os.path.join(self.dir, 'var'))
+        data = os.path.join(self.dir, 'var', 'Data.fs')
+        blob_dir = os.path.join(self.dir, 'var', 'blobs')
+        db = ZODB.DB(BlobStorage(blob_dir, ZODB.FileStorage.FileStorage(data)))
+        self.addCleanup(db.close)
+        with db.transaction() as conn:
+            conn.root()['b'] = Blob(b'live')
+        storage = ('--data', data, '--blob-dir', blob_dir)
+        for argv in [('verify', *storage),
+                     ('backup', '--quiet', *storage,
+                      os.path.join(self.dir, 'backups')),
+                     ('export', '--quiet', *storage,
+                      os.path.join(self.dir, 'root.zexp'))]:
+            with self.subTest(argv[0]):
+                result = zodbblob(*argv)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertEqual(result.stderr, '')
+
     def test_verify_after_a_process_that_did_not_close_is_clean(self):
         self.make_store()
         holder = self.hold('exit', transactions=1, blobs=64)
