@@ -760,6 +760,14 @@ class _NamedByTheCommand(logging.Handler):
             logging.lastResort.handle(record)
 
 
+def _load_root(storage) -> bool:
+    try:
+        storage.load(z64)
+    except POSKeyError:
+        return False
+    return True
+
+
 def _file_identity(path: str) -> tuple[int, int] | None:
     try:
         info = os.stat(path)
@@ -789,20 +797,21 @@ def export_command(args: argparse.Namespace) -> int:
     packed = (f'{data_fs} was replaced (packed?) while export read it: '
               f'{args.file} not written; run the export again')
     try:
-        storage.load(z64)
-    except POSKeyError:
-        # DB() would try to store a root, and fail on a read-only storage.
-        storage.close()
-        return _error(args, f'{data_fs} holds no root object (no client '
-                            f'has opened the database yet): nothing to '
-                            f'export')
-    try:
-        db = ZODB.DB(storage)
+        has_root = _load_root(storage)
+        db = ZODB.DB(storage) if has_root else None
     except BaseException:
         storage.close()
         if _file_identity(data_fs) != opened:
             return _error(args, packed)
         raise
+    if db is None:
+        # DB() would store a root, and fail on a read-only storage.
+        storage.close()
+        if _file_identity(data_fs) != opened:
+            return _error(args, packed)
+        return _error(args, f'{data_fs} holds no root object (no client '
+                            f'has opened the database yet): nothing to '
+                            f'export')
     try:
         if _file_identity(data_fs) != opened:
             return _error(args, packed)
