@@ -270,7 +270,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, '-m', 'zodbblob.cli', 'restore', '--quiet',
-         restored, snapshot], capture_output=True, text=True)
+         snapshot, restored], capture_output=True, text=True)
     restore_seconds = time.perf_counter() - started
     if result.returncode:
         failures.append(f'restore failed: {result.stdout}{result.stderr}')

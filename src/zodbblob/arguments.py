@@ -3,18 +3,22 @@
 ``zodbblob verify``, ``recover``, ``export``, ``import`` and ``backup``
 take the same arguments: ``--config FILE`` (a zope.conf, zeo.conf or
 ZODB config with a ``<zodbblob>`` section), or ``--data DATA.FS`` and
-``--blob-dir DIR``; and ``--quiet``.
+``--blob-dir DIR``; and ``--quiet``.  The ones that name a blob directory
+layout (``migrate``, ``restore``) take ``--layout`` from the same fixed
+list of registered layouts.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 import ZConfig
 import ZODB.FileStorage
 
 from zodbblob.config import check_blob_directory, storage_from_file
+from zodbblob.layout import LAYOUTS
 from zodbblob.storage import BlobStorage
 
 
@@ -35,12 +39,49 @@ def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
                         help='no progress, only the result')
 
 
+def add_layout_argument(parser: argparse.ArgumentParser, help: str,
+                        required: bool = False) -> None:
+    """``--layout``, one of the registered layouts.
+
+    A fixed choice, so that a misspelt layout is argparse's one-line error
+    naming the choices (status 2) before anything is opened.
+    """
+    parser.add_argument('--layout', choices=sorted(LAYOUTS),
+                        required=required, help=help)
+
+
+class _IndexOfALiveServer(logging.Filter):
+    """Drops FileStorage's "Ignoring index" while a tool opens read-only.
+
+    Beside a live server, ``Data.fs.index`` is the one the server wrote
+    when it opened: for a new database, that of an empty file, which
+    FileStorage calls insane and ignores, reading the file instead, as it
+    would have anyway.  Said on every verify, backup and export beside a
+    new site, it reads as damage where there is none.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != 'Ignoring index for %s'
+
+
 def open_storage(args: argparse.Namespace, read_only: bool) -> BlobStorage:
     """The storage the arguments name; exits with a message if they don't.
 
     Nothing is created: a path that does not exist is an error here, not
     a new database.
     """
+    if not read_only:
+        return _open_storage(args, read_only)
+    filestorage_logger = logging.getLogger('ZODB.FileStorage')
+    index_of_a_live_server = _IndexOfALiveServer()
+    filestorage_logger.addFilter(index_of_a_live_server)
+    try:
+        return _open_storage(args, read_only)
+    finally:
+        filestorage_logger.removeFilter(index_of_a_live_server)
+
+
+def _open_storage(args: argparse.Namespace, read_only: bool) -> BlobStorage:
     if args.config and (args.data or args.blob_dir):
         args.parser.error('give --config, or --data and --blob-dir, not both')
     if args.config:

@@ -82,11 +82,14 @@ from ZODB.FileStorage.FileStorage import packed_version
 from ZODB.FileStorage.format import TRANS_HDR, TRANS_HDR_LEN
 from ZODB.utils import oid_repr, z64
 
-from zodbblob.arguments import add_storage_arguments, open_storage
+from zodbblob.arguments import (
+    add_layout_argument,
+    add_storage_arguments,
+    open_storage,
+)
 from zodbblob.journal import SYNCFS_AVAILABLE, Journal, sync_filesystem
 from zodbblob.layout import (
     LAYOUT_MARKER,
-    LAYOUTS,
     NotABlobFile,
     fsync_directory,
     fsync_path,
@@ -1491,10 +1494,10 @@ def _open_snapshot(snapshot: str, complete: bool = True
         if has_manifest:
             raise BackupError(f'{snapshot} is unfinished (no {COMPLETE_NAME}'
                               f' marker): run the backup again to finish it')
-        raise BackupError(f'{snapshot} is not a snapshot: it has no '
+        raise BackupError(f'{snapshot} is not a backup snapshot: no '
                           f'{COMPLETE_NAME} marker')
     if not has_manifest:
-        raise BackupError(f'{snapshot} is not a snapshot: it has no '
+        raise BackupError(f'{snapshot} is not a backup snapshot: no '
                           f'{MANIFEST_NAME}')
     manifest = Manifest(snapshot, read_only=True)
     try:
@@ -1947,16 +1950,18 @@ def backup_command(args: argparse.Namespace) -> int:
 
 def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        'Restore a snapshot that `zodbblob backup` took: write DEST_DIR/'
-        'Data.fs, its index, and DEST_DIR/blobs, checking every byte '
-        'against the manifest.  Refuses a DEST_DIR that has a Data.fs or a '
-        'non-empty blobs directory.  With --check, first re-hash every file '
-        'of SNAPSHOT and report mismatches (exit status 1); without '
-        'DEST_DIR, only check.')
+        'Restore a snapshot that `zodbblob backup` took, as cp copies: '
+        'SNAPSHOT first, then where to.  Writes DEST_DIR/Data.fs, its '
+        'index, and DEST_DIR/blobs, checking every byte against the '
+        'manifest.  Refuses a DEST_DIR that has a Data.fs or a non-empty '
+        'blobs directory.  With --check, first re-hash every file of '
+        'SNAPSHOT and report mismatches (exit status 1); without DEST_DIR, '
+        'only check.')
+    parser.add_argument('snapshot', metavar='SNAPSHOT',
+                        help='a snapshot directory, DEST/<tid>, as backup '
+                             'named it')
     parser.add_argument('directory', metavar='DEST_DIR', nargs='?',
                         help='where to write Data.fs and blobs/')
-    parser.add_argument('snapshot', metavar='SNAPSHOT',
-                        help='a snapshot directory, DEST/<tid>')
     parser.add_argument('--check', action='store_true',
                         help='re-hash every file of the snapshot against '
                              'its manifest')
@@ -1965,21 +1970,44 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
                              'where one filesystem holds both (fast, but '
                              'the restored files are the backup\'s: see '
                              'doc/backup.rst); copies by default')
-    parser.add_argument('--layout', choices=sorted(LAYOUTS),
-                        help='layout of the restored blob directory '
-                             '(default: the source\'s)')
+    add_layout_argument(parser, "layout of the restored blob directory "
+                                "(default: the source's)")
     parser.add_argument('--quiet', action='store_true',
                         help='no progress, only problems and the result')
+
+
+def _looks_like_a_snapshot(path: str) -> bool:
+    return all(os.path.isfile(os.path.join(path, name))
+               for name in (MANIFEST_NAME, COMPLETE_NAME))
+
+
+def _refuse_not_a_snapshot(snapshot: str, directory: str | None) -> None:
+    """BackupError when `snapshot` is no snapshot at all, before anything
+    is opened or created; a hint when the arguments look swapped."""
+    if os.path.isdir(snapshot):
+        if (os.path.exists(os.path.join(snapshot, DESTINATION_MARKER))
+                or os.path.exists(os.path.join(snapshot, MANIFEST_NAME))):
+            return   # a destination, or a snapshot: _open_snapshot says
+        problem = f'no {MANIFEST_NAME}'
+    elif os.path.lexists(snapshot):
+        problem = 'not a directory'
+    else:
+        problem = 'no such directory'
+    hint = ''
+    if directory is not None and _looks_like_a_snapshot(directory):
+        hint = (f'; {directory} is one: the snapshot comes first, as in '
+                f'restore SNAPSHOT DEST_DIR')
+    raise BackupError(f'{snapshot} is not a backup snapshot: {problem}'
+                      f'{hint}')
 
 
 def restore_command(args: argparse.Namespace) -> int:
     prog = args.parser.prog
     if args.directory is None and not args.check:
-        args.parser.error('name the directory to restore into: DEST_DIR '
-                          'SNAPSHOT (or --check SNAPSHOT to only check it)')
-    if not os.path.isdir(args.snapshot):
-        args.parser.error(f'{args.snapshot}: no such directory')
+        args.parser.error('name the directory to restore into: SNAPSHOT '
+                          'DEST_DIR (or --check SNAPSHOT to only check it)')
     try:
+        _refuse_not_a_snapshot(args.snapshot, args.directory)
         if args.check:
             report = check(args.snapshot,
                            progress=Progress('check', quiet=args.quiet))

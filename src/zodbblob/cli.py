@@ -9,7 +9,8 @@ Every command exits 0 when it did its job (and found nothing wrong), 1
 when it ran and found problems, which it names, and 2 when it could not
 run: bad arguments, the wrong kind of directory, damaged state.  A
 command that cannot run says why in one line on stderr, never with a
-traceback.  (130: interrupted, for the commands that say so.)
+traceback.  Interrupted (Ctrl-C), a command exits 130, saying what it
+left undone where that is more than nothing.
 
 ``zodbblob serve`` is ZEO's own ``runzeo`` with a default configuration:
 the same options object, the same server class, the same signal handling
@@ -523,6 +524,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.debug('%s could not run', args.parser.prog, exc_info=True)
         print(f'{args.parser.prog}: error: {one_line(e)}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # The commands that leave something to finish say so themselves;
+        # the others (verify, recover, cache) read, or are done again by
+        # running them again.
+        newline = '\n' if sys.stderr.isatty() else ''   # below a progress bar
+        print(f'{newline}{args.parser.prog}: interrupted', file=sys.stderr)
+        return 130
 
 
 if __name__ == '__main__':

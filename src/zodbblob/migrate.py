@@ -41,6 +41,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 
+from zodbblob.arguments import add_layout_argument
 from zodbblob.cache import BUCKETS
 from zodbblob.cache import LAYOUT as ZEOCACHE
 from zodbblob.commitlog import commit_log_path
@@ -665,9 +666,7 @@ def add_migrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('destination', metavar='DST',
                         help='the new blob directory (new or empty, or an '
                              'unfinished migration of SRC)')
-    parser.add_argument('--layout', required=True, metavar='LAYOUT',
-                        help=f'layout of DST: '
-                             f'{", ".join(sorted(LAYOUTS))}')
+    add_layout_argument(parser, 'layout of DST', required=True)
     parser.add_argument('--quiet', action='store_true',
                         help='no progress, only the result')
 

@@ -50,6 +50,7 @@ from ZODB.TimeStamp import TimeStamp
 from ZODB.utils import oid_repr
 from ZODB.utils import p64
 from ZODB.utils import u64
+from ZODB.utils import z64
 
 from zodbblob.arguments import add_storage_arguments
 from zodbblob.arguments import open_storage
@@ -687,8 +688,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         'Write the object at --path, and every object it references, to a '
         'ZEXP file that Zope and ZODB (Connection.importFile) import, '
-        'blobs included.  Refuses to run while a storage holds the blob '
-        'directory.')
+        'blobs included.  Opens the storage read-only and takes no lock: '
+        'safe while a server serves and commits; the file holds the '
+        'database as of the last transaction committed when it started.')
     add_storage_arguments(parser)
     parser.add_argument('--path', default='/', metavar='/A/B',
                         help='keys from the root to the object, split on '
@@ -734,37 +736,85 @@ def _traverse(root, path: str):
     return obj
 
 
-def _open(args, read_only: bool):
-    """The storage, held against live storages; (storage, lock) or a str."""
+def _open_for_import(args):
+    """The storage, held against live storages; or a str saying why not."""
     from zc.lockfile import LockError
 
     from zodbblob.storage import BlobStorageError
-    from zodbblob.storage import hold_blob_directory
-    in_use = ('the storage is in use by another process (a running '
-              'server?); stop it first: {}')
     try:
-        storage = open_storage(args, read_only=read_only)
+        return open_storage(args, read_only=False)
     except (BlobStorageError, LockError) as e:
-        return in_use.format(e)
-    lock = None
-    if read_only:
-        # Read-only opening takes no lock: take the storage's own, so that
-        # no commit changes what is being exported.
-        try:
-            lock = hold_blob_directory(storage.fshelper.base_dir)
-        except BlobStorageError as e:
-            storage.close()
-            return in_use.format(e)
-    return storage, lock
+        return (f'the storage is in use by another process (a running '
+                f'server?); stop it first: {e}')
+
+
+class _NamedByTheCommand(logging.Handler):
+    """Held on this module's logger while a command runs, which names
+    itself what `export_file` and `import_file` log at WARNING: where no
+    logging is configured, Python would print those too (its
+    ``lastResort``).  Anything worse still reaches stderr."""
+
+    def emit(self, record):
+        if (record.levelno > logging.WARNING and logging.lastResort
+                and not logging.getLogger().handlers):
+            logging.lastResort.handle(record)
+
+
+def _load_root(storage) -> bool:
+    try:
+        storage.load(z64)
+    except POSKeyError:
+        return False
+    return True
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def export_command(args: argparse.Namespace) -> int:
-    opened = _open(args, read_only=True)
-    if isinstance(opened, str):
-        return _error(args, opened)
-    storage, lock = opened
-    db = ZODB.DB(storage)
+    # Read-only, as verify and backup open it: no lock, so a server may
+    # go on serving and committing.  The view is the database as of the
+    # last transaction committed when Data.fs was opened (a read-only
+    # FileStorage indexes no later one), and a committed transaction's
+    # blob files are in place before its commit: what is exported is one
+    # consistent state, whatever the server commits meanwhile.
+    #
+    # A pack replaces Data.fs.  What was opened goes on being read (the
+    # index, and the reading handle FileStorage opens by name at the
+    # first load, which DB() makes), unless the pack renamed its file
+    # into place in between; and the blob files of revisions it packed
+    # away go.  Both are told from a damaged store by Data.fs's inode.
+    opened = _file_identity(args.data) if args.data else None
+    storage = open_storage(args, read_only=True)
+    data_fs = storage.base.getName()
+    if opened is None:
+        opened = _file_identity(data_fs)
+    packed = (f'{data_fs} was replaced (packed?) while export read it: '
+              f'{args.file} not written; run the export again')
     try:
+        has_root = _load_root(storage)
+        db = ZODB.DB(storage) if has_root else None
+    except BaseException:
+        storage.close()
+        if _file_identity(data_fs) != opened:
+            return _error(args, packed)
+        raise
+    if db is None:
+        # DB() would store a root, and fail on a read-only storage.
+        storage.close()
+        if _file_identity(data_fs) != opened:
+            return _error(args, packed)
+        return _error(args, f'{data_fs} holds no root object (no client '
+                            f'has opened the database yet): nothing to '
+                            f'export')
+    try:
+        if _file_identity(data_fs) != opened:
+            return _error(args, packed)
         connection = db.open(
             transaction_manager=transaction.TransactionManager())
         try:
@@ -775,18 +825,25 @@ def export_command(args: argparse.Namespace) -> int:
             return _error(args, f'the object at {args.path} is not a '
                                 f'persistent object of its own')
         progress = Progress('export', quiet=args.quiet)
+        said_below = _NamedByTheCommand()
+        logger.addHandler(said_below)
         try:
             report = export_file(connection, obj._p_oid, args.file, progress)
         except (NotABlobFile, ExportError) as e:
+            if _file_identity(data_fs) != opened:
+                return _error(args, packed)
             # A blob file missing, or something else under its name: a
             # problem of the blob directory, found and named (status 1).
             return _error(args, f'{args.file} not written: {e}', 1)
         except (OSError, POSKeyError) as e:
             return _error(args, f'{args.file}: {e}')
+        except KeyboardInterrupt:
+            # export_file removed its partial file.
+            return _error(args, f'interrupted: {args.file} not written', 130)
+        finally:
+            logger.removeHandler(said_below)
     finally:
         db.close()
-        if lock is not None:
-            lock.close()
     print(f'{args.file}: exported {args.path}: {report.records} objects, '
           f'{report.blobs} blobs ({report.blob_bytes} bytes)')
     for oid in report.missing:
@@ -795,7 +852,8 @@ def export_command(args: argparse.Namespace) -> int:
     if report.without_data:
         print(f'{len(report.without_data)} blob records were written without '
               f'data: the storage has no blob support', file=sys.stderr)
-    return 0
+    # Written, but what is named above is not in it: problems found.
+    return 1 if report.missing or report.without_data else 0
 
 
 def import_command(args: argparse.Namespace) -> int:
@@ -805,10 +863,9 @@ def import_command(args: argparse.Namespace) -> int:
         return _error(args, f'--source-blob-dir {args.source_blob_dir}: no '
                             f'such directory')
     name = args.name or os.path.splitext(os.path.basename(args.file))[0]
-    opened = _open(args, read_only=False)
-    if isinstance(opened, str):
-        return _error(args, opened)
-    storage, _ = opened
+    storage = _open_for_import(args)
+    if isinstance(storage, str):
+        return _error(args, storage)
     db = ZODB.DB(storage)
     manager = transaction.TransactionManager()
     report = ImportReport()
@@ -824,16 +881,21 @@ def import_command(args: argparse.Namespace) -> int:
             if taken:
                 return _error(args, f'{args.path} already holds {name!r}; '
                                     f'give another --name')
-            obj = import_file(
-                connection, args.file, args.source_blob_dir, report,
-                Progress('import', quiet=args.quiet))
+            said_below = _NamedByTheCommand()
+            logger.addHandler(said_below)
+            try:
+                obj = import_file(
+                    connection, args.file, args.source_blob_dir, report,
+                    Progress('import', quiet=args.quiet))
+            finally:
+                logger.removeHandler(said_below)
             container[name] = obj
             manager.commit()
         except (LookupError, ExportError, OSError) as e:
             return _error(args, str(e))
         except KeyboardInterrupt:
             return _error(args, f'interrupted: nothing of {args.file} was '
-                                f'imported')
+                                f'imported', 130)
         finally:
             manager.abort()
             connection.close()
@@ -844,4 +906,6 @@ def import_command(args: argparse.Namespace) -> int:
           f'{report.blobs} blobs ({report.blob_bytes} bytes)')
     for line in report.lines():
         print(line, file=sys.stderr)
-    return 0
+    # Imported, but a blob without its bytes is a problem found (status 1);
+    # a guessed revision is named, not counted.
+    return 1 if report.empty_blobs else 0

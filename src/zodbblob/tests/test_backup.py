@@ -184,7 +184,7 @@ class StoreTestCase(unittest.TestCase):
 
     def restore(self, snapshot, name='restored', *options):
         target = os.path.join(self.dir, name)
-        status, out, err = run('restore', *options, target, snapshot)
+        status, out, err = run('restore', *options, snapshot, target)
         self.assertEqual(status, 0, out + err)
         return target
 
@@ -317,11 +317,11 @@ class BackupRestoreTests(StoreTestCase):
         # Restoring it, checked or not, linked or not, stops and leaves
         # nothing.
         target = os.path.join(self.dir, 'restored')
-        status, out, err = run('restore', '--check', target, snapshot)
+        status, out, err = run('restore', '--check', snapshot, target)
         self.assertEqual(status, 1)
         self.assertFalse(os.path.exists(target))
         for options in ([], ['--link']):
-            status, out, err = run('restore', *options, target, snapshot)
+            status, out, err = run('restore', *options, snapshot, target)
             self.assertEqual(status, 2)
             self.assertIn(f'checksum mismatch: {path}', err)
             self.assertFalse(os.path.exists(target))
@@ -361,7 +361,7 @@ class BackupRestoreTests(StoreTestCase):
         with open(os.path.join(target, 'Data.fs'), 'w') as f:
             f.write('precious')
         before = tree(target)
-        status, out, err = run('restore', target, snapshot)
+        status, out, err = run('restore', snapshot, target)
         self.assertEqual(status, 2)
         self.assertIn(f'{target}/Data.fs exists', err)
         self.assertEqual(tree(target), before)
@@ -375,7 +375,7 @@ class BackupRestoreTests(StoreTestCase):
         with open(os.path.join(target, 'blobs', 'x'), 'w'):
             pass
         before = tree(target)
-        status, out, err = run('restore', target, snapshot)
+        status, out, err = run('restore', snapshot, target)
         self.assertEqual(status, 2)
         self.assertIn('blobs exists and is not empty', err)
         self.assertEqual(tree(target), before)
@@ -391,7 +391,7 @@ class BackupRestoreTests(StoreTestCase):
             ZODB.FileStorage.FileStorage(os.path.join(self.dir, 'other.fs'))))
         try:
             before = tree(target)
-            status, out, err = run('restore', target, snapshot)
+            status, out, err = run('restore', snapshot, target)
             self.assertEqual(tree(target), before)
         finally:
             live.close()
@@ -413,8 +413,8 @@ class BackupRestoreTests(StoreTestCase):
         self.backup()
         [snapshot] = self.snapshot_paths()
         os.remove(os.path.join(snapshot, COMPLETE_NAME))
-        status, out, err = run('restore', os.path.join(self.dir, 'r'),
-                               snapshot)
+        status, out, err = run('restore', snapshot,
+                               os.path.join(self.dir, 'r'))
         self.assertEqual(status, 2)
         self.assertIn('is unfinished', err)
         self.assertFalse(os.path.exists(os.path.join(self.dir, 'r')))
@@ -459,7 +459,7 @@ class BackupRestoreTests(StoreTestCase):
         copied = self.restore(snapshot, 'copied')
         self.assertFalse(pool & set(files_below(copied, '.blob').values()))
         target = os.path.join(self.dir, 'linked')
-        status, out, err = run('restore', '--link', target, snapshot)
+        status, out, err = run('restore', '--link', snapshot, target)
         self.assertEqual(status, 0, err)
         self.assertIn('4 blob files are hard links to the backup\'s files, '
                       '0 are copies', out)
@@ -598,7 +598,7 @@ class WrongInputTests(StoreTestCase):
             f'error: {self.dest} holds snapshots of an older backup format '
             f'({old} and others', self.dest)
         self.assertRefused(
-            ['restore', os.path.join(self.dir, 'r'), old],
+            ['restore', old, os.path.join(self.dir, 'r')],
             f'{old} is a snapshot of backup format 1; this zodbblob reads '
             f'format 2', self.dir)
 
@@ -612,7 +612,7 @@ class WrongInputTests(StoreTestCase):
         with open(os.path.join(snapshot, COMPLETE_NAME), 'w'):
             pass
         self.assertRefused(
-            ['restore', os.path.join(self.dir, 'r'), snapshot],
+            ['restore', snapshot, os.path.join(self.dir, 'r')],
             f'{snapshot} is a snapshot of backup format 1; this zodbblob '
             f'reads format 2', self.dir)
 
@@ -680,7 +680,7 @@ class WrongInputTests(StoreTestCase):
         copy = os.path.join(away, os.path.basename(snapshot))
         shutil.copytree(snapshot, copy)
         self.assertRefused(
-            ['restore', os.path.join(self.dir, 'r'), copy],
+            ['restore', copy, os.path.join(self.dir, 'r')],
             f'{copy}: its blob files are in {away}/.blobs, which does not '
             f'exist', self.dir)
 
@@ -688,9 +688,50 @@ class WrongInputTests(StoreTestCase):
         self.backup()
         [snapshot] = self.snapshot_paths()
         self.assertRefused(
-            ['restore', os.path.join(self.dir, 'r'), self.dest],
+            ['restore', self.dest, os.path.join(self.dir, 'r')],
             f'{self.dest} is a backup destination, not a snapshot: name one '
             f'of its snapshots, such as {snapshot}', self.dir)
+
+    def test_swapped_arguments_name_the_first_as_no_snapshot(self):
+        self.backup()
+        [snapshot] = self.snapshot_paths()
+        for name, make in [('new', None), ('empty', os.mkdir)]:
+            target = os.path.join(self.dir, name)
+            if make is not None:
+                make(target)
+            with self.subTest(name):
+                status, out, err = run('restore', target, snapshot)
+                self.assertEqual(status, 2, out + err)
+                self.assertEqual(out, '')
+                problem = ('no such directory' if make is None
+                           else 'no manifest.sqlite')
+                self.assertEqual(
+                    err, f'zodbblob restore: error: {target} is not a backup '
+                         f'snapshot: {problem}; {snapshot} is one: the '
+                         f'snapshot comes first, as in restore SNAPSHOT '
+                         f'DEST_DIR\n')
+                self.assertEqual(os.path.exists(target), make is not None)
+                if make is not None:
+                    self.assertEqual(os.listdir(target), [])
+        self.assertEqual(sorted(os.listdir(self.dir)),
+                         ['backups', 'empty', 'source'])
+
+    def test_a_first_argument_that_is_no_snapshot_is_named(self):
+        self.backup()
+        some_file = os.path.join(self.dir, 'notes.txt')
+        with open(some_file, 'w') as f:
+            f.write('x')
+        for first, problem in [(some_file, 'not a directory'),
+                               (self.source, 'no manifest.sqlite')]:
+            with self.subTest(first):
+                self.assertRefused(
+                    ['restore', first, os.path.join(self.dir, 'r')],
+                    f'error: {first} is not a backup snapshot: {problem}\n',
+                    self.dir)
+                self.assertRefused(
+                    ['restore', '--check', first],
+                    f'error: {first} is not a backup snapshot: {problem}\n',
+                    self.dir)
 
     def test_keep_needs_a_positive_number(self):
         err = io.StringIO()
@@ -943,14 +984,14 @@ class InterruptedRestoreTests(StoreTestCase):
         for renamed in (1, 2):
             with self.subTest(renamed=renamed):
                 target = os.path.join(self.dir, f'killed-after-{renamed}')
-                killed = run_process('restore', '--quiet', target, snapshot,
+                killed = run_process('restore', '--quiet', snapshot, target,
                                      env={RESTORE_KILL_VARIABLE:
                                           str(renamed)})
                 self.assertEqual(killed.returncode, -signal.SIGKILL)
                 self.assertTrue(os.listdir(os.path.join(target, 'blobs')))
                 self.assertFalse(os.path.exists(
                     os.path.join(target, 'Data.fs')))
-                rerun = run_process('restore', '--quiet', target, snapshot)
+                rerun = run_process('restore', '--quiet', snapshot, target)
                 self.assertEqual(rerun.returncode, 0, rerun.stderr)
                 self.assertIn('restored transaction', rerun.stdout)
                 self.assertIn('20 blob files', rerun.stdout)
@@ -960,7 +1001,7 @@ class InterruptedRestoreTests(StoreTestCase):
                 self.assertVerifies(target)
                 self.assertEqual(read_store(target), self.expected)
                 # Finished: a third run is refused as any occupied one.
-                again = run_process('restore', '--quiet', target, snapshot)
+                again = run_process('restore', '--quiet', snapshot, target)
                 self.assertEqual(again.returncode, 2)
                 self.assertIn('Data.fs exists', again.stderr)
 
@@ -971,17 +1012,17 @@ class InterruptedRestoreTests(StoreTestCase):
         self.backup()
         first, second = self.snapshot_paths()
         target = os.path.join(self.dir, 'restored')
-        killed = run_process('restore', '--quiet', target, first,
+        killed = run_process('restore', '--quiet', first, target,
                              env={RESTORE_KILL_VARIABLE: '1'})
         self.assertEqual(killed.returncode, -signal.SIGKILL)
         before = sorted(os.listdir(target))
-        other = run_process('restore', '--quiet', target, second)
+        other = run_process('restore', '--quiet', second, target)
         self.assertEqual(other.returncode, 2)
         self.assertIn(f'restore of snapshot {os.path.basename(first)} that '
                       f'was interrupted', other.stderr)
         self.assertEqual(sorted(os.listdir(target)), before)
-        self.assertEqual(run_process('restore', '--quiet', target,
-                                     first).returncode, 0)
+        self.assertEqual(run_process('restore', '--quiet', first,
+                                     target).returncode, 0)
 
 
 class PackedUnfinishedTests(StoreTestCase):
@@ -1090,8 +1131,8 @@ class LiveServerTests(unittest.TestCase):
         self.assertGreater(self.db.lastTransaction(), taken[-1].tid)
         for number, snapshot in enumerate(taken):
             restored = os.path.join(self.dir, f'restored{number}')
-            status, out, err = run('restore', '--check', restored,
-                                   snapshot.path)
+            status, out, err = run('restore', '--check', snapshot.path,
+                                   restored)
             self.assertEqual(status, 0, out + err)
             status, out, err = run(
                 'verify', '--checksum', '--data',

@@ -1,6 +1,8 @@
 """``zodbblob verify`` and ``zodbblob recover``, run as a user runs them;
 the progress display of the tools."""
 
+import contextlib
+import io
 import os
 import pty
 import re
@@ -10,12 +12,13 @@ import subprocess
 import sys
 import tempfile
 import unittest
+from unittest import mock
 
 import ZODB
 import ZODB.FileStorage
 from ZODB.blob import Blob
 
-from zodbblob import BlobStorage
+from zodbblob import BlobStorage, cli
 from zodbblob.commitlog import commit_log_path, unfinished_records
 from zodbblob.tests.test_crash import run_child
 
@@ -96,6 +99,22 @@ class ToolTests(StoreTestCase):
         self.assertEqual(result.returncode, 1)
         self.assertIn('missing: blob file of oid', result.stdout)
         self.assertIn(path, result.stdout)
+
+    def test_interrupted_verify_exits_130_in_one_line(self):
+        self.make_store()
+        out, err = io.StringIO(), io.StringIO()
+        with mock.patch.object(cli, 'check_blob_files',
+                               side_effect=KeyboardInterrupt), \
+                contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
+            try:
+                status = cli.main(['verify', '--data', self.data,
+                                   '--blob-dir', self.blob_dir])
+            except KeyboardInterrupt:
+                status = 'a traceback'
+        self.assertEqual(status, 130)
+        self.assertEqual(out.getvalue(), '')
+        self.assertEqual(err.getvalue(), 'zodbblob verify: interrupted\n')
 
     def test_verify_reads_a_zope_conf(self):
         self.make_store()
@@ -243,6 +262,27 @@ class VerifyTellsTheTruthTests(StoreTestCase):
         return sorted((line.split()[-1], line.split()[-8])
                       for line in output.splitlines()
                       if 'of interrupted transaction' in line)
+
+    def test_tools_beside_a_new_live_store_say_nothing_of_its_index(self):
+        # A new FileStorage saves the index of its empty file at once:
+        # beside it, read-only opens find that index and ignore it.
+        os.mkdir(os.path.join(self.dir, 'var'))
+        data = os.path.join(self.dir, 'var', 'Data.fs')
+        blob_dir = os.path.join(self.dir, 'var', 'blobs')
+        db = ZODB.DB(BlobStorage(blob_dir, ZODB.FileStorage.FileStorage(data)))
+        self.addCleanup(db.close)
+        with db.transaction() as conn:
+            conn.root()['b'] = Blob(b'live')
+        storage = ('--data', data, '--blob-dir', blob_dir)
+        for argv in [('verify', *storage),
+                     ('backup', '--quiet', *storage,
+                      os.path.join(self.dir, 'backups')),
+                     ('export', '--quiet', *storage,
+                      os.path.join(self.dir, 'root.zexp'))]:
+            with self.subTest(argv[0]):
+                result = zodbblob(*argv)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertEqual(result.stderr, '')
 
     def test_verify_after_a_process_that_did_not_close_is_clean(self):
         self.make_store()

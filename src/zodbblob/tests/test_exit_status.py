@@ -22,6 +22,7 @@ from zodbblob import BlobStorage
 from zodbblob.cache import BlobCache
 from zodbblob.cli import COMMANDS
 from zodbblob.commitlog import commit_log_path
+from zodbblob.layout import LAYOUTS
 
 
 def zodbblob(*args):
@@ -114,7 +115,7 @@ class ExitStatusTests(unittest.TestCase):
         if command == 'restore':
             if case in ('commit-log', 'layout'):
                 return None   # no storage: a snapshot
-            return (command, self.path('restored'), blobs)
+            return (command, blobs, self.path('restored'))
         if command == 'cache':
             if case == 'cache':
                 return (command, 'stats', self.path('store', 'blobs'))
@@ -148,6 +149,23 @@ class ExitStatusTests(unittest.TestCase):
         for command in COMMANDS:
             with self.subTest(command):
                 self.assertCannotRun((command, '--no-such-option'))
+
+    def test_a_bad_layout_exits_2_naming_the_registered_layouts(self):
+        for command in COMMANDS:
+            argv, _ = self.argv(command, 'missing')
+            if command == 'serve':
+                argv = (command, '--var', self.path('store'))
+            with self.subTest(command):
+                self.assertCannotRun((*argv, '--layout', 'tree'), '--layout')
+                message = zodbblob(*argv, '--layout', 'tree').stderr
+                if command in ('serve', 'migrate', 'restore'):
+                    self.assertIn("argument --layout: invalid choice: "
+                                  "'tree' (choose from ", message)
+                    for layout in LAYOUTS:
+                        self.assertIn(layout, message)
+                else:
+                    self.assertIn('unrecognized arguments: --layout tree',
+                                  message)
 
     def test_the_wrong_kind_of_directory_and_damaged_state_exit_2(self):
         for case in ('cache', 'commit-log', 'layout', 'missing'):

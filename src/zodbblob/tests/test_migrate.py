@@ -92,7 +92,10 @@ def run_cli(*args):
     """`cli.main` with its output: (status, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = cli.main(['migrate', *args])
+        try:
+            status = cli.main(['migrate', *args])
+        except SystemExit as e:   # argparse refused the arguments
+            status = e.code
     return status, out.getvalue(), err.getvalue()
 
 
@@ -758,7 +761,7 @@ class RefusalTests(MigrateTestCase):
              'is not a blob directory'),
             (unknown, self.path('new'), 'chunky', 'layout `sideways`'),
             (source, self.path('new'), 'sideways',
-             'Unknown blob directory layout `sideways`'),
+             "argument --layout: invalid choice: 'sideways' (choose from "),
             (source, os.path.join(source, 'inside'), 'chunky',
              'is inside the source'),
             (source, source, 'chunky', 'is the source directory'),
@@ -770,6 +773,11 @@ class RefusalTests(MigrateTestCase):
                 self.assert_refused(src, dst, '--layout', layout,
                                     message=message)
                 self.assertFalse(os.path.exists(self.path('new')))
+        with self.assertRaisesRegex(MigrationError,
+                                    'Unknown blob directory layout '
+                                    '`sideways`'):
+            migrate(source, self.path('new'), 'sideways')
+        self.assertFalse(os.path.exists(self.path('new')))
 
     def test_finished_destinations_of_another_kind_are_refused(self):
         source = self.make_store()

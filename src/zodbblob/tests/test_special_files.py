@@ -127,8 +127,8 @@ class SpecialFilesTests(unittest.TestCase):
         [snapshot] = [name for name in os.listdir(destination)
                       if not name.startswith('.')]
         restored = os.path.join(self.dir, 'restored')
-        result = zodbblob('restore', restored,
-                          os.path.join(destination, snapshot), '--quiet')
+        result = zodbblob('restore', os.path.join(destination, snapshot),
+                          restored, '--quiet')
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertHoldsNoSpecial(restored)
         # The regular blob came through; the others are missing, and

@@ -10,10 +10,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import unittest
 from unittest import mock
 
 import transaction
+import ZEO
 import ZEO.ClientStorage
 import zodbpickle
 import zodbpickle.pickle
@@ -32,6 +35,7 @@ from zodbblob import BlobStorage
 from zodbblob import zexp
 from zodbblob.cli import main
 from zodbblob.journal import KILL_POINT_VARIABLE
+from zodbblob.testing import ZEOServerLayer
 from zodbblob.zexp import BLOB_MARKER
 from zodbblob.zexp import ImportReport
 from zodbblob.zexp import ZexpError
@@ -603,7 +607,7 @@ class CommandTests(ZexpTestCase):
         old = self.export_stock('source', 'old.zexp', blobs=False)
         status, out, err = self.run_main(
             'import', *self.storage, '--name', 'empty', old)
-        self.assertEqual(status, 0, err)
+        self.assertEqual(status, 1, err)
         self.assertIn('imported as /empty', out)
         self.assertEqual(err.count('empty blob: oid'), 4, err)
         status, out, err = self.run_main(
@@ -612,6 +616,20 @@ class CommandTests(ZexpTestCase):
         self.assertEqual(status, 0, err)
         self.assertEqual(err, '')
         self.assertEqual(self.snapshot_at('old'), self.expected)
+
+    def test_import_names_each_empty_blob_once_and_exits_1(self):
+        old = self.export_stock('source', 'old.zexp', blobs=False)
+        # In a process of its own, as a user runs it: no logging configured.
+        result = subprocess.run(
+            [sys.executable, '-m', 'zodbblob.cli', 'import', *self.storage,
+             '--quiet', old],
+            capture_output=True, text=True, timeout=120, check=False)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        lines = result.stderr.splitlines()
+        self.assertEqual(len(lines), 4, result.stderr)
+        for line in lines:
+            self.assertRegex(line, r'^empty blob: oid 0x[0-9a-f]+ \(oid '
+                                   r'0x[0-9a-f]+ in the file\) has no data')
 
     def test_progress_shows_on_a_terminal_unless_quiet(self):
         path = self.path('f.zexp')
@@ -661,7 +679,7 @@ class CommandTests(ZexpTestCase):
         self.assertEqual(sorted(self.snapshot_at()), ['folder'])
         self.assertEqual(blob_files(self.path('source', 'blobs')), before)
 
-    def test_both_refuse_a_blob_directory_a_live_storage_holds(self):
+    def test_export_reads_beside_a_live_storage_and_import_refuses_it(self):
         holder = subprocess.Popen(
             [sys.executable, '-c',
              'import sys, ZODB.FileStorage, zodbblob\n'
@@ -676,15 +694,140 @@ class CommandTests(ZexpTestCase):
         holder.stdout.close()
         status, out, err = self.run_main('export', *self.storage, '--path',
                                          '/folder', self.path('f.zexp'))
-        self.assertEqual(status, 2)
-        self.assertIn('the storage is in use by another process', err)
-        self.assertFalse(os.path.exists(self.path('f.zexp')))
-        with open(self.path('f.zexp'), 'wb') as f:
+        self.assertEqual(status, 0, err)
+        db = self.open_db('copy')
+        self.assertEqual(snapshot(self.import_into(db, self.path('f.zexp'))),
+                         self.expected)
+        db.close()
+        with open(self.path('g.zexp'), 'wb') as f:
             f.write(b'ZEXP' + zexp.END_MARKER)
         status, out, err = self.run_main('import', *self.storage,
-                                         self.path('f.zexp'))
+                                         self.path('g.zexp'))
         self.assertEqual(status, 2)
         self.assertIn('the storage is in use by another process', err)
+
+    def test_export_during_a_pack_that_removed_its_blobs_says_run_again(
+            self):
+        live = self.open_db('source')
+        write_blob = zexp._write_blob
+        packed = []
+
+        def pack_then_write(*args):
+            # Once the export has its view: new revisions of every blob,
+            # and a pack that removes the files of the ones it exports.
+            if not packed:
+                with live.transaction() as conn:
+                    folder = conn.root()['folder']
+                    for blob in (folder['empty'], folder['small'],
+                                 folder['big'],
+                                 folder['tree']['item007']['blob']):
+                        with blob.open('w') as f:
+                            f.write(b'new')
+                live.pack(time.time() + 1)
+                packed.append(True)
+            return write_blob(*args)
+
+        path = self.path('f.zexp')
+        with mock.patch.object(zexp, '_write_blob',
+                               side_effect=pack_then_write):
+            status, out, err = self.run_main('export', *self.storage,
+                                             '--quiet', '--path', '/folder',
+                                             path)
+        self.assertEqual(packed, [True])
+        self.assertEqual(status, 2, err)
+        self.assertEqual(out, '')
+        data_fs = self.path('source', 'Data.fs')
+        self.assertEqual(err, f'zodbblob export: error: {data_fs} was '
+                              f'replaced (packed?) while export read it: '
+                              f'{path} not written; run the export again\n')
+        self.assertEqual(sorted(os.listdir(self.dir)), ['source'])
+        status, out, err = self.run_main('export', *self.storage, '--quiet',
+                                         '--path', '/folder', path)
+        self.assertEqual(status, 0, err)
+        live.close()
+        db = self.open_db('copy')
+        folder = self.import_into(db, path)
+        with folder['small'].open() as f:
+            self.assertEqual(f.read(), b'new')
+
+    def test_export_opened_as_a_pack_replaced_data_fs_says_run_again(self):
+        live = self.open_db('source')
+        with live.transaction() as conn:
+            conn.root()['folder']['small'] = Blob(b'second revision')
+        open_storage = zexp.open_storage
+
+        def open_then_pack(*args, **kw):
+            # The index read from the file a pack then replaces.
+            storage = open_storage(*args, **kw)
+            live.pack(time.time() + 1)
+            return storage
+
+        path = self.path('f.zexp')
+        with mock.patch.object(zexp, 'open_storage',
+                               side_effect=open_then_pack):
+            status, out, err = self.run_main('export', *self.storage,
+                                             '--quiet', '--path', '/folder',
+                                             path)
+        self.assertEqual(status, 2, err)
+        self.assertEqual(out, '')
+        self.assertEqual(err, f'zodbblob export: error: '
+                              f'{self.path("source", "Data.fs")} was '
+                              f'replaced (packed?) while export read it: '
+                              f'{path} not written; run the export again\n')
+        self.assertEqual(sorted(os.listdir(self.dir)), ['source'])
+
+    def test_export_skipping_a_dangling_reference_names_it_and_exits_1(
+            self):
+        db = self.open_db('source')
+        with db.transaction() as conn:
+            ghost = PersistentMapping()
+            # A reference to an oid no transaction stored.
+            ghost._p_oid, ghost._p_jar = conn.db().storage.new_oid(), conn
+            conn.root()['folder']['ghost'] = ghost
+        db.close()
+        path = self.path('f.zexp')
+        # In a process of its own, as a user runs it: no logging configured.
+        result = subprocess.run(
+            [sys.executable, '-m', 'zodbblob.cli', 'export', *self.storage,
+             '--quiet', '--path', '/folder', path],
+            capture_output=True, text=True, timeout=120, check=False)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn(f'{path}: exported /folder', result.stdout)
+        self.assertEqual(result.stderr,
+                         f'skipped: oid {oid_repr(ghost._p_oid)} is '
+                         f'referenced but not in the database\n')
+
+    def test_export_of_a_database_without_a_root_says_so(self):
+        os.mkdir(self.path('new'))
+        data_fs = self.path('new', 'Data.fs')
+        BlobStorage(self.path('new', 'blobs'),
+                    ZODB.FileStorage.FileStorage(data_fs)).close()
+        path = self.path('f.zexp')
+        status, out, err = self.run_main(
+            'export', '--data', data_fs, '--blob-dir',
+            self.path('new', 'blobs'), path)
+        self.assertEqual(status, 2)
+        self.assertEqual(out, '')
+        self.assertEqual(err, f'zodbblob export: error: {data_fs} holds no '
+                              f'root object (no client has opened the '
+                              f'database yet): nothing to export\n')
+        self.assertFalse(os.path.exists(path))
+
+    def test_interrupted_export_exits_130_and_leaves_no_file(self):
+        path = self.path('f.zexp')
+        with mock.patch.object(zexp, '_write_blob',
+                               side_effect=KeyboardInterrupt):
+            try:
+                status, out, err = self.run_main(
+                    'export', *self.storage, '--quiet', '--path', '/folder',
+                    path)
+            except KeyboardInterrupt:
+                status = 'a traceback'
+        self.assertEqual(status, 130)
+        self.assertEqual(out, '')
+        self.assertEqual(err, f'zodbblob export: error: interrupted: {path} '
+                              f'not written\n')
+        self.assertEqual(sorted(os.listdir(self.dir)), ['source'])
 
     def test_interrupted_import_leaves_nothing_and_can_be_run_again(self):
         path = self.path('f.zexp')
@@ -693,7 +836,7 @@ class CommandTests(ZexpTestCase):
         with mock.patch.object(zexp, '_fill_blob',
                                side_effect=KeyboardInterrupt):
             status, out, err = self.run_main('import', *self.storage, path)
-        self.assertEqual(status, 2)
+        self.assertEqual(status, 130)
         self.assertIn('interrupted: nothing of', err)
         env = dict(os.environ)
         env[KILL_POINT_VARIABLE] = 'after_journal_begin'
@@ -710,6 +853,138 @@ class CommandTests(ZexpTestCase):
         self.assertEqual(again.returncode, 0, again.stderr)
         self.assertRegex(again.stdout, r'imported as /f: \d+ objects, 4 blobs')
         self.assertEqual(self.snapshot_at('f'), self.expected)
+
+
+# A server of our own: the test commits into it, which the shared
+# ZEO_SERVER layer's other users should not see.
+EXPORT_SERVER = ZEOServerLayer(name='EXPORT_SERVER', module=__name__)
+
+
+def blob_bytes(generation, number):
+    return b'%d:%d;' % (generation, number) * 300
+
+
+class LiveServerExportTests(unittest.TestCase):
+    """``zodbblob export`` of a store a ``zodbblob serve`` process serves
+    while a ZEO client commits to it."""
+
+    layer = EXPORT_SERVER
+    level = 2
+    blobs = 20
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix='zodbblob-zexp-live-')
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.db = ZEO.DB(self.layer.address,
+                         blob_dir=os.path.join(self.dir, 'cache'))
+        self.addCleanup(close, self.db)
+        self.storage = ['--data', os.path.join(self.layer.var, 'Data.fs'),
+                        '--blob-dir', self.layer.blob_dir]
+
+    def zodbblob(self, *args):
+        return subprocess.run(
+            [sys.executable, '-m', 'zodbblob.cli', *args],
+            capture_output=True, text=True, timeout=300, check=False)
+
+    def commit_generation(self, generation):
+        """Every blob of root['folder'] rewritten, in one transaction."""
+        with self.db.transaction() as conn:
+            folder = conn.root().setdefault('folder', PersistentMapping())
+            folder['generation'] = generation
+            for number in range(self.blobs):
+                blob = folder.setdefault(f'b{number}', Blob())
+                with blob.open('w') as f:
+                    f.write(blob_bytes(generation, number))
+
+    def committer(self, stop, committed):
+        generation = committed[-1]
+        while not stop.is_set():
+            generation += 1
+            self.commit_generation(generation)
+            committed.append(generation)
+
+    def wait_for(self, committed, count, thread):
+        deadline = time.monotonic() + 120
+        while len(committed) < count:
+            self.assertTrue(thread.is_alive(), 'the committer failed')
+            self.assertLess(time.monotonic(), deadline,
+                            'the committer made no progress')
+            time.sleep(0.01)
+
+    def assertOneGeneration(self, folder, at_least):
+        """`folder` is one committed state: every blob of its generation."""
+        generation = folder['generation']
+        self.assertGreaterEqual(generation, at_least)
+        for number in range(self.blobs):
+            with folder[f'b{number}'].open() as f:
+                self.assertEqual(f.read(), blob_bytes(generation, number),
+                                 f'blob b{number} of generation '
+                                 f'{generation}')
+        return generation
+
+    def test_export_beside_a_live_server_imports_elsewhere_with_its_bytes(
+            self):
+        self.commit_generation(0)
+        stop, committed = threading.Event(), [0]
+        thread = threading.Thread(target=self.committer,
+                                  args=(stop, committed))
+        thread.start()
+        try:
+            self.wait_for(committed, 3, thread)
+            before_export = committed[-1]
+            path = os.path.join(self.dir, 'folder.zexp')
+            exported = self.zodbblob('export', *self.storage, '--path',
+                                     '/folder', path)
+            self.wait_for(committed, len(committed) + 2, thread)
+        finally:
+            stop.set()
+            thread.join()
+        self.assertEqual(exported.returncode, 0, exported.stderr)
+        self.assertIn(f'{self.blobs} blobs', exported.stdout)
+
+        # Into another zodbblob storage, by the command ...
+        os.mkdir(os.path.join(self.dir, 'copy'))
+        copy = ['--data', os.path.join(self.dir, 'copy', 'Data.fs'),
+                '--blob-dir', os.path.join(self.dir, 'copy', 'blobs')]
+        ZODB.DB(BlobStorage(copy[3], ZODB.FileStorage.FileStorage(
+            copy[1]))).close()
+        imported = self.zodbblob('import', *copy, path)
+        self.assertEqual(imported.returncode, 0, imported.stderr)
+        db = ZODB.DB(BlobStorage(copy[3], ZODB.FileStorage.FileStorage(
+            copy[1])))
+        try:
+            with db.transaction() as conn:
+                generation = self.assertOneGeneration(
+                    conn.root()['folder'], before_export)
+        finally:
+            db.close()
+
+        # ... and into a stock FileStorage, by stock importFile.
+        stock = ZODB.DB(ZODB.FileStorage.FileStorage(
+            os.path.join(self.dir, 'stock.fs'),
+            blob_dir=os.path.join(self.dir, 'stock-blobs')))
+        try:
+            with stock.transaction() as conn:
+                conn.root()['folder'] = conn.importFile(path)
+            with stock.transaction() as conn:
+                self.assertEqual(self.assertOneGeneration(
+                    conn.root()['folder'], before_export), generation)
+        finally:
+            stock.close()
+
+        # The server went on serving: the committer committed after the
+        # export, and a new client commits and reads back.
+        self.assertGreater(committed[-1], generation)
+        other = ZEO.DB(self.layer.address,
+                       blob_dir=os.path.join(self.dir, 'cache2'))
+        try:
+            with other.transaction() as conn:
+                conn.root()['after'] = Blob(b'after the export')
+        finally:
+            other.close()
+        with self.db.transaction() as conn, \
+                conn.root()['after'].open() as f:
+            self.assertEqual(f.read(), b'after the export')
 
 
 def test_suite():
