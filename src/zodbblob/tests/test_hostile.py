@@ -249,7 +249,8 @@ class Server:
 
     def __init__(self, test, layout):
         self.var = test.path('var')
-        self.blob_dir = os.path.join(self.var, 'blobs')
+        self.data_fs = os.path.join(self.var, 'filestorage', 'Data.fs')
+        self.blob_dir = os.path.join(self.var, 'blobstorage')
         self.address = ('127.0.0.1', free_port())
         self.process = ServerProcess(
             serve_command('--address', format_address(self.address),
@@ -462,7 +463,7 @@ class StoreOnceTests(TemporaryDirectory):
         self.assertEqual(server.process.stop(), 0, server.process.output())
 
         storage = ZODB.FileStorage.FileStorage(
-            os.path.join(server.var, 'Data.fs'), read_only=True)
+            server.data_fs, read_only=True)
         try:
             transactions = [collections.Counter(record.oid
                                                 for record in transaction)
