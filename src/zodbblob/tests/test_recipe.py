@@ -541,6 +541,21 @@ class BuildoutTests(unittest.TestCase):
         self.assertIn('terminated by SIGTERM', log)
         self.assertIn("Stopped; closed storages '1'", log)
 
+    def test_documented_checkout_buildout_installs_as_written(self):
+        # doc/recipe.rst's form for a checkout: only the path is this one.
+        checkout = os.path.realpath(os.path.join(os.path.dirname(DOC),
+                                                 os.pardir))
+        buildout_cfg = the_block(DOC, 'ini', 'develop = /path/to/zodbblob')
+        port = free_port()
+        output = self.buildout(
+            buildout_cfg.replace('/path/to/zodbblob', checkout)
+            .replace('127.0.0.1:8100', f'127.0.0.1:{port}'))
+        self.assertIn('Installing zeoserver.', output)
+        self.assertNotIn("Couldn't find a distribution", output)
+        self.assertTrue(os.path.isfile(self.path('bin', 'zeoserver')))
+        with open(self.path('parts', 'zeoserver', 'client.conf')) as f:
+            self.assertIn(f'server 127.0.0.1:{port}\n', f.read())
+
     def test_bad_option_stops_the_buildout_naming_it(self):
         output = self.buildout(BUILDOUT_CFG.format(
             port='http', log='STDOUT'))
