@@ -340,13 +340,14 @@ class ServeTests(TemporaryDirectory):
             blob._p_activate()
             blob_oid = blob._p_oid
         normal.close()
-        skip = (os.path.join('var', 'Data.fs'), 'server.log',
-                os.path.join('var', 'blobs', '.zodbblob'),
-                os.path.join('var', 'blobs', 'tmp'))
+        skip = (os.path.join('var', 'filestorage', 'Data.fs'), 'server.log',
+                os.path.join('var', 'blobstorage', '.zodbblob'),
+                os.path.join('var', 'blobstorage', 'tmp'))
         before = tree(self.directory, skip)
 
         hostile = RawClient(self, server.address)
-        # From var/blobs/<repr dir>: up to var/blobs, var, the test dir.
+        # From var/blobstorage/<repr dir>: up to var/blobstorage, var, the
+        # test dir.
         oid = escaping_id(3, 'outside', 'planted')
         error = hostile.store_blob(oid, b'planted bytes')
         self.assertEqual(os.listdir(outside), [])
