@@ -7,12 +7,15 @@ with open('README.rst') as f:
 with open('CHANGES.rst') as f:
     long_description += '\n\n' + f.read()
 
+# No zc.buildout here: it upgrades pip and setuptools in the environment
+# it is installed into, which a project that only wants zodbblob.testing
+# must not get.  The recipe's tests need it (``[recipe]``) and are skipped
+# without it.
 tests_require = [
     'zope.testrunner >= 6',
     'zope.testing',
     'manuel',
     'hypothesis',
-    'zc.buildout',
 ]
 
 setup(
@@ -44,7 +47,11 @@ setup(
         'persistent',
         'zope.interface',
     ],
-    extras_require={'test': tests_require, 'recipe': ['zc.buildout']},
+    extras_require={
+        'test': tests_require,
+        'recipe': ['zc.buildout'],
+        'test-recipe': tests_require + ['zc.buildout'],
+    },
     entry_points={
         'console_scripts': ['zodbblob = zodbblob.cli:main'],
         'zc.buildout': ['default = zodbblob.recipe:Recipe'],

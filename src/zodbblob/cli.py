@@ -22,12 +22,15 @@ and shutdown.  With no arguments it runs this zeo.conf (see
       address 127.0.0.1:8100
     </zeo>
     <zodbblob 1>
-      blob-dir ./var/blobs
+      blob-dir ./var/blobstorage
       layout automatic
       <filestorage>
-        path ./var/Data.fs
+        path ./var/filestorage/Data.fs
       </filestorage>
     </zodbblob>
+
+The places under ``var/`` are Plone's (and the buildout recipe's), so a
+database moves between them without a word of configuration.
 """
 
 from __future__ import annotations
@@ -43,7 +46,10 @@ from collections.abc import Sequence
 
 import zc.lockfile
 import ZConfig
+import ZConfig.datatypes
+import ZConfig.loader
 import ZEO.runzeo
+import ZODB.config
 
 from zodbblob.arguments import ToolError, add_storage_arguments, open_storage
 from zodbblob.backup import (add_backup_arguments, add_restore_arguments,
@@ -64,6 +70,14 @@ DEFAULT_HOST = '127.0.0.1'
 DEFAULT_PORT = 8100
 DEFAULT_VAR = 'var'
 AUTOMATIC = 'automatic'
+
+# Where serve keeps its database under --var: Plone's places, which the
+# buildout recipe uses too.
+DATA_FS = os.path.join('filestorage', 'Data.fs')
+BLOB_DIR = 'blobstorage'
+# Where serve kept it before: a --var that still has these holds a
+# database that serve would no longer see.
+OLD_PLACES = ('Data.fs', 'blobs')
 
 
 # serve
@@ -119,8 +133,8 @@ def serve_config(address: tuple[str, int] = (DEFAULT_HOST, DEFAULT_PORT),
                  var: str = DEFAULT_VAR, layout: str = AUTOMATIC) -> str:
     """The zeo.conf that ``zodbblob serve`` runs when given no --config."""
     var = os.path.abspath(var)
-    blob_dir = _zconfig_value(os.path.join(var, 'blobs'))
-    data_fs = _zconfig_value(os.path.join(var, 'Data.fs'))
+    blob_dir = _zconfig_value(os.path.join(var, BLOB_DIR))
+    data_fs = _zconfig_value(os.path.join(var, DATA_FS))
     return (
         '%import zodbblob\n'
         '\n'
@@ -198,8 +212,12 @@ class ZEOServer(ZEO.runzeo.ZEOServer):
             for storage in self.storages.values():
                 storage.close()
         super().close_server()
-        logger.info('Stopped; closed storages %s',
-                    ', '.join(repr(name) for name in sorted(self.storages)))
+        # A server that could not open its first storage (another server
+        # holds it) closed nothing: its error says why it stopped.
+        if self.storages:
+            logger.info(
+                'Stopped; closed storages %s',
+                ', '.join(repr(name) for name in sorted(self.storages)))
 
 
 def describe_storage(storage) -> str:
@@ -210,18 +228,72 @@ def describe_storage(storage) -> str:
     return storage.getName()
 
 
+def storage_places(opener) -> tuple[list[str], list[str]]:
+    """The FileStorage paths and blob directories that a storage section
+    of zeo.conf names, in the sections it wraps too (``base``)."""
+    config = getattr(opener, 'config', None)
+    data_files, blob_dirs = [], []
+    if config is None:
+        return data_files, blob_dirs
+    if isinstance(opener, ZODB.config.FileStorage):
+        data_files.append(os.path.abspath(config.path))
+    blob_dir = getattr(config, 'blob_dir', None)
+    if blob_dir:
+        blob_dirs.append(os.path.abspath(blob_dir))
+    base = getattr(config, 'base', None)
+    if base is not None:
+        inner_files, inner_dirs = storage_places(base)
+        data_files += inner_files
+        blob_dirs += inner_dirs
+    return data_files, blob_dirs
+
+
+def make_storage_directories(config_path: str) -> list[str]:
+    """Make the directory of every FileStorage that the zeo.conf at
+    `config_path` names, as serve does for its own; return their paths.
+
+    ZODB's schema refuses a FileStorage path whose directory is missing
+    while loading, so the paths are found in a first load that takes the
+    paths as written.  A file that does not load is left to runzeo's
+    loading, which reports it.
+    """
+    stock = dict(ZConfig.datatypes.stock_datatypes)
+    stock['existing-dirpath'] = os.path.abspath
+    options = ZEO.runzeo.ZEOOptions()
+    try:
+        schema = ZConfig.loader.SchemaLoader(
+            ZConfig.datatypes.Registry(stock)).loadURL(
+            os.path.join(options.schemadir, options.schemafile))
+        root, _ = ZConfig.loadConfig(schema, config_path)
+    except (ZConfig.ConfigurationError, OSError):
+        return []
+    made = []
+    for opener in root.storages:
+        for path in storage_places(opener)[0]:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            made.append(os.path.dirname(path))
+    return made
+
+
+def old_places(var: str) -> list[str]:
+    """What a --var holds where serve no longer looks."""
+    return [os.path.join(var, name) for name in OLD_PLACES
+            if os.path.lexists(os.path.join(var, name))]
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        'Run a ZEO server.  Without --config it serves a FileStorage at '
-        'VAR/Data.fs with blobs in VAR/blobs, on 127.0.0.1:8100.')
+        f'Run a ZEO server.  Without --config it serves a FileStorage at '
+        f'VAR/{DATA_FS} with blobs in VAR/{BLOB_DIR} (the places Plone '
+        f'uses), on 127.0.0.1:8100.')
     parser.add_argument(
         '--address', type=parse_address, metavar='HOST:PORT',
         help=f'where to listen (default {DEFAULT_HOST}:{DEFAULT_PORT}; a '
              f'bare PORT means {DEFAULT_HOST})')
     parser.add_argument(
         '--var', metavar='DIR',
-        help=f'directory for Data.fs and blobs/, created if missing '
-             f'(default ./{DEFAULT_VAR})')
+        help=f'directory for {DATA_FS} and {BLOB_DIR}/, created if '
+             f'missing (default ./{DEFAULT_VAR})')
     parser.add_argument(
         '--layout', choices=sorted(LAYOUTS) + [AUTOMATIC],
         help='blob directory layout (default automatic: the existing '
@@ -238,20 +310,49 @@ def serve(args: argparse.Namespace) -> int:
         if args.var is not None or args.layout is not None:
             args.parser.error('--var and --layout configure the default '
                               'storage; with --config, the file does')
+        try:
+            make_storage_directories(args.config)
+        except OSError as e:
+            print(f'{args.parser.prog}: error: {args.config}: cannot make '
+                  f'the directory of a FileStorage: {e}', file=sys.stderr)
+            return 2
         argv = ['-C', args.config]
         if args.address is not None:
             argv += ['-a', format_address(args.address)]
         options = ServeOptions()
     else:
-        var = args.var if args.var is not None else DEFAULT_VAR
+        var = os.path.abspath(
+            args.var if args.var is not None else DEFAULT_VAR)
         if os.path.exists(var) and not os.path.isdir(var):
             args.parser.error(f'--var {var}: not a directory')
-        os.makedirs(var, exist_ok=True)
+        found = old_places(var)
+        if found:
+            # Serving would start an empty database beside the real one,
+            # and clients would commit into it: refuse, changing nothing.
+            print(f'{args.parser.prog}: error: --var {var} holds a database '
+                  f'where serve no longer looks ({", ".join(found)}); it '
+                  f'serves {os.path.join(var, DATA_FS)} and '
+                  f'{os.path.join(var, BLOB_DIR)}: move Data.fs (with its '
+                  f'.index) and blobs there, or serve them with --config',
+                  file=sys.stderr)
+            return 2
+        # FileStorage makes no directories; the blob directory is made by
+        # the storage itself, with the permissions it wants.
+        os.makedirs(os.path.dirname(os.path.join(var, DATA_FS)),
+                    exist_ok=True)
         text = serve_config(args.address or (DEFAULT_HOST, DEFAULT_PORT),
                             var, args.layout or AUTOMATIC)
         argv = []
         options = ConfigTextOptions(text, '<zodbblob serve defaults>')
     options.realize(argv, progname=args.parser.prog)
+    for opener in options.storages:
+        data_files, blob_dirs = storage_places(opener)
+        # One plain line before runzeo's log: where the data is, so that
+        # nobody serves an empty database by mistake.
+        print(f'{args.parser.prog}: storage {opener.name!r}: database '
+              f'{", ".join(data_files) or opener.__class__.__name__}, '
+              f'blobs in {", ".join(blob_dirs) or "(none)"}',
+              file=sys.stderr, flush=True)
     try:
         ZEOServer(options).main()
     except (BlobStorageError, zc.lockfile.LockError) as e:

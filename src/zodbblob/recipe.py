@@ -141,8 +141,12 @@ class Recipe:
             except ValueError:
                 size = -1
             if size < 0:
+                # Written into client.conf, where ZConfig's byte-size
+                # reads it: whole numbers, units of 1024.
                 _fail('blob-cache-size', name, self.blob_cache_size,
-                      'expected bytes, or a number with KB, MB or GB')
+                      'expected a whole number of bytes, or of KB, MB or GB '
+                      '(units of 1024, as ZConfig reads client.conf: not '
+                      'TB, KiB, MiB, GiB or fractions)')
         self.blob_cache_size_check = options.get(
             'blob-cache-size-check', '').strip()
         if self.blob_cache_size_check and not (

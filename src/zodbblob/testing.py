@@ -46,7 +46,7 @@ import transaction
 import ZODB
 import ZODB.FileStorage
 
-from zodbblob.cli import format_address
+from zodbblob.cli import BLOB_DIR, DATA_FS, format_address
 from zodbblob.storage import BlobStorage
 
 
@@ -218,8 +218,10 @@ class ZEOServerLayer(_Layer):
 
     During the layer: ``address`` (``('127.0.0.1', port)``, for
     ``ZEO.client`` / ``ZEO.DB``), ``var`` (the server's directory),
-    ``blob_dir`` (the server's blob directory, ``var/blobs``) and
-    ``server`` (the `ServerProcess`, whose ``output()`` is the server log).
+    ``data_fs`` and ``blob_dir`` (the server's FileStorage and blob
+    directory, ``var/filestorage/Data.fs`` and ``var/blobstorage``, as
+    ``zodbblob serve`` keeps them) and ``server`` (the `ServerProcess`,
+    whose ``output()`` is the server log).
     """
 
     def __init__(self, *, name: str, module: str, layout: str = 'automatic',
@@ -228,13 +230,14 @@ class ZEOServerLayer(_Layer):
         self.layout = layout
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
-        self.directory = self.var = self.blob_dir = None
+        self.directory = self.var = self.data_fs = self.blob_dir = None
         self.address = self.server = None
 
     def setUp(self):
         self.directory = tempfile.mkdtemp(prefix='zodbblob-zeo-')
         self.var = os.path.join(self.directory, 'var')
-        self.blob_dir = os.path.join(self.var, 'blobs')
+        self.data_fs = os.path.join(self.var, DATA_FS)
+        self.blob_dir = os.path.join(self.var, BLOB_DIR)
         self.address = ('127.0.0.1', free_port())
         self.server = ServerProcess(
             serve_command('--address', format_address(self.address),
@@ -257,7 +260,7 @@ class ZEOServerLayer(_Layer):
                     f'{self.server.output()}')
         finally:
             shutil.rmtree(self.directory, ignore_errors=True)
-            self.directory = self.var = self.blob_dir = None
+            self.directory = self.var = self.data_fs = self.blob_dir = None
             self.address = self.server = None
 
 

@@ -31,9 +31,9 @@ import dataclasses
 import io
 import logging
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 
 import transaction
@@ -118,8 +118,7 @@ def export_file(connection, oid: bytes, path: str,
     has_blobs = ZODB.interfaces.IBlobStorage.providedBy(storage)
     report = ExportReport(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, written = tempfile.mkstemp(dir=directory, suffix='.tmp',
-                                   prefix=os.path.basename(path) + '.')
+    fd, written = _create_beside(directory, os.path.basename(path))
     try:
         with os.fdopen(fd, 'wb') as f:
             f.write(MAGIC)
@@ -163,6 +162,22 @@ def export_file(connection, oid: bytes, path: str,
                        'data: storage %s has no blob support', path,
                        len(report.without_data), storage.getName())
     return report
+
+
+def _create_beside(directory: str, name: str) -> tuple[int, str]:
+    """A new file in `directory` for writing `name` before its rename.
+
+    Created with mode 0666 less the umask, as stock ZODB's ``exportFile``
+    creates its file (``mkstemp`` would make it 0600 whatever the umask).
+    """
+    while True:
+        written = os.path.join(
+            directory, f'{name}.{secrets.token_hex(4)}.tmp')
+        try:
+            return os.open(written, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                           0o666), written
+        except FileExistsError:
+            continue
 
 
 def _load_before(storage, oid: bytes, before: bytes):

@@ -1106,7 +1106,7 @@ class LiveServerTests(unittest.TestCase):
             wait_for(5)
             started = len(commits)
             argv = ['backup', '--quiet', '--data',
-                    os.path.join(self.layer.var, 'Data.fs'), '--blob-dir',
+                    self.layer.data_fs, '--blob-dir',
                     self.layer.blob_dir, self.dest]
             first = run(*argv)
             self.assertEqual(first[0], 0, first)

@@ -59,12 +59,21 @@ class ExitStatusTests(unittest.TestCase):
         db.close()
         for suffix in ('.lock', '.tmp'):
             os.remove(os.path.join(store, 'Data.fs' + suffix))
-        # Each case a whole var directory (Data.fs, blobs/), as serve
-        # --var wants it.
+        # Each case a whole directory (Data.fs, blobs/), with the zeo.conf
+        # that serves it.
         self.cases = {}
         for case in ('cache', 'commit-log', 'layout'):
             shutil.copytree(store, self.path(case))
             self.cases[case] = self.path(case)
+            with open(self.path(case, 'zeo.conf'), 'w') as f:
+                f.write(f'%import zodbblob\n'
+                        f'<zeo>\n  address 127.0.0.1:0\n</zeo>\n'
+                        f'<zodbblob 1>\n'
+                        f'  blob-dir {self.path(case, "blobs")}\n'
+                        f'  <filestorage>\n'
+                        f'    path {self.path(case, "Data.fs")}\n'
+                        f'  </filestorage>\n'
+                        f'</zodbblob>\n')
         shutil.rmtree(self.path('cache', 'blobs'))
         BlobCache(self.path('cache', 'blobs')).close()
         with open(commit_log_path(self.path('commit-log', 'blobs')),
@@ -123,9 +132,7 @@ class ExitStatusTests(unittest.TestCase):
                 return None   # a cache has no commit log
             return (command, 'stats', blobs)
         if command == 'serve':
-            if case == 'missing':   # --var makes a missing one: a feature
-                return (command, '--config', os.path.join(var, 'zeo.conf'))
-            return (command, '--var', var, '--address', '127.0.0.1:0')
+            return (command, '--config', os.path.join(var, 'zeo.conf'))
         raise AssertionError(f'no case for {command}')
 
     def assertCannotRun(self, argv, named=None):

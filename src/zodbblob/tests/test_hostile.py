@@ -249,7 +249,8 @@ class Server:
 
     def __init__(self, test, layout):
         self.var = test.path('var')
-        self.blob_dir = os.path.join(self.var, 'blobs')
+        self.data_fs = os.path.join(self.var, 'filestorage', 'Data.fs')
+        self.blob_dir = os.path.join(self.var, 'blobstorage')
         self.address = ('127.0.0.1', free_port())
         self.process = ServerProcess(
             serve_command('--address', format_address(self.address),
@@ -339,13 +340,14 @@ class ServeTests(TemporaryDirectory):
             blob._p_activate()
             blob_oid = blob._p_oid
         normal.close()
-        skip = (os.path.join('var', 'Data.fs'), 'server.log',
-                os.path.join('var', 'blobs', '.zodbblob'),
-                os.path.join('var', 'blobs', 'tmp'))
+        skip = (os.path.join('var', 'filestorage', 'Data.fs'), 'server.log',
+                os.path.join('var', 'blobstorage', '.zodbblob'),
+                os.path.join('var', 'blobstorage', 'tmp'))
         before = tree(self.directory, skip)
 
         hostile = RawClient(self, server.address)
-        # From var/blobs/<repr dir>: up to var/blobs, var, the test dir.
+        # From var/blobstorage/<repr dir>: up to var/blobstorage, var, the
+        # test dir.
         oid = escaping_id(3, 'outside', 'planted')
         error = hostile.store_blob(oid, b'planted bytes')
         self.assertEqual(os.listdir(outside), [])
@@ -462,7 +464,7 @@ class StoreOnceTests(TemporaryDirectory):
         self.assertEqual(server.process.stop(), 0, server.process.output())
 
         storage = ZODB.FileStorage.FileStorage(
-            os.path.join(server.var, 'Data.fs'), read_only=True)
+            server.data_fs, read_only=True)
         try:
             transactions = [collections.Counter(record.oid
                                                 for record in transaction)

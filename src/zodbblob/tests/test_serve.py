@@ -122,19 +122,19 @@ class ServeTests(TemporaryDirectory, unittest.TestCase):
         address = ('127.0.0.1', free_port())
         server = self.start(serve_command(
             '--address', f'127.0.0.1:{address[1]}'), address)
-        var = self.path('var')
-        self.assertTrue(os.path.isfile(os.path.join(var, 'Data.fs')))
-        with open(os.path.join(var, 'blobs', '.layout')) as marker:
+        data_fs = self.path('var', 'filestorage', 'Data.fs')
+        blob_dir = self.path('var', 'blobstorage')
+        self.assertTrue(os.path.isfile(data_fs))
+        with open(os.path.join(blob_dir, '.layout')) as marker:
             self.assertEqual(marker.read().strip(), 'bushy')
         self.assertSecondClientReadsBlobOfFirst(address, b'served')
-        self.assertEqual(blob_files(os.path.join(var, 'blobs')), [b'served'])
+        self.assertEqual(blob_files(blob_dir), [b'served'])
         self.assertEqual(server.stop(), 0, server.output())
         self.assertIn(f'Serving ZEO on 127.0.0.1:{address[1]}',
                       server.output())
-        self.assertIn(os.path.join(var, 'Data.fs'), server.output())
-        self.assertReopensCleanlyWithBlob(
-            os.path.join(var, 'blobs'), os.path.join(var, 'Data.fs'),
-            b'served')
+        self.assertIn(f"storage '1': database {data_fs}, blobs in "
+                      f"{blob_dir}\n", server.output())
+        self.assertReopensCleanlyWithBlob(blob_dir, data_fs, b'served')
 
     def test_ctrl_c_stops_serve_cleanly(self):
         address = ('127.0.0.1', free_port())
@@ -148,8 +148,8 @@ class ServeTests(TemporaryDirectory, unittest.TestCase):
         self.assertEqual(server.stop(signal.SIGINT), 0, server.output())
         self.assertIn('terminated by SIGINT', server.output())
         self.assertReopensCleanlyWithBlob(
-            os.path.join(var, 'blobs'), os.path.join(var, 'Data.fs'),
-            b'before ctrl-c')
+            os.path.join(var, 'blobstorage'),
+            os.path.join(var, 'filestorage', 'Data.fs'), b'before ctrl-c')
 
     def test_serve_config_runs_that_file_at_the_given_address(self):
         address = ('127.0.0.1', free_port())
@@ -209,7 +209,7 @@ class ServeArgumentTests(TemporaryDirectory, unittest.TestCase):
         self.addCleanup(os.chdir, here)
 
     def test_default_config_serves_loopback_port_8100_from_var(self):
-        os.mkdir('var')  # as serve makes it, before loading the config
+        os.makedirs('var/filestorage')  # as serve makes it, before loading
         schema = ZConfig.loadSchema(
             os.path.join(os.path.dirname(ZEO.__file__), 'schema.xml'))
         config, _ = ZConfig.loadConfigFile(schema, io.StringIO(
@@ -217,20 +217,22 @@ class ServeArgumentTests(TemporaryDirectory, unittest.TestCase):
         self.assertEqual(config.zeo.address.address, ('127.0.0.1', 8100))
         [storage] = config.storages
         self.assertEqual(storage.name, '1')
-        self.assertEqual(storage.config.blob_dir, self.path('var', 'blobs'))
+        self.assertEqual(storage.config.blob_dir,
+                         self.path('var', 'blobstorage'))
         self.assertEqual(storage.config.base.config.path,
-                         self.path('var', 'Data.fs'))
+                         self.path('var', 'filestorage', 'Data.fs'))
         self.assertEqual(storage.config.layout, 'automatic')
 
     def test_dollar_in_var_reaches_the_storage_unchanged(self):
         schema = ZConfig.loadSchema(
             os.path.join(os.path.dirname(ZEO.__file__), 'schema.xml'))
         var = tempfile.mkdtemp(prefix='price$HOME-')
-        self.addCleanup(os.rmdir, var)
+        self.addCleanup(shutil.rmtree, var)
+        os.mkdir(os.path.join(var, 'filestorage'))
         config, _ = ZConfig.loadConfigFile(schema, io.StringIO(
             serve_config(var=var)))
         self.assertEqual(config.storages[0].config.blob_dir,
-                         os.path.join(var, 'blobs'))
+                         os.path.join(var, 'blobstorage'))
 
     def test_bare_port_means_loopback(self):
         self.assertEqual(parse_address('8200'), ('127.0.0.1', 8200))
@@ -319,6 +321,7 @@ class ZEOServerLayerTests(TemporaryDirectory, unittest.TestCase):
         self.assertIn(b'from the layer', blob_files(self.layer.blob_dir))
 
     def test_second_server_on_the_layer_var_is_refused_with_its_output(self):
+        # Its log names no storage it closed: it had none open.
         address = ('127.0.0.1', free_port())
         server = ServerProcess(
             serve_command('--address', f'127.0.0.1:{address[1]}',
@@ -328,4 +331,5 @@ class ZEOServerLayerTests(TemporaryDirectory, unittest.TestCase):
             server.start()
         message = str(caught.exception)
         self.assertIn('exited with status 2', message)
-        self.assertIn(os.path.join(self.layer.var, 'Data.fs.lock'), message)
+        self.assertIn(self.layer.data_fs + '.lock', message)
+        self.assertNotIn('Stopped; closed storages', message)
