@@ -336,9 +336,24 @@ class BlobDirValueTests(TemporaryDirectory, unittest.TestCase):
     """A blob-dir value no storage can use fails while the configuration
     loads, in one line naming it, and creates nothing anywhere."""
 
+    # The schemas are read once, as the user running the tests: a test
+    # that looks as another user must not need to read the checkout, which
+    # may sit in a directory only its owner can enter.
+    _schema = None
+
+    @classmethod
+    def schema(cls):
+        if cls._schema is None:
+            cls._schema = ZConfig.loadSchemaFile(io.StringIO("""
+                <schema>
+                  <import package="ZODB"/>
+                  <import package="zodbblob"/>
+                  <section type="ZODB.storage" name="*" attribute="storage"/>
+                </schema>"""))
+        return cls._schema
+
     def assertRefused(self, value, *fragments):
         text = f"""
-            %import zodbblob
             <zodbblob>
               blob-dir {value}
               <filestorage>
@@ -348,7 +363,9 @@ class BlobDirValueTests(TemporaryDirectory, unittest.TestCase):
             """
         before = listing(self.directory)
         with self.assertRaises(ZConfig.ConfigurationError) as caught:
-            ZODB.config.storageFromString(text)
+            config, _ = ZConfig.loadConfigFile(self.schema(),
+                                               io.StringIO(text))
+            config.storage.open()
         message = str(caught.exception)
         self.assertEqual(len(message.splitlines()), 1, message)
         for fragment in fragments:
