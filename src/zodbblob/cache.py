@@ -57,11 +57,20 @@ when the cache opens) and an entry in an in-memory batch of accesses,
 appended to the log in one transaction per ~1024 entries or ~2 s; none
 if this process recorded an access of that file within the resolution of
 access times (1% of the cache's age, at most a minute).  Eviction folds
-the log, moves the oldest complete rows to ``evicting`` (skipping what
-was used in the last `grace` seconds plus that resolution, which covers
-the batches other processes hold and the hits not recorded), removes their
-files with a few threads outside the writer lock (more if removing a file
-waits for the disk), then drops those rows.
+the log, moves the oldest complete rows to ``evicting`` (what was used in
+the last `grace` seconds plus that resolution, which covers the batches
+other processes hold and the hits not recorded, last, and only if the
+older files are not enough: the size is a bound), removes their files
+with a few threads outside the writer lock (more if removing a file
+waits for the disk), then drops those rows.  The size is checked after
+each download and admission, and, in a thread, on a hit while the total
+last read is over and when a cache opens over its size.
+
+A claim's temporary file exists before its row: a claim without it was
+given up (its install failed, and the index could not record the
+cancel), and the next reader takes it over at once.  An index found
+damaged (at open by ``quick_check``, or by an error in use) is moved
+aside and rebuilt from a scan, once: the others see its new inode.
 
 The processes sharing a directory must run on one host: WAL mode needs
 shared memory, and a claim's owner is judged alive by its pid.  POSIX only

@@ -347,11 +347,13 @@ class ParallelDownloadTests(ServerTestCase):
         with db.transaction() as conn:
             slow_pair, fast_pair = [self.oid_tid(conn.root()[k])
                                     for k in ('first', 'second')]
-        # A slow downloader of the first blob...
+        # A downloader of the first blob that does not finish until told
+        # (not a delay: a busy machine would outlast it)...
+        release = os.path.join(self.dir, 'release')
         slow = subprocess.Popen(
             reader_command(self.port, self.cache_dir, *slow_pair),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=dict(os.environ, ZODBBLOB_TEST_SLOW_RECEIVE='8'))
+            env=dict(os.environ, ZODBBLOB_TEST_HOLD_RECEIVE=release))
         self.addCleanup(slow.kill)
         deadline = time.monotonic() + 30
         while slow_pair not in self.sent():
@@ -364,6 +366,7 @@ class ParallelDownloadTests(ServerTestCase):
         self.assertEqual(fast.returncode, 0, fast.stderr.decode()[-2000:])
         self.assertIsNone(slow.poll(), 'the slow download ended first')
         self.assertIn(sha256(b'2' * 1000), fast.stdout.decode())
+        open(release, 'w').close()
         out, err = slow.communicate(timeout=60)
         self.assertEqual(slow.returncode, 0, err.decode()[-2000:])
         self.assertIn(sha256(b'1' * 1000), out.decode())
