@@ -129,6 +129,7 @@ REMOVAL_BATCH = 64           # files per task of the threads removing them:
 REMOVAL_THREADS = 2          # ... so many where removing a file only works,
 PRUNE_THREADS = 8            # ... so many where it waits for the disk
 PRUNE_LEASE = 60.0           # a pruner silent this long has lost its lease
+BACKGROUND_CHECK = 1.0       # s at least between two checks in a thread
 BUSY_TIMEOUT = 60.0
 KNOWN_SIZES = 131072         # sizes remembered for the one-stat hit path
 # Access times are kept to within this fraction of the cache's age (the
@@ -408,6 +409,7 @@ class BlobCache:
         self._to_sync: queue.SimpleQueue = queue.SimpleQueue()
         self._syncing: threading.Thread | None = None
         self._background_prune: threading.Thread | None = None
+        self._background_started = float('-inf')
         created = self._check_layout()
         # zodbblob leaves its open lock in every directory it opened.
         adopted = not os.path.exists(os.path.join(self.directory, OPEN_LOCK))
@@ -425,7 +427,8 @@ class BlobCache:
         self._preloading.start()
         # A cache left over its size (a smaller size now, another client's
         # downloads) is brought down without waiting for a download.
-        self._prune_if_over_soon()
+        if self._over(self._total):
+            self._prune_if_over_soon()
 
     def __repr__(self):
         return f'<BlobCache {self.directory}>'
@@ -1077,11 +1080,16 @@ class BlobCache:
         an open and a hit, which do not wait for a prune."""
         if self.size_limit is None:
             return
+        now = time.monotonic()
         with self._lock:
+            # Not a thread per hit while another process holds the lease
+            # (or a file larger than the cache is being read).
             if self._closing.is_set() or (
+                    now - self._background_started < BACKGROUND_CHECK) or (
                     self._background_prune is not None
                     and self._background_prune.is_alive()):
                 return
+            self._background_started = now
             self._background_prune = threading.Thread(
                 target=self._prune_in_background, daemon=True,
                 name=f'zodbblob-cache-prune {self.directory}')

@@ -1111,8 +1111,11 @@ class ProcessTests(CacheTestCase):
         self.assertEqual((stats['files'], stats['bytes']), (2, 200))
 
     def test_file_whose_pruner_was_killed_is_fetched_again(self):
-        # Opened before the pruner ran, and not knowing the file's size.
+        # Opened before the pruner ran, and not knowing the file's size
+        # (its preloading done before the file came: on a busy machine,
+        # a late preload would remember it, and the load would be a hit).
         cache = self.open()
+        cache._preloading.join()
         admitting = self.open()
         self.admit(admitting, 1, content(p64(1)))
         self.kill_pruner(1)
