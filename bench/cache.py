@@ -72,6 +72,18 @@ cold download
     directory), alternating which goes first, ``os.sync()`` before each
     timing; every reader's file is checked against the bytes committed.
 
+churn
+    Against the same kind of server: ``--churn-files`` blobs of
+    ``--churn-kib`` KiB, ten times as many bytes as the cache's
+    ``blob_cache_size`` (``blob_cache_size_check`` 10), read by
+    ``--readers`` threads of one client, ``--churn-reads`` random ones
+    each (``openCommittedBlobFile`` and a read of every byte), stock
+    ``ZEO.ClientStorage`` against ``zodbblob.zeo.ClientStorage``, each
+    with a new cache directory.  A thread walks the cache directory
+    every 10 ms meanwhile: the peak of the bytes of its files (blob files
+    and downloads under way) over the size, and the blobs the server
+    sent.  ``--churn`` runs this row alone.
+
 Stock is timed for sizes up to ``--stock-max`` files; for larger sizes its
 figure is extrapolated linearly from the largest size measured, and
 labelled so.  Each figure is the median of several repeats; every timing
@@ -509,6 +521,120 @@ def run_downloads(args, root: str, results: Results,
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def run_churn(args, root: str) -> tuple[str, bool]:
+    """The churn row, against a counting ZEO server process: its table,
+    and whether every read had the committed bytes."""
+    directory = os.path.join(root, 'churn-server')
+    os.makedirs(directory)
+    address = ('127.0.0.1', free_port())
+    server = ServerProcess(
+        [sys.executable, '-m', 'zodbblob.tests.counting_server', directory,
+         str(address[1]), 'stock'],
+        address, cwd=directory, log_path=os.path.join(directory, 'log'))
+    server.start()
+    size = args.churn_files * args.churn_kib * 1024 // 10
+    try:
+        payloads = [os.urandom(args.churn_kib * 1024)
+                    for _ in range(args.churn_files)]
+        db = ZODB.DB(ZEO.ClientStorage.ClientStorage(
+            address, blob_dir=os.path.join(root, 'churn-committer'),
+            wait_timeout=30))
+        try:
+            with db.transaction() as conn:
+                conn.root()['blobs'] = [Blob(data) for data in payloads]
+            with db.transaction() as conn:
+                keys = []
+                for blob in conn.root()['blobs']:
+                    blob._p_activate()
+                    keys.append((blob._p_oid, blob._p_serial))
+        finally:
+            db.close()
+        print(f'\nchurn: {args.churn_files} blobs of {args.churn_kib} KiB '
+              f'through a cache of {size / 2 ** 20:.1f} MiB, '
+              f'{args.readers} readers x {args.churn_reads} reads',
+              flush=True)
+        sent = os.path.join(directory, 'sent')
+        rows, correct = [], True
+        for side, factory in (('stock', ZEO.ClientStorage.ClientStorage),
+                              ('ours', zodbblob.zeo.ClientStorage)):
+            before = count_lines(sent)
+            peak, ok, seconds = churn(factory, address, keys, payloads,
+                                      size, args, root)
+            correct = correct and ok
+            downloads = count_lines(sent) - before
+            rows.append((side, peak / size, downloads, seconds))
+            print(f'  {side}: peak {peak / size:.2f} x the size, '
+                  f'{downloads} downloads, {seconds:.1f} s', flush=True)
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+    reads = args.readers * args.churn_reads
+    lines = [f'churn ({args.churn_files} x {args.churn_kib} KiB blobs, '
+             f'cache {size / 2 ** 20:.1f} MiB, {args.readers} readers, '
+             f'{reads} reads)   peak/size   downloads   downloads/reads',
+             '-' * 100]
+    for side, ratio, downloads, _ in rows:
+        lines.append(f'  {side:<8}{ratio:>60.2f}{downloads:>12}'
+                     f'{downloads / reads:>18.2f}')
+    return '\n'.join(lines), correct
+
+
+def churn(factory, address, keys, payloads, size, args, root):
+    """``(peak bytes, every read right, seconds)`` of one side."""
+    cache_dir = tempfile.mkdtemp(prefix='churn-', dir=root)
+    storage = factory(address, blob_dir=cache_dir, wait_timeout=30,
+                      blob_cache_size=size, blob_cache_size_check=10)
+    peak = 0
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, cache_bytes(cache_dir))
+            done.wait(0.01)
+
+    wrong = []
+
+    def read(seed):
+        chosen = random.Random(seed)
+        for _ in range(args.churn_reads):
+            number = chosen.randrange(len(keys))
+            with storage.openCommittedBlobFile(*keys[number]) as f:
+                if f.read() != payloads[number]:
+                    wrong.append(number)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    started = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(args.readers) as pool:
+            for result in [pool.submit(read, seed)
+                           for seed in range(args.readers)]:
+                result.result()
+    finally:
+        seconds = time.perf_counter() - started
+        done.set()
+        sampler.join()
+        storage.close()
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    return peak, not wrong, seconds
+
+
+def cache_bytes(directory: str) -> int:
+    """Bytes of the files below `directory` but zodbblob's index, lock
+    and marker (blob files, downloads under way)."""
+    total = 0
+    for dirpath, _, names in os.walk(directory):
+        for name in names:
+            if name.startswith(('.zodbblob-cache', '.layout', '.lock')):
+                continue
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
 def cold_read(factory, address, key, readers: int, root: str,
               payload: bytes) -> tuple[float, bool]:
     """`readers` threads of one new client, with an empty cache, reading
@@ -846,6 +972,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         '--readers', type=int, default=8,
         help='threads reading the blob cold at once (default: %(default)s)')
     parser.add_argument(
+        '--churn', action='store_true',
+        help='run the churn row alone')
+    parser.add_argument(
+        '--churn-files', type=int, default=600,
+        help='blobs of the churn row (default: %(default)s)')
+    parser.add_argument(
+        '--churn-kib', type=int, default=100,
+        help='KiB per blob of the churn row (default: %(default)s)')
+    parser.add_argument(
+        '--churn-reads', type=int, default=200,
+        help='reads per reader of the churn row; 0 leaves it out '
+             '(default: %(default)s)')
+    parser.add_argument(
         '--dir', help='where to work; a given one is kept, what is made in '
                       'it is removed (default: a temporary directory)')
     args = parser.parse_args(argv)
@@ -877,16 +1016,31 @@ def main(argv=None) -> int:
     results = Results()
     failures = Failures()
     started = time.perf_counter()
+    churned = None
     try:
-        sizes = fitting(args.sizes, root, args.stock_max)
-        for count in sizes:
-            run_size(count, args, root, results, failures)
-        if args.download_rounds:
-            run_downloads(args, root, results, failures)
+        if args.churn:
+            churned, correct = run_churn(args, root)
+            failures.check(correct, 'churn: a read had the wrong bytes')
+            sizes = []
+        else:
+            sizes = fitting(args.sizes, root, args.stock_max)
+            for count in sizes:
+                run_size(count, args, root, results, failures)
+            if args.download_rounds:
+                run_downloads(args, root, results, failures)
+            if args.churn_reads:
+                churned, correct = run_churn(args, root)
+                failures.check(correct, 'churn: a read had the wrong bytes')
     finally:
         if remove_root:
             shutil.rmtree(root, ignore_errors=True)
+    if args.churn:
+        print(f'\nat the end: {contention()}\n')
+        print(churned)
+        return 1 if failures else 0
     table, verdicts = report(sizes, args, results)
+    if churned is not None:
+        table = f'{table}\n\n{churned}'
     print(f'\nat the end: {contention()}')
     print(f'medians; run took {time.perf_counter() - started:.0f} s\n')
     print(table)

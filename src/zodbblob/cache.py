@@ -57,11 +57,20 @@ when the cache opens) and an entry in an in-memory batch of accesses,
 appended to the log in one transaction per ~1024 entries or ~2 s; none
 if this process recorded an access of that file within the resolution of
 access times (1% of the cache's age, at most a minute).  Eviction folds
-the log, moves the oldest complete rows to ``evicting`` (skipping what
-was used in the last `grace` seconds plus that resolution, which covers
-the batches other processes hold and the hits not recorded), removes their
-files with a few threads outside the writer lock (more if removing a file
-waits for the disk), then drops those rows.
+the log, moves the oldest complete rows to ``evicting`` (what was used in
+the last `grace` seconds plus that resolution, which covers the batches
+other processes hold and the hits not recorded, last, and only if the
+older files are not enough: the size is a bound), removes their files
+with a few threads outside the writer lock (more if removing a file
+waits for the disk), then drops those rows.  The size is checked after
+each download and admission, and, in a thread, on a hit while the total
+last read is over and when a cache opens over its size.
+
+A claim's temporary file exists before its row: a claim without it was
+given up (its install failed, and the index could not record the
+cancel), and the next reader takes it over at once.  An index found
+damaged (at open by ``quick_check``, or by an error in use) is moved
+aside and rebuilt from a scan, once: the others see its new inode.
 
 The processes sharing a directory must run on one host: WAL mode needs
 shared memory, and a claim's owner is judged alive by its pid.  POSIX only
@@ -73,6 +82,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import queue
@@ -119,6 +129,7 @@ REMOVAL_BATCH = 64           # files per task of the threads removing them:
 REMOVAL_THREADS = 2          # ... so many where removing a file only works,
 PRUNE_THREADS = 8            # ... so many where it waits for the disk
 PRUNE_LEASE = 60.0           # a pruner silent this long has lost its lease
+BACKGROUND_CHECK = 1.0       # s at least between two checks in a thread
 BUSY_TIMEOUT = 60.0
 KNOWN_SIZES = 131072         # sizes remembered for the one-stat hit path
 # Access times are kept to within this fraction of the cache's age (the
@@ -127,6 +138,7 @@ KNOWN_SIZES = 131072         # sizes remembered for the one-stat hit path
 # this process last recorded for that file records nothing.
 ACCESS_RESOLUTION = 0.01
 ACCESS_RESOLUTION_MAX = 60.0
+SYNC_IDLE = 1.0             # the syncing thread ends after so long idle
 BUILD_CACHE_KIB = 262144     # SQLite's page cache while building the index
 FOLD_CACHE_KIB = 65536       # ... and while folding the access log
 
@@ -280,6 +292,47 @@ def _sync_file(path: str) -> None:
         fsync_path(path, data_only=True)
 
 
+def _committed_mode(path: str, directory: str) -> int:
+    """The mode of a committed file `path` in `directory`, as stock ZODB
+    and ZEO give it (``ZODB.blob.set_not_writable``): not writable, and
+    readable as `directory` is (0444 under 0755)."""
+    readable = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
+    writable = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+    return ((stat.S_IMODE(os.lstat(path).st_mode) & ~writable)
+            | (stat.S_IMODE(os.lstat(directory).st_mode) & readable))
+
+
+def _damaged(error: sqlite3.Error) -> bool:
+    """Whether `error` says the index file is damaged (not busy, full or
+    unwritable, which pass)."""
+    name = getattr(error, 'sqlite_errorname', None)
+    if name is not None:
+        return name.startswith(('SQLITE_CORRUPT', 'SQLITE_NOTADB'))
+    return type(error) is sqlite3.DatabaseError
+
+
+def _recovering(method):
+    """Run `method`; if the index turns out damaged, move it aside,
+    rebuild it from the directory and run `method` again."""
+    @functools.wraps(method)
+    def recovering(self, *args, **kw):
+        try:
+            return method(self, *args, **kw)
+        except sqlite3.DatabaseError as e:
+            if not _damaged(e):
+                raise
+            self._recover_index(e)
+        return method(self, *args, **kw)
+    return recovering
+
+
+def removal_threads(wall: float, cpu: float) -> int:
+    """How many threads remove a prune's files, after its first batch
+    took `wall` seconds, `cpu` of them on this thread's CPU: more if
+    removing waited for the disk (see `BlobCache._start_removals`)."""
+    return PRUNE_THREADS if wall > 2 * cpu else REMOVAL_THREADS
+
+
 def _count_out(db, files: int, size: int) -> None:
     """Take `files` complete files of `size` bytes in all out of the
     totals (the deletes of complete rows do; a trigger per row would cost
@@ -341,7 +394,22 @@ class BlobCache:
         self._known_sizes: OrderedDict[bytes, list] = OrderedDict()
         self._resolution = 0.0
         self._warned_pinned = False
+        # One prune of this process at a time, the others wait for it:
+        # each then checks the total it left (the lease only keeps other
+        # processes out).
+        self._pruning = threading.Lock()
+        # Bytes of the complete files as last read from the index: a hit
+        # while it is over the size starts a prune in the background.
+        self._total = 0
+        self._reading: tuple[bytes, bytes] | None = None
         self._db = None
+        self._index_ino = None
+        self._closing = threading.Event()
+        self._checkpointing: threading.Thread | None = None
+        self._to_sync: queue.SimpleQueue = queue.SimpleQueue()
+        self._syncing: threading.Thread | None = None
+        self._background_prune: threading.Thread | None = None
+        self._background_started = float('-inf')
         created = self._check_layout()
         # zodbblob leaves its open lock in every directory it opened.
         adopted = not os.path.exists(os.path.join(self.directory, OPEN_LOCK))
@@ -351,14 +419,16 @@ class BlobCache:
             self._remove_dead_claims()
         with self._db_lock:
             self._resolution = self._resolution_in(self._db, time.time())
-        self._closing = threading.Event()
-        self._checkpointing: threading.Thread | None = None
-        self._to_sync: queue.SimpleQueue = queue.SimpleQueue()
-        self._syncing: threading.Thread | None = None
+            self._total, = self._db.execute(
+                'SELECT bytes FROM cache').fetchone()
         self._preloading = threading.Thread(
             target=self._preload_known_sizes, daemon=True,
             name=f'zodbblob-cache-preload {self.directory}')
         self._preloading.start()
+        # A cache left over its size (a smaller size now, another client's
+        # downloads) is brought down without waiting for a download.
+        if self._over(self._total):
+            self._prune_if_over_soon()
 
     def __repr__(self):
         return f'<BlobCache {self.directory}>'
@@ -374,6 +444,7 @@ class BlobCache:
 
     # reading
 
+    @_recovering
     def lookup(self, oid: bytes, tid: bytes) -> str | None:
         return self._lookup(oid, tid, counted=True)
 
@@ -496,6 +567,7 @@ class BlobCache:
         now = time.time()
         with self._lock:
             if key is not None:
+                self._reading = key
                 if known is None or now - known[1] >= self._resolution:
                     self._accesses[key] = now
                     if known is not None:
@@ -507,6 +579,8 @@ class BlobCache:
                 self._batch_started = now
             due = (len(self._accesses) >= ACCESS_BATCH
                    or now - self._batch_started >= ACCESS_BATCH_AGE)
+        if key is not None and self._over(self._total):
+            self._prune_if_over_soon()
         if due:
             try:
                 self.flush()
@@ -515,13 +589,22 @@ class BlobCache:
                 logger.warning('Blob cache %s: accesses not recorded yet: '
                                '%s', self.directory, e)
 
+    @_recovering
     def flush(self) -> None:
+        total = self._flush()
+        # The downloads of other processes are seen here.
+        if self._over(total):
+            self._prune_if_over_soon()
+
+    def _flush(self) -> int | None:
+        """Write the batch of accesses; the total bytes then (None if
+        there was nothing to write)."""
         with self._lock:
             accesses, hits, misses = self._accesses, self._hits, self._misses
             self._accesses, self._hits, self._misses = {}, 0, 0
             self._batch_started = None
         if not (accesses or hits or misses):
-            return
+            return None
         try:
             with self._writing() as db:
                 # Appended, not updated in place: the rows of a batch are
@@ -535,7 +618,8 @@ class BlobCache:
                 db.execute('UPDATE cache SET hits = hits + ?, '
                            'misses = misses + ?, logged = logged + ?',
                            (hits, misses, len(accesses)))
-                logged, = db.execute('SELECT logged FROM cache').fetchone()
+                logged, total = db.execute(
+                    'SELECT logged, bytes FROM cache').fetchone()
                 if logged > ACCESS_LOG_LIMIT:
                     self._fold(db)
                 resolution = self._resolution_in(db, time.time())
@@ -551,6 +635,8 @@ class BlobCache:
             raise
         with self._lock:
             self._resolution = resolution
+        self._total = total
+        return total
 
     @staticmethod
     def _resolution_in(db, now: float) -> float:
@@ -640,6 +726,7 @@ class BlobCache:
 
     # downloading
 
+    @_recovering
     def load(self, oid: bytes, tid: bytes,
              fetch: Callable[[str], object]) -> str:
         path = self.lookup(oid, tid)
@@ -664,7 +751,7 @@ class BlobCache:
             with self._lock:
                 del self._downloads[key]
             downloading.set()
-        self._prune_if_over(total)
+        self._prune_if_over(total, keep=key)
         return path
 
     def _download(self, oid, tid, fetch):
@@ -697,20 +784,21 @@ class BlobCache:
         first.
         """
         token = self._new_token()
+        # The claim's file exists before its row and goes before the row
+        # is dropped: a claim without its file was given up (an install
+        # that failed, a cancel the index could not record), and anyone
+        # may take it over at once.
+        temporary = self._temporary_path(token)
+        open(temporary, 'xb').close()
         now = time.time()
-        with self._writing() as db:
-            if previous is None:
-                claimed = db.execute(
-                    'INSERT OR IGNORE INTO blobs '
-                    '(oid, tid, size, accessed, state, token, started) '
-                    'VALUES (?, ?, 0, ?, ?, ?, ?)',
-                    (oid, tid, now, IN_PROGRESS, token, now)).rowcount
-            else:
-                claimed = db.execute(
-                    'UPDATE blobs SET token = ?, started = ? '
-                    'WHERE oid = ? AND tid = ? AND state = ? AND token = ?',
-                    (token, now, oid, tid, IN_PROGRESS, previous)).rowcount
+        try:
+            with self._writing() as db:
+                claimed = self._claim_row(db, oid, tid, previous, token, now)
+        except BaseException:
+            remove_if_exists(temporary)
+            raise
         if not claimed:
+            remove_if_exists(temporary)
             return None
         if previous is not None:
             dead = self._owner_dead(previous)
@@ -721,14 +809,28 @@ class BlobCache:
                 'Blob cache file %s: taking over its download from %s, '
                 'which %s', self.path(oid, tid), previous,
                 'ended' if dead else
+                'gave it up' if not os.path.exists(
+                    self._temporary_path(previous)) else
                 f'has not finished in {self.download_timeout:g} s')
         return token
+
+    @staticmethod
+    def _claim_row(db, oid, tid, previous, token, now) -> bool:
+        """Write the claim of `token` (see `_claim`); whether it holds."""
+        if previous is None:
+            return bool(db.execute(
+                'INSERT OR IGNORE INTO blobs '
+                '(oid, tid, size, accessed, state, token, started) '
+                'VALUES (?, ?, 0, ?, ?, ?, ?)',
+                (oid, tid, now, IN_PROGRESS, token, now)).rowcount)
+        return bool(db.execute(
+            'UPDATE blobs SET token = ?, started = ? '
+            'WHERE oid = ? AND tid = ? AND state = ? AND token = ?',
+            (token, now, oid, tid, IN_PROGRESS, previous)).rowcount)
 
     def _fetch(self, oid, tid, token, fetch):
         temporary = self._temporary_path(token)
         try:
-            with open(temporary, 'xb'):
-                pass
             fetch(temporary)
             return self._complete(oid, tid, temporary)
         except BaseException:
@@ -744,45 +846,69 @@ class BlobCache:
         file is there.  A later finisher finds it and drops its own file.
         """
         size = os.stat(temporary).st_size
-        os.chmod(temporary, stat.S_IREAD)
         path = self.path(oid, tid)
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.chmod(temporary, _committed_mode(temporary, os.path.dirname(path)))
         delay = POLL_FIRST
-        while True:
-            with self._writing() as db:
-                evicting = db.execute(
-                    'SELECT token FROM evicting WHERE oid = ? AND tid = ?',
-                    (oid, tid)).fetchone()
-                if evicting is not None and self._owner_dead(evicting[0]):
-                    # Whatever its pruner left under this name is replaced.
-                    db.execute('DELETE FROM evicting WHERE oid = ? '
-                               'AND tid = ?', (oid, tid))
-                    logger.warning('Blob cache file %s: replacing it; its '
-                                   'pruner %s ended before removing it',
-                                   path, evicting[0])
-                    evicting = None
-                if evicting is None:
-                    row = db.execute(
-                        'SELECT state, size FROM blobs '
-                        'WHERE oid = ? AND tid = ?', (oid, tid)).fetchone()
-                    size, installed = self._install(
-                        db, oid, tid, temporary, path, size, row)
-                    total = db.execute(
-                        'SELECT bytes FROM cache').fetchone()[0]
+        placed = []
+        try:
+            while True:
+                installed = self._install_unless_evicting(
+                    oid, tid, temporary, path, size, placed)
+                if installed is not None:
                     break
-            # Its pruner removes the file under this name, then drops the
-            # row: a file put there before would be removed with it.
-            time.sleep(delay)
-            delay = min(delay * 2, POLL_LAST)
-        if installed is not None:
-            self._sync_later(oid, tid, installed)
+                # Its pruner removes the file under this name, then drops
+                # the row: a file put there before would be removed with it.
+                time.sleep(delay)
+                delay = min(delay * 2, POLL_LAST)
+        except BaseException as e:
+            # A file the index does not know would never be evicted (its
+            # row was not committed: a full disk); but a damaged index is
+            # rebuilt from the files there.
+            if placed and not (isinstance(e, sqlite3.DatabaseError)
+                               and _damaged(e)):
+                remove_if_exists(path)
+            raise
+        size, unsynced, total = installed
+        self._total = total
+        self._reading = (oid, tid)
+        if unsynced is not None:
+            self._sync_later(oid, tid, unsynced)
         self._remember_size(oid, tid, size, time.time())
         return path, total
 
-    def _install(self, db, oid, tid, temporary, path, size, row):
+    def _install_unless_evicting(self, oid, tid, temporary, path, size,
+                                 placed) -> tuple | None:
+        """`_install` in a write transaction, unless a live pruner is
+        removing the file of that name: ``(size, unsynced token, total
+        bytes)``, or None."""
+        with self._writing() as db:
+            evicting = db.execute(
+                'SELECT token FROM evicting WHERE oid = ? AND tid = ?',
+                (oid, tid)).fetchone()
+            if evicting is not None and self._owner_dead(evicting[0]):
+                # Whatever its pruner left under this name is replaced.
+                db.execute('DELETE FROM evicting WHERE oid = ? '
+                           'AND tid = ?', (oid, tid))
+                logger.warning('Blob cache file %s: replacing it; its '
+                               'pruner %s ended before removing it',
+                               path, evicting[0])
+                evicting = None
+            if evicting is not None:
+                return None
+            row = db.execute(
+                'SELECT state, size FROM blobs '
+                'WHERE oid = ? AND tid = ?', (oid, tid)).fetchone()
+            size, unsynced = self._install(
+                db, oid, tid, temporary, path, size, row, placed)
+            total, = db.execute('SELECT bytes FROM cache').fetchone()
+        return size, unsynced, total
+
+    def _install(self, db, oid, tid, temporary, path, size, row, placed):
         """Put `temporary` under `path` unless a complete file is there;
         the size of the file there now, and the token of its row in
-        ``unsynced`` if it is the one put there."""
+        ``unsynced`` if it is the one put there (then `path` is appended
+        to `placed`: the caller removes it if the transaction fails)."""
         now = time.time()
         if row is not None and row[0] == COMPLETE and _size_of(path) == row[1]:
             os.remove(temporary)
@@ -791,21 +917,17 @@ class BlobCache:
             return row[1], None
         token = self._new_token()
         os.replace(temporary, path)
-        try:
-            db.execute(
-                'INSERT INTO blobs (oid, tid, size, accessed, state) '
-                'VALUES (?, ?, ?, ?, ?) ON CONFLICT (oid, tid) '
-                'DO UPDATE SET size = excluded.size, '
-                'accessed = excluded.accessed, '
-                'state = excluded.state, token = NULL, started = NULL',
-                (oid, tid, size, now, COMPLETE))
-            db.execute('INSERT OR REPLACE INTO unsynced '
-                       '(oid, tid, token, boot) VALUES (?, ?, ?, ?)',
-                       (oid, tid, token, _BOOT))
-        except BaseException:
-            # A file the index does not know would never be evicted.
-            remove_if_exists(path)
-            raise
+        placed.append(path)
+        db.execute(
+            'INSERT INTO blobs (oid, tid, size, accessed, state) '
+            'VALUES (?, ?, ?, ?, ?) ON CONFLICT (oid, tid) '
+            'DO UPDATE SET size = excluded.size, '
+            'accessed = excluded.accessed, '
+            'state = excluded.state, token = NULL, started = NULL',
+            (oid, tid, size, now, COMPLETE))
+        db.execute('INSERT OR REPLACE INTO unsynced '
+                   '(oid, tid, token, boot) VALUES (?, ?, ?, ?)',
+                   (oid, tid, token, _BOOT))
         return size, token
 
     # syncing
@@ -830,8 +952,17 @@ class BlobCache:
                 self._syncing.start()
 
     def _sync_files(self) -> None:
+        # Ends when idle (and is started again by the next file): a
+        # client's threads end with the work they were started for.
         while True:
-            items = [self._to_sync.get()]
+            try:
+                items = [self._to_sync.get(timeout=SYNC_IDLE)]
+            except queue.Empty:
+                with self._lock:
+                    if self._to_sync.empty():
+                        self._syncing = None
+                        return
+                continue
             while True:
                 try:
                     items.append(self._to_sync.get_nowait())
@@ -861,7 +992,8 @@ class BlobCache:
                            'AND state = ? AND token = ?',
                            (oid, tid, IN_PROGRESS, token))
         except sqlite3.Error as e:
-            # The caller sees the fetch's error; the claim times out.
+            # The caller sees the fetch's error; without its file, the
+            # claim is taken over by the next reader.
             logger.warning('Blob cache %s: could not drop the claim %s: %s',
                            self.path(oid, tid), token, e)
 
@@ -883,9 +1015,11 @@ class BlobCache:
 
     def _owner_alive(self, token, started) -> bool:
         """Whether the download of an in-progress row is still its
-        owner's."""
+        owner's: not too old, its owner running, and its file there (see
+        `_claim`)."""
         return (time.time() - started < self.download_timeout
-                and not self._owner_dead(token))
+                and not self._owner_dead(token)
+                and os.path.exists(self._temporary_path(token)))
 
     # admitting
 
@@ -905,31 +1039,89 @@ class BlobCache:
                 raise
             os.remove(filename)
         try:
-            path, total = self._complete(oid, tid, temporary)
+            try:
+                path, total = self._complete(oid, tid, temporary)
+            except sqlite3.DatabaseError as e:
+                if not _damaged(e):
+                    raise
+                # The file is the only copy this side of the server: into
+                # the rebuilt index with it (a file already put under its
+                # name is found there by the rebuild).
+                self._recover_index(e)
+                if os.path.exists(temporary):
+                    path, total = self._complete(oid, tid, temporary)
+                else:
+                    path, total = self.path(oid, tid), self._total
         except BaseException:
             remove_if_exists(temporary)
             raise
-        self._prune_if_over(total)
+        self._prune_if_over(total, keep=(oid, tid))
         return path
 
     # evicting
 
-    def _prune_if_over(self, total: int | None) -> None:
-        if (total is not None and self.size_limit is not None
-                and total > self.size_limit):
+    def _over(self, total: int | None) -> bool:
+        return (total is not None and self.size_limit is not None
+                and total > self.size_limit)
+
+    def _prune_if_over(self, total: int | None, keep=None) -> None:
+        """Prune if `total` is over the size: the check after a download
+        or an admission; `keep` is the ``(oid, tid)`` being read."""
+        if self._over(total):
             try:
-                self.prune()
+                self.prune(keep=keep)
             except sqlite3.OperationalError as e:
                 # The blob is there for its reader; the next one prunes.
                 logger.warning('Blob cache %s not pruned: %s',
                                self.directory, e)
 
-    def prune(self, size_limit: int | None = None) -> tuple[int, int]:
+    def _prune_if_over_soon(self) -> None:
+        """Check the total in a thread of its own, unless one runs: for
+        an open and a hit, which do not wait for a prune."""
+        if self.size_limit is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            # Not a thread per hit while another process holds the lease
+            # (or a file larger than the cache is being read).
+            if self._closing.is_set() or (
+                    now - self._background_started < BACKGROUND_CHECK) or (
+                    self._background_prune is not None
+                    and self._background_prune.is_alive()):
+                return
+            self._background_started = now
+            self._background_prune = threading.Thread(
+                target=self._prune_in_background, daemon=True,
+                name=f'zodbblob-cache-prune {self.directory}')
+            self._background_prune.start()
+
+    def _prune_in_background(self) -> None:
+        try:
+            with self._db_lock:
+                total, = self._db.execute(
+                    'SELECT bytes FROM cache').fetchone()
+            self._total = total
+            # The file this process read last may be the one a reader is
+            # about to open.
+            self._prune_if_over(total, keep=self._reading)
+        except Exception:
+            logger.exception('Blob cache %s: pruning failed',
+                             self.directory)
+
+    @_recovering
+    def prune(self, size_limit: int | None = None,
+              keep: tuple[bytes, bytes] | None = None) -> tuple[int, int]:
         limit = self.size_limit if size_limit is None else size_limit
         if limit is None:
             return 0, 0
         target = limit - int(limit * self.check_percent / 100)
-        self.flush()
+        self._flush()
+        # A thread that finds another pruning waits, then checks the total
+        # that one left: the bound holds after every check.
+        with self._pruning:
+            return self._prune(target, keep)
+
+    def _prune(self, target, keep) -> tuple[int, int]:
         token = self._new_token()
         if not self._take_lease(token):
             logger.debug('Blob cache %s: another process prunes',
@@ -939,40 +1131,46 @@ class BlobCache:
         with contextlib.ExitStack() as stack:
             try:
                 total = self._mark_for_removal(token, target, stack,
-                                               removals)
+                                               removals, keep)
             finally:
                 try:
                     files, removed = self._drop_evicted(removals, token)
                 finally:
                     self._release_lease(token)
-        if total is None:
-            pass  # the lease was taken over: that pruner goes on
+        if total is None or self._closing.is_set():
+            pass  # the lease was taken over, or the cache closes
         elif total <= target:
             self._warned_pinned = False
         elif not self._warned_pinned:
             self._warned_pinned = True
             logger.warning(
                 'Blob cache %s holds %d bytes, more than its target of %d: '
-                'the other files are being downloaded or were used in the '
-                'last %g s', self.directory, total, target, self.grace)
+                'the file being read is larger, or files could not be '
+                'removed', self.directory, total, target)
         logger.debug('Blob cache %s: evicted %d files, %d bytes',
                      self.directory, files, removed)
         return files, removed
 
-    def _mark_for_removal(self, token, target, stack, removals):
+    def _mark_for_removal(self, token, target, stack, removals, keep):
         """Mark the files to evict, chunk by chunk, and hand each chunk to
         threads that remove the files while the next is marked; the total
-        before the last chunk (None if the lease was lost).
+        without them (None if the lease was lost).
+
+        The files used in the last `grace` seconds (and within the
+        resolution of access times) go last, and only if the others are
+        not enough; the file `keep` (being read) never.
 
         `stack` gets what has to end after the removals (their threads;
         the deferred checkpoint); `removals` the batches and their futures.
         """
-        cutoff = None
+        cutoff = total = None
         after = (float('-inf'), b'', b'')
         chunk = PRUNE_CHUNK
         pool = None
         with contextlib.ExitStack() as marking:
             while True:
+                if self._closing.is_set():
+                    return total
                 with self._writing() as db:
                     total = self._total_if_leased(db, token)
                     if total is None or total <= target:
@@ -991,9 +1189,19 @@ class BlobCache:
                         cutoff = (now - self.grace
                                   - self._resolution_in(db, now))
                     victims = self._mark_evicting(
-                        db, token, cutoff, after, total - target, chunk)
+                        db, token, cutoff, after, total - target, chunk,
+                        keep=keep)
                 if not victims:
-                    return total
+                    if cutoff == float('inf'):
+                        return total
+                    # The grace orders the victims, it never keeps the
+                    # cache over its size: the recently used files go too,
+                    # oldest first (a reader whose file went away fetches
+                    # it again).
+                    logger.debug('Blob cache %s: evicting files used in '
+                                 'the last %g s', self.directory, self.grace)
+                    cutoff = float('inf')
+                    continue
                 # A chunk's commit writes every page it changed: the first
                 # is small so that removing starts soon, the next ones
                 # larger so that fewer commits write the same pages again.
@@ -1008,19 +1216,21 @@ class BlobCache:
                         (batch, pool.submit(self._remove_files, batch)))
 
     def _mark_evicting(self, db, token, cutoff, after, excess,
-                       limit=PRUNE_CHUNK) -> list:
+                       limit=PRUNE_CHUNK, keep=None) -> list:
         """Move the oldest complete rows after `after` that make up
-        `excess` bytes (at most `limit` rows) from ``blobs`` to
-        ``evicting``, by `token`, counting them out of the totals; those
-        rows ``(accessed, oid, tid, size)``, oldest first."""
+        `excess` bytes (at most `limit` rows; not the row of `keep`) from
+        ``blobs`` to ``evicting``, by `token`, counting them out of the
+        totals; those rows ``(accessed, oid, tid, size)``, oldest first."""
         victims = []
         size = 0
+        kept = keep or (b'', b'')
         for row in db.execute(
                 'SELECT accessed, oid, tid, size FROM blobs '
                 'WHERE state = ? AND accessed < ? '
                 'AND (accessed, oid, tid) > (?, ?, ?) '
+                'AND (oid, tid) != (?, ?) '
                 'ORDER BY accessed, oid, tid LIMIT ?',
-                (COMPLETE, cutoff, *after, limit)).fetchall():
+                (COMPLETE, cutoff, *after, *kept, limit)).fetchall():
             victims.append(row)
             size += row[3]
             if size >= excess:
@@ -1032,8 +1242,9 @@ class BlobCache:
             # was over when the file was downloaded again.
             chosen = ('FROM blobs WHERE state = ? '
                       'AND (accessed, oid, tid) > (?, ?, ?) '
-                      'AND (accessed, oid, tid) <= (?, ?, ?)')
-            bounds = (COMPLETE, *after, *victims[-1][:3])
+                      'AND (accessed, oid, tid) <= (?, ?, ?) '
+                      'AND (oid, tid) != (?, ?)')
+            bounds = (COMPLETE, *after, *victims[-1][:3], *kept)
             db.execute('INSERT OR REPLACE INTO evicting '
                        '(oid, tid, size, accessed, token) '
                        f'SELECT oid, tid, size, accessed, ? {chosen}',
@@ -1061,9 +1272,8 @@ class BlobCache:
         except BaseException as e:
             done.set_exception(e)
             raise
-        waited = (time.perf_counter() - wall
-                  > 2 * (time.thread_time() - cpu))
-        threads = PRUNE_THREADS if waited else REMOVAL_THREADS
+        threads = removal_threads(time.perf_counter() - wall,
+                                  time.thread_time() - cpu)
         logger.debug('Blob cache %s: removing files with %d threads',
                      self.directory, threads)
         return rest, ThreadPoolExecutor(
@@ -1118,6 +1328,7 @@ class BlobCache:
                      if (oid, tid) not in gone])
             if marked:
                 db.execute('DELETE FROM evicting WHERE token = ?', (token,))
+            self._total, = db.execute('SELECT bytes FROM cache').fetchone()
         return files, removed
 
     def _release_lease(self, token) -> None:
@@ -1145,6 +1356,7 @@ class BlobCache:
 
     # the index
 
+    @_recovering
     def stats(self) -> dict:
         self.flush()
         with self._writing() as db:
@@ -1164,7 +1376,10 @@ class BlobCache:
         self._preloading.join()
         with self._lock:
             checkpointing, syncing = self._checkpointing, self._syncing
+            pruning = self._background_prune
             self._to_sync.put(None)
+        if pruning is not None:
+            pruning.join()
         if syncing is not None:
             syncing.join()
         if checkpointing is not None:
@@ -1181,13 +1396,46 @@ class BlobCache:
         start: no other process changes a row or a file meanwhile (but
         the files in ``evicting``, which their pruners remove)."""
         with self._db_lock:
-            self._db.execute('BEGIN IMMEDIATE')
+            self._begin()
             try:
                 yield self._db
+                self._db.execute('COMMIT')
             except BaseException:
-                self._db.execute('ROLLBACK')
+                # A COMMIT that failed (a full disk) leaves the transaction
+                # open: every later BEGIN would fail.
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute('ROLLBACK')
                 raise
-            self._db.execute('COMMIT')
+
+    def _begin(self) -> None:
+        """Begin a write transaction on the index file that is in place
+        now: one moved aside and rebuilt by another process meanwhile is
+        left for the new one (its rows are not seen, its writes lost)."""
+        while True:
+            self._db.execute('BEGIN IMMEDIATE')
+            if self._index_in_place():
+                return
+            self._db.execute('ROLLBACK')
+            with self._open_lock():
+                self._close_index()
+                self._open_index(created=False, adopted=False)
+
+    def _index_in_place(self) -> bool:
+        try:
+            return (os.stat(os.path.join(self.directory, INDEX)).st_ino
+                    == self._index_ino)
+        except FileNotFoundError:
+            return False
+
+    def _recover_index(self, error: sqlite3.Error) -> None:
+        """Move the damaged index aside and rebuild it (unless another
+        thread or process did since `error`), with one WARNING."""
+        with self._db_lock, self._open_lock():
+            damaged = self._index_in_place()
+            self._close_index()
+            self._open_index(created=False, adopted=False,
+                             damaged=error if damaged else None)
 
     # opening
 
@@ -1257,13 +1505,33 @@ class BlobCache:
             raise
         return db
 
-    def _open_index(self, created: bool, adopted: bool) -> None:
+    def _open_index(self, created: bool, adopted: bool,
+                    damaged: sqlite3.Error | None = None) -> None:
+        """Open the index, rebuilding or migrating it as needed; the
+        caller holds the open lock.  `damaged` is an error that showed
+        the index damaged in use."""
+        self._open_index_file(created, adopted, damaged)
+
+    def _connect_index(self, index: str) -> None:
+        self._db = self._connect(index)
+        # Under the open lock: nobody moves the index aside meanwhile.
+        self._index_ino = os.stat(index).st_ino
+
+    def _open_index_file(self, created, adopted, damaged) -> None:
         index = os.path.join(self.directory, INDEX)
         problem = None
         try:
-            self._db = self._connect(index)
+            if damaged is not None:
+                raise damaged
+            self._connect_index(index)
             version = _index_version(self._db)
             if version == SCHEMA_VERSION:
+                # Damaged pages (the header intact) fail only the reads
+                # that reach them: look at every page once, now.
+                checked = self._db.execute('PRAGMA quick_check').fetchall()
+                if checked != [('ok',)]:
+                    raise sqlite3.DatabaseError(
+                        f'quick_check found: {checked[0][0]}')
                 return
             label = f'version-{version}'
             if version in MIGRATIONS:
@@ -1283,7 +1551,7 @@ class BlobCache:
                 self._close_index()
                 aside = self._move_aside(index, label)
                 reason = f'the index {problem}; moved to {aside} and rebuilt'
-                self._db = self._connect(index)
+                self._connect_index(index)
             elif created:
                 reason = None
             elif adopted:

@@ -474,8 +474,9 @@ def format_size(size: int) -> str:
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         'Show or prune a ZEO client blob cache directory.  Safe while '
-        'clients use it: both go through the cache index, and files used '
-        'in the last seconds or being downloaded are never pruned.')
+        'clients use it: both go through the cache index, files being '
+        'downloaded are never pruned, and those used in the last seconds '
+        'go last.')
     actions = parser.add_subparsers(dest='action', metavar='ACTION',
                                     required=True)
     stats = actions.add_parser(
@@ -510,14 +511,12 @@ def cache(args: argparse.Namespace) -> int:
               f'cache directory (no {LAYOUT_MARKER} marker for layout '
               f'{LAYOUT})', file=sys.stderr)
         return 2
-    if args.action == 'stats':
-        blob_cache = BlobCache(args.directory)
-    else:
-        blob_cache = BlobCache(args.directory, size_limit=args.size,
-                               check_percent=args.check_percent)
+    # Opened without a size: pruned here, at once, not in the background.
+    blob_cache = BlobCache(args.directory,
+                           check_percent=getattr(args, 'check_percent', 0))
     try:
         if args.action == 'prune':
-            files, removed = blob_cache.prune()
+            files, removed = blob_cache.prune(args.size)
         stats = blob_cache.stats()
     finally:
         blob_cache.close()
@@ -531,9 +530,8 @@ def cache(args: argparse.Namespace) -> int:
               f'{format_size(stats["bytes"])} left')
     if stats['bytes'] > target:
         print(f'{blob_cache.directory}: still above '
-              f'{format_size(target)}: the other files are being '
-              f'downloaded or were used in the last seconds',
-              file=sys.stderr)
+              f'{format_size(target)}: another process is pruning it, or '
+              f'files could not be removed', file=sys.stderr)
         return 1
     return 0
 

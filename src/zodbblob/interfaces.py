@@ -175,13 +175,15 @@ class IBlobCache(Interface):
         to its cache name and indexed as complete.  Returns the path.
         """
 
-    def prune(size_limit=None):
+    def prune(size_limit=None, keep=None):
         """Evict least recently accessed files down to the low-water mark.
 
-        Files being downloaded, and files admitted or accessed in the last
-        few seconds, are never evicted.  Returns ``(files, bytes)``
-        removed.  If the cache cannot get under the limit (everything
-        pinned), it logs that once at WARNING and returns.
+        Files being downloaded, and the file ``keep`` (an ``(oid, tid)``
+        being read), are never evicted; files admitted or accessed in the
+        last few seconds go last, only if the others are not enough.
+        Returns ``(files, bytes)`` removed.  If the cache cannot get
+        under the limit (``keep`` larger than it, files that could not
+        be removed), it logs that once at WARNING and returns.
         """
 
     def stats():

@@ -146,6 +146,19 @@ class ClientStorage(ZEO.ClientStorage.ClientStorage):
                 # Could not connect: leave no trace of this attempt.
                 shutil.rmtree(blob_dir, ignore_errors=True)
             raise
+        if self._blob_cache is not None:
+            # What ZEO's client shows of its size, as configured (ZEO was
+            # given None, so that it starts no thread walking the cache).
+            size = self._blob_cache.size_limit
+            self._blob_cache_size = size
+            if size is not None:
+                self._blob_cache_size_check = size * check // 100
+
+    def _check_blob_size(self, bytes=None):
+        if self._blob_cache is None:
+            return super()._check_blob_size(bytes)
+        # Our cache checks its size itself, after each download and
+        # commit and on hits while it is over: never ZEO's directory walk.
 
     @staticmethod
     def _check_read_only_dir(path: str) -> str:

@@ -1,4 +1,5 @@
-"""ZODB's own storage test suites, run against zodbblob.BlobStorage.
+"""ZODB's own storage test suites, run against zodbblob.BlobStorage, and
+ZEO's blob cache test against zodbblob.zeo.ClientStorage.
 
 The mix-in classes and the reusable blob suite come from ``ZODB.tests``;
 this module only says how to open our wrapper over FileStorage,
@@ -9,6 +10,8 @@ import doctest
 import os
 import unittest
 
+import ZEO.tests.forker
+import ZODB
 import ZODB.FileStorage
 import ZODB.MappingStorage
 import ZODB.tests.testblob
@@ -28,6 +31,9 @@ from ZODB.tests import Synchronization
 from ZODB.tests import TransactionalUndoStorage
 from ZODB.tests.MVCCMappingStorage import MVCCMappingStorage
 
+import zope.testing.setupstack
+
+import zodbblob.zeo
 from zodbblob import BlobStorage
 
 
@@ -166,6 +172,34 @@ def _adapt(suite):
     return adapted
 
 
+def zodbblob_zeo_DB(addr, **options):
+    """``ZEO.DB``, with zodbblob's client storage."""
+    return ZODB.DB(zodbblob.zeo.ClientStorage(addr, **options))
+
+
+def _zeo_blob_cache_setup(test):
+    ZEO.tests.forker.setUp(test)
+    test.globs['zodbblob_zeo_DB'] = zodbblob_zeo_DB
+
+
+def zeo_blob_cache_suite():
+    """ZEO's ``zeo_blob_cache.test``, its examples and expectations as
+    they are, against stock ZEO servers in processes of their own; only
+    the client each ``ZEO.DB(...)`` call opens is ours.  It ends at less
+    than 5,000 bytes in the cache with a size of 3,000."""
+    suite = doctest.DocFileSuite(
+        'zeo_blob_cache.test', package=ZEO.tests,
+        setUp=_zeo_blob_cache_setup,
+        tearDown=zope.testing.setupstack.tearDown)
+    for test in suite:
+        for example in test._dt_test.examples:
+            example.source = example.source.replace('ZEO.DB(',
+                                                    'zodbblob_zeo_DB(')
+    suite.layer = ZODB.tests.util.MininalTestLayer(
+        'zodbblob.conformance.zeo')
+    return suite
+
+
 def test_suite():
     suite = unittest.TestSuite()
     for klass in (BlobFileStorageTests, BlobMappingStorageTests,
@@ -186,4 +220,6 @@ def test_suite():
     suite.addTest(PackableStorage.IExternalGC_suite(
         lambda: BlobStorage('blobs', ZODB.FileStorage.FileStorage(
             'data.fs', pack_gc=False))))
-    return _adapt(suite)
+    suite = _adapt(suite)
+    suite.addTest(zeo_blob_cache_suite())
+    return suite
