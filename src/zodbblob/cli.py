@@ -416,6 +416,8 @@ def recover(args: argparse.Namespace) -> int:
     collect = _Collect()
     storage_logger = logging.getLogger('zodbblob.storage')
     storage_logger.addHandler(collect)
+    level = storage_logger.level
+    storage_logger.setLevel(logging.INFO)   # rows written are said too
     try:
         storage = open_storage(args, read_only=False)
     except (BlobStorageError, zc.lockfile.LockError) as e:
@@ -425,6 +427,7 @@ def recover(args: argparse.Namespace) -> int:
         return 2
     finally:
         storage_logger.removeHandler(collect)
+        storage_logger.setLevel(level)
     blob_dir = storage.fshelper.base_dir.rstrip(os.sep)
     storage.close()
     if not args.quiet:
