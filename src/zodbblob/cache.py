@@ -445,8 +445,9 @@ class BlobCache:
     # reading
 
     @_recovering
-    def lookup(self, oid: bytes, tid: bytes) -> str | None:
-        return self._lookup(oid, tid, counted=True)
+    def lookup(self, oid: bytes, tid: bytes,
+               counted: bool = True) -> str | None:
+        return self._lookup(oid, tid, counted)
 
     def _lookup(self, oid, tid, counted):
         path = self.path(oid, tid)
@@ -728,8 +729,8 @@ class BlobCache:
 
     @_recovering
     def load(self, oid: bytes, tid: bytes,
-             fetch: Callable[[str], object]) -> str:
-        path = self.lookup(oid, tid)
+             fetch: Callable[[str], object], counted: bool = True) -> str:
+        path = self._lookup(oid, tid, counted)
         if path is not None:
             return path
         key = (oid, tid)
@@ -1119,9 +1120,11 @@ class BlobCache:
         # A thread that finds another pruning waits, then checks the total
         # that one left: the bound holds after every check.
         with self._pruning:
-            return self._prune(target, keep)
+            # A caller that names the size reports the outcome itself
+            # (the CLI's one line); the automatic checks warn here.
+            return self._prune(target, keep, warn=size_limit is None)
 
-    def _prune(self, target, keep) -> tuple[int, int]:
+    def _prune(self, target, keep, warn=True) -> tuple[int, int]:
         token = self._new_token()
         if not self._take_lease(token):
             logger.debug('Blob cache %s: another process prunes',
@@ -1141,7 +1144,7 @@ class BlobCache:
             pass  # the lease was taken over, or the cache closes
         elif total <= target:
             self._warned_pinned = False
-        elif not self._warned_pinned:
+        elif warn and not self._warned_pinned:
             self._warned_pinned = True
             logger.warning(
                 'Blob cache %s holds %d bytes, more than its target of %d: '

@@ -501,25 +501,55 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
                             '(default 0)')
 
 
-def cache(args: argparse.Namespace) -> int:
-    from zodbblob.cache import LAYOUT, BlobCache
-    from zodbblob.layout import LAYOUT_MARKER, read_marker
+def check_cache_directory(directory: str) -> None:
+    """Raise ToolError unless `directory` is a ZEO client's blob cache.
+
+    Opening anything else would make it one (a marker written, an
+    index created): refused before anything touches it.
+    """
+    from zodbblob.cache import LAYOUT
+    from zodbblob.layout import LAYOUT_MARKER, LAYOUTS, read_marker
+    if not os.path.exists(directory):
+        raise ToolError(f"{directory} does not exist (expected a ZEO "
+                        f"client's blob cache directory)")
+    if not os.path.isdir(directory):
+        raise ToolError(f"{directory} is not a directory (expected a ZEO "
+                        f"client's blob cache directory)")
     try:
-        marked = read_marker(args.directory)
-    except ValueError:
-        marked = None
-    if marked != LAYOUT:
-        # Opening it would make it a cache: refuse before anything does.
-        print(f'{args.parser.prog}: error: {args.directory} is not a blob '
-              f'cache directory (no {LAYOUT_MARKER} marker for layout '
-              f'{LAYOUT})', file=sys.stderr)
-        return 2
+        marked = read_marker(directory)
+    except UnicodeDecodeError:
+        raise ToolError(f"{directory} is not a ZEO client's blob cache (its "
+                        f"{LAYOUT_MARKER} marker is not text)") from None
+    if marked == LAYOUT:
+        return
+    if marked in LAYOUTS:
+        raise ToolError(f"{directory} is a storage's blob directory (layout "
+                        f"{marked}), not a ZEO client's blob cache")
+    if marked is None:
+        raise ToolError(f"{directory} is not a ZEO client's blob cache (no "
+                        f"{LAYOUT_MARKER} marker for layout {LAYOUT})")
+    raise ToolError(f"{directory} is not a ZEO client's blob cache (its "
+                    f"{LAYOUT_MARKER} marker names {marked!r}, not {LAYOUT})")
+
+
+def cache(args: argparse.Namespace) -> int:
+    from zodbblob.cache import BlobCache
+    check_cache_directory(args.directory)
     # Opened without a size: pruned here, at once, not in the background.
     blob_cache = BlobCache(args.directory,
                            check_percent=getattr(args, 'check_percent', 0))
+    # What the prune could not do is said in the outcome's one line, not
+    # also as the library's warnings before it.
+    collect = _Collect()
+    collect.setLevel(logging.WARNING)
+    cache_logger = logging.getLogger('zodbblob.cache')
     try:
         if args.action == 'prune':
-            files, removed = blob_cache.prune(args.size)
+            cache_logger.addHandler(collect)
+            try:
+                files, removed = blob_cache.prune(args.size)
+            finally:
+                cache_logger.removeHandler(collect)
         stats = blob_cache.stats()
     finally:
         blob_cache.close()
@@ -531,12 +561,20 @@ def cache(args: argparse.Namespace) -> int:
         print(f'{blob_cache.directory}: removed {files} files, '
               f'{format_size(removed)}; {stats["files"]} files, '
               f'{format_size(stats["bytes"])} left')
-    if stats['bytes'] > target:
-        print(f'{blob_cache.directory}: still above '
-              f'{format_size(target)}: another process is pruning it, or '
-              f'files could not be removed', file=sys.stderr)
-        return 1
-    return 0
+    if stats['bytes'] <= target:
+        for message in collect.messages:
+            print(message, file=sys.stderr)
+        return 0
+    if collect.messages:
+        why = one_line(collect.messages[0])
+        if len(collect.messages) > 1:
+            why += f' (and {len(collect.messages) - 1} more)'
+    else:
+        why = ('another process is pruning it, or its files are being '
+               'downloaded')
+    print(f'{blob_cache.directory}: still above {format_size(target)}: '
+          f'{why}', file=sys.stderr)
+    return 1
 
 
 def print_cache_stats(directory: str, stats: dict, quiet: bool) -> None:

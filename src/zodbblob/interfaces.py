@@ -145,16 +145,20 @@ class IBlobCache(Interface):
     def path(oid, tid):
         """Where the complete file of ``(oid, tid)`` is (or would be)."""
 
-    def lookup(oid, tid):
+    def lookup(oid, tid, counted=True):
         """The path of a complete cached file of ``(oid, tid)``, or None.
 
         A hit records the access (batched, in memory: no synchronous
-        write per read) and counts a hit.  A file removed by hand, or one
+        write per read) and, if `counted`, counts a hit; a miss, if
+        `counted`, counts a miss.  A file removed by hand, or one
         whose size is not the indexed size, is a miss (and is forgotten).
         """
 
-    def load(oid, tid, fetch):
+    def load(oid, tid, fetch, counted=True):
         """The path of ``(oid, tid)``, downloading it at most once.
+
+        Its lookup counts a hit or a miss if `counted` (a caller that
+        looks one read up twice counts it once).
 
         A hit returns at once.  On a miss, exactly one caller among all
         threads and processes sharing the directory claims the download

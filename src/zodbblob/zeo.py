@@ -24,6 +24,9 @@ What ZEO's client does and this one changes, method by method:
 - ``loadBlob`` / ``openCommittedBlobFile``: the cache's download protocol
   instead of a lock file per 1/997 of all oids held for the whole
   transfer; a file evicted between lookup and open is fetched again.
+  A read counts one hit or one miss in the cache's stats, although ZODB
+  looks the blob up twice (``loadBlob`` when the connection loads the
+  object, then again when the reader opens it or asks for ``committed()``).
 - ``receiveBlobStart/Chunk/Stop`` (called by ZEO's I/O thread while the
   server streams a blob): written to the downloader's fresh temporary
   file, never appended to an old partial one.
@@ -114,6 +117,9 @@ class ClientStorage(ZEO.ClientStorage.ClientStorage):
         self._blob_cache = self.blob_cache = None
         self._downloads: dict[tuple[bytes, bytes], _Download] = {}
         self._downloads_lock = threading.Lock()
+        # Per thread (a ZODB connection reads in one thread): the oid of
+        # the object just loaded, and the blob its load downloaded.
+        self._reading = threading.local()
         self._read_only_fshelper = None
         created = blob_dir is not None and not os.path.exists(blob_dir)
         if blob_dir is not None and not shared:
@@ -180,16 +186,54 @@ class ClientStorage(ZEO.ClientStorage.ClientStorage):
         where = getattr(self, 'blob_dir', None)
         return check_id(oid, 'oid', where), check_id(serial, 'serial', where)
 
+    def loadBefore(self, oid, tid):
+        result = super().loadBefore(oid, tid)
+        if self._blob_cache is not None:
+            self._reading.loaded_oid = oid
+        return result
+
     def loadBlob(self, oid, serial):
         oid, serial = self._check_ids(oid, serial)
         if self._blob_cache is None:
             return super().loadBlob(oid, serial)
+        reading = self._reading
+        object_load = getattr(reading, 'loaded_oid', None) == oid
+        reading.loaded_oid = None
+        if not object_load:
+            return self._read_blob(oid, serial)
+        # ZODB's connection loads a blob's file with the object, and the
+        # reader looks it up again to open it: the reader's lookup is
+        # the one counted, or, when this load downloaded the file, this
+        # miss is that read's count.
+        path = self._read_only_path(oid, serial)
+        if path is None:
+            path = self._blob_cache.lookup(oid, serial, counted=False)
+        if path is None:
+            path = self._load(oid, serial, counted=True)
+            reading.missed = (oid, serial)
+        return path
+
+    def _read_blob(self, oid: bytes, serial: bytes) -> str:
+        """The path of a blob a reader reads, counted once per read."""
+        path = self._read_only_path(oid, serial)
+        if path is not None:
+            return path
+        reading = self._reading
+        counted = getattr(reading, 'missed', None) != (oid, serial)
+        reading.missed = None
+        return self._load(oid, serial, counted)
+
+    def _read_only_path(self, oid: bytes, serial: bytes) -> str | None:
         if self._read_only_fshelper is not None:
             path = self._read_only_fshelper.getBlobFilename(oid, serial)
             if os.path.exists(path):
                 return path
+        return None
+
+    def _load(self, oid: bytes, serial: bytes, counted: bool) -> str:
         return self._blob_cache.load(
-            oid, serial, lambda temp_path: self._fetch(oid, serial, temp_path))
+            oid, serial, lambda temp_path: self._fetch(oid, serial, temp_path),
+            counted)
 
     def _fetch(self, oid: bytes, serial: bytes, temp_path: str) -> None:
         """Have the server send the blob into `temp_path`."""
@@ -210,8 +254,13 @@ class ClientStorage(ZEO.ClientStorage.ClientStorage):
     def openCommittedBlobFile(self, oid, serial, blob=None):
         if self._blob_cache is None:
             return super().openCommittedBlobFile(oid, serial, blob)
+        oid, serial = self._check_ids(oid, serial)
+        self._reading.loaded_oid = None
+        path = self._read_blob(oid, serial)
         for attempt in range(3):
-            path = self.loadBlob(oid, serial)
+            if attempt:
+                path = self._read_only_path(oid, serial) or self._load(
+                    oid, serial, counted=False)
             try:
                 if blob is None:
                     return open(path, 'rb')

@@ -26,10 +26,14 @@ from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
 
 from ZEO.ClientStorage import BlobCacheLayout
+import ZODB
+import ZODB.FileStorage
+from ZODB.blob import Blob
 from ZODB.utils import p64
 from zope.interface.verify import verifyObject
 
 import zodbblob.cache
+from zodbblob import BlobStorage
 from zodbblob import cli
 from zodbblob.cache import ACCESS_RECORD
 from zodbblob.cache import INDEX
@@ -1567,22 +1571,59 @@ class CommandTests(CacheTestCase):
                       err)
         self.assertEqual(other.stats()['files'], 5)
 
+    def test_prune_that_cannot_reach_its_size_says_why_once(self):
+        self.make_cache()
+        # 3 is the oldest file: the prune's first victim.  A directory in
+        # its place cannot be removed, not even by root.
+        kept = BlobCache(self.dir)
+        path = kept.path(p64(3), TID)
+        kept.close()
+        os.remove(path)
+        os.mkdir(path)
+        result = subprocess.run(
+            [sys.executable, '-m', 'zodbblob.cli', 'cache', 'prune',
+             self.dir, '--size', '2048', '--quiet'],
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual((result.returncode, result.stdout), (1, ''),
+                         result.stderr)
+        # The outcome and why, in one line (not also the library's
+        # warning before it).
+        [line] = result.stderr.splitlines()
+        self.assertIn(f'{self.dir}: still above 2.0 KiB: ', line)
+        self.assertIn(f'{path} not evicted', line)
+        self.assertIn('Is a directory', line)
+
     def test_directory_that_is_not_a_cache_is_refused_untouched(self):
         empty = os.path.join(self.outside, 'empty')
         os.mkdir(empty)
-        bushy = os.path.join(self.outside, 'bushy')
-        os.mkdir(bushy)
-        with open(os.path.join(bushy, '.layout'), 'w') as f:
-            f.write('bushy')
+        # A storage's blob directory, in the default (bushy) layout.
+        store = os.path.join(self.outside, 'store')
+        os.mkdir(store)
+        blob_dir = os.path.join(store, 'blobs')
+        db = ZODB.DB(BlobStorage(blob_dir, ZODB.FileStorage.FileStorage(
+            os.path.join(store, 'Data.fs'))))
+        with db.transaction() as conn:
+            conn.root()['blob'] = Blob(b'data')
+        db.close()
+        plain_file = os.path.join(store, 'Data.fs')
         missing = os.path.join(self.outside, 'missing')
+        expected = {
+            empty: f"{empty} is not a ZEO client's blob cache (no .layout "
+                   f"marker for layout zeocache)",
+            blob_dir: f"{blob_dir} is a storage's blob directory (layout "
+                      f"bushy), not a ZEO client's blob cache",
+            plain_file: f"{plain_file} is not a directory",
+            missing: f"{missing} does not exist",
+        }
         before = tree(self.outside)
-        for directory in (empty, bushy, missing):
+        for directory, message in expected.items():
             for args in (['stats'], ['prune', '--size', '1GB']):
                 status, out, err = self.run_command(
                     'cache', args[0], directory, *args[1:])
-                self.assertEqual(status, 2)
-                self.assertIn(f'{directory} is not a blob cache directory',
-                              err)
+                self.assertEqual((status, out), (2, ''), err)
+                [line] = err.splitlines()
+                self.assertTrue(line.startswith('zodbblob cache: error: '
+                                                + message), line)
         self.assertEqual(tree(self.outside), before)
 
     def test_sizes(self):

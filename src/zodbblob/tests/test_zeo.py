@@ -163,6 +163,45 @@ class ClientTests(ServerTestCase):
                 self.assertEqual(f.read(), b'x' * 100000)
         self.assertEqual(self.sent(), [(oid, tid)])
 
+    def test_a_read_counts_one_hit_or_one_miss(self):
+        # ZODB looks a blob up when it loads the object and again when
+        # the reader opens it (or asks for committed()): one read.
+        blobs = {f'b{number}': b'%d' % number * 1000
+                 for number in range(20)}
+        self.commit_blobs(self.writer(), blobs)
+        db = self.db()
+        cache = db.storage.blob_cache
+
+        def read_all(how, then_ghosts=False):
+            with db.transaction() as conn:
+                root = conn.root()
+                for key, data in blobs.items():
+                    if how == 'open':
+                        with root[key].open() as f:
+                            self.assertEqual(f.read(), data)
+                    else:
+                        with open(root[key].committed(), 'rb') as f:
+                            self.assertEqual(f.read(), data)
+                if then_ghosts:
+                    conn.cacheMinimize()   # the next read loads them again
+
+        def counts():
+            stats = cache.stats()
+            return stats['hits'], stats['misses']
+
+        read_all('open')
+        self.assertEqual(counts(), (0, 20))
+        self.assertEqual(len(self.sent()), 20)
+        read_all('open')             # the objects are loaded: one lookup
+        self.assertEqual(counts(), (20, 20))
+        read_all('committed', then_ghosts=True)
+        self.assertEqual(counts(), (40, 20))
+        read_all('open', then_ghosts=True)   # loaded again, then opened
+        self.assertEqual(counts(), (60, 20))
+        read_all('committed')        # loaded again, then committed()
+        self.assertEqual(counts(), (80, 20))
+        self.assertEqual(len(self.sent()), 20)
+
     def test_a_missing_blob_raises_poskeyerror_and_leaves_nothing(self):
         from ZODB.POSException import POSKeyError
         storage = self.client()
