@@ -52,6 +52,8 @@ class Report:
     unfinished: list = dataclasses.field(default_factory=list)
     # Transactions whose catalog rows are in the commit log only.
     pending_rows: list = dataclasses.field(default_factory=list)
+    # A pack ran beside a live storage while this verify looked.
+    packed_meanwhile: bool = False
 
     @property
     def clean(self) -> bool:
@@ -80,6 +82,10 @@ class Report:
                           'catalog rows in the commit log only; the next '
                           'open of the storage writes them'
                           % len(self.pending_rows))
+        if self.packed_meanwhile:
+            result.append('note: a pack ran beside this verify, so missing '
+                          'and orphaned files were not judged; run verify '
+                          'again')
         result.append('%s: %d blob records, %d blob files, %s' % (
             self.blob_dir, self.records, self.files,
             'clean' if self.clean else '%d problems' % problems))
@@ -115,6 +121,36 @@ def _live(blob_dir: str) -> bool:
     if lock is not None:
         lock.close()
     return False
+
+
+def _pack_under_way(blob_dir: str) -> bool:
+    """Whether a live storage's pack has started and not finished.
+
+    Read through the catalog's write-ahead log (not as `_Catalog` reads a
+    live catalog, from the database file alone): pack records its intent
+    there before the base packs, and clears it once its files are gone.
+    """
+    path = journal_path(blob_dir)
+    try:
+        db = sqlite3.connect('file:%s?mode=ro' % urllib.parse.quote(path),
+                             uri=True)
+        try:
+            return db.execute("SELECT 1 FROM meta WHERE name = "
+                              "'pack_started'").fetchone() is not None
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return False
+
+
+def _replaced(base) -> bool:
+    """Whether the base's file was replaced (a pack swaps in a new file)
+    since the base opened it."""
+    try:
+        return (os.fstat(base._file.fileno()).st_ino
+                != os.stat(base._file_name).st_ino)
+    except (AttributeError, OSError):
+        return False
 
 
 def _base_has(base, oid: bytes, tid: bytes) -> bool:
@@ -243,7 +279,8 @@ def verify(storage, checksum: bool = False,
     With `checksum`, every byte of every file is read; otherwise each file
     is opened.  `progress(done, total)` is called as files are checked.
     Beside a live storage, files and records of transactions committed
-    after the base was opened here are not reported.
+    after the base was opened here are not reported, nor missing or
+    orphaned files while a pack runs (it says so: run verify again).
     """
     fshelper = storage.fshelper
     report = Report(fshelper.base_dir.rstrip(os.sep))
@@ -322,4 +359,13 @@ def verify(storage, checksum: bool = False,
             report.not_files.append((path, kind))
         else:
             report.missing.append((oid, tid, path))
+    if live:
+        # A pack beside us removes files of records we read before it, or
+        # files whose records the packed base we read no longer has.
+        report.orphans = [path for path in report.orphans
+                          if os.path.lexists(path)]
+        if report.orphans or report.missing:
+            if _pack_under_way(fshelper.base_dir) or _replaced(storage.base):
+                report.orphans, report.missing = [], []
+                report.packed_meanwhile = True
     return report

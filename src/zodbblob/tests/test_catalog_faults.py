@@ -365,6 +365,35 @@ class InterruptedPackTests(CatalogTestCase):
         finally:
             db.close()
 
+    def test_verify_beside_a_live_pack_raises_no_false_alarm(self):
+        # What verify sees beside a server whose pack is between the base's
+        # pack and the removal of its files: a kill there leaves exactly
+        # that state, and another process holds the lock, as a server does.
+        self.kill_pack()
+        holder = subprocess.Popen(
+            [sys.executable, '-c',
+             'import sys\n'
+             'from zodbblob.storage import hold_blob_directory\n'
+             'lock = hold_blob_directory(sys.argv[1])\n'
+             'print("held", flush=True)\n'
+             'sys.stdin.read()\n', self.blob_dir],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.addCleanup(holder.wait)
+        self.addCleanup(holder.stdin.close)
+        self.assertEqual(holder.stdout.readline(), 'held\n')
+        code, output = self.run_cli('verify')
+        self.assertEqual(code, 0, output)
+        self.assertNotIn('orphan:', output)
+        self.assertIn('note: a pack ran beside this verify, so missing and '
+                      'orphaned files were not judged; run verify again',
+                      output)
+        holder.stdin.close()
+        self.assertEqual(holder.wait(), 0)
+        # Once nothing holds it, the interrupted pack is what verify says.
+        code, output = self.run_cli('verify', '--quiet')
+        self.assertEqual(code, 1, output)
+        self.assertIn('unfinished: a pack was interrupted', output)
+
     def test_recover_alone_finishes_a_pack_killed_after_the_base_packed(self):
         self.kill_pack()
         code, output = self.run_cli('recover')
