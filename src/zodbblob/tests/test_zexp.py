@@ -878,7 +878,7 @@ class LiveServerExportTests(unittest.TestCase):
         self.db = ZEO.DB(self.layer.address,
                          blob_dir=os.path.join(self.dir, 'cache'))
         self.addCleanup(close, self.db)
-        self.storage = ['--data', os.path.join(self.layer.var, 'Data.fs'),
+        self.storage = ['--data', self.layer.data_fs,
                         '--blob-dir', self.layer.blob_dir]
 
     def zodbblob(self, *args):
