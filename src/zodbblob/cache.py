@@ -115,6 +115,17 @@ OPEN_LOCK = '.zodbblob-cache.lock'
 TEMPORARY = '.tmp'
 SCHEMA_VERSION = 3
 
+# The errors of SQLite that say the machine (a lock held, a full disk, a
+# read-only file), not the index, is at fault.
+TRANSIENT = ('SQLITE_BUSY', 'SQLITE_LOCKED', 'SQLITE_FULL', 'SQLITE_READONLY',
+             'SQLITE_CANTOPEN', 'SQLITE_PERM', 'SQLITE_NOMEM', 'SQLITE_IOERR',
+             'SQLITE_INTERRUPT', 'SQLITE_AUTH')
+TRANSIENT_MESSAGES = ('database is locked', 'database table is locked',
+                      'database or disk is full',
+                      'attempt to write a readonly database',
+                      'unable to open database file', 'disk I/O error',
+                      'out of memory', 'interrupted', 'not authorized')
+
 COMPLETE = 'complete'
 IN_PROGRESS = 'in-progress'
 
@@ -350,14 +361,31 @@ def _parse_token(token: str) -> tuple[str, int, str] | None:
 
 
 def _index_version(db: sqlite3.Connection) -> int | None:
-    """The schema version of the index `db`; None if it has no tables."""
+    """The schema version of the index `db`; None if it has no tables.
+
+    Raises DatabaseError for tables without a readable ``cache`` row: a
+    damaged page can read back as NULLs, which is no version at all."""
     if not db.execute("SELECT count(*) FROM sqlite_master "
                       "WHERE type = 'table'").fetchone()[0]:
         return None
-    row = db.execute('SELECT version FROM cache').fetchone()
+    row = db.execute('SELECT version, files, bytes FROM cache').fetchone()
     if row is None:
         raise sqlite3.DatabaseError('no row in table cache')
+    if not all(type(value) is int for value in row):
+        raise sqlite3.DatabaseError(
+            f'the row of table cache reads (version, files, bytes) = {row!r}'
+            f', expected integers')
     return row[0]
+
+
+def _transient(error: sqlite3.Error) -> bool:
+    """Whether `error` is the machine's, not the index file's (busy, full,
+    unwritable): moving the index aside would not help."""
+    name = getattr(error, 'sqlite_errorname', None)
+    if name is not None:
+        return name.startswith(TRANSIENT)
+    # Python 3.10 gives only SQLite's message.
+    return str(error).startswith(TRANSIENT_MESSAGES)
 
 
 @zope.interface.implementer(IBlobCache)
@@ -1522,47 +1550,60 @@ class BlobCache:
 
     def _open_index_file(self, created, adopted, damaged) -> None:
         index = os.path.join(self.directory, INDEX)
-        problem = None
         try:
+            problem = label = None
             if damaged is not None:
                 raise damaged
             self._connect_index(index)
             version = _index_version(self._db)
+            if version is None:
+                if created:
+                    reason = None
+                elif adopted:
+                    reason = ('adopted a stock ZEO cache directory (no '
+                              'zodbblob index yet)')
+                else:
+                    reason = 'the index is missing; rebuilt'
+                self._build(reason)
+                return
+            # Damaged pages (the header intact) fail only the reads that
+            # reach them: look at every page once, now.
+            checked = self._db.execute('PRAGMA quick_check').fetchall()
+            if checked != [('ok',)]:
+                raise sqlite3.DatabaseError(
+                    f'quick_check found: {checked[0][0]}')
             if version == SCHEMA_VERSION:
-                # Damaged pages (the header intact) fail only the reads
-                # that reach them: look at every page once, now.
-                checked = self._db.execute('PRAGMA quick_check').fetchall()
-                if checked != [('ok',)]:
-                    raise sqlite3.DatabaseError(
-                        f'quick_check found: {checked[0][0]}')
                 return
             label = f'version-{version}'
-            if version in MIGRATIONS:
+            if version not in MIGRATIONS:
+                problem = (f'is of schema version {version}, not '
+                           f'{SCHEMA_VERSION}')
+            else:
                 try:
                     self._migrate(version)
                     return
                 except sqlite3.DatabaseError as e:
+                    if _transient(e):
+                        raise
                     problem = (f'could not be brought from schema version '
                                f'{version} to {SCHEMA_VERSION} ({e})')
-            elif version is not None:
-                problem = (f'is of schema version {version}, not '
-                           f'{SCHEMA_VERSION}')
         except sqlite3.DatabaseError as e:
-            problem, label = f'was unreadable ({e})', 'corrupt'
+            # Anything else the index says at open (an error, tables
+            # without a version, a build that finds tables there) is
+            # damage: kept, it would fail every open, in every process.
+            self._close_index()
+            if _transient(e):
+                raise
+            if problem is None:
+                problem, label = f'was unreadable ({e})', 'corrupt'
+        except BaseException:
+            self._close_index()
+            raise
         try:
-            if problem is not None:
-                self._close_index()
-                aside = self._move_aside(index, label)
-                reason = f'the index {problem}; moved to {aside} and rebuilt'
-                self._connect_index(index)
-            elif created:
-                reason = None
-            elif adopted:
-                reason = 'adopted a stock ZEO cache directory (no zodbblob ' \
-                         'index yet)'
-            else:
-                reason = 'the index is missing; rebuilt'
-            self._build(reason)
+            self._close_index()
+            aside = self._move_aside(index, label)
+            self._connect_index(index)
+            self._build(f'the index {problem}; moved to {aside} and rebuilt')
         except BaseException:
             self._close_index()
             raise
