@@ -404,14 +404,11 @@ def _hold(held: contextlib.ExitStack, blob_dir: str):
     return lock
 
 
-def copy_blob_file(source_file: str, target: str,
-                   tree: BlobTree | None = None) -> None:
+def copy_blob_file(source_file: str, target: str) -> None:
     """Copy blob file `source_file` to the new file `target`, with its
     mode and times, as ``shutil.copy2`` would; but a link is never
-    followed (nor, with the source's `tree`, a link to a directory above
-    it), nor a FIFO waited on (NotABlobFile)."""
-    fd = open_blob_file(source_file) if tree is None else tree.open(
-        source_file)
+    followed, nor a FIFO waited on (NotABlobFile)."""
+    fd = open_blob_file(source_file)
     try:
         with open(fd, 'rb', closefd=False) as source, \
                 open(target, 'xb') as copy:
@@ -445,7 +442,9 @@ class _Writer:
             self.report.linked += 1
             return
         staged = self._temporary_name()
-        copy_blob_file(source_file, staged, self.tree)
+        # Nor a link to a directory above it, below the source's root.
+        self.tree.check_directories(source_file)
+        copy_blob_file(source_file, staged)
         os.replace(staged, final)
         self.report.copied += 1
 
