@@ -90,14 +90,14 @@ from zodbblob.arguments import (
 from zodbblob.journal import SYNCFS_AVAILABLE, Journal, sync_filesystem
 from zodbblob.layout import (
     LAYOUT_MARKER,
+    LINKED_DIRECTORY,
+    BlobTree,
     NotABlobFile,
     fsync_directory,
     fsync_path,
     get_layout,
     makedirs_durable,
     open_blob_file,
-    BlobTree,
-    LINKED_DIRECTORY,
     remove_if_exists,
 )
 from zodbblob.progress import Progress

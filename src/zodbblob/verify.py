@@ -74,7 +74,7 @@ class Report:
             result.append('unreadable: %s: %s' % (path, error))
         for path, kind in self.not_files:
             if kind == LINKED_DIRECTORY:
-                result.append('not followed: %s is %s' % (path, kind))
+                result.append(f'not followed: {path} is {kind}')
                 continue
             result.append('not a file: %s is %s under a blob name, not a '
                           'regular file' % (path, kind))

@@ -274,7 +274,7 @@ class LinkedDirectoryTests(unittest.TestCase):
         pooled = [os.path.join(top, name) for top, _, names in os.walk(
             os.path.join(destination, '.blobs')) for name in names
             if name.endswith('.blob')]
-        victim = os.path.dirname(sorted(pooled)[0])
+        victim = os.path.dirname(min(pooled))
         elsewhere = os.path.join(self.dir, 'pool-elsewhere')
         shutil.copytree(victim, elsewhere)
         for name in os.listdir(elsewhere):
