@@ -90,6 +90,8 @@ from zodbblob.arguments import (
 from zodbblob.journal import SYNCFS_AVAILABLE, Journal, sync_filesystem
 from zodbblob.layout import (
     LAYOUT_MARKER,
+    LINKED_DIRECTORY,
+    BlobTree,
     NotABlobFile,
     fsync_directory,
     fsync_path,
@@ -200,12 +202,14 @@ def _sqlite_uri(path: str, **parameters) -> str:
     return f'file:{urllib.parse.quote(os.path.abspath(path))}?{query}'
 
 
-def _hash_file(path: str) -> tuple[int, str]:
+def _hash_file(path: str, tree: BlobTree | None = None) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
     # Pool files and parts are the backup's own, but the destination is
-    # a directory like any other: a link there is not followed either.
-    with open(open_blob_file(path), 'rb') as f:
+    # a directory like any other: a link there is not followed either,
+    # nor (for a pool file, with its `tree`) a link to a directory above.
+    fd = open_blob_file(path) if tree is None else tree.open(path)
+    with open(fd, 'rb') as f:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
             size += len(chunk)
@@ -802,6 +806,10 @@ class BackupResult:
             result.append(f'  missing: {path} was not in the source blob '
                           f'directory')
         for path, kind in self.not_files:
+            if kind == LINKED_DIRECTORY:
+                result.append(f'  not followed: {path} is {kind}; the blob '
+                              f'files below it are not backed up')
+                continue
             result.append(f'  not a file: {path} is {kind} under a blob '
                           f'name, not a regular file; not backed up')
         return result
@@ -830,6 +838,11 @@ class _SnapshotWriter:
         self.progress = progress
         self.resuming = resuming
         self.files = _Files(path, kill)
+        self.source_tree = BlobTree(source.blob_dir)
+        self.pool_tree = BlobTree(os.path.join(self.destination, POOL_NAME))
+        # Source paths not backed up for what is under their name (one
+        # link to a directory stands for all the files below it).
+        self.not_file_paths: set[str] = set()
         self.meta = manifest.meta()
         self.tid = bytes.fromhex(self.meta['tid'])
         self.base = (os.path.join(self.destination, self.meta['base'])
@@ -868,14 +881,13 @@ class _SnapshotWriter:
         except KeyboardInterrupt:
             self._flush()
             raise BackupInterrupted(self.path) from None
-        not_files = {path for path, kind in self.result.not_files}
         for oid, tid, *_ in self.manifest.blobs(MISSING):
             path = self._source_path(oid, tid)
-            if path not in not_files:
+            if path not in self.not_file_paths:
                 self.result.missing.append(path)
         self.result.pooled = (self.result.blob_files - self.result.copied
                               - len(self.result.missing)
-                              - len(self.result.not_files))
+                              - len(self.not_file_paths))
         self._finish()
         return self.result
 
@@ -890,7 +902,8 @@ class _SnapshotWriter:
             for oid, tid, size, sha256, _ in self.manifest.blobs(
                     DONE, copied=True):
                 try:
-                    actual = _hash_file(self._pool_path(oid, tid))
+                    actual = _hash_file(self._pool_path(oid, tid),
+                                        self.pool_tree)
                 except OSError:
                     actual = None
                 if actual != (size, sha256):
@@ -970,7 +983,7 @@ class _SnapshotWriter:
             # --full: keep the pool's file if it is still what an earlier
             # snapshot recorded.
             try:
-                actual = _hash_file(target)
+                actual = _hash_file(target, self.pool_tree)
             except OSError:
                 actual = None
             if actual == (pooled_size, pooled_sha256):
@@ -981,14 +994,15 @@ class _SnapshotWriter:
                            'copied it again from the source', target)
         source = self._source_path(oid, tid)
         try:
-            fd = open_blob_file(source)
+            fd = self.source_tree.open(source)
         except NotABlobFile as e:
             # Never followed nor read: a link may point at a file only
             # root may read, and a FIFO would block the backup for ever.
-            logger.warning('Blob file %s of oid %s tid %s is %s, not a '
-                           'regular file: not backed up', source,
-                           oid_repr(oid), oid_repr(tid), e.kind)
-            self.result.not_files.append((source, e.kind))
+            logger.warning('Blob file %s of oid %s tid %s is not backed '
+                           'up: %s', source, oid_repr(oid), oid_repr(tid), e)
+            if (e.path, e.kind) not in self.result.not_files:
+                self.result.not_files.append((e.path, e.kind))
+            self.not_file_paths.add(source)
             self.done_rows.append((None, None, MISSING, 0, oid, tid))
             return
         except FileNotFoundError:
@@ -1571,6 +1585,7 @@ def check(snapshot: str,
                             f'marker; run the backup again to finish it')
         report.parts = len(_check_parts(snapshot, manifest, meta, problems))
         total = sum(manifest.counts().values())
+        pool_tree = BlobTree(os.path.join(destination, POOL_NAME))
         for done, (oid, tid, size, sha256, state) in enumerate(
                 manifest.blobs(), 1):
             if state == MISSING:
@@ -1582,7 +1597,7 @@ def check(snapshot: str,
                 report.blob_files += 1
                 path = pool_path(destination, oid, tid)
                 try:
-                    actual_size, actual = _hash_file(path)
+                    actual_size, actual = _hash_file(path, pool_tree)
                 except OSError as e:
                     problems.append(f'unreadable: {path}: {e.strerror or e}')
                 else:
@@ -1765,13 +1780,14 @@ def _restore(snapshot, manifest, meta, layout, link, directory, staged_data,
     total = counts.get(DONE, 0)
     catalog = []
     linked = 0
+    pool_tree = BlobTree(os.path.join(destination, POOL_NAME))
     for oid, blob_tid, size, sha256, state in manifest.blobs(DONE):
         path = pool_path(destination, oid, blob_tid)
         target = os.path.join(staged_blobs,
                               layout.getBlobFilePath(oid, blob_tid))
         placed = False
         if link:
-            _check_pooled(path, *_hash_file(path), size, sha256)
+            _check_pooled(path, *_hash_file(path, pool_tree), size, sha256)
             placed = files.link(path, target)
             if placed:
                 linked += 1
@@ -1780,7 +1796,7 @@ def _restore(snapshot, manifest, meta, layout, link, directory, staged_data,
                                'blob files instead', path, directory)
                 link = False
         if not placed:
-            fd = open_blob_file(path)
+            fd = pool_tree.open(path)
             try:
                 info = os.fstat(fd)
                 actual_size, actual = files.copy(
@@ -1929,7 +1945,7 @@ def backup_command(args: argparse.Namespace) -> int:
         lines = result.lines()
         for line in lines if not args.quiet else lines[:1] + [
                 line for line in lines if 'missing:' in line
-                or 'not a file:' in line]:
+                or 'not a file:' in line or 'not followed:' in line]:
             print(line)
     status = 1 if any(result.missing or result.not_files
                       for result in results) else 0

@@ -132,14 +132,18 @@ class _Layout:
         directory, name = os.path.split(path)
         return self.path_to_oid(directory), _tid_from_name(name, path)
 
-    def iter_blob_paths(self, base_dir: str) -> Iterator[
-            tuple[bytes, bytes, str]]:
+    def iter_blob_paths(self, base_dir: str, not_files: list | None = None
+                        ) -> Iterator[tuple[bytes, bytes, str]]:
+        """``(oid, tid, path)`` of the blob files below `base_dir`; what
+        is passed over where a blob file or its directory belongs (a link
+        to a directory, a directory under a blob name) goes to `not_files`
+        as ``(path, kind)``."""
         base_dir = os.path.abspath(base_dir)
         if self._reads_paths_by_level():
             return _scan(base_dir, self._root, self._depth, self._read_level,
-                         self._read_file, self._files_only)
+                         self._read_file, self._files_only, not_files)
         return _scan(base_dir, '', None, self._join_level, self._parse_file,
-                     self._files_only)
+                     self._files_only, not_files)
 
     # A scan reads a path one directory level at a time, and each level
     # once, however many files are below it: `_read_level` turns what the
@@ -191,7 +195,8 @@ def _entry_name(entry: os.DirEntry) -> str:
 
 
 def _scan(base_dir: str, root, depth: int | None, read_level, read_file,
-          files_only: bool) -> Iterator[tuple[bytes, bytes, str]]:
+          files_only: bool, not_files: list | None = None
+          ) -> Iterator[tuple[bytes, bytes, str]]:
     """``(oid, tid, path)`` of the blob files below `base_dir`.
 
     Files are read only `depth` levels deep (at any level for None), and
@@ -215,7 +220,15 @@ def _scan(base_dir: str, root, depth: int | None, read_level, read_file,
                 is_directory = entry.is_dir()
             except OSError:
                 is_directory = False
-            if is_directory:
+            if is_directory and (depth is None or level == depth) and \
+                    read_file(above, entry.name) is not None:
+                # A directory (or a link to one) under a blob name is no
+                # blob file, and nothing below it is one either.
+                if not_files is not None:
+                    not_files.append((entry.path, 'a symbolic link'
+                                      if entry.is_symlink()
+                                      else 'a directory'))
+            elif is_directory:
                 if level != depth:
                     directories.append(entry)
             elif depth is None or level == depth:
@@ -230,11 +243,16 @@ def _scan(base_dir: str, root, depth: int | None, read_level, read_file,
             # files of running transactions, the journal.
             if name.startswith('.') or (level == 0 and name == 'tmp'):
                 continue
-            if entry.is_symlink():
-                continue
             read = read_level(level, above, name)
-            if read is not None:
-                below.append((entry.path, level + 1, read))
+            if read is None:
+                continue
+            if entry.is_symlink():
+                # Never followed: it would take a tool outside the blob
+                # directory, to files it has no business reading.
+                if not_files is not None:
+                    not_files.append((entry.path, LINKED_DIRECTORY))
+                continue
+            below.append((entry.path, level + 1, read))
         waiting.extend(reversed(below))
 
 
@@ -631,9 +649,13 @@ class FilesystemHelper:
         return tempfile.mkstemp(suffix='.tmp', prefix=oid_repr(tid),
                                 dir=directory)
 
-    def iter_blobs(self) -> Iterator[tuple[bytes, bytes, str]]:
-        """``(oid, tid, path)`` of every committed blob file."""
-        return self.layout.iter_blob_paths(self.base_dir)
+    def iter_blobs(self, not_files: list | None = None) -> Iterator[
+            tuple[bytes, bytes, str]]:
+        """``(oid, tid, path)`` of every committed blob file; see
+        `ILayout.iter_blob_paths` for `not_files`."""
+        if not_files is None:   # a layout of ILayout's first signature
+            return self.layout.iter_blob_paths(self.base_dir)
+        return self.layout.iter_blob_paths(self.base_dir, not_files)
 
 
     def listOIDs(self) -> Iterator[tuple[bytes, str]]:
@@ -660,12 +682,21 @@ _FILE_KINDS = ((stat.S_ISLNK, 'a symbolic link'), (stat.S_ISFIFO, 'a FIFO'),
                (stat.S_ISDIR, 'a directory'))
 
 
+LINKED_DIRECTORY = 'a symbolic link to a directory under the blob directory'
+
+
 class NotABlobFile(OSError):
-    """Something other than a regular file is under a blob name."""
+    """Something other than a regular file is under a blob name, or a
+    link stands where a directory of blob files belongs (`path` names
+    the link then)."""
 
     def __init__(self, path: str, kind: str):
-        super().__init__(f'{path} is {kind}, not a regular file: expected '
-                         f'a blob file')
+        if kind == LINKED_DIRECTORY:
+            message = f'{path} is {kind}: expected a directory, not followed'
+        else:
+            message = (f'{path} is {kind}, not a regular file: expected a '
+                       f'blob file')
+        super().__init__(message)
         self.path = path
         self.kind = kind
 
@@ -711,3 +742,46 @@ def open_blob_file(path: str) -> int:
         os.close(fd)
         raise NotABlobFile(path, file_kind(mode))
     return fd
+
+
+class BlobTree:
+    """The blob files under blob directory `root`, opened and checked
+    without following a symbolic link anywhere below `root`.
+
+    `root` itself may be a link or sit under one (/srv/blobs ->
+    /mnt/disk2/blobs); a link below it (``0x01`` -> /home/someone) would
+    hand a tool files from elsewhere under blob names.  Each directory is
+    checked once per tree, so a run over millions of files costs one
+    ``lstat`` per directory, not per file.
+    """
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        self._checked = {self.root}
+
+    def check_directories(self, path: str) -> None:
+        """NotABlobFile naming the link if a directory between `root`
+        and blob file `path` is a symbolic link."""
+        directory = os.path.dirname(os.path.abspath(path))
+        unchecked = []
+        while directory not in self._checked:
+            parent = os.path.dirname(directory)
+            if parent == directory:
+                raise ValueError(f'{path} is not under blob directory '
+                                 f'{self.root}: expected a blob file there')
+            unchecked.append(directory)
+            directory = parent
+        for directory in reversed(unchecked):
+            if stat.S_ISLNK(os.lstat(directory).st_mode):
+                raise NotABlobFile(directory, LINKED_DIRECTORY)
+            self._checked.add(directory)
+
+    def check(self, path: str) -> os.stat_result:
+        """`check_blob_file`, and no link above `path` below `root`."""
+        self.check_directories(path)
+        return check_blob_file(path)
+
+    def open(self, path: str) -> int:
+        """`open_blob_file`, and no link above `path` below `root`."""
+        self.check_directories(path)
+        return open_blob_file(path)

@@ -55,6 +55,8 @@ from zodbblob.journal import sync_filesystem
 from zodbblob.layout import LAYOUT_MARKER
 from zodbblob.layout import LAYOUTS
 from zodbblob.layout import FilesystemHelper
+from zodbblob.layout import LINKED_DIRECTORY
+from zodbblob.layout import BlobTree
 from zodbblob.layout import NotABlobFile
 from zodbblob.layout import check_blob_file
 from zodbblob.layout import fsync_directory
@@ -112,7 +114,9 @@ class Report:
     not_files: list = dataclasses.field(default_factory=list)
 
     def problems(self) -> list[str]:
-        return [f'not a file: {path} is {kind} under a blob name, not a '
+        return [f'not followed: {path} is {kind}; the blob files below it '
+                f'are not migrated' if kind == LINKED_DIRECTORY else
+                f'not a file: {path} is {kind} under a blob name, not a '
                 f'regular file; not migrated'
                 for path, kind in self.not_files]
 
@@ -163,12 +167,14 @@ def _is_directory(entry: os.DirEntry) -> bool:
         return False
 
 
-def iter_source(directory: str, layout: str) -> Iterator[
-        tuple[bytes, bytes, str]]:
-    """``(oid, tid, path)`` of every blob file of `directory`."""
+def iter_source(directory: str, layout: str, not_files: list | None = None
+                ) -> Iterator[tuple[bytes, bytes, str]]:
+    """``(oid, tid, path)`` of every blob file of `directory`; what is
+    passed over under a blob name (a link to a directory, a directory)
+    goes to `not_files` as ``(path, kind)``."""
     if layout == ZEOCACHE:
         return iter_zeocache(directory)
-    return get_layout(layout).iter_blob_paths(directory)
+    return get_layout(layout).iter_blob_paths(directory, not_files)
 
 
 def _has_lawn_blob(directory: str) -> bool:
@@ -224,22 +230,33 @@ def detect_layout(directory: str) -> str:
 
 
 def inventory(blobs: Iterator[tuple[bytes, bytes, str]],
-              not_files: list | None = None) -> Inventory:
+              not_files: list | None = None,
+              tree: BlobTree | None = None) -> Inventory:
     """``{(oid, tid): (size, path)}`` of `blobs`.
 
     Only regular files count; anything else under a blob name (a link, a
-    FIFO, a device) goes to `not_files` as ``(path, kind)``.
+    FIFO, a device), or a link to a directory above one below `tree`'s
+    root, goes to `not_files` as ``(path, kind)``.
     """
     found = {}
     for oid, tid, path in blobs:
         try:
-            found[oid, tid] = (check_blob_file(path).st_size, path)
+            info = (check_blob_file(path) if tree is None
+                    else tree.check(path))
         except FileNotFoundError:
             continue  # evicted from a cache since the listing
         except NotABlobFile as e:
-            if not_files is not None:
-                not_files.append((path, e.kind))
+            if not_files is not None and (e.path, e.kind) not in not_files:
+                not_files.append((e.path, e.kind))
+        else:
+            found[oid, tid] = (info.st_size, path)
     return found
+
+
+def _source_inventory(source: str, source_layout: str,
+                      not_files: list) -> Inventory:
+    return inventory(iter_source(source, source_layout, not_files),
+                     not_files, BlobTree(source))
 
 
 # the destination
@@ -409,6 +426,7 @@ class _Writer:
     def __init__(self, source: str, destination: str, temporary: str,
                  report: Report):
         self.source = source
+        self.tree = BlobTree(source)
         self.destination = destination
         self.temporary = temporary
         self.report = report
@@ -424,6 +442,8 @@ class _Writer:
             self.report.linked += 1
             return
         staged = self._temporary_name()
+        # Nor a link to a directory above it, below the source's root.
+        self.tree.check_directories(source_file)
         copy_blob_file(source_file, staged)
         os.replace(staged, final)
         self.report.copied += 1
@@ -434,7 +454,7 @@ class _Writer:
         # size, from an earlier run) is replaced through a temporary name.
         try:
             # A link to a symbolic link would carry the link over.
-            check_blob_file(source_file)
+            self.tree.check(source_file)
             try:
                 os.link(source_file, final)
             except FileExistsError:
@@ -545,7 +565,7 @@ def migrate(src: str, dst: str, layout: str,
 
 def _check_finished(source, source_layout, destination, target,
                     report) -> Report:
-    wanted = inventory(iter_source(source, source_layout), report.not_files)
+    wanted = _source_inventory(source, source_layout, report.not_files)
     problems = _differences(
         wanted, inventory(target.iter_blob_paths(destination)))
     if problems:
@@ -567,10 +587,9 @@ def _fill(source, source_layout, destination, target, resume, report,
     Returns the source's inventory, listed once: what `_finish` checks
     the destination against.
     """
-    wanted = inventory(iter_source(source, source_layout), report.not_files)
+    wanted = _source_inventory(source, source_layout, report.not_files)
     for path, kind in report.not_files:
-        logger.warning('Blob file %s of %s is %s, not a regular file: not '
-                       'migrated', path, source, kind)
+        logger.warning('%s of %s is %s: not migrated', path, source, kind)
     report.files = len(wanted)
     report.bytes = sum(size for size, _ in wanted.values())
     present = inventory(target.iter_blob_paths(destination)) if resume else {}

@@ -30,6 +30,8 @@ from zodbblob.commitlog import CommitLog
 from zodbblob.commitlog import commit_log_path
 from zodbblob.commitlog import latest_entries
 from zodbblob.journal import journal_path
+from zodbblob.layout import LINKED_DIRECTORY
+from zodbblob.layout import BlobTree
 from zodbblob.layout import NotABlobFile
 from zodbblob.layout import file_kind
 from zodbblob.layout import open_blob_file
@@ -73,6 +75,9 @@ class Report:
         for path, error in self.unreadable:
             result.append('unreadable: %s: %s' % (path, error))
         for path, kind in self.not_files:
+            if kind == LINKED_DIRECTORY:
+                result.append(f'not followed: {path} is {kind}')
+                continue
             result.append('not a file: %s is %s under a blob name, not a '
                           'regular file' % (path, kind))
         result.extend(self.unfinished)
@@ -319,17 +324,19 @@ def verify(storage, checksum: bool = False,
             'unfinished: a pack was interrupted while removing %d blob '
             'files; run `zodbblob recover`' % len(garbage))
 
-    files = list(fshelper.iter_blobs())
+    passed_over = []
+    files = list(fshelper.iter_blobs(passed_over))
     report.files = len(files)
+    tree = BlobTree(fshelper.base_dir)
     seen = set()
     for done, (oid, tid, path) in enumerate(files, 1):
         seen.add((oid, tid))
         if (oid, tid) not in records and not (live and tid > seen_up_to):
             report.orphans.append(path)
         try:
-            fd = open_blob_file(path)
+            fd = tree.open(path)
         except NotABlobFile as e:
-            report.not_files.append((path, e.kind))
+            report.not_files.append((e.path, e.kind))
         except OSError as e:
             report.unreadable.append((path, e.strerror or str(e)))
         else:
@@ -352,13 +359,17 @@ def verify(storage, checksum: bool = False,
         try:
             # What a layout's walk passes over (a link to a directory, a
             # FIFO where only files are listed) is still under the name.
+            tree.check_directories(path)
             kind = file_kind(os.lstat(path).st_mode)
+        except NotABlobFile as e:
+            path, kind = e.path, e.kind
         except OSError:
             kind = None
         if kind is not None and kind != 'a regular file':
-            report.not_files.append((path, kind))
+            passed_over.append((path, kind))
         else:
             report.missing.append((oid, tid, path))
+<<<<<<< HEAD
     if live:
         # A pack beside us removes files of records we read before it, or
         # files whose records the packed base we read no longer has.
@@ -368,4 +379,12 @@ def verify(storage, checksum: bool = False,
             if _pack_under_way(fshelper.base_dir) or _replaced(storage.base):
                 report.orphans, report.missing = [], []
                 report.packed_meanwhile = True
+=======
+    # One line per link or directory, however many records are below it.
+    listed = {path for path, kind in report.not_files}
+    for path, kind in passed_over:
+        if path not in listed:
+            listed.add(path)
+            report.not_files.append((path, kind))
+>>>>>>> h-links
     return report

@@ -57,6 +57,7 @@ from zodbblob.arguments import open_storage
 from zodbblob.cache import BUCKETS as ZEOCACHE_BUCKETS
 from zodbblob.cache import LAYOUT as ZEOCACHE_LAYOUT
 from zodbblob.layout import BLOB_SUFFIX
+from zodbblob.layout import BlobTree
 from zodbblob.layout import NotABlobFile
 from zodbblob.layout import auto_layout_select
 from zodbblob.layout import get_layout
@@ -116,6 +117,8 @@ def export_file(connection, oid: bytes, path: str,
     storage = connection.db().storage
     before = connection.before or p64(u64(storage.lastTransaction()) + 1)
     has_blobs = ZODB.interfaces.IBlobStorage.providedBy(storage)
+    blob_dir = getattr(getattr(storage, 'fshelper', None), 'base_dir', None)
+    tree = BlobTree(blob_dir) if blob_dir else None
     report = ExportReport(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, written = _create_beside(directory, os.path.basename(path))
@@ -144,7 +147,7 @@ def export_file(connection, oid: bytes, path: str,
                 if ZODB.blob.is_blob_record(data):
                     if has_blobs:
                         report.blob_bytes += _write_blob(
-                            f, storage, current, serial)
+                            f, storage, current, serial, tree)
                         report.blobs += 1
                     else:
                         report.without_data.append(current)
@@ -180,6 +183,10 @@ def _create_beside(directory: str, name: str) -> tuple[int, str]:
             continue
 
 
+def _is_below(path: str, root: str) -> bool:
+    return os.path.abspath(path).startswith(root.rstrip(os.sep) + os.sep)
+
+
 def _load_before(storage, oid: bytes, before: bytes):
     """``(record, serial)`` of `oid` in the snapshot; None if it has none."""
     try:
@@ -191,7 +198,8 @@ def _load_before(storage, oid: bytes, before: bytes):
     return loaded[0], loaded[1]
 
 
-def _write_blob(f, storage, oid: bytes, serial: bytes) -> int:
+def _write_blob(f, storage, oid: bytes, serial: bytes,
+                tree: BlobTree | None) -> int:
     try:
         filename = storage.loadBlob(oid, serial)
     except POSKeyError:
@@ -200,8 +208,13 @@ def _write_blob(f, storage, oid: bytes, serial: bytes) -> int:
         raise ExportError(f'The blob file of oid {oid_repr(oid)}, '
                           f'revision {oid_repr(serial)}, is missing from '
                           f'the blob directory') from None
-    # Never a link followed nor a FIFO waited on (NotABlobFile instead).
-    with open(open_blob_file(filename), 'rb') as blob:
+    # Never a link followed nor a FIFO waited on (NotABlobFile instead);
+    # nor a link to a directory below the storage's blob directory.
+    if tree is not None and _is_below(filename, tree.root):
+        fd = tree.open(filename)
+    else:
+        fd = open_blob_file(filename)
+    with open(fd, 'rb') as blob:
         size = os.fstat(blob.fileno()).st_size
         f.write(BLOB_MARKER + p64(size))
         copied = _copy(blob, f, size)
@@ -607,7 +620,7 @@ def _fill_blob(zexp: _File, blob, entry: _Entry, source, written_at,
             report.empty_blobs.append((entry.oid, blob._p_oid))
             return 0
         path, revisions = found
-        with open(open_blob_file(path), 'rb') as data:
+        with open(source.tree.open(path), 'rb') as data:
             shutil.copyfileobj(data, target, CHUNK)
             size = data.tell()
         report.source_blobs.append((entry.oid, blob._p_oid, path))
@@ -629,6 +642,7 @@ class SourceBlobDirectory:
             raise ValueError(f'Source blob directory {base_dir} is not a '
                              f'directory')
         self.base_dir = os.path.abspath(base_dir)
+        self.tree = BlobTree(self.base_dir)
         if read_marker(base_dir) == ZEOCACHE_LAYOUT:
             self.layout_name, self.layout = ZEOCACHE_LAYOUT, None
         else:
@@ -906,6 +920,10 @@ def import_command(args: argparse.Namespace) -> int:
                 logger.removeHandler(said_below)
             container[name] = obj
             manager.commit()
+        except NotABlobFile as e:
+            # Something else under a blob name of the source blob
+            # directory: a problem of that directory, found and named.
+            return _error(args, f'nothing of {args.file} imported: {e}', 1)
         except (LookupError, ExportError, OSError) as e:
             return _error(args, str(e))
         except KeyboardInterrupt:
