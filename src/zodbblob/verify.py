@@ -369,7 +369,12 @@ def verify(storage, checksum: bool = False,
             passed_over.append((path, kind))
         else:
             report.missing.append((oid, tid, path))
-<<<<<<< HEAD
+    # One line per link or directory, however many records are below it.
+    listed = {path for path, kind in report.not_files}
+    for path, kind in passed_over:
+        if path not in listed:
+            listed.add(path)
+            report.not_files.append((path, kind))
     if live:
         # A pack beside us removes files of records we read before it, or
         # files whose records the packed base we read no longer has.
@@ -379,12 +384,4 @@ def verify(storage, checksum: bool = False,
             if _pack_under_way(fshelper.base_dir) or _replaced(storage.base):
                 report.orphans, report.missing = [], []
                 report.packed_meanwhile = True
-=======
-    # One line per link or directory, however many records are below it.
-    listed = {path for path, kind in report.not_files}
-    for path, kind in passed_over:
-        if path not in listed:
-            listed.add(path)
-            report.not_files.append((path, kind))
->>>>>>> h-links
     return report
