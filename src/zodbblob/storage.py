@@ -659,7 +659,11 @@ class BlobStorage:
         # FileStorage only warns); one far in the future would stay the
         # last tid for good (b'\xff' * 8 breaks every later DB open).
         self._check_tid(tid)
-        self.base.tpc_begin(transaction, tid, status)
+        if status == ' ':
+            # MappingStorage takes no status.
+            self.base.tpc_begin(transaction, tid)
+        else:
+            self.base.tpc_begin(transaction, tid, status)
         # Again under the base's commit lock: another transaction may have
         # committed since the check above.
         try:
