@@ -17,8 +17,9 @@ import os
 import ZConfig
 import ZODB.FileStorage
 
-from zodbblob.config import check_blob_directory, storage_from_file
-from zodbblob.layout import LAYOUTS
+from zodbblob.config import (check_blob_directory, marked_layout,
+                             storage_from_file)
+from zodbblob.layout import LAYOUT_MARKER, LAYOUTS
 from zodbblob.storage import BlobStorage
 
 
@@ -102,8 +103,15 @@ def _open_storage(args: argparse.Namespace, read_only: bool) -> BlobStorage:
                               f'{"file" if check is os.path.isfile else "directory"}')
     try:
         check_blob_directory(args.blob_dir)
+        marked = marked_layout(args.blob_dir)
     except ValueError as e:
         raise ToolError(str(e)) from None
+    # Opening would make any directory a new blob directory: recover would
+    # then find nothing to do, and verify call every blob missing.  Only a
+    # storage's own first open creates one, never a tool.
+    if marked is None:
+        raise ToolError(f'--blob-dir {args.blob_dir} is not a blob '
+                        f'directory: no {LAYOUT_MARKER} marker')
     base = ZODB.FileStorage.FileStorage(args.data, read_only=read_only)
     try:
         return BlobStorage(args.blob_dir, base)

@@ -31,6 +31,7 @@ import os
 import shutil
 import stat
 import threading
+import time
 
 import zc.lockfile
 import zope.interface
@@ -38,6 +39,8 @@ import ZODB.blob
 import ZODB.interfaces
 from ZODB.POSException import POSKeyError
 from ZODB.POSException import ReadOnlyError
+from ZODB.POSException import StorageTransactionError
+from ZODB.TimeStamp import TimeStamp
 from ZODB.utils import oid_repr
 from ZODB.utils import z64
 
@@ -79,6 +82,11 @@ SYNCFS_THRESHOLD = 8
 # A checkpoint after this many logged transactions bounds what recovery
 # reads and what the staging directory holds.
 CHECKPOINT_RECORDS = 1000
+
+# How far ahead of this machine's clock a chosen tid may be: a tid is a
+# time, and one beyond it would be the storage's last tid until then.
+MAX_TID_AHEAD = 24 * 60 * 60
+
 _staging_counter = itertools.count()
 
 
@@ -216,7 +224,7 @@ class BlobStorage:
         'getName', 'getTid', 'history', 'isReadOnly', 'lastTransaction',
         'load', 'loadBefore', 'loadSerial', 'new_oid', 'prefetch',
         'release', 'sortKey', 'supportsUndo',
-        'tpc_begin', 'undoInfo', 'undoLog', 'checkCurrentSerialInTransaction',
+        'undoInfo', 'undoLog', 'checkCurrentSerialInTransaction',
         'iterator', 'record_iternext', 'poll_invalidations', 'sync',
         'lastInvalidations', 'loadEx', 'pack_gc',
     )
@@ -643,6 +651,47 @@ class BlobStorage:
 
     # writing
 
+    def tpc_begin(self, transaction, tid=None, status=' '):
+        if tid is None:
+            return self.base.tpc_begin(transaction)
+        # A ZEO client may choose its tid.  One that is not after the last
+        # transaction would name the blob files of a committed one (and
+        # FileStorage only warns); one far in the future would stay the
+        # last tid for good (b'\xff' * 8 breaks every later DB open).
+        self._check_tid(tid)
+        if status == ' ':
+            # MappingStorage takes no status.
+            self.base.tpc_begin(transaction, tid)
+        else:
+            self.base.tpc_begin(transaction, tid, status)
+        # Again under the base's commit lock: another transaction may have
+        # committed since the check above.
+        try:
+            self._check_tid(tid)
+        except StorageTransactionError:
+            self.base.tpc_abort(transaction)
+            raise
+
+    def _check_tid(self, tid) -> None:
+        name = self.base.getName()
+        if not isinstance(tid, bytes) or len(tid) != 8:
+            raise StorageTransactionError(
+                'Refused tid %s for storage %s: expected exactly 8 bytes'
+                % (repr(tid)[:60], name))
+        last = self.base.lastTransaction()
+        if tid <= last:
+            raise StorageTransactionError(
+                'Refused tid %s for storage %s: expected a tid after its '
+                'last transaction %s' % (tid.hex(), name, last.hex()))
+        now = time.time()
+        limit = TimeStamp(*time.gmtime(now + MAX_TID_AHEAD)[:5],
+                          (now + MAX_TID_AHEAD) % 60).raw()
+        if tid > limit:
+            raise StorageTransactionError(
+                'Refused tid %s for storage %s: expected a time no more than '
+                'a day ahead, this is %s' % (tid.hex(), name,
+                                              TimeStamp(tid)))
+
     def _stage(self, transaction) -> _Staged:
         staged = self._staged
         if staged is None or staged.transaction is not transaction:
@@ -848,8 +897,21 @@ class BlobStorage:
         Runs after the base voted and before it finishes: the files are in
         place before anyone can learn the tid.
         """
+        last = None
         for oid, path, info in staged.stats:
             final = self.fshelper.getBlobFilename(oid, staged.tid)
+            if os.path.lexists(final):
+                # Only a tid after the base's last transaction may find a
+                # file here (left by an earlier, aborted try); one that is
+                # not would have the rename replace a committed blob.
+                if last is None:
+                    last = self.base.lastTransaction()
+                if staged.tid <= last:
+                    raise StorageTransactionError(
+                        'Refused to replace committed blob file %s: '
+                        'expected a tid after the last transaction %s'
+                        % (final, last.hex()))
+                os.unlink(final)
             mode = directories[os.path.dirname(final)]
             # As in ZODB: committed files are not writable, and readable by
             # whoever may read their directory.
@@ -858,7 +920,6 @@ class BlobStorage:
             if staged.inline:
                 os.replace(path, final)
             else:
-                remove_if_exists(final)  # left by an earlier, aborted try
                 os.link(path, final)
             staged.published.append(final)
             kill_point('mid_publish')

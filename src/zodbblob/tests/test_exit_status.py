@@ -183,6 +183,34 @@ class ExitStatusTests(unittest.TestCase):
                 with self.subTest(command=command, case=case):
                     self.assertCannotRun(*found)
 
+    def test_a_directory_without_a_layout_marker_is_not_a_blob_directory(
+            self):
+        # recover would make it a new blob directory and find nothing to
+        # do, verify would call every blob missing: both refuse.
+        shutil.copytree(self.path('store'), self.path('unmarked'))
+        os.remove(self.path('unmarked', 'blobs', '.layout'))
+        shutil.copytree(self.path('store'), self.path('empty'))
+        shutil.rmtree(self.path('empty', 'blobs'))
+        os.mkdir(self.path('empty', 'blobs'))
+        for case in ('unmarked', 'empty'):
+            blobs = self.path(case, 'blobs')
+            for command in ('verify', 'recover', 'backup'):
+                argv = (command, *self.storage(self.path(case)))
+                if command == 'backup':
+                    argv += (self.path('backups'),)
+                with self.subTest(command=command, case=case):
+                    self.assertCannotRun(
+                        argv, f'--blob-dir {blobs} is not a blob directory: '
+                              f'no .layout marker')
+        # A storage's own first open still makes a new blob directory.
+        db = ZODB.DB(BlobStorage(
+            self.path('empty', 'blobs'),
+            ZODB.FileStorage.FileStorage(self.path('empty', 'new.fs'))))
+        with db.transaction() as conn:
+            conn.root()['blob'] = Blob(b'new')
+        db.close()
+        self.assertTrue(os.path.exists(self.path('empty', 'blobs', '.layout')))
+
 
 def test_suite():
     return unittest.defaultTestLoader.loadTestsFromName(__name__)

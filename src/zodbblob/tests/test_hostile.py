@@ -21,12 +21,14 @@ import ZODB.FileStorage
 from ZEO.Exceptions import ServerException
 from ZODB.blob import Blob
 from ZODB.Connection import TransactionMetaData
+from ZODB.POSException import StorageTransactionError
 from ZODB.utils import p64, z64
 
 import zodbblob
 from zodbblob.cli import format_address
 from zodbblob.commitlog import CommitLog, Entry, commit_log_path
 from zodbblob.layout import LAYOUTS, FilesystemHelper, InvalidIdError
+from zodbblob.storage import INLINE_LIMIT
 from zodbblob.testing import ServerProcess, free_port, serve_command
 from zodbblob.tests.test_config import commit_blob, read_blob
 from zodbblob.zeo import ClientStorage
@@ -219,6 +221,90 @@ class StorageTests(TemporaryDirectory):
         db.close()
 
 
+    def committed_blob(self, storage, data):
+        """Commit a blob of `data`: its oid, serial, record and file."""
+        db = ZODB.DB(storage)
+        self.addCleanup(db.close)
+        commit_blob(db, data)
+        with db.transaction() as connection:
+            blob = connection.root()['blob']
+            blob._p_activate()
+            oid, serial = blob._p_oid, blob._p_serial
+        record, _ = storage.load(oid)
+        return db, oid, serial, record, storage.loadBlob(oid, serial)
+
+    def test_tpc_begin_refuses_a_tid_not_after_the_last_or_far_ahead(self):
+        storage = self.open('bushy')
+        db, oid, serial, record, path = self.committed_blob(storage,
+                                                            b'committed')
+        last = storage.lastTransaction()
+        two_days = 2 * 24 * 60 << 32   # a tid's high 32 bits count minutes
+        for tid, expected in ((serial, 'after its last transaction'),
+                              (z64, 'after its last transaction'),
+                              (b'\xff' * 8, 'no more than a day ahead'),
+                              (p64(ZODB.utils.u64(last) + two_days),
+                               'no more than a day ahead'),
+                              (z64[:7], 'exactly 8 bytes'),
+                              (escaping_id(1, 'x'), 'exactly 8 bytes')):
+            with self.subTest(tid=tid):
+                txn = TransactionMetaData()
+                with self.assertRaises(StorageTransactionError) as caught:
+                    storage.tpc_begin(txn, tid)
+                message = str(caught.exception)
+                self.assertIn('Refused tid', message)
+                self.assertIn(storage.getName(), message)
+                self.assertIn(expected, message)
+                self.assertNotIn('\n', message)
+                # Nothing begun: the base's commit lock is free, and a
+                # later transaction commits after the last one.
+                storage.tpc_abort(txn)
+        self.assertEqual(read_blob(db), b'committed')
+        commit_blob(db, b'after', key='after')
+        self.assertEqual(read_blob(db, 'after'), b'after')
+        self.assertGreater(storage.lastTransaction(), last)
+        with open(path, 'rb') as f:
+            self.assertEqual(f.read(), b'committed')
+
+    def test_a_tid_after_the_last_transaction_is_accepted(self):
+        storage = self.open('lawn')
+        db, oid, serial, record, path = self.committed_blob(storage, b'one')
+        tid = p64(ZODB.utils.u64(storage.lastTransaction()) + 1)
+        txn = TransactionMetaData()
+        storage.tpc_begin(txn, tid)
+        storage.storeBlob(oid, serial, record, self.new_file(b'two'), '',
+                          txn)
+        storage.tpc_vote(txn)
+        self.assertEqual(storage.tpc_finish(txn), tid)
+        with open(storage.loadBlob(oid, tid), 'rb') as f:
+            self.assertEqual(f.read(), b'two')
+
+    def test_vote_never_replaces_the_blob_file_of_a_committed_transaction(
+            self):
+        for size in (100, INLINE_LIMIT + 1):
+            with self.subTest(size=size):
+                where = 'inline' if size == 100 else 'logged-by-name'
+                os.mkdir(self.path(where))
+                storage = self.open('bushy', where)
+                committed = b'c' * size
+                db, oid, serial, record, path = self.committed_blob(
+                    storage, committed)
+                # Past tpc_begin's check, as a base that chose the tid
+                # itself might be: the vote still refuses.
+                txn = TransactionMetaData()
+                storage.base.tpc_begin(txn, serial)
+                storage.storeBlob(oid, serial, record,
+                                  self.new_file(b'hostile'), '', txn)
+                with self.assertRaises(StorageTransactionError) as caught:
+                    storage.tpc_vote(txn)
+                storage.tpc_abort(txn)
+                self.assertIn(path, str(caught.exception))
+                with open(path, 'rb') as f:
+                    self.assertEqual(f.read(), committed)
+                self.assertEqual(read_blob(db), committed)
+                commit_blob(db, b'after', key='after')
+                self.assertEqual(read_blob(db, 'after'), b'after')
+
+
 class CommitLogTests(TemporaryDirectory):
 
     def test_a_record_of_an_id_that_is_not_8_bytes_is_refused_unwritten(self):
@@ -285,10 +371,13 @@ class RawClient:
         return self.commit([('restorea', (oid, serial, b'hostile pickle',
                                           None))])
 
-    def commit(self, messages):
+    def commit(self, messages, tid=None, finish=False):
+        """Send `messages` in a transaction (with `tid`, if given) and
+        vote: return the error it got.  An accepted one is left voted, or
+        finished if `finish`."""
         storage = self.storage
         txn = TransactionMetaData()
-        storage.tpc_begin(txn)
+        storage.tpc_begin(txn, tid)
         # Calls that name the transaction end with its id, as ZEO's do.
         storage._async_iter(iter([
             (name, args + (id(txn),) if name != 'storeBlobStart'
@@ -296,11 +385,13 @@ class RawClient:
             for name, args in messages]))
         try:
             storage.tpc_vote(txn)
-        except ServerException as e:
+        except (ServerException, StorageTransactionError) as e:
             storage.tpc_abort(txn)
             return e
         # Accepted: left voted, as a hostile client may leave it (an abort
         # would remove the files the layout published at vote).
+        if finish:
+            storage.tpc_finish(txn)
         return None
 
     def send_blob(self, oid, serial):
@@ -394,6 +485,68 @@ class ServeTests(TemporaryDirectory):
             wait_timeout=30))
         self.addCleanup(lambda: db.close())
         return db
+
+
+class ChosenTidTests(TemporaryDirectory):
+    """A raw client choosing its transaction's tid: refused at vote when
+    it names a committed transaction or lies far in the future."""
+
+    def setUp(self):
+        super().setUp()
+        self.server = Server(self, 'bushy')
+        writer = self.client('writer')
+        commit_blob(writer, b'committed')
+        with writer.transaction() as connection:
+            blob = connection.root()['blob']
+            blob._p_activate()
+            self.oid, self.serial = blob._p_oid, blob._p_serial
+            self.record, _ = connection._storage.load(self.oid)
+        writer.close()
+
+    def client(self, name):
+        db = ZODB.DB(ClientStorage(
+            self.server.address, blob_dir=self.path(name + '-cache'),
+            wait_timeout=30))
+        self.addCleanup(lambda: db.close())
+        return db
+
+    def store_with_tid(self, tid):
+        hostile = RawClient(self, self.server.address)
+        error = hostile.commit([
+            ('storeBlobStart', ()),
+            ('storeBlobChunk', (b'hostile bytes',)),
+            ('storeBlobEnd', (self.oid, self.serial, self.record)),
+        ], tid=tid, finish=True)
+        hostile.storage.close()
+        return error
+
+    def assertServing(self):
+        """A new client opens a DB, reads the blob whole, and commits."""
+        db = self.client('after-%d' % len(os.listdir(self.directory)))
+        self.assertEqual(read_blob(db), b'committed')
+        commit_blob(db, b'after', key='after')
+        self.assertEqual(read_blob(db, 'after'), b'after')
+        db.close()
+
+    def test_a_committed_blob_keeps_its_bytes_against_its_own_tid(self):
+        error = self.store_with_tid(self.serial)
+        self.assertIsNotNone(error, 'a tid of a committed transaction was '
+                             'accepted')
+        self.assertIn('Refused tid %s' % self.serial.hex(), str(error))
+        fshelper = FilesystemHelper(self.server.blob_dir)
+        with open(fshelper.getBlobFilename(self.oid, self.serial), 'rb') as f:
+            self.assertEqual(f.read(), b'committed')
+        self.assertServing()
+        self.assertEqual(self.server.process.stop(), 0,
+                         self.server.process.output())
+
+    def test_a_tid_far_in_the_future_leaves_the_storage_usable(self):
+        error = self.store_with_tid(b'\xff' * 8)
+        self.assertIsNotNone(error, 'a tid far in the future was accepted')
+        self.assertIn('Refused tid ffffffffffffffff', str(error))
+        self.assertServing()
+        self.assertEqual(self.server.process.stop(), 0,
+                         self.server.process.output())
 
 
 class ClientTests(TemporaryDirectory):
