@@ -51,7 +51,7 @@ from ZODB.config import BaseConfig
 
 from zodbblob.commitlog import CommitLog, CommitLogError, commit_log_path
 from zodbblob.layout import LAYOUT_MARKER, LAYOUTS, read_marker
-from zodbblob.storage import BlobStorage
+from zodbblob.storage import BlobStorage, check_state_layout
 
 # A marker holds a layout name: anything longer is not one.
 _MARKER_LIMIT = 256
@@ -201,9 +201,12 @@ def marked_layout(blob_dir: str) -> str | None:
 
 def check_blob_directory(blob_dir: str) -> None:
     """Refuse, with a one-line ValueError naming the path, a blob
-    directory that no storage can open: a damaged or foreign marker, a
-    client cache, a commit log without a valid header.  Changes nothing.
+    directory that no storage can open: state files of the wrong kind (a
+    ``.zodbblob`` that is a file, a ``journal.sqlite`` that is a
+    directory), a damaged or foreign marker, a client cache, a commit log
+    without a valid header.  Changes nothing.
     """
+    check_state_layout(blob_dir)
     marked_layout(blob_dir)
     path = commit_log_path(blob_dir)
     if os.path.lexists(path):

@@ -66,6 +66,7 @@ from zodbblob.layout import read_marker
 from zodbblob.progress import Progress
 from zodbblob.storage import LOCK_NAME
 from zodbblob.storage import BlobStorageError
+from zodbblob.storage import check_state_layout
 from zodbblob.storage import hold_blob_directory
 
 logger = logging.getLogger(__name__)
@@ -210,6 +211,10 @@ def detect_layout(directory: str) -> str:
     if not os.path.isdir(directory):
         raise MigrationError(f'Source {directory} is not a directory: '
                              'expected a blob directory')
+    try:
+        check_state_layout(directory)
+    except ValueError as e:
+        raise MigrationError(f'Source {directory}: {e}') from None
     try:
         marked = read_marker(directory)
     except UnicodeDecodeError:

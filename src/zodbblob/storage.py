@@ -57,8 +57,10 @@ from zodbblob.journal import JournalError
 from zodbblob.journal import journal_path
 from zodbblob.journal import kill_point
 from zodbblob.journal import sync_filesystem
+from zodbblob.layout import LAYOUT_MARKER
 from zodbblob.layout import FilesystemHelper
 from zodbblob.layout import check_id
+from zodbblob.layout import file_kind
 from zodbblob.layout import fsync_directory
 from zodbblob.layout import fsync_path
 from zodbblob.layout import makedirs_durable
@@ -96,6 +98,47 @@ class BlobStorageError(Exception):
 
 class BlobDirectoryInUse(BlobStorageError):
     """A live storage holds the blob directory."""
+
+
+def check_state_layout(blob_dir: str) -> None:
+    """Refuse a blob directory whose state has the wrong kind of file.
+
+    ``.zodbblob`` a regular file, ``journal.sqlite`` or ``commit.log`` a
+    directory: opening would fail deep in SQLite or ``os.makedirs`` with
+    an error that names no path, or (read-only) go on without the
+    catalog.  ValueError, one line naming the path and what it is;
+    nothing is read, created or moved aside.  A missing name is fine: a
+    new or stock blob directory has none of these.
+    """
+    blob_dir = os.path.normpath(blob_dir)
+    if not os.path.isdir(blob_dir):
+        return   # the layout's own check names a blob_dir that is a file
+    state_dir = os.path.join(blob_dir, STATE_DIR)
+    journal = journal_path(blob_dir)
+    expected = [(os.path.join(blob_dir, LAYOUT_MARKER), False),
+                (os.path.join(blob_dir, 'tmp'), True),
+                (state_dir, True)]
+    for path in (journal, journal + '-wal', journal + '-shm',
+                 commit_log_path(blob_dir),
+                 os.path.join(state_dir, LOCK_NAME)):
+        expected.append((path, False))
+    for path, directory in expected:
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            if os.path.lexists(path):
+                raise ValueError(f'{path} is a symbolic link to '
+                                 f'{os.readlink(path)}, which does not '
+                                 f'exist') from None
+            continue
+        except NotADirectoryError:
+            continue   # below .zodbblob, refused already
+        if directory and not stat.S_ISDIR(mode):
+            raise ValueError(f'{path} is {file_kind(mode)}, not a '
+                             f'directory')
+        if not directory and not stat.S_ISREG(mode):
+            raise ValueError(f'{path} is {file_kind(mode)}, not a regular '
+                             f'file')
 
 
 def hold_blob_directory(blob_dir: str):
@@ -264,6 +307,7 @@ class BlobStorage:
 
     def _open_blob_dir(self, blob_dir: str, layout: str) -> _Shared:
         read_only = bool(getattr(self.base, 'isReadOnly', bool)())
+        check_state_layout(blob_dir)
         fshelper = FilesystemHelper(blob_dir, layout)
         if read_only:
             fshelper.check_marker()

@@ -211,6 +211,43 @@ class ExitStatusTests(unittest.TestCase):
         db.close()
         self.assertTrue(os.path.exists(self.path('empty', 'blobs', '.layout')))
 
+    def test_state_files_of_the_wrong_kind_exit_2_naming_them(self):
+        # .zodbblob a file, journal.sqlite, commit.log or .layout a
+        # directory: each tool names the path, touches nothing (verify,
+        # backup and export went on without the catalog; recover and
+        # migrate gave an errno without the path).
+        blobs = self.path('store', 'blobs')
+        state = os.path.join(blobs, '.zodbblob')
+        cases = {
+            state: 'a regular file, not a directory',
+            os.path.join(state, 'journal.sqlite'):
+                'a directory, not a regular file',
+            os.path.join(state, 'commit.log'):
+                'a directory, not a regular file',
+            os.path.join(blobs, '.layout'): 'a directory, not a regular file',
+        }
+        shutil.copytree(blobs, self.path('pristine'))
+        for path, problem in cases.items():
+            shutil.rmtree(blobs)
+            shutil.copytree(self.path('pristine'), blobs)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+                with open(path, 'w') as f:
+                    f.write('not a directory')
+            else:
+                os.remove(path)
+                os.mkdir(path)
+            for argv in (('verify', *self.storage(self.path('store'))),
+                         ('recover', *self.storage(self.path('store'))),
+                         ('backup', *self.storage(self.path('store')),
+                          self.path('backups')),
+                         ('export', *self.storage(self.path('store')),
+                          self.path('out.zexp')),
+                         ('migrate', blobs, self.path('migrated'),
+                          '--layout', 'lawn')):
+                with self.subTest(command=argv[0], path=path):
+                    self.assertCannotRun(argv, f'{path} is {problem}')
+
 
 def test_suite():
     return unittest.defaultTestLoader.loadTestsFromName(__name__)

@@ -160,6 +160,49 @@ class WrapperTests(StorageTestCase):
                       str(caught.exception))
         self.assertEqual(tree(self.dir), before)
 
+    def test_state_files_of_the_wrong_kind_are_refused_naming_them(self):
+        # A file where a directory belongs, a directory where a file does:
+        # refused with the path, before anything is created or moved
+        # aside, read-only or not.
+        db = self.open_db()
+        self.commit_blob(db, 'blob', b'data')
+        db.close()
+        os.remove('Data.fs.lock')
+        state = os.path.join(self.blob_dir, '.zodbblob')
+        cases = {
+            state: 'a regular file, not a directory',
+            journal_path(self.blob_dir): 'a directory, not a regular file',
+            commit_log_path(self.blob_dir): 'a directory, not a regular file',
+            os.path.join(self.blob_dir, '.layout'):
+                'a directory, not a regular file',
+            os.path.join(state, 'lock'): 'a directory, not a regular file',
+        }
+        pristine = os.path.join(self.dir, 'pristine')
+        shutil.copytree(self.blob_dir, pristine)
+        for path, problem in cases.items():
+            shutil.rmtree(self.blob_dir)
+            shutil.copytree(pristine, self.blob_dir)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+                with open(path, 'w') as f:
+                    f.write('not a directory')
+            else:
+                os.remove(path)
+                os.mkdir(path)
+            for read_only in (False, True):
+                with self.subTest(path=path, read_only=read_only):
+                    base = ZODB.FileStorage.FileStorage('Data.fs',
+                                                        read_only=read_only)
+                    before = tree(self.blob_dir)
+                    try:
+                        with self.assertRaises(ValueError) as caught:
+                            BlobStorage(self.blob_dir, base)
+                    finally:
+                        base.close()
+                    self.assertEqual(str(caught.exception),
+                                     f'{path} is {problem}')
+                    self.assertEqual(tree(self.blob_dir), before)
+
     def test_mvcc_base_stays_wrapped(self):
         storage = BlobStorage(self.blob_dir, MVCCMappingStorage())
         db = ZODB.DB(storage)
