@@ -27,6 +27,7 @@ import os
 import signal
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Iterable
 
 import zope.interface
@@ -136,6 +137,27 @@ class JournalError(Exception):
 
 def journal_path(blob_dir: str) -> str:
     return os.path.join(blob_dir, STATE_DIR, JOURNAL_NAME)
+
+
+def pack_under_way(blob_dir: str) -> bool:
+    """Whether a pack of `blob_dir`'s storage has started and not finished.
+
+    For a tool reading beside a live storage: read through the catalog's
+    write-ahead log (a read-only `Journal` reads the database file
+    alone), where pack records its intent before the base packs and
+    clears it once its files are gone.  False when there is no catalog.
+    """
+    path = journal_path(blob_dir)
+    try:
+        db = sqlite3.connect(f'file:{urllib.parse.quote(path)}?mode=ro',
+                             uri=True)
+        try:
+            return db.execute("SELECT 1 FROM meta WHERE name = "
+                              "'pack_started'").fetchone() is not None
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return False
 
 
 @zope.interface.implementer(IBlobJournal)

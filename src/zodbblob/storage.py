@@ -162,6 +162,22 @@ def hold_blob_directory(blob_dir: str):
             'held); stop it first' % (blob_dir, lock_path)) from None
 
 
+def held_by_a_storage(blob_dir: str) -> bool:
+    """Whether a storage holds `blob_dir` now (a server, an application).
+
+    Its lock is taken and let go at once.
+    """
+    try:
+        lock = hold_blob_directory(blob_dir)
+    except BlobDirectoryInUse:
+        return True
+    except OSError:
+        return False   # a read-only directory: no storage writes there
+    if lock is not None:
+        lock.close()
+    return False
+
+
 def rename_or_copy(source: str, target: str) -> None:
     """Rename `source` to `target`; across filesystems, copy and remove.
 

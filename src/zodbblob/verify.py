@@ -30,13 +30,13 @@ from zodbblob.commitlog import CommitLog
 from zodbblob.commitlog import commit_log_path
 from zodbblob.commitlog import latest_entries
 from zodbblob.journal import journal_path
+from zodbblob.journal import pack_under_way
 from zodbblob.layout import LINKED_DIRECTORY
 from zodbblob.layout import BlobTree
 from zodbblob.layout import NotABlobFile
 from zodbblob.layout import file_kind
 from zodbblob.layout import open_blob_file
-from zodbblob.storage import BlobDirectoryInUse
-from zodbblob.storage import hold_blob_directory
+from zodbblob.storage import held_by_a_storage
 
 
 @dataclasses.dataclass
@@ -109,43 +109,6 @@ def _holds(path: str, data: bytes) -> bool:
         return False
     with open(fd, 'rb') as f:
         return f.read(len(data) + 1) == data
-
-
-def _live(blob_dir: str) -> bool:
-    """Whether a storage holds `blob_dir` now (a server, an application).
-
-    Its lock is taken and let go at once: a storage that holds it replayed
-    the commit log when it opened, and the records since are its own.
-    """
-    try:
-        lock = hold_blob_directory(blob_dir)
-    except BlobDirectoryInUse:
-        return True
-    except OSError:
-        return False   # a read-only directory: no storage writes there
-    if lock is not None:
-        lock.close()
-    return False
-
-
-def _pack_under_way(blob_dir: str) -> bool:
-    """Whether a live storage's pack has started and not finished.
-
-    Read through the catalog's write-ahead log (not as `_Catalog` reads a
-    live catalog, from the database file alone): pack records its intent
-    there before the base packs, and clears it once its files are gone.
-    """
-    path = journal_path(blob_dir)
-    try:
-        db = sqlite3.connect('file:%s?mode=ro' % urllib.parse.quote(path),
-                             uri=True)
-        try:
-            return db.execute("SELECT 1 FROM meta WHERE name = "
-                              "'pack_started'").fetchone() is not None
-        finally:
-            db.close()
-    except sqlite3.Error:
-        return False
 
 
 def _replaced(base) -> bool:
@@ -299,7 +262,8 @@ def verify(storage, checksum: bool = False,
 
     # A storage open for writing replayed its commit log at open, and the
     # records since are its own; so are those of a live storage elsewhere.
-    live = (not storage._shared.read_only) or _live(fshelper.base_dir)
+    live = (not storage._shared.read_only) or held_by_a_storage(
+        fshelper.base_dir)
     catalog = _Catalog(storage, live)
     try:
         if not live:
@@ -381,7 +345,7 @@ def verify(storage, checksum: bool = False,
         report.orphans = [path for path in report.orphans
                           if os.path.lexists(path)]
         if report.orphans or report.missing:
-            if _pack_under_way(fshelper.base_dir) or _replaced(storage.base):
+            if pack_under_way(fshelper.base_dir) or _replaced(storage.base):
                 report.orphans, report.missing = [], []
                 report.packed_meanwhile = True
     return report
