@@ -87,7 +87,12 @@ from zodbblob.arguments import (
     add_storage_arguments,
     open_storage,
 )
-from zodbblob.journal import SYNCFS_AVAILABLE, Journal, sync_filesystem
+from zodbblob.journal import (
+    SYNCFS_AVAILABLE,
+    Journal,
+    pack_under_way,
+    sync_filesystem,
+)
 from zodbblob.layout import (
     LAYOUT_MARKER,
     LINKED_DIRECTORY,
@@ -101,7 +106,11 @@ from zodbblob.layout import (
     remove_if_exists,
 )
 from zodbblob.progress import Progress
-from zodbblob.storage import BlobDirectoryInUse, hold_blob_directory
+from zodbblob.storage import (
+    BlobDirectoryInUse,
+    held_by_a_storage,
+    hold_blob_directory,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +180,14 @@ class SourceChanged(BackupError):
     """Data.fs no longer holds the bytes a snapshot was planned from."""
 
 
+class SourcePacked(BackupError):
+    """A pack of the source ran during the snapshot, which was dropped."""
+
+    def __init__(self, path: str):
+        super().__init__(f'{path} was packed while the snapshot was taken; '
+                         f'run backup again')
+
+
 class BackupInterrupted(KeyboardInterrupt):
     """Ctrl-C during a backup; `snapshot` is left unfinished, resumable."""
 
@@ -195,6 +212,10 @@ def pool_path(destination: str, oid: bytes, tid: bytes) -> str:
     """Where the pool of `destination` keeps the blob file of (oid, tid)."""
     return os.path.join(destination, POOL_NAME,
                         POOL_LAYOUT.getBlobFilePath(oid, tid))
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
 
 
 def _sqlite_uri(path: str, **parameters) -> str:
@@ -479,7 +500,9 @@ class _Source:
     """The live Data.fs and blob directory of `storage`, read only.
 
     Data.fs is read through one file descriptor opened here: a pack that
-    replaces the file meanwhile leaves these bytes as they were.
+    replaces the file meanwhile leaves these bytes as they were, but
+    removes the blob files of the revisions it packed away, which these
+    bytes still reference.  `packed` tells.
     """
 
     def __init__(self, storage):
@@ -496,6 +519,32 @@ class _Source:
         self.last_transaction = storage.lastTransaction()
         self.file = open(self.path, 'rb')
         self._blob_pickles: dict[bytes, bool] = {}
+        # The file the storage opened, whose index it read: the snapshot's
+        # view starts there.
+        opened = getattr(base, '_file', None) or self.file
+        self._opened = _identity(os.fstat(opened.fileno()))
+        self._writable = not storage.isReadOnly()
+
+    def packed(self) -> bool:
+        """Whether Data.fs was packed since the storage was opened, or a
+        live storage is packing it.
+
+        A pack replaces Data.fs (another inode under its name), and
+        records its intent in the catalog before the base packs and
+        clears it once it has removed its blob files; without a storage
+        holding the directory, an intent is one a killed pack left, whose
+        removals recovery finishes: the files it removes are no record's
+        in the packed Data.fs.
+        """
+        mine = _identity(os.fstat(self.file.fileno()))
+        try:
+            named = _identity(os.stat(self.path))
+        except FileNotFoundError:
+            return True
+        if not mine == named == self._opened:
+            return True
+        return pack_under_way(self.blob_dir) and (
+            self._writable or held_by_a_storage(self.blob_dir))
 
     def close(self) -> None:
         self.file.close()
@@ -657,11 +706,18 @@ class _Files:
         self.root = root
         self.kill = kill
         self.made: set[str] = set()
+        # The directories that did not exist before: a snapshot dropped
+        # for a pack leaves none of them behind.
+        self.created: list[str] = []
         self.touched: set[str] = set()
 
     def makedirs(self, directory: str) -> None:
         if directory in self.made:
             return
+        missing = directory
+        while not os.path.isdir(missing) and missing != self.root:
+            self.created.append(missing)
+            missing = os.path.dirname(missing)
         if SYNCFS_AVAILABLE:
             try:
                 os.mkdir(directory)  # the parent usually exists
@@ -881,6 +937,10 @@ class _SnapshotWriter:
         except KeyboardInterrupt:
             self._flush()
             raise BackupInterrupted(self.path) from None
+        # Every file is copied: if no pack has removed one meanwhile, the
+        # snapshot is consistent, whatever a pack does from here on.
+        if self.source.packed():
+            raise SourcePacked(self.source.path)
         for oid, tid, *_ in self.manifest.blobs(MISSING):
             path = self._source_path(oid, tid)
             if path not in self.not_file_paths:
@@ -1006,6 +1066,9 @@ class _SnapshotWriter:
             self.done_rows.append((None, None, MISSING, 0, oid, tid))
             return
         except FileNotFoundError:
+            if self.source.packed():
+                # Removed by the pack, not lost: never marked missing.
+                raise SourcePacked(self.source.path) from None
             logger.warning('Blob file %s of oid %s tid %s is missing from '
                            'the source', source, oid_repr(oid), oid_repr(tid))
             self.done_rows.append((None, None, MISSING, 0, oid, tid))
@@ -1226,19 +1289,48 @@ def backup(storage, destination: str, full: bool = False,
 
     Raises BackupInterrupted on Ctrl-C (the snapshot is left to be
     resumed), BackupError when the destination is not one of this
-    storage's or the source cannot be read as planned.
+    storage's or the source cannot be read as planned, SourcePacked when
+    a pack ran beside the snapshot (which is dropped: the destination is
+    left as it was).
     """
     destination = os.path.abspath(destination)
-    _read_destination(destination)
+    existed = os.path.lexists(destination)
+    new = not _read_destination(destination)
     source = _Source(storage)
     try:
+        if source.packed():
+            raise SourcePacked(source.path)
         _refuse_another_database(destination, source)
         os.makedirs(destination, exist_ok=True)
         with _locked(destination):
             _prepare_destination(destination)
-            return _backup(source, destination, full, progress)
+            try:
+                return _backup(source, destination, full, progress)
+            except (BackupError, OSError) as e:
+                # Whatever failed, a pack meanwhile is the reason: its
+                # plan is dropped, and a rerun takes one of the new file.
+                if not isinstance(e, SourcePacked) and not source.packed():
+                    raise
+                if new:
+                    _unmake_destination(destination)
+                if isinstance(e, SourcePacked):
+                    raise
+                raise SourcePacked(source.path) from e
     finally:
         source.close()
+        if new and not existed:
+            # Only if what _unmake_destination left is all there is.
+            with contextlib.suppress(OSError):
+                os.rmdir(destination)
+
+
+def _unmake_destination(destination: str) -> None:
+    """Take back what `_prepare_destination` made in a new destination;
+    with its lock held, which goes too (after it, nobody can tell)."""
+    for name in (POOL_NAME, MANIFESTS_NAME):
+        shutil.rmtree(os.path.join(destination, name), ignore_errors=True)
+    remove_if_exists(os.path.join(destination, DESTINATION_MARKER))
+    remove_if_exists(os.path.join(destination, LOCK_NAME))
 
 
 def _backup(source: _Source, destination: str, full: bool,
@@ -1271,9 +1363,30 @@ def _backup(source: _Source, destination: str, full: bool,
                 os.path.basename(path)), up_to_date=True))
         return results
     manifest = Manifest(path)
-    results.append(_SnapshotWriter(path, source, manifest, progress,
-                                   kill).run())
+    writer = _SnapshotWriter(path, source, manifest, progress, kill)
+    try:
+        results.append(writer.run())
+    except (BackupError, OSError) as e:
+        # A pack that removed files this snapshot lists, or replaced
+        # Data.fs under its reading: its plan no longer holds.
+        if not isinstance(e, SourcePacked) and not source.packed():
+            raise
+        manifest.close()
+        _drop_snapshot(destination, path, writer.files.created)
+        raise SourcePacked(source.path) from e
     return results
+
+
+def _drop_snapshot(destination: str, path: str, created: list[str]) -> None:
+    """Remove the unfinished snapshot `path`, the pool files only it
+    lists, its manifest's link, and the directories it made: the
+    destination is as it was before it was planned."""
+    _remove_snapshot(Snapshot(path, bytes.fromhex(os.path.basename(path)),
+                              False))
+    collect(destination)
+    for directory in sorted(created, key=len, reverse=True):
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
 
 
 # removing snapshots

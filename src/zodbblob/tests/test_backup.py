@@ -5,6 +5,7 @@ a user does (``zodbblob.cli.main``, or ``python -m zodbblob.cli`` where a
 process must die), restores, and reads the restored database back.
 """
 
+import concurrent.futures
 import contextlib
 import io
 import json
@@ -19,6 +20,7 @@ import tempfile
 import threading
 import time
 import unittest
+from unittest import mock
 
 import transaction
 import ZEO
@@ -26,6 +28,7 @@ import ZODB
 import ZODB.FileStorage
 from ZODB.blob import Blob
 
+import zodbblob.backup
 from zodbblob import BlobStorage
 from zodbblob.backup import (
     COLLECT_KILL_VARIABLE,
@@ -41,7 +44,8 @@ from zodbblob.backup import (
     snapshots,
 )
 from zodbblob.cli import main
-from zodbblob.testing import ZEOServerLayer
+from zodbblob.journal import pack_under_way
+from zodbblob.testing import ServerProcess, ZEOServerLayer, free_port
 
 
 def run(*argv):
@@ -1146,6 +1150,230 @@ class LiveServerTests(unittest.TestCase):
                 conn.close()
             self.assertGreater(len(expected), 200)
             self.assertEqual(read_store(restored), expected)
+
+
+def listing(top):
+    """Every path below `top`: a file's inode, size and modification time,
+    a directory's None (the names it gained and lost change its times),
+    and the lock's None (every run that takes it writes its pid there)."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames:
+            found[os.path.join(dirpath, name)] = None
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if name == '.lock':
+                found[path] = None
+                continue
+            info = os.lstat(path)
+            found[path] = (info.st_ino, info.st_size, info.st_mtime_ns)
+    return found
+
+
+# A server of its own: these tests pack its database.
+PACK_SERVER = ZEOServerLayer(name='PACK_SERVER', module=__name__)
+
+
+class LivePackTests(unittest.TestCase):
+    """A backup beside a pack of the live storage it reads.
+
+    The pack runs over ZEO, in the real server process, at a known point
+    of the backup (a ZEO pack returns once the server has packed and
+    removed the blob files it packed away): no timing decides the order.
+    """
+
+    layer = PACK_SERVER
+    level = 2
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix='zodbblob-backup-pack-')
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.db = ZEO.DB(self.layer.address,
+                         blob_dir=os.path.join(self.dir, 'cache'))
+        self.addCleanup(lambda: self.db.close())
+        self.dest = os.path.join(self.dir, 'backups')
+        self.argv = ['backup', '--quiet', '--data', self.layer.data_fs,
+                     '--blob-dir', self.layer.blob_dir, self.dest]
+        self.packed_message = (
+            f'zodbblob backup: error: {self.layer.data_fs} was packed while '
+            f'the snapshot was taken; run backup again\n')
+
+    def commit(self, version):
+        with self.db.transaction() as conn:
+            root = conn.root()
+            for i in range(5):
+                data = blob_bytes(f'{version} {i}', 1000)
+                if f'b{i}' in root:
+                    with root[f'b{i}'].open('w') as f:
+                        f.write(data)
+                else:
+                    root[f'b{i}'] = Blob(data)
+
+    def pack(self):
+        self.db.pack(time.time() + 1)
+
+    def assertRestoresAsTheServerHasIt(self):
+        [*_, newest] = snapshots(self.dest)
+        self.assertTrue(newest.complete)
+        restored = os.path.join(self.dir, 'restored')
+        status, out, err = run('restore', '--check', newest.path, restored)
+        self.assertEqual(status, 0, out + err)
+        status, out, err = run(
+            'verify', '--checksum', '--data',
+            os.path.join(restored, 'Data.fs'), '--blob-dir',
+            os.path.join(restored, 'blobs'))
+        self.assertEqual(status, 0, out + err)
+        transaction.begin()
+        with self.db.transaction() as conn:
+            expected = read_blobs(conn.root())
+        self.assertEqual(read_store(restored), expected)
+
+    def test_a_pack_that_removes_files_the_snapshot_lists_drops_it_and_exits_2(
+            self):
+        self.commit('first')
+        status, out, err = run(*self.argv)
+        self.assertEqual(status, 0, out + err)
+        # Revisions the next snapshot lists, which the pack removes.
+        self.commit('second')
+        self.commit('third')
+        before = listing(self.dest)
+        copy_blob = zodbblob.backup._SnapshotWriter._blob
+        packed = []
+
+        def pack_then_copy(writer, *args):
+            # Once the snapshot is planned and its manifest linked, before
+            # its first blob file is copied.
+            if not packed:
+                self.pack()
+                packed.append(True)
+            return copy_blob(writer, *args)
+
+        with mock.patch.object(zodbblob.backup._SnapshotWriter, '_blob',
+                               pack_then_copy):
+            status, out, err = run(*self.argv)
+        self.assertEqual(packed, [True])
+        self.assertEqual((status, out, err), (2, '', self.packed_message))
+        # The earlier snapshot as it was, and nothing of the dropped one:
+        # no directory, pool file, manifest link or empty directory.
+        self.assertEqual(listing(self.dest), before)
+        status, out, err = run(*self.argv)
+        self.assertEqual(status, 0, out + err)
+        self.assertEqual(len(snapshots(self.dest)), 2)
+        self.assertRestoresAsTheServerHasIt()
+
+    def test_a_pack_after_the_storage_opened_leaves_no_new_destination(
+            self):
+        self.commit('fourth')
+        self.commit('fifth')
+        open_storage = zodbblob.backup.open_storage
+
+        def open_then_pack(*args, **kw):
+            # The index read from the file a pack then replaces.
+            storage = open_storage(*args, **kw)
+            self.pack()
+            return storage
+
+        with mock.patch.object(zodbblob.backup, 'open_storage',
+                               open_then_pack):
+            status, out, err = run(*self.argv)
+        self.assertEqual((status, out, err), (2, '', self.packed_message))
+        self.assertFalse(os.path.lexists(self.dest))
+        status, out, err = run(*self.argv)
+        self.assertEqual(status, 0, out + err)
+        self.assertRestoresAsTheServerHasIt()
+
+
+class HeldPackTests(unittest.TestCase):
+    """A backup while a live storage's pack is under way: recorded in its
+    catalog, held there (`held_pack_server`) before Data.fs is packed."""
+
+    level = 2
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix='zodbblob-backup-held-')
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.var = os.path.join(self.dir, 'var')
+        os.mkdir(self.var)
+        address = ('127.0.0.1', free_port())
+        server = ServerProcess(
+            [sys.executable, '-m', 'zodbblob.tests.held_pack_server',
+             self.var, str(address[1])], address, cwd=self.dir,
+            log_path=os.path.join(self.dir, 'server.log'))
+        server.start(timeout=60)
+        self.addCleanup(server.stop, timeout=60)
+        self.release = os.path.join(self.var, 'release')
+        self.db = ZEO.DB(address, blob_dir=os.path.join(self.dir, 'cache'),
+                         wait_timeout=60)
+        self.addCleanup(lambda: self.db.close())
+        self.blob_dir = os.path.join(self.var, 'blobs')
+        self.data_fs = os.path.join(self.var, 'Data.fs')
+        self.dest = os.path.join(self.dir, 'backups')
+        self.argv = ['backup', '--quiet', '--data', self.data_fs,
+                     '--blob-dir', self.blob_dir, self.dest]
+        for version in ('first', 'second'):
+            with self.db.transaction() as conn:
+                for i in range(5):
+                    conn.root()[f'b{i}'] = Blob(
+                        blob_bytes(f'{version} {i}', 1000))
+        self.packing = None
+
+    def start_pack(self):
+        """A pack over ZEO, in a thread; returns once it is under way."""
+        executor = concurrent.futures.ThreadPoolExecutor(1)
+        self.addCleanup(executor.shutdown)
+        self.packing = executor.submit(self.db.pack, time.time() + 1)
+        self.addCleanup(self.finish_pack)
+        deadline = time.monotonic() + 60
+        while not pack_under_way(self.blob_dir):
+            if self.packing.done():
+                self.packing.result()   # its error, if it failed
+                self.fail('the pack finished before it was released')
+            self.assertLess(time.monotonic(), deadline, 'the pack never '
+                            'started')
+            time.sleep(0.05)
+
+    def finish_pack(self):
+        with open(self.release, 'w'):
+            pass
+        self.packing.result(120)
+
+    def assertDroppedThenTakenAfterThePack(self, status, out, err):
+        self.assertEqual((status, out), (2, ''))
+        self.assertEqual(err, f'zodbblob backup: error: {self.data_fs} was '
+                              f'packed while the snapshot was taken; run '
+                              f'backup again\n')
+        self.assertFalse(os.path.lexists(self.dest))
+        self.finish_pack()
+        self.assertFalse(pack_under_way(self.blob_dir))
+        status, out, err = run(*self.argv)
+        self.assertEqual(status, 0, out + err)
+        [snapshot] = snapshots(self.dest)
+        restored = os.path.join(self.dir, 'restored')
+        status, out, err = run('restore', '--check', snapshot.path, restored)
+        self.assertEqual(status, 0, out + err)
+        transaction.begin()
+        with self.db.transaction() as conn:
+            self.assertEqual(read_store(restored), read_blobs(conn.root()))
+
+    def test_a_pack_under_way_when_the_backup_starts_drops_it(self):
+        self.start_pack()
+        self.assertDroppedThenTakenAfterThePack(*run(*self.argv))
+
+    def test_a_pack_under_way_when_the_files_are_copied_drops_it(self):
+        copy_blob = zodbblob.backup._SnapshotWriter._blob
+
+        def pack_then_copy(writer, *args):
+            # The pack starts once the snapshot is planned; it packs
+            # nothing yet, so every file is there to be copied.
+            if self.packing is None:
+                self.start_pack()
+            return copy_blob(writer, *args)
+
+        with mock.patch.object(zodbblob.backup._SnapshotWriter, '_blob',
+                               pack_then_copy):
+            result = run(*self.argv)
+        self.assertIsNotNone(self.packing)
+        self.assertDroppedThenTakenAfterThePack(*result)
 
 
 class APITests(StoreTestCase):

@@ -1,0 +1,50 @@
+"""A ZEO server whose pack waits, for the backup tests.
+
+    python -m zodbblob.tests.held_pack_server DIR PORT
+
+Serves ``DIR/Data.fs`` with blobs in ``DIR/blobs`` over
+``zodbblob.BlobStorage``.  A pack records its intent in the catalog, as
+always, and then its FileStorage waits for ``DIR/release`` to exist before
+it packs: a test holds a pack under way, at a known point, for as long as
+it needs, without timing anything.  Stops on SIGTERM.
+"""
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import ZEO.StorageServer
+import ZODB.FileStorage
+
+from zodbblob import BlobStorage
+
+
+class HeldFileStorage(ZODB.FileStorage.FileStorage):
+
+    release = None
+
+    def pack(self, *args, **kw):
+        while not os.path.exists(self.release):
+            time.sleep(0.05)
+        return super().pack(*args, **kw)
+
+
+def main(argv):
+    directory, port = argv[0], int(argv[1])
+    base = HeldFileStorage(os.path.join(directory, 'Data.fs'))
+    base.release = os.path.join(directory, 'release')
+    storage = BlobStorage(os.path.join(directory, 'blobs'), base)
+    server = ZEO.StorageServer.StorageServer(
+        ('127.0.0.1', port), {'1': storage})
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *args: stop.set())
+    server.start_thread()
+    print('serving', flush=True)
+    stop.wait()
+    server.close()
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
