@@ -1296,6 +1296,7 @@ def backup(storage, destination: str, full: bool = False,
     destination = os.path.abspath(destination)
     existed = os.path.lexists(destination)
     new = not _read_destination(destination)
+    dropped = False
     source = _Source(storage)
     try:
         if source.packed():
@@ -1313,13 +1314,14 @@ def backup(storage, destination: str, full: bool = False,
                     raise
                 if new:
                     _unmake_destination(destination)
+                    dropped = True
                 if isinstance(e, SourcePacked):
                     raise
                 raise SourcePacked(source.path) from e
     finally:
         source.close()
-        if new and not existed:
-            # Only if what _unmake_destination left is all there is.
+        if dropped and not existed:
+            # Empty unless another backup began in it since: then it stays.
             with contextlib.suppress(OSError):
                 os.rmdir(destination)
 
@@ -1373,6 +1375,8 @@ def _backup(source: _Source, destination: str, full: bool,
             raise
         manifest.close()
         _drop_snapshot(destination, path, writer.files.created)
+        if isinstance(e, SourcePacked):
+            raise
         raise SourcePacked(source.path) from e
     return results
 
