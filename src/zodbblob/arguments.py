@@ -89,7 +89,10 @@ def _open_storage(args: argparse.Namespace, read_only: bool) -> BlobStorage:
         if not os.path.isfile(args.config):
             args.parser.error(f'--config {args.config}: no such file')
         try:
-            return storage_from_file(args.config, read_only=read_only)
+            # As with --blob-dir: only a storage's own first open (a
+            # server's, an application's) makes a new blob directory.
+            return storage_from_file(args.config, read_only=read_only,
+                                     existing=True)
         except (ZConfig.ConfigurationError, ValueError) as e:
             raise ToolError(f'--config {args.config}: {e}') from None
     if not (args.data and args.blob_dir):

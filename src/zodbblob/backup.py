@@ -779,15 +779,21 @@ class _Files:
             self.kill.copied += 1
         return size, digest.digest()
 
-    def link(self, existing: str, target: str) -> bool:
-        """Hard-link `existing` as `target`; False where links fail."""
+    def link(self, existing: str, target: str,
+             tree: BlobTree | None = None) -> bool:
+        """Hard-link `existing` as `target`; False where links fail.
+
+        With the `tree` that holds `existing`, no link is followed on
+        the way to it (`BlobTree.link`).
+        """
         directory = os.path.dirname(target)
         self.makedirs(directory)
+        link = os.link if tree is None else tree.link
         try:
-            os.link(existing, target)
+            link(existing, target)
         except FileExistsError:
             os.remove(target)
-            os.link(existing, target)
+            link(existing, target)
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK,
                                errno.ENOTSUP, errno.ENOENT):
@@ -909,6 +915,13 @@ class _SnapshotWriter:
         self.batch_bytes = 0
 
     def run(self) -> BackupResult:
+        try:
+            return self._run()
+        finally:
+            self.source_tree.close()
+            self.pool_tree.close()
+
+    def _run(self) -> BackupResult:
         if self.resuming:
             self._prepare_resume()
         _link_manifest(self.destination, self.path, self.manifest)
@@ -1696,6 +1709,7 @@ def check(snapshot: str,
     destination = os.path.dirname(snapshot)
     report = CheckReport(snapshot, bytes.fromhex(meta['tid']))
     problems = report.problems
+    pool_tree = None
     try:
         if not os.path.exists(os.path.join(snapshot, COMPLETE_NAME)):
             problems.append(f'unfinished: {snapshot} has no {COMPLETE_NAME} '
@@ -1728,6 +1742,8 @@ def check(snapshot: str,
                 progress(done, total)
     finally:
         manifest.close()
+        if pool_tree is not None:
+            pool_tree.close()
     return report
 
 
@@ -1897,33 +1913,33 @@ def _restore(snapshot, manifest, meta, layout, link, directory, staged_data,
     total = counts.get(DONE, 0)
     catalog = []
     linked = 0
-    pool_tree = BlobTree(os.path.join(destination, POOL_NAME))
-    for oid, blob_tid, size, sha256, state in manifest.blobs(DONE):
-        path = pool_path(destination, oid, blob_tid)
-        target = os.path.join(staged_blobs,
-                              layout.getBlobFilePath(oid, blob_tid))
-        placed = False
-        if link:
-            _check_pooled(path, *_hash_file(path, pool_tree), size, sha256)
-            placed = files.link(path, target)
-            if placed:
-                linked += 1
-            else:
-                logger.warning('Cannot hard-link %s into %s: copying the '
-                               'blob files instead', path, directory)
-                link = False
-        if not placed:
-            fd = pool_tree.open(path)
-            try:
-                info = os.fstat(fd)
-                actual_size, actual = files.copy(
-                    fd, target, stat.S_IMODE(info.st_mode), 0, info.st_size)
-            finally:
-                os.close(fd)
-            _check_pooled(path, actual_size, actual, size, sha256)
-        catalog.append((oid, blob_tid, size))
-        if progress is not None:
-            progress(len(catalog), total)
+    with BlobTree(os.path.join(destination, POOL_NAME)) as pool_tree:
+        for oid, blob_tid, size, sha256, state in manifest.blobs(DONE):
+            path = pool_path(destination, oid, blob_tid)
+            target = os.path.join(staged_blobs,
+                                  layout.getBlobFilePath(oid, blob_tid))
+            placed = False
+            if link:
+                _check_pooled(path, *_hash_file(path, pool_tree), size, sha256)
+                placed = files.link(path, target, pool_tree)
+                if placed:
+                    linked += 1
+                else:
+                    logger.warning('Cannot hard-link %s into %s: copying the '
+                                   'blob files instead', path, directory)
+                    link = False
+            if not placed:
+                fd = pool_tree.open(path)
+                try:
+                    info = os.fstat(fd)
+                    actual_size, actual = files.copy(
+                        fd, target, stat.S_IMODE(info.st_mode), 0, info.st_size)
+                finally:
+                    os.close(fd)
+                _check_pooled(path, actual_size, actual, size, sha256)
+            catalog.append((oid, blob_tid, size))
+            if progress is not None:
+                progress(len(catalog), total)
     journal = Journal(staged_blobs)
     try:
         journal.rebuild(catalog)

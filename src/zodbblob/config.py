@@ -439,13 +439,16 @@ _SECTION = re.compile(r'^\s*<zodbblob(\s[^>]*)?>.*?^\s*</zodbblob>',
 _DIRECTIVE = re.compile(r'^\s*%(define|import)\s.*$', re.MULTILINE)
 
 
-def storage_from_file(path: str, read_only: bool = False) -> BlobStorage:
+def storage_from_file(path: str, read_only: bool = False,
+                      existing: bool = False) -> BlobStorage:
     """Open the first ``<zodbblob>`` section of the config file `path`.
 
     Any file that holds one will do: a zope.conf, a zeo.conf, a ZODB
     config; its ``%define`` lines apply.  With `read_only`, the base is
     opened read-only (where its section has ``read-only``), so tools can
-    look at a storage a server is using.
+    look at a storage a server is using.  With `existing`, a blob-dir
+    that is no blob directory yet (missing, or without a marker) is a
+    ValueError before anything is opened: a tool must not make one.
     """
     with open(path) as f:
         text = f.read()
@@ -465,4 +468,23 @@ def storage_from_file(path: str, read_only: bool = False) -> BlobStorage:
                 f'{path}: the base storage of its <zodbblob> section cannot '
                 f'be opened read-only')
         base.read_only = True
+    if existing:
+        check_existing_blob_directory(factory.config.blob_dir)
     return factory.open()
+
+
+def check_existing_blob_directory(blob_dir: str) -> None:
+    """Refuse, with a one-line ValueError naming the path, a `blob_dir`
+    that is not a blob directory already: missing, not a directory, or
+    without a ``.layout`` marker; or one `check_blob_directory` refuses.
+
+    Opening a storage would make any of these a new blob directory, and
+    a tool would then report on (or recover) an empty one.
+    """
+    if not os.path.isdir(blob_dir):
+        raise ValueError(f'blob-dir {blob_dir} is not a blob directory: no '
+                         f'such directory')
+    check_blob_directory(blob_dir)
+    if marked_layout(blob_dir) is None:
+        raise ValueError(f'blob-dir {blob_dir} is not a blob directory: no '
+                         f'{LAYOUT_MARKER} marker')

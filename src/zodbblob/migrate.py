@@ -260,8 +260,9 @@ def inventory(blobs: Iterator[tuple[bytes, bytes, str]],
 
 def _source_inventory(source: str, source_layout: str,
                       not_files: list) -> Inventory:
-    return inventory(iter_source(source, source_layout, not_files),
-                     not_files, BlobTree(source))
+    with BlobTree(source) as tree:
+        return inventory(iter_source(source, source_layout, not_files),
+                         not_files, tree)
 
 
 # the destination
@@ -409,11 +410,14 @@ def _hold(held: contextlib.ExitStack, blob_dir: str):
     return lock
 
 
-def copy_blob_file(source_file: str, target: str) -> None:
+def copy_blob_file(source_file: str, target: str,
+                   tree: BlobTree | None = None) -> None:
     """Copy blob file `source_file` to the new file `target`, with its
     mode and times, as ``shutil.copy2`` would; but a link is never
-    followed, nor a FIFO waited on (NotABlobFile)."""
-    fd = open_blob_file(source_file)
+    followed, nor a FIFO waited on (NotABlobFile); nor, with the `tree`
+    it is in, a link to a directory below the tree's root."""
+    fd = open_blob_file(source_file) if tree is None else tree.open(
+        source_file)
     try:
         with open(fd, 'rb', closefd=False) as source, \
                 open(target, 'xb') as copy:
@@ -447,9 +451,7 @@ class _Writer:
             self.report.linked += 1
             return
         staged = self._temporary_name()
-        # Nor a link to a directory above it, below the source's root.
-        self.tree.check_directories(source_file)
-        copy_blob_file(source_file, staged)
+        copy_blob_file(source_file, staged, self.tree)
         os.replace(staged, final)
         self.report.copied += 1
 
@@ -458,13 +460,13 @@ class _Writer:
         # name at once; only a file that is there already (of the wrong
         # size, from an earlier run) is replaced through a temporary name.
         try:
-            # A link to a symbolic link would carry the link over.
-            self.tree.check(source_file)
+            # Never a link to a symbolic link, which would carry the
+            # link over, nor through one to a directory.
             try:
-                os.link(source_file, final)
+                self.tree.link(source_file, final)
             except FileExistsError:
                 staged = self._temporary_name()
-                os.link(source_file, staged)
+                self.tree.link(source_file, staged)
                 os.replace(staged, final)
         except OSError as e:
             if e.errno not in _NO_LINK:
@@ -604,16 +606,18 @@ def _fill(source, source_layout, destination, target, resume, report,
     os.mkdir(temporary)
     writer = _Writer(source, destination, temporary, report)
     made = {destination}
-    for done, ((oid, tid), (size, path)) in enumerate(wanted.items(), 1):
-        found = present.pop((oid, tid), None)
-        if found is not None and found[0] == size:
-            report.skipped += 1
-        else:
-            final = os.path.join(destination, target.getBlobFilePath(oid, tid))
-            _make_directory(os.path.dirname(final), made)
-            writer.put(path, final)
-        if progress is not None:
-            progress(done, report.files)
+    with writer.tree:
+        for done, ((oid, tid), (size, path)) in enumerate(wanted.items(), 1):
+            found = present.pop((oid, tid), None)
+            if found is not None and found[0] == size:
+                report.skipped += 1
+            else:
+                final = os.path.join(destination,
+                                     target.getBlobFilePath(oid, tid))
+                _make_directory(os.path.dirname(final), made)
+                writer.put(path, final)
+            if progress is not None:
+                progress(done, report.files)
     for size, path in present.values():
         os.remove(path)
         report.removed += 1

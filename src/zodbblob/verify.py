@@ -291,48 +291,47 @@ def verify(storage, checksum: bool = False,
     passed_over = []
     files = list(fshelper.iter_blobs(passed_over))
     report.files = len(files)
-    tree = BlobTree(fshelper.base_dir)
-    seen = set()
-    for done, (oid, tid, path) in enumerate(files, 1):
-        seen.add((oid, tid))
-        if (oid, tid) not in records and not (live and tid > seen_up_to):
-            report.orphans.append(path)
-        try:
-            fd = tree.open(path)
-        except NotABlobFile as e:
-            report.not_files.append((e.path, e.kind))
-        except OSError as e:
-            report.unreadable.append((path, e.strerror or str(e)))
-        else:
+    with BlobTree(fshelper.base_dir) as tree:
+        seen = set()
+        for done, (oid, tid, path) in enumerate(files, 1):
+            seen.add((oid, tid))
+            if (oid, tid) not in records and not (live and tid > seen_up_to):
+                report.orphans.append(path)
             try:
-                size = os.fstat(fd).st_size
-                if checksum:
-                    _read_all(fd)
+                fd = tree.open(path)
+            except NotABlobFile as e:
+                report.not_files.append((e.path, e.kind))
             except OSError as e:
                 report.unreadable.append((path, e.strerror or str(e)))
             else:
-                expected = sizes.get((oid, tid))
-                if expected is not None and expected != size:
-                    report.size_mismatches.append((path, expected, size))
-            finally:
-                os.close(fd)
-        if progress is not None:
-            progress(done, len(files))
-    for oid, tid in sorted(records - seen):
-        path = fshelper.getBlobFilename(oid, tid)
-        try:
-            # What a layout's walk passes over (a link to a directory, a
-            # FIFO where only files are listed) is still under the name.
-            tree.check_directories(path)
-            kind = file_kind(os.lstat(path).st_mode)
-        except NotABlobFile as e:
-            path, kind = e.path, e.kind
-        except OSError:
-            kind = None
-        if kind is not None and kind != 'a regular file':
-            passed_over.append((path, kind))
-        else:
-            report.missing.append((oid, tid, path))
+                try:
+                    size = os.fstat(fd).st_size
+                    if checksum:
+                        _read_all(fd)
+                except OSError as e:
+                    report.unreadable.append((path, e.strerror or str(e)))
+                else:
+                    expected = sizes.get((oid, tid))
+                    if expected is not None and expected != size:
+                        report.size_mismatches.append((path, expected, size))
+                finally:
+                    os.close(fd)
+            if progress is not None:
+                progress(done, len(files))
+        for oid, tid in sorted(records - seen):
+            path = fshelper.getBlobFilename(oid, tid)
+            try:
+                # What a layout's walk passes over (a link to a directory, a
+                # FIFO where only files are listed) is still under the name.
+                kind = file_kind(tree.check(path).st_mode)
+            except NotABlobFile as e:
+                path, kind = e.path, e.kind
+            except OSError:
+                kind = None
+            if kind is not None and kind != 'a regular file':
+                passed_over.append((path, kind))
+            else:
+                report.missing.append((oid, tid, path))
     # One line per link or directory, however many records are below it.
     listed = {path for path, kind in report.not_files}
     for path, kind in passed_over:

@@ -160,6 +160,9 @@ def export_file(connection, oid: bytes, path: str,
     except BaseException:
         os.remove(written)
         raise
+    finally:
+        if tree is not None:
+            tree.close()
     if report.without_data:
         logger.warning('Export to %s: %d blob records written without their '
                        'data: storage %s has no blob support', path,
@@ -415,6 +418,8 @@ def import_file(connection, path: str, source_blob_dir: str | None = None,
             raise
     finally:
         zexp.close()
+        if source is not None:
+            source.tree.close()
     if report.empty_blobs or report.guessed_blobs:
         logger.warning('Import of %s: %d blobs imported empty (no data in '
                        'the file or the source), %d chosen of several '

@@ -248,6 +248,47 @@ class ExitStatusTests(unittest.TestCase):
                 with self.subTest(command=argv[0], path=path):
                     self.assertCannotRun(argv, f'{path} is {problem}')
 
+    def test_a_config_naming_no_blob_directory_is_refused_too(self):
+        # The same refusal with --config: a tool made the blob-dir of a
+        # config a new, empty blob directory (or created it).
+        shutil.copytree(self.path('store'), self.path('unmarked'))
+        os.remove(self.path('unmarked', 'blobs', '.layout'))
+        shutil.copytree(self.path('store'), self.path('empty'))
+        shutil.rmtree(self.path('empty', 'blobs'))
+        os.mkdir(self.path('empty', 'blobs'))
+        shutil.copytree(self.path('store'), self.path('absent'))
+        shutil.rmtree(self.path('absent', 'blobs'))
+        for case, why in (('unmarked', 'no .layout marker'),
+                          ('empty', 'no .layout marker'),
+                          ('absent', 'no such directory')):
+            blobs = self.path(case, 'blobs')
+            config = self.path(f'{case}.conf')
+            with open(config, 'w') as f:
+                f.write(f'%import zodbblob\n'
+                        f'<zodbblob>\n'
+                        f'  blob-dir {blobs}\n'
+                        f'  <filestorage>\n'
+                        f'    path {self.path(case, "Data.fs")}\n'
+                        f'  </filestorage>\n'
+                        f'</zodbblob>\n')
+            for command, *rest in (('verify',), ('recover',),
+                                   ('backup', self.path('backups')),
+                                   ('export', self.path('out.zexp')),
+                                   ('import', self.path('empty.zexp'))):
+                with self.subTest(command=command, case=case):
+                    self.assertCannotRun(
+                        (command, '--config', config, *rest),
+                        f'--config {config}: blob-dir {blobs} is not a blob '
+                        f'directory: {why}')
+        # A storage's own first open, from the same config, still makes
+        # the blob directory.
+        from zodbblob.config import storage_from_file
+        for case in ('empty', 'absent'):
+            storage = storage_from_file(self.path(f'{case}.conf'))
+            storage.close()
+            self.assertTrue(os.path.exists(
+                self.path(case, 'blobs', '.layout')))
+
 
 def test_suite():
     return unittest.defaultTestLoader.loadTestsFromName(__name__)

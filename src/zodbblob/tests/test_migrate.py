@@ -505,7 +505,7 @@ class CopyTests(MigrateTestCase):
         destination = os.path.join(self.other_filesystem(), 'bushy')
         real_copy = migrate_module.copy_blob_file
 
-        def copy_half(source_file, target):
+        def copy_half(source_file, target, tree=None):
             # Dies the way a kill in the middle of a copy would leave it.
             with open(source_file, 'rb') as f, open(target, 'wb') as out:
                 out.write(f.read()[:5])
