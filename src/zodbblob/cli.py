@@ -13,8 +13,9 @@ traceback.  Interrupted (Ctrl-C), a command exits 130, saying what it
 left undone where that is more than nothing.
 
 ``zodbblob serve`` is ZEO's own ``runzeo`` with a default configuration:
-the same options object, the same server class, the same signal handling
-and shutdown.  With no arguments it runs this zeo.conf (see
+the same options object, the same signal handling and shutdown, and
+ZEO's server with one change: a client's uploads that are never stored
+are removed (``zodbblob.server``).  With no arguments it runs this zeo.conf (see
 `serve_config`)::
 
     %import zodbblob
@@ -59,6 +60,7 @@ from zodbblob.journal import JournalError
 from zodbblob.layout import LAYOUTS
 from zodbblob.migrate import add_migrate_arguments, migrate_command
 from zodbblob.progress import Progress
+from zodbblob.server import create_server
 from zodbblob.storage import BlobStorage, BlobStorageError
 from zodbblob.verify import verify as check_blob_files
 from zodbblob.zexp import (add_export_arguments, add_import_arguments,
@@ -193,7 +195,9 @@ class ZEOServer(ZEO.runzeo.ZEOServer):
         super().open_storages()
 
     def create_server(self):
-        super().create_server()
+        # runzeo's server, whose connections remove the uploads no
+        # storeBlob took (see zodbblob.server).
+        self.server = create_server(self.storages, self.options)
         logger.info('Serving ZEO on %s',
                     format_address(self.server.acceptor.addr))
         for name, storage in sorted(self.storages.items()):
