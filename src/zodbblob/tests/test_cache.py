@@ -268,11 +268,11 @@ def mount_tiny_filesystem(test, directory, size='1m'):
 def mark_evicting(cache, size):
     """Do the first step of a prune by `cache`: mark its oldest files
     that make up `size` bytes as evicting.  The token and the rows."""
-    token = cache._new_token()
-    assert cache._take_lease(token)
-    with cache._writing() as db:
-        victims = cache._mark_evicting(db, token, time.time(),
-                                       (float('-inf'), b'', b''), size)
+    token = cache._owners.new_token()
+    assert cache._evictor._take_lease(token)
+    with cache._index.writing() as db:
+        victims = cache._evictor._mark_evicting(
+            db, token, time.time(), (float('-inf'), b'', b''), size)
     return token, victims
 
 
@@ -375,7 +375,7 @@ class LookupTests(CacheTestCase):
         self.assertEqual((stats['files'], stats['bytes']), (3, 3 * SIZE))
         self.assertEqual((stats['hits'], stats['misses']), (4, 3))
 
-    @mock.patch.object(zodbblob.cache, 'ACCESS_BATCH', 16)
+    @mock.patch.object(zodbblob.cache.accesslog, 'ACCESS_BATCH', 16)
     def test_accesses_reach_the_log_in_batches_not_per_read(self):
         cache = self.open()
         for number in range(16):
@@ -441,7 +441,7 @@ class LookupTests(CacheTestCase):
         cache = self.open()
         self.admit(cache, 1, b'x')
         self.admit(cache, 2, b'x')
-        with mock.patch.object(zodbblob.cache, 'ACCESS_LOG_LIMIT', 3):
+        with mock.patch.object(zodbblob.cache.accesslog, 'ACCESS_LOG_LIMIT', 3):
             for lookups in range(3):
                 cache.lookup(p64(1), TID)
                 cache.flush()
@@ -798,14 +798,14 @@ class SyncTests(CacheTestCase):
         cache = self.open()
         oid = p64(5)
         synced, release = [], threading.Event()
-        sync_file = zodbblob.cache._sync_file
+        sync_file = zodbblob.cache.syncs._sync_file
 
         def recording(path):
             release.wait(10)
             synced.append((path, threading.current_thread().name))
             return sync_file(path)
 
-        with mock.patch.object(zodbblob.cache, '_sync_file', recording):
+        with mock.patch.object(zodbblob.cache.syncs, '_sync_file', recording):
             path = cache.load(oid, TID, writing(content(oid)))
             self.assertEqual(read(path), content(oid))
             # The reader has its file; the sync has not happened yet.
@@ -813,7 +813,7 @@ class SyncTests(CacheTestCase):
             self.assertEqual([row[:2] for row in self.unsynced_rows()],
                              [(oid, TID)])
             self.assertEqual(self.unsynced_rows()[0][3],
-                             zodbblob.cache._BOOT)
+                             zodbblob.cache.syncs._BOOT)
             release.set()
             cache.close()
         self.assertEqual(len(synced), 1)
@@ -841,9 +841,9 @@ class SyncTests(CacheTestCase):
         cache = self.open()
         self.admit(cache, 1, b'x' * 100)
         cache.close()
-        self.add_unsynced(1, zodbblob.cache._BOOT)
+        self.add_unsynced(1, zodbblob.cache.syncs._BOOT)
         synced = []
-        with mock.patch.object(zodbblob.cache, '_sync_file',
+        with mock.patch.object(zodbblob.cache.syncs, '_sync_file',
                                side_effect=synced.append):
             cache = self.open()
         self.assertEqual(synced, [cache.path(p64(1), TID)])
@@ -1230,7 +1230,7 @@ class AccessResolutionTests(CacheTestCase):
         self.assertEqual(oid, p64(1))
         self.assertEqual(cache.stats()['hits'], 3)
         # Later than the resolution, it is recorded again.
-        with mock.patch.object(zodbblob.cache.time, 'time',
+        with mock.patch.object(zodbblob.cache.accesslog.time, 'time',
                                return_value=first + 37):
             cache.lookup(p64(1), TID)
             cache.flush()
@@ -1263,16 +1263,16 @@ class AccessResolutionTests(CacheTestCase):
     def test_sizes_of_the_most_recently_used_files_are_preloaded(self):
         cache = self.make_cache({1: 3, 2: 1, 3: 2})
         cache.close()
-        with mock.patch.object(zodbblob.cache, 'KNOWN_SIZES', 2):
+        with mock.patch.object(zodbblob.cache.sizes, 'KNOWN_SIZES', 2):
             cache = self.open()
             cache._preloading.join()
             self.assertEqual(
                 [(key[:8], known) for key, known in
-                 cache._known_sizes.items()],
+                 cache._known_sizes._sizes.items()],
                 [(p64(3), [100, mock.ANY]), (p64(2), [100, mock.ANY])])
             # A hit of a preloaded file does not read the index.
             statements = []
-            cache._db.set_trace_callback(statements.append)
+            cache._index.db.set_trace_callback(statements.append)
             self.assertIsNotNone(cache.lookup(p64(2), TID))
             self.assertIsNotNone(cache.lookup(p64(1), TID))
             self.assertEqual(len(statements), 1)
@@ -1387,10 +1387,10 @@ class EvictionTests(CacheTestCase):
         for number in range(12):
             self.admit(cache, number, b'x' * 100)
             time.sleep(0.002)
-        with mock.patch.multiple(zodbblob.cache, PRUNE_CHUNK=2,
+        with mock.patch.multiple(zodbblob.cache.evictor, PRUNE_CHUNK=2,
                                  PRUNE_CHUNK_MAX=4, REMOVAL_BATCH=1):
-            marks = mock.patch.object(cache, '_mark_evicting',
-                                      wraps=cache._mark_evicting)
+            marks = mock.patch.object(cache._evictor, '_mark_evicting',
+                                      wraps=cache._evictor._mark_evicting)
             with marks as marking:
                 self.assertEqual(cache.prune(300), (9, 900))
         # Chunks of 2, 4 and 4 rows: 3 of the last one make up the bytes.
@@ -1405,7 +1405,7 @@ class EvictionTests(CacheTestCase):
         cache = self.open(grace=0, check_percent=0)
         for number in range(6):
             self.admit(cache, number, b'x' * 100)
-        failing = mock.patch.object(cache, '_remove_files',
+        failing = mock.patch.object(cache._evictor, '_remove_files',
                                     side_effect=RuntimeError('no way'))
         with failing, self.assertLogs('zodbblob.cache', 'ERROR'):
             with self.assertRaises(RuntimeError):
@@ -1426,13 +1426,13 @@ class EvictionTests(CacheTestCase):
         # The index file holds the 20 rows; the prune's changes are in
         # the write-ahead log until a checkpoint.  (The cache's connection
         # only under its lock: its syncing thread writes meanwhile.)
-        with cache._db_lock:
-            cache._db.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()
+        with cache._index.db_lock:
+            cache._index.db.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()
         cache.prune(1000)
-        cache._checkpointing.join(10)
-        with cache._db_lock:
+        cache._index.checkpointing.join(10)
+        with cache._index.db_lock:
             self.assertEqual(
-                cache._db.execute('PRAGMA wal_autocheckpoint').fetchone(),
+                cache._index.db.execute('PRAGMA wal_autocheckpoint').fetchone(),
                 (1000,))
         # The index file alone, without its write-ahead log, has the rows.
         copy = os.path.join(self.outside, 'index-alone.sqlite')
@@ -1459,12 +1459,12 @@ class EvictionTests(CacheTestCase):
             return 3
 
         removals = []
-        with mock.patch.object(zodbblob.cache, 'removal_threads',
+        with mock.patch.object(zodbblob.cache.evictor, 'removal_threads',
                                choosing), \
-                mock.patch.object(cache, '_remove_files',
+                mock.patch.object(cache._evictor, '_remove_files',
                                   lambda batch: [None] * len(batch)), \
                 self.assertLogs('zodbblob.cache', 'DEBUG') as logs:
-            rest, pool = cache._start_removals(victims, removals)
+            rest, pool = cache._evictor._start_removals(victims, removals)
         pool.shutdown()
         self.assertEqual(rest, victims[zodbblob.cache.REMOVAL_BATCH:])
         self.assertEqual([batch for batch, _ in removals],
@@ -1511,9 +1511,9 @@ class EvictionTests(CacheTestCase):
         # the pruner is about to remove one.
         admitting.join(0.5)
         with ThreadPoolExecutor(1) as pool:
-            removal = pool.submit(cache._remove_files, victims)
+            removal = pool.submit(cache._evictor._remove_files, victims)
             self.assertEqual(
-                cache._drop_evicted([(victims, removal)], token), (1, 3))
+                cache._evictor._drop_evicted([(victims, removal)], token), (1, 3))
         admitting.join(10)
         self.assertEqual(admitted, [cache.path(p64(1), TID)])
         self.assertEqual(read(admitted[0]), b'new')
@@ -1551,7 +1551,7 @@ class EvictionTests(CacheTestCase):
         for number in range(5):
             self.admit(cache, number, b'x' * 100)
         other = self.open(grace=0)
-        self.assertTrue(other._take_lease(other._new_token()))
+        self.assertTrue(other._evictor._take_lease(other._owners.new_token()))
         self.assertEqual(cache.prune(0), (0, 0))
         self.assertEqual(cache.stats()['files'], 5)
 
@@ -1562,9 +1562,9 @@ class EvictionTests(CacheTestCase):
         ended = subprocess.run([sys.executable, '-c',
                                 'import os; print(os.getpid())'],
                                capture_output=True, text=True, check=True)
-        token = cache._new_token().split('-')
+        token = cache._owners.new_token().split('-')
         token[-4] = ended.stdout.strip()
-        self.assertTrue(cache._take_lease('-'.join(token)))
+        self.assertTrue(cache._evictor._take_lease('-'.join(token)))
         self.assertEqual(cache.prune(0), (5, 500))
 
 
@@ -1635,7 +1635,7 @@ class CommandTests(CacheTestCase):
     def test_prune_says_when_another_process_prunes(self):
         self.make_cache()
         other = self.open()
-        self.assertTrue(other._take_lease(other._new_token()))
+        self.assertTrue(other._evictor._take_lease(other._owners.new_token()))
         status, out, err = self.run_command(
             'cache', 'prune', self.dir, '--size', '2048', '--quiet')
         self.assertEqual((status, out), (1, ''))
