@@ -44,7 +44,12 @@ from zodbblob.cache.accesslog import (
     ACCESS_RESOLUTION_MAX,
 )
 from zodbblob.cache.blobcache import BACKGROUND_CHECK, BlobCache
-from zodbblob.cache.directory import BUCKETS, LAYOUT, STOCK_TEMPORARY, TEMPORARY
+from zodbblob.cache.directory import (
+    BUCKETS,
+    LAYOUT,
+    STOCK_TEMPORARY,
+    TEMPORARY,
+)
 from zodbblob.cache.downloads import POLL_FIRST, POLL_LAST
 from zodbblob.cache.evictor import (
     PRUNE_CHUNK,

@@ -370,7 +370,6 @@ class BlobCache:
         return dict(files=files, bytes=size, oldest_access=oldest,
                     hits=hits, misses=misses)
 
-
     def close(self) -> None:
         if self._index.db is None:
             return

@@ -34,7 +34,6 @@ def _size_of(path: str) -> int | None:
         return None
 
 
-
 def check_layout(directory: str) -> bool:
     """Check the marker of `directory`, writing it in a new one; True if new.
 

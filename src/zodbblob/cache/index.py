@@ -28,7 +28,13 @@ import time
 from collections.abc import Callable, Iterator
 
 from zodbblob.cache.directory import _CACHE_FILE, BUCKETS, STOCK_TEMPORARY
-from zodbblob.cache.schema import COMPLETE, DERIVED, MIGRATIONS, SCHEMA_VERSION, TABLES
+from zodbblob.cache.schema import (
+    COMPLETE,
+    DERIVED,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    TABLES,
+)
 from zodbblob.layout import remove_if_exists
 
 logger = logging.getLogger(__name__)
@@ -96,7 +102,6 @@ def _transient(error: sqlite3.Error) -> bool:
         return name.startswith(TRANSIENT)
     # Python 3.10 gives only SQLite's message.
     return str(error).startswith(TRANSIENT_MESSAGES)
-
 
 
 class Index:
@@ -170,7 +175,7 @@ class Index:
             damaged = self.in_place()
             self.close()
             self.open(created=False, adopted=False,
-                             damaged=error if damaged else None)
+                      damaged=error if damaged else None)
 
     @contextlib.contextmanager
     def open_lock(self):
@@ -202,7 +207,7 @@ class Index:
         return db
 
     def open(self, created: bool, adopted: bool,
-                    damaged: sqlite3.Error | None = None) -> None:
+             damaged: sqlite3.Error | None = None) -> None:
         """Open the index, rebuilding or migrating it as needed; the
         caller holds the open lock.  `damaged` is an error that showed
         the index damaged in use."""

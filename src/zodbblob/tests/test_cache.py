@@ -81,12 +81,10 @@ def tree(directory):
     return found
 
 
-
 def dead_token():
     """A token of this pid in an earlier incarnation: its owner ended."""
     host = re.sub(r'[^A-Za-z0-9.]', '_', socket.gethostname())
     return f'{host}-{os.getpid()}-ended-1-0'
-
 
 
 def make_stock_cache(directory, blobs, accessed=None):
@@ -251,6 +249,7 @@ class LookupTests(CacheTestCase):
         stats = cache.stats()
         self.assertEqual((stats['files'], stats['bytes']), (3, 3 * SIZE))
         self.assertEqual((stats['hits'], stats['misses']), (4, 3))
+
     def test_file_removed_by_hand_is_a_miss_and_fetched_again(self):
         cache = self.open()
         oid = p64(7)

@@ -81,7 +81,8 @@ class AccessLogTests(CacheTestCase):
         cache = self.open()
         self.admit(cache, 1, b'x')
         self.admit(cache, 2, b'x')
-        with mock.patch.object(zodbblob.cache.accesslog, 'ACCESS_LOG_LIMIT', 3):
+        with mock.patch.object(zodbblob.cache.accesslog,
+                               'ACCESS_LOG_LIMIT', 3):
             for lookups in range(3):
                 cache.lookup(p64(1), TID)
                 cache.flush()

@@ -174,12 +174,14 @@ class EvictionTests(CacheTestCase):
         # the write-ahead log until a checkpoint.  (The cache's connection
         # only under its lock: its syncing thread writes meanwhile.)
         with cache._index.db_lock:
-            cache._index.db.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()
+            cache._index.db.execute(
+                'PRAGMA wal_checkpoint(TRUNCATE)').fetchone()
         cache.prune(1000)
         cache._index.checkpointing.join(10)
         with cache._index.db_lock:
             self.assertEqual(
-                cache._index.db.execute('PRAGMA wal_autocheckpoint').fetchone(),
+                cache._index.db.execute(
+                    'PRAGMA wal_autocheckpoint').fetchone(),
                 (1000,))
         # The index file alone, without its write-ahead log, has the rows.
         copy = os.path.join(self.outside, 'index-alone.sqlite')
@@ -260,7 +262,8 @@ class EvictionTests(CacheTestCase):
         with ThreadPoolExecutor(1) as pool:
             removal = pool.submit(cache._evictor._remove_files, victims)
             self.assertEqual(
-                cache._evictor._drop_evicted([(victims, removal)], token), (1, 3))
+                cache._evictor._drop_evicted([(victims, removal)], token),
+                (1, 3))
         admitting.join(10)
         self.assertEqual(admitted, [cache.path(p64(1), TID)])
         self.assertEqual(read(admitted[0]), b'new')
