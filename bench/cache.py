@@ -424,8 +424,8 @@ def run_size(count: int, args, root: str, results: Results,
     cache = running(BlobCache(ours_dir, size_limit=total, check_percent=10))
     samples = []
     for attempt in range(args.repeat + 1):
-        if cache._checkpointing is not None:
-            cache._checkpointing.join()
+        if cache._index.checkpointing is not None:
+            cache._index.checkpointing.join()
         os.sync()
         start = time.perf_counter()
         removed = cache.prune()

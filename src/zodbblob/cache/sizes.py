@@ -1,0 +1,90 @@
+"""The sizes of the most recently used files: a hit without the index.
+
+The size of a revision never changes, so a size remembered from the index
+vouches for the file at one ``os.stat``, without asking the index again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+from collections import OrderedDict
+
+from zodbblob.cache.index import INDEX, Index
+from zodbblob.cache.schema import COMPLETE
+
+logger = logging.getLogger(__name__)
+
+KNOWN_SIZES = 131072         # sizes remembered for the one-stat hit path
+
+
+class KnownSizes:
+    """Remembered ``[size, time of the access recorded last]`` per file,
+    guarded by `lock` (the cache's lock of its in-memory state)."""
+
+    def __init__(self, lock: threading.Lock, closing: threading.Event):
+        self._lock = lock
+        self._closing = closing
+        # oid + tid -> [size, time of the access recorded last], least
+        # recently used first.
+        self._sizes: OrderedDict[bytes, list] = OrderedDict()
+
+    def get(self, key: bytes) -> list | None:
+        """The remembered ``[size, accessed]`` of `key` (oid + tid), now
+        the most recently used; None if it is not remembered."""
+        with self._lock:
+            known = self._sizes.get(key)
+            if known is not None:
+                self._sizes.move_to_end(key)
+        return known
+
+    def forget(self, key: bytes) -> None:
+        with self._lock:
+            self._sizes.pop(key, None)
+
+    def remember(self, oid, tid, size, accessed) -> list:
+        known = [size, accessed]
+        with self._lock:
+            self._sizes[oid + tid] = known
+            self._sizes.move_to_end(oid + tid)
+            if len(self._sizes) > KNOWN_SIZES:
+                # The least recently used: forgetting it costs one index
+                # read on its next hit, keeping every size memory per file
+                # ever read (about 200 bytes each).
+                self._sizes.popitem(last=False)
+        return known
+
+    def preload(self, index: Index) -> None:
+        """Remember the sizes of the most recently used files, read from
+        the index in one query (about 3 us a file) instead of one query
+        per file at its first hit (about 20 us); in a thread of its own,
+        with a connection of its own, so that opening does not wait."""
+        try:
+            db = index.connect(os.path.join(index.directory, INDEX))
+            try:
+                rows = db.execute(
+                    'SELECT oid, tid, size, accessed FROM blobs '
+                    'WHERE state = ? ORDER BY accessed DESC LIMIT ?',
+                    (COMPLETE, KNOWN_SIZES)).fetchall()
+            finally:
+                db.close()
+        except sqlite3.Error as e:
+            logger.debug('Blob cache %s: sizes not preloaded: %s',
+                         index.directory, e)
+            return
+        # Most recently used first, each put in front of the ones before:
+        # behind whatever a hit remembered meanwhile, oldest at the front.
+        for start in range(0, len(rows), 4096):
+            if self._closing.is_set():
+                return
+            with self._lock:
+                known = self._sizes
+                for oid, tid, size, accessed in rows[start:start + 4096]:
+                    if len(known) >= KNOWN_SIZES:
+                        return
+                    key = oid + tid
+                    if key not in known:
+                        known[key] = [size, accessed]
+                        known.move_to_end(key, last=False)
