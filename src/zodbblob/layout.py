@@ -9,6 +9,7 @@ with fast wide directories.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -852,24 +853,28 @@ class BlobTree:
 
     def check(self, path: str) -> os.stat_result:
         """`check_blob_file`, and no link above `path` below `root`."""
-        fd, name, own = self._directory(path)
-        try:
-            info = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        finally:
-            if own != -1:
-                os.close(own)
-        if not stat.S_ISREG(info.st_mode):
-            raise NotABlobFile(path, file_kind(info.st_mode))
-        return info
+        with self._regular_file(path) as (_, _, info):
+            return info
 
-    def open(self, path: str) -> int:
-        """`open_blob_file`, and no link above `path` below `root`."""
+    @contextlib.contextmanager
+    def _regular_file(self, path: str):
+        """``(directory fd, name, stat)`` of blob file `path`, which is
+        a regular file (NotABlobFile if not), its directory held open
+        for the block."""
         directory, name, own = self._directory(path)
         try:
             # lstat first: opening a device can act on it (a tape rewinds).
             info = os.stat(name, dir_fd=directory, follow_symlinks=False)
             if not stat.S_ISREG(info.st_mode):
                 raise NotABlobFile(path, file_kind(info.st_mode))
+            yield directory, name, info
+        finally:
+            if own != -1:
+                os.close(own)
+
+    def open(self, path: str) -> int:
+        """`open_blob_file`, and no link above `path` below `root`."""
+        with self._regular_file(path) as (directory, name, _):
             try:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW
                              | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory)
@@ -877,9 +882,6 @@ class BlobTree:
                 if e.errno == errno.ELOOP:
                     raise NotABlobFile(path, 'a symbolic link') from None
                 raise
-        finally:
-            if own != -1:
-                os.close(own)
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             os.close(fd)
@@ -894,16 +896,9 @@ class BlobTree:
         following it; what was linked is checked under `target` and
         removed again if a swap made it anything else.
         """
-        directory, name, own = self._directory(path)
-        try:
-            info = os.stat(name, dir_fd=directory, follow_symlinks=False)
-            if not stat.S_ISREG(info.st_mode):
-                raise NotABlobFile(path, file_kind(info.st_mode))
+        with self._regular_file(path) as (directory, name, _):
             os.link(name, target, src_dir_fd=directory,
                     follow_symlinks=False)
-        finally:
-            if own != -1:
-                os.close(own)
         mode = os.lstat(target).st_mode
         if not stat.S_ISREG(mode):
             os.remove(target)

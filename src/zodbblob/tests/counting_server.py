@@ -51,7 +51,12 @@ def main(argv):
         storage = ZODB.FileStorage.FileStorage(data, blob_dir=blobs)
     else:
         storage = BlobStorage(blobs, ZODB.FileStorage.FileStorage(data))
-    storage = counting(storage, directory, delay)
+    serve_until_terminated(counting(storage, directory, delay), port)
+
+
+def serve_until_terminated(storage, port):
+    """Serve `storage` as storage '1' on 127.0.0.1:`port`; say
+    ``serving`` on stdout once it listens, and stop on SIGTERM."""
     server = ZEO.StorageServer.StorageServer(
         ('127.0.0.1', port), {'1': storage})
     stop = threading.Event()

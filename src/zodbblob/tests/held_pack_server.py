@@ -10,15 +10,13 @@ it needs, without timing anything.  Stops on SIGTERM.
 """
 
 import os
-import signal
 import sys
-import threading
 import time
 
-import ZEO.StorageServer
 import ZODB.FileStorage
 
 from zodbblob import BlobStorage
+from zodbblob.tests.counting_server import serve_until_terminated
 
 
 class HeldFileStorage(ZODB.FileStorage.FileStorage):
@@ -35,15 +33,8 @@ def main(argv):
     directory, port = argv[0], int(argv[1])
     base = HeldFileStorage(os.path.join(directory, 'Data.fs'))
     base.release = os.path.join(directory, 'release')
-    storage = BlobStorage(os.path.join(directory, 'blobs'), base)
-    server = ZEO.StorageServer.StorageServer(
-        ('127.0.0.1', port), {'1': storage})
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *args: stop.set())
-    server.start_thread()
-    print('serving', flush=True)
-    stop.wait()
-    server.close()
+    serve_until_terminated(
+        BlobStorage(os.path.join(directory, 'blobs'), base), port)
 
 
 if __name__ == '__main__':

@@ -1063,19 +1063,25 @@ class PackedUnfinishedTests(StoreTestCase):
 BACKUP_SERVER = ZEOServerLayer(name='BACKUP_SERVER', module=__name__)
 
 
-class LiveServerTests(unittest.TestCase):
-    """A backup of a database that a ZEO server serves and commits to."""
+class ServedDatabaseTestCase(unittest.TestCase):
+    """A ZEO client of the layer's server, and a backup destination."""
 
-    layer = BACKUP_SERVER
-    level = 2
+    prefix = 'zodbblob-backup-live-'
 
     def setUp(self):
-        self.dir = tempfile.mkdtemp(prefix='zodbblob-backup-live-')
+        self.dir = tempfile.mkdtemp(prefix=self.prefix)
         self.addCleanup(shutil.rmtree, self.dir, True)
         self.db = ZEO.DB(self.layer.address,
                          blob_dir=os.path.join(self.dir, 'cache'))
         self.addCleanup(lambda: self.db.close())
         self.dest = os.path.join(self.dir, 'backups')
+
+
+class LiveServerTests(ServedDatabaseTestCase):
+    """A backup of a database that a ZEO server serves and commits to."""
+
+    layer = BACKUP_SERVER
+    level = 2
 
     def committer(self, stop, commits):
         rng = random.Random(1)
@@ -1174,7 +1180,7 @@ def listing(top):
 PACK_SERVER = ZEOServerLayer(name='PACK_SERVER', module=__name__)
 
 
-class LivePackTests(unittest.TestCase):
+class LivePackTests(ServedDatabaseTestCase):
     """A backup beside a pack of the live storage it reads.
 
     The pack runs over ZEO, in the real server process, at a known point
@@ -1184,14 +1190,10 @@ class LivePackTests(unittest.TestCase):
 
     layer = PACK_SERVER
     level = 2
+    prefix = 'zodbblob-backup-pack-'
 
     def setUp(self):
-        self.dir = tempfile.mkdtemp(prefix='zodbblob-backup-pack-')
-        self.addCleanup(shutil.rmtree, self.dir, True)
-        self.db = ZEO.DB(self.layer.address,
-                         blob_dir=os.path.join(self.dir, 'cache'))
-        self.addCleanup(lambda: self.db.close())
-        self.dest = os.path.join(self.dir, 'backups')
+        super().setUp()
         self.argv = ['backup', '--quiet', '--data', self.layer.data_fs,
                      '--blob-dir', self.layer.blob_dir, self.dest]
         self.packed_message = (

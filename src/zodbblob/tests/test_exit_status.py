@@ -23,6 +23,7 @@ from zodbblob.cache import BlobCache
 from zodbblob.cli import COMMANDS
 from zodbblob.commitlog import commit_log_path
 from zodbblob.layout import LAYOUTS
+from zodbblob.tests.test_storage import restore_with_kind_swapped
 
 
 def zodbblob(*args):
@@ -228,15 +229,7 @@ class ExitStatusTests(unittest.TestCase):
         }
         shutil.copytree(blobs, self.path('pristine'))
         for path, problem in cases.items():
-            shutil.rmtree(blobs)
-            shutil.copytree(self.path('pristine'), blobs)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-                with open(path, 'w') as f:
-                    f.write('not a directory')
-            else:
-                os.remove(path)
-                os.mkdir(path)
+            restore_with_kind_swapped(self.path('pristine'), blobs, path)
             for argv in (('verify', *self.storage(self.path('store'))),
                          ('recover', *self.storage(self.path('store'))),
                          ('backup', *self.storage(self.path('store')),

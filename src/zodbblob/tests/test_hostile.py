@@ -59,8 +59,10 @@ def tree(path, skip=()):
 
 class TemporaryDirectory(unittest.TestCase):
 
+    prefix = 'zodbblob-hostile-'
+
     def setUp(self):
-        self.directory = tempfile.mkdtemp(prefix='zodbblob-hostile-')
+        self.directory = tempfile.mkdtemp(prefix=self.prefix)
         self.addCleanup(shutil.rmtree, self.directory, True)
         self.addCleanup(transaction.abort)
 

@@ -53,6 +53,20 @@ def tree(path):
     return result
 
 
+def restore_with_kind_swapped(pristine, blob_dir, path):
+    """`blob_dir` afresh as a copy of `pristine`, and `path` in it of the
+    other kind: a directory made a file, a file made a directory."""
+    shutil.rmtree(blob_dir)
+    shutil.copytree(pristine, blob_dir)
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+        with open(path, 'w') as f:
+            f.write('not a directory')
+    else:
+        os.remove(path)
+        os.mkdir(path)
+
+
 def close_once(db):
     # Tests close some databases themselves; ZODB.DB.close is not
     # idempotent.
@@ -180,15 +194,7 @@ class WrapperTests(StorageTestCase):
         pristine = os.path.join(self.dir, 'pristine')
         shutil.copytree(self.blob_dir, pristine)
         for path, problem in cases.items():
-            shutil.rmtree(self.blob_dir)
-            shutil.copytree(pristine, self.blob_dir)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-                with open(path, 'w') as f:
-                    f.write('not a directory')
-            else:
-                os.remove(path)
-                os.mkdir(path)
+            restore_with_kind_swapped(pristine, self.blob_dir, path)
             for read_only in (False, True):
                 with self.subTest(path=path, read_only=read_only):
                     base = ZODB.FileStorage.FileStorage('Data.fs',

@@ -8,12 +8,8 @@ goes away mid-upload or before voting, and go on serving the others.
 """
 
 import os
-import shutil
-import tempfile
 import time
-import unittest
 
-import transaction
 import ZEO.ClientStorage
 import ZODB
 from ZEO.Exceptions import ServerException
@@ -22,7 +18,7 @@ from ZODB.POSException import ConflictError
 from ZODB.utils import z64
 
 from zodbblob.tests.test_config import commit_blob, read_blob
-from zodbblob.tests.test_hostile import Server, escaping_id
+from zodbblob.tests.test_hostile import Server, TemporaryDirectory, escaping_id
 from zodbblob.zeo import ClientStorage
 
 MB = 1 << 20
@@ -49,16 +45,13 @@ def uploads(blob_dir):
     return found
 
 
-class UploadTests(unittest.TestCase):
+class UploadTests(TemporaryDirectory):
+
+    prefix = 'zodbblob-uploads-'
 
     def setUp(self):
-        self.directory = tempfile.mkdtemp(prefix='zodbblob-uploads-')
-        self.addCleanup(shutil.rmtree, self.directory, True)
-        self.addCleanup(transaction.abort)
+        super().setUp()
         self.server = Server(self, 'bushy')
-
-    def path(self, *names):
-        return os.path.join(self.directory, *names)
 
     def raw_client(self):
         storage = ZEO.ClientStorage.ClientStorage(self.server.address,
