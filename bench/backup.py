@@ -68,7 +68,7 @@ from ZODB.blob import Blob
 
 import zodbblob
 from zodbblob import BlobStorage
-from zodbblob.journal import sync_filesystem
+from zodbblob.storage.catalog import sync_filesystem
 from machine import hardware, package_version  # bench/machine.py
 
 MiB = 1 << 20

@@ -53,8 +53,8 @@ import ZODB.FileStorage
 from BTrees.IOBTree import IOBTree
 
 import zodbblob
-from zodbblob.journal import STATE_DIR
-from zodbblob.journal import Journal
+from zodbblob.storage.catalog import STATE_DIR
+from zodbblob.storage.catalog import Journal
 
 
 BATCH = 100          # blobs per transaction while building

@@ -87,7 +87,7 @@ from zodbblob.arguments import (
     add_storage_arguments,
     open_storage,
 )
-from zodbblob.journal import (
+from zodbblob.storage.catalog import (
     SYNCFS_AVAILABLE,
     Journal,
     pack_under_way,

@@ -55,8 +55,8 @@ import ZODB.config
 from zodbblob.arguments import ToolError, add_storage_arguments, open_storage
 from zodbblob.backup import (add_backup_arguments, add_restore_arguments,
                               backup_command, restore_command)
-from zodbblob.commitlog import CommitLogError
-from zodbblob.journal import JournalError
+from zodbblob.storage.commitlog import CommitLogError
+from zodbblob.storage.catalog import JournalError
 from zodbblob.layout import LAYOUTS
 from zodbblob.migrate import add_migrate_arguments, migrate_command
 from zodbblob.progress import Progress

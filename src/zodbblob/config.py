@@ -49,7 +49,7 @@ import ZODB.config
 from ZConfig import ConfigurationError
 from ZODB.config import BaseConfig
 
-from zodbblob.commitlog import CommitLog, CommitLogError, commit_log_path
+from zodbblob.storage.commitlog import CommitLog, CommitLogError, commit_log_path
 from zodbblob.layout import LAYOUT_MARKER, LAYOUTS, read_marker
 from zodbblob.storage import BlobStorage, check_state_layout
 

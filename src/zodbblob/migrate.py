@@ -44,14 +44,14 @@ from collections.abc import Callable, Iterator
 from zodbblob.arguments import add_layout_argument
 from zodbblob.cache import BUCKETS
 from zodbblob.cache import LAYOUT as ZEOCACHE
-from zodbblob.commitlog import commit_log_path
-from zodbblob.commitlog import unfinished_records
-from zodbblob.journal import STATE_DIR
-from zodbblob.journal import SYNCFS_AVAILABLE
-from zodbblob.journal import Journal
-from zodbblob.journal import JournalError
-from zodbblob.journal import journal_path
-from zodbblob.journal import sync_filesystem
+from zodbblob.storage.commitlog import commit_log_path
+from zodbblob.storage.commitlog import unfinished_records
+from zodbblob.storage.catalog import STATE_DIR
+from zodbblob.storage.catalog import SYNCFS_AVAILABLE
+from zodbblob.storage.catalog import Journal
+from zodbblob.storage.catalog import JournalError
+from zodbblob.storage.catalog import journal_path
+from zodbblob.storage.catalog import sync_filesystem
 from zodbblob.layout import LAYOUT_MARKER
 from zodbblob.layout import LAYOUTS
 from zodbblob.layout import FilesystemHelper

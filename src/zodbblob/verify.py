@@ -26,11 +26,11 @@ from collections.abc import Callable
 from ZODB.POSException import POSKeyError
 from ZODB.utils import oid_repr
 
-from zodbblob.commitlog import CommitLog
-from zodbblob.commitlog import commit_log_path
-from zodbblob.commitlog import latest_entries
-from zodbblob.journal import journal_path
-from zodbblob.journal import pack_under_way
+from zodbblob.storage.commitlog import CommitLog
+from zodbblob.storage.commitlog import commit_log_path
+from zodbblob.storage.commitlog import latest_entries
+from zodbblob.storage.catalog import journal_path
+from zodbblob.storage.catalog import pack_under_way
 from zodbblob.layout import LINKED_DIRECTORY
 from zodbblob.layout import BlobTree
 from zodbblob.layout import NotABlobFile

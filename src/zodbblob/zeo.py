@@ -57,7 +57,7 @@ import ZODB.blob
 from ZODB.POSException import POSKeyError
 
 from zodbblob.cache import BlobCache
-from zodbblob.datamanager import TransactionDirectories
+from zodbblob.storage.datamanager import TransactionDirectories
 from zodbblob.layout import FilesystemHelper
 from zodbblob.layout import check_id
 from zodbblob.layout import read_marker

@@ -44,7 +44,7 @@ from zodbblob.backup import (
     snapshots,
 )
 from zodbblob.cli import main
-from zodbblob.journal import pack_under_way
+from zodbblob.storage.catalog import pack_under_way
 from zodbblob.testing import ServerProcess, ZEOServerLayer, free_port
 
 

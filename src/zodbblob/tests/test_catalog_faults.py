@@ -32,9 +32,9 @@ from zope.interface.verify import verifyObject
 from zodbblob import BlobStorage
 from zodbblob.cli import main
 from zodbblob.interfaces import IBlobJournal
-from zodbblob.journal import KILL_POINT_VARIABLE
-from zodbblob.journal import STATE_DIR
-from zodbblob.journal import journal_path
+from zodbblob.storage.catalog import KILL_POINT_VARIABLE
+from zodbblob.storage.catalog import STATE_DIR
+from zodbblob.storage.catalog import journal_path
 from zodbblob.verify import verify
 
 

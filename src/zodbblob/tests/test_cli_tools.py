@@ -19,7 +19,7 @@ import ZODB.FileStorage
 from ZODB.blob import Blob
 
 from zodbblob import BlobStorage, cli
-from zodbblob.commitlog import commit_log_path, unfinished_records
+from zodbblob.storage.commitlog import commit_log_path, unfinished_records
 from zodbblob.tests.test_crash import run_child
 
 

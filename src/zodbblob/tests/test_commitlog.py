@@ -5,13 +5,13 @@ import shutil
 import tempfile
 import unittest
 
-from zodbblob import commitlog
-from zodbblob.commitlog import ABORT
-from zodbblob.commitlog import COMMIT
-from zodbblob.commitlog import CommitLog
-from zodbblob.commitlog import CommitLogError
-from zodbblob.commitlog import Entry
-from zodbblob.commitlog import unfinished_records
+from zodbblob.storage import commitlog
+from zodbblob.storage.commitlog import ABORT
+from zodbblob.storage.commitlog import COMMIT
+from zodbblob.storage.commitlog import CommitLog
+from zodbblob.storage.commitlog import CommitLogError
+from zodbblob.storage.commitlog import Entry
+from zodbblob.storage.commitlog import unfinished_records
 
 
 def tid(number: int) -> bytes:

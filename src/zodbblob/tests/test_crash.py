@@ -31,11 +31,11 @@ import ZODB.FileStorage
 from ZODB.utils import oid_repr
 
 from zodbblob import BlobStorage
-from zodbblob.commitlog import CommitLog
-from zodbblob.commitlog import commit_log_path
-from zodbblob.commitlog import unfinished_records
-from zodbblob.journal import KILL_POINT_VARIABLE
-from zodbblob.journal import journal_path
+from zodbblob.storage.commitlog import CommitLog
+from zodbblob.storage.commitlog import commit_log_path
+from zodbblob.storage.commitlog import unfinished_records
+from zodbblob.storage.catalog import KILL_POINT_VARIABLE
+from zodbblob.storage.catalog import journal_path
 from zodbblob.layout import FilesystemHelper
 from zodbblob.verify import verify
 

@@ -21,7 +21,7 @@ from ZODB.blob import Blob
 from zodbblob import BlobStorage
 from zodbblob.cache import BlobCache
 from zodbblob.cli import COMMANDS
-from zodbblob.commitlog import commit_log_path
+from zodbblob.storage.commitlog import commit_log_path
 from zodbblob.layout import LAYOUTS
 from zodbblob.tests.test_storage import restore_with_kind_swapped
 

@@ -31,7 +31,7 @@ from zodbblob import BlobStorage
 from zodbblob import cli
 from zodbblob import migrate as migrate_module
 from zodbblob.cache import BUCKETS, BlobCache
-from zodbblob.journal import Journal
+from zodbblob.storage.catalog import Journal
 from zodbblob.layout import LAYOUT_MARKER, FilesystemHelper, read_marker
 from zodbblob.migrate import (
     STATE_FILE,

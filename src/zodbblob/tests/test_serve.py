@@ -20,7 +20,7 @@ import ZODB.FileStorage
 
 import zodbblob
 from zodbblob.cli import main, parse_address, serve_config
-from zodbblob.journal import Journal
+from zodbblob.storage.catalog import Journal
 from zodbblob.testing import (
     ZEO_SERVER,
     ServerProcess,

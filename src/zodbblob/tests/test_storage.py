@@ -24,10 +24,10 @@ from zope.interface.verify import verifyObject
 
 from zodbblob import BlobStorage
 from zodbblob import BlobStorageError
-from zodbblob.commitlog import CommitLog
-from zodbblob.commitlog import commit_log_path
-from zodbblob.commitlog import unfinished_records
-from zodbblob.journal import journal_path
+from zodbblob.storage.commitlog import CommitLog
+from zodbblob.storage.commitlog import commit_log_path
+from zodbblob.storage.commitlog import unfinished_records
+from zodbblob.storage.catalog import journal_path
 
 
 def blob_files(blob_dir):

@@ -34,7 +34,7 @@ from ZODB.utils import p64
 from zodbblob import BlobStorage
 from zodbblob import zexp
 from zodbblob.cli import main
-from zodbblob.journal import KILL_POINT_VARIABLE
+from zodbblob.storage.catalog import KILL_POINT_VARIABLE
 from zodbblob.testing import ZEOServerLayer
 from zodbblob.zexp import BLOB_MARKER
 from zodbblob.zexp import ImportReport

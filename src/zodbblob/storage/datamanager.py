@@ -42,8 +42,8 @@ Which transaction?  ``Blob`` and the savepoint store ask the storage for
 ``temporaryDirectory()`` without naming their connection; the storage
 finds the asking Blob or Connection on the call stack and joins the
 current transaction of that connection's transaction manager (see
-``zodbblob.storage.asking_transaction_manager``), so two transaction
-managers in one thread get two data managers and two directories.
+``asking_transaction_manager`` below), so two transaction managers in one
+thread get two data managers and two directories.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ import threading
 import zlib
 from dataclasses import dataclass
 
-from zodbblob.journal import STATE_DIR
+from zodbblob.storage.catalog import STATE_DIR
 from zodbblob.layout import check_id
 from zodbblob.layout import fdatasync
 from zodbblob.layout import fsync_directory

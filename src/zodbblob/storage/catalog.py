@@ -6,7 +6,7 @@ the catalog: the total size (``getSize`` in O(1)) and the set of blob files
 that pack compares with the base storage's live records, without walking
 the directory.  A transaction's rows are added after the base storage has
 committed it, without a sync: until the next checkpoint, its record in the
-commit log (``zodbblob.commitlog``) is what recovery goes by, and a
+commit log (``zodbblob.storage.commitlog``) is what recovery goes by, and a
 checkpoint makes the rows durable before it lets the record go.  A batch
 that cannot be written (a full disk, a damaged page) stays pending: the
 commit it belongs to has happened, and the checkpoint that would let its

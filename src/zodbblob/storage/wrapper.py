@@ -44,19 +44,19 @@ from ZODB.TimeStamp import TimeStamp
 from ZODB.utils import oid_repr
 from ZODB.utils import z64
 
-from zodbblob.commitlog import CommitLog
-from zodbblob.commitlog import CommitLogError
-from zodbblob.commitlog import Entry
-from zodbblob.commitlog import commit_log_path
-from zodbblob.commitlog import latest_entries
-from zodbblob.datamanager import TransactionDirectories
-from zodbblob.journal import STATE_DIR
-from zodbblob.journal import SYNCFS_AVAILABLE
-from zodbblob.journal import Journal
-from zodbblob.journal import JournalError
-from zodbblob.journal import journal_path
-from zodbblob.journal import kill_point
-from zodbblob.journal import sync_filesystem
+from zodbblob.storage.commitlog import CommitLog
+from zodbblob.storage.commitlog import CommitLogError
+from zodbblob.storage.commitlog import Entry
+from zodbblob.storage.commitlog import commit_log_path
+from zodbblob.storage.commitlog import latest_entries
+from zodbblob.storage.datamanager import TransactionDirectories
+from zodbblob.storage.catalog import STATE_DIR
+from zodbblob.storage.catalog import SYNCFS_AVAILABLE
+from zodbblob.storage.catalog import Journal
+from zodbblob.storage.catalog import JournalError
+from zodbblob.storage.catalog import journal_path
+from zodbblob.storage.catalog import kill_point
+from zodbblob.storage.catalog import sync_filesystem
 from zodbblob.layout import LAYOUT_MARKER
 from zodbblob.layout import FilesystemHelper
 from zodbblob.layout import check_id
@@ -692,10 +692,10 @@ class BlobStorage:
         those of a live one (kept).
 
         ZODB asks ``temporaryDirectory()`` without saying for which
-        transaction; ``zodbblob.datamanager.asking_transaction_manager``
-        finds the Blob or the Connection that asks.  Anything else asking
-        gets the process directory, as does a transaction already
-        committing.
+        transaction; ``zodbblob.storage.datamanager
+        .asking_transaction_manager`` finds the Blob or the Connection
+        that asks.  Anything else asking gets the process directory, as
+        does a transaction already committing.
         """
         shared = self._shared
         if shared.read_only:
