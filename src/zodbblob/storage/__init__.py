@@ -1,14 +1,28 @@
 """The storage wing: blob support for any ZODB storage, as a wrapper.
 
 ``wrapper`` holds ``BlobStorage``, which defines what has to see blob
-files and delegates the rest to its base.
+files, delegates the rest to its base, and hands the blob files to its
+collaborators: ``recovery`` (opening a blob directory: the catalog, and
+finishing what a crash interrupted), ``commit`` (stage, log, publish,
+finish, and the checkpoint), ``pack`` (pack and undo) and ``lock`` (who
+holds a blob directory).  Below them: ``catalog`` (the SQLite catalog,
+class ``Journal``), ``commitlog`` and ``datamanager`` (a transaction's
+directory for new blob files).
 """
 
-from zodbblob.storage.wrapper import INLINE_LIMIT
-from zodbblob.storage.wrapper import LOCK_NAME
-from zodbblob.storage.wrapper import BlobDirectoryInUse
+from zodbblob.storage.commit import INLINE_LIMIT
+from zodbblob.storage.lock import (
+    LOCK_NAME,
+    BlobDirectoryInUse,
+    BlobStorageError,
+    held_by_a_storage,
+    hold_blob_directory,
+)
+from zodbblob.storage.recovery import check_state_layout
 from zodbblob.storage.wrapper import BlobStorage
-from zodbblob.storage.wrapper import BlobStorageError
-from zodbblob.storage.wrapper import check_state_layout
-from zodbblob.storage.wrapper import held_by_a_storage
-from zodbblob.storage.wrapper import hold_blob_directory
+
+__all__ = [
+    'INLINE_LIMIT', 'LOCK_NAME', 'BlobDirectoryInUse', 'BlobStorage',
+    'BlobStorageError', 'check_state_layout', 'held_by_a_storage',
+    'hold_blob_directory',
+]

@@ -32,10 +32,8 @@ import threading
 import zlib
 from dataclasses import dataclass
 
+from zodbblob.layout import check_id, fdatasync, fsync_directory
 from zodbblob.storage.catalog import STATE_DIR
-from zodbblob.layout import check_id
-from zodbblob.layout import fdatasync
-from zodbblob.layout import fsync_directory
 
 NAME = 'commit.log'
 PAGE = 4096

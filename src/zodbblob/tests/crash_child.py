@@ -24,8 +24,8 @@ import ZODB
 import ZODB.FileStorage
 from ZODB.blob import Blob
 
+import zodbblob.storage.commit
 import zodbblob.storage.commitlog
-import zodbblob.storage.wrapper
 from zodbblob import BlobStorage
 
 
@@ -47,14 +47,14 @@ def main(argv):
     # --not-inline: no blob bytes in the commit log; every file is made
     # durable itself (the path of transactions with large blobs).
     if '--not-inline' in argv:
-        zodbblob.storage.wrapper.INLINE_LIMIT = -1
+        zodbblob.storage.commit.INLINE_LIMIT = -1
     # --log-mib N: a commit log of up to N MiB (checkpoints when full).
     if '--log-mib' in argv:
         zodbblob.storage.commitlog.MAXIMUM_SIZE = int(
             argv[argv.index('--log-mib') + 1]) << 20
     # --checkpoint-every N: checkpoints during the run, not only at close.
     if '--checkpoint-every' in argv:
-        zodbblob.storage.wrapper.CHECKPOINT_RECORDS = int(
+        zodbblob.storage.commit.CHECKPOINT_RECORDS = int(
             argv[argv.index('--checkpoint-every') + 1])
     rng = random.Random(os.getpid())
     storage = BlobStorage(os.path.join(directory, 'blobs'),

@@ -1,0 +1,463 @@
+"""The commit protocol: stage, log, publish, finish; and the checkpoint.
+
+Commit, in short (``doc/design.rst`` has the long form): ``storeBlob``
+moves the file into the storage's staging directory; ``tpc_vote`` writes
+the transaction's record to the commit log (with the blobs' bytes in it
+when they are small; larger files are fdatasynced themselves first) and
+fdatasyncs it in a worker thread while the base votes, then gives the
+files their final names; ``tpc_finish`` finishes the base (the commit
+point) and adds the files to the catalog; ``tpc_abort`` removes whatever
+the transaction staged or published.  A checkpoint (every
+CHECKPOINT_RECORDS transactions, when the log is full, around a pack and
+at close) makes files, names and catalog durable with one filesystem sync
+and starts the log afresh.
+
+``CommitProtocol`` runs it for one storage instance (one transaction at a
+time); ``Shared`` is what all MVCC instances of one storage share.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import itertools
+import logging
+import os
+import shutil
+import stat
+import threading
+import time
+
+from ZODB.POSException import ReadOnlyError, StorageTransactionError
+from ZODB.TimeStamp import TimeStamp
+from ZODB.utils import oid_repr
+
+from zodbblob.layout import (
+    fsync_directory,
+    fsync_path,
+    makedirs_durable,
+    remove_if_exists,
+)
+from zodbblob.storage.catalog import SYNCFS_AVAILABLE, kill_point, sync_filesystem
+from zodbblob.storage.commitlog import CommitLog, Entry
+from zodbblob.storage.datamanager import TransactionDirectories
+
+logger = logging.getLogger(__name__)
+
+STAGING_PREFIX = 'staged-'
+# A transaction whose blobs add up to at most this many bytes writes them
+# into its commit log record: one fdatasync makes them durable, and their
+# files reach the disk at the next checkpoint.  Larger transactions make
+# their files durable themselves, and log only their names.
+INLINE_LIMIT = 8 * 1024 * 1024
+# A transaction with this many files that are not inline makes them
+# durable with one syncfs (1000 files: 18 ms against 173 ms for an fsync
+# each here); below it, fdatasyncs win, and do not pay for other programs'
+# dirty data the way syncfs does.
+SYNCFS_THRESHOLD = 8
+# A checkpoint after this many logged transactions bounds what recovery
+# reads and what the staging directory holds.
+CHECKPOINT_RECORDS = 1000
+
+# How far ahead of this machine's clock a chosen tid may be: a tid is a
+# time, and one beyond it would be the storage's last tid until then.
+MAX_TID_AHEAD = 24 * 60 * 60
+
+_staging_counter = itertools.count()
+
+
+def rename_or_copy(source: str, target: str) -> None:
+    """Rename `source` to `target`; across filesystems, copy and remove.
+
+    The copy is logged at WARNING: it costs a full read and write of the
+    blob, and usually means a temporary directory is on the wrong disk.
+    """
+    try:
+        os.rename(source, target)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        logger.warning('Copied blob file %s to %s (not on one filesystem, '
+                       'so it could not be renamed)', source, target)
+        shutil.copyfile(source, target)
+        os.remove(source)
+
+
+def link_or_copy(source: str, target: str) -> None:
+    """Hard-link `source` as `target`; copy where links are impossible."""
+    try:
+        os.link(source, target)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK,
+                           errno.ENOTSUP):
+            raise
+        logger.warning('Copied blob file %s to %s (a hard link was not '
+                       'possible: %s)', source, target, e.strerror)
+        shutil.copyfile(source, target)
+
+
+def read_bytes(path: str) -> bytes:
+    with open(path, 'rb') as f:
+        return f.read()
+
+
+class Shared:
+    """What all MVCC instances of one storage share."""
+
+    def __init__(self, fshelper, journal, lock, read_only):
+        self.fshelper = fshelper
+        self.journal = journal
+        self.lock = lock
+        self.read_only = read_only
+        self.pack_lock = threading.Lock()
+        self.untransform_record_data = lambda data: data
+        self.directories: TransactionDirectories | None = None
+        self.staging_dir: str | None = None
+        self.commit_log: CommitLog | None = None
+        # Logged transactions not yet finished or aborted; a checkpoint
+        # waits for none, and holds `logging` so that none starts.
+        self.logging = threading.Condition()
+        self.in_flight = 0
+        # Since the last checkpoint: the final names of committed files
+        # (without syncfs, the checkpoint fsyncs them one by one), and the
+        # staged names of files that were not inline, kept until the
+        # checkpoint makes their final names durable.
+        self.unsynced: list[str] = []
+        self.linked: list[str] = []
+        self._syncer: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def syncer(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The thread that fdatasyncs commit log records."""
+        if self._syncer is None:
+            self._syncer = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix='zodbblob-commit-log')
+        return self._syncer
+
+    def close(self) -> None:
+        if self._syncer is not None:
+            self._syncer.shutdown()
+            self._syncer = None
+
+
+class _Staged:
+    """The blob files of the transaction being committed."""
+
+    def __init__(self, transaction):
+        self.transaction = transaction
+        self.files: dict[bytes, str] = {}      # oid -> staged path
+        self.tid: bytes | None = None          # set once logged
+        self.stats: list = []                  # (oid, path, stat), logged
+        self.inline = False                    # bytes in the log record
+        self.published: list[str] = []         # final paths, once voted
+
+
+def checkpoint(shared: Shared) -> None:
+    """Make every logged transaction durable; start the log afresh.
+
+    Waits until no logged transaction is still finishing, and holds
+    off new ones meanwhile.  One syncfs covers the files, their names
+    and the catalog; without syncfs, each file and directory is
+    fsynced.  Then the staged names kept for files that were not
+    inline can go.
+    """
+    with shared.logging:
+        while shared.in_flight:
+            shared.logging.wait()
+        if not len(shared.commit_log) and not shared.linked:
+            return
+        if SYNCFS_AVAILABLE:
+            shared.journal.flush()
+            sync_filesystem(shared.fshelper.base_dir)
+        else:
+            for path in shared.unsynced:
+                if os.path.exists(path):
+                    fsync_path(path)
+            for directory in {os.path.dirname(path)
+                              for path in shared.unsynced}:
+                if os.path.isdir(directory):
+                    fsync_directory(directory)
+            shared.journal.sync()
+        kill_point('mid_checkpoint')
+        shared.commit_log.checkpoint()
+        linked, shared.linked, shared.unsynced = shared.linked, [], []
+    for path in linked:
+        remove_if_exists(path)
+
+
+class CommitProtocol:
+    """The two-phase commit of blob files, for one storage instance."""
+
+    def __init__(self, base, shared: Shared):
+        self.base = base
+        self.fshelper = shared.fshelper
+        self._shared = shared
+        self._staged: _Staged | None = None
+
+    def begin(self, transaction, tid=None, status=' '):
+        if tid is None:
+            return self.base.tpc_begin(transaction)
+        # A ZEO client may choose its tid.  One that is not after the last
+        # transaction would name the blob files of a committed one (and
+        # FileStorage only warns); one far in the future would stay the
+        # last tid for good (b'\xff' * 8 breaks every later DB open).
+        self._check_tid(tid)
+        if status == ' ':
+            # MappingStorage takes no status.
+            self.base.tpc_begin(transaction, tid)
+        else:
+            self.base.tpc_begin(transaction, tid, status)
+        # Again under the base's commit lock: another transaction may have
+        # committed since the check above.
+        try:
+            self._check_tid(tid)
+        except StorageTransactionError:
+            self.base.tpc_abort(transaction)
+            raise
+
+    def _check_tid(self, tid) -> None:
+        name = self.base.getName()
+        if not isinstance(tid, bytes) or len(tid) != 8:
+            raise StorageTransactionError(
+                'Refused tid %s for storage %s: expected exactly 8 bytes'
+                % (repr(tid)[:60], name))
+        last = self.base.lastTransaction()
+        if tid <= last:
+            raise StorageTransactionError(
+                'Refused tid %s for storage %s: expected a tid after its '
+                'last transaction %s' % (tid.hex(), name, last.hex()))
+        now = time.time()
+        limit = TimeStamp(*time.gmtime(now + MAX_TID_AHEAD)[:5],
+                          (now + MAX_TID_AHEAD) % 60).raw()
+        if tid > limit:
+            raise StorageTransactionError(
+                'Refused tid %s for storage %s: expected a time no more than '
+                'a day ahead, this is %s' % (tid.hex(), name,
+                                              TimeStamp(tid)))
+
+    def _stage(self, transaction) -> _Staged:
+        staged = self._staged
+        if staged is None or staged.transaction is not transaction:
+            if self._shared.read_only:
+                raise ReadOnlyError()
+            staged = self._staged = _Staged(transaction)
+        return staged
+
+    def staging_path(self) -> str:
+        """A new name in the storage's staging directory.
+
+        One directory for the storage's lifetime, not one per transaction:
+        a mkdir and an rmdir per commit cost as much as an fsync.
+        """
+        shared = self._shared
+        if shared.staging_dir is None:
+            directory = os.path.join(
+                self.fshelper.temp_dir, '%s%d-%d' % (
+                    STAGING_PREFIX, os.getpid(), next(_staging_counter)))
+            os.mkdir(directory)
+            # Durable once: files that are not inline are found by their
+            # staged names after a crash.
+            fsync_directory(self.fshelper.temp_dir)
+            shared.staging_dir = directory
+        return os.path.join(shared.staging_dir,
+                            '%d.blob' % next(_staging_counter))
+
+    def take(self, oid: bytes, filename: str, transaction, link=False):
+        """Own `filename` as the blob of `oid` in `transaction`."""
+        staged = self._stage(transaction)
+        target = self.staging_path()
+        if link:
+            link_or_copy(filename, target)
+        else:
+            rename_or_copy(filename, target)
+        staged.files[oid] = target
+
+    def vote(self, transaction):
+        staged = self._staged
+        if staged is None or staged.transaction is not transaction:
+            return self.base.tpc_vote(transaction)
+        syncing = self._log(staged)
+        try:
+            result = self.base.tpc_vote(transaction)
+            kill_point('after_base_vote')
+            directories = self._make_directories(staged)
+        finally:
+            syncing.result()
+        kill_point('after_journal_begin')
+        self._publish(staged, directories)
+        kill_point('after_publish')
+        return result
+
+    def _log(self, staged: _Staged):
+        """Write the transaction's record; return its fdatasync's future.
+
+        Runs before the base votes, and the record's fdatasync runs in a
+        worker thread meanwhile: the base's vote and the mkdirs of the
+        files' directories overlap it, and only then do the files get
+        their final names.  A crash before the sync returned leaves at
+        most empty directories and a record that recovery checks against
+        the base.
+
+        Small transactions put their blobs' bytes in the record, so its
+        one fdatasync is the only sync before the base commits; their
+        files reach the disk at the next checkpoint.  Larger ones make
+        their files and staged names durable first (an fdatasync per file
+        and one fsync of the staging directory, or one syncfs for many
+        files), and log only the names; the staged names stay until the
+        next checkpoint.
+        """
+        shared = self._shared
+        tid = self.base._tid
+        temp_dir = self.fshelper.temp_dir
+        files = [(oid, path, os.stat(path))
+                 for oid, path in staged.files.items()]
+        staged.inline = sum(info.st_size
+                            for oid, path, info in files) <= INLINE_LIMIT
+        if staged.inline:
+            entries = [Entry(oid, info.st_size, data=read_bytes(path))
+                       for oid, path, info in files]
+        else:
+            self._make_durable([path for oid, path, info in files])
+            kill_point('after_staging_fsync')
+            entries = [Entry(oid, info.st_size,
+                             staged=os.path.relpath(path, temp_dir))
+                       for oid, path, info in files]
+        if not shared.commit_log.fits(entries):
+            checkpoint(shared)
+        with shared.logging:
+            shared.in_flight += 1
+        try:
+            shared.commit_log.append(tid, entries, durable=False)
+        except BaseException:
+            self._done_logging()
+            raise
+        staged.tid = tid
+        staged.stats = files
+        return shared.syncer().submit(shared.commit_log.sync)
+
+    def _make_directories(self, staged: _Staged) -> dict[str, int]:
+        """Create the directories of the files' final names: {dir: mode}."""
+        directories: dict[str, int] = {}
+        for oid, path, info in staged.stats:
+            directory = os.path.dirname(
+                self.fshelper.getBlobFilename(oid, staged.tid))
+            if directory not in directories:
+                if SYNCFS_AVAILABLE:
+                    os.makedirs(directory, exist_ok=True)
+                else:
+                    makedirs_durable(directory)
+                directories[directory] = os.stat(directory).st_mode
+        return directories
+
+    def _publish(self, staged: _Staged, directories: dict[str, int]) -> None:
+        """Give the logged transaction's files their final names.
+
+        Runs after the base voted and before it finishes: the files are in
+        place before anyone can learn the tid.
+        """
+        last = None
+        for oid, path, info in staged.stats:
+            final = self.fshelper.getBlobFilename(oid, staged.tid)
+            if os.path.lexists(final):
+                # Only a tid after the base's last transaction may find a
+                # file here (left by an earlier, aborted try); one that is
+                # not would have the rename replace a committed blob.
+                if last is None:
+                    last = self.base.lastTransaction()
+                if staged.tid <= last:
+                    raise StorageTransactionError(
+                        'Refused to replace committed blob file %s: '
+                        'expected a tid after the last transaction %s'
+                        % (final, last.hex()))
+                os.unlink(final)
+            mode = directories[os.path.dirname(final)]
+            # As in ZODB: committed files are not writable, and readable by
+            # whoever may read their directory.
+            os.chmod(path, (stat.S_IMODE(info.st_mode) & ~0o222)
+                     | (mode & 0o444))
+            if staged.inline:
+                os.replace(path, final)
+            else:
+                os.link(path, final)
+            staged.published.append(final)
+            kill_point('mid_publish')
+
+    def _make_durable(self, paths: list[str]) -> None:
+        """Make the bytes of staged files and their staged names durable."""
+        if SYNCFS_AVAILABLE and len(paths) >= SYNCFS_THRESHOLD:
+            sync_filesystem(self.fshelper.base_dir)
+            return
+        for path in paths:
+            fsync_path(path, data_only=True)
+        for directory in {os.path.dirname(path) for path in paths}:
+            fsync_directory(directory)
+
+    def _done_logging(self) -> None:
+        shared = self._shared
+        with shared.logging:
+            shared.in_flight -= 1
+            shared.logging.notify_all()
+
+    def finish(self, transaction, f=None):
+        # Some bases (MappingStorage) call `f` unconditionally.
+        if f is None:
+            tid = self.base.tpc_finish(transaction)
+        else:
+            tid = self.base.tpc_finish(transaction, f)
+        staged = self._staged
+        if staged is not None and staged.transaction is transaction:
+            self._staged = None
+            if staged.tid is None:
+                for path in staged.files.values():
+                    remove_if_exists(path)  # stored, but published by nobody
+            else:
+                self._finished(staged, tid)
+        return tid
+
+    def _finished(self, staged: _Staged, tid: bytes) -> None:
+        shared = self._shared
+        try:
+            if staged.tid != tid:
+                logger.critical(
+                    'Base storage %r committed tid %s, but its blob '
+                    'files were published for tid %s', self.base,
+                    oid_repr(tid), oid_repr(staged.tid))
+            kill_point('after_base_finish')
+            shared.journal.add([(oid, staged.tid, info.st_size)
+                                for oid, path, info in staged.stats])
+            kill_point('after_journal_commit')
+            with shared.logging:
+                shared.unsynced.extend(staged.published)
+                if not staged.inline:
+                    shared.linked.extend(staged.files.values())
+        finally:
+            self._done_logging()
+        if len(shared.commit_log) >= CHECKPOINT_RECORDS:
+            try:
+                checkpoint(shared)
+            except Exception as e:
+                # Whatever failed, the transaction has committed, and must
+                # not be reported as failed.  The log keeps its records (a
+                # checkpoint first syncs, then lets them go), and the next
+                # commit, or the first whose record does not fit, tries
+                # again.
+                logger.warning('Could not checkpoint blob directory %s '
+                               'after a commit (%s); its commit log keeps '
+                               'the transactions', self.fshelper.base_dir, e)
+
+
+    def abort(self, transaction):
+        try:
+            self.base.tpc_abort(transaction)
+        finally:
+            staged = self._staged
+            if staged is not None and staged.transaction is transaction:
+                self._staged = None
+                for final in staged.published:
+                    remove_if_exists(final)
+                for path in staged.files.values():
+                    remove_if_exists(path)
+                if staged.tid is not None:
+                    try:
+                        self._shared.commit_log.abort(staged.tid)
+                    finally:
+                        self._done_logging()

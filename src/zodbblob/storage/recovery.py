@@ -1,0 +1,347 @@
+"""Opening a blob directory: its lock, its catalog, and recovery.
+
+Opening takes the directory's lock, opens (or rebuilds) the catalog and
+replays the commit log's records since the last checkpoint: what a crash
+interrupted is finished or undone, a pack that was killed is finished,
+and what staging and dead processes left behind is removed.
+``check_state_layout`` refuses, before anything is touched, a directory
+whose state files are of the wrong kind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+
+from ZODB.POSException import POSKeyError
+from ZODB.utils import oid_repr, z64
+
+from zodbblob.layout import (
+    LAYOUT_MARKER,
+    FilesystemHelper,
+    file_kind,
+    makedirs_durable,
+    remove_if_exists,
+)
+from zodbblob.storage.catalog import (
+    STATE_DIR,
+    Journal,
+    JournalError,
+    journal_path,
+    kill_point,
+)
+from zodbblob.storage.commit import STAGING_PREFIX, Shared, checkpoint, read_bytes
+from zodbblob.storage.commitlog import (
+    CommitLog,
+    CommitLogError,
+    Entry,
+    commit_log_path,
+    latest_entries,
+)
+from zodbblob.storage.datamanager import TransactionDirectories
+from zodbblob.storage.lock import LOCK_NAME, lock_blob_directory
+from zodbblob.storage.pack import remove_blob_files
+
+logger = logging.getLogger(__name__)
+
+
+def check_state_layout(blob_dir: str) -> None:
+    """Refuse a blob directory whose state has the wrong kind of file.
+
+    ``.zodbblob`` a regular file, ``journal.sqlite`` or ``commit.log`` a
+    directory: opening would fail deep in SQLite or ``os.makedirs`` with
+    an error that names no path, or (read-only) go on without the
+    catalog.  ValueError, one line naming the path and what it is;
+    nothing is read, created or moved aside.  A missing name is fine: a
+    new or stock blob directory has none of these.
+    """
+    blob_dir = os.path.normpath(blob_dir)
+    if not os.path.isdir(blob_dir):
+        return   # the layout's own check names a blob_dir that is a file
+    state_dir = os.path.join(blob_dir, STATE_DIR)
+    journal = journal_path(blob_dir)
+    expected = [(os.path.join(blob_dir, LAYOUT_MARKER), False),
+                (os.path.join(blob_dir, 'tmp'), True),
+                (state_dir, True)]
+    for path in (journal, journal + '-wal', journal + '-shm',
+                 commit_log_path(blob_dir),
+                 os.path.join(state_dir, LOCK_NAME)):
+        expected.append((path, False))
+    for path, directory in expected:
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            if os.path.lexists(path):
+                raise ValueError(f'{path} is a symbolic link to '
+                                 f'{os.readlink(path)}, which does not '
+                                 f'exist') from None
+            continue
+        except NotADirectoryError:
+            continue   # below .zodbblob, refused already
+        if directory and not stat.S_ISDIR(mode):
+            raise ValueError(f'{path} is {file_kind(mode)}, not a '
+                             f'directory')
+        if not directory and not stat.S_ISREG(mode):
+            raise ValueError(f'{path} is {file_kind(mode)}, not a regular '
+                             f'file')
+
+
+def _holds(path: str, data: bytes) -> bool:
+    """Whether the file at `path` holds exactly `data`."""
+    try:
+        if os.stat(path).st_size != len(data):
+            return False
+        return read_bytes(path) == data
+    except FileNotFoundError:
+        return False
+
+
+def open_blob_directory(base, blob_dir: str, layout: str) -> Shared:
+    """Open `blob_dir` for a storage over `base`: what its instances share."""
+    return Recovery(base).open(blob_dir, layout)
+
+
+class Recovery:
+    """Opens a blob directory, finishing what a crash interrupted there."""
+
+    def __init__(self, base):
+        self.base = base
+        self._shared: Shared | None = None
+
+    def open(self, blob_dir: str, layout: str) -> Shared:
+        read_only = bool(getattr(self.base, 'isReadOnly', bool)())
+        check_state_layout(blob_dir)
+        fshelper = FilesystemHelper(blob_dir, layout)
+        if read_only:
+            fshelper.check_marker()
+            return Shared(fshelper, self._open_journal_read_only(fshelper),
+                          None, True)
+        state_dir = os.path.join(fshelper.base_dir, STATE_DIR)
+        lock_path = os.path.join(state_dir, LOCK_NAME)
+        # Lock before creating anything where a lock may be held already
+        # (a live storage, a tool such as migrate): a refused open writes
+        # nothing.
+        fshelper.check_marker()
+        lock = lock_blob_directory(fshelper, lock_path) if os.path.isdir(
+            state_dir) else None
+        try:
+            fshelper.create()
+            os.makedirs(state_dir, exist_ok=True)
+            if lock is None:
+                lock = lock_blob_directory(fshelper, lock_path)
+        except BaseException:
+            if lock is not None:
+                lock.close()
+            raise
+        try:
+            journal = self._open_journal(fshelper)
+            shared = Shared(fshelper, journal, lock, False)
+            try:
+                shared.commit_log = CommitLog(
+                    commit_log_path(fshelper.base_dir))
+            except CommitLogError:
+                journal.close()
+                raise
+            self._shared = shared
+            try:
+                self._recover(journal, fshelper)
+                journal.set_meta(state='open')
+            except BaseException:
+                shared.commit_log.close()
+                journal.close()
+                raise
+        except BaseException:
+            lock.close()
+            raise
+        return shared
+
+    def _open_journal(self, fshelper) -> Journal:
+        path = journal_path(fshelper.base_dir)
+        try:
+            journal = Journal(fshelper.base_dir)
+        except JournalError as e:
+            damage = str(e)
+        else:
+            damage = journal.check()
+            if damage is not None:
+                journal.close()
+        if damage is not None:
+            # Moved aside, never deleted: the rows are rebuilt from a scan
+            # (and the commit log, which recovery replays next), but the
+            # file may be wanted to see what happened.
+            aside = path + '.corrupt'
+            os.replace(path, aside)
+            remove_if_exists(aside + '-wal')
+            if os.path.exists(path + '-wal'):
+                os.replace(path + '-wal', aside + '-wal')
+            remove_if_exists(path + '-shm')
+            journal = Journal(fshelper.base_dir)
+            self._rebuild(journal, fshelper, 'the catalog %s was damaged (%s) '
+                          'and was moved to %s' % (path, damage, aside),
+                          level=logging.WARNING)
+            return journal
+        state = journal.get_meta('state')
+        last_tid = journal.get_meta('last_tid')
+        base_tid = self.base.lastTransaction()
+        if state is None:
+            self._rebuild(journal, fshelper, 'it has no blob catalog yet')
+        elif state == 'closed' and base_tid > (last_tid or z64):
+            # Only forward: FileStorage may report, for one open after a
+            # crash, the tid of a transaction it truncated (a phantom), and
+            # a tid behind ours means a restored Data.fs, not new files.
+            self._rebuild(
+                journal, fshelper,
+                'its base storage was changed without zodbblob (last '
+                'transaction %s, catalog knows %s)'
+                % (oid_repr(base_tid), oid_repr(last_tid or z64)))
+        return journal
+
+
+    def _open_journal_read_only(self, fshelper) -> Journal | None:
+        try:
+            return Journal(fshelper.base_dir, read_only=True)
+        except (JournalError, Exception):
+            return None
+
+    def _rebuild(self, journal, fshelper, reason: str,
+                 level: int | None = None) -> None:
+        blobs = [(oid, tid, os.stat(path).st_size)
+                 for oid, tid, path in fshelper.iter_blobs()]
+        if level is None:
+            level = logging.WARNING if blobs else logging.DEBUG
+        logger.log(level, 'Rebuilt the blob catalog of %s from a scan (%s): '
+                   '%d blob files', fshelper.base_dir, reason, len(blobs))
+        journal.rebuild(blobs)
+
+    def _recover(self, journal, fshelper) -> None:
+        """Finish or undo what a crash interrupted, then clear staging.
+
+        Each blob file a record of the commit log names since the last
+        checkpoint is decided on its own: if the base storage has that
+        revision, the file gets its final name and exact bytes (rewritten
+        from the record, or linked from its staged name) and its catalog
+        row; if not, the file and row are removed.  A file whose revision
+        the base has is never removed.  Replaying twice is harmless.
+        """
+        shared = self._shared
+        latest = latest_entries(shared.commit_log.records)
+        in_catalog = journal.known(latest)
+        forward, back, rows, gone = set(), set(), [], []
+        for (oid, tid), entry in sorted(latest.items(),
+                                        key=lambda item: item[0][::-1]):
+            final = fshelper.getBlobFilename(oid, tid)
+            if self._base_has(oid, tid):
+                if entry is None:
+                    continue  # aborted; the revision is someone else's
+                if self._roll_forward(entry, final, tid):
+                    forward.add(tid)
+                if (oid, tid) not in in_catalog:
+                    rows.append((oid, tid, entry.size))
+                shared.unsynced.append(final)
+            else:
+                if entry is not None:
+                    back.add(tid)
+                remove_if_exists(final)
+                if entry is not None and entry.staged:
+                    remove_if_exists(os.path.join(fshelper.temp_dir,
+                                                  entry.staged))
+                if (oid, tid) in in_catalog:
+                    gone.append((oid, tid))
+            kill_point('mid_recovery')
+        journal.add(rows)
+        journal.remove(gone)
+        checkpoint(shared)
+        for tid in sorted(forward | back):
+            logger.warning(
+                'Recovered blob directory %s: rolled %s the blob files '
+                'of interrupted transaction %s', fshelper.base_dir,
+                'back' if tid in back else 'forward', oid_repr(tid))
+        # A process that ended without closing its storage (Zope does, on
+        # every SIGTERM) leaves its last rows to the log: routine, no alarm.
+        rows_only = {tid for _, tid, _ in rows} - forward - back
+        if rows_only:
+            logger.info('Recovered blob directory %s: wrote the catalog rows '
+                        'of %d committed transactions from the commit log',
+                        fshelper.base_dir, len(rows_only))
+        garbage = journal.garbage()
+        if garbage:
+            logger.warning('Recovered blob directory %s: finished removing '
+                           'the %d blob files of an interrupted pack',
+                           fshelper.base_dir, len(garbage))
+            remove_blob_files(shared, garbage)
+        if journal.pack_started() is not None:
+            self._finish_pack(journal, fshelper, quiet=bool(garbage))
+        # Staging belongs to the storage holding the blob directory's lock,
+        # and that is the one opening now: what is there is left over.
+        if os.path.isdir(fshelper.temp_dir):
+            for name in os.listdir(fshelper.temp_dir):
+                path = os.path.join(fshelper.temp_dir, name)
+                if name.startswith(STAGING_PREFIX) and os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+        # Uncommitted files of processes that died: nobody can commit them
+        # any more.
+        shared.directories = TransactionDirectories(fshelper.temp_dir)
+        for path in shared.directories.sweep():
+            logger.warning('Removed %s: uncommitted blob files of a process '
+                           'that ended', path)
+
+    def _finish_pack(self, journal, fshelper, quiet: bool) -> None:
+        """Remove the files of a pack killed before it marked its garbage.
+
+        The base may have packed: every catalog row whose revision the
+        base no longer has is garbage.  Asked with ``loadSerial``, not by
+        unpickling records: there is no database yet to untransform them,
+        and a revision the base still has is never removed.
+        """
+        garbage = [(oid, tid) for oid, tid, size in journal.committed()
+                   if not self._base_has(oid, tid)]
+        if garbage:
+            journal.mark_garbage(garbage)
+            remove_blob_files(self._shared, garbage)
+        if garbage or not quiet:
+            logger.warning('Recovered blob directory %s: finished a pack '
+                           'interrupted after its base storage packed (%d '
+                           'blob files removed)', fshelper.base_dir,
+                           len(garbage))
+        journal.end_pack()
+
+    def _roll_forward(self, entry: Entry, final: str, tid: bytes) -> bool:
+        """Give a committed file its final name and bytes; True if needed."""
+        if entry.data is not None:
+            if _holds(final, entry.data):
+                return False
+            self._rewrite(final, entry.data)
+            return True
+        if os.path.exists(final):
+            return False
+        staged = os.path.join(self._shared.fshelper.temp_dir, entry.staged)
+        if os.path.exists(staged):
+            makedirs_durable(os.path.dirname(final))
+            os.link(staged, final)
+        else:
+            logger.error('Blob file %s of oid %s tid %s is lost: neither it '
+                         'nor %s exists', final, oid_repr(entry.oid),
+                         oid_repr(tid), staged)
+        return True
+
+    def _rewrite(self, final: str, data: bytes) -> None:
+        """Write `final` afresh from the commit log's copy of its bytes."""
+        directory = os.path.dirname(final)
+        makedirs_durable(directory)
+        temporary = os.path.join(self._shared.fshelper.temp_dir,
+                                 'recovered-%d.blob' % os.getpid())
+        with open(temporary, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, os.stat(directory).st_mode & 0o444)
+        os.replace(temporary, final)
+
+    def _base_has(self, oid: bytes, tid: bytes) -> bool:
+        try:
+            self.base.loadSerial(oid, tid)
+        except (POSKeyError, KeyError):
+            return False
+        return True
