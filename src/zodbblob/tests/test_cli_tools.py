@@ -20,7 +20,7 @@ from ZODB.blob import Blob
 
 from zodbblob import BlobStorage, cli
 from zodbblob.storage.commitlog import commit_log_path, unfinished_records
-from zodbblob.tests.test_crash import run_child
+from zodbblob.storage.tests.test_crash import run_child
 
 
 def zodbblob(*args, cwd=None):

@@ -23,7 +23,7 @@ from zodbblob.cache import BlobCache
 from zodbblob.cli import COMMANDS
 from zodbblob.storage.commitlog import commit_log_path
 from zodbblob.layout import LAYOUTS
-from zodbblob.tests.test_storage import restore_with_kind_swapped
+from zodbblob.storage.tests.test_storage import restore_with_kind_swapped
 
 
 def zodbblob(*args):

@@ -1,1 +1,1 @@
-"""Tests of the ground floor: zodbblob.layout."""
+"""Tests of the ground floor, beside it: zodbblob.layout."""

@@ -1,1 +1,1 @@
-"""Tests of the storage wing: zodbblob.storage."""
+"""Tests of the storage wing, beside it: zodbblob.storage."""
