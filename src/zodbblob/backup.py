@@ -87,12 +87,6 @@ from zodbblob.arguments import (
     add_storage_arguments,
     open_storage,
 )
-from zodbblob.storage.catalog import (
-    SYNCFS_AVAILABLE,
-    Journal,
-    pack_under_way,
-    sync_filesystem,
-)
 from zodbblob.layout import (
     LAYOUT_MARKER,
     LINKED_DIRECTORY,
@@ -110,6 +104,12 @@ from zodbblob.storage import (
     BlobDirectoryInUse,
     held_by_a_storage,
     hold_blob_directory,
+)
+from zodbblob.storage.catalog import (
+    SYNCFS_AVAILABLE,
+    Journal,
+    pack_under_way,
+    sync_filesystem,
 )
 
 logger = logging.getLogger(__name__)

@@ -49,9 +49,9 @@ import ZODB.config
 from ZConfig import ConfigurationError
 from ZODB.config import BaseConfig
 
-from zodbblob.storage.commitlog import CommitLog, CommitLogError, commit_log_path
 from zodbblob.layout import LAYOUT_MARKER, LAYOUTS, read_marker
 from zodbblob.storage import BlobStorage, check_state_layout
+from zodbblob.storage.commitlog import CommitLog, CommitLogError, commit_log_path
 
 # A marker holds a layout name: anything longer is not one.
 _MARKER_LIMIT = 256

@@ -21,8 +21,8 @@ from ZODB.blob import Blob
 from zodbblob import BlobStorage
 from zodbblob.cache import BlobCache
 from zodbblob.cli import COMMANDS
-from zodbblob.storage.commitlog import commit_log_path
 from zodbblob.layout import LAYOUTS
+from zodbblob.storage.commitlog import commit_log_path
 from zodbblob.storage.tests.test_storage import restore_with_kind_swapped
 
 

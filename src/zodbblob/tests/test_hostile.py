@@ -26,9 +26,9 @@ from ZODB.utils import p64, z64
 
 import zodbblob
 from zodbblob.cli import format_address
-from zodbblob.storage.commitlog import CommitLog, Entry, commit_log_path
 from zodbblob.layout import LAYOUTS, FilesystemHelper, InvalidIdError
 from zodbblob.storage import INLINE_LIMIT
+from zodbblob.storage.commitlog import CommitLog, Entry, commit_log_path
 from zodbblob.testing import ServerProcess, free_port, serve_command
 from zodbblob.tests.test_config import commit_blob, read_blob
 from zodbblob.zeo import ClientStorage
