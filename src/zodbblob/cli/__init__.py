@@ -53,8 +53,8 @@ import ZEO.runzeo
 import ZODB.config
 
 from zodbblob.arguments import ToolError, add_storage_arguments, open_storage
-from zodbblob.backup import (add_backup_arguments, add_restore_arguments,
-                              backup_command, restore_command)
+from zodbblob.cli.backup import (add_backup_arguments, add_restore_arguments,
+                                  backup_command, restore_command)
 from zodbblob.commitlog import CommitLogError
 from zodbblob.journal import JournalError
 from zodbblob.layout import LAYOUTS

@@ -28,9 +28,13 @@ import ZODB
 import ZODB.FileStorage
 from ZODB.blob import Blob
 
-import zodbblob.backup
+import zodbblob.cli.backup
+import zodbblob.tools.backup.writer
 from zodbblob import BlobStorage
-from zodbblob.backup import (
+from zodbblob.cli import main
+from zodbblob.journal import pack_under_way
+from zodbblob.testing import ServerProcess, ZEOServerLayer, free_port
+from zodbblob.tools.backup import (
     COLLECT_KILL_VARIABLE,
     COMPLETE_NAME,
     KILL_VARIABLE,
@@ -43,9 +47,6 @@ from zodbblob.backup import (
     prune,
     snapshots,
 )
-from zodbblob.cli import main
-from zodbblob.journal import pack_under_way
-from zodbblob.testing import ServerProcess, ZEOServerLayer, free_port
 
 
 def run(*argv):
@@ -129,7 +130,7 @@ def listed(snapshot):
 
 def pooled(destination):
     """(oid, tid) of every blob file in the pool of `destination`."""
-    from zodbblob.backup import POOL_LAYOUT
+    from zodbblob.tools.backup import POOL_LAYOUT
     top = os.path.join(destination, '.blobs')
     return {POOL_LAYOUT.blob_path_to_oid_tid(path)
             for path in files_below(top, '.blob')}
@@ -280,7 +281,7 @@ class BackupRestoreTests(StoreTestCase):
             f.write(b'!')
         self.assertFalse(check(first).clean)
         self.commit({'b0': b'new'})
-        with self.assertLogs('zodbblob.backup', logging.WARNING) as logs:
+        with self.assertLogs('zodbblob.tools.backup', logging.WARNING) as logs:
             out = self.backup('--full')
         self.assertIn(f'Blob file {damaged} in the pool is missing or '
                       f'damaged', '\n'.join(logs.output))
@@ -503,7 +504,7 @@ class BackupRestoreTests(StoreTestCase):
         self.backup()
         self.commit({'b0': b'new'})
         self.pack()
-        with self.assertLogs('zodbblob.backup', logging.WARNING) as logs:
+        with self.assertLogs('zodbblob.tools.backup', logging.WARNING) as logs:
             status, out, err = run('backup', '--data', self.data,
                                    '--blob-dir', self.blob_dir, self.dest)
         self.assertEqual(status, 0, out + err)
@@ -526,7 +527,7 @@ class BackupRestoreTests(StoreTestCase):
             path = db.storage.loadBlob(blob._p_oid, blob._p_serial)
         db.close()
         os.remove(path)
-        with self.assertLogs('zodbblob.backup', logging.WARNING):
+        with self.assertLogs('zodbblob.tools.backup', logging.WARNING):
             status, out, err = run('backup', '--quiet', '--data', self.data,
                                    '--blob-dir', self.blob_dir, self.dest)
         self.assertEqual(status, 1)
@@ -668,7 +669,7 @@ class WrongInputTests(StoreTestCase):
         self.data = os.path.join(moved, 'Data.fs')
         self.blob_dir = os.path.join(moved, 'blobs')
         self.commit({'b1': b'after the move'})
-        with self.assertLogs('zodbblob.backup', logging.WARNING) as logs:
+        with self.assertLogs('zodbblob.tools.backup', logging.WARNING) as logs:
             out = self.backup()
         self.assertIn('holds the same transactions: continuing with it',
                       logs.output[0])
@@ -938,7 +939,7 @@ class InterruptedBackupTests(StoreTestCase):
             manifest.close()
         # What a power cut can do to a file whose data was not yet synced.
         os.truncate(pool_path(self.dest, oid, tid), 0)
-        with self.assertLogs('zodbblob.backup', logging.WARNING) as logs:
+        with self.assertLogs('zodbblob.tools.backup', logging.WARNING) as logs:
             self.backup()
         self.assertIn('checked the files it had finished; 1 to copy again',
                       '\n'.join(logs.output))
@@ -1041,7 +1042,7 @@ class PackedUnfinishedTests(StoreTestCase):
         # b1's file, among the first copied, is no record after the pack.
         self.commit({'b1': b'new'})
         self.pack()
-        with self.assertLogs('zodbblob.backup', logging.WARNING) as logs:
+        with self.assertLogs('zodbblob.tools.backup', logging.WARNING) as logs:
             self.backup()
         self.assertIn(f'Removed unfinished snapshot {unfinished.path}',
                       logs.output[0])
@@ -1239,7 +1240,7 @@ class LivePackTests(ServedDatabaseTestCase):
         self.commit('second')
         self.commit('third')
         before = listing(self.dest)
-        copy_blob = zodbblob.backup._SnapshotWriter._blob
+        copy_blob = zodbblob.tools.backup.writer._SnapshotWriter._blob
         packed = []
 
         def pack_then_copy(writer, *args):
@@ -1250,8 +1251,8 @@ class LivePackTests(ServedDatabaseTestCase):
                 packed.append(True)
             return copy_blob(writer, *args)
 
-        with mock.patch.object(zodbblob.backup._SnapshotWriter, '_blob',
-                               pack_then_copy):
+        with mock.patch.object(zodbblob.tools.backup.writer._SnapshotWriter,
+                               '_blob', pack_then_copy):
             status, out, err = run(*self.argv)
         self.assertEqual(packed, [True])
         self.assertEqual((status, out, err), (2, '', self.packed_message))
@@ -1267,7 +1268,7 @@ class LivePackTests(ServedDatabaseTestCase):
             self):
         self.commit('fourth')
         self.commit('fifth')
-        open_storage = zodbblob.backup.open_storage
+        open_storage = zodbblob.cli.backup.open_storage
 
         def open_then_pack(*args, **kw):
             # The index read from the file a pack then replaces.
@@ -1275,7 +1276,7 @@ class LivePackTests(ServedDatabaseTestCase):
             self.pack()
             return storage
 
-        with mock.patch.object(zodbblob.backup, 'open_storage',
+        with mock.patch.object(zodbblob.cli.backup, 'open_storage',
                                open_then_pack):
             status, out, err = run(*self.argv)
         self.assertEqual((status, out, err), (2, '', self.packed_message))
@@ -1362,7 +1363,7 @@ class HeldPackTests(unittest.TestCase):
         self.assertDroppedThenTakenAfterThePack(*run(*self.argv))
 
     def test_a_pack_under_way_when_the_files_are_copied_drops_it(self):
-        copy_blob = zodbblob.backup._SnapshotWriter._blob
+        copy_blob = zodbblob.tools.backup.writer._SnapshotWriter._blob
 
         def pack_then_copy(writer, *args):
             # The pack starts once the snapshot is planned; it packs
@@ -1371,8 +1372,8 @@ class HeldPackTests(unittest.TestCase):
                 self.start_pack()
             return copy_blob(writer, *args)
 
-        with mock.patch.object(zodbblob.backup._SnapshotWriter, '_blob',
-                               pack_then_copy):
+        with mock.patch.object(zodbblob.tools.backup.writer._SnapshotWriter,
+                               '_blob', pack_then_copy):
             result = run(*self.argv)
         self.assertIsNotNone(self.packing)
         self.assertDroppedThenTakenAfterThePack(*result)
