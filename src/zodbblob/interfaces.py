@@ -65,7 +65,7 @@ class IBlobJournal(Interface):
 
     It knows every committed blob file (oid, tid, size), so that nothing
     on a hot path has to walk the blob directory.  What a transaction is
-    about to publish is in the commit log (``zodbblob.commitlog``), not
+    about to publish is in the commit log (``zodbblob.storage.commitlog``), not
     here: rows are added once the base storage has committed.
     """
 
