@@ -8,9 +8,10 @@ over and when a cache opens over its size.  The work is its
 collaborators': the index (`Index`), the sizes remembered for hits
 (`KnownSizes`), the access log (`AccessLog`), the downloads
 (`Downloads`), the deferred syncs (`Syncs`) and eviction (`Evictor`).
-They share the cache's lock of its in-memory state (``_lock``) and the
-index's lock of its connection (``db_lock``); neither is held while
-taking the other.
+Each takes the open directory (`CacheDirectory`: file names, settings,
+the cache's lock of its in-memory state, the closing event) and the
+collaborators it works with.  The cache's lock and the index's lock of
+its connection (``db_lock``) are never held while taking the other.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Callable
 import zope.interface
 
 from zodbblob.cache.accesslog import AccessLog
-from zodbblob.cache.directory import BUCKETS, _size_of, check_layout
+from zodbblob.cache.directory import CacheDirectory, _size_of, check_layout
 from zodbblob.cache.downloads import Downloads
 from zodbblob.cache.evictor import Evictor
 from zodbblob.cache.index import OPEN_LOCK, Index, _count_out, _damaged
@@ -37,7 +38,7 @@ from zodbblob.cache.schema import COMPLETE
 from zodbblob.cache.sizes import KnownSizes
 from zodbblob.cache.syncs import Syncs
 from zodbblob.interfaces import IBlobCache
-from zodbblob.layout import BLOB_SUFFIX, remove_if_exists
+from zodbblob.layout import remove_if_exists
 
 logger = logging.getLogger(__name__)
 
@@ -71,32 +72,23 @@ class BlobCache:
     def __init__(self, directory: str, size_limit: int | None = None,
                  check_percent: float = 10,
                  download_timeout: float = 300.0, grace: float = 10.0):
-        self.directory = os.path.abspath(directory)
+        self._cache = CacheDirectory(directory, download_timeout, grace)
+        self.directory = self._cache.directory
         self.size_limit = size_limit
         self.check_percent = check_percent
         self.download_timeout = download_timeout
         self.grace = grace
-        self._buckets = [os.path.join(self.directory, str(bucket), '')
-                         for bucket in range(BUCKETS)]
-        # _lock guards the in-memory state, here and in the collaborators;
-        # the index's db_lock its connection.  Neither is held while taking
-        # the other.
-        self._lock = threading.Lock()
-        self._closing = threading.Event()
         self._owners = Owners()
-        self._index = Index(self.directory, self.path, download_timeout,
-                            self._lock, self._closing)
-        self._known_sizes = KnownSizes(self._lock, self._closing)
-        self._accesslog = AccessLog(self._index, self._lock)
-        self._syncs = Syncs(self.directory, self.path, self._index,
-                            self._lock)
+        self._index = Index(self._cache)
+        self._known_sizes = KnownSizes(self._cache)
+        self._accesslog = AccessLog(self._cache, self._index)
+        self._syncs = Syncs(self._cache, self._index)
         self._downloads = Downloads(
-            self.directory, self.path, self._index, self._owners,
-            self._syncs, self._known_sizes, self._lock, download_timeout,
-            lookup=self._lookup, installed=self._installed)
+            self._cache, self._index, self._owners, self._syncs,
+            self._known_sizes, lookup=self._lookup, installed=self._installed)
         self._evictor = Evictor(
-            self.directory, self.path, self._index, self._accesslog,
-            self._owners, self._closing, grace, seen=self._seen_total)
+            self._cache, self._index, self._accesslog, self._owners,
+            seen=self._seen_total)
         # Bytes of the complete files as last read from the index: a hit
         # while it is over the size starts a prune in the background.
         self._total = 0
@@ -106,7 +98,7 @@ class BlobCache:
         created = check_layout(self.directory)
         # zodbblob leaves its open lock in every directory it opened.
         adopted = not os.path.exists(os.path.join(self.directory, OPEN_LOCK))
-        os.makedirs(self._downloads.temporary, exist_ok=True)
+        os.makedirs(self._cache.temporary, exist_ok=True)
         with self._index.open_lock():
             self._index.open(created, adopted)
             self._downloads.remove_dead_claims()
@@ -130,8 +122,7 @@ class BlobCache:
     # paths
 
     def path(self, oid: bytes, tid: bytes) -> str:
-        base, bucket = divmod(int.from_bytes(oid, 'big'), BUCKETS)
-        return f'{self._buckets[bucket]}{base}.{tid.hex()}{BLOB_SUFFIX}'
+        return self._cache.path(oid, tid)
 
     # reading
 
@@ -259,7 +250,7 @@ class BlobCache:
     # admitting
 
     def admit(self, oid: bytes, tid: bytes, filename: str) -> str:
-        temporary = self._downloads.temporary_path(self._owners.new_token())
+        temporary = self._cache.temporary_path(self._owners.new_token())
         try:
             os.replace(filename, temporary)
         except OSError as e:
@@ -316,10 +307,10 @@ class BlobCache:
         if self.size_limit is None:
             return
         now = time.monotonic()
-        with self._lock:
+        with self._cache.lock:
             # Not a thread per hit while another process holds the lease
             # (or a file larger than the cache is being read).
-            if self._closing.is_set() or (
+            if self._cache.closing.is_set() or (
                     now - self._background_started < BACKGROUND_CHECK) or (
                     self._background_prune is not None
                     and self._background_prune.is_alive()):
@@ -373,9 +364,9 @@ class BlobCache:
     def close(self) -> None:
         if self._index.db is None:
             return
-        self._closing.set()
+        self._cache.closing.set()
         self._preloading.join()
-        with self._lock:
+        with self._cache.lock:
             checkpointing = self._index.checkpointing
             syncing = self._syncs.stop()
             pruning = self._background_prune

@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-import threading
 from collections import OrderedDict
 
+from zodbblob.cache.directory import CacheDirectory
 from zodbblob.cache.index import INDEX, Index
 from zodbblob.cache.schema import COMPLETE
 
@@ -21,12 +21,11 @@ KNOWN_SIZES = 131072         # sizes remembered for the one-stat hit path
 
 
 class KnownSizes:
-    """Remembered ``[size, time of the access recorded last]`` per file,
-    guarded by `lock` (the cache's lock of its in-memory state)."""
+    """Remembered ``[size, time of the access recorded last]`` per file
+    of the open cache directory `cache`, guarded by its lock."""
 
-    def __init__(self, lock: threading.Lock, closing: threading.Event):
-        self._lock = lock
-        self._closing = closing
+    def __init__(self, cache: CacheDirectory):
+        self.cache = cache
         # oid + tid -> [size, time of the access recorded last], least
         # recently used first.
         self._sizes: OrderedDict[bytes, list] = OrderedDict()
@@ -34,19 +33,19 @@ class KnownSizes:
     def get(self, key: bytes) -> list | None:
         """The remembered ``[size, accessed]`` of `key` (oid + tid), now
         the most recently used; None if it is not remembered."""
-        with self._lock:
+        with self.cache.lock:
             known = self._sizes.get(key)
             if known is not None:
                 self._sizes.move_to_end(key)
         return known
 
     def forget(self, key: bytes) -> None:
-        with self._lock:
+        with self.cache.lock:
             self._sizes.pop(key, None)
 
     def remember(self, oid, tid, size, accessed) -> list:
         known = [size, accessed]
-        with self._lock:
+        with self.cache.lock:
             self._sizes[oid + tid] = known
             self._sizes.move_to_end(oid + tid)
             if len(self._sizes) > KNOWN_SIZES:
@@ -62,7 +61,7 @@ class KnownSizes:
         per file at its first hit (about 20 us); in a thread of its own,
         with a connection of its own, so that opening does not wait."""
         try:
-            db = index.connect(os.path.join(index.directory, INDEX))
+            db = index.connect(os.path.join(self.cache.directory, INDEX))
             try:
                 rows = db.execute(
                     'SELECT oid, tid, size, accessed FROM blobs '
@@ -72,14 +71,14 @@ class KnownSizes:
                 db.close()
         except sqlite3.Error as e:
             logger.debug('Blob cache %s: sizes not preloaded: %s',
-                         index.directory, e)
+                         self.cache.directory, e)
             return
         # Most recently used first, each put in front of the ones before:
         # behind whatever a hit remembered meanwhile, oldest at the front.
         for start in range(0, len(rows), 4096):
-            if self._closing.is_set():
+            if self.cache.closing.is_set():
                 return
-            with self._lock:
+            with self.cache.lock:
                 known = self._sizes
                 for oid, tid, size, accessed in rows[start:start + 4096]:
                     if len(known) >= KNOWN_SIZES:
