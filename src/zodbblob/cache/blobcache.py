@@ -29,10 +29,10 @@ from collections.abc import Callable
 import zope.interface
 
 from zodbblob.cache.accesslog import AccessLog
-from zodbblob.cache.directory import CacheDirectory, _size_of, check_layout
+from zodbblob.cache.directory import CacheDirectory, check_layout, size_of
 from zodbblob.cache.downloads import Downloads
 from zodbblob.cache.evictor import Evictor
-from zodbblob.cache.index import OPEN_LOCK, Index, _count_out, _damaged
+from zodbblob.cache.index import OPEN_LOCK, Index, count_out, index_damaged
 from zodbblob.cache.owners import Owners
 from zodbblob.cache.schema import COMPLETE
 from zodbblob.cache.sizes import KnownSizes
@@ -53,9 +53,9 @@ def _recovering(method):
         try:
             return method(self, *args, **kw)
         except sqlite3.DatabaseError as e:
-            if not _damaged(e):
+            if not index_damaged(e):
                 raise
-            self._recover_index(e)
+            self._index.recover(e)
         return method(self, *args, **kw)
     return recovering
 
@@ -176,12 +176,12 @@ class BlobCache:
                 'AND state = ?', (oid, tid, COMPLETE)).fetchone()
             if row is None:
                 return False
-            size = _size_of(path)
+            size = size_of(path)
             if size == row[0]:
                 return True
             db.execute('DELETE FROM blobs WHERE oid = ? AND tid = ?',
                        (oid, tid))
-            _count_out(db, 1, row[0])
+            count_out(db, 1, row[0])
             if size is not None:
                 remove_if_exists(path)
         self._known_sizes.forget(oid + tid)
@@ -268,12 +268,12 @@ class BlobCache:
             try:
                 path, total = self._downloads.complete(oid, tid, temporary)
             except sqlite3.DatabaseError as e:
-                if not _damaged(e):
+                if not index_damaged(e):
                     raise
                 # The file is the only copy this side of the server: into
                 # the rebuilt index with it (a file already put under its
                 # name is found there by the rebuild).
-                self._recover_index(e)
+                self._index.recover(e)
                 if os.path.exists(temporary):
                     path, total = self._downloads.complete(oid, tid, temporary)
                 else:
@@ -381,8 +381,3 @@ class BlobCache:
         finally:
             with self._index.db_lock:
                 self._index.close()
-
-    def _recover_index(self, error: sqlite3.Error) -> None:
-        """Move the damaged index aside and rebuild it (unless another
-        thread or process did since `error`), with one WARNING."""
-        self._index.recover(error)

@@ -28,7 +28,7 @@ TEMPORARY = '.tmp'
 # is unknown, so only their age says that it is gone.
 STOCK_TEMPORARY = ('.dl', '.tmp', '.tmp-', '.blob-')
 
-_CACHE_FILE = re.compile(r'(0|[1-9][0-9]*)\.([0-9a-f]{16})\.blob\Z')
+CACHE_FILE = re.compile(r'(0|[1-9][0-9]*)\.([0-9a-f]{16})\.blob\Z')
 
 
 class CacheDirectory:
@@ -61,7 +61,7 @@ class CacheDirectory:
         return os.path.join(self.temporary, token)
 
 
-def _size_of(path: str) -> int | None:
+def size_of(path: str) -> int | None:
     try:
         return os.stat(path).st_size
     except FileNotFoundError:

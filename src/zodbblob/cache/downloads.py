@@ -22,12 +22,12 @@ import threading
 import time
 from collections.abc import Callable
 
-from zodbblob.cache.directory import CacheDirectory, _size_of
-from zodbblob.cache.index import Index, _damaged
-from zodbblob.cache.owners import Owners, _parse_token
+from zodbblob.cache.directory import CacheDirectory, size_of
+from zodbblob.cache.index import Index, index_damaged
+from zodbblob.cache.owners import Owners, parse_token
 from zodbblob.cache.schema import COMPLETE, IN_PROGRESS
 from zodbblob.cache.sizes import KnownSizes
-from zodbblob.cache.syncs import _BOOT, Syncs
+from zodbblob.cache.syncs import BOOT, Syncs
 from zodbblob.layout import remove_if_exists
 
 logger = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ class Downloads:
             # row was not committed: a full disk); but a damaged index is
             # rebuilt from the files there.
             if placed and not (isinstance(e, sqlite3.DatabaseError)
-                               and _damaged(e)):
+                               and index_damaged(e)):
                 remove_if_exists(path)
             raise
         size, unsynced, total = installed
@@ -249,7 +249,7 @@ class Downloads:
         ``unsynced`` if it is the one put there (then `path` is appended
         to `placed`: the caller removes it if the transaction fails)."""
         now = time.time()
-        if row is not None and row[0] == COMPLETE and _size_of(path) == row[1]:
+        if row is not None and row[0] == COMPLETE and size_of(path) == row[1]:
             os.remove(temporary)
             db.execute('UPDATE blobs SET accessed = ? '
                        'WHERE oid = ? AND tid = ?', (now, oid, tid))
@@ -266,7 +266,7 @@ class Downloads:
             (oid, tid, size, now, COMPLETE))
         db.execute('INSERT OR REPLACE INTO unsynced '
                    '(oid, tid, token, boot) VALUES (?, ?, ?, ?)',
-                   (oid, tid, token, _BOOT))
+                   (oid, tid, token, BOOT))
         return size, token
 
     def _cancel(self, oid, tid, token, temporary):
@@ -308,7 +308,7 @@ class Downloads:
         dead = [claim for claim in claims if self._owners.dead(claim[2])]
         evictions = [row for row in evicting if self._owners.dead(row[2])]
         unsynced = [row for row in unsynced
-                    if row[3] != _BOOT or self._owners.dead(row[2])]
+                    if row[3] != BOOT or self._owners.dead(row[2])]
         lost = self._syncs.finish(unsynced)
         now = time.time()
         if dead or evictions:
@@ -329,7 +329,7 @@ class Downloads:
                     # there is its owner's download, killed before it could
                     # commit the row.  Dropping the row would hide it from
                     # eviction for good.
-                    size = _size_of(self.cache.path(oid, tid))
+                    size = size_of(self.cache.path(oid, tid))
                     if size is None:
                         db.execute('DELETE FROM blobs WHERE oid = ? '
                                    'AND tid = ? AND state = ? AND token = ?',
@@ -344,7 +344,7 @@ class Downloads:
         removed = []
         with os.scandir(self.cache.temporary) as entries:
             for entry in entries:
-                owner = _parse_token(entry.name)
+                owner = parse_token(entry.name)
                 if self._owners.dead(entry.name) or (
                         (owner is None or owner[0] != self._owners.host)
                         and now - entry.stat().st_mtime

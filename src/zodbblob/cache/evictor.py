@@ -22,7 +22,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 from zodbblob.cache.accesslog import AccessLog
 from zodbblob.cache.directory import CacheDirectory
-from zodbblob.cache.index import FOLD_CACHE_KIB, Index, _count_out
+from zodbblob.cache.index import FOLD_CACHE_KIB, Index, count_out
 from zodbblob.cache.owners import Owners
 from zodbblob.cache.schema import COMPLETE
 
@@ -214,7 +214,7 @@ class Evictor:
                        f'SELECT oid, tid, size, accessed, ? {chosen}',
                        (token, *bounds))
             db.execute(f'DELETE {chosen}', bounds)
-            _count_out(db, len(victims), size)
+            count_out(db, len(victims), size)
         return victims
 
     def _start_removals(self, victims, removals) -> tuple[list, Executor]:

@@ -28,8 +28,8 @@ import time
 from collections.abc import Iterator
 
 from zodbblob.cache.directory import (
-    _CACHE_FILE,
     BUCKETS,
+    CACHE_FILE,
     STOCK_TEMPORARY,
     CacheDirectory,
 )
@@ -64,7 +64,7 @@ BUILD_CACHE_KIB = 262144     # SQLite's page cache while building the index
 FOLD_CACHE_KIB = 65536       # ... and while folding the access log
 
 
-def _damaged(error: sqlite3.Error) -> bool:
+def index_damaged(error: sqlite3.Error) -> bool:
     """Whether `error` says the index file is damaged (not busy, full or
     unwritable, which pass)."""
     name = getattr(error, 'sqlite_errorname', None)
@@ -73,7 +73,7 @@ def _damaged(error: sqlite3.Error) -> bool:
     return type(error) is sqlite3.DatabaseError
 
 
-def _count_out(db, files: int, size: int) -> None:
+def count_out(db, files: int, size: int) -> None:
     """Take `files` complete files of `size` bytes in all out of the
     totals (the deletes of complete rows do; a trigger per row would cost
     as much as the delete)."""
@@ -203,19 +203,16 @@ class Index:
             raise
         return db
 
-    def open(self, created: bool, adopted: bool,
-             damaged: sqlite3.Error | None = None) -> None:
-        """Open the index, rebuilding or migrating it as needed; the
-        caller holds the open lock.  `damaged` is an error that showed
-        the index damaged in use."""
-        self._open_file(created, adopted, damaged)
-
     def _connect_index(self, index: str) -> None:
         self.db = self.connect(index)
         # Under the open lock: nobody moves the index aside meanwhile.
         self._index_ino = os.stat(index).st_ino
 
-    def _open_file(self, created, adopted, damaged) -> None:
+    def open(self, created: bool, adopted: bool,
+             damaged: sqlite3.Error | None = None) -> None:
+        """Open the index, rebuilding or migrating it as needed; the
+        caller holds the open lock.  `damaged` is an error that showed
+        the index damaged in use."""
         index = os.path.join(self.cache.directory, INDEX)
         try:
             problem = label = None
@@ -345,7 +342,7 @@ class Index:
                     if not entry.is_file(follow_symlinks=False):
                         continue
                     found = entry.stat(follow_symlinks=False)
-                    match = _CACHE_FILE.match(entry.name)
+                    match = CACHE_FILE.match(entry.name)
                     if match is not None:
                         oid = (int(match[1]) * BUCKETS
                                + int(bucket.name)).to_bytes(8, 'big')

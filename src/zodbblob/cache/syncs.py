@@ -16,8 +16,8 @@ import sqlite3
 import threading
 
 from zodbblob.cache.directory import CacheDirectory
-from zodbblob.cache.index import Index, _count_out
-from zodbblob.cache.owners import _INCARNATION
+from zodbblob.cache.index import Index, count_out
+from zodbblob.cache.owners import INCARNATION
 from zodbblob.cache.schema import COMPLETE
 from zodbblob.layout import fsync_path, remove_if_exists
 
@@ -34,10 +34,10 @@ def _boot_id() -> str:
         with open('/proc/sys/kernel/random/boot_id') as f:
             return f.read().strip()
     except OSError:
-        return f'unknown-{_INCARNATION}'
+        return f'unknown-{INCARNATION}'
 
 
-_BOOT = _boot_id()
+BOOT = _boot_id()
 
 
 def _sync_file(path: str) -> None:
@@ -128,7 +128,7 @@ class Syncs:
         with self._index.writing() as db:
             for oid, tid, token, boot in unsynced:
                 path = self.cache.path(oid, tid)
-                if boot == _BOOT:
+                if boot == BOOT:
                     _sync_file(path)
                 else:
                     row = db.execute(
@@ -137,7 +137,7 @@ class Syncs:
                     if row is not None:
                         db.execute('DELETE FROM blobs WHERE oid = ? '
                                    'AND tid = ?', (oid, tid))
-                        _count_out(db, 1, row[0])
+                        count_out(db, 1, row[0])
                     remove_if_exists(path)
                     lost += 1
                 db.execute('DELETE FROM unsynced WHERE oid = ? AND tid = ? '
