@@ -29,10 +29,10 @@ from collections.abc import Callable
 import zope.interface
 
 from zodbblob.cache.accesslog import AccessLog
-from zodbblob.cache.directory import CacheDirectory, check_layout, size_of
+from zodbblob.cache.directory import CacheDirectory, check_layout
 from zodbblob.cache.downloads import Downloads
 from zodbblob.cache.evictor import Evictor
-from zodbblob.cache.index import OPEN_LOCK, Index, count_out, index_damaged
+from zodbblob.cache.index import OPEN_LOCK, Index, index_damaged
 from zodbblob.cache.owners import Owners
 from zodbblob.cache.schema import COMPLETE
 from zodbblob.cache.sizes import KnownSizes
@@ -80,7 +80,7 @@ class BlobCache:
         self.grace = grace
         self._owners = Owners()
         self._index = Index(self._cache)
-        self._known_sizes = KnownSizes(self._cache)
+        self._known_sizes = KnownSizes(self._cache, self._index)
         self._accesslog = AccessLog(self._cache, self._index)
         self._syncs = Syncs(self._cache, self._index)
         self._downloads = Downloads(
@@ -108,8 +108,8 @@ class BlobCache:
             self._total, = self._index.db.execute(
                 'SELECT bytes FROM cache').fetchone()
         self._preloading = threading.Thread(
-            target=self._known_sizes.preload, args=(self._index,),
-            daemon=True, name=f'zodbblob-cache-preload {self.directory}')
+            target=self._known_sizes.preload, daemon=True,
+            name=f'zodbblob-cache-preload {self.directory}')
         self._preloading.start()
         # A cache left over its size (a smaller size now, another client's
         # downloads) is brought down without waiting for a download.
@@ -137,60 +137,12 @@ class BlobCache:
             size = os.stat(path).st_size
         except (FileNotFoundError, NotADirectoryError):
             size = None
-        # The size of a revision never changes, so a size remembered from
-        # the index vouches for the file without asking the index again.
-        key = oid + tid
-        known = self._known_sizes.get(key)
-        if size is None or known is None or size != known[0]:
-            known = self._check_indexed(oid, tid, path, size)
-            if known is None:
-                self._count(None, counted)
-                return None
+        known = self._known_sizes.vouch(oid, tid, path, size)
+        if known is None:
+            self._count(None, counted)
+            return None
         self._count((oid, tid), counted, known)
         return path
-
-    def _check_indexed(self, oid, tid, path, size) -> list | None:
-        """The remembered ``[size, accessed]`` of an indexed file whose
-        size is `size`; None if there is no such file."""
-        with self._index.db_lock:
-            row = self._index.db.execute(
-                'SELECT size, accessed FROM blobs WHERE oid = ? AND tid = ? '
-                'AND state = ?', (oid, tid, COMPLETE)).fetchone()
-        if row is None:
-            return None
-        if size == row[0]:
-            return self._known_sizes.remember(oid, tid, size, row[1])
-        if self._forget(oid, tid, path):
-            return self._known_sizes.remember(oid, tid, size, 0.0)
-        return None
-
-    def _forget(self, oid, tid, path) -> bool:
-        """Drop the row of a file removed or changed by hand.
-
-        True if, looked at again under the index's lock, the file is fine
-        after all (a download completed it meanwhile).
-        """
-        with self._index.writing() as db:
-            row = db.execute(
-                'SELECT size FROM blobs WHERE oid = ? AND tid = ? '
-                'AND state = ?', (oid, tid, COMPLETE)).fetchone()
-            if row is None:
-                return False
-            size = size_of(path)
-            if size == row[0]:
-                return True
-            db.execute('DELETE FROM blobs WHERE oid = ? AND tid = ?',
-                       (oid, tid))
-            count_out(db, 1, row[0])
-            if size is not None:
-                remove_if_exists(path)
-        self._known_sizes.forget(oid + tid)
-        if size is None:
-            logger.debug('Blob cache file %s was removed: forgotten', path)
-        else:
-            logger.warning('Blob cache file %s has %d bytes, not the %d '
-                           'indexed: removed', path, size, row[0])
-        return False
 
     def _count(self, key, counted, known=None):
         """Batch an access of `key` (None: a miss) and the hit counts.
