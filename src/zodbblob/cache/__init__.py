@@ -7,8 +7,9 @@ imports point down the list:
 
 ``blobcache``
     `BlobCache`, the public face (``load``, ``lookup``, ``admit``,
-    ``prune``, ``stats``, ``close``): when to check the size, and its
-    collaborators below.
+    ``flush``, ``prune``, ``stats``, ``close``): when to check the size,
+    and its collaborators below, each of which takes the open directory
+    (`CacheDirectory`) and the collaborators it works with.
 ``downloads``
     Claims, tokens, waiting on threads and processes, takeover, install,
     cancel; what processes that ended left behind.
@@ -19,7 +20,8 @@ imports point down the list:
 ``accesslog``
     The in-memory batch of accesses, the log, its fold.
 ``sizes``
-    The sizes remembered for the one-stat hit.
+    The sizes remembered for the one-stat hit; a file changed by hand
+    forgotten.
 ``index``
     The SQLite index: the writer lock, open, ``quick_check``, migration,
     move aside and rebuild, building from a scan.
@@ -28,7 +30,9 @@ imports point down the list:
 ``owners``
     Tokens and whether their owners are alive.
 ``directory``
-    The ``zeocache`` layout, its marker, ``.tmp``.
+    The ``zeocache`` layout, its marker, ``.tmp``; `CacheDirectory`, the
+    open directory: its file names, the settings, the lock of the
+    in-memory state, the closing event.
 
 The processes sharing a directory must run on one host: WAL mode needs
 shared memory, and a claim's owner is judged alive by its pid.  POSIX only

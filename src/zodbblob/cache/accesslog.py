@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 import struct
-import threading
 import time
 
+from zodbblob.cache.directory import CacheDirectory
 from zodbblob.cache.index import FOLD_CACHE_KIB, Index
 from zodbblob.cache.schema import COMPLETE
 
@@ -37,12 +37,12 @@ ACCESS_RECORD = struct.Struct('>8s8sd')
 
 class AccessLog:
     """The accesses and hit counts of this process not yet in the log of
-    `index`; `lock` (the cache's lock of its in-memory state) guards them
-    and the remembered access times they update."""
+    `index`, the index of the open cache directory `cache`, whose lock
+    guards them and the remembered access times they update."""
 
-    def __init__(self, index: Index, lock: threading.Lock):
+    def __init__(self, cache: CacheDirectory, index: Index):
+        self.cache = cache
         self._index = index
-        self._lock = lock
         self._accesses: dict[tuple[bytes, bytes], float] = {}
         self._hits = self._misses = 0
         self._batch_started: float | None = None
@@ -56,7 +56,7 @@ class AccessLog:
         within the resolution of the one recorded last is not recorded.
         """
         now = time.time()
-        with self._lock:
+        with self.cache.lock:
             if key is not None:
                 if known is None or now - known[1] >= self.resolution:
                     self._accesses[key] = now
@@ -73,7 +73,7 @@ class AccessLog:
     def flush(self) -> int | None:
         """Write the batch of accesses; the total bytes then (None if
         there was nothing to write)."""
-        with self._lock:
+        with self.cache.lock:
             accesses, hits, misses = self._accesses, self._hits, self._misses
             self._accesses, self._hits, self._misses = {}, 0, 0
             self._batch_started = None
@@ -98,7 +98,7 @@ class AccessLog:
                     self.fold(db)
                 resolution = self.resolution_in(db, time.time())
         except BaseException:
-            with self._lock:
+            with self.cache.lock:
                 for key, when in accesses.items():
                     if self._accesses.get(key, 0) < when:
                         self._accesses[key] = when
@@ -107,7 +107,7 @@ class AccessLog:
                 if self._batch_started is None:
                     self._batch_started = time.time()
             raise
-        with self._lock:
+        with self.cache.lock:
             self.resolution = resolution
         return total
 

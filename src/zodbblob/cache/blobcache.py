@@ -8,9 +8,10 @@ over and when a cache opens over its size.  The work is its
 collaborators': the index (`Index`), the sizes remembered for hits
 (`KnownSizes`), the access log (`AccessLog`), the downloads
 (`Downloads`), the deferred syncs (`Syncs`) and eviction (`Evictor`).
-They share the cache's lock of its in-memory state (``_lock``) and the
-index's lock of its connection (``db_lock``); neither is held while
-taking the other.
+Each takes the open directory (`CacheDirectory`: file names, settings,
+the cache's lock of its in-memory state, the closing event) and the
+collaborators it works with.  The cache's lock and the index's lock of
+its connection (``db_lock``) are never held while taking the other.
 """
 
 from __future__ import annotations
@@ -28,16 +29,16 @@ from collections.abc import Callable
 import zope.interface
 
 from zodbblob.cache.accesslog import AccessLog
-from zodbblob.cache.directory import BUCKETS, _size_of, check_layout
+from zodbblob.cache.directory import CacheDirectory, check_layout
 from zodbblob.cache.downloads import Downloads
 from zodbblob.cache.evictor import Evictor
-from zodbblob.cache.index import OPEN_LOCK, Index, _count_out, _damaged
+from zodbblob.cache.index import OPEN_LOCK, Index, index_damaged
 from zodbblob.cache.owners import Owners
 from zodbblob.cache.schema import COMPLETE
 from zodbblob.cache.sizes import KnownSizes
 from zodbblob.cache.syncs import Syncs
 from zodbblob.interfaces import IBlobCache
-from zodbblob.layout import BLOB_SUFFIX, remove_if_exists
+from zodbblob.layout import remove_if_exists
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +53,9 @@ def _recovering(method):
         try:
             return method(self, *args, **kw)
         except sqlite3.DatabaseError as e:
-            if not _damaged(e):
+            if not index_damaged(e):
                 raise
-            self._recover_index(e)
+            self._index.recover(e)
         return method(self, *args, **kw)
     return recovering
 
@@ -71,32 +72,23 @@ class BlobCache:
     def __init__(self, directory: str, size_limit: int | None = None,
                  check_percent: float = 10,
                  download_timeout: float = 300.0, grace: float = 10.0):
-        self.directory = os.path.abspath(directory)
+        self._cache = CacheDirectory(directory, download_timeout, grace)
+        self.directory = self._cache.directory
         self.size_limit = size_limit
         self.check_percent = check_percent
         self.download_timeout = download_timeout
         self.grace = grace
-        self._buckets = [os.path.join(self.directory, str(bucket), '')
-                         for bucket in range(BUCKETS)]
-        # _lock guards the in-memory state, here and in the collaborators;
-        # the index's db_lock its connection.  Neither is held while taking
-        # the other.
-        self._lock = threading.Lock()
-        self._closing = threading.Event()
         self._owners = Owners()
-        self._index = Index(self.directory, self.path, download_timeout,
-                            self._lock, self._closing)
-        self._known_sizes = KnownSizes(self._lock, self._closing)
-        self._accesslog = AccessLog(self._index, self._lock)
-        self._syncs = Syncs(self.directory, self.path, self._index,
-                            self._lock)
+        self._index = Index(self._cache)
+        self._known_sizes = KnownSizes(self._cache, self._index)
+        self._accesslog = AccessLog(self._cache, self._index)
+        self._syncs = Syncs(self._cache, self._index)
         self._downloads = Downloads(
-            self.directory, self.path, self._index, self._owners,
-            self._syncs, self._known_sizes, self._lock, download_timeout,
-            lookup=self._lookup, installed=self._installed)
+            self._cache, self._index, self._owners, self._syncs,
+            self._known_sizes, lookup=self._lookup, installed=self._installed)
         self._evictor = Evictor(
-            self.directory, self.path, self._index, self._accesslog,
-            self._owners, self._closing, grace, seen=self._seen_total)
+            self._cache, self._index, self._accesslog, self._owners,
+            seen=self._seen_total)
         # Bytes of the complete files as last read from the index: a hit
         # while it is over the size starts a prune in the background.
         self._total = 0
@@ -106,7 +98,7 @@ class BlobCache:
         created = check_layout(self.directory)
         # zodbblob leaves its open lock in every directory it opened.
         adopted = not os.path.exists(os.path.join(self.directory, OPEN_LOCK))
-        os.makedirs(self._downloads.temporary, exist_ok=True)
+        os.makedirs(self._cache.temporary, exist_ok=True)
         with self._index.open_lock():
             self._index.open(created, adopted)
             self._downloads.remove_dead_claims()
@@ -116,8 +108,8 @@ class BlobCache:
             self._total, = self._index.db.execute(
                 'SELECT bytes FROM cache').fetchone()
         self._preloading = threading.Thread(
-            target=self._known_sizes.preload, args=(self._index,),
-            daemon=True, name=f'zodbblob-cache-preload {self.directory}')
+            target=self._known_sizes.preload, daemon=True,
+            name=f'zodbblob-cache-preload {self.directory}')
         self._preloading.start()
         # A cache left over its size (a smaller size now, another client's
         # downloads) is brought down without waiting for a download.
@@ -130,8 +122,7 @@ class BlobCache:
     # paths
 
     def path(self, oid: bytes, tid: bytes) -> str:
-        base, bucket = divmod(int.from_bytes(oid, 'big'), BUCKETS)
-        return f'{self._buckets[bucket]}{base}.{tid.hex()}{BLOB_SUFFIX}'
+        return self._cache.path(oid, tid)
 
     # reading
 
@@ -146,60 +137,12 @@ class BlobCache:
             size = os.stat(path).st_size
         except (FileNotFoundError, NotADirectoryError):
             size = None
-        # The size of a revision never changes, so a size remembered from
-        # the index vouches for the file without asking the index again.
-        key = oid + tid
-        known = self._known_sizes.get(key)
-        if size is None or known is None or size != known[0]:
-            known = self._check_indexed(oid, tid, path, size)
-            if known is None:
-                self._count(None, counted)
-                return None
+        known = self._known_sizes.vouch(oid, tid, path, size)
+        if known is None:
+            self._count(None, counted)
+            return None
         self._count((oid, tid), counted, known)
         return path
-
-    def _check_indexed(self, oid, tid, path, size) -> list | None:
-        """The remembered ``[size, accessed]`` of an indexed file whose
-        size is `size`; None if there is no such file."""
-        with self._index.db_lock:
-            row = self._index.db.execute(
-                'SELECT size, accessed FROM blobs WHERE oid = ? AND tid = ? '
-                'AND state = ?', (oid, tid, COMPLETE)).fetchone()
-        if row is None:
-            return None
-        if size == row[0]:
-            return self._known_sizes.remember(oid, tid, size, row[1])
-        if self._forget(oid, tid, path):
-            return self._known_sizes.remember(oid, tid, size, 0.0)
-        return None
-
-    def _forget(self, oid, tid, path) -> bool:
-        """Drop the row of a file removed or changed by hand.
-
-        True if, looked at again under the index's lock, the file is fine
-        after all (a download completed it meanwhile).
-        """
-        with self._index.writing() as db:
-            row = db.execute(
-                'SELECT size FROM blobs WHERE oid = ? AND tid = ? '
-                'AND state = ?', (oid, tid, COMPLETE)).fetchone()
-            if row is None:
-                return False
-            size = _size_of(path)
-            if size == row[0]:
-                return True
-            db.execute('DELETE FROM blobs WHERE oid = ? AND tid = ?',
-                       (oid, tid))
-            _count_out(db, 1, row[0])
-            if size is not None:
-                remove_if_exists(path)
-        self._known_sizes.forget(oid + tid)
-        if size is None:
-            logger.debug('Blob cache file %s was removed: forgotten', path)
-        else:
-            logger.warning('Blob cache file %s has %d bytes, not the %d '
-                           'indexed: removed', path, size, row[0])
-        return False
 
     def _count(self, key, counted, known=None):
         """Batch an access of `key` (None: a miss) and the hit counts.
@@ -259,7 +202,7 @@ class BlobCache:
     # admitting
 
     def admit(self, oid: bytes, tid: bytes, filename: str) -> str:
-        temporary = self._downloads.temporary_path(self._owners.new_token())
+        temporary = self._cache.temporary_path(self._owners.new_token())
         try:
             os.replace(filename, temporary)
         except OSError as e:
@@ -277,12 +220,12 @@ class BlobCache:
             try:
                 path, total = self._downloads.complete(oid, tid, temporary)
             except sqlite3.DatabaseError as e:
-                if not _damaged(e):
+                if not index_damaged(e):
                     raise
                 # The file is the only copy this side of the server: into
                 # the rebuilt index with it (a file already put under its
                 # name is found there by the rebuild).
-                self._recover_index(e)
+                self._index.recover(e)
                 if os.path.exists(temporary):
                     path, total = self._downloads.complete(oid, tid, temporary)
                 else:
@@ -316,10 +259,10 @@ class BlobCache:
         if self.size_limit is None:
             return
         now = time.monotonic()
-        with self._lock:
+        with self._cache.lock:
             # Not a thread per hit while another process holds the lease
             # (or a file larger than the cache is being read).
-            if self._closing.is_set() or (
+            if self._cache.closing.is_set() or (
                     now - self._background_started < BACKGROUND_CHECK) or (
                     self._background_prune is not None
                     and self._background_prune.is_alive()):
@@ -373,9 +316,9 @@ class BlobCache:
     def close(self) -> None:
         if self._index.db is None:
             return
-        self._closing.set()
+        self._cache.closing.set()
         self._preloading.join()
-        with self._lock:
+        with self._cache.lock:
             checkpointing = self._index.checkpointing
             syncing = self._syncs.stop()
             pruning = self._background_prune
@@ -390,8 +333,3 @@ class BlobCache:
         finally:
             with self._index.db_lock:
                 self._index.close()
-
-    def _recover_index(self, error: sqlite3.Error) -> None:
-        """Move the damaged index aside and rebuild it (unless another
-        thread or process did since `error`), with one WARNING."""
-        self._index.recover(error)

@@ -4,6 +4,9 @@ Files sit where stock ZEO puts them (layout ``zeocache``:
 ``<oid % 997>/<oid // 997>.<tid hex>.blob``), so a stock cache directory is
 adopted as it is; beside them, the index (`zodbblob.cache.index`), its
 open lock, and ``.tmp`` for the downloads under way.
+
+`CacheDirectory` is one open cache directory as the parts of its
+`BlobCache` share it: every part takes it, and the parts it needs besides.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import contextlib
 import os
 import re
 import tempfile
+import threading
 
-from zodbblob.layout import LAYOUT_MARKER, read_marker
+from zodbblob.layout import BLOB_SUFFIX, LAYOUT_MARKER, read_marker
 
 LAYOUT = 'zeocache'
 BUCKETS = 997
@@ -24,10 +28,40 @@ TEMPORARY = '.tmp'
 # is unknown, so only their age says that it is gone.
 STOCK_TEMPORARY = ('.dl', '.tmp', '.tmp-', '.blob-')
 
-_CACHE_FILE = re.compile(r'(0|[1-9][0-9]*)\.([0-9a-f]{16})\.blob\Z')
+CACHE_FILE = re.compile(r'(0|[1-9][0-9]*)\.([0-9a-f]{16})\.blob\Z')
 
 
-def _size_of(path: str) -> int | None:
+class CacheDirectory:
+    """The cache `directory` (absolute) as one process opened it: the
+    names of its files (`path`, `temporary_path`), the settings its parts
+    act on (`download_timeout`, `grace`: see `BlobCache`), the lock of the
+    process's in-memory state of it (`lock`) and the event set when the
+    cache closes (`closing`)."""
+
+    def __init__(self, directory: str, download_timeout: float,
+                 grace: float):
+        self.directory = os.path.abspath(directory)
+        self.temporary = os.path.join(self.directory, TEMPORARY)
+        self.download_timeout = download_timeout
+        self.grace = grace
+        # Guards the in-memory state, in every part; the index's db_lock
+        # guards its connection.  Neither is held while taking the other.
+        self.lock = threading.Lock()
+        self.closing = threading.Event()
+        self._buckets = [os.path.join(self.directory, str(bucket), '')
+                         for bucket in range(BUCKETS)]
+
+    def path(self, oid: bytes, tid: bytes) -> str:
+        """The file of ``(oid, tid)``."""
+        base, bucket = divmod(int.from_bytes(oid, 'big'), BUCKETS)
+        return f'{self._buckets[bucket]}{base}.{tid.hex()}{BLOB_SUFFIX}'
+
+    def temporary_path(self, token: str) -> str:
+        """The file in ``.tmp`` of the download or admission `token`."""
+        return os.path.join(self.temporary, token)
+
+
+def size_of(path: str) -> int | None:
     try:
         return os.stat(path).st_size
     except FileNotFoundError:

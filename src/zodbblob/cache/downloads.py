@@ -22,12 +22,12 @@ import threading
 import time
 from collections.abc import Callable
 
-from zodbblob.cache.directory import TEMPORARY, _size_of
-from zodbblob.cache.index import Index, _damaged
-from zodbblob.cache.owners import Owners, _parse_token
+from zodbblob.cache.directory import CacheDirectory, size_of
+from zodbblob.cache.index import Index, index_damaged
+from zodbblob.cache.owners import Owners, parse_token
 from zodbblob.cache.schema import COMPLETE, IN_PROGRESS
 from zodbblob.cache.sizes import KnownSizes
-from zodbblob.cache.syncs import _BOOT, Syncs
+from zodbblob.cache.syncs import BOOT, Syncs
 from zodbblob.layout import remove_if_exists
 
 logger = logging.getLogger(__name__)
@@ -47,36 +47,27 @@ def _committed_mode(path: str, directory: str) -> int:
 
 
 class Downloads:
-    """The downloads into the cache `directory`, and what processes that
-    ended left of theirs.
+    """The downloads into the open cache directory `cache` (indexed by
+    `index`), and what processes that ended left of theirs.
 
     `lookup(oid, tid, counted)` is the cache's lookup (a path or None);
     `installed(oid, tid, total)` is told of each file put in place, with
-    the total bytes of the cache then.  `lock` (the cache's lock of its
-    in-memory state) guards the downloads of this process.
+    the total bytes of the cache then.  The cache's lock guards the
+    downloads of this process.
     """
 
-    def __init__(self, directory: str, path: Callable[[bytes, bytes], str],
-                 index: Index, owners: Owners, syncs: Syncs,
-                 sizes: KnownSizes, lock: threading.Lock,
-                 download_timeout: float,
+    def __init__(self, cache: CacheDirectory, index: Index, owners: Owners,
+                 syncs: Syncs, sizes: KnownSizes,
                  lookup: Callable[..., str | None],
                  installed: Callable[[bytes, bytes, int], None]):
-        self.directory = directory
-        self.path = path
-        self.temporary = os.path.join(directory, TEMPORARY)
-        self.download_timeout = download_timeout
+        self.cache = cache
         self._index = index
         self._owners = owners
         self._syncs = syncs
         self._sizes = sizes
-        self._lock = lock
         self._lookup = lookup
         self._installed = installed
         self._downloads: dict[tuple[bytes, bytes], threading.Event] = {}
-
-    def temporary_path(self, token: str) -> str:
-        return os.path.join(self.temporary, token)
 
     def load(self, oid: bytes, tid: bytes, fetch: Callable[[str], object]
              ) -> tuple[str, int | None]:
@@ -85,7 +76,7 @@ class Downloads:
         """
         key = (oid, tid)
         while True:
-            with self._lock:
+            with self.cache.lock:
                 downloading = self._downloads.get(key)
                 if downloading is None:
                     downloading = self._downloads[key] = threading.Event()
@@ -99,7 +90,7 @@ class Downloads:
         try:
             return self._download(oid, tid, fetch)
         finally:
-            with self._lock:
+            with self.cache.lock:
                 del self._downloads[key]
             downloading.set()
 
@@ -137,7 +128,7 @@ class Downloads:
         # is dropped: a claim without its file was given up (an install
         # that failed, a cancel the index could not record), and anyone
         # may take it over at once.
-        temporary = self.temporary_path(token)
+        temporary = self.cache.temporary_path(token)
         open(temporary, 'xb').close()
         now = time.time()
         try:
@@ -153,14 +144,14 @@ class Downloads:
             dead = self._owners.dead(previous)
             if dead:
                 # Never appended to: its partial file goes, ours is fresh.
-                remove_if_exists(self.temporary_path(previous))
+                remove_if_exists(self.cache.temporary_path(previous))
             logger.warning(
                 'Blob cache file %s: taking over its download from %s, '
-                'which %s', self.path(oid, tid), previous,
+                'which %s', self.cache.path(oid, tid), previous,
                 'ended' if dead else
                 'gave it up' if not os.path.exists(
-                    self.temporary_path(previous)) else
-                f'has not finished in {self.download_timeout:g} s')
+                    self.cache.temporary_path(previous)) else
+                f'has not finished in {self.cache.download_timeout:g} s')
         return token
 
     @staticmethod
@@ -178,7 +169,7 @@ class Downloads:
             (token, now, oid, tid, IN_PROGRESS, previous)).rowcount)
 
     def _fetch(self, oid, tid, token, fetch):
-        temporary = self.temporary_path(token)
+        temporary = self.cache.temporary_path(token)
         try:
             fetch(temporary)
             return self.complete(oid, tid, temporary)
@@ -195,7 +186,7 @@ class Downloads:
         file is there.  A later finisher finds it and drops its own file.
         """
         size = os.stat(temporary).st_size
-        path = self.path(oid, tid)
+        path = self.cache.path(oid, tid)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         os.chmod(temporary, _committed_mode(temporary, os.path.dirname(path)))
         delay = POLL_FIRST
@@ -215,7 +206,7 @@ class Downloads:
             # row was not committed: a full disk); but a damaged index is
             # rebuilt from the files there.
             if placed and not (isinstance(e, sqlite3.DatabaseError)
-                               and _damaged(e)):
+                               and index_damaged(e)):
                 remove_if_exists(path)
             raise
         size, unsynced, total = installed
@@ -258,7 +249,7 @@ class Downloads:
         ``unsynced`` if it is the one put there (then `path` is appended
         to `placed`: the caller removes it if the transaction fails)."""
         now = time.time()
-        if row is not None and row[0] == COMPLETE and _size_of(path) == row[1]:
+        if row is not None and row[0] == COMPLETE and size_of(path) == row[1]:
             os.remove(temporary)
             db.execute('UPDATE blobs SET accessed = ? '
                        'WHERE oid = ? AND tid = ?', (now, oid, tid))
@@ -275,7 +266,7 @@ class Downloads:
             (oid, tid, size, now, COMPLETE))
         db.execute('INSERT OR REPLACE INTO unsynced '
                    '(oid, tid, token, boot) VALUES (?, ?, ?, ?)',
-                   (oid, tid, token, _BOOT))
+                   (oid, tid, token, BOOT))
         return size, token
 
     def _cancel(self, oid, tid, token, temporary):
@@ -289,15 +280,15 @@ class Downloads:
             # The caller sees the fetch's error; without its file, the
             # claim is taken over by the next reader.
             logger.warning('Blob cache %s: could not drop the claim %s: %s',
-                           self.path(oid, tid), token, e)
+                           self.cache.path(oid, tid), token, e)
 
     def _owner_alive(self, token, started) -> bool:
         """Whether the download of an in-progress row is still its
         owner's: not too old, its owner running, and its file there (see
         `_claim`)."""
-        return (time.time() - started < self.download_timeout
+        return (time.time() - started < self.cache.download_timeout
                 and not self._owners.dead(token)
-                and os.path.exists(self.temporary_path(token)))
+                and os.path.exists(self.cache.temporary_path(token)))
 
     def remove_dead_claims(self) -> None:
         """Drop the claims and temporary files of processes that ended,
@@ -317,7 +308,7 @@ class Downloads:
         dead = [claim for claim in claims if self._owners.dead(claim[2])]
         evictions = [row for row in evicting if self._owners.dead(row[2])]
         unsynced = [row for row in unsynced
-                    if row[3] != _BOOT or self._owners.dead(row[2])]
+                    if row[3] != BOOT or self._owners.dead(row[2])]
         lost = self._syncs.finish(unsynced)
         now = time.time()
         if dead or evictions:
@@ -332,13 +323,13 @@ class Downloads:
                             and db.execute(
                                 'SELECT 1 FROM blobs WHERE oid = ? '
                                 'AND tid = ?', (oid, tid)).fetchone() is None:
-                        remove_if_exists(self.path(oid, tid))
+                        remove_if_exists(self.cache.path(oid, tid))
                 for oid, tid, token in dead:
                     # Only a complete file gets its final name: one found
                     # there is its owner's download, killed before it could
                     # commit the row.  Dropping the row would hide it from
                     # eviction for good.
-                    size = _size_of(self.path(oid, tid))
+                    size = size_of(self.cache.path(oid, tid))
                     if size is None:
                         db.execute('DELETE FROM blobs WHERE oid = ? '
                                    'AND tid = ? AND state = ? AND token = ?',
@@ -351,23 +342,23 @@ class Downloads:
                                    (COMPLETE, size, now, oid, tid,
                                     IN_PROGRESS, token))
         removed = []
-        with os.scandir(self.temporary) as entries:
+        with os.scandir(self.cache.temporary) as entries:
             for entry in entries:
-                owner = _parse_token(entry.name)
+                owner = parse_token(entry.name)
                 if self._owners.dead(entry.name) or (
                         (owner is None or owner[0] != self._owners.host)
                         and now - entry.stat().st_mtime
-                        > self.download_timeout):
+                        > self.cache.download_timeout):
                     remove_if_exists(entry.path)
                     removed.append(entry.name)
         if dead or removed or evictions:
             logger.warning(
                 'Blob cache %s: dropped %d downloads and %d temporary files '
                 'of processes that ended, and finished %d of their '
-                'evictions', self.directory, len(dead), len(removed),
+                'evictions', self.cache.directory, len(dead), len(removed),
                 len(evictions))
         if lost:
             logger.warning(
                 'Blob cache %s: removed %d files written before the machine '
-                'restarted and not synced to disk then', self.directory,
+                'restarted and not synced to disk then', self.cache.directory,
                 lost)

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 from zodbblob.cache.accesslog import AccessLog
-from zodbblob.cache.index import FOLD_CACHE_KIB, Index, _count_out
+from zodbblob.cache.directory import CacheDirectory
+from zodbblob.cache.index import FOLD_CACHE_KIB, Index, count_out
 from zodbblob.cache.owners import Owners
 from zodbblob.cache.schema import COMPLETE
 
@@ -54,27 +55,24 @@ def removal_threads(wall: float, cpu: float) -> int:
 
 
 class Evictor:
-    """Removes the least recently used files of the cache `directory` (at
-    `path` of ``(oid, tid)``) down to a target; `seen(total)` is told the
-    total bytes of the cache when a prune ends."""
+    """Removes the least recently used files of the open cache directory
+    `cache` (indexed by `index`, accessed as `accesslog` says) down to a
+    target; `seen(total)` is told the total bytes of the cache when a
+    prune ends."""
 
-    def __init__(self, directory: str, path: Callable[[bytes, bytes], str],
-                 index: Index, accesslog: AccessLog, owners: Owners,
-                 closing: threading.Event, grace: float,
+    def __init__(self, cache: CacheDirectory, index: Index,
+                 accesslog: AccessLog, owners: Owners,
                  seen: Callable[[int], None]):
-        self.directory = directory
-        self.path = path
-        self.grace = grace
+        self.cache = cache
         self._index = index
         self._accesslog = accesslog
         self._owners = owners
-        self._closing = closing
         self._seen = seen
-        self._warned_pinned = False
         # One prune of this process at a time, the others wait for it:
         # each then checks the total it left (the lease only keeps other
         # processes out).
         self._pruning = threading.Lock()
+        self._warned_pinned = False
 
     def prune(self, target: int, keep: tuple[bytes, bytes] | None = None,
               warn: bool = True) -> tuple[int, int]:
@@ -90,7 +88,7 @@ class Evictor:
         token = self._owners.new_token()
         if not self._take_lease(token):
             logger.debug('Blob cache %s: another process prunes',
-                         self.directory)
+                         self.cache.directory)
             return 0, 0
         removals = []
         with contextlib.ExitStack() as stack:
@@ -102,7 +100,7 @@ class Evictor:
                     files, removed = self._drop_evicted(removals, token)
                 finally:
                     self._release_lease(token)
-        if total is None or self._closing.is_set():
+        if total is None or self.cache.closing.is_set():
             pass  # the lease was taken over, or the cache closes
         elif total <= target:
             self._warned_pinned = False
@@ -111,9 +109,9 @@ class Evictor:
             logger.warning(
                 'Blob cache %s holds %d bytes, more than its target of %d: '
                 'the file being read is larger, or files could not be '
-                'removed', self.directory, total, target)
+                'removed', self.cache.directory, total, target)
         logger.debug('Blob cache %s: evicted %d files, %d bytes',
-                     self.directory, files, removed)
+                     self.cache.directory, files, removed)
         return files, removed
 
     def _mark_for_removal(self, token, target, stack, removals, keep):
@@ -134,7 +132,7 @@ class Evictor:
         pool = None
         with contextlib.ExitStack() as marking:
             while True:
-                if self._closing.is_set():
+                if self.cache.closing.is_set():
                     return total
                 with self._index.writing() as db:
                     total = self._total_if_leased(db, token)
@@ -151,7 +149,7 @@ class Evictor:
                         # A file used within the resolution of its last
                         # recorded access may show only that one.
                         now = time.time()
-                        cutoff = (now - self.grace
+                        cutoff = (now - self.cache.grace
                                   - self._accesslog.resolution_in(db, now))
                     victims = self._mark_evicting(
                         db, token, cutoff, after, total - target, chunk,
@@ -164,7 +162,8 @@ class Evictor:
                     # oldest first (a reader whose file went away fetches
                     # it again).
                     logger.debug('Blob cache %s: evicting files used in '
-                                 'the last %g s', self.directory, self.grace)
+                                 'the last %g s', self.cache.directory,
+                                 self.cache.grace)
                     cutoff = float('inf')
                     continue
                 # A chunk's commit writes every page it changed: the first
@@ -215,7 +214,7 @@ class Evictor:
                        f'SELECT oid, tid, size, accessed, ? {chosen}',
                        (token, *bounds))
             db.execute(f'DELETE {chosen}', bounds)
-            _count_out(db, len(victims), size)
+            count_out(db, len(victims), size)
         return victims
 
     def _start_removals(self, victims, removals) -> tuple[list, Executor]:
@@ -240,7 +239,7 @@ class Evictor:
         threads = removal_threads(time.perf_counter() - wall,
                                   time.thread_time() - cpu)
         logger.debug('Blob cache %s: removing files with %d threads',
-                     self.directory, threads)
+                     self.cache.directory, threads)
         return rest, ThreadPoolExecutor(
             threads, thread_name_prefix='zodbblob-prune')
 
@@ -248,7 +247,8 @@ class Evictor:
         """Remove the files of `victims`, outside the writer lock: their
         rows are evicting, by this pruner.  For each, the error that kept
         it, if one did."""
-        return [_evict_file(self.path(oid, tid)) for _, oid, tid, _ in victims]
+        return [_evict_file(self.cache.path(oid, tid))
+                for _, oid, tid, _ in victims]
 
     def _drop_evicted(self, removals, token) -> tuple[int, int]:
         """Wait for the `removals`; drop the rows of `token` in
@@ -264,7 +264,7 @@ class Evictor:
                 # Which of them went is unknown: back to complete, the rows
                 # of the files gone are forgotten at their next lookup.
                 logger.exception('Blob cache %s: evicting files failed',
-                                 self.directory)
+                                 self.cache.directory)
                 continue
             results.append((victims, errors))
             for (_, oid, tid, size), error in zip(victims, errors):
@@ -273,7 +273,7 @@ class Evictor:
                     removed += size
                 else:
                     logger.warning('Blob cache file %s not evicted: %s',
-                                   self.path(oid, tid), error)
+                                   self.cache.path(oid, tid), error)
         with self._index.writing() as db:
             marked, = db.execute('SELECT count(*) FROM evicting '
                                  'WHERE token = ?', (token,)).fetchone()

@@ -25,9 +25,14 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
-from zodbblob.cache.directory import _CACHE_FILE, BUCKETS, STOCK_TEMPORARY
+from zodbblob.cache.directory import (
+    BUCKETS,
+    CACHE_FILE,
+    STOCK_TEMPORARY,
+    CacheDirectory,
+)
 from zodbblob.cache.schema import (
     COMPLETE,
     DERIVED,
@@ -59,7 +64,7 @@ BUILD_CACHE_KIB = 262144     # SQLite's page cache while building the index
 FOLD_CACHE_KIB = 65536       # ... and while folding the access log
 
 
-def _damaged(error: sqlite3.Error) -> bool:
+def index_damaged(error: sqlite3.Error) -> bool:
     """Whether `error` says the index file is damaged (not busy, full or
     unwritable, which pass)."""
     name = getattr(error, 'sqlite_errorname', None)
@@ -68,7 +73,7 @@ def _damaged(error: sqlite3.Error) -> bool:
     return type(error) is sqlite3.DatabaseError
 
 
-def _count_out(db, files: int, size: int) -> None:
+def count_out(db, files: int, size: int) -> None:
     """Take `files` complete files of `size` bytes in all out of the
     totals (the deletes of complete rows do; a trigger per row would cost
     as much as the delete)."""
@@ -105,24 +110,16 @@ def _transient(error: sqlite3.Error) -> bool:
 
 
 class Index:
-    """The index of the cache `directory`: one connection, shared by the
-    threads of a process (under `db_lock`), and the write transactions
-    that hold the index's writer lock.
+    """The index of the open cache directory `cache`: one connection,
+    shared by the threads of a process (under `db_lock`), and the write
+    transactions that hold the index's writer lock.
 
-    `path` gives the file of ``(oid, tid)``; a scan removes stock
-    leftovers older than `download_timeout`.  `lock` is the cache's lock
-    of its in-memory state (here: `checkpointing`); `closing` is set when
-    the cache closes.
+    A scan removes stock leftovers older than the cache's download
+    timeout; the cache's lock guards `checkpointing`.
     """
 
-    def __init__(self, directory: str, path: Callable[[bytes, bytes], str],
-                 download_timeout: float, lock: threading.Lock,
-                 closing: threading.Event):
-        self.directory = directory
-        self.path = path
-        self.download_timeout = download_timeout
-        self._lock = lock
-        self._closing = closing
+    def __init__(self, cache: CacheDirectory):
+        self.cache = cache
         # The connection; db_lock guards it.  It is replaced when another
         # process moved the index aside and rebuilt it.
         self.db_lock = threading.RLock()
@@ -162,9 +159,9 @@ class Index:
                 self.open(created=False, adopted=False)
 
     def in_place(self) -> bool:
+        index = os.path.join(self.cache.directory, INDEX)
         try:
-            return (os.stat(os.path.join(self.directory, INDEX)).st_ino
-                    == self._index_ino)
+            return os.stat(index).st_ino == self._index_ino
         except FileNotFoundError:
             return False
 
@@ -181,7 +178,7 @@ class Index:
     def open_lock(self):
         # Held while the index is checked, rebuilt or moved aside, so two
         # processes opening at once never both rebuild.
-        fd = os.open(os.path.join(self.directory, OPEN_LOCK),
+        fd = os.open(os.path.join(self.cache.directory, OPEN_LOCK),
                      os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -206,20 +203,17 @@ class Index:
             raise
         return db
 
-    def open(self, created: bool, adopted: bool,
-             damaged: sqlite3.Error | None = None) -> None:
-        """Open the index, rebuilding or migrating it as needed; the
-        caller holds the open lock.  `damaged` is an error that showed
-        the index damaged in use."""
-        self._open_file(created, adopted, damaged)
-
     def _connect_index(self, index: str) -> None:
         self.db = self.connect(index)
         # Under the open lock: nobody moves the index aside meanwhile.
         self._index_ino = os.stat(index).st_ino
 
-    def _open_file(self, created, adopted, damaged) -> None:
-        index = os.path.join(self.directory, INDEX)
+    def open(self, created: bool, adopted: bool,
+             damaged: sqlite3.Error | None = None) -> None:
+        """Open the index, rebuilding or migrating it as needed; the
+        caller holds the open lock.  `damaged` is an error that showed
+        the index damaged in use."""
+        index = os.path.join(self.cache.directory, INDEX)
         try:
             problem = label = None
             if damaged is not None:
@@ -299,7 +293,7 @@ class Index:
                 db.execute(statement)
             db.execute('UPDATE cache SET version = ?', (SCHEMA_VERSION,))
         logger.info('Blob cache %s: index brought from schema version %d '
-                    'to %d', self.directory, version, SCHEMA_VERSION)
+                    'to %d', self.cache.directory, version, SCHEMA_VERSION)
 
     def _build(self, reason: str | None) -> None:
         """Create the index and fill it from one scan of the directory.
@@ -324,12 +318,12 @@ class Index:
             for statement in DERIVED:
                 db.execute(statement)
         if reason is None:
-            logger.debug('Blob cache %s created', self.directory)
+            logger.debug('Blob cache %s created', self.cache.directory)
             return
         logger.warning(
             'Blob cache %s: %s: %d files, %d bytes indexed from one scan of '
             'the directory, %d leftover temporary files removed',
-            self.directory, reason, files, size, len(leftovers))
+            self.cache.directory, reason, files, size, len(leftovers))
 
     def _scan(self, leftovers: list) -> Iterator[tuple]:
         """Rows of the blob files in the buckets; removes stock leftovers.
@@ -338,7 +332,7 @@ class Index:
         access in the atime); from then on only the index counts.
         """
         now = time.time()
-        with os.scandir(self.directory) as buckets:
+        with os.scandir(self.cache.directory) as buckets:
             buckets = [entry for entry in buckets
                        if entry.name.isdigit()
                        and entry.is_dir(follow_symlinks=False)]
@@ -348,17 +342,18 @@ class Index:
                     if not entry.is_file(follow_symlinks=False):
                         continue
                     found = entry.stat(follow_symlinks=False)
-                    match = _CACHE_FILE.match(entry.name)
+                    match = CACHE_FILE.match(entry.name)
                     if match is not None:
                         oid = (int(match[1]) * BUCKETS
                                + int(bucket.name)).to_bytes(8, 'big')
                         tid = bytes.fromhex(match[2])
-                        if self.path(oid, tid) == entry.path:
+                        if self.cache.path(oid, tid) == entry.path:
                             yield (oid, tid, found.st_size,
                                    max(found.st_atime, found.st_mtime),
                                    COMPLETE)
                     elif (entry.name.endswith(STOCK_TEMPORARY)
-                          and now - found.st_mtime > self.download_timeout):
+                          and now - found.st_mtime
+                          > self.cache.download_timeout):
                         remove_if_exists(entry.path)
                         leftovers.append(entry.path)
 
@@ -390,20 +385,21 @@ class Index:
         finally:
             with self.db_lock:
                 self.db.execute(f'PRAGMA wal_autocheckpoint = {previous}')
-            with self._lock:
-                if not self._closing.is_set() and (
+            with self.cache.lock:
+                if not self.cache.closing.is_set() and (
                         self.checkpointing is None
                         or not self.checkpointing.is_alive()):
                     self.checkpointing = threading.Thread(
                         target=self._checkpoint, daemon=True,
-                        name=f'zodbblob-cache-checkpoint {self.directory}')
+                        name='zodbblob-cache-checkpoint '
+                             f'{self.cache.directory}')
                     self.checkpointing.start()
 
     def _checkpoint(self) -> None:
         """Copy the write-ahead log into the index, as far as no reader
         needs it (a passive checkpoint: writers go on meanwhile)."""
         try:
-            db = self.connect(os.path.join(self.directory, INDEX))
+            db = self.connect(os.path.join(self.cache.directory, INDEX))
             try:
                 db.execute('PRAGMA wal_checkpoint(PASSIVE)').fetchone()
             finally:
@@ -411,4 +407,4 @@ class Index:
         except sqlite3.Error as e:
             # The next commit past the log's limit checkpoints instead.
             logger.debug('Blob cache %s: not checkpointed: %s',
-                         self.directory, e)
+                         self.cache.directory, e)

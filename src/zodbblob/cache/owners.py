@@ -18,10 +18,10 @@ from zodbblob.layout import process_alive
 
 # Tells this process from an earlier one that had the same pid (a restarted
 # container): a token of this pid and another incarnation is a dead one.
-_INCARNATION = secrets.token_hex(4)
+INCARNATION = secrets.token_hex(4)
 
 
-def _parse_token(token: str) -> tuple[str, int, str] | None:
+def parse_token(token: str) -> tuple[str, int, str] | None:
     """``(host, pid, incarnation)`` of a token; None for another name."""
     parts = token.rsplit('-', 4)
     if len(parts) != 5 or not parts[1].isdigit():
@@ -36,15 +36,15 @@ class Owners:
         self.host = re.sub(r'[^A-Za-z0-9.]', '_', socket.gethostname())
 
     def new_token(self) -> str:
-        return (f'{self.host}-{os.getpid()}-{_INCARNATION}-'
+        return (f'{self.host}-{os.getpid()}-{INCARNATION}-'
                 f'{threading.get_ident()}-{secrets.token_hex(6)}')
 
     def dead(self, token: str) -> bool:
         """True only if the process that made `token` has surely ended."""
-        owner = _parse_token(token)
+        owner = parse_token(token)
         if owner is None or owner[0] != self.host:
             return False
         _, pid, incarnation = owner
         if pid == os.getpid():
-            return incarnation != _INCARNATION
+            return incarnation != INCARNATION
         return not process_alive(pid)

@@ -78,7 +78,7 @@ TABLES = (
 # Created once the rows of a build are in: the indexes are then sorted in
 # one pass, and the totals are counted once instead of per row.  A row that
 # becomes complete counts itself in; whoever deletes complete rows counts
-# them out in the same transaction (`index._count_out`: a file forgotten, a
+# them out in the same transaction (`index.count_out`: a file forgotten, a
 # prune, a file lost to a restart), as a trigger per row costs as much as
 # the delete.
 DERIVED = (

@@ -14,10 +14,10 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
 
-from zodbblob.cache.index import Index, _count_out
-from zodbblob.cache.owners import _INCARNATION
+from zodbblob.cache.directory import CacheDirectory
+from zodbblob.cache.index import Index, count_out
+from zodbblob.cache.owners import INCARNATION
 from zodbblob.cache.schema import COMPLETE
 from zodbblob.layout import fsync_path, remove_if_exists
 
@@ -34,10 +34,10 @@ def _boot_id() -> str:
         with open('/proc/sys/kernel/random/boot_id') as f:
             return f.read().strip()
     except OSError:
-        return f'unknown-{_INCARNATION}'
+        return f'unknown-{INCARNATION}'
 
 
-_BOOT = _boot_id()
+BOOT = _boot_id()
 
 
 def _sync_file(path: str) -> None:
@@ -47,16 +47,13 @@ def _sync_file(path: str) -> None:
 
 
 class Syncs:
-    """The files of the cache `directory` (at `path` of ``(oid, tid)``)
-    this process put in place and has not synced yet; `lock` (the cache's
-    lock of its in-memory state) guards the syncing thread."""
+    """The files of the open cache directory `cache` (indexed by `index`)
+    this process put in place and has not synced yet; the cache's lock
+    guards the syncing thread."""
 
-    def __init__(self, directory: str, path: Callable[[bytes, bytes], str],
-                 index: Index, lock: threading.Lock):
-        self.directory = directory
-        self.path = path
+    def __init__(self, cache: CacheDirectory, index: Index):
+        self.cache = cache
         self._index = index
-        self._lock = lock
         self._to_sync: queue.SimpleQueue = queue.SimpleQueue()
         self._syncing: threading.Thread | None = None
 
@@ -71,12 +68,12 @@ class Syncs:
         bytes: a cache opened after the machine restarted drops such files
         (`Downloads.remove_dead_claims`).
         """
-        with self._lock:
+        with self.cache.lock:
             self._to_sync.put((oid, tid, token))
             if self._syncing is None:
                 self._syncing = threading.Thread(
                     target=self._sync_files, daemon=True,
-                    name=f'zodbblob-cache-sync {self.directory}')
+                    name=f'zodbblob-cache-sync {self.cache.directory}')
                 self._syncing.start()
 
     def _sync_files(self) -> None:
@@ -86,7 +83,7 @@ class Syncs:
             try:
                 items = [self._to_sync.get(timeout=SYNC_IDLE)]
             except queue.Empty:
-                with self._lock:
+                with self.cache.lock:
                     if self._to_sync.empty():
                         self._syncing = None
                         return
@@ -98,7 +95,7 @@ class Syncs:
                     break
             done = [item for item in items if item is not None]
             for oid, tid, _ in done:
-                _sync_file(self.path(oid, tid))
+                _sync_file(self.cache.path(oid, tid))
             if done:
                 try:
                     with self._index.writing() as db:
@@ -108,7 +105,7 @@ class Syncs:
                 except sqlite3.Error as e:
                     # Synced all the same; the next open drops the rows.
                     logger.warning('Blob cache %s: could not record files '
-                                   'as synced: %s', self.directory, e)
+                                   'as synced: %s', self.cache.directory, e)
             if None in items:
                 return
 
@@ -130,8 +127,8 @@ class Syncs:
             return lost
         with self._index.writing() as db:
             for oid, tid, token, boot in unsynced:
-                path = self.path(oid, tid)
-                if boot == _BOOT:
+                path = self.cache.path(oid, tid)
+                if boot == BOOT:
                     _sync_file(path)
                 else:
                     row = db.execute(
@@ -140,7 +137,7 @@ class Syncs:
                     if row is not None:
                         db.execute('DELETE FROM blobs WHERE oid = ? '
                                    'AND tid = ?', (oid, tid))
-                        _count_out(db, 1, row[0])
+                        count_out(db, 1, row[0])
                     remove_if_exists(path)
                     lost += 1
                 db.execute('DELETE FROM unsynced WHERE oid = ? AND tid = ? '

@@ -25,6 +25,25 @@ from zodbblob.tests.test_cache import read
 from zodbblob.tests.test_cache import writing
 
 
+def start_readers(cache, oid, fetches, start, count, delay):
+    """Start `count` threads that each wait at the barrier `start`,
+    then load `oid` from `cache` (a fetch that appends to the list or
+    file `fetches` and takes `delay` s) and read it; the threads, and
+    the list of what they read."""
+    contents = []
+
+    def reader():
+        start.wait()
+        path = cache.load(oid, TID,
+                          writing(content(oid), fetches, delay=delay))
+        contents.append(read(path))
+
+    threads = [threading.Thread(target=reader) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads, contents
+
+
 class DownloadTests(CacheTestCase):
 
     def test_download_whose_install_failed_is_taken_over_at_once(self):
@@ -97,18 +116,9 @@ class DownloadTests(CacheTestCase):
     def test_eight_threads_fetch_once_and_all_read_every_byte(self):
         cache = self.open()
         oid = p64(4)
-        fetches, contents = [], []
-        start = threading.Barrier(8)
-
-        def reader():
-            start.wait()
-            path = cache.load(oid, TID,
-                              writing(content(oid), fetches, delay=0.2))
-            contents.append(read(path))
-
-        threads = [threading.Thread(target=reader) for i in range(8)]
-        for thread in threads:
-            thread.start()
+        fetches = []
+        threads, contents = start_readers(
+            cache, oid, fetches, threading.Barrier(8), 8, delay=0.2)
         for thread in threads:
             thread.join(10)
         self.assertEqual(len(fetches), 1)
@@ -237,17 +247,8 @@ class ProcessTests(CacheTestCase):
             self.assertReady(child)
         cache = self.open()
         start = threading.Barrier(5)
-        contents = []
-
-        def reader():
-            start.wait()
-            path = cache.load(oid, TID,
-                              writing(content(oid), fetches, delay=0.3))
-            contents.append(read(path))
-
-        threads = [threading.Thread(target=reader) for i in range(4)]
-        for thread in threads:
-            thread.start()
+        threads, contents = start_readers(
+            cache, oid, fetches, start, 4, delay=0.3)
         open(go, 'w').close()
         start.wait()
         for thread in threads:

@@ -13,7 +13,10 @@ import time
 
 from ZODB.utils import p64
 
+from zodbblob.cache import DERIVED
 from zodbblob.cache import INDEX
+from zodbblob.cache import SCHEMA_VERSION
+from zodbblob.cache import TABLES
 from zodbblob.cache import BlobCache
 from zodbblob.tests.test_cache import TID
 from zodbblob.tests.test_cache import CacheTestCase
@@ -26,47 +29,39 @@ from zodbblob.tests.test_cache import tree
 from zodbblob.tests.test_cache import writing
 
 
-# The index as zodbblob wrote it before the access log, at version 1.
+def created(name):
+    """The statement of the schema at version 3 (`TABLES`, `DERIVED`)
+    that creates `name`: the older schemas below take what they share
+    with it from there."""
+    # A version that changes one of those statements copies its text at
+    # version 3 here first: the older schemas must not change with it.
+    assert SCHEMA_VERSION == 3, 'copy the statements of version 3 here'
+    [statement] = [statement for statement in (*TABLES, *DERIVED)
+                   if statement.split()[2] == name]
+    return statement
+
+
+def without(statement, line):
+    """`statement` without `line`, which it has."""
+    assert line in statement, (line, statement)
+    return statement.replace(line, '')
+
+
+# The index as zodbblob wrote it before the access log, at version 1: its
+# cache row had no count of accesses logged, its claims were indexed by
+# state, and a trigger counted out each deleted row.
 SCHEMA_1 = (
-    """CREATE TABLE blobs (
-        oid BLOB NOT NULL,
-        tid BLOB NOT NULL,
-        size INTEGER NOT NULL,
-        accessed REAL NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('complete', 'in-progress')),
-        token TEXT,
-        started REAL,
-        PRIMARY KEY (oid, tid)) WITHOUT ROWID""",
-    """CREATE INDEX blobs_by_access ON blobs (accessed, oid, tid)
-        WHERE state = 'complete'""",
+    created('blobs'),
+    created('blobs_by_access'),
     """CREATE INDEX blobs_in_progress ON blobs (token)
         WHERE state = 'in-progress'""",
-    """CREATE TABLE cache (
-        id INTEGER PRIMARY KEY CHECK (id = 1),
-        version INTEGER NOT NULL,
-        files INTEGER NOT NULL DEFAULT 0,
-        bytes INTEGER NOT NULL DEFAULT 0,
-        hits INTEGER NOT NULL DEFAULT 0,
-        misses INTEGER NOT NULL DEFAULT 0,
-        pruner TEXT,
-        pruned_at REAL)""",
-    """CREATE TRIGGER blobs_insert AFTER INSERT ON blobs
-        WHEN new.state = 'complete' BEGIN
-            UPDATE cache SET files = files + 1, bytes = bytes + new.size;
-        END""",
+    without(created('cache'), 'logged INTEGER NOT NULL DEFAULT 0,'),
+    created('blobs_insert'),
     """CREATE TRIGGER blobs_delete AFTER DELETE ON blobs
         WHEN old.state = 'complete' BEGIN
             UPDATE cache SET files = files - 1, bytes = bytes - old.size;
         END""",
-    """CREATE TRIGGER blobs_update AFTER UPDATE OF state, size ON blobs
-        BEGIN
-            UPDATE cache SET
-                files = files + (new.state = 'complete')
-                              - (old.state = 'complete'),
-                bytes = bytes
-                    + CASE WHEN new.state = 'complete' THEN new.size ELSE 0 END
-                    - CASE WHEN old.state = 'complete' THEN old.size ELSE 0 END;
-        END""",
+    created('blobs_update'),
 )
 
 
@@ -83,21 +78,10 @@ SCHEMA_2 = (
         token TEXT,
         started REAL,
         PRIMARY KEY (oid, tid)) WITHOUT ROWID""",
-    'CREATE TABLE accesses (batch BLOB NOT NULL)',
-    """CREATE TABLE cache (
-        id INTEGER PRIMARY KEY CHECK (id = 1),
-        version INTEGER NOT NULL,
-        files INTEGER NOT NULL DEFAULT 0,
-        bytes INTEGER NOT NULL DEFAULT 0,
-        hits INTEGER NOT NULL DEFAULT 0,
-        misses INTEGER NOT NULL DEFAULT 0,
-        logged INTEGER NOT NULL DEFAULT 0,
-        pruner TEXT,
-        pruned_at REAL)""",
-    """CREATE INDEX blobs_by_access ON blobs (accessed, oid, tid)
-        WHERE state = 'complete'""",
-    """CREATE INDEX blobs_by_token ON blobs (token)
-        WHERE token IS NOT NULL""",
+    created('accesses'),
+    created('cache'),
+    created('blobs_by_access'),
+    created('blobs_by_token'),
     *SCHEMA_1[-3:],
 )
 

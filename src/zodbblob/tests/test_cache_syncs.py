@@ -58,7 +58,7 @@ class SyncTests(CacheTestCase):
             self.assertEqual([row[:2] for row in self.unsynced_rows()],
                              [(oid, TID)])
             self.assertEqual(self.unsynced_rows()[0][3],
-                             zodbblob.cache.syncs._BOOT)
+                             zodbblob.cache.syncs.BOOT)
             release.set()
             cache.close()
         self.assertEqual(len(synced), 1)
@@ -86,7 +86,7 @@ class SyncTests(CacheTestCase):
         cache = self.open()
         self.admit(cache, 1, b'x' * 100)
         cache.close()
-        self.add_unsynced(1, zodbblob.cache.syncs._BOOT)
+        self.add_unsynced(1, zodbblob.cache.syncs.BOOT)
         synced = []
         with mock.patch.object(zodbblob.cache.syncs, '_sync_file',
                                side_effect=synced.append):
