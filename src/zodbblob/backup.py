@@ -82,7 +82,7 @@ from ZODB.FileStorage.FileStorage import packed_version
 from ZODB.FileStorage.format import TRANS_HDR, TRANS_HDR_LEN
 from ZODB.utils import oid_repr, z64
 
-from zodbblob.arguments import (
+from zodbblob.cli.arguments import (
     add_layout_argument,
     add_storage_arguments,
     open_storage,
@@ -105,7 +105,7 @@ from zodbblob.layout import (
     open_blob_file,
     remove_if_exists,
 )
-from zodbblob.progress import Progress
+from zodbblob.tools.progress import Progress
 from zodbblob.storage import (
     BlobDirectoryInUse,
     held_by_a_storage,

@@ -41,7 +41,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 
-from zodbblob.arguments import add_layout_argument
+from zodbblob.cli.arguments import add_layout_argument
 from zodbblob.cache import BUCKETS
 from zodbblob.cache import LAYOUT as ZEOCACHE
 from zodbblob.commitlog import commit_log_path
@@ -63,7 +63,7 @@ from zodbblob.layout import fsync_directory
 from zodbblob.layout import get_layout
 from zodbblob.layout import open_blob_file
 from zodbblob.layout import read_marker
-from zodbblob.progress import Progress
+from zodbblob.tools.progress import Progress
 from zodbblob.storage import LOCK_NAME
 from zodbblob.storage import BlobStorageError
 from zodbblob.storage import check_state_layout

@@ -52,8 +52,8 @@ from ZODB.utils import p64
 from ZODB.utils import u64
 from ZODB.utils import z64
 
-from zodbblob.arguments import add_storage_arguments
-from zodbblob.arguments import open_storage
+from zodbblob.cli.arguments import add_storage_arguments
+from zodbblob.cli.arguments import open_storage
 from zodbblob.cache import BUCKETS as ZEOCACHE_BUCKETS
 from zodbblob.cache import LAYOUT as ZEOCACHE_LAYOUT
 from zodbblob.layout import BLOB_SUFFIX
@@ -63,7 +63,7 @@ from zodbblob.layout import auto_layout_select
 from zodbblob.layout import get_layout
 from zodbblob.layout import open_blob_file
 from zodbblob.layout import read_marker
-from zodbblob.progress import Progress
+from zodbblob.tools.progress import Progress
 
 
 logger = logging.getLogger(__name__)

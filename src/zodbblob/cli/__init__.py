@@ -52,17 +52,17 @@ import ZConfig.loader
 import ZEO.runzeo
 import ZODB.config
 
-from zodbblob.arguments import ToolError, add_storage_arguments, open_storage
+from zodbblob.cli.arguments import ToolError, add_storage_arguments, open_storage
 from zodbblob.backup import (add_backup_arguments, add_restore_arguments,
                               backup_command, restore_command)
 from zodbblob.commitlog import CommitLogError
 from zodbblob.journal import JournalError
 from zodbblob.layout import LAYOUTS
 from zodbblob.migrate import add_migrate_arguments, migrate_command
-from zodbblob.progress import Progress
+from zodbblob.tools.progress import Progress
 from zodbblob.server import create_server
 from zodbblob.storage import BlobStorage, BlobStorageError
-from zodbblob.verify import verify as check_blob_files
+from zodbblob.tools.verify import verify as check_blob_files
 from zodbblob.zexp import (add_export_arguments, add_import_arguments,
                            export_command, import_command)
 

@@ -35,7 +35,7 @@ from zodbblob.interfaces import IBlobJournal
 from zodbblob.journal import KILL_POINT_VARIABLE
 from zodbblob.journal import STATE_DIR
 from zodbblob.journal import journal_path
-from zodbblob.verify import verify
+from zodbblob.tools.verify import verify
 
 
 class Document(persistent.Persistent):

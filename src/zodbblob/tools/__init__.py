@@ -1,0 +1,1 @@
+"""The operator's tools: verify, recover, migrate, export/import, backup/restore."""
