@@ -58,7 +58,7 @@ from zodbblob.backup import (add_backup_arguments, add_restore_arguments,
 from zodbblob.commitlog import CommitLogError
 from zodbblob.journal import JournalError
 from zodbblob.layout import LAYOUTS
-from zodbblob.migrate import add_migrate_arguments, migrate_command
+from zodbblob.cli.migrate import add_migrate_arguments, migrate_command
 from zodbblob.tools.progress import Progress
 from zodbblob.server import create_server
 from zodbblob.storage import BlobStorage, BlobStorageError
