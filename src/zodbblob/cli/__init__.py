@@ -63,8 +63,8 @@ from zodbblob.tools.progress import Progress
 from zodbblob.server import create_server
 from zodbblob.storage import BlobStorage, BlobStorageError
 from zodbblob.tools.verify import verify as check_blob_files
-from zodbblob.zexp import (add_export_arguments, add_import_arguments,
-                           export_command, import_command)
+from zodbblob.cli.zexp import (add_export_arguments, add_import_arguments,
+                               export_command, import_command)
 
 logger = logging.getLogger(__name__)
 
