@@ -28,6 +28,11 @@ import ZODB
 import ZODB.FileStorage
 from ZODB.blob import Blob
 
+# zodbblob.backup imports zodbblob.cli.arguments, and zodbblob.cli imports
+# zodbblob.backup: the command line first, until backup moves to tools/.
+import zodbblob.cli
+
+# isort: split
 import zodbblob.backup
 from zodbblob import BlobStorage
 from zodbblob.backup import (
