@@ -32,7 +32,7 @@ import ZConfig
 from zodbblob.backup import (add_backup_arguments, add_restore_arguments,
                               backup_command, restore_command)
 from zodbblob.cli.arguments import ToolError
-from zodbblob.cli.cache import add_cache_arguments, cache
+from zodbblob.cli.cache import add_cache_arguments, cache_command
 from zodbblob.cli.messages import one_line
 from zodbblob.cli.migrate import add_migrate_arguments, migrate_command
 from zodbblob.cli.serve import (
@@ -40,13 +40,13 @@ from zodbblob.cli.serve import (
     DATA_FS,
     add_serve_arguments,
     format_address,
-    serve,
+    serve_command,
 )
 from zodbblob.cli.verify import (
     add_recover_arguments,
     add_verify_arguments,
-    recover,
-    verify,
+    recover_command,
+    verify_command,
 )
 from zodbblob.cli.zexp import (
     add_export_arguments,
@@ -67,13 +67,13 @@ logger = logging.getLogger(__name__)
 
 
 COMMANDS = {
-    'serve': (add_serve_arguments, serve,
+    'serve': (add_serve_arguments, serve_command,
               'run a ZEO server for a zodbblob storage'),
-    'verify': (add_verify_arguments, verify,
+    'verify': (add_verify_arguments, verify_command,
                'check blob files against their records'),
-    'recover': (add_recover_arguments, recover,
+    'recover': (add_recover_arguments, recover_command,
                 'finish what a crash interrupted, without serving'),
-    'cache': (add_cache_arguments, cache,
+    'cache': (add_cache_arguments, cache_command,
               'show or prune a ZEO client blob cache'),
     'migrate': (add_migrate_arguments, migrate_command,
                 'copy a blob directory into another layout'),
@@ -133,7 +133,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         newline = '\n' if sys.stderr.isatty() else ''   # below a progress bar
         print(f'{newline}{args.parser.prog}: interrupted', file=sys.stderr)
         return 130
-
-
-if __name__ == '__main__':
-    sys.exit(main())

@@ -105,7 +105,7 @@ def check_cache_directory(directory: str) -> None:
                     f"{LAYOUT_MARKER} marker names {marked!r}, not {LAYOUT})")
 
 
-def cache(args: argparse.Namespace) -> int:
+def cache_command(args: argparse.Namespace) -> int:
     from zodbblob.cache import BlobCache
     check_cache_directory(args.directory)
     # Opened without a size: pruned here, at once, not in the background.

@@ -7,6 +7,8 @@ import logging
 
 
 class Collect(logging.Handler):
+    """Keeps the messages of the records it handles, for the command to
+    say them itself: as its result, or in its one line of error."""
 
     def __init__(self):
         super().__init__(logging.INFO)

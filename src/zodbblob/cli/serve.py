@@ -283,7 +283,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
              'its address')
 
 
-def serve(args: argparse.Namespace) -> int:
+def serve_command(args: argparse.Namespace) -> int:
     if args.config is not None:
         if args.var is not None or args.layout is not None:
             args.parser.error('--var and --layout configure the default '

@@ -36,7 +36,7 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
                         help='read every byte of every blob file')
 
 
-def verify(args: argparse.Namespace) -> int:
+def verify_command(args: argparse.Namespace) -> int:
     storage = open_storage(args, read_only=True)
     try:
         report = check_blob_files(
@@ -60,7 +60,7 @@ def add_recover_arguments(parser: argparse.ArgumentParser) -> None:
     add_storage_arguments(parser)
 
 
-def recover(args: argparse.Namespace) -> int:
+def recover_command(args: argparse.Namespace) -> int:
     collect = Collect()
     storage_logger = logging.getLogger('zodbblob.storage')
     storage_logger.addHandler(collect)
