@@ -13,7 +13,7 @@ destination directory on the same filesystem (so every side hard-links):
   (``os.link``, a silent ``shutil.copy`` on any error), prints a line per
   oid (sent to a null stream here, so the terminal is not timed), and does
   no check at the end.
-- ours, bushy -> lawn: ``zodbblob.migrate.migrate``, the same target, for
+- ours, bushy -> lawn: ``zodbblob.tools.migrate.migrate``, the same target, for
   a like-for-like row.
 - ours, bushy -> chunky: the layout without a directory per oid.
 
@@ -60,9 +60,9 @@ import ZODB.scripts.migrateblobs
 from ZODB.utils import p64
 
 from machine import hardware, package_version  # bench/machine.py
-from zodbblob.migrate import inventory
-from zodbblob.migrate import iter_source
-from zodbblob.migrate import migrate
+from zodbblob.tools.inventory import inventory
+from zodbblob.tools.inventory import iter_source
+from zodbblob.tools.migrate import migrate
 
 
 BLOB_SIZE = 300

@@ -13,12 +13,11 @@ import argparse
 import os
 import sys
 
-from zodbblob.arguments import (
+from zodbblob.cli.arguments import (
     add_layout_argument,
     add_storage_arguments,
     open_storage,
 )
-from zodbblob.progress import Progress
 from zodbblob.tools.backup import (
     COMPLETE_NAME,
     DESTINATION_MARKER,
@@ -30,6 +29,7 @@ from zodbblob.tools.backup import (
     prune,
     restore,
 )
+from zodbblob.tools.progress import Progress
 
 
 def _positive(text: str) -> int:

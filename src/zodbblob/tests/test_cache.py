@@ -31,6 +31,7 @@ from zope.interface.verify import verifyObject
 
 from zodbblob import BlobStorage
 from zodbblob import cli
+from zodbblob.cli.cache import parse_size
 from zodbblob.cache import ACCESS_RECORD
 from zodbblob.cache import INDEX
 from zodbblob.cache import BlobCache
@@ -411,10 +412,10 @@ class CommandTests(CacheTestCase):
         for text, size in (('500MB', 500 * 2 ** 20), ('2GB', 2 * 2 ** 30),
                            ('1.5GiB', 3 * 2 ** 29), ('12345', 12345),
                            ('64 kb', 65536)):
-            self.assertEqual(cli.parse_size(text), size)
+            self.assertEqual(parse_size(text), size)
         for text in ('', '-1', '1e3', 'GB', '1.5x', 'inf'):
             with self.assertRaises(Exception):
-                cli.parse_size(text)
+                parse_size(text)
 
     def test_console_script(self):
         self.make_cache()

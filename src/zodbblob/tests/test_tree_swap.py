@@ -22,8 +22,8 @@ from ZODB.blob import Blob
 
 from zodbblob import BlobStorage
 from zodbblob.layout import LINKED_DIRECTORY, BlobTree, NotABlobFile
-from zodbblob.migrate import migrate
-from zodbblob.verify import verify
+from zodbblob.tools.migrate import migrate
+from zodbblob.tools.verify import verify
 
 SECRET = b'a file outside the blob directory\n'
 

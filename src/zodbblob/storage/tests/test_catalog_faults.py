@@ -35,7 +35,7 @@ from zodbblob.interfaces import IBlobJournal
 from zodbblob.storage.catalog import KILL_POINT_VARIABLE
 from zodbblob.storage.catalog import STATE_DIR
 from zodbblob.storage.catalog import journal_path
-from zodbblob.verify import verify
+from zodbblob.tools.verify import verify
 
 
 class Document(persistent.Persistent):

@@ -37,7 +37,7 @@ from zodbblob.storage.commitlog import unfinished_records
 from zodbblob.storage.catalog import KILL_POINT_VARIABLE
 from zodbblob.storage.catalog import journal_path
 from zodbblob.layout import FilesystemHelper
-from zodbblob.verify import verify
+from zodbblob.tools.verify import verify
 
 
 COMMIT_POINTS = (

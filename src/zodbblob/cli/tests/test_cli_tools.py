@@ -19,6 +19,7 @@ import ZODB.FileStorage
 from ZODB.blob import Blob
 
 from zodbblob import BlobStorage, cli
+from zodbblob.cli import verify as verify_command
 from zodbblob.storage.commitlog import commit_log_path, unfinished_records
 from zodbblob.storage.tests.test_crash import run_child
 
@@ -103,7 +104,7 @@ class ToolTests(StoreTestCase):
     def test_interrupted_verify_exits_130_in_one_line(self):
         self.make_store()
         out, err = io.StringIO(), io.StringIO()
-        with mock.patch.object(cli, 'check_blob_files',
+        with mock.patch.object(verify_command, 'check_blob_files',
                                side_effect=KeyboardInterrupt), \
                 contextlib.redirect_stdout(out), \
                 contextlib.redirect_stderr(err):

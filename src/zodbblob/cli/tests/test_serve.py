@@ -19,7 +19,8 @@ import ZODB
 import ZODB.FileStorage
 
 import zodbblob
-from zodbblob.cli import main, parse_address, serve_config
+from zodbblob.cli import main
+from zodbblob.cli.serve import parse_address, serve_config
 from zodbblob.storage.catalog import Journal
 from zodbblob.testing import (
     ZEO_SERVER,

@@ -29,16 +29,15 @@ from ZODB.utils import p64
 
 from zodbblob import BlobStorage
 from zodbblob import cli
-from zodbblob import migrate as migrate_module
+from zodbblob.tools import migrate as migrate_module
 from zodbblob.cache import BUCKETS, BlobCache
 from zodbblob.storage.catalog import Journal
 from zodbblob.layout import LAYOUT_MARKER, FilesystemHelper, read_marker
-from zodbblob.migrate import (
+from zodbblob.tools.inventory import inventory, iter_source
+from zodbblob.tools.migrate import (
     STATE_FILE,
     TEMPORARY_DIR,
     MigrationError,
-    inventory,
-    iter_source,
     migrate,
 )
 from zodbblob.storage import BlobDirectoryInUse
@@ -291,7 +290,7 @@ class ChainTests(MigrateTestCase):
     def test_links_share_the_source_files(self):
         source = self.make_store()
         destination = self.path('chunky')
-        with self.assertNoLogs('zodbblob.migrate', logging.WARNING):
+        with self.assertNoLogs('zodbblob.tools.migrate', logging.WARNING):
             migrate(source, destination, 'chunky')
         for oid, tid, path in iter_source(source, 'bushy'):
             migrated = FilesystemHelper(destination, 'chunky') \
@@ -485,7 +484,7 @@ class CopyTests(MigrateTestCase):
     def test_across_filesystems_copies_with_one_warning(self):
         source = self.make_store()
         destination = os.path.join(self.other_filesystem(), 'chunky')
-        with self.assertLogs('zodbblob.migrate', logging.WARNING) as logs:
+        with self.assertLogs('zodbblob.tools.migrate', logging.WARNING) as logs:
             report = migrate(source, destination, 'chunky')
         self.assertEqual(len(logs.records), 1)
         message = logs.records[0].getMessage()
@@ -511,14 +510,14 @@ class CopyTests(MigrateTestCase):
                 out.write(f.read()[:5])
             raise KeyboardInterrupt
 
-        with mock.patch('zodbblob.migrate.copy_blob_file', copy_half), \
-                self.assertLogs('zodbblob.migrate', logging.WARNING):
+        with mock.patch('zodbblob.tools.migrate.copy_blob_file', copy_half), \
+                self.assertLogs('zodbblob.tools.migrate', logging.WARNING):
             with self.assertRaises(KeyboardInterrupt):
                 migrate(source, destination, 'bushy')
         self.assertEqual(contents(destination, 'bushy'), {})
         self.assertIsNone(read_marker(destination))
-        with mock.patch('zodbblob.migrate.copy_blob_file', real_copy), \
-                self.assertLogs('zodbblob.migrate', logging.WARNING):
+        with mock.patch('zodbblob.tools.migrate.copy_blob_file', real_copy), \
+                self.assertLogs('zodbblob.tools.migrate', logging.WARNING):
             report = migrate(source, destination, 'bushy')
         self.assertEqual((report.copied, report.skipped), (11, 0))
         self.assert_finished(source, destination, 'bushy')
@@ -526,7 +525,7 @@ class CopyTests(MigrateTestCase):
 
 KILLING_CHILD = textwrap.dedent('''
     import os, signal, sys
-    from zodbblob.migrate import migrate
+    from zodbblob.tools.migrate import migrate
 
     def progress(done, total):
         if done == int(sys.argv[3]):
@@ -540,7 +539,7 @@ KILLING_CHILD = textwrap.dedent('''
 # its state file.
 FINISH_KILLING_CHILD = textwrap.dedent('''
     import os, signal, sys
-    import zodbblob.migrate
+    import zodbblob.tools.migrate
     from zodbblob.layout import FilesystemHelper
 
     class KilledAfterTheMarker(FilesystemHelper):
@@ -548,8 +547,8 @@ FINISH_KILLING_CHILD = textwrap.dedent('''
             super().create()
             os.kill(os.getpid(), signal.SIGKILL)
 
-    zodbblob.migrate.FilesystemHelper = KilledAfterTheMarker
-    zodbblob.migrate.migrate(sys.argv[1], sys.argv[2], 'chunky')
+    zodbblob.tools.migrate.FilesystemHelper = KilledAfterTheMarker
+    zodbblob.tools.migrate.migrate(sys.argv[1], sys.argv[2], 'chunky')
 ''')
 
 
@@ -639,7 +638,7 @@ class InterruptionTests(MigrateTestCase):
                 if done == 4:
                     raise KeyboardInterrupt
 
-        with mock.patch('zodbblob.migrate.Progress', Interrupting):
+        with mock.patch('zodbblob.cli.migrate.Progress', Interrupting):
             status, out, err = run_cli(source, destination, '--layout',
                                        'flat')
         self.assertEqual(status, 130)
@@ -668,7 +667,7 @@ class InterruptionTests(MigrateTestCase):
         db.close()
         revisions = contents(source)
         self.assertEqual(len(revisions), 5)
-        with self.assertLogs('zodbblob.migrate', logging.WARNING) as logs:
+        with self.assertLogs('zodbblob.tools.migrate', logging.WARNING) as logs:
             report = migrate(source, destination, 'chunky')
         self.assertIn('no longer holds', logs.output[0])
         self.assertEqual((report.files, report.skipped, report.removed),

@@ -1,4 +1,4 @@
-"""zodbblob.verify: what a damaged blob directory reports."""
+"""zodbblob.tools.verify: what a damaged blob directory reports."""
 
 import os
 import shutil
@@ -10,7 +10,7 @@ import ZODB.FileStorage
 from ZODB.blob import Blob
 
 from zodbblob import BlobStorage
-from zodbblob.verify import verify
+from zodbblob.tools.verify import verify
 
 
 class VerifyTests(unittest.TestCase):

@@ -28,7 +28,6 @@ catalog from one scan of it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import errno
@@ -36,13 +35,9 @@ import itertools
 import json
 import logging
 import os
-import re
 import shutil
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-from zodbblob.arguments import add_layout_argument
-from zodbblob.cache import BUCKETS
 from zodbblob.cache import LAYOUT as ZEOCACHE
 from zodbblob.storage.commitlog import commit_log_path
 from zodbblob.storage.commitlog import unfinished_records
@@ -57,15 +52,14 @@ from zodbblob.layout import LAYOUTS
 from zodbblob.layout import FilesystemHelper
 from zodbblob.layout import LINKED_DIRECTORY
 from zodbblob.layout import BlobTree
-from zodbblob.layout import NotABlobFile
-from zodbblob.layout import check_blob_file
 from zodbblob.layout import fsync_directory
 from zodbblob.layout import get_layout
 from zodbblob.layout import open_blob_file
 from zodbblob.layout import read_marker
-from zodbblob.progress import Progress
+from zodbblob.tools.inventory import Inventory
+from zodbblob.tools.inventory import inventory
+from zodbblob.tools.inventory import source_inventory
 from zodbblob.storage import LOCK_NAME
-from zodbblob.storage import BlobStorageError
 from zodbblob.storage import check_state_layout
 from zodbblob.storage import hold_blob_directory
 
@@ -79,12 +73,8 @@ TEMPORARY_DIR = '.zodbblob-migrate-tmp'
 # fs.protected_hardlinks, a file with too many links already.
 _NO_LINK = frozenset((errno.EXDEV, errno.EPERM, errno.ENOTSUP,
                       errno.EOPNOTSUPP, errno.EMLINK))
-_ZEOCACHE_BUCKET = re.compile(r'0|[1-9][0-9]*')
-_ZEOCACHE_FILE = re.compile(r'(0|[1-9][0-9]*)\.([0-9a-f]{16})\.blob\Z')
 
 NEW, RESUME, FINISHED = 'new', 'resume', 'finished'
-
-Inventory = dict[tuple[bytes, bytes], tuple[int, str]]
 
 
 class MigrationError(ValueError):
@@ -135,48 +125,7 @@ class Report:
         return text
 
 
-# reading a source
-
-def iter_zeocache(directory: str) -> Iterator[tuple[bytes, bytes, str]]:
-    """``(oid, tid, path)`` of every blob file of a blob cache directory.
-
-    Only the buckets' ``.blob`` files count: not the index, download
-    temporaries (``.tmp/``, ``.dl``) or stock ZEO's lock files.
-    """
-    buckets = []
-    with os.scandir(directory) as listing:
-        for entry in listing:
-            # One spelling per blob: ``01/`` is no bucket, nor is ``997/``.
-            if _ZEOCACHE_BUCKET.fullmatch(entry.name) and int(
-                    entry.name) < BUCKETS and _is_directory(entry):
-                buckets.append((int(entry.name), entry.path))
-    for bucket, bucket_path in sorted(buckets):
-        for name in sorted(os.listdir(bucket_path)):
-            match = _ZEOCACHE_FILE.match(name)
-            if match is None:
-                continue
-            number = int(match[1]) * BUCKETS + bucket
-            if number < 2 ** 64:
-                yield (number.to_bytes(8, 'big'), bytes.fromhex(match[2]),
-                       os.path.join(bucket_path, name))
-
-
-def _is_directory(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_dir()
-    except OSError:
-        return False
-
-
-def iter_source(directory: str, layout: str, not_files: list | None = None
-                ) -> Iterator[tuple[bytes, bytes, str]]:
-    """``(oid, tid, path)`` of every blob file of `directory`; what is
-    passed over under a blob name (a link to a directory, a directory)
-    goes to `not_files` as ``(path, kind)``."""
-    if layout == ZEOCACHE:
-        return iter_zeocache(directory)
-    return get_layout(layout).iter_blob_paths(directory, not_files)
-
+# the source (its files are listed by zodbblob.tools.inventory)
 
 def _has_lawn_blob(directory: str) -> bool:
     # Looks one level deep only: a wrong path (a home directory, /) must
@@ -232,37 +181,6 @@ def detect_layout(directory: str) -> str:
             f'`{marked}`, which is not known here (known: '
             f'{", ".join(sorted([*LAYOUTS, ZEOCACHE]))})')
     return marked
-
-
-def inventory(blobs: Iterator[tuple[bytes, bytes, str]],
-              not_files: list | None = None,
-              tree: BlobTree | None = None) -> Inventory:
-    """``{(oid, tid): (size, path)}`` of `blobs`.
-
-    Only regular files count; anything else under a blob name (a link, a
-    FIFO, a device), or a link to a directory above one below `tree`'s
-    root, goes to `not_files` as ``(path, kind)``.
-    """
-    found = {}
-    for oid, tid, path in blobs:
-        try:
-            info = (check_blob_file(path) if tree is None
-                    else tree.check(path))
-        except FileNotFoundError:
-            continue  # evicted from a cache since the listing
-        except NotABlobFile as e:
-            if not_files is not None and (e.path, e.kind) not in not_files:
-                not_files.append((e.path, e.kind))
-        else:
-            found[oid, tid] = (info.st_size, path)
-    return found
-
-
-def _source_inventory(source: str, source_layout: str,
-                      not_files: list) -> Inventory:
-    with BlobTree(source) as tree:
-        return inventory(iter_source(source, source_layout, not_files),
-                         not_files, tree)
 
 
 # the destination
@@ -572,7 +490,7 @@ def migrate(src: str, dst: str, layout: str,
 
 def _check_finished(source, source_layout, destination, target,
                     report) -> Report:
-    wanted = _source_inventory(source, source_layout, report.not_files)
+    wanted = source_inventory(source, source_layout, report.not_files)
     problems = _differences(
         wanted, inventory(target.iter_blob_paths(destination)))
     if problems:
@@ -594,7 +512,7 @@ def _fill(source, source_layout, destination, target, resume, report,
     Returns the source's inventory, listed once: what `_finish` checks
     the destination against.
     """
-    wanted = _source_inventory(source, source_layout, report.not_files)
+    wanted = source_inventory(source, source_layout, report.not_files)
     for path, kind in report.not_files:
         logger.warning('%s of %s is %s: not migrated', path, source, kind)
     report.files = len(wanted)
@@ -676,47 +594,3 @@ def _finish(source, destination, target, wanted: Inventory) -> None:
     FilesystemHelper(destination, target.name).create()
     os.remove(_state_path(destination))
     fsync_directory(destination)
-
-
-# the command: cli.py lists it in COMMANDS
-
-def add_migrate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        'Copy blob directory SRC into DST, a new blob directory of another '
-        'layout: hard links where both are on one filesystem, copies '
-        'otherwise.  SRC is a blob directory of any layout, or a ZEO client '
-        'blob cache (zeocache); it is only read.  DST gets its .layout '
-        'marker last, after a check that it holds every blob file of SRC '
-        'with its size.  Running an interrupted migration again resumes '
-        'it.  Refuses to run while a storage uses SRC or DST.')
-    parser.add_argument('source', metavar='SRC',
-                        help='the blob directory to migrate')
-    parser.add_argument('destination', metavar='DST',
-                        help='the new blob directory (new or empty, or an '
-                             'unfinished migration of SRC)')
-    add_layout_argument(parser, 'layout of DST', required=True)
-    parser.add_argument('--quiet', action='store_true',
-                        help='no progress, only the result')
-
-
-def migrate_command(args: argparse.Namespace) -> int:
-    progress = Progress('migrate', quiet=args.quiet)
-    prog = args.parser.prog
-    try:
-        report = migrate(args.source, args.destination, args.layout,
-                         progress=progress)
-    except KeyboardInterrupt:
-        # Below the progress bar's line, not on it.
-        newline = '\n' if progress.enabled else ''
-        print(f'{newline}{prog}: interrupted: '
-              f'{os.path.abspath(args.destination)} is not finished (no '
-              f'{LAYOUT_MARKER} marker); run the same command again to '
-              f'resume', file=sys.stderr)
-        return 130
-    except (MigrationError, BlobStorageError, OSError) as e:
-        print(f'{prog}: error: {e}', file=sys.stderr)
-        return 2
-    print(report.summary())
-    for line in report.problems():
-        print(line)
-    return 1 if report.not_files else 0

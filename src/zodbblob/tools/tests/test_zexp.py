@@ -28,19 +28,23 @@ from persistent.mapping import PersistentMapping
 from persistent.wref import WeakRef
 from ZODB.blob import Blob
 from ZODB.TimeStamp import TimeStamp
+from ZODB.POSException import ExportError
 from ZODB.utils import oid_repr
 from ZODB.utils import p64
 
 from zodbblob import BlobStorage
-from zodbblob import zexp
 from zodbblob.cli import main
+from zodbblob.cli import zexp as zexp_command
 from zodbblob.storage.catalog import KILL_POINT_VARIABLE
 from zodbblob.testing import ZEOServerLayer
-from zodbblob.zexp import BLOB_MARKER
-from zodbblob.zexp import ImportReport
-from zodbblob.zexp import ZexpError
-from zodbblob.zexp import export_file
-from zodbblob.zexp import import_file
+from zodbblob.tools import zexp
+from zodbblob.tools.zexp import BLOB_MARKER
+from zodbblob.tools.zexp import ImportReport
+from zodbblob.tools.zexp import ZexpError
+from zodbblob.tools.zexp import export as zexp_export
+from zodbblob.tools.zexp import export_file
+from zodbblob.tools.zexp import import_file
+from zodbblob.tools.zexp import importer as zexp_importer
 
 
 BIG = hashlib.sha256(b'big').digest() * (3 * 1024 * 1024 // 32 + 7)
@@ -287,7 +291,7 @@ class RoundTripTests(ZexpTestCase):
         small = conn.root()['folder']['small']
         small._p_activate()
         os.remove(db.storage.loadBlob(small._p_oid, small._p_serial))
-        with self.assertRaisesRegex(zexp.ExportError,
+        with self.assertRaisesRegex(ExportError,
                                     'blob file of oid .* is missing'):
             export_file(conn, conn.root()['folder']._p_oid,
                         self.path('x.zexp'))
@@ -709,7 +713,7 @@ class CommandTests(ZexpTestCase):
     def test_export_during_a_pack_that_removed_its_blobs_says_run_again(
             self):
         live = self.open_db('source')
-        write_blob = zexp._write_blob
+        write_blob = zexp_export._write_blob
         packed = []
 
         def pack_then_write(*args):
@@ -728,7 +732,7 @@ class CommandTests(ZexpTestCase):
             return write_blob(*args)
 
         path = self.path('f.zexp')
-        with mock.patch.object(zexp, '_write_blob',
+        with mock.patch.object(zexp_export, '_write_blob',
                                side_effect=pack_then_write):
             status, out, err = self.run_main('export', *self.storage,
                                              '--quiet', '--path', '/folder',
@@ -754,7 +758,7 @@ class CommandTests(ZexpTestCase):
         live = self.open_db('source')
         with live.transaction() as conn:
             conn.root()['folder']['small'] = Blob(b'second revision')
-        open_storage = zexp.open_storage
+        open_storage = zexp_command.open_storage
 
         def open_then_pack(*args, **kw):
             # The index read from the file a pack then replaces.
@@ -763,7 +767,7 @@ class CommandTests(ZexpTestCase):
             return storage
 
         path = self.path('f.zexp')
-        with mock.patch.object(zexp, 'open_storage',
+        with mock.patch.object(zexp_command, 'open_storage',
                                side_effect=open_then_pack):
             status, out, err = self.run_main('export', *self.storage,
                                              '--quiet', '--path', '/folder',
@@ -815,7 +819,7 @@ class CommandTests(ZexpTestCase):
 
     def test_interrupted_export_exits_130_and_leaves_no_file(self):
         path = self.path('f.zexp')
-        with mock.patch.object(zexp, '_write_blob',
+        with mock.patch.object(zexp_export, '_write_blob',
                                side_effect=KeyboardInterrupt):
             try:
                 status, out, err = self.run_main(
@@ -833,7 +837,7 @@ class CommandTests(ZexpTestCase):
         path = self.path('f.zexp')
         self.run_main('export', *self.storage, '--path', '/folder', path)
         before = blob_files(self.path('source', 'blobs'))
-        with mock.patch.object(zexp, '_fill_blob',
+        with mock.patch.object(zexp_importer, '_fill_blob',
                                side_effect=KeyboardInterrupt):
             status, out, err = self.run_main('import', *self.storage, path)
         self.assertEqual(status, 130)

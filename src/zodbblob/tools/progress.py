@@ -1,9 +1,9 @@
 """The progress display of the ``zodbblob`` tools.
 
 Tool modules (migrate, verify, zexp, backup) take a ``progress(done,
-total)`` callable; their commands pass a `Progress`.  It lives here, not
-in ``cli.py``, because ``cli.py`` imports those modules to list their
-subcommands.
+total)`` callable; their commands in ``zodbblob.cli`` pass a `Progress`.
+It lives with the tools, not the command line, so that a script calling
+a tool can show the same bar.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Tests of the operator's tools, beside them: zodbblob.tools."""
