@@ -24,7 +24,7 @@ from persistent.mapping import PersistentMapping
 from ZODB.blob import Blob
 from ZODB.POSException import ConflictError
 
-from zodbblob.tests.test_cache import cache_bytes
+from zodbblob.cache.tests.test_cache import cache_bytes
 from zodbblob.testing import ServerProcess
 from zodbblob.testing import free_port
 from zodbblob.zeo import ClientStorage

@@ -8,9 +8,9 @@ from unittest import mock
 from ZODB.utils import p64
 
 import zodbblob.cache
-from zodbblob.tests.test_cache import TID
-from zodbblob.tests.test_cache import CacheTestCase
-from zodbblob.tests.test_cache import make_stock_cache
+from zodbblob.cache.tests.test_cache import TID
+from zodbblob.cache.tests.test_cache import CacheTestCase
+from zodbblob.cache.tests.test_cache import make_stock_cache
 
 
 class AccessLogTests(CacheTestCase):

@@ -15,14 +15,14 @@ import threading
 from ZEO.ClientStorage import BlobCacheLayout
 from ZODB.utils import p64
 
-from zodbblob.tests.test_cache import SIZE
-from zodbblob.tests.test_cache import TID
-from zodbblob.tests.test_cache import CacheTestCase
-from zodbblob.tests.test_cache import content
-from zodbblob.tests.test_cache import mount_tiny_filesystem
-from zodbblob.tests.test_cache import not_called
-from zodbblob.tests.test_cache import read
-from zodbblob.tests.test_cache import writing
+from zodbblob.cache.tests.test_cache import SIZE
+from zodbblob.cache.tests.test_cache import TID
+from zodbblob.cache.tests.test_cache import CacheTestCase
+from zodbblob.cache.tests.test_cache import content
+from zodbblob.cache.tests.test_cache import mount_tiny_filesystem
+from zodbblob.cache.tests.test_cache import not_called
+from zodbblob.cache.tests.test_cache import read
+from zodbblob.cache.tests.test_cache import writing
 
 
 def start_readers(cache, oid, fetches, start, count, delay):
@@ -221,7 +221,7 @@ class ProcessTests(CacheTestCase):
 
     def child(self, *args):
         process = subprocess.Popen(
-            [sys.executable, '-m', 'zodbblob.tests.test_cache']
+            [sys.executable, '-m', 'zodbblob.cache.tests.test_cache']
             + [str(arg) for arg in args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.addCleanup(process.wait)

@@ -23,7 +23,7 @@ import zodbblob.cli.backup
 import zodbblob.tools.backup.writer
 from zodbblob.storage.catalog import pack_under_way
 from zodbblob.testing import ServerProcess, ZEOServerLayer, free_port
-from zodbblob.tests.backup_stores import (
+from zodbblob.tools.backup.tests.backup_stores import (
     ServedDatabaseTestCase,
     blob_bytes,
     listed,

@@ -2,7 +2,7 @@
 its public face (hits and misses, the index across opens) and the
 ``zodbblob cache`` command; the helpers of the cache's test modules
 (``test_cache_*.py``, one per module of `zodbblob.cache`).  The process
-tests run this module as a child (``python -m zodbblob.tests.test_cache
+tests run this module as a child (``python -m zodbblob.cache.tests.test_cache
 MODE ...``).
 """
 

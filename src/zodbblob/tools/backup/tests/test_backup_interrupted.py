@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 
-from zodbblob.tests.backup_stores import (
+from zodbblob.tools.backup.tests.backup_stores import (
     StoreTestCase,
     listed,
     pool_files,

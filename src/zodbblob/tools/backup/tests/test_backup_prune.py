@@ -8,7 +8,7 @@ import os
 import shutil
 import signal
 
-from zodbblob.tests.backup_stores import (
+from zodbblob.tools.backup.tests.backup_stores import (
     StoreTestCase,
     blob_bytes,
     listed,

@@ -12,7 +12,7 @@ import shutil
 from ZODB.blob import Blob
 
 from zodbblob.cli import main
-from zodbblob.tests.backup_stores import (
+from zodbblob.tools.backup.tests.backup_stores import (
     StoreTestCase,
     open_db,
     read_store,

@@ -12,12 +12,12 @@ from ZODB.utils import p64
 
 import zodbblob.cache
 from zodbblob.cache import INDEX
-from zodbblob.tests.test_cache import TID
-from zodbblob.tests.test_cache import CacheTestCase
-from zodbblob.tests.test_cache import content
-from zodbblob.tests.test_cache import dead_token
-from zodbblob.tests.test_cache import read
-from zodbblob.tests.test_cache import writing
+from zodbblob.cache.tests.test_cache import TID
+from zodbblob.cache.tests.test_cache import CacheTestCase
+from zodbblob.cache.tests.test_cache import content
+from zodbblob.cache.tests.test_cache import dead_token
+from zodbblob.cache.tests.test_cache import read
+from zodbblob.cache.tests.test_cache import writing
 
 
 class SyncTests(CacheTestCase):

@@ -14,7 +14,7 @@ import ZODB.FileStorage
 from ZODB.blob import Blob
 
 from zodbblob import BlobStorage
-from zodbblob.tests.backup_stores import (
+from zodbblob.tools.backup.tests.backup_stores import (
     StoreTestCase,
     directories,
     files_below,

@@ -18,15 +18,15 @@ from zodbblob.cache import INDEX
 from zodbblob.cache import SCHEMA_VERSION
 from zodbblob.cache import TABLES
 from zodbblob.cache import BlobCache
-from zodbblob.tests.test_cache import TID
-from zodbblob.tests.test_cache import CacheTestCase
-from zodbblob.tests.test_cache import content
-from zodbblob.tests.test_cache import dead_token
-from zodbblob.tests.test_cache import make_stock_cache
-from zodbblob.tests.test_cache import not_called
-from zodbblob.tests.test_cache import read
-from zodbblob.tests.test_cache import tree
-from zodbblob.tests.test_cache import writing
+from zodbblob.cache.tests.test_cache import TID
+from zodbblob.cache.tests.test_cache import CacheTestCase
+from zodbblob.cache.tests.test_cache import content
+from zodbblob.cache.tests.test_cache import dead_token
+from zodbblob.cache.tests.test_cache import make_stock_cache
+from zodbblob.cache.tests.test_cache import not_called
+from zodbblob.cache.tests.test_cache import read
+from zodbblob.cache.tests.test_cache import tree
+from zodbblob.cache.tests.test_cache import writing
 
 
 def created(name):

@@ -1,0 +1,1 @@
+"""Tests of the client cache, beside it: zodbblob.cache."""
