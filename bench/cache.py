@@ -1,4 +1,4 @@
-"""ZEO client blob cache: stock ZEO 6.2 against zodbblob.BlobCache.
+"""ZEO client blob cache: stock ZEO 6.2 against zodbblob.cache.BlobCache.
 
 Not a test: a benchmark that times the size check, eviction and the
 cache-hit path of both caches in one run, and prints the ratios.

@@ -1,1 +1,1 @@
-"""The operator's tools: verify, recover, migrate, export/import, backup/restore."""
+"""The operator's tools: verify, migrate, export/import, backup/restore."""
