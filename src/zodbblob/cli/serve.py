@@ -189,7 +189,16 @@ class ZEOServer(ZEO.runzeo.ZEOServer):
             # close yet, so nothing else would close them.
             for storage in self.storages.values():
                 storage.close()
+        # runzeo stops on SIGINT or SIGTERM by raising SystemExit out of
+        # its loop, and leaves the loop to the garbage collector, which at
+        # exit may close the loop's own socket first: its __del__ then
+        # prints a traceback after a clean stop.  Close it here.
+        acceptor = getattr(self.server, 'acceptor', None)
+        loop = getattr(acceptor, 'event_loop', None)
         super().close_server()
+        if loop is not None and not loop.is_running() \
+                and not loop.is_closed():
+            loop.close()
         # A server that could not open its first storage (another server
         # holds it) closed nothing: its error says why it stopped.
         if self.storages:
