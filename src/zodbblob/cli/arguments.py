@@ -19,7 +19,7 @@ import ZODB.FileStorage
 
 from zodbblob.config import (check_blob_directory, marked_layout,
                              storage_from_file)
-from zodbblob.layout import LAYOUT_MARKER, LAYOUTS
+from zodbblob.layout import LAYOUT_MARKER, LAYOUTS, file_kind
 from zodbblob.storage import BlobStorage
 
 
@@ -82,12 +82,27 @@ def open_storage(args: argparse.Namespace, read_only: bool) -> BlobStorage:
         filestorage_logger.removeFilter(index_of_a_live_server)
 
 
+def not_a(path: str, wanted: str) -> str:
+    """Why `path` is not the `wanted` ``file`` or ``directory``: missing,
+    or what it is instead (a device named as --data is no Data.fs)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f'no such {wanted}'
+    except OSError as e:
+        return e.strerror or str(e)
+    if wanted == 'file':
+        wanted = 'regular file'
+    return f'{file_kind(mode)}, not a {wanted}'
+
+
 def _open_storage(args: argparse.Namespace, read_only: bool) -> BlobStorage:
     if args.config and (args.data or args.blob_dir):
         args.parser.error('give --config, or --data and --blob-dir, not both')
     if args.config:
         if not os.path.isfile(args.config):
-            args.parser.error(f'--config {args.config}: no such file')
+            args.parser.error(f'--config {args.config}: '
+                              f'{not_a(args.config, "file")}')
         try:
             # As with --blob-dir: only a storage's own first open (a
             # server's, an application's) makes a new blob directory.
@@ -102,8 +117,8 @@ def _open_storage(args: argparse.Namespace, read_only: bool) -> BlobStorage:
                                 ('--blob-dir', args.blob_dir,
                                  os.path.isdir)):
         if not check(path):
-            args.parser.error(f'{option} {path}: no such '
-                              f'{"file" if check is os.path.isfile else "directory"}')
+            wanted = 'file' if check is os.path.isfile else 'directory'
+            args.parser.error(f'{option} {path}: {not_a(path, wanted)}')
     try:
         check_blob_directory(args.blob_dir)
         marked = marked_layout(args.blob_dir)

@@ -18,7 +18,7 @@ import ZODB
 from ZODB.POSException import ExportError, POSKeyError
 from ZODB.utils import oid_repr, z64
 
-from zodbblob.cli.arguments import add_storage_arguments, open_storage
+from zodbblob.cli.arguments import add_storage_arguments, not_a, open_storage
 from zodbblob.layout import NotABlobFile
 from zodbblob.tools.progress import Progress
 from zodbblob.tools.zexp import ImportReport, export_file, import_file
@@ -202,10 +202,10 @@ def export_command(args: argparse.Namespace) -> int:
 
 def import_command(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.file):
-        return _error(args, f'{args.file}: no such file')
+        return _error(args, f'{args.file}: {not_a(args.file, "file")}')
     if args.source_blob_dir and not os.path.isdir(args.source_blob_dir):
-        return _error(args, f'--source-blob-dir {args.source_blob_dir}: no '
-                            f'such directory')
+        return _error(args, f'--source-blob-dir {args.source_blob_dir}: '
+                            f'{not_a(args.source_blob_dir, "directory")}')
     name = args.name or os.path.splitext(os.path.basename(args.file))[0]
     storage = _open_for_import(args)
     if isinstance(storage, str):

@@ -184,6 +184,30 @@ class ExitStatusTests(unittest.TestCase):
                 with self.subTest(command=command, case=case):
                     self.assertCannotRun(*found)
 
+    def test_a_storage_path_of_the_wrong_kind_says_what_it_is(self):
+        # A device, a directory or a file where the other belongs: the
+        # message says what the path is, not "no such file".
+        data, blobs = self.storage(self.path('store'))[1::2]
+        for option, path, problem in (
+                ('--data', os.devnull,
+                 'a character device, not a regular file'),
+                ('--data', blobs, 'a directory, not a regular file'),
+                ('--blob-dir', data, 'a regular file, not a directory'),
+                ('--config', blobs, 'a directory, not a regular file')):
+            if option == '--data':
+                argv = ('--data', path, '--blob-dir', blobs)
+            elif option == '--blob-dir':
+                argv = ('--data', data, '--blob-dir', path)
+            else:
+                argv = ('--config', path)
+            for command in ('verify', 'recover'):
+                with self.subTest(command=command, option=option, path=path):
+                    self.assertCannotRun((command, *argv),
+                                         f'{option} {path}: {problem}')
+        self.assertCannotRun(
+            ('import', '--data', data, '--blob-dir', blobs, os.devnull),
+            f'{os.devnull}: a character device, not a regular file')
+
     def test_a_directory_without_a_layout_marker_is_not_a_blob_directory(
             self):
         # recover would make it a new blob directory and find nothing to
