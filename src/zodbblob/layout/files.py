@@ -127,9 +127,16 @@ def open_blob_file(path: str) -> int:
     again on the descriptor, for a file replaced between the two looks.
     """
     check_blob_file(path)
+    return open_regular(path, path)
+
+
+def open_regular(path: str, name: str, dir_fd: int | None = None) -> int:
+    """Open `name` (relative to `dir_fd`, if given) read-only, never
+    following a link nor waiting; NotABlobFile, naming `path`, unless the
+    descriptor is of a regular file."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
-                     | os.O_CLOEXEC)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise NotABlobFile(path, 'a symbolic link') from None

@@ -11,6 +11,7 @@ from zodbblob.layout.files import (
     LINKED_DIRECTORY,
     NotABlobFile,
     file_kind,
+    open_regular,
 )
 
 
@@ -144,18 +145,7 @@ class BlobTree:
     def open(self, path: str) -> int:
         """`open_blob_file`, and no link above `path` below `root`."""
         with self._regular_file(path) as (directory, name, _):
-            try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW
-                             | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory)
-            except OSError as e:
-                if e.errno == errno.ELOOP:
-                    raise NotABlobFile(path, 'a symbolic link') from None
-                raise
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            os.close(fd)
-            raise NotABlobFile(path, file_kind(mode))
-        return fd
+            return open_regular(path, name, directory)
 
     def link(self, path: str, target: str) -> None:
         """Hard-link blob file `path` as `target` (a new name, as
