@@ -22,6 +22,16 @@ header slots, written alternately, hold the sequence number the first
 record after the checkpoint must have.  Reading stops at the first record
 that is torn, has another sequence number (a leftover of an earlier lap)
 or is not a record at all.
+
+The header also says whether a storage committing with *one sync* (its
+record's fdatasync overlapping the base's commit, ``commit.py``) has the
+log open, and the tid of the last record a checkpoint let go.  Opening
+such a storage writes a header marked open; closing it, after its last
+checkpoint, one marked closed.  A torn header write is not read (its CRC
+fails) and the other slot, one generation older, counts: a torn close
+leaves the log looking open, which only makes the next open check the
+base's last transaction (``filestorage.py``); a torn open happened before
+any commit of that session, so the older header's "closed" is the truth.
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ import struct
 import threading
 import zlib
 from dataclasses import dataclass
+
+from ZODB.utils import z64
 
 from zodbblob.layout import check_id, fdatasync, fsync_directory
 from zodbblob.storage.catalog import STATE_DIR
@@ -42,8 +54,14 @@ FIRST_RECORD = 2 * PAGE
 INITIAL_SIZE = 256 * 1024
 MAXIMUM_SIZE = 16 * 1024 * 1024
 
-_HEADER = struct.Struct('>8sQQ')        # magic, generation, first sequence
-_HEADER_MAGIC = b'ZBLOGHD1'
+# magic, generation, first sequence, last checkpointed tid, open flag
+_HEADER = struct.Struct('>8sQQ8sB')
+_HEADER_MAGIC = b'ZBLOGHD2'
+# The first version's header: magic, generation, first sequence.  Only
+# the serial commit protocol wrote it, which never leaves a transaction
+# to roll back: it reads as closed.
+_HEADER_V1 = struct.Struct('>8sQQ')
+_HEADER_MAGIC_V1 = b'ZBLOGHD1'
 _RECORD = struct.Struct('>4sBQQ8sI')    # magic, kind, sequence, length, tid,
 _RECORD_MAGIC = b'ZBLR'                 # entries
 _ENTRY = struct.Struct('>8sQBH')        # oid, size, inline, staged length
@@ -146,7 +164,8 @@ class CommitLog:
                 raise CommitLogError(
                     'Commit log %s has no valid header (it is not a '
                     'zodbblob commit log, or was damaged)' % path)
-            self._generation, self._first_sequence = header
+            (self._generation, self._first_sequence, self._checkpointed_tid,
+             self.open_one_sync) = header
             self.records = self._read_records()
         except BaseException:
             os.close(self._fd)
@@ -154,6 +173,7 @@ class CommitLog:
         last = self.records[-1] if self.records else None
         self._next_sequence = (last.sequence + 1 if last
                                else self._first_sequence)
+        self._written_tid = self.last_durable_tid
         self._position = self._end_of_records
 
     @staticmethod
@@ -162,7 +182,8 @@ class CommitLog:
         fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _zero_fill(fd, 0, INITIAL_SIZE)
-            os.pwrite(fd, _header_bytes(0, 1), HEADER_SLOTS[0])
+            # A new log is closed: nothing was committed through it.
+            os.pwrite(fd, _header_bytes(0, 1, z64, False), HEADER_SLOTS[0])
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -177,20 +198,38 @@ class CommitLog:
 
     # reading
 
-    def _read_header(self) -> tuple[int, int] | None:
+    def _read_header(self) -> tuple[int, int, bytes, bool] | None:
+        """(generation, first sequence, last checkpointed tid, open flag)
+        of the newer valid header slot, or None."""
         best = None
         for offset in HEADER_SLOTS:
             raw = os.pread(self._fd, _HEADER.size + _CRC.size, offset)
-            if len(raw) < _HEADER.size + _CRC.size:
-                continue
-            (crc,) = _CRC.unpack_from(raw, _HEADER.size)
-            if zlib.crc32(raw[:_HEADER.size]) != crc:
-                continue
-            magic, generation, first = _HEADER.unpack_from(raw)
-            if magic == _HEADER_MAGIC and (
-                    best is None or generation > best[0]):
-                best = (generation, first)
+            header = None
+            for kind, magic in ((_HEADER, _HEADER_MAGIC),
+                                (_HEADER_V1, _HEADER_MAGIC_V1)):
+                if len(raw) < kind.size + _CRC.size:
+                    continue
+                (crc,) = _CRC.unpack_from(raw, kind.size)
+                if (zlib.crc32(raw[:kind.size]) != crc
+                        or raw[:len(magic)] != magic):
+                    continue
+                fields = kind.unpack_from(raw)
+                if kind is _HEADER:
+                    header = (fields[1], fields[2], fields[3],
+                              fields[4] == 1)
+                else:
+                    header = (fields[1], fields[2], z64, False)
+                break
+            if header is not None and (best is None or header[0] > best[0]):
+                best = header
         return best
+
+    @property
+    def last_durable_tid(self) -> bytes:
+        """The tid of the last record known to be durable: the last one
+        read or written, or the last one a checkpoint let go."""
+        tids = [record.tid for record in self.records]
+        return max([self._checkpointed_tid] + tids)
 
     def _read_records(self) -> list[Record]:
         records = []
@@ -278,6 +317,7 @@ class CommitLog:
                 fdatasync(self._fd)
             self._position = end
             self._next_sequence += 1
+            self._written_tid = max(self._written_tid, tid)
 
     def _grow(self, needed: int) -> None:
         capacity = self._capacity
@@ -294,15 +334,33 @@ class CommitLog:
         durable, and the catalog rows too.
         """
         with self._lock:
-            generation = self._generation + 1
-            slot = HEADER_SLOTS[generation % len(HEADER_SLOTS)]
-            os.pwrite(self._fd, _header_bytes(generation,
-                                              self._next_sequence), slot)
-            fdatasync(self._fd)
-            self._generation = generation
+            self._write_header(self._next_sequence, self._written_tid,
+                               self.open_one_sync)
             self._first_sequence = self._next_sequence
+            self._checkpointed_tid = self._written_tid
             self._position = FIRST_RECORD
             self.records = []
+
+    def mark_open_one_sync(self, value: bool) -> None:
+        """Record, durably, whether a one-sync storage has the log open.
+
+        True at open, before the first commit; False at close, after the
+        last checkpoint.  Only the newer header slot changes.
+        """
+        with self._lock:
+            self._write_header(self._first_sequence, self._checkpointed_tid,
+                               value)
+            self.open_one_sync = value
+
+    def _write_header(self, first_sequence: int, checkpointed_tid: bytes,
+                      open_one_sync: bool) -> None:
+        generation = self._generation + 1
+        slot = HEADER_SLOTS[generation % len(HEADER_SLOTS)]
+        os.pwrite(self._fd, _header_bytes(generation, first_sequence,
+                                          checkpointed_tid, open_one_sync),
+                  slot)
+        fdatasync(self._fd)
+        self._generation = generation
 
 
 def latest_entries(records) -> dict[tuple[bytes, bytes], Entry | None]:
@@ -340,8 +398,10 @@ def unfinished_records(path: str) -> int:
         log.close()
 
 
-def _header_bytes(generation: int, first_sequence: int) -> bytes:
-    header = _HEADER.pack(_HEADER_MAGIC, generation, first_sequence)
+def _header_bytes(generation: int, first_sequence: int,
+                  checkpointed_tid: bytes, open_one_sync: bool) -> bytes:
+    header = _HEADER.pack(_HEADER_MAGIC, generation, first_sequence,
+                          checkpointed_tid, 1 if open_one_sync else 0)
     return header + _CRC.pack(zlib.crc32(header))
 
 

@@ -4,6 +4,7 @@ import os
 import shutil
 import tempfile
 import unittest
+import zlib
 
 from zodbblob.storage import commitlog
 from zodbblob.storage.commitlog import ABORT
@@ -96,6 +97,52 @@ class CommitLogTests(unittest.TestCase):
         with self.assertRaises(CommitLogError) as raised:
             CommitLog(self.path)
         self.assertIn(self.path, str(raised.exception))
+
+    def test_the_one_sync_mark_and_the_checkpointed_tid_are_kept(self):
+        log = self.open()
+        self.assertFalse(log.open_one_sync)   # a new log: nothing to doubt
+        log.mark_open_one_sync(True)
+        log.append(tid(5), ())
+        log.checkpoint()
+        log.append(tid(6), ())
+        log.close()
+        log = self.open()
+        self.assertTrue(log.open_one_sync)    # kept by the checkpoint
+        self.assertEqual(log.last_durable_tid, tid(6))
+        log.checkpoint()
+        log.close()
+        log = self.open()
+        self.assertEqual(log.records, [])
+        self.assertEqual(log.last_durable_tid, tid(6))
+        log.mark_open_one_sync(False)
+        log.close()
+        self.assertFalse(self.open().open_one_sync)
+
+    def test_a_torn_close_mark_reads_as_still_open(self):
+        log = self.open()
+        log.mark_open_one_sync(True)
+        log.mark_open_one_sync(False)   # the newer slot
+        log.close()
+        newer = commitlog.HEADER_SLOTS[0]   # generations 0, 1, 2: slot 0
+        with open(self.path, 'r+b') as f:
+            f.seek(newer + 20)
+            f.write(b'torn')
+        self.assertTrue(self.open().open_one_sync)
+
+    def test_a_first_version_header_reads_as_closed(self):
+        with open(self.path, 'wb') as f:
+            f.write(b'\0' * commitlog.INITIAL_SIZE)
+            header = commitlog._HEADER_V1.pack(b'ZBLOGHD1', 3, 1)
+            f.seek(0)
+            f.write(header + commitlog._CRC.pack(zlib.crc32(header)))
+            f.seek(commitlog.FIRST_RECORD)
+            f.write(commitlog.encode(COMMIT, 1, tid(4), ()))
+        log = self.open()
+        self.assertFalse(log.open_one_sync)
+        self.assertEqual(log.last_durable_tid, tid(4))
+        log.checkpoint()   # written in the new format from here on
+        log.close()
+        self.assertEqual(self.open().last_durable_tid, tid(4))
 
     def test_not_a_commit_log_is_refused_and_left_alone(self):
         with open(self.path, 'wb') as f:
