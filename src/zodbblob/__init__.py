@@ -2,6 +2,7 @@
 
 from zodbblob.storage import BlobStorage
 from zodbblob.storage import BlobStorageError
+from zodbblob.storage import open_filestorage
 
 
-__all__ = ['BlobStorage', 'BlobStorageError']
+__all__ = ['BlobStorage', 'BlobStorageError', 'open_filestorage']

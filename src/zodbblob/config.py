@@ -52,6 +52,7 @@ from ZODB.config import BaseConfig
 from zodbblob.layout import LAYOUT_MARKER, LAYOUTS, read_marker
 from zodbblob.storage import BlobStorage, check_state_layout
 from zodbblob.storage.commitlog import CommitLog, CommitLogError, commit_log_path
+from zodbblob.storage.filestorage import FileStorageOpener
 
 # A marker holds a layout name: anything longer is not one.
 _MARKER_LIMIT = 256
@@ -253,7 +254,17 @@ class BlobStorageConfig(BaseConfig):
         # Checked again when opened: the directory may have changed since
         # the configuration loaded, and a refusal now opens no base.
         check_blob_directory(self.config.blob_dir)
-        base = self.config.base.open()
+        section = self.config.base
+        if isinstance(section, ZODB.config.FileStorage):
+            # Opened by the storage, after it locked the blob directory and
+            # rolled back a torn last transaction: it commits with one sync.
+            opener = FileStorageOpener(
+                section.config.path, open=section.open,
+                read_only=bool(getattr(section.config, 'read_only', False)),
+                create=bool(getattr(section.config, 'create', False)))
+            return BlobStorage(self.config.blob_dir, opener,
+                               self.config.layout)
+        base = section.open()
         try:
             return BlobStorage(self.config.blob_dir, base, self.config.layout)
         except BaseException:

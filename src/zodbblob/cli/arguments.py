@@ -15,12 +15,11 @@ import logging
 import os
 
 import ZConfig
-import ZODB.FileStorage
 
 from zodbblob.config import (check_blob_directory, marked_layout,
                              storage_from_file)
 from zodbblob.layout import LAYOUT_MARKER, LAYOUTS, file_kind
-from zodbblob.storage import BlobStorage
+from zodbblob.storage import BlobStorage, FileStorageOpener
 
 
 class ToolError(Exception):
@@ -130,9 +129,6 @@ def _open_storage(args: argparse.Namespace, read_only: bool) -> BlobStorage:
     if marked is None:
         raise ToolError(f'--blob-dir {args.blob_dir} is not a blob '
                         f'directory: no {LAYOUT_MARKER} marker')
-    base = ZODB.FileStorage.FileStorage(args.data, read_only=read_only)
-    try:
-        return BlobStorage(args.blob_dir, base)
-    except BaseException:
-        base.close()
-        raise
+    # Opened by the storage itself: a torn last transaction is rolled back.
+    return BlobStorage(args.blob_dir,
+                       FileStorageOpener(args.data, read_only=read_only))

@@ -15,7 +15,10 @@ class Collect(logging.Handler):
         self.messages = []
 
     def emit(self, record):
-        self.messages.append(record.getMessage())
+        # Which commit protocol a storage uses is said at every open: not
+        # something a command did.
+        if getattr(record, 'commit_protocol', None) is None:
+            self.messages.append(record.getMessage())
 
 
 def one_line(error: BaseException) -> str:

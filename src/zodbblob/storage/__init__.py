@@ -11,6 +11,7 @@ directory for new blob files).
 """
 
 from zodbblob.storage.commit import INLINE_LIMIT
+from zodbblob.storage.filestorage import FileStorageOpener
 from zodbblob.storage.lock import (
     LOCK_NAME,
     BlobDirectoryInUse,
@@ -21,8 +22,22 @@ from zodbblob.storage.lock import (
 from zodbblob.storage.recovery import check_state_layout
 from zodbblob.storage.wrapper import BlobStorage
 
+
+def open_filestorage(path: str, blob_dir: str, layout: str = 'automatic',
+                     **options) -> BlobStorage:
+    """A FileStorage at `path` with zodbblob's blobs in `blob_dir`.
+
+    The drop-in for ``ZODB.FileStorage.FileStorage(path, blob_dir=...)``:
+    `options` go to FileStorage (``read_only``, ``pack_gc``, ...).  The
+    storage opens the FileStorage itself, after it locked the blob
+    directory and rolled back a last transaction that a crash left torn,
+    so it commits with one sync (``doc/design.rst``, "Commit").
+    """
+    return BlobStorage(blob_dir, FileStorageOpener(path, **options), layout)
+
+
 __all__ = [
     'INLINE_LIMIT', 'LOCK_NAME', 'BlobDirectoryInUse', 'BlobStorage',
-    'BlobStorageError', 'check_state_layout', 'held_by_a_storage',
-    'hold_blob_directory',
+    'BlobStorageError', 'FileStorageOpener', 'check_state_layout',
+    'held_by_a_storage', 'hold_blob_directory', 'open_filestorage',
 ]

@@ -68,6 +68,8 @@ KILL_POINTS = (
     'after_journal_begin', 'mid_publish', 'after_publish',
     'after_base_finish', 'after_journal_commit', 'mid_recovery',
     'mid_checkpoint', 'after_base_pack', 'mid_pack_removal',
+    # One sync: the base has finished, the record's sync may not have.
+    'after_base_finish_before_log_sync', 'after_log_sync',
 )
 
 

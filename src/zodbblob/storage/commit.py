@@ -4,28 +4,42 @@ Commit, in short (``doc/design.rst`` has the long form): ``storeBlob``
 moves the file into the storage's staging directory; ``tpc_vote`` writes
 the transaction's record to the commit log (with the blobs' bytes in it
 when they are small; larger files are fdatasynced themselves first) and
-fdatasyncs it in a worker thread while the base votes, then gives the
-files their final names; ``tpc_finish`` finishes the base (the commit
-point) and adds the files to the catalog; ``tpc_abort`` removes whatever
-the transaction staged or published.  A checkpoint (every
-CHECKPOINT_RECORDS transactions, when the log is full, around a pack and
-at close) makes files, names and catalog durable with one filesystem sync
-and starts the log afresh.
+starts its fdatasync (S1) in a worker thread while the base votes.
+
+Two protocols follow, chosen per storage at open:
+
+*serial*, for any base the storage did not open itself: vote waits for S1
+and gives the files their final names; ``tpc_finish`` finishes the base
+(its own sync, S2, is the commit point).  Two syncs, one after the other.
+
+*one sync*, for a FileStorage the storage opened itself
+(``filestorage.py``): vote does not wait; ``tpc_finish`` finishes the
+base (S2 runs while S1 still may), then waits for S1, publishes the
+files, and only then calls the caller's callback (ZODB's and ZEO's
+invalidations) and lets ``lastTransaction`` show the new tid.  A wrapper
+lock, held from ``tpc_begin`` to the end of ``tpc_finish`` or
+``tpc_abort``, keeps every other commit out of the base meanwhile, so the
+only transaction a power cut can leave torn (S2 durable, S1 not) is the
+base's last one, whose files were never published and whose
+``tpc_finish`` never returned: the next open rolls it back.
+
+``tpc_abort`` removes whatever the transaction staged or published.  A
+checkpoint (``checkpoint.py``) makes files, names and catalog durable
+with one filesystem sync and starts the log afresh.
 
 ``CommitProtocol`` runs it for one storage instance (one transaction at a
-time); ``Shared`` is what all MVCC instances of one storage share.
+time); ``checkpoint.Shared`` is what all MVCC instances of one storage
+share.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import errno
 import itertools
 import logging
 import os
 import shutil
 import stat
-import threading
 import time
 
 from ZODB.POSException import ReadOnlyError, StorageTransactionError
@@ -39,8 +53,8 @@ from zodbblob.layout import (
     remove_if_exists,
 )
 from zodbblob.storage.catalog import SYNCFS_AVAILABLE, kill_point, sync_filesystem
-from zodbblob.storage.commitlog import CommitLog, Entry
-from zodbblob.storage.datamanager import TransactionDirectories
+from zodbblob.storage.checkpoint import Shared, checkpoint
+from zodbblob.storage.commitlog import Entry
 
 logger = logging.getLogger(__name__)
 
@@ -101,42 +115,27 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
-class Shared:
-    """What all MVCC instances of one storage share."""
-
-    def __init__(self, fshelper, journal, lock, read_only):
-        self.fshelper = fshelper
-        self.journal = journal
-        self.lock = lock
-        self.read_only = read_only
-        self.pack_lock = threading.Lock()
-        self.untransform_record_data = lambda data: data
-        self.directories: TransactionDirectories | None = None
-        self.staging_dir: str | None = None
-        self.commit_log: CommitLog | None = None
-        # Logged transactions not yet finished or aborted; a checkpoint
-        # waits for none, and holds `logging` so that none starts.
-        self.logging = threading.Condition()
-        self.in_flight = 0
-        # Since the last checkpoint: the final names of committed files
-        # (without syncfs, the checkpoint fsyncs them one by one), and the
-        # staged names of files that were not inline, kept until the
-        # checkpoint makes their final names durable.
-        self.unsynced: list[str] = []
-        self.linked: list[str] = []
-        self._syncer: concurrent.futures.ThreadPoolExecutor | None = None
-
-    def syncer(self) -> concurrent.futures.ThreadPoolExecutor:
-        """The thread that fdatasyncs commit log records."""
-        if self._syncer is None:
-            self._syncer = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix='zodbblob-commit-log')
-        return self._syncer
-
-    def close(self) -> None:
-        if self._syncer is not None:
-            self._syncer.shutdown()
-            self._syncer = None
+def check_tid(base, tid) -> None:
+    """Refuse a tid a ZEO client chose that is not 8 bytes, not after the
+    last transaction, or more than a day ahead: StorageTransactionError."""
+    name = base.getName()
+    if not isinstance(tid, bytes) or len(tid) != 8:
+        raise StorageTransactionError(
+            'Refused tid %s for storage %s: expected exactly 8 bytes'
+            % (repr(tid)[:60], name))
+    last = base.lastTransaction()
+    if tid <= last:
+        raise StorageTransactionError(
+            'Refused tid %s for storage %s: expected a tid after its '
+            'last transaction %s' % (tid.hex(), name, last.hex()))
+    now = time.time()
+    limit = TimeStamp(*time.gmtime(now + MAX_TID_AHEAD)[:5],
+                      (now + MAX_TID_AHEAD) % 60).raw()
+    if tid > limit:
+        raise StorageTransactionError(
+            'Refused tid %s for storage %s: expected a time no more than '
+            'a day ahead, this is %s' % (tid.hex(), name,
+                                          TimeStamp(tid)))
 
 
 class _Staged:
@@ -149,39 +148,8 @@ class _Staged:
         self.stats: list = []                  # (oid, path, stat), logged
         self.inline = False                    # bytes in the log record
         self.published: list[str] = []         # final paths, once voted
-
-
-def checkpoint(shared: Shared) -> None:
-    """Make every logged transaction durable; start the log afresh.
-
-    Waits until no logged transaction is still finishing, and holds
-    off new ones meanwhile.  One syncfs covers the files, their names
-    and the catalog; without syncfs, each file and directory is
-    fsynced.  Then the staged names kept for files that were not
-    inline can go.
-    """
-    with shared.logging:
-        while shared.in_flight:
-            shared.logging.wait()
-        if not len(shared.commit_log) and not shared.linked:
-            return
-        if SYNCFS_AVAILABLE:
-            shared.journal.flush()
-            sync_filesystem(shared.fshelper.base_dir)
-        else:
-            for path in shared.unsynced:
-                if os.path.exists(path):
-                    fsync_path(path)
-            for directory in {os.path.dirname(path)
-                              for path in shared.unsynced}:
-                if os.path.isdir(directory):
-                    fsync_directory(directory)
-            shared.journal.sync()
-        kill_point('mid_checkpoint')
-        shared.commit_log.checkpoint()
-        linked, shared.linked, shared.unsynced = shared.linked, [], []
-    for path in linked:
-        remove_if_exists(path)
+        self.directories: dict[str, int] = {}  # of the final names: mode
+        self.syncing = None                    # one sync: S1's future
 
 
 class CommitProtocol:
@@ -194,13 +162,33 @@ class CommitProtocol:
         self._staged: _Staged | None = None
 
     def begin(self, transaction, tid=None, status=' '):
+        shared = self._shared
+        if not shared.one_sync or shared.committer is transaction:
+            # A second tpc_begin of one transaction: the base refuses it.
+            return self._begin(transaction, tid, status)
+        shared.committing.acquire()
+        shared.committer = transaction
+        try:
+            return self._begin(transaction, tid, status)
+        except BaseException:
+            self._release(transaction)
+            raise
+
+    def _release(self, transaction) -> None:
+        """One sync: let the next transaction commit."""
+        shared = self._shared
+        if shared.one_sync and shared.committer is transaction:
+            shared.committer = None
+            shared.committing.release()
+
+    def _begin(self, transaction, tid, status):
         if tid is None:
             return self.base.tpc_begin(transaction)
         # A ZEO client may choose its tid.  One that is not after the last
         # transaction would name the blob files of a committed one (and
         # FileStorage only warns); one far in the future would stay the
         # last tid for good (b'\xff' * 8 breaks every later DB open).
-        self._check_tid(tid)
+        check_tid(self.base, tid)
         if status == ' ':
             # MappingStorage takes no status.
             self.base.tpc_begin(transaction, tid)
@@ -209,30 +197,10 @@ class CommitProtocol:
         # Again under the base's commit lock: another transaction may have
         # committed since the check above.
         try:
-            self._check_tid(tid)
+            check_tid(self.base, tid)
         except StorageTransactionError:
             self.base.tpc_abort(transaction)
             raise
-
-    def _check_tid(self, tid) -> None:
-        name = self.base.getName()
-        if not isinstance(tid, bytes) or len(tid) != 8:
-            raise StorageTransactionError(
-                'Refused tid %s for storage %s: expected exactly 8 bytes'
-                % (repr(tid)[:60], name))
-        last = self.base.lastTransaction()
-        if tid <= last:
-            raise StorageTransactionError(
-                'Refused tid %s for storage %s: expected a tid after its '
-                'last transaction %s' % (tid.hex(), name, last.hex()))
-        now = time.time()
-        limit = TimeStamp(*time.gmtime(now + MAX_TID_AHEAD)[:5],
-                          (now + MAX_TID_AHEAD) % 60).raw()
-        if tid > limit:
-            raise StorageTransactionError(
-                'Refused tid %s for storage %s: expected a time no more than '
-                'a day ahead, this is %s' % (tid.hex(), name,
-                                              TimeStamp(tid)))
 
     def _stage(self, transaction) -> _Staged:
         staged = self._staged
@@ -279,11 +247,19 @@ class CommitProtocol:
         try:
             result = self.base.tpc_vote(transaction)
             kill_point('after_base_vote')
-            directories = self._make_directories(staged)
-        finally:
+            self._make_directories(staged)
+        except BaseException:
             syncing.result()
+            raise
+        if self._shared.one_sync:
+            # Published at finish, once S1 has returned: a file with its
+            # final name before its record is durable could outlive a
+            # power cut that took the record, an orphan nobody finds.
+            staged.syncing = syncing
+            return result
+        syncing.result()
         kill_point('after_journal_begin')
-        self._publish(staged, directories)
+        self._publish(staged)
         kill_point('after_publish')
         return result
 
@@ -334,33 +310,26 @@ class CommitProtocol:
         staged.stats = files
         return shared.syncer().submit(shared.commit_log.sync)
 
-    def _make_directories(self, staged: _Staged) -> dict[str, int]:
-        """Create the directories of the files' final names: {dir: mode}."""
-        directories: dict[str, int] = {}
+    def _make_directories(self, staged: _Staged) -> None:
+        """Create the directories of the files' final names, and clear
+        those names of what an earlier, aborted try left there.
+
+        At vote, before the base finishes: only a tid after the base's
+        last transaction may find a file at a final name; one that is not
+        would have the publish replace a committed blob.
+        """
+        directories = staged.directories
+        last = None
         for oid, path, info in staged.stats:
-            directory = os.path.dirname(
-                self.fshelper.getBlobFilename(oid, staged.tid))
+            final = self.fshelper.getBlobFilename(oid, staged.tid)
+            directory = os.path.dirname(final)
             if directory not in directories:
                 if SYNCFS_AVAILABLE:
                     os.makedirs(directory, exist_ok=True)
                 else:
                     makedirs_durable(directory)
                 directories[directory] = os.stat(directory).st_mode
-        return directories
-
-    def _publish(self, staged: _Staged, directories: dict[str, int]) -> None:
-        """Give the logged transaction's files their final names.
-
-        Runs after the base voted and before it finishes: the files are in
-        place before anyone can learn the tid.
-        """
-        last = None
-        for oid, path, info in staged.stats:
-            final = self.fshelper.getBlobFilename(oid, staged.tid)
             if os.path.lexists(final):
-                # Only a tid after the base's last transaction may find a
-                # file here (left by an earlier, aborted try); one that is
-                # not would have the rename replace a committed blob.
                 if last is None:
                     last = self.base.lastTransaction()
                 if staged.tid <= last:
@@ -369,6 +338,17 @@ class CommitProtocol:
                         'expected a tid after the last transaction %s'
                         % (final, last.hex()))
                 os.unlink(final)
+
+    def _publish(self, staged: _Staged) -> None:
+        """Give the logged transaction's files their final names.
+
+        Runs once the record is durable, and before anyone can learn the
+        tid: in the serial protocol after the base voted, with one sync
+        after the base finished but before the caller's callback.
+        """
+        directories = staged.directories
+        for oid, path, info in staged.stats:
+            final = self.fshelper.getBlobFilename(oid, staged.tid)
             mode = directories[os.path.dirname(final)]
             # As in ZODB: committed files are not writable, and readable by
             # whoever may read their directory.
@@ -398,6 +378,11 @@ class CommitProtocol:
             shared.logging.notify_all()
 
     def finish(self, transaction, f=None):
+        if self._shared.one_sync:
+            try:
+                return self._finish_one_sync(transaction, f)
+            finally:
+                self._release(transaction)
         # Some bases (MappingStorage) call `f` unconditionally.
         if f is None:
             tid = self.base.tpc_finish(transaction)
@@ -412,6 +397,87 @@ class CommitProtocol:
             else:
                 self._finished(staged, tid)
         return tid
+
+    def _finish_one_sync(self, transaction, f):
+        """Finish the base while S1 may still run; then wait for S1,
+        publish, and only then tell the caller (``f``) and show the tid.
+
+        Until then nobody can learn the new tid: ``lastTransaction()``
+        says the one before (ZODB's MVCC adapter and ZEO's server ask it),
+        the invalidations that ZODB and ZEO send from ``f`` wait, and a
+        ``loadBlob`` of the tid waits for its files.
+        """
+        shared = self._shared
+        staged = self._staged
+        if staged is None or staged.transaction is not transaction:
+            staged = None
+        if staged is None or staged.tid is None:
+            tid = (self.base.tpc_finish(transaction) if f is None
+                   else self.base.tpc_finish(transaction, f))
+            if staged is not None:
+                self._staged = None
+                for path in staged.files.values():
+                    remove_if_exists(path)  # stored, published by nobody
+            return tid
+        with shared.published:
+            shared.visible_tid = self.base.lastTransaction()
+            shared.publishing = staged.tid
+        tid = None
+        try:
+            tid = self.base.tpc_finish(transaction)
+            # The commit point: from here on, nothing raises.
+            self._staged = None
+            kill_point('after_base_finish_before_log_sync')
+            durable = self._await_record(staged)
+            kill_point('after_log_sync')
+            try:
+                self._publish(staged)
+                if not durable:
+                    self._make_durable(staged.published)
+                    for directory in staged.directories:
+                        fsync_directory(directory)
+            except OSError as e:
+                # The base committed: nothing raises now.  With the record
+                # durable, the next open gives the files their names; until
+                # then, readers get POSKeyError.
+                logger.error('Could not publish the blob files of committed '
+                             'transaction %s in %s (%s); the next open will '
+                             'from the commit log', oid_repr(tid),
+                             self.fshelper.base_dir, e)
+            kill_point('after_publish')
+        finally:
+            with shared.published:
+                shared.publishing = None
+                if tid is None:
+                    shared.visible_tid = None   # the base did not commit
+                shared.published.notify_all()
+        try:
+            if f is not None:
+                f(tid)
+        finally:
+            # After the callback, as a base shows its tid only after it:
+            # an MVCC reader that sees the tid has had its invalidations.
+            shared.visible_tid = None
+            self._finished(staged, tid)
+        return tid
+
+    def _await_record(self, staged: _Staged) -> bool:
+        """Wait for S1; False if it failed.
+
+        The base has committed, so the transaction must not fail now: its
+        files, once published, are then made durable one by one instead,
+        so that a crash cannot leave it torn (the next open rolls back
+        only a last transaction whose files are not all at their names).
+        """
+        try:
+            staged.syncing.result()
+        except OSError as e:
+            logger.error('Could not make the commit record of transaction '
+                         '%s durable in %s (%s); making its blob files '
+                         'durable one by one', oid_repr(staged.tid),
+                         self._shared.commit_log.path, e)
+            return False
+        return True
 
     def _finished(self, staged: _Staged, tid: bytes) -> None:
         shared = self._shared
@@ -449,15 +515,26 @@ class CommitProtocol:
         try:
             self.base.tpc_abort(transaction)
         finally:
-            staged = self._staged
-            if staged is not None and staged.transaction is transaction:
-                self._staged = None
-                for final in staged.published:
-                    remove_if_exists(final)
-                for path in staged.files.values():
-                    remove_if_exists(path)
-                if staged.tid is not None:
-                    try:
-                        self._shared.commit_log.abort(staged.tid)
-                    finally:
-                        self._done_logging()
+            try:
+                self._abort_staged(transaction)
+            finally:
+                self._release(transaction)
+
+    def _abort_staged(self, transaction) -> None:
+        staged = self._staged
+        if staged is not None and staged.transaction is transaction:
+            self._staged = None
+            if staged.syncing is not None:
+                try:
+                    staged.syncing.result()
+                except OSError:
+                    pass   # the abort record says it all the same
+            for final in staged.published:
+                remove_if_exists(final)
+            for path in staged.files.values():
+                remove_if_exists(path)
+            if staged.tid is not None:
+                try:
+                    self._shared.commit_log.abort(staged.tid)
+                finally:
+                    self._done_logging()

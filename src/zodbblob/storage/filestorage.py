@@ -32,8 +32,8 @@ import os
 import struct
 from dataclasses import dataclass
 
-import ZODB.blob
 import zc.lockfile
+import ZODB.blob
 
 from zodbblob.layout import fsync_directory
 
@@ -108,7 +108,7 @@ class _Reader:
             raw = self.read(position, _DATA.size)
             if raw is None:
                 return None
-            oid, serial, prev, tloc, version, size = _DATA.unpack(raw)
+            oid, serial, _prev, tloc, version, size = _DATA.unpack(raw)
             if serial != tid or tloc != start or version:
                 return None
             position += _DATA.size
@@ -135,7 +135,7 @@ class _Reader:
             raw = self.read(offset, _DATA.size)
             if raw is None:
                 return None
-            oid, serial, prev, tloc, version, size = _DATA.unpack(raw)
+            version, size = _DATA.unpack(raw)[4:]
             if version:
                 return None
             if size:
@@ -188,9 +188,9 @@ def truncate(path: str, start: int) -> str:
     ``<path>.tr<n>`` (the first free n), so nothing is destroyed.
     """
     number = 0
-    while os.path.exists('%s.tr%d' % (path, number)):
+    while os.path.exists(f'{path}.tr{number}'):
         number += 1
-    saved = '%s.tr%d' % (path, number)
+    saved = f'{path}.tr{number}'
     with open(path, 'r+b') as source:
         with open(saved, 'xb') as copy:
             copy.write(os.pread(source.fileno(),
@@ -225,9 +225,9 @@ class FileStorageOpener:
                  **options):
         if options.get('blob_dir'):
             raise ValueError(
-                'FileStorage %s: blob_dir %s would give it blob support of '
-                'its own; zodbblob keeps the blobs (give the blob directory '
-                'to zodbblob instead)' % (path, options['blob_dir']))
+                f'FileStorage {path}: blob_dir {options["blob_dir"]} would '
+                f'give it blob support of its own; zodbblob keeps the blobs '
+                f'(give the blob directory to zodbblob instead)')
         self.path = path
         self.read_only = bool(read_only or options.get('read_only'))
         self.create = bool(options.get('create'))
@@ -243,4 +243,4 @@ class FileStorageOpener:
         return FileStorage(self.path, **self.options)
 
     def __repr__(self):
-        return '<zodbblob FileStorageOpener %s>' % self.path
+        return f'<zodbblob FileStorageOpener {self.path}>'

@@ -16,7 +16,8 @@ from ZODB.POSException import POSKeyError, ReadOnlyError
 
 from zodbblob.layout import remove_if_exists
 from zodbblob.storage.catalog import JournalError, kill_point
-from zodbblob.storage.commit import CommitProtocol, Shared, checkpoint
+from zodbblob.storage.checkpoint import Shared, checkpoint
+from zodbblob.storage.commit import CommitProtocol
 from zodbblob.storage.lock import BlobStorageError
 
 logger = logging.getLogger(__name__)

@@ -32,16 +32,22 @@ from zodbblob.storage.catalog import (
     journal_path,
     kill_point,
 )
-from zodbblob.storage.commit import STAGING_PREFIX, Shared, checkpoint, read_bytes
+from zodbblob.storage.checkpoint import Shared, checkpoint
+from zodbblob.storage.commit import STAGING_PREFIX, read_bytes
 from zodbblob.storage.commitlog import (
     CommitLog,
-    CommitLogError,
     Entry,
     commit_log_path,
     latest_entries,
 )
 from zodbblob.storage.datamanager import TransactionDirectories
-from zodbblob.storage.lock import LOCK_NAME, lock_blob_directory
+from zodbblob.storage.filestorage import (
+    FileStorageOpener,
+    file_lock,
+    torn_transaction,
+    truncate,
+)
+from zodbblob.storage.lock import LOCK_NAME, BlobStorageError, lock_blob_directory
 from zodbblob.storage.pack import remove_blob_files
 
 logger = logging.getLogger(__name__)
@@ -103,6 +109,19 @@ def open_blob_directory(base, blob_dir: str, layout: str) -> Shared:
     return Recovery(base).open(blob_dir, layout)
 
 
+def open_with_base(opener: FileStorageOpener, blob_dir: str,
+                   layout: str) -> tuple:
+    """Open `blob_dir`, then the base `opener` opens: ``(base, shared)``.
+
+    The base is opened after the blob directory is locked and a torn last
+    transaction of its ``Data.fs`` rolled back, so the storage commits
+    with one sync (``filestorage.py`` has the argument).
+    """
+    recovery = Recovery(None)
+    shared = recovery.open(blob_dir, layout, opener)
+    return recovery.base, shared
+
+
 class Recovery:
     """Opens a blob directory, finishing what a crash interrupted there."""
 
@@ -110,11 +129,24 @@ class Recovery:
         self.base = base
         self._shared: Shared | None = None
 
-    def open(self, blob_dir: str, layout: str) -> Shared:
-        read_only = bool(getattr(self.base, 'isReadOnly', bool)())
+    def open(self, blob_dir: str, layout: str,
+             opener: FileStorageOpener | None = None) -> Shared:
         check_state_layout(blob_dir)
         fshelper = FilesystemHelper(blob_dir, layout)
-        if read_only:
+        if opener is not None and opener.read_only:
+            # Read-only commits nothing, and may not cut Data.fs.
+            self.base, opener = opener(), None
+        try:
+            return self._open(fshelper, opener)
+        except BaseException:
+            if opener is not None and self.base is not None:
+                self.base.close()   # ours: nobody else can close it
+                self.base = None
+            raise
+
+    def _open(self, fshelper, opener) -> Shared:
+        if self.base is not None and getattr(self.base, 'isReadOnly',
+                                             bool)():
             fshelper.check_marker()
             return Shared(fshelper, self._open_journal_read_only(fshelper),
                           None, True)
@@ -136,26 +168,94 @@ class Recovery:
                 lock.close()
             raise
         try:
-            journal = self._open_journal(fshelper)
-            shared = Shared(fshelper, journal, lock, False)
+            commit_log = CommitLog(commit_log_path(fshelper.base_dir))
             try:
-                shared.commit_log = CommitLog(
-                    commit_log_path(fshelper.base_dir))
-            except CommitLogError:
-                journal.close()
+                if opener is not None:
+                    self._roll_back_torn_tail(fshelper, commit_log, opener)
+                    self.base = opener()
+                else:
+                    self._refuse_torn_tail(fshelper, commit_log)
+                journal = self._open_journal(fshelper)
+            except BaseException:
+                commit_log.close()
                 raise
+            shared = Shared(fshelper, journal, lock, False)
+            shared.commit_log = commit_log
+            shared.one_sync = opener is not None
             self._shared = shared
             try:
                 self._recover(journal, fshelper)
                 journal.set_meta(state='open')
+                # Before the first commit: from here on, a crash may leave
+                # a torn last transaction for the next open to roll back.
+                if commit_log.open_one_sync != shared.one_sync:
+                    commit_log.mark_open_one_sync(shared.one_sync)
             except BaseException:
-                shared.commit_log.close()
+                commit_log.close()
                 journal.close()
                 raise
         except BaseException:
             lock.close()
             raise
+        self._log_protocol(fshelper, opener)
         return shared
+
+    def _roll_back_torn_tail(self, fshelper, commit_log,
+                             opener: FileStorageOpener) -> None:
+        """Cut a last transaction whose tpc_finish never returned.
+
+        Under FileStorage's own lock, so that a file another process has
+        open is never cut; released before the opener takes it.
+        """
+        path = opener.path
+        if opener.create or not os.path.exists(path):
+            return
+        lock = file_lock(path)
+        try:
+            torn = torn_transaction(path, commit_log, fshelper)
+            if torn is None:
+                return
+            saved = truncate(path, torn.start)
+        finally:
+            lock.close()
+        logger.warning(
+            'Rolled back transaction %s at the end of %s: it committed in '
+            'the base, but its commit record in %s never became durable, so '
+            'its tpc_finish never returned and nobody was told; its bytes '
+            'were saved to %s', oid_repr(torn.tid), path, commit_log.path,
+            saved)
+
+    def _refuse_torn_tail(self, fshelper, commit_log) -> None:
+        """Refuse a FileStorage opened by the caller that ends with a
+        transaction a one-sync storage left torn: serving it would serve
+        its blobs as missing, and only an open that opens the file itself
+        can roll it back."""
+        path = getattr(self.base, '_file_name', None)
+        if (not commit_log.open_one_sync or not isinstance(path, str)
+                or not os.path.isfile(path)):
+            return
+        torn = torn_transaction(path, commit_log, fshelper)
+        if torn is not None:
+            raise BlobStorageError(
+                f'Blob directory {fshelper.base_dir}: {path} ends with '
+                f'transaction {oid_repr(torn.tid)}, which a crash '
+                f'interrupted before its blob files were durable; open it '
+                f'with zodbblob.open_filestorage or a <zodbblob> section '
+                f'around <filestorage> to roll it back')
+
+    def _log_protocol(self, fshelper, opener) -> None:
+        if opener is not None:
+            logger.info(
+                'Blob directory %s commits with one sync: zodbblob opened '
+                '%s itself, so it can roll back a torn last transaction',
+                fshelper.base_dir, opener.path,
+                extra={'commit_protocol': 'one sync'})
+        else:
+            logger.info(
+                'Blob directory %s commits serially (the commit record is '
+                'durable before the base commits): its base %r was opened '
+                'by the caller', fshelper.base_dir, self.base,
+                extra={'commit_protocol': 'serial'})
 
     def _open_journal(self, fshelper) -> Journal:
         path = journal_path(fshelper.base_dir)

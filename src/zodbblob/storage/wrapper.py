@@ -24,11 +24,13 @@ from ZODB.POSException import POSKeyError
 
 from zodbblob.layout import check_id
 from zodbblob.storage.catalog import JournalError, kill_point
-from zodbblob.storage.commit import CommitProtocol, Shared, checkpoint, link_or_copy
+from zodbblob.storage.checkpoint import Shared, checkpoint
+from zodbblob.storage.commit import CommitProtocol, link_or_copy
 from zodbblob.storage.datamanager import TransactionDirectories
+from zodbblob.storage.filestorage import FileStorageOpener
 from zodbblob.storage.lock import BlobStorageError
 from zodbblob.storage.pack import Packer
-from zodbblob.storage.recovery import open_blob_directory
+from zodbblob.storage.recovery import open_blob_directory, open_with_base
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ class BlobStorage:
 
     # Bound from the base at construction: these need no blob handling.
     copied_methods = (
-        'getName', 'getTid', 'history', 'isReadOnly', 'lastTransaction',
+        'getName', 'getTid', 'history', 'isReadOnly',
         'load', 'loadBefore', 'loadSerial', 'new_oid', 'prefetch',
         'release', 'sortKey', 'supportsUndo',
         'undoInfo', 'undoLog', 'checkCurrentSerialInTransaction',
@@ -50,6 +52,27 @@ class BlobStorage:
 
     def __init__(self, blob_dir: str, base, layout: str = 'automatic',
                  _shared: Shared | None = None):
+        """`base` is a storage, or a `FileStorageOpener` (what
+        ``zodbblob.open_filestorage`` and the ``<zodbblob>`` section
+        give): then the storage opens its base itself, once the blob
+        directory is locked and a torn last transaction rolled back, and
+        commits with one sync.  ``commit_protocol`` says which.
+        """
+        if isinstance(base, FileStorageOpener):
+            base, _shared = open_with_base(base, blob_dir, layout)
+            self._owner = True
+            try:
+                self._wrap(blob_dir, base, layout, _shared)
+            except BaseException:
+                base.close()
+                self._close_opened(_shared)
+                raise
+            return
+        self._owner = _shared is None
+        self._wrap(blob_dir, base, layout, _shared)
+
+    def _wrap(self, blob_dir: str, base, layout: str,
+              _shared: Shared | None) -> None:
         if ZODB.interfaces.IBlobStorage.providedBy(base):
             name = getattr(base, 'getName', lambda: repr(base))()
             raise BlobStorageError(
@@ -70,7 +93,6 @@ class BlobStorage:
             provided.insert(0, ZODB.interfaces.IBlobStorageRestoreable)
         zope.interface.directlyProvides(self, *provided)
 
-        self._owner = _shared is None
         self._db = None
         self._closed = False
         if _shared is None:
@@ -80,6 +102,11 @@ class BlobStorage:
         self._commit = CommitProtocol(base, _shared)
         self._packer = Packer(base, _shared, self._commit,
                               self.is_blob_record)
+
+    @property
+    def commit_protocol(self) -> str:
+        """'one sync' or 'serial' (``doc/design.rst``, "Commit")."""
+        return 'one sync' if self._shared.one_sync else 'serial'
 
     # opening and closing
 
@@ -97,6 +124,10 @@ class BlobStorage:
                     checkpoint(shared)
                     shared.journal.set_meta(
                         state='closed', last_tid=self.base.lastTransaction())
+                    # Last: everything committed is durable now, so the
+                    # next open has no torn transaction to look for.
+                    if shared.commit_log.open_one_sync:
+                        shared.commit_log.mark_open_one_sync(False)
                 except (JournalError, OSError) as e:
                     # Nothing committed is lost: the commit log keeps the
                     # transactions whose rows could not be written, and
@@ -107,21 +138,34 @@ class BlobStorage:
                                    e)
         finally:
             self.base.close()
-            if shared.staging_dir is not None:
-                shutil.rmtree(shared.staging_dir, ignore_errors=True)
-                shared.staging_dir = None
-            if shared.directories is not None:
-                shared.directories.remove()
-            shared.close()
-            if shared.commit_log is not None:
-                shared.commit_log.close()
-            if shared.journal is not None:
-                try:
-                    shared.journal.close()
-                except JournalError:
-                    pass  # logged above; the commit log has the rows
-            if shared.lock is not None:
-                shared.lock.close()
+            self._close_opened(shared)
+
+    @staticmethod
+    def _close_opened(shared: Shared) -> None:
+        """Release what opening the blob directory took."""
+        if shared.staging_dir is not None:
+            shutil.rmtree(shared.staging_dir, ignore_errors=True)
+            shared.staging_dir = None
+        if shared.directories is not None:
+            shared.directories.remove()
+        shared.close()
+        if shared.commit_log is not None:
+            shared.commit_log.close()
+        if shared.journal is not None:
+            try:
+                shared.journal.close()
+            except JournalError:
+                pass  # logged above; the commit log has the rows
+        if shared.lock is not None:
+            shared.lock.close()
+
+    def lastTransaction(self) -> bytes:
+        # With one sync, a transaction whose base has finished stays
+        # unseen until its files are published and its callback ran.
+        visible = self._shared.visible_tid
+        if visible is not None:
+            return visible
+        return self.base.lastTransaction()
 
     def new_instance(self) -> BlobStorage:
         """A wrapped instance of an MVCC base, sharing this blob dir."""
@@ -187,8 +231,16 @@ class BlobStorage:
     def loadBlob(self, oid: bytes, serial: bytes) -> str:
         # A ZEO client's sendBlob names both: checked before the path is
         # built, or a serial holding '/..' could name any file.
+        serial = self._check_id(serial, 'serial')
         filename = self.fshelper.getBlobFilename(
-            self._check_id(oid, 'oid'), self._check_id(serial, 'serial'))
+            self._check_id(oid, 'oid'), serial)
+        shared = self._shared
+        if shared.publishing == serial:
+            # One sync: whoever learned the tid early (a load of the
+            # current record) waits for its files.
+            with shared.published:
+                while shared.publishing == serial:
+                    shared.published.wait()
         if not os.path.exists(filename):
             raise POSKeyError('No blob file at %s' % filename, oid, serial)
         return filename

@@ -2,9 +2,12 @@
 
 Usage: python -m zodbblob.tests.crash_child DIR [TRANSACTIONS] [--pack]
            [--many] [--not-inline] [--checkpoint-every N] [--log-mib N]
+           [--config]
 
 Opens ``DIR/Data.fs`` with blobs in ``DIR/blobs`` through
-zodbblob.BlobStorage and commits blob transactions of every shape (new and
+zodbblob.BlobStorage (with ``--config``, through a ``<zodbblob>``
+section around ``<filestorage>``: the storage opens its base itself and
+commits with one sync) and commits blob transactions of every shape (new and
 changed blobs, several per transaction, empty and multi-MiB ones).  After
 each commit returns, it appends what it committed to ``DIR/committed``
 and fsyncs it: the parent checks exactly those bytes after the crash.
@@ -21,6 +24,7 @@ import time
 
 import transaction
 import ZODB
+import ZODB.config
 import ZODB.FileStorage
 from ZODB.blob import Blob
 
@@ -35,6 +39,20 @@ def payload(rng: random.Random, shape: int) -> bytes:
     if shape == 1:
         return rng.randbytes(3 * 1024 * 1024 + rng.randrange(1000))
     return rng.randbytes(rng.randrange(1, 20000))
+
+
+def open_configured(directory: str):
+    """The storage of a ``<zodbblob>`` section around ``<filestorage>``,
+    as zope.conf and ``zodbblob serve`` open it: with one sync."""
+    return ZODB.config.storageFromString(f"""
+        %import zodbblob
+        <zodbblob>
+          blob-dir {os.path.join(directory, 'blobs')}
+          <filestorage>
+            path {os.path.join(directory, 'Data.fs')}
+          </filestorage>
+        </zodbblob>
+        """)
 
 
 def main(argv):
@@ -57,9 +75,12 @@ def main(argv):
         zodbblob.storage.commit.CHECKPOINT_RECORDS = int(
             argv[argv.index('--checkpoint-every') + 1])
     rng = random.Random(os.getpid())
-    storage = BlobStorage(os.path.join(directory, 'blobs'),
-                          ZODB.FileStorage.FileStorage(
-                              os.path.join(directory, 'Data.fs')))
+    if '--config' in argv:
+        storage = open_configured(directory)
+    else:
+        storage = BlobStorage(os.path.join(directory, 'blobs'),
+                              ZODB.FileStorage.FileStorage(
+                                  os.path.join(directory, 'Data.fs')))
     db = ZODB.DB(storage)
     conn = db.open()
     root = conn.root()

@@ -338,5 +338,7 @@ class ZEOServerLayerTests(TemporaryDirectory, unittest.TestCase):
             server.start()
         message = str(caught.exception)
         self.assertIn('exited with status 2', message)
-        self.assertIn(self.layer.data_fs + '.lock', message)
+        # The storage locks its blob directory before it opens Data.fs.
+        self.assertIn(os.path.join(self.layer.blob_dir, '.zodbblob', 'lock'),
+                      message)
         self.assertNotIn('Stopped; closed storages', message)

@@ -33,6 +33,7 @@ from ZODB.tests.MVCCMappingStorage import MVCCMappingStorage
 
 import zope.testing.setupstack
 
+import zodbblob
 import zodbblob.zeo
 from zodbblob import BlobStorage
 
@@ -65,6 +66,17 @@ class BlobFileStorageTests(
     def setUp(self):
         StorageTestBase.StorageTestBase.setUp(self)
         self.open(create=1)
+
+
+class OneSyncFileStorageTests(BlobFileStorageTests):
+    """The FileStorage suites, through a wrapper that opened its base
+    itself and commits with one sync."""
+
+    def open(self, **kwargs):
+        self._storage = zodbblob.open_filestorage(
+            'Data.fs', blob_dir='blobs', **kwargs)
+        assert self._storage.commit_protocol == (
+            'serial' if kwargs.get('read_only') else 'one sync')
 
 
 class BlobMappingStorageTests(
@@ -117,6 +129,10 @@ class BlobFileStorageRecoveryTests(
 
 def blob_file_storage(name, blob_dir):
     return BlobStorage(blob_dir, ZODB.FileStorage.FileStorage(name + '.fs'))
+
+
+def one_sync_file_storage(name, blob_dir):
+    return zodbblob.open_filestorage(name + '.fs', blob_dir=blob_dir)
 
 
 def blob_mapping_storage(name, blob_dir):
@@ -202,12 +218,15 @@ def zeo_blob_cache_suite():
 
 def test_suite():
     suite = unittest.TestSuite()
-    for klass in (BlobFileStorageTests, BlobMappingStorageTests,
-                  BlobFileStorageRecoveryTests):
+    for klass in (BlobFileStorageTests, OneSyncFileStorageTests,
+                  BlobMappingStorageTests, BlobFileStorageRecoveryTests):
         suite.addTest(unittest.defaultTestLoader.loadTestsFromTestCase(klass))
     suite.layer = ZODB.tests.util.MininalTestLayer('zodbblob.conformance')
     suite.addTest(ZODB.tests.testblob.storage_reusable_suite(
         'zodbblob.FileStorage', blob_file_storage,
+        test_blob_storage_recovery=True, test_packing=True, test_undo=True))
+    suite.addTest(ZODB.tests.testblob.storage_reusable_suite(
+        'zodbblob.OneSyncFileStorage', one_sync_file_storage,
         test_blob_storage_recovery=True, test_packing=True, test_undo=True))
     # MappingStorage has neither undo nor a history-keeping pack, as in
     # ZODB's own run of this suite against its MVCC mapping storage.

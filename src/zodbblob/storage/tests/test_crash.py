@@ -95,15 +95,21 @@ class CrashTestCase(unittest.TestCase):
                 expected.update(entry['changed'])
         return last_tid, expected
 
+    def open_storage(self):
+        """The storage the check reopens: as the child opened it."""
+        return BlobStorage(os.path.join(self.dir, 'blobs'),
+                           ZODB.FileStorage.FileStorage(
+                               os.path.join(self.dir, 'Data.fs')))
+
     def check_guarantee(self, pack=False):
-        blob_dir = os.path.join(self.dir, 'blobs')
-        storage = BlobStorage(blob_dir, ZODB.FileStorage.FileStorage(
-            os.path.join(self.dir, 'Data.fs')))
+        storage = self.open_storage()
         db = ZODB.DB(storage)
         try:
             self.assertEqual(len(storage._shared.commit_log), 0)
             self.assertEqual(storage._shared.journal.garbage(), [])
-            self.assertEqual(os.listdir(os.path.join(blob_dir, 'tmp')), [])
+            self.assertEqual(
+                os.listdir(os.path.join(storage.fshelper.base_dir, 'tmp')),
+                [])
             last_tid, expected = self.committed_log()
             if last_tid is not None:
                 # Read as of the last transaction the child saw commit: a

@@ -1,0 +1,103 @@
+"""Shared, what all MVCC instances of one storage share; the checkpoint.
+
+A checkpoint (every CHECKPOINT_RECORDS transactions, when the commit log
+is full, around a pack and at close) makes every file, name and catalog
+row the commit log's records describe durable with one filesystem sync,
+and starts the log afresh.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+
+from zodbblob.layout import fsync_directory, fsync_path, remove_if_exists
+from zodbblob.storage.catalog import SYNCFS_AVAILABLE, kill_point, sync_filesystem
+from zodbblob.storage.commitlog import CommitLog
+from zodbblob.storage.datamanager import TransactionDirectories
+
+
+class Shared:
+    """What all MVCC instances of one storage share."""
+
+    def __init__(self, fshelper, journal, lock, read_only):
+        self.fshelper = fshelper
+        self.journal = journal
+        self.lock = lock
+        self.read_only = read_only
+        self.pack_lock = threading.Lock()
+        self.untransform_record_data = lambda data: data
+        self.directories: TransactionDirectories | None = None
+        self.staging_dir: str | None = None
+        self.commit_log: CommitLog | None = None
+        # Logged transactions not yet finished or aborted; a checkpoint
+        # waits for none, and holds `logging` so that none starts.
+        self.logging = threading.Condition()
+        self.in_flight = 0
+        # Since the last checkpoint: the final names of committed files
+        # (without syncfs, the checkpoint fsyncs them one by one), and the
+        # staged names of files that were not inline, kept until the
+        # checkpoint makes their final names durable.
+        self.unsynced: list[str] = []
+        self.linked: list[str] = []
+        self._syncer: concurrent.futures.ThreadPoolExecutor | None = None
+        # One sync: set at open for a base the storage opened itself.
+        self.one_sync = False
+        # One sync: the transaction between tpc_begin and the end of its
+        # finish or abort holds `committing`; nothing else commits to the
+        # base meanwhile.
+        self.committing = threading.Lock()
+        self.committer = None
+        # One sync: while a transaction's base has finished and its files
+        # are not yet published, lastTransaction() says `visible_tid` and
+        # loadBlob of `publishing` waits on `published`.
+        self.published = threading.Condition()
+        self.publishing: bytes | None = None
+        self.visible_tid: bytes | None = None
+
+    def syncer(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The thread that fdatasyncs commit log records."""
+        if self._syncer is None:
+            self._syncer = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix='zodbblob-commit-log')
+        return self._syncer
+
+    def close(self) -> None:
+        if self._syncer is not None:
+            self._syncer.shutdown()
+            self._syncer = None
+
+
+
+def checkpoint(shared: Shared) -> None:
+    """Make every logged transaction durable; start the log afresh.
+
+    Waits until no logged transaction is still finishing, and holds
+    off new ones meanwhile.  One syncfs covers the files, their names
+    and the catalog; without syncfs, each file and directory is
+    fsynced.  Then the staged names kept for files that were not
+    inline can go.
+    """
+    with shared.logging:
+        while shared.in_flight:
+            shared.logging.wait()
+        if not len(shared.commit_log) and not shared.linked:
+            return
+        if SYNCFS_AVAILABLE:
+            shared.journal.flush()
+            sync_filesystem(shared.fshelper.base_dir)
+        else:
+            for path in shared.unsynced:
+                if os.path.exists(path):
+                    fsync_path(path)
+            for directory in {os.path.dirname(path)
+                              for path in shared.unsynced}:
+                if os.path.isdir(directory):
+                    fsync_directory(directory)
+            shared.journal.sync()
+        kill_point('mid_checkpoint')
+        shared.commit_log.checkpoint()
+        linked, shared.linked, shared.unsynced = shared.linked, [], []
+    for path in linked:
+        remove_if_exists(path)
