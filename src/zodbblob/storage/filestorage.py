@@ -228,6 +228,14 @@ class FileStorageOpener:
                 f'FileStorage {path}: blob_dir {options["blob_dir"]} would '
                 f'give it blob support of its own; zodbblob keeps the blobs '
                 f'(give the blob directory to zodbblob instead)')
+        # Refused now, before the blob directory is made or locked.
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise ValueError(f'FileStorage {path}: its directory {directory} '
+                             f'does not exist')
+        if os.path.isdir(path) or (os.path.lexists(path)
+                                   and not os.path.isfile(path)):
+            raise ValueError(f'FileStorage {path} is not a regular file')
         self.path = path
         self.read_only = bool(read_only or options.get('read_only'))
         self.create = bool(options.get('create'))

@@ -15,6 +15,7 @@ import os
 import shutil
 import stat
 
+import ZODB.FileStorage
 from ZODB.POSException import POSKeyError
 from ZODB.utils import oid_repr, z64
 
@@ -230,9 +231,11 @@ class Recovery:
         transaction a one-sync storage left torn: serving it would serve
         its blobs as missing, and only an open that opens the file itself
         can roll it back."""
-        path = getattr(self.base, '_file_name', None)
-        if (not commit_log.open_one_sync or not isinstance(path, str)
-                or not os.path.isfile(path)):
+        if not (commit_log.open_one_sync
+                and isinstance(self.base, ZODB.FileStorage.FileStorage)):
+            return
+        path = self.base.getName()   # FileStorage's name is its path
+        if not os.path.isfile(path):
             return
         torn = torn_transaction(path, commit_log, fshelper)
         if torn is not None:

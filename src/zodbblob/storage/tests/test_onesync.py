@@ -29,6 +29,7 @@ from ZODB.POSException import POSKeyError
 from ZODB.utils import oid_repr
 
 import zodbblob
+import zodbblob.storage
 from zodbblob.layout import FilesystemHelper
 from zodbblob.storage import commitlog
 from zodbblob.storage.commitlog import CommitLog, commit_log_path
@@ -402,6 +403,37 @@ def wait_until(condition, timeout=120):
             return
         threading.Event().wait(0.01)
     raise AssertionError(f'waited {timeout} s in vain')
+
+
+class OpenFileStorageInputTests(unittest.TestCase):
+    """A wrong path is refused in one line naming it, changing nothing."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix='zodbblob-onesync-input-')
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def assertRefused(self, path, said, **options):
+        blob_dir = os.path.join(self.dir, 'blobs')
+        with self.assertRaises(ValueError) as caught:
+            zodbblob.open_filestorage(path, blob_dir=blob_dir, **options)
+        message = str(caught.exception)
+        self.assertIn(said, message)
+        self.assertNotIn('\n', message)
+        self.assertFalse(os.path.exists(blob_dir))
+
+    def test_a_missing_directory_a_directory_and_blob_dir_are_refused(self):
+        missing = os.path.join(self.dir, 'nowhere', 'Data.fs')
+        self.assertRefused(missing, f'FileStorage {missing}: its directory '
+                                    f'{os.path.dirname(missing)} does not '
+                                    f'exist')
+        self.assertRefused(self.dir, f'FileStorage {self.dir} is not a '
+                                     f'regular file')
+        path = os.path.join(self.dir, 'Data.fs')
+        with self.assertRaises(ValueError) as caught:
+            zodbblob.storage.FileStorageOpener(path, blob_dir='elsewhere')
+        self.assertIn(f'FileStorage {path}: blob_dir elsewhere',
+                      str(caught.exception))
+        self.assertEqual(os.listdir(self.dir), [])
 
 
 class FailingVote:
