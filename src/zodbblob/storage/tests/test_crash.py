@@ -343,11 +343,12 @@ class RandomKillTests(CrashTestCase):
     """SIGKILL at random moments, 200 times over one growing store."""
 
     level = 2
+    child_args = ()
 
     def test_random_kills(self):
         rng = random.Random(20261122)
         for iteration in range(200):
-            child = start_child(self.dir, *CHECKPOINTS,
+            child = start_child(self.dir, *CHECKPOINTS, *self.child_args,
                                 *MODES[iteration % len(MODES)])
             self.assertEqual(child.stdout.readline().strip(), b'ready')
             time.sleep(rng.uniform(0.0, 0.4))

@@ -34,6 +34,7 @@ from zodbblob.layout import FilesystemHelper
 from zodbblob.storage import commitlog
 from zodbblob.storage.commitlog import CommitLog, commit_log_path
 from zodbblob.storage.filestorage import last_transaction
+from zodbblob.storage.tests import test_crash
 from zodbblob.storage.tests.test_crash import (
     COMMIT_POINTS,
     CrashTestCase,
@@ -234,6 +235,16 @@ class OneSyncCrashTests(CrashTestCase):
         self.assertEqual(os.path.getsize(self.data_fs), size)
         # The configured open rolls it back.
         self.check_guarantee()
+
+
+# By its module: a class imported by name would run here a second time.
+class OneSyncRandomKillTests(test_crash.RandomKillTests):
+    """SIGKILL at random moments, 200 times, committing with one sync."""
+
+    child_args = ('--config',)
+
+    def open_storage(self):
+        return open_configured(self.dir)
 
 
 class OneSyncVisibilityTests(unittest.TestCase):
