@@ -13,6 +13,8 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import unittest
@@ -159,6 +161,20 @@ class OneSyncCrashTests(CrashTestCase):
     def test_a_torn_last_transaction_of_synced_files_is_rolled_back(self):
         # Files made durable under their staged names, never published.
         self.roll_back_torn_transaction('--not-inline')
+
+    def test_recover_rolls_back_a_torn_transaction_and_says_so(self):
+        self.kill('after_base_finish_before_log_sync:6', *NO_CHECKPOINT)
+        torn = last_transaction(self.data_fs)
+        lose_last_record(self.blob_dir)
+        result = subprocess.run(
+            [sys.executable, '-m', 'zodbblob.cli', 'recover', '--data',
+             self.data_fs, '--blob-dir', self.blob_dir],
+            capture_output=True, text=True, timeout=300)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(f'Rolled back transaction {oid_repr(torn.tid)} at the '
+                      f'end of {self.data_fs}', result.stdout)
+        self.assertEqual(os.path.getsize(self.data_fs), torn.start)
+        self.check_guarantee()
 
     def test_a_durable_record_is_rolled_forward_not_back(self):
         # The same kill without the power cut: the record survived, so the
