@@ -6,9 +6,11 @@ ratio ours/stock, one row per blob size and transaction shape.
 Stock is ``ZODB.FileStorage.FileStorage(path, blob_dir=...)``, the usual
 blob setup: it renames each blob file into place at ``storeBlob`` and
 fsyncs no blob file (FileStorage fsyncs ``Data.fs`` once per commit).
-Ours is ``zodbblob.BlobStorage(blob_dir, FileStorage(path))``, which makes
-every commit's blob files, their names and its journal intent durable
-before the base commits.
+Ours is ``zodbblob.open_filestorage(path, blob_dir=...)``, the way the
+``<zodbblob>`` section around ``<filestorage>`` (zope.conf, ``zodbblob
+serve``) opens it: the storage opens its FileStorage itself and commits
+with one sync (the commit record's fdatasync overlapping the base's
+fsync of ``Data.fs``); ``tpc_finish`` returns once both are durable.
 
 Both are driven the way an application drives them::
 
@@ -109,8 +111,7 @@ def open_db(side: str, run_dir: str, create: bool = True) -> ZODB.DB:
     if side == 'stock':
         storage = ZODB.FileStorage.FileStorage(path, blob_dir=blob_dir)
     else:
-        storage = zodbblob.BlobStorage(
-            blob_dir, ZODB.FileStorage.FileStorage(path))
+        storage = zodbblob.open_filestorage(path, blob_dir=blob_dir)
     db = ZODB.DB(storage)
     if create:
         with db.transaction() as conn:
