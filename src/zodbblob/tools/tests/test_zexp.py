@@ -843,7 +843,9 @@ class CommandTests(ZexpTestCase):
         self.assertEqual(status, 130)
         self.assertIn('interrupted: nothing of', err)
         env = dict(os.environ)
-        env[KILL_POINT_VARIABLE] = 'after_journal_begin'
+        # Before the base commits, in either commit protocol (the command
+        # opens Data.fs itself, so it commits with one sync).
+        env[KILL_POINT_VARIABLE] = 'after_base_vote'
         killed = subprocess.run(
             [sys.executable, '-m', 'zodbblob.cli', 'import', *self.storage,
              path], env=env, capture_output=True, timeout=120)
