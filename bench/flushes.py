@@ -11,7 +11,11 @@ test):
 - S1 alone: a 4 KiB ``pwrite`` over a zero-filled log and ``fdatasync``;
 - S2 alone: a 600-byte append to another file and ``fsync``;
 - S1 then S2;
-- S1 in a worker thread while S2 runs (what one-sync commit does).
+- S1 in a worker thread while S2 runs (what one-sync commit does);
+- the record only written back (``sync_file_range``: written to the
+  device, no cache flush), then S2, whose flush covers every write the
+  device has completed.  Not built: a route to one flush that only a
+  block-level power-cut test can prove (see bench/README.md).
 
 Run from the project root:
 
@@ -21,6 +25,7 @@ Run from the project root:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import concurrent.futures
 import os
 import shutil
@@ -60,6 +65,19 @@ def main(argv=None) -> int:
             os.write(data, os.urandom(600))
             os.fsync(data)
 
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64,
+                                         ctypes.c_int64, ctypes.c_uint]
+        # SYNC_FILE_RANGE_WAIT_BEFORE | _WRITE | _WAIT_AFTER
+        write_back = 1 | 2 | 4
+
+        def written_back(i):
+            offset = (i % LOG_PAGES) * PAGE
+            os.pwrite(log, os.urandom(PAGE), offset)
+            if libc.sync_file_range(log, offset, PAGE, write_back):
+                raise OSError(ctypes.get_errno(), 'sync_file_range')
+            s2(i)
+
         def serial(i):
             s1(i)
             s2(i)
@@ -73,7 +91,8 @@ def main(argv=None) -> int:
         print(f'{root}: medians of {args.count} rounds, ms')
         for name, step in (('S1 alone', s1), ('S2 alone', s2),
                            ('S1 then S2', serial),
-                           ('S1 while S2 (one sync)', overlapped)):
+                           ('S1 while S2 (one sync)', overlapped),
+                           ('written back, then S2', written_back)):
             times = []
             for i in range(args.count):
                 start = time.perf_counter()
