@@ -1,10 +1,12 @@
 """The catalog of a blob directory, and the commit protocol's helpers.
 
 One SQLite database (``<blob_dir>/.zodbblob/journal.sqlite``, WAL mode)
-holds a row per committed blob file: ``(oid, tid, size)``.  The rows are
-the catalog: the total size (``getSize`` in O(1)) and the set of blob files
-that pack compares with the base storage's live records, without walking
-the directory.  A transaction's rows are added after the base storage has
+holds a row per committed blob file: ``(oid, tid, size, superseded)``.
+The rows are the catalog: the total size (``getSize`` in O(1)), and the
+blob files pack looks among for its garbage without walking the
+directory: ``superseded``, the tid of the oid's next revision (indexed),
+gives it the revisions a pack time may drop, and pack and verify read
+rows in bounded batches (`Journal.rows`, `Journal.superseded`).  A transaction's rows are added after the base storage has
 committed it, without a sync: until the next checkpoint, its record in the
 commit log (``zodbblob.storage.commitlog``) is what recovery goes by, and a
 checkpoint makes the rows durable before it lets the record go.  A batch
@@ -33,6 +35,7 @@ from collections.abc import Iterable, Iterator
 import zope.interface
 
 from zodbblob.interfaces import IBlobJournal
+from zodbblob.storage import schema
 
 
 logger = logging.getLogger(__name__)
@@ -40,26 +43,6 @@ logger = logging.getLogger(__name__)
 STATE_DIR = '.zodbblob'
 JOURNAL_NAME = 'journal.sqlite'
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS blob (
-    oid BLOB NOT NULL,
-    tid BLOB NOT NULL,
-    size INTEGER NOT NULL,
-    superseded BLOB,
-    PRIMARY KEY (oid, tid)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS blob_superseded ON blob (superseded)
-    WHERE superseded IS NOT NULL;
-CREATE TABLE IF NOT EXISTS garbage (
-    oid BLOB NOT NULL,
-    tid BLOB NOT NULL,
-    PRIMARY KEY (oid, tid)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS meta (
-    name TEXT PRIMARY KEY,
-    value
-);
-"""
 
 
 # Catalog rows added after commits are written in batches of this many.
@@ -197,7 +180,7 @@ class Journal:
                 self._db.execute('PRAGMA journal_mode=WAL')
                 self._drop_old_catalog()
                 self._add_superseded()
-                self._db.executescript(_SCHEMA)
+                self._db.executescript(schema.SCHEMA)
             self._total = self._read_total()
         except sqlite3.DatabaseError as e:
             self._db.close()
@@ -205,49 +188,20 @@ class Journal:
                                % (self.path, e)) from e
 
     def _drop_old_catalog(self) -> None:
-        # zodbblob before the commit log kept pending rows in the catalog
-        # (a `state` column).  Such a catalog is rebuilt from a scan.
-        columns = [row[1] for row in self._db.execute(
-            "PRAGMA table_info('blob')")]
-        if 'state' in columns:
+        if schema.has_pending_rows(self._db):
             logger.warning('Blob catalog %s has an older format; it is '
                            'rebuilt from a scan', self.path)
-            self._db.executescript(
-                "DROP TABLE blob; DELETE FROM meta WHERE name IN "
-                "('state', 'total_size');")
+            schema.drop_catalog(self._db)
 
     def _add_superseded(self) -> None:
-        # zodbblob before the superseded column: one pass over the rows
-        # fills it in, in the transaction that adds it, so that a crash
-        # leaves the old catalog (migrated again at the next open) or the
-        # new one.
-        columns = [row[1] for row in self._db.execute(
-            "PRAGMA table_info('blob')")]
-        if not columns or 'superseded' in columns:
+        if not schema.lacks_superseded(self._db):
             return
-
-        def migrate():
-            self._db.execute('ALTER TABLE blob ADD COLUMN superseded BLOB')
-            return self._fill_superseded()
-
         with self._lock:
-            marked = self._write(migrate, 'add the superseded column to')
+            marked = self._write(lambda: schema.add_superseded(self._db),
+                                 'add the superseded column to')
         logger.info('Blob catalog %s: added the superseded column (%d '
                     'revisions superseded by a later one)', self.path,
                     marked)
-
-    def _fill_superseded(self) -> int:
-        # Inside a write transaction: each row a later row of its oid
-        # follows is superseded by the first of those.  One pass over the
-        # rows, each a primary-key range lookup.
-        return self._db.execute(
-            'UPDATE blob SET superseded = ('
-            '  SELECT min(later.tid) FROM blob AS later'
-            '  WHERE later.oid = blob.oid AND later.tid > blob.tid) '
-            'WHERE EXISTS ('
-            '  SELECT 1 FROM blob AS later'
-            '  WHERE later.oid = blob.oid AND later.tid > blob.tid)'
-        ).rowcount
 
     def _read_total(self) -> int:
         row = self._db.execute(
@@ -589,7 +543,7 @@ class Journal:
             self._db.executemany(
                 'INSERT OR REPLACE INTO blob (oid, tid, size) '
                 'VALUES (?, ?, ?)', counted())
-            self._fill_superseded()
+            schema.fill_superseded(self._db)
             self._store_total(total)
 
         with self._lock:

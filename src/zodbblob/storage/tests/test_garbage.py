@@ -6,12 +6,11 @@ and reads the other rows only when the base's GC removed objects (or the
 base cannot say).  Pack and verify read the catalog in bounded batches.
 """
 
+import concurrent.futures
 import logging
 import os
-import shutil
 import signal
 import sqlite3
-import threading
 import time
 import unittest
 
@@ -20,7 +19,7 @@ import ZODB
 import ZODB.FileStorage
 import ZODB.MappingStorage
 from ZODB.blob import Blob
-from ZODB.utils import p64, u64
+from ZODB.utils import p64
 
 from zodbblob import BlobStorage
 from zodbblob.storage.catalog import Journal, journal_path
@@ -90,21 +89,12 @@ class GarbageTestCase(StorageTestCase):
                 rows, rows[1:] + [(None, None, None)]):
             expected = following[1] if following[0] == oid else None
             self.assertEqual(superseded, expected,
-                             'row %r %r' % (oid.hex(), tid.hex()))
+                             f'row {oid.hex()} {tid.hex()}')
 
     def in_a_thread(self, function):
-        errors = []
-
-        def run():
-            try:
-                function()
-            except BaseException as e:
-                errors.append(e)
-        thread = threading.Thread(target=run)
-        thread.start()
-        thread.join(120)
-        self.assertFalse(thread.is_alive())
-        self.assertEqual(errors, [])
+        # Another thread, as a commit beside the pack would come.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(function).result(timeout=120)
 
 
 class SupersededTests(GarbageTestCase):
@@ -141,7 +131,7 @@ class SupersededTests(GarbageTestCase):
     def test_undo_back_to_an_earlier_blob_supersedes_the_undone_one(self):
         db = self.open_db()
         journal = db.storage._shared.journal
-        oid, first = self.commit_blob(db, 'a', b'first')
+        oid, _ = self.commit_blob(db, 'a', b'first')
         _, second = self.commit_blob(db, 'a', b'second')
         self.undo_last(db)
         _, undo = self.serial(db, 'a')
@@ -177,7 +167,7 @@ class SupersededTests(GarbageTestCase):
         db = self.open_db()
         for i in range(3):
             for revision in range(3):
-                self.commit_blob(db, 'b%d' % i, b'%d' % revision)
+                self.commit_blob(db, f'b{i}', str(revision).encode())
         db.close()
         for suffix in ('', '-wal', '-shm'):
             if os.path.exists(journal_path(self.blob_dir) + suffix):
@@ -191,7 +181,7 @@ class SupersededTests(GarbageTestCase):
         db = self.open_db()
         for i in range(3):
             for revision in range(2):
-                self.commit_blob(db, 'b%d' % i, b'%d' % revision)
+                self.commit_blob(db, f'b{i}', str(revision).encode())
         db.close()
         # The catalog as zodbblob before the superseded column wrote it.
         old = sqlite3.connect(journal_path(self.blob_dir))
@@ -244,10 +234,10 @@ class PackTests(GarbageTestCase):
         db = self.open_db()
         storage = db.storage
         for i in range(30):
-            self.commit_blob(db, 'b%d' % i, b'v1')
-        live = {i: self.commit_blob(db, 'b%d' % i, b'v2')
+            self.commit_blob(db, f'b{i}', b'v1')
+        live = {i: self.commit_blob(db, f'b{i}', b'v2')
                 for i in range(0, 30, 10)}
-        live.update({i: self.serial(db, 'b%d' % i)
+        live.update({i: self.serial(db, f'b{i}')
                      for i in range(30) if i not in live})
         batches = read_batches(storage._shared.journal)
         storage.base.load_serials = 0
@@ -263,7 +253,7 @@ class PackTests(GarbageTestCase):
         db = self.open_db()
         storage = db.storage
         for i in range(10):
-            self.commit_blob(db, 'b%d' % i, b'v1')
+            self.commit_blob(db, f'b{i}', b'v1')
         gone = self.serial(db, 'b3')
         with db.transaction() as conn:
             del conn.root()['b3']
@@ -278,7 +268,7 @@ class PackTests(GarbageTestCase):
         db = self.open_db(pack_gc=False)
         storage = db.storage
         for i in range(10):
-            self.commit_blob(db, 'b%d' % i, b'v1')
+            self.commit_blob(db, f'b{i}', b'v1')
         with db.transaction() as conn:
             del conn.root()['b3']
         batches = read_batches(storage._shared.journal)
@@ -295,7 +285,7 @@ class PackTests(GarbageTestCase):
         db = self.open_db()
         storage = db.storage
         for i in range(5):
-            self.commit_blob(db, 'b%d' % i, b'v1')
+            self.commit_blob(db, f'b{i}', b'v1')
         gone = self.serial(db, 'b3')
         with db.transaction() as conn:
             del conn.root()['b3']
@@ -319,9 +309,8 @@ class PackTests(GarbageTestCase):
         oid, current = self.commit_blob(db, 'a', b'v1')
 
         def change():
-            with db.transaction() as conn:
-                with conn.root()['a'].open('w') as f:
-                    f.write(b'v2')
+            with db.transaction() as conn, conn.root()['a'].open('w') as f:
+                f.write(b'v2')
         storage.base.after_pack = lambda: self.in_a_thread(change)
         time.sleep(0.01)
         db.pack()
@@ -338,7 +327,7 @@ class PackTests(GarbageTestCase):
         db = self.open_db(ZODB.MappingStorage.MappingStorage())
         storage = db.storage
         for i in range(5):
-            self.commit_blob(db, 'b%d' % i, b'v1')
+            self.commit_blob(db, f'b{i}', b'v1')
         gone = self.serial(db, 'b3')
         with db.transaction() as conn:
             del conn.root()['b3']
@@ -354,12 +343,12 @@ class PackTests(GarbageTestCase):
         db = self.open_db()
         storage = db.storage
         for i in range(12):
-            self.commit_blob(db, 'b%d' % i, b'v1')
+            self.commit_blob(db, f'b{i}', b'v1')
         for i in range(0, 12, 2):
-            self.commit_blob(db, 'b%d' % i, b'v2')
+            self.commit_blob(db, f'b{i}', b'v2')
         with db.transaction() as conn:
             del conn.root()['b1'], conn.root()['b3']
-        live = {self.serial(db, 'b%d' % i)
+        live = {self.serial(db, f'b{i}')
                 for i in range(12) if i not in (1, 3)}
         storage._shared.journal.read_batch = 2
         batches = read_batches(storage._shared.journal)
@@ -380,8 +369,8 @@ class VerifyBatchTests(GarbageTestCase):
     def commit_blobs(self, db, count):
         with db.transaction() as conn:
             for i in range(count):
-                conn.root()['b%d' % i] = Blob(b'%d' % i * 100)
-        return [self.serial(db, 'b%d' % i) for i in range(count)]
+                conn.root()[f'b{i}'] = Blob(str(i).encode() * 100)
+        return [self.serial(db, f'b{i}') for i in range(count)]
 
     def damage(self, storage, oid, tid):
         path = storage.fshelper.getBlobFilename(oid, tid)
