@@ -310,11 +310,24 @@ def table(all_results: dict) -> str:
     return '\n'.join(lines)
 
 
+def blob_counts(value: str) -> list[int]:
+    try:
+        counts = [int(size) for size in value.split(',')]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 200:
+        raise argparse.ArgumentTypeError(
+            f'{value!r} is not a comma-separated list of blob counts '
+            '(at least 200 each)')
+    return counts
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--dir',
                         help='where the stores are built and kept')
-    parser.add_argument('--sizes', default='20000,200000,1000000')
+    parser.add_argument('--sizes', type=blob_counts,
+                        default='20000,200000,1000000')
     parser.add_argument('--build-only', action='store_true')
     parser.add_argument('--child', nargs='+', help=argparse.SUPPRESS)
     parser.add_argument('--cases', default='1%,200')
@@ -325,7 +338,14 @@ def main(argv=None) -> None:
                   'commit': child_commit}[kind](*rest)
         print(json.dumps(result))
         return
-    sizes = [int(size) for size in args.sizes.split(',')]
+    sizes = args.sizes
+    if args.dir is None:
+        parser.error('--dir: where to build and keep the stores is required')
+    if not os.path.isdir(args.dir):
+        parser.error(f'--dir {args.dir}: no such directory')
+    cases = args.cases.split(',')
+    if not set(cases) <= {'1%', '200'}:
+        parser.error(f'--cases {args.cases}: the cases are 1% and 200')
     for size in sizes:
         store = os.path.join(args.dir, str(size))
         print('building %d blobs in %s' % (size, store), flush=True)
@@ -345,7 +365,7 @@ def main(argv=None) -> None:
         # once, before the copies.
         open_zodbblob(os.path.join(store, 'base')).close()
         all_results[size] = {}
-        for case in args.cases.split(','):
+        for case in cases:
             print('%d blobs, garbage %s' % (size, case), flush=True)
             all_results[size][case] = measure(store, size, case)
         print(table(all_results), flush=True)
