@@ -247,23 +247,26 @@ def make_garbage(path: str, blobs: int, count: int) -> None:
 SIDES = ('stock-keep', 'stock-nokeep', 'zodbblob')
 
 
-def measure(store: str, blobs: int, case: str) -> dict:
+def measure(store: str, blobs: int, case: str, sides=SIDES,
+            verifying: bool = True) -> dict:
     count = max(blobs // 100, 1) if case == '1%' else 200
     work = os.path.join(store, 'run-%s' % case.replace('%', 'pct'))
     shutil.rmtree(work, ignore_errors=True)
     garbage_source = os.path.join(work, 'zodbblob')
     copy_store(os.path.join(store, 'base'), garbage_source, True)
     make_garbage(garbage_source, blobs, count)
-    for side in SIDES[:2]:
-        copy_store(garbage_source, os.path.join(work, side), False)
+    for side in sides:
+        if side != 'zodbblob':
+            copy_store(garbage_source, os.path.join(work, side), False)
     # Stock opens the copies with no `.zodbblob`: its own blob directory.
     results = {'garbage': count}
-    for side in SIDES:
+    for side in sides:
         results[side] = run_child('pack', side, os.path.join(work, side))
         print('  %s %s: %s' % (case, side, results[side]), flush=True)
-    results['verify'] = run_child('verify', garbage_source)
-    print('  verify: %s' % results['verify'], flush=True)
-    if case == '1%':
+    if verifying:
+        results['verify'] = run_child('verify', garbage_source)
+        print('  verify: %s' % results['verify'], flush=True)
+    if case == '1%' and set(sides) >= {'stock-nokeep', 'zodbblob'}:
         for side in ('stock-nokeep', 'zodbblob'):
             results['commit-' + side] = run_child(
                 'commit', side, os.path.join(work, side))
@@ -331,6 +334,10 @@ def main(argv=None) -> None:
     parser.add_argument('--build-only', action='store_true')
     parser.add_argument('--child', nargs='+', help=argparse.SUPPRESS)
     parser.add_argument('--cases', default='1%,200')
+    parser.add_argument('--sides', default=','.join(SIDES),
+                        help='which sides pack (default: all three)')
+    parser.add_argument('--no-verify', action='store_true',
+                        help='measure pack only')
     args = parser.parse_args(argv)
     if args.child:
         kind, *rest = args.child
@@ -344,6 +351,10 @@ def main(argv=None) -> None:
     if not os.path.isdir(args.dir):
         parser.error(f'--dir {args.dir}: no such directory')
     cases = args.cases.split(',')
+    sides = args.sides.split(',')
+    if not sides or not set(sides) <= set(SIDES):
+        parser.error(f'--sides {args.sides}: the sides are '
+                     + ', '.join(SIDES))
     if not set(cases) <= {'1%', '200'}:
         parser.error(f'--cases {args.cases}: the cases are 1% and 200')
     for size in sizes:
@@ -367,8 +378,10 @@ def main(argv=None) -> None:
         all_results[size] = {}
         for case in cases:
             print('%d blobs, garbage %s' % (size, case), flush=True)
-            all_results[size][case] = measure(store, size, case)
-        print(table(all_results), flush=True)
+            all_results[size][case] = measure(store, size, case, sides,
+                                              not args.no_verify)
+        if sides == list(SIDES) and not args.no_verify:
+            print(table(all_results), flush=True)
     with open(os.path.join(args.dir, 'results.json'), 'w') as f:
         json.dump(all_results, f)
     print('load after: %s' % ' '.join(
