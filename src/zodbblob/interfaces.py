@@ -72,6 +72,10 @@ class IBlobJournal(Interface):
     def add(rows):
         """Record committed files ``(oid, tid, size)``; existing rows stay.
 
+        Each row supersedes the oid's row before it (its ``superseded``
+        becomes `tid`); a row whose size is None records a revision that
+        is no blob file, and only supersedes.
+
         Not synced: the caller keeps the commit log's record until
         ``sync`` has made the rows durable.  Never raises for the
         database (the transaction has committed): rows that cannot be
@@ -92,6 +96,15 @@ class IBlobJournal(Interface):
 
     def revisions(oid):
         """The tids of the committed blob files of `oid`, ascending."""
+
+    def rows(stop=None):
+        """Batches of ``(oid, tid, size)`` in ``(oid, tid)`` order, each
+        read on its own (memory that does not grow with the catalog);
+        with `stop`, without the rows superseded at or before it."""
+
+    def superseded(stop):
+        """Batches of the ``(oid, tid)`` superseded at or before tid
+        `stop`, from an index: the revisions a pack to `stop` may drop."""
 
     def remove(pairs):
         """Forget the committed files ``(oid, tid)`` in `pairs`."""

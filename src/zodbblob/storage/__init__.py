@@ -6,7 +6,8 @@ collaborators: ``recovery`` (opening a blob directory: the catalog, and
 finishing what a crash interrupted), ``commit`` (stage, log, publish,
 finish, and the checkpoint), ``pack`` (pack and undo) and ``lock`` (who
 holds a blob directory).  Below them: ``catalog`` (the SQLite catalog,
-class ``Journal``), ``commitlog`` and ``datamanager`` (a transaction's
+class ``Journal``; its tables and migrations in ``schema``),
+``commitlog`` and ``datamanager`` (a transaction's
 directory for new blob files).
 """
 

@@ -1,10 +1,12 @@
 """The catalog of a blob directory, and the commit protocol's helpers.
 
 One SQLite database (``<blob_dir>/.zodbblob/journal.sqlite``, WAL mode)
-holds a row per committed blob file: ``(oid, tid, size)``.  The rows are
-the catalog: the total size (``getSize`` in O(1)) and the set of blob files
-that pack compares with the base storage's live records, without walking
-the directory.  A transaction's rows are added after the base storage has
+holds a row per committed blob file: ``(oid, tid, size, superseded)``.
+The rows are the catalog: the total size (``getSize`` in O(1)), and the
+blob files pack looks among for its garbage without walking the
+directory: ``superseded``, the tid of the oid's next revision (indexed),
+gives it the revisions a pack time may drop, and pack and verify read
+rows in bounded batches (`Journal.rows`, `Journal.superseded`).  A transaction's rows are added after the base storage has
 committed it, without a sync: until the next checkpoint, its record in the
 commit log (``zodbblob.storage.commitlog``) is what recovery goes by, and a
 checkpoint makes the rows durable before it lets the record go.  A batch
@@ -28,11 +30,12 @@ import signal
 import sqlite3
 import threading
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import zope.interface
 
 from zodbblob.interfaces import IBlobJournal
+from zodbblob.storage import schema
 
 
 logger = logging.getLogger(__name__)
@@ -40,27 +43,14 @@ logger = logging.getLogger(__name__)
 STATE_DIR = '.zodbblob'
 JOURNAL_NAME = 'journal.sqlite'
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS blob (
-    oid BLOB NOT NULL,
-    tid BLOB NOT NULL,
-    size INTEGER NOT NULL,
-    PRIMARY KEY (oid, tid)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS garbage (
-    oid BLOB NOT NULL,
-    tid BLOB NOT NULL,
-    PRIMARY KEY (oid, tid)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS meta (
-    name TEXT PRIMARY KEY,
-    value
-);
-"""
 
 
 # Catalog rows added after commits are written in batches of this many.
 SAVE_EVERY = 64
+# Pack and verify read the catalog in batches of this many rows, each one
+# query: their memory does not grow with the catalog, and a commit waits
+# for one batch, not for the whole read.
+READ_BATCH = 5000
 
 KILL_POINT_VARIABLE = 'ZODBBLOB_KILL_POINT'
 KILL_POINTS = (
@@ -173,6 +163,7 @@ class Journal:
         self.path = journal_path(blob_dir)
         self.read_only = read_only
         self._lock = threading.Lock()
+        self.read_batch = READ_BATCH
         self._unsaved: list[tuple[bytes, bytes, int]] = []
         # Pending rows when the last batch failed: the next try waits
         # for one more batch.
@@ -190,7 +181,8 @@ class Journal:
             if not read_only:
                 self._db.execute('PRAGMA journal_mode=WAL')
                 self._drop_old_catalog()
-                self._db.executescript(_SCHEMA)
+                self._add_superseded()
+                self._db.executescript(schema.SCHEMA)
             self._total = self._read_total()
         except sqlite3.DatabaseError as e:
             self._db.close()
@@ -198,16 +190,20 @@ class Journal:
                                % (self.path, e)) from e
 
     def _drop_old_catalog(self) -> None:
-        # zodbblob before the commit log kept pending rows in the catalog
-        # (a `state` column).  Such a catalog is rebuilt from a scan.
-        columns = [row[1] for row in self._db.execute(
-            "PRAGMA table_info('blob')")]
-        if 'state' in columns:
+        if schema.has_pending_rows(self._db):
             logger.warning('Blob catalog %s has an older format; it is '
                            'rebuilt from a scan', self.path)
-            self._db.executescript(
-                "DROP TABLE blob; DELETE FROM meta WHERE name IN "
-                "('state', 'total_size');")
+            schema.drop_catalog(self._db)
+
+    def _add_superseded(self) -> None:
+        if not schema.lacks_superseded(self._db):
+            return
+        with self._lock:
+            marked = self._write(lambda: schema.add_superseded(self._db),
+                                 'add the superseded column to')
+        logger.info('Blob catalog %s: added the superseded column (%d '
+                    'revisions superseded by a later one)', self.path,
+                    marked)
 
     def _read_total(self) -> int:
         row = self._db.execute(
@@ -297,8 +293,14 @@ class Journal:
 
     # the commit protocol: rows are added once the base has committed
 
-    def add(self, rows: Iterable[tuple[bytes, bytes, int]]) -> None:
+    def add(self, rows: Iterable[tuple[bytes, bytes, int | None]]) -> None:
         """Record committed blob files ``(oid, tid, size)``.
+
+        A row supersedes the oid's revision before it: that row's
+        ``superseded`` becomes `tid` (the index pack finds its garbage
+        in).  A row whose size is None records a revision of `oid` that
+        is no blob file (an undo back to before the blob existed): it
+        supersedes, and adds no row.
 
         Neither written nor synced at once: rows are kept and written in
         batches (every SAVE_EVERY rows, before anything reads the catalog,
@@ -332,10 +334,16 @@ class Journal:
         def insert():
             added = 0
             for oid, tid, size in rows:
-                if self._db.execute(
-                        'INSERT OR IGNORE INTO blob (oid, tid, size) '
-                        'VALUES (?, ?, ?)', (oid, tid, size)).rowcount:
+                if size is None:
+                    self._supersede(oid, tid)
+                elif self._db.execute(
+                        'INSERT OR IGNORE INTO blob '
+                        '(oid, tid, size, superseded) VALUES (?, ?, ?, ('
+                        '  SELECT min(tid) FROM blob'
+                        '  WHERE oid = ? AND tid > ?))',
+                        (oid, tid, size, oid, tid)).rowcount:
                     added += size
+                    self._supersede(oid, tid)
             self._store_total(self._total + added)
             return added
 
@@ -344,6 +352,16 @@ class Journal:
         del self._unsaved[:len(rows)]
         self._failed_rows = 0
         self._total += added
+
+    def _supersede(self, oid: bytes, tid: bytes) -> None:
+        # Inside a write transaction: the oid's row before `tid` is
+        # superseded at `tid`, unless something earlier superseded it
+        # (rows may come out of tid order: recovery's, a failed batch's).
+        self._db.execute(
+            'UPDATE blob SET superseded = ? WHERE oid = ? AND tid = ('
+            '  SELECT max(tid) FROM blob WHERE oid = ? AND tid < ?) '
+            'AND (superseded IS NULL OR superseded > ?)',
+            (tid, oid, oid, tid, tid))
 
     def flush(self) -> None:
         """Write the rows added so far (without a sync); JournalError if
@@ -383,7 +401,8 @@ class Journal:
 
     def total_size(self) -> int:
         with self._lock:
-            return self._total + sum(size for oid, tid, size in self._unsaved)
+            return self._total + sum(size for oid, tid, size in self._unsaved
+                                     if size is not None)
 
     def revisions(self, oid: bytes) -> list[bytes]:
         return [tid for (tid,) in self._query(
@@ -392,6 +411,62 @@ class Journal:
     def committed(self) -> Iterable[tuple[bytes, bytes, int]]:
         """``(oid, tid, size)`` of every committed blob file."""
         return self._query('SELECT oid, tid, size FROM blob')
+
+    def _read_batch(self, sql: str, parameters) -> list:
+        """One batch of a batched read (tests count them)."""
+        return self._query(sql, parameters)
+
+    def rows(self, stop: bytes | None = None
+             ) -> Iterator[list[tuple[bytes, bytes, int]]]:
+        """Batches of ``(oid, tid, size)`` rows in ``(oid, tid)`` order.
+
+        With `stop`, the rows superseded at or before it are left out.
+        At most `read_batch` rows are read at a time, each batch from
+        where the last ended, so rows removed meanwhile are not missed.
+        """
+        after = (b'', b'')
+        superseded = ('' if stop is None else
+                      'AND (superseded IS NULL OR superseded > ?) ')
+        extra = () if stop is None else (stop,)
+        while True:
+            batch = self._read_batch(
+                'SELECT oid, tid, size FROM blob WHERE (oid, tid) > (?, ?) '
+                + superseded + 'ORDER BY oid, tid LIMIT ?',
+                (*after, *extra, self.read_batch))
+            if not batch:
+                return
+            after = batch[-1][:2]
+            yield batch
+
+    def superseded(self, stop: bytes) -> Iterator[list[tuple[bytes, bytes]]]:
+        """Batches of the ``(oid, tid)`` superseded at or before `stop`.
+
+        From the ``superseded`` index: a pack reads its candidates, not
+        the catalog.  Batches as `rows`, in the order of supersession.
+        """
+        after = None
+        while True:
+            if after is None:
+                batch = self._read_batch(
+                    'SELECT superseded, oid, tid FROM blob '
+                    'WHERE superseded <= ? ORDER BY superseded, oid, tid '
+                    'LIMIT ?', (stop, self.read_batch))
+            else:
+                batch = self._read_batch(
+                    'SELECT superseded, oid, tid FROM blob '
+                    'WHERE superseded <= ? AND (superseded, oid, tid) > '
+                    '(?, ?, ?) ORDER BY superseded, oid, tid LIMIT ?',
+                    (stop, *after, self.read_batch))
+            if not batch:
+                return
+            after = batch[-1]
+            yield [(oid, tid) for superseded, oid, tid in batch]
+
+    def superseded_at(self, oid: bytes, tid: bytes) -> bytes | None:
+        """The tid that superseded revision `tid` of `oid`, or None."""
+        rows = self._query('SELECT superseded FROM blob '
+                           'WHERE oid = ? AND tid = ?', (oid, tid))
+        return rows[0][0] if rows else None
 
     def __len__(self):
         return self._query('SELECT count(*) FROM blob')[0][0]
@@ -452,15 +527,25 @@ class Journal:
                                        synchronous='NORMAL')
 
     def rebuild(self, blobs: Iterable[tuple[bytes, bytes, int]]) -> None:
-        """Replace the catalog by `blobs` (from a scan of the directory)."""
-        rows = list(blobs)
-        total = sum(size for oid, tid, size in rows)
+        """Replace the catalog by `blobs` (from a scan of the directory).
+
+        Read as they come (a scan's rows are not collected); each row a
+        later row of its oid follows is marked superseded by it.
+        """
+        total = 0
+
+        def counted():
+            nonlocal total
+            for oid, tid, size in blobs:
+                total += size
+                yield oid, tid, size
 
         def replace():
             self._db.execute('DELETE FROM blob')
             self._db.executemany(
                 'INSERT OR REPLACE INTO blob (oid, tid, size) '
-                'VALUES (?, ?, ?)', rows)
+                'VALUES (?, ?, ?)', counted())
+            schema.fill_superseded(self._db)
             self._store_total(total)
 
         with self._lock:

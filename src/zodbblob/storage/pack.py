@@ -1,9 +1,15 @@
 """Pack and undo: the blob files a base storage's pack or undo changes.
 
 A pack removes the files of the revisions the packed base no longer has,
-found from the catalog, never by walking the directory; its intent is in
-the catalog first, so that the next open finishes a pack that was killed.
-An undo links the restored revisions' files under the undo's tid.
+found from the catalog, never by walking the directory, and in time
+proportional to the garbage: the revisions a later revision superseded
+before the pack time come from the catalog's ``superseded`` index, and
+each is confirmed with the base's ``loadSerial``; objects the base's
+garbage collection removed are looked for only when the base says some
+were (a FileStorage's ``len()``), or always, streamed, for a base that
+cannot say.  Its intent is in the catalog first, so that the next open
+finishes a pack that was killed.  An undo links the restored revisions'
+files under the undo's tid.
 """
 
 from __future__ import annotations
@@ -11,8 +17,12 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import time
 
+import ZODB.FileStorage
 from ZODB.POSException import POSKeyError, ReadOnlyError
+from ZODB.TimeStamp import TimeStamp
+from ZODB.utils import p64, u64
 
 from zodbblob.layout import remove_if_exists
 from zodbblob.storage.catalog import JournalError, kill_point
@@ -45,6 +55,46 @@ def remove_blob_files(shared: Shared, garbage) -> None:
                      fshelper.base_dir)
 
 
+def pack_tid(packtime: float) -> bytes:
+    """The highest tid a pack to `packtime` may drop a revision for.
+
+    A revision superseded at or before it may be gone from the packed
+    base.  A second later than the base's own reckoning (FileStorage
+    rounds `packtime` to a tid): a candidate too many costs a
+    ``loadSerial``, one too few would stay on disk.
+    """
+    later = packtime + 1
+    return TimeStamp(*time.gmtime(later)[:5] + (later % 60,)).raw()
+
+
+def base_has(base, oid: bytes, tid: bytes) -> bool:
+    """Whether `base` still holds revision `tid` of `oid`."""
+    try:
+        base.loadSerial(oid, tid)
+    except (POSKeyError, KeyError):
+        return False
+    return True
+
+
+def remove_unreferenced(shared: Shared, base, batches) -> int:
+    """Remove the files of the catalog rows in `batches` (lists of
+    ``(oid, tid, ...)``) whose revision `base` no longer has.
+
+    Batch by batch: each batch's garbage is marked (durably) before its
+    files go, so a kill leaves at most one batch for the next open, and
+    nothing here grows with the catalog.  Returns the count removed.
+    """
+    removed = 0
+    for batch in batches:
+        garbage = [(row[0], row[1]) for row in batch
+                   if not base_has(base, row[0], row[1])]
+        if garbage:
+            shared.journal.mark_garbage(garbage)
+            remove_blob_files(shared, garbage)
+            removed += len(garbage)
+    return removed
+
+
 class Packer:
     """Pack and undo for one storage instance, through its commit."""
 
@@ -58,11 +108,13 @@ class Packer:
     def pack(self, packtime, referencesf, *args, **kw):
         """Pack the base, then remove the blob files it no longer needs.
 
-        The files to remove are the catalog's committed files minus the
-        blob records the packed base still holds; the directory is never
-        walked.  The pack's intent is recorded first, so that a kill after
-        the base packed and before the files are marked is finished by the
-        next open.
+        The files to remove are those of the catalog's rows superseded
+        at or before the pack time that the packed base no longer has,
+        and, when the base's GC removed objects, those of the rows the
+        base no longer has at all; the directory is never walked, nor the
+        whole catalog read when nothing was collected.  The pack's intent
+        is recorded first, so that a kill after the base packed and before
+        the files are removed is finished by the next open.
         """
         shared = self._shared
         if shared.read_only:
@@ -77,6 +129,11 @@ class Packer:
             # the packed revisions for interrupted transactions.  After
             # this checkpoint the next open's _finish_pack removes them.
             checkpoint(shared)
+            # The last tid before the object count: a commit between the
+            # two is counted as new twice over, which only sends the pack
+            # to the full check (see `_objects_removed`).
+            last = self.base.lastTransaction()
+            count = self._object_count()
             try:
                 result = self.base.pack(packtime, referencesf, *args, **kw)
             except BaseException:
@@ -88,14 +145,15 @@ class Packer:
                     pass  # the next open finds the intent, and finishes
                 raise
             kill_point('after_base_pack')
-            # Read the catalog before the base: a file committed after this
-            # read is not in `known`, so a pack never removes it.
-            known = [(oid, tid) for oid, tid, size
-                     in shared.journal.committed()]
-            garbage = self._unreferenced(known)
-            if garbage:
-                shared.journal.mark_garbage(garbage)
-                remove_blob_files(shared, garbage)
+            # Rows committed from now on are revisions the base has:
+            # `remove_unreferenced` asks the base about each row.
+            stop = pack_tid(packtime)
+            removed = remove_unreferenced(
+                shared, self.base, shared.journal.superseded(stop))
+            if count is None or self._objects_removed(count, last):
+                removed += remove_unreferenced(
+                    shared, self.base, shared.journal.rows(stop))
+            if removed:
                 # No record from before the pack outlives it: recovery
                 # would find their removed revisions missing from the
                 # base, and call them interrupted.
@@ -105,41 +163,47 @@ class Packer:
             shared.pack_lock.release()
         return result
 
-    def _unreferenced(self, known):
-        iterator = getattr(self.base, 'iterator', None)
-        if iterator is None:
-            garbage = []
-            for oid, tid in known:
-                try:
-                    self.base.loadSerial(oid, tid)
-                except (POSKeyError, KeyError):
-                    garbage.append((oid, tid))
-            return garbage
-        # Only objects the catalog knows can have blob records, and a
-        # store's blob records are few distinct pickles (usually one):
-        # remember each pickle's answer instead of unpickling every record.
-        known_oids = {oid for oid, tid in known}
-        answers: dict[bytes, bool] = {}
-        live = set()
-        transactions = iterator()
+    def _object_count(self) -> int | None:
+        """The base's number of objects, where ``len()`` is exact.
+
+        FileStorage's is (its index has one entry per oid); other bases'
+        may be an estimate (RelStorage's), and for them every pack takes
+        the streamed check of every current row.
+        """
+        if isinstance(self.base, ZODB.FileStorage.FileStorage):
+            return len(self.base)
+        return None
+
+    def _objects_removed(self, before: int, last: bytes) -> bool:
+        """Whether the base's pack removed objects (or may have).
+
+        After the pack, the base holds the objects it held before, minus
+        those its GC removed, plus those created by transactions after
+        `last` (committed while it packed).  An oid of such a transaction
+        is counted new unless the base has a revision of it from before
+        them, so the count of new ones is never too low, and equal counts
+        prove that nothing was removed.
+        """
+        after = len(self.base)
+        start = p64(u64(last) + 1)
+        written = set()
+        transactions = self.base.iterator(start)
         try:
             for transaction in transactions:
-                for record in transaction:
-                    if record.oid not in known_oids:
-                        continue
-                    data = record.data
-                    answer = answers.get(data)
-                    if answer is None:
-                        answer = self._is_blob_record(data)
-                        if len(answers) < 1024:
-                            answers[data] = answer
-                    if answer:
-                        live.add((record.oid, record.tid))
+                written.update(record.oid for record in transaction)
         finally:
             close = getattr(transactions, 'close', None)
             if close is not None:
                 close()
-        return [pair for pair in known if pair not in live]
+        new = 0
+        for oid in written:
+            try:
+                older = self.base.loadBefore(oid, start)
+            except (POSKeyError, KeyError):
+                older = None
+            if older is None:
+                new += 1
+        return after != before + new
 
     def undo(self, transaction_id, transaction):
         undo_tid, oids = self.base.undo(transaction_id, transaction)
@@ -157,6 +221,11 @@ class Packer:
             except (POSKeyError, KeyError):
                 before = None
             if before is None or not self._is_blob_record(before[0]):
+                # The oid's blob revision (if it had one) is superseded
+                # by no file: the catalog marks it, so that a pack finds
+                # it.  Marked before the undo commits: a mark of an undo
+                # that aborts makes a pack ask the base once too often.
+                self._shared.journal.add([(oid, undo_tid, None)])
                 continue
             source = self._shared.fshelper.getBlobFilename(oid, before[1])
             if not os.path.exists(source):

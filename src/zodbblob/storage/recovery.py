@@ -49,7 +49,7 @@ from zodbblob.storage.filestorage import (
     truncate,
 )
 from zodbblob.storage.lock import LOCK_NAME, BlobStorageError, lock_blob_directory
-from zodbblob.storage.pack import remove_blob_files
+from zodbblob.storage.pack import remove_blob_files, remove_unreferenced
 
 logger = logging.getLogger(__name__)
 
@@ -396,18 +396,14 @@ class Recovery:
         The base may have packed: every catalog row whose revision the
         base no longer has is garbage.  Asked with ``loadSerial``, not by
         unpickling records: there is no database yet to untransform them,
-        and a revision the base still has is never removed.
+        and a revision the base still has is never removed.  Every row,
+        streamed: what the base's GC removed is not known here.
         """
-        garbage = [(oid, tid) for oid, tid, size in journal.committed()
-                   if not self._base_has(oid, tid)]
-        if garbage:
-            journal.mark_garbage(garbage)
-            remove_blob_files(self._shared, garbage)
-        if garbage or not quiet:
+        removed = remove_unreferenced(self._shared, self.base, journal.rows())
+        if removed or not quiet:
             logger.warning('Recovered blob directory %s: finished a pack '
                            'interrupted after its base storage packed (%d '
-                           'blob files removed)', fshelper.base_dir,
-                           len(garbage))
+                           'blob files removed)', fshelper.base_dir, removed)
         journal.end_pack()
 
     def _roll_forward(self, entry: Entry, final: str, tid: bytes) -> bool:

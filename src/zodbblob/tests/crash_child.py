@@ -28,6 +28,7 @@ import ZODB.config
 import ZODB.FileStorage
 from ZODB.blob import Blob
 
+import zodbblob.storage.catalog
 import zodbblob.storage.commit
 import zodbblob.storage.commitlog
 from zodbblob import BlobStorage
@@ -74,6 +75,10 @@ def main(argv):
     if '--checkpoint-every' in argv:
         zodbblob.storage.commit.CHECKPOINT_RECORDS = int(
             argv[argv.index('--checkpoint-every') + 1])
+    # --read-batch N: pack reads the catalog N rows at a time.
+    if '--read-batch' in argv:
+        zodbblob.storage.catalog.READ_BATCH = int(
+            argv[argv.index('--read-batch') + 1])
     rng = random.Random(os.getpid())
     if '--config' in argv:
         storage = open_configured(directory)

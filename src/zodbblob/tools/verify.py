@@ -12,6 +12,13 @@ on every SIGTERM) are a note, not a problem: every open writes them.  This
 is the one
 place that walks the whole blob directory on purpose: it is an operator's
 check, not a hot path, and it opens nothing for writing.
+
+Streamed, so that its memory does not grow with the store: the base's
+blob records go to a temporary SQLite table on disk (not a set), each
+file of the directory walk is struck off it, and what is left is
+missing; the catalog's sizes are read in ``(oid, tid)`` order beside the
+walk (a sorted merge, for layouts that walk in that order; a lookup per
+file for those that do not).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from ZODB.utils import oid_repr
 from zodbblob.storage.commitlog import CommitLog
 from zodbblob.storage.commitlog import commit_log_path
 from zodbblob.storage.commitlog import latest_entries
+from zodbblob.storage.catalog import READ_BATCH
 from zodbblob.storage.catalog import journal_path
 from zodbblob.storage.catalog import pack_under_way
 from zodbblob.layout import LINKED_DIRECTORY
@@ -174,10 +182,34 @@ class _Catalog:
         return {pair for pair in pairs if self._query(
             'SELECT 1 FROM blob WHERE oid = ? AND tid = ?', pair)}
 
-    def sizes(self) -> dict:
-        rows = (self._query('SELECT oid, tid, size FROM blob')
-                if self._db is not None else self._journal.committed())
-        return {(oid, tid): size for oid, tid, size in rows}
+    def _rows(self):
+        """Batches of ``(oid, tid, size)`` in ``(oid, tid)`` order."""
+        if self._db is None:
+            yield from self._journal.rows()
+            return
+        after = (b'', b'')
+        while True:
+            batch = self._query(
+                'SELECT oid, tid, size FROM blob WHERE (oid, tid) > (?, ?) '
+                'ORDER BY oid, tid LIMIT ?',
+                (*after, self._journal.read_batch
+                 if self._journal is not None else READ_BATCH))
+            if not batch:
+                return
+            after = batch[-1][:2]
+            yield batch
+
+    def sizes(self) -> _Sizes:
+        return _Sizes(self)
+
+    def size(self, oid: bytes, tid: bytes) -> int | None:
+        if self._db is None:
+            rows = self._journal._query(
+                'SELECT size FROM blob WHERE oid = ? AND tid = ?', (oid, tid))
+        else:
+            rows = self._query(
+                'SELECT size FROM blob WHERE oid = ? AND tid = ?', (oid, tid))
+        return rows[0][0] if rows else None
 
     def pack_started(self):
         if self._db is not None:
@@ -190,6 +222,109 @@ class _Catalog:
         if self._db is not None:
             return self._query('SELECT oid, tid FROM garbage')
         return self._journal.garbage()
+
+
+class _Sizes:
+    """The catalog's size of each file of a directory walk.
+
+    A merge: the catalog's rows are read in ``(oid, tid)`` order, a
+    batch at a time, as far as the walk has come; a file the walk gives
+    out of that order (a layout whose names do not sort as their oids
+    and tids) is looked up on its own.
+    """
+
+    def __init__(self, catalog: _Catalog):
+        self._catalog = catalog
+        self._batches = catalog._rows() if catalog.readable else iter(())
+        self._batch: list = []
+        self._at = 0
+        self._last = None
+
+    def get(self, oid: bytes, tid: bytes) -> int | None:
+        if not self._catalog.readable:
+            return None
+        key = (oid, tid)
+        if self._last is not None and key < self._last:
+            return self._catalog.size(oid, tid)
+        self._last = key
+        while True:
+            while self._at < len(self._batch):
+                row = self._batch[self._at]
+                if row[:2] > key:
+                    return None
+                if row[:2] == key:
+                    return row[2]
+                self._at += 1
+            self._batch = next(self._batches, None)
+            self._at = 0
+            if self._batch is None:
+                self._batch = []
+                self._batches = iter(())
+                return None
+
+
+class _Records:
+    """The base's blob records, in a temporary SQLite table on disk.
+
+    A set of a million ``(oid, tid)`` pairs costs about 200 MiB; this
+    costs SQLite's page cache.  Each file of the walk strikes its record
+    off; the records left have no file.
+    """
+
+    def __init__(self):
+        # '' is a private temporary database on disk, removed at close.
+        self._db = sqlite3.connect('')
+        self._db.execute('PRAGMA journal_mode=OFF')
+        self._db.execute('PRAGMA synchronous=OFF')
+        self._db.execute('CREATE TABLE record (oid BLOB, tid BLOB, '
+                         'PRIMARY KEY (oid, tid)) WITHOUT ROWID')
+        self.count = 0
+
+    def add(self, pairs) -> None:
+        self._db.execute('BEGIN')
+        self.count += self._db.executemany(
+            'INSERT OR IGNORE INTO record VALUES (?, ?)', pairs).rowcount
+        self._db.execute('COMMIT')
+
+    def strike(self, oid: bytes, tid: bytes) -> bool:
+        """Strike the record off; False if there was none."""
+        return bool(self._db.execute(
+            'DELETE FROM record WHERE oid = ? AND tid = ?',
+            (oid, tid)).rowcount)
+
+    def left(self):
+        """The records not struck off, in ``(oid, tid)`` order."""
+        return self._db.execute('SELECT oid, tid FROM record '
+                                'ORDER BY oid, tid')
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _blob_records(storage):
+    """``(oid, tid)`` of every blob record of the base, streamed.
+
+    A store's blob records are few distinct pickles (usually one): each
+    pickle's answer is remembered (up to 1024 of them) instead of
+    unpickling every record.
+    """
+    answers: dict[bytes, bool] = {}
+    transactions = storage.base.iterator()
+    try:
+        for transaction in transactions:
+            for record in transaction:
+                data = record.data
+                answer = answers.get(data)
+                if answer is None:
+                    answer = storage.is_blob_record(data)
+                    if len(answers) < 1024:
+                        answers[data] = answer
+                if answer:
+                    yield record.oid, record.tid
+    finally:
+        close = getattr(transactions, 'close', None)
+        if close is not None:
+            close()
 
 
 def unfinished_transactions(storage, catalog) -> list[tuple[bytes, str]]:
@@ -240,24 +375,9 @@ def unfinished_transactions(storage, catalog) -> list[tuple[bytes, str]]:
     return sorted(found.items())
 
 
-def verify(storage, checksum: bool = False,
-           progress: Callable[[int, int], None] | None = None) -> Report:
-    """Check the blob files of `storage` (a zodbblob.BlobStorage).
-
-    With `checksum`, every byte of every file is read; otherwise each file
-    is opened.  `progress(done, total)` is called as files are checked.
-    Beside a live storage, files and records of transactions committed
-    after the base was opened here are not reported, nor missing or
-    orphaned files while a pack runs (it says so: run verify again).
-    """
+def _check_files(storage, report: Report, records: _Records, checksum: bool,
+                 progress) -> None:
     fshelper = storage.fshelper
-    report = Report(fshelper.base_dir.rstrip(os.sep))
-    records = set()
-    for transaction in storage.base.iterator():
-        for record in transaction:
-            if storage.is_blob_record(record.data):
-                records.add((record.oid, record.tid))
-    report.records = len(records)
     seen_up_to = storage.base.lastTransaction()
 
     # A storage open for writing replayed its commit log at open, and the
@@ -273,29 +393,36 @@ def verify(storage, checksum: bool = False,
                 else:
                     report.unfinished.append(_UNFINISHED[change]
                                              % oid_repr(tid))
-        sizes = catalog.sizes() if catalog.readable else {}
         garbage = catalog.garbage() if catalog.readable and not live else []
         catalog_pack_started = (catalog.readable and not live
                                 and catalog.pack_started() is not None)
+        if not live and catalog_pack_started:
+            report.unfinished.append(
+                'unfinished: a pack was interrupted after the base storage '
+                'packed; run `zodbblob recover`')
+        if garbage:
+            report.unfinished.append(
+                'unfinished: a pack was interrupted while removing %d blob '
+                'files; run `zodbblob recover`' % len(garbage))
+        _walk(storage, report, records, catalog.sizes(), live, seen_up_to,
+              checksum, progress)
     finally:
         catalog.close()
-    if not live and catalog_pack_started:
-        report.unfinished.append(
-            'unfinished: a pack was interrupted after the base storage '
-            'packed; run `zodbblob recover`')
-    if garbage:
-        report.unfinished.append(
-            'unfinished: a pack was interrupted while removing %d blob '
-            'files; run `zodbblob recover`' % len(garbage))
 
+
+def _walk(storage, report: Report, records: _Records, sizes: _Sizes,
+          live: bool, seen_up_to: bytes, checksum: bool, progress) -> None:
+    fshelper = storage.fshelper
     passed_over = []
-    files = list(fshelper.iter_blobs(passed_over))
-    report.files = len(files)
+    # The walk is not counted first: the records are the progress's
+    # total, which is the file count of a clean directory.
+    total = report.records
     with BlobTree(fshelper.base_dir) as tree:
-        seen = set()
-        for done, (oid, tid, path) in enumerate(files, 1):
-            seen.add((oid, tid))
-            if (oid, tid) not in records and not (live and tid > seen_up_to):
+        for done, (oid, tid, path) in enumerate(
+                fshelper.iter_blobs(passed_over), 1):
+            report.files = done
+            if not records.strike(oid, tid) and not (
+                    live and tid > seen_up_to):
                 report.orphans.append(path)
             try:
                 fd = tree.open(path)
@@ -311,14 +438,14 @@ def verify(storage, checksum: bool = False,
                 except OSError as e:
                     report.unreadable.append((path, e.strerror or str(e)))
                 else:
-                    expected = sizes.get((oid, tid))
+                    expected = sizes.get(oid, tid)
                     if expected is not None and expected != size:
                         report.size_mismatches.append((path, expected, size))
                 finally:
                     os.close(fd)
             if progress is not None:
-                progress(done, len(files))
-        for oid, tid in sorted(records - seen):
+                progress(done, max(total, done))
+        for oid, tid in records.left():
             path = fshelper.getBlobFilename(oid, tid)
             try:
                 # What a layout's walk passes over (a link to a directory, a
@@ -347,4 +474,25 @@ def verify(storage, checksum: bool = False,
             if pack_under_way(fshelper.base_dir) or _replaced(storage.base):
                 report.orphans, report.missing = [], []
                 report.packed_meanwhile = True
+
+
+def verify(storage, checksum: bool = False,
+           progress: Callable[[int, int], None] | None = None) -> Report:
+    """Check the blob files of `storage` (a zodbblob.BlobStorage).
+
+    With `checksum`, every byte of every file is read; otherwise each file
+    is opened.  `progress(done, total)` is called as files are checked.
+    Beside a live storage, files and records of transactions committed
+    after the base was opened here are not reported, nor missing or
+    orphaned files while a pack runs (it says so: run verify again).
+    """
+    fshelper = storage.fshelper
+    report = Report(fshelper.base_dir.rstrip(os.sep))
+    records = _Records()
+    try:
+        records.add(_blob_records(storage))
+        report.records = records.count
+        _check_files(storage, report, records, checksum, progress)
+    finally:
+        records.close()
     return report

@@ -1,0 +1,79 @@
+"""The catalog's tables, and the migrations of older catalogs.
+
+Kept apart from the `Journal` that uses them: what a catalog of each
+zodbblob version looked like, and how it becomes today's, is one idea;
+reading and writing rows is another.  Every function here runs on the
+journal's connection; those that change the database run inside the
+write transaction the journal opens, so that a crash leaves the old
+catalog (migrated again at the next open) or the new one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+# `superseded` is the tid of the oid's next revision (NULL while the row
+# is the oid's latest): the index on it is where a pack finds the
+# revisions it may drop.  Partial: the latest rows are most rows.
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS blob (
+    oid BLOB NOT NULL,
+    tid BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    superseded BLOB,
+    PRIMARY KEY (oid, tid)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blob_superseded ON blob (superseded)
+    WHERE superseded IS NOT NULL;
+CREATE TABLE IF NOT EXISTS garbage (
+    oid BLOB NOT NULL,
+    tid BLOB NOT NULL,
+    PRIMARY KEY (oid, tid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value
+);
+"""
+
+
+def _columns(db: sqlite3.Connection) -> list[str]:
+    return [row[1] for row in db.execute("PRAGMA table_info('blob')")]
+
+
+def has_pending_rows(db: sqlite3.Connection) -> bool:
+    """Whether this is a catalog of zodbblob before the commit log, which
+    kept pending rows in the catalog (a `state` column)."""
+    return 'state' in _columns(db)
+
+
+def drop_catalog(db: sqlite3.Connection) -> None:
+    """Drop the rows and their total: a scan rebuilds them."""
+    db.executescript("DROP TABLE blob; DELETE FROM meta WHERE name IN "
+                     "('state', 'total_size');")
+
+
+def lacks_superseded(db: sqlite3.Connection) -> bool:
+    """Whether this is a catalog of zodbblob before the superseded
+    column (and not a new, empty database)."""
+    columns = _columns(db)
+    return bool(columns) and 'superseded' not in columns
+
+
+def add_superseded(db: sqlite3.Connection) -> int:
+    """Add the column and fill it in; the count of superseded rows."""
+    db.execute('ALTER TABLE blob ADD COLUMN superseded BLOB')
+    return fill_superseded(db)
+
+
+def fill_superseded(db: sqlite3.Connection) -> int:
+    """Mark each row that a later row of its oid follows as superseded by
+    the first of those; the count marked.  One pass over the rows, each a
+    primary-key range lookup."""
+    return db.execute(
+        'UPDATE blob SET superseded = ('
+        '  SELECT min(later.tid) FROM blob AS later'
+        '  WHERE later.oid = blob.oid AND later.tid > blob.tid) '
+        'WHERE EXISTS ('
+        '  SELECT 1 FROM blob AS later'
+        '  WHERE later.oid = blob.oid AND later.tid > blob.tid)').rowcount
