@@ -38,7 +38,7 @@ from zodbblob.layout import (
     makedirs_durable,
     remove_if_exists,
 )
-from zodbblob.storage.catalog import SYNCFS_AVAILABLE, kill_point, sync_filesystem
+from zodbblob.storage.catalog import kill_point, sync_filesystem, syncfs_works
 from zodbblob.storage.commitlog import CommitLog, Entry
 from zodbblob.storage.datamanager import TransactionDirectories
 
@@ -165,7 +165,7 @@ def checkpoint(shared: Shared) -> None:
             shared.logging.wait()
         if not len(shared.commit_log) and not shared.linked:
             return
-        if SYNCFS_AVAILABLE:
+        if syncfs_works(shared.fshelper.base_dir):
             shared.journal.flush()
             sync_filesystem(shared.fshelper.base_dir)
         else:
@@ -337,11 +337,14 @@ class CommitProtocol:
     def _make_directories(self, staged: _Staged) -> dict[str, int]:
         """Create the directories of the files' final names: {dir: mode}."""
         directories: dict[str, int] = {}
+        # The checkpoint's syncfs makes new directories durable; where it
+        # would not, each is made durable now.
+        syncfs = syncfs_works(self.fshelper.base_dir)
         for oid, path, info in staged.stats:
             directory = os.path.dirname(
                 self.fshelper.getBlobFilename(oid, staged.tid))
             if directory not in directories:
-                if SYNCFS_AVAILABLE:
+                if syncfs:
                     os.makedirs(directory, exist_ok=True)
                 else:
                     makedirs_durable(directory)
@@ -383,7 +386,8 @@ class CommitProtocol:
 
     def _make_durable(self, paths: list[str]) -> None:
         """Make the bytes of staged files and their staged names durable."""
-        if SYNCFS_AVAILABLE and len(paths) >= SYNCFS_THRESHOLD:
+        if len(paths) >= SYNCFS_THRESHOLD and syncfs_works(
+                self.fshelper.base_dir):
             sync_filesystem(self.fshelper.base_dir)
             return
         for path in paths:
