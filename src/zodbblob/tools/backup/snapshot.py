@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from ZODB.utils import z64
 
-from zodbblob.layout import fsync_directory
+from zodbblob.layout import fsync_directory, makedirs_durable
 from zodbblob.tools.backup.destination import (
     Snapshot,
     _finish_removals,
@@ -141,6 +141,9 @@ def _plan(destination: str, source: _Source, base: Snapshot | None,
         # Interrupted while reading Data.fs, say: no half plan is left.
         shutil.rmtree(path, ignore_errors=True)
         raise
+    # The manifest's name, then the snapshot's: where no syncfs follows
+    # (FUSE, NFS), nothing else makes the first durable.
+    fsync_directory(path)
     fsync_directory(destination)
     return path, False
 
@@ -254,7 +257,9 @@ def backup(storage, destination: str, full: bool = False,
         if source.packed():
             raise SourcePacked(source.path)
         _refuse_another_database(destination, source)
-        os.makedirs(destination, exist_ok=True)
+        # Durable: a snapshot inside a destination that a power cut forgets
+        # would go with it.
+        makedirs_durable(destination)
         with _locked(destination):
             _prepare_destination(destination)
             try:
