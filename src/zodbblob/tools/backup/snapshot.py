@@ -141,9 +141,6 @@ def _plan(destination: str, source: _Source, base: Snapshot | None,
         # Interrupted while reading Data.fs, say: no half plan is left.
         shutil.rmtree(path, ignore_errors=True)
         raise
-    # The manifest's name, then the snapshot's: where no syncfs follows
-    # (FUSE, NFS), nothing else makes the first durable.
-    fsync_directory(path)
     fsync_directory(destination)
     return path, False
 
