@@ -419,10 +419,8 @@ def _differences(source: Inventory, destination: Inventory) -> list[str]:
 
 def _sync(directory: str) -> None:
     if syncfs_works(directory):
-        sync_filesystem(directory)
-        return
-    # sync(2) does no more than syncfs where syncfs does nothing (FUSE):
-    # every file and directory, one by one.
+        return sync_filesystem(directory)
+    # Where syncfs does nothing (FUSE), sync(2) does nothing either.
     for parent, dirs, names in os.walk(directory):
         for name in names:
             fsync_path(os.path.join(parent, name), data_only=True)

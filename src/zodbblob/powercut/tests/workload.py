@@ -10,7 +10,7 @@ storage, which recovers, and closes it), ``cache`` (downloads into a
 zodbblob.cache.BlobCache in DIR/cache) or ``backup`` (commits to a
 storage in REPORT's directory and backs it up into DIR/backup).  The
 database is ``DIR/Data.fs`` with blobs in ``DIR/blobs``; ``--stock``
-opens it with stock ZODB's BlobStorage instead of zodbblob's.
+opens it as stock ZODB does, ``FileStorage(path, blob_dir=...)``.
 
 After each transaction or backup returns, one JSON line goes to REPORT
 (outside the filesystem whose power is cut), flushed and fsynced: what
@@ -27,7 +27,6 @@ import tempfile
 
 import transaction
 import ZODB
-import ZODB.blob
 import ZODB.FileStorage
 import ZODB.POSException
 from ZODB.blob import Blob
@@ -46,11 +45,11 @@ KEYS = 30
 def open_database(directory: str, stock: bool = False) -> ZODB.DB:
     zodbblob.storage.commit.INLINE_LIMIT = INLINE_LIMIT
     zodbblob.storage.commit.CHECKPOINT_RECORDS = CHECKPOINT_RECORDS
-    base = ZODB.FileStorage.FileStorage(os.path.join(directory, 'Data.fs'))
+    path = os.path.join(directory, 'Data.fs')
     blobs = os.path.join(directory, 'blobs')
     if stock:
-        return ZODB.DB(ZODB.blob.BlobStorage(blobs, base))
-    return ZODB.DB(BlobStorage(blobs, base))
+        return ZODB.DB(ZODB.FileStorage.FileStorage(path, blob_dir=blobs))
+    return ZODB.DB(BlobStorage(blobs, ZODB.FileStorage.FileStorage(path)))
 
 
 def shapes(rng: random.Random) -> list[int]:
