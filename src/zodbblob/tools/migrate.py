@@ -53,7 +53,7 @@ from zodbblob.layout import FilesystemHelper
 from zodbblob.layout import LINKED_DIRECTORY
 from zodbblob.layout import BlobTree
 from zodbblob.layout import fsync_directory
-from zodbblob.layout import fsync_path
+from zodbblob.layout import fsync_path, makedirs_durable
 from zodbblob.layout import get_layout
 from zodbblob.layout import open_blob_file
 from zodbblob.layout import read_marker
@@ -463,7 +463,7 @@ def migrate(src: str, dst: str, layout: str,
             _hold(held, destination)
             return _check_finished(source, source_layout, destination,
                                    target, report)
-        os.makedirs(state_dir, exist_ok=True)
+        makedirs_durable(state_dir)  # a power cut must not forget it
         _hold(held, destination)
         # Looked at again under the lock: a migration started meanwhile by
         # another process has finished, or left its state file.

@@ -1,15 +1,18 @@
-"""Power cuts while the client cache installs files and while backing up.
+"""Power cuts while the client cache installs files, backing up, migrating.
 
 The cache: after a cut (and a restart, which a power cut is: a new boot
 id), every file the index says is there must read back exactly.  Backup:
 with the destination on the power-cut filesystem, the last snapshot that
 ``backup`` reported taken must pass ``check`` after the cut, and the next
-backup must finish what the cut left.
+backup must finish what the cut left.  Migrate: a migration that
+returned has its marker and every file after a cut.
 """
 
 import os
 import sqlite3
 import uuid
+
+from ZODB.blob import Blob
 
 import zodbblob.cache.downloads
 import zodbblob.cache.syncs
@@ -21,7 +24,14 @@ from zodbblob.powercut.tests.test_storage import (
     acknowledged,
 )
 from zodbblob.powercut.tests.workload import cache_bytes, open_database
+from zodbblob.layout import FilesystemHelper, read_marker
 from zodbblob.tools.backup import check
+from zodbblob.tools.migrate import migrate
+
+def read_bytes(path: str) -> bytes:
+    with open(path, 'rb') as f:
+        return f.read()
+
 
 # A cache and a backup do more before their first file is done than a
 # commit: a cut anywhere in their first seconds.
@@ -116,3 +126,28 @@ class ManyToolPowerCutTests(CachePowerCutTests, BackupPowerCutTests):
         for seed in range(6000, 6060):
             self.run_until_cut('backup', seed, most=TOOL_MOST)
             self.check_backup(seed)
+
+
+class MigratePowerCutTests(PowerCutStorageTestCase):
+    """A migration that returned is on disk: the marker and every file."""
+
+    def prepare(self, backing):
+        db = open_database(backing)
+        with db.transaction() as conn:
+            for number in range(20):
+                conn.root()['blob-%d' % number] = Blob(b'%d' % number * 999)
+        db.close()
+
+    def test_a_finished_migration_survives_a_power_cut(self):
+        source = os.path.join(self.mnt, 'blobs')
+        destination = os.path.join(self.mnt, 'lawn')
+        migrate(source, destination, 'lawn')
+        expected = {os.path.basename(path): read_bytes(path)
+                    for oid, tid, path in FilesystemHelper(
+                        source).iter_blobs()}
+        self.fs.remount()
+        self.assertEqual(read_marker(destination), 'lawn')
+        helper = FilesystemHelper(destination, 'lawn')
+        self.assertEqual({os.path.basename(path): read_bytes(path)
+                          for oid, tid, path in helper.iter_blobs()},
+                         expected)
