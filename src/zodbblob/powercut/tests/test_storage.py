@@ -162,6 +162,27 @@ class CommitPowerCutTests(PowerCutStorageTestCase):
             self.check_database(seed)
 
 
+class PartialPowerCutTests(PowerCutStorageTestCase):
+    """A disk that had written a random part of its cache when the power
+    went: some unsynced files and names are kept, others lost."""
+
+    seed = 17
+
+    def test_partial_power_cuts_during_commits(self):
+        self.cut_and_check('commit', 3, first_seed=700)
+
+
+class ManyPartialPowerCutTests(PartialPowerCutTests):
+
+    level = 2
+
+    def test_partial_power_cuts_during_commits(self):
+        self.cut_and_check('commit', 40, first_seed=7000)
+
+    def test_partial_power_cuts_during_pack(self):
+        self.cut_and_check('pack', 20, first_seed=8000)
+
+
 class ManyPowerCutTests(PowerCutStorageTestCase):
     """Hundreds of cuts."""
 
