@@ -301,6 +301,11 @@ def serve_control(operations: PowerCutOperations) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) != 3 or not all(map(os.path.isdir, argv[:2])):
+        sys.stderr.write('usage: python -m zodbblob.powercut.daemon ROOT '
+                         'GRAVEYARD MOUNTPOINT (ROOT and GRAVEYARD: '
+                         'directories of one filesystem)\n')
+        return 2
     root, graveyard, mountpoint = argv
     operations = PowerCutOperations(root, graveyard)
     threading.Thread(target=serve_control, args=(operations,),

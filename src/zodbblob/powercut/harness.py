@@ -51,11 +51,13 @@ class PowerCutMount:
         if not os.path.isdir(self.backing):
             raise PowerCutError('Backing directory %s: not a directory'
                                 % self.backing)
+        if os.stat(os.path.dirname(self.graveyard)).st_dev \
+                != os.stat(self.backing).st_dev:
+            raise PowerCutError('Backing directory %s: a mount point (its '
+                                'graveyard %s must be on its filesystem)'
+                                % (self.backing, self.graveyard))
         os.makedirs(self.graveyard, exist_ok=True)
         os.makedirs(self.mountpoint, exist_ok=True)
-        if os.stat(self.graveyard).st_dev != os.stat(self.backing).st_dev:
-            raise PowerCutError('Graveyard %s: not on the filesystem of %s'
-                                % (self.graveyard, self.backing))
         self.process = subprocess.Popen(
             [sys.executable, '-m', 'zodbblob.powercut.daemon',
              self.backing, self.graveyard, self.mountpoint],
