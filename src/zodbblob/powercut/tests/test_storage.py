@@ -162,6 +162,41 @@ class CommitPowerCutTests(PowerCutStorageTestCase):
             self.check_database(seed)
 
 
+class RollBackPowerCutTests(PowerCutStorageTestCase):
+
+    def sync_everything(self) -> None:
+        """What a disk that wrote all of its cache would hold."""
+        for parent, dirs, names in os.walk(self.mnt):
+            for name in names:
+                fd = os.open(os.path.join(parent, name), os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+            fd = os.open(parent, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+
+    def test_a_rolled_back_transaction_stays_rolled_back_after_a_cut(self):
+        # Found by the partial cuts (seed 7032): a transaction killed after
+        # its files got their final names, whose names reached the disk;
+        # the open rolls it back and checkpoints; then the power goes.
+        # The removals must have reached the disk before the checkpoint
+        # let the record go, or the files come back with nothing to say
+        # whose they are.
+        env = dict(os.environ, ZODBBLOB_KILL_POINT='after_publish')
+        child = subprocess.run(
+            [sys.executable, '-m', 'zodbblob.powercut.tests.workload',
+             'commit', self.mnt, self.report, '1'], env=env,
+            capture_output=True, timeout=CUT_TIMEOUT)
+        self.assertEqual(child.returncode, -signal.SIGKILL,
+                         child.stderr[-2000:])
+        self.sync_everything()
+        ZODB.DB(BlobStorage(
+            os.path.join(self.mnt, 'blobs'), ZODB.FileStorage.FileStorage(
+                os.path.join(self.mnt, 'Data.fs')))).close()
+        self.fs.remount()
+        self.check_database(1)
+
+
 class PartialPowerCutTests(PowerCutStorageTestCase):
     """A disk that had written a random part of its cache when the power
     went: some unsynced files and names are kept, others lost."""
