@@ -19,14 +19,15 @@ import zodbblob.cache.syncs
 from zodbblob.cache import BlobCache
 from zodbblob.cache.index import INDEX
 from zodbblob.cache.schema import COMPLETE
+from zodbblob.layout import FilesystemHelper, read_marker
 from zodbblob.powercut.tests.test_storage import (
     PowerCutStorageTestCase,
     acknowledged,
 )
 from zodbblob.powercut.tests.workload import cache_bytes, open_database
-from zodbblob.layout import FilesystemHelper, read_marker
 from zodbblob.tools.backup import check
 from zodbblob.tools.migrate import migrate
+
 
 def read_bytes(path: str) -> bytes:
     with open(path, 'rb') as f:
