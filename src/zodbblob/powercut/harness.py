@@ -125,8 +125,15 @@ class PowerCutMount:
         if self.process is None:
             return
         if mounted_at(self.mountpoint):
-            done = subprocess.run(['fusermount3', '-u', self.mountpoint],
-                                  capture_output=True, check=False)
+            try:
+                done = subprocess.run(['fusermount3', '-u', self.mountpoint],
+                                      capture_output=True, check=False)
+            except OSError:
+                # No fusermount3 to run: the daemon's libfuse unmounts
+                # when it is told to end.
+                self.process.terminate()
+                self._end_daemon()
+                return
             if done.returncode:
                 # Busy (a process still has something open there): detach
                 # it now, and end the daemon rather than wait for the last

@@ -12,6 +12,7 @@ import shutil
 import sqlite3
 import tempfile
 import unittest
+import unittest.mock
 
 from zodbblob.powercut import PowerCutError, mount, unavailable
 from zodbblob.powercut.harness import mounted_at
@@ -50,13 +51,10 @@ class PowerCutTestCase(unittest.TestCase):
 
     seed = None
 
-    @classmethod
-    def setUpClass(cls):
+    def setUp(self):
         reason = unavailable()
         if reason:
-            raise unittest.SkipTest('power-cut tests need FUSE: ' + reason)
-
-    def setUp(self):
+            self.skipTest('power-cut tests need FUSE: ' + reason)
         self.top = tempfile.mkdtemp(prefix='powercut-')
         self.backing = os.path.join(self.top, 'backing')
         os.mkdir(self.backing)
@@ -288,5 +286,12 @@ class BusyMountTests(PowerCutTestCase):
         self.addCleanup(close_quietly, held)
         daemon = self.fs.process
         self.fs.unmount()
+        self.assertFalse(mounted_at(self.mnt))
+        self.assertIsNotNone(daemon.poll())
+
+    def test_without_fusermount3_the_daemon_unmounts_as_it_ends(self):
+        daemon = self.fs.process
+        with unittest.mock.patch.dict(os.environ, PATH=self.top):
+            self.fs.unmount()
         self.assertFalse(mounted_at(self.mnt))
         self.assertIsNotNone(daemon.poll())
