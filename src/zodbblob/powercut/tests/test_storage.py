@@ -24,8 +24,14 @@ import ZODB.FileStorage
 from zodbblob import BlobStorage
 from zodbblob.powercut.tests.test_filesystem import PowerCutTestCase
 from zodbblob.powercut.tests.workload import open_database, state_of
+from zodbblob.storage.catalog import (
+    SYNCFS_FILESYSTEMS,
+    filesystem_type,
+    syncfs_works,
+)
 from zodbblob.tools.verify import verify
 
+FUSE_SUPER_MAGIC = 0x65735546
 # Generous: the machine is busy, and FUSE in Python is slow.
 CUT_TIMEOUT = 120.0
 # The Nth operation of a kind at which the power goes: about the first
@@ -160,6 +166,16 @@ class CommitPowerCutTests(PowerCutStorageTestCase):
             # it does.
             self.run_until_cut('open', seed, most=OPEN_MOST)
             self.check_database(seed)
+
+
+class SyncfsTests(PowerCutStorageTestCase):
+
+    def test_syncfs_is_used_only_where_it_flushes(self):
+        self.assertEqual(filesystem_type(self.mnt), FUSE_SUPER_MAGIC)
+        self.assertFalse(syncfs_works(self.mnt))
+        self.assertFalse(syncfs_works(os.path.join(self.top, 'missing')))
+        self.assertEqual(syncfs_works(self.top),
+                         filesystem_type(self.top) in SYNCFS_FILESYSTEMS)
 
 
 class RollBackPowerCutTests(PowerCutStorageTestCase):
