@@ -154,7 +154,13 @@ def filesystem_type(path: str) -> int | None:
 
 
 def syncfs_works(path: str) -> bool:
-    """Whether one syncfs(2) makes what was written under `path` durable."""
+    """Whether one syncfs(2) makes what was written under `path` durable.
+
+    A path not made yet is judged by its nearest existing parent.
+    """
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
     return SYNCFS_AVAILABLE and filesystem_type(path) in SYNCFS_FILESYSTEMS
 
 

@@ -173,7 +173,10 @@ class SyncfsTests(PowerCutStorageTestCase):
     def test_syncfs_is_used_only_where_it_flushes(self):
         self.assertEqual(filesystem_type(self.mnt), FUSE_SUPER_MAGIC)
         self.assertFalse(syncfs_works(self.mnt))
-        self.assertFalse(syncfs_works(os.path.join(self.top, 'missing')))
+        # A path not made yet: its nearest existing parent's filesystem.
+        self.assertFalse(syncfs_works(os.path.join(self.mnt, 'a', 'b')))
+        self.assertEqual(syncfs_works(os.path.join(self.top, 'a', 'b')),
+                         syncfs_works(self.top))
         self.assertEqual(syncfs_works(self.top),
                          filesystem_type(self.top) in SYNCFS_FILESYSTEMS)
 
