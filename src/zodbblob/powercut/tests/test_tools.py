@@ -113,9 +113,6 @@ class ManyToolPowerCutTests(CachePowerCutTests, BackupPowerCutTests):
 
     level = 2
 
-    def prepare(self, backing):
-        pass
-
     def test_power_cuts_while_the_cache_installs_files(self):
         found = 0
         for seed in range(5000, 5060):
