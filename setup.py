@@ -16,6 +16,9 @@ tests_require = [
     'zope.testing',
     'manuel',
     'hypothesis',
+    # The power-cut filesystem (zodbblob.powercut): FUSE through ctypes
+    # over the system's libfuse3, no compiler.
+    'mfusepy',
 ]
 
 setup(

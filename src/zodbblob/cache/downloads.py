@@ -28,7 +28,7 @@ from zodbblob.cache.owners import Owners, parse_token
 from zodbblob.cache.schema import COMPLETE, IN_PROGRESS
 from zodbblob.cache.sizes import KnownSizes
 from zodbblob.cache.syncs import BOOT, Syncs
-from zodbblob.layout import remove_if_exists
+from zodbblob.layout import makedirs_durable, remove_if_exists
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,9 @@ class Downloads:
         """
         size = os.stat(temporary).st_size
         path = self.cache.path(oid, tid)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # A bucket is made once: durably, or a power cut takes the files
+        # in it, however well they were synced.
+        makedirs_durable(os.path.dirname(path))
         os.chmod(temporary, _committed_mode(temporary, os.path.dirname(path)))
         delay = POLL_FIRST
         placed = []

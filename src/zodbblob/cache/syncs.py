@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -19,7 +20,7 @@ from zodbblob.cache.directory import CacheDirectory
 from zodbblob.cache.index import Index, count_out
 from zodbblob.cache.owners import INCARNATION
 from zodbblob.cache.schema import COMPLETE
-from zodbblob.layout import fsync_path, remove_if_exists
+from zodbblob.layout import fsync_directory, fsync_path, remove_if_exists
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,14 @@ def _sync_file(path: str) -> None:
     """Write the file `path` to disk, if it is still there."""
     with contextlib.suppress(FileNotFoundError):
         fsync_path(path, data_only=True)
+
+
+def _sync_names(paths) -> None:
+    """Write the directories of `paths` to disk: a power cut would
+    otherwise take the synced files whose index rows say they are here."""
+    for directory in {os.path.dirname(path) for path in paths}:
+        with contextlib.suppress(FileNotFoundError):
+            fsync_directory(directory)
 
 
 class Syncs:
@@ -96,6 +105,7 @@ class Syncs:
             done = [item for item in items if item is not None]
             for oid, tid, _ in done:
                 _sync_file(self.cache.path(oid, tid))
+            _sync_names(self.cache.path(oid, tid) for oid, tid, _ in done)
             if done:
                 try:
                     with self._index.writing() as db:
@@ -130,6 +140,7 @@ class Syncs:
                 path = self.cache.path(oid, tid)
                 if boot == BOOT:
                     _sync_file(path)
+                    _sync_names([path])
                 else:
                     row = db.execute(
                         'SELECT size FROM blobs WHERE oid = ? AND tid = ? '

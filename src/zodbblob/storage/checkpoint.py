@@ -13,7 +13,7 @@ import os
 import threading
 
 from zodbblob.layout import fsync_directory, fsync_path, remove_if_exists
-from zodbblob.storage.catalog import SYNCFS_AVAILABLE, kill_point, sync_filesystem
+from zodbblob.storage.catalog import kill_point, sync_filesystem, syncfs_works
 from zodbblob.storage.commitlog import CommitLog
 from zodbblob.storage.datamanager import TransactionDirectories
 
@@ -84,7 +84,7 @@ def checkpoint(shared: Shared) -> None:
             shared.logging.wait()
         if not len(shared.commit_log) and not shared.linked:
             return
-        if SYNCFS_AVAILABLE:
+        if syncfs_works(shared.fshelper.base_dir):
             shared.journal.flush()
             sync_filesystem(shared.fshelper.base_dir)
         else:

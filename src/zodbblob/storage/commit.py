@@ -52,7 +52,7 @@ from zodbblob.layout import (
     makedirs_durable,
     remove_if_exists,
 )
-from zodbblob.storage.catalog import SYNCFS_AVAILABLE, kill_point, sync_filesystem
+from zodbblob.storage.catalog import kill_point, sync_filesystem, syncfs_works
 from zodbblob.storage.checkpoint import Shared, checkpoint
 from zodbblob.storage.commitlog import Entry
 
@@ -320,11 +320,14 @@ class CommitProtocol:
         """
         directories = staged.directories
         last = None
+        # The checkpoint's syncfs makes new directories durable; where it
+        # would not, each is made durable now.
+        syncfs = syncfs_works(self.fshelper.base_dir)
         for oid, path, info in staged.stats:
             final = self.fshelper.getBlobFilename(oid, staged.tid)
             directory = os.path.dirname(final)
             if directory not in directories:
-                if SYNCFS_AVAILABLE:
+                if syncfs:
                     os.makedirs(directory, exist_ok=True)
                 else:
                     makedirs_durable(directory)
@@ -363,7 +366,8 @@ class CommitProtocol:
 
     def _make_durable(self, paths: list[str]) -> None:
         """Make the bytes of staged files and their staged names durable."""
-        if SYNCFS_AVAILABLE and len(paths) >= SYNCFS_THRESHOLD:
+        if len(paths) >= SYNCFS_THRESHOLD and syncfs_works(
+                self.fshelper.base_dir):
             sync_filesystem(self.fshelper.base_dir)
             return
         for path in paths:

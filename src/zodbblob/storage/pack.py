@@ -24,8 +24,13 @@ from ZODB.POSException import POSKeyError, ReadOnlyError
 from ZODB.TimeStamp import TimeStamp
 from ZODB.utils import p64, u64
 
-from zodbblob.layout import remove_if_exists
-from zodbblob.storage.catalog import JournalError, kill_point
+from zodbblob.layout import fsync_directory, fsync_path, remove_if_exists
+from zodbblob.storage.catalog import (
+    JournalError,
+    kill_point,
+    sync_filesystem,
+    syncfs_works,
+)
 from zodbblob.storage.checkpoint import Shared, checkpoint
 from zodbblob.storage.commit import CommitProtocol
 from zodbblob.storage.lock import BlobStorageError
@@ -39,11 +44,22 @@ def remove_blob_files(shared: Shared, garbage) -> None:
     # the other order would orphan files forever.
     fshelper = shared.fshelper
     directories = set()
+    parents = set()
     for oid, tid in garbage:
-        remove_if_exists(fshelper.getBlobFilename(oid, tid))
+        path = fshelper.getBlobFilename(oid, tid)
+        remove_if_exists(path)
+        parents.add(os.path.dirname(path))
         kill_point('mid_pack_removal')
         if fshelper.layout.directory_per_oid:
             directories.add(fshelper.getPathForOID(oid))
+    # The removals durable before the rows go: a power cut must not bring
+    # back files that the catalog no longer lists.
+    if garbage and syncfs_works(fshelper.base_dir):
+        sync_filesystem(fshelper.base_dir)
+    else:
+        for directory in parents:
+            if os.path.isdir(directory):
+                fsync_directory(directory)
     shared.journal.remove(garbage)
     for directory in directories:
         try:
@@ -93,6 +109,21 @@ def remove_unreferenced(shared: Shared, base, batches) -> int:
             remove_blob_files(shared, garbage)
             removed += len(garbage)
     return removed
+
+
+def sync_packed_base(base) -> None:
+    """Make a FileStorage's packed file, and its name, durable.
+
+    FileStorage renames its packed file over Data.fs and syncs neither;
+    the next commit's fsync covers the new file's bytes, not its name.  A
+    power cut could bring back the file from before the pack: without the
+    transactions committed since, and naming revisions whose blob files
+    the pack then removed.
+    """
+    name = getattr(base, '_file_name', None)
+    if isinstance(name, str) and os.path.isfile(name):
+        fsync_path(name)
+        fsync_directory(os.path.dirname(os.path.abspath(name)))
 
 
 class Packer:
@@ -145,6 +176,7 @@ class Packer:
                     pass  # the next open finds the intent, and finishes
                 raise
             kill_point('after_base_pack')
+            sync_packed_base(self.base)
             # Rows committed from now on are revisions the base has:
             # `remove_unreferenced` asks the base about each row.
             stop = pack_tid(packtime)

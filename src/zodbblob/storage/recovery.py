@@ -347,6 +347,9 @@ class Recovery:
                 if entry is not None:
                     back.add(tid)
                 remove_if_exists(final)
+                # The checkpoint syncs its directory: the removal durable
+                # before the record goes, or a power cut brings it back.
+                shared.unsynced.append(final)
                 if entry is not None and entry.staged:
                     remove_if_exists(os.path.join(fshelper.temp_dir,
                                                   entry.staged))

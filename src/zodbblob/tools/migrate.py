@@ -42,17 +42,18 @@ from zodbblob.cache import LAYOUT as ZEOCACHE
 from zodbblob.storage.commitlog import commit_log_path
 from zodbblob.storage.commitlog import unfinished_records
 from zodbblob.storage.catalog import STATE_DIR
-from zodbblob.storage.catalog import SYNCFS_AVAILABLE
 from zodbblob.storage.catalog import Journal
 from zodbblob.storage.catalog import JournalError
 from zodbblob.storage.catalog import journal_path
 from zodbblob.storage.catalog import sync_filesystem
+from zodbblob.storage.catalog import syncfs_works
 from zodbblob.layout import LAYOUT_MARKER
 from zodbblob.layout import LAYOUTS
 from zodbblob.layout import FilesystemHelper
 from zodbblob.layout import LINKED_DIRECTORY
 from zodbblob.layout import BlobTree
 from zodbblob.layout import fsync_directory
+from zodbblob.layout import fsync_path, makedirs_durable
 from zodbblob.layout import get_layout
 from zodbblob.layout import open_blob_file
 from zodbblob.layout import read_marker
@@ -417,10 +418,13 @@ def _differences(source: Inventory, destination: Inventory) -> list[str]:
 
 
 def _sync(directory: str) -> None:
-    if SYNCFS_AVAILABLE:
-        sync_filesystem(directory)
-    else:
-        os.sync()
+    if syncfs_works(directory):
+        return sync_filesystem(directory)
+    # Where syncfs does nothing (FUSE), sync(2) does nothing either.
+    for parent, dirs, names in os.walk(directory):
+        for name in names:
+            fsync_path(os.path.join(parent, name), data_only=True)
+        fsync_directory(parent)
 
 
 def migrate(src: str, dst: str, layout: str,
@@ -459,7 +463,7 @@ def migrate(src: str, dst: str, layout: str,
             _hold(held, destination)
             return _check_finished(source, source_layout, destination,
                                    target, report)
-        os.makedirs(state_dir, exist_ok=True)
+        makedirs_durable(state_dir)  # a power cut must not forget it
         _hold(held, destination)
         # Looked at again under the lock: a migration started meanwhile by
         # another process has finished, or left its state file.

@@ -21,8 +21,8 @@ from zodbblob.layout import (
     remove_if_exists,
 )
 from zodbblob.storage.catalog import (
-    SYNCFS_AVAILABLE,
     sync_filesystem,
+    syncfs_works,
 )
 from zodbblob.tools.backup.manifest import (
     CHUNK,
@@ -76,6 +76,9 @@ class _Files:
         # for a pack leaves none of them behind.
         self.created: list[str] = []
         self.touched: set[str] = set()
+        # Decided by the filesystem that holds the destination: syncfs
+        # makes nothing durable on some (FUSE, NFS).
+        self.syncfs = syncfs_works(root)
 
     def makedirs(self, directory: str) -> None:
         if directory in self.made:
@@ -84,7 +87,7 @@ class _Files:
         while not os.path.isdir(missing) and missing != self.root:
             self.created.append(missing)
             missing = os.path.dirname(missing)
-        if SYNCFS_AVAILABLE:
+        if self.syncfs:
             try:
                 os.mkdir(directory)  # the parent usually exists
             except FileExistsError:
@@ -131,7 +134,7 @@ class _Files:
                     size += len(chunk)
                     if self.kill is not None:
                         self.kill.mid_copy()
-                if not SYNCFS_AVAILABLE:
+                if not self.syncfs:
                     os.fsync(out)
             finally:
                 os.close(out)
@@ -139,7 +142,7 @@ class _Files:
         except BaseException:
             remove_if_exists(partial)
             raise
-        if not SYNCFS_AVAILABLE:
+        if not self.syncfs:
             self.touched.add(directory)
         if self.kill is not None:
             self.kill.copied += 1
@@ -165,12 +168,12 @@ class _Files:
                                errno.ENOTSUP, errno.ENOENT):
                 raise
             return False
-        if not SYNCFS_AVAILABLE:
+        if not self.syncfs:
             self.touched.add(directory)
         return True
 
     def sync(self) -> None:
-        if SYNCFS_AVAILABLE:
+        if self.syncfs:
             sync_filesystem(self.root)
         else:
             for directory in self.touched:

@@ -21,8 +21,8 @@ from zodbblob.layout import (
     remove_if_exists,
 )
 from zodbblob.storage.catalog import (
-    SYNCFS_AVAILABLE,
     sync_filesystem,
+    syncfs_works,
 )
 from zodbblob.tools.backup.destination import (
     _finish_removals,
@@ -113,7 +113,7 @@ def collect(destination: str) -> CollectResult:
         kill.after_one()
     # The removals durable before the links that list them go: a power
     # cut then leaves no file that nothing would collect.
-    if SYNCFS_AVAILABLE:
+    if syncfs_works(destination):
         sync_filesystem(destination)
     else:
         for path in touched:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from ZODB.utils import z64
 
-from zodbblob.layout import fsync_directory
+from zodbblob.layout import fsync_directory, makedirs_durable
 from zodbblob.tools.backup.destination import (
     Snapshot,
     _finish_removals,
@@ -254,7 +254,9 @@ def backup(storage, destination: str, full: bool = False,
         if source.packed():
             raise SourcePacked(source.path)
         _refuse_another_database(destination, source)
-        os.makedirs(destination, exist_ok=True)
+        # Durable: a snapshot inside a destination that a power cut forgets
+        # would go with it.
+        makedirs_durable(destination)
         with _locked(destination):
             _prepare_destination(destination)
             try:

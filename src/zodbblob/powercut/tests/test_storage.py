@@ -1,0 +1,262 @@
+"""Power cuts at random points of commit, pack, undo and recovery.
+
+A child process (``workload.py``) writes to a storage whose ``Data.fs``
+and blob directory are on the power-cut filesystem, and reports each
+transaction whose commit returned, outside it.  The power goes at the Nth
+write, fsync or rename (N and the kind drawn from the test's seed); the
+child is killed; the filesystem is put back to what a disk that lost
+power would hold and mounted again; and a fresh BlobStorage over a fresh
+FileStorage (recovery) must show every acknowledged transaction with
+every blob byte-exact, nothing uncommitted, and ``verify`` clean.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import ZODB
+import ZODB.FileStorage
+
+from zodbblob import BlobStorage
+from zodbblob.powercut.tests.test_filesystem import PowerCutTestCase
+from zodbblob.powercut.tests.workload import open_database, state_of
+from zodbblob.storage.catalog import (
+    SYNCFS_FILESYSTEMS,
+    filesystem_type,
+    syncfs_works,
+)
+from zodbblob.tools.verify import verify
+
+FUSE_SUPER_MAGIC = 0x65735546
+# Generous: the machine is busy, and FUSE in Python is slow.
+CUT_TIMEOUT = 120.0
+# The Nth operation of a kind at which the power goes: about the first
+# two seconds of a workload here, startup (recovery) included.
+MOST = {'write': 240, 'fsync': 40, 'rename': 120}
+# An open after a cut: its recovery does about this much.
+OPEN_MOST = {'write': 40, 'fsync': 6, 'rename': 3}
+
+
+def acknowledged(path: str) -> list[dict]:
+    """The complete lines of a report file."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith('\n')]
+
+
+class PowerCutStorageTestCase(PowerCutTestCase):
+
+    workload = 'commit'
+    cuts = 4
+    stock = False
+
+    def prepare(self, backing):
+        # Everything in the backing directory is durable: the database is
+        # made before the first mount, as one that has been in use.
+        open_database(backing, self.stock).close()
+
+    def setUp(self):
+        super().setUp()
+        self.report = os.path.join(self.top, 'report')
+
+    def run_until_cut(self, workload: str, seed: int,
+                      most: dict | None = None) -> dict:
+        """Run `workload` until the power goes; kill it; remount."""
+        most = most or MOST
+        rng = random.Random(seed)
+        kind = rng.choice(sorted(most))
+        self.fs.arm(kind, rng.randrange(1, most[kind] + 1))
+        with open(os.path.join(self.top, 'child.log'), 'ab') as log:
+            child = subprocess.Popen(
+                [sys.executable, '-m', 'zodbblob.powercut.tests.workload',
+                 workload, self.mnt, self.report, str(seed)]
+                + (['--stock'] if self.stock else []),
+                stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + CUT_TIMEOUT
+            cut = False
+            while not cut and time.monotonic() < deadline:
+                ended = child.poll() is not None
+                cut = self.fs.wait_cut(0 if ended else 0.5)
+                if ended:
+                    break
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        if not cut:
+            # The workload ended first (an open that had little to do).
+            self.assertEqual(workload, 'open', 'seed %d: no cut: %s'
+                             % (seed, self.child_log()))
+        self.fs.remount()
+        return {'kind': kind, 'cut': cut}
+
+    def child_log(self) -> str:
+        with open(os.path.join(self.top, 'child.log'), 'rb') as f:
+            return f.read()[-3000:].decode(errors='replace')
+
+    def last_acknowledged(self) -> dict | None:
+        entries = [e for e in acknowledged(self.report) if 'tid' in e]
+        return entries[-1] if entries else None
+
+    def check_database(self, seed: int) -> None:
+        """Recovery, then every acknowledged byte, then verify."""
+        directory = self.mnt
+        blob_dir = os.path.join(directory, 'blobs')
+        db = ZODB.DB(BlobStorage(blob_dir, ZODB.FileStorage.FileStorage(
+            os.path.join(directory, 'Data.fs'))))
+        try:
+            last = self.last_acknowledged()
+            if last is not None:
+                tid = bytes.fromhex(last['tid'])
+                self.assertGreaterEqual(db.lastTransaction(), tid,
+                                        'seed %d: acknowledged transaction '
+                                        'lost' % seed)
+                later = [t.tid for t in db.storage.iterator(tid)][1:]
+                self.assertLessEqual(len(later), 1, 'seed %d' % seed)
+                conn = db.open(at=tid)
+                self.assertEqual(state_of(conn.root()), last['state'],
+                                 'seed %d: acknowledged blobs differ after'
+                                 ' the cut' % seed)
+                conn.close()
+            with db.transaction() as conn:
+                state = state_of(conn.root())
+            self.assertEqual(os.listdir(os.path.join(blob_dir, 'tmp')), [])
+            now = db.lastTransaction()
+        finally:
+            db.close()
+        storage = BlobStorage(blob_dir, ZODB.FileStorage.FileStorage(
+            os.path.join(directory, 'Data.fs'), read_only=True))
+        try:
+            report = verify(storage)
+        finally:
+            storage.close()
+        self.assertTrue(report.clean, 'seed %d: %s' % (seed, report.lines()))
+        # What the next cut must keep: the state now, as recovered.
+        with open(self.report, 'a') as f:
+            f.write(json.dumps({'tid': now.hex(), 'state': state}) + '\n')
+
+    def cut_and_check(self, workload: str, cuts: int, first_seed: int = 0):
+        # One after the other on the same database: after a failure, the
+        # next cuts would only find the same damage.
+        for seed in range(first_seed, first_seed + cuts):
+            self.run_until_cut(workload, seed)
+            self.check_database(seed)
+
+
+class CommitPowerCutTests(PowerCutStorageTestCase):
+
+    def test_power_cuts_during_commits_of_every_shape(self):
+        self.cut_and_check('commit', 5)
+
+    def test_power_cuts_during_pack(self):
+        self.cut_and_check('pack', 3, first_seed=100)
+
+    def test_power_cuts_during_undo(self):
+        self.cut_and_check('undo', 3, first_seed=200)
+
+    def test_power_cuts_during_recovery_after_a_power_cut(self):
+        for seed in range(300, 303):
+            self.run_until_cut('commit', seed)
+            # The open after the cut recovers; the power goes again while
+            # it does.
+            self.run_until_cut('open', seed, most=OPEN_MOST)
+            self.check_database(seed)
+
+
+class SyncfsTests(PowerCutStorageTestCase):
+
+    def test_syncfs_is_used_only_where_it_flushes(self):
+        self.assertEqual(filesystem_type(self.mnt), FUSE_SUPER_MAGIC)
+        self.assertFalse(syncfs_works(self.mnt))
+        # A path not made yet: its nearest existing parent's filesystem.
+        self.assertFalse(syncfs_works(os.path.join(self.mnt, 'a', 'b')))
+        self.assertEqual(syncfs_works(os.path.join(self.top, 'a', 'b')),
+                         syncfs_works(self.top))
+        self.assertEqual(syncfs_works(self.top),
+                         filesystem_type(self.top) in SYNCFS_FILESYSTEMS)
+
+
+class RollBackPowerCutTests(PowerCutStorageTestCase):
+
+    def sync_everything(self) -> None:
+        """What a disk that wrote all of its cache would hold."""
+        for parent, dirs, names in os.walk(self.mnt):
+            for name in names:
+                fd = os.open(os.path.join(parent, name), os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+            fd = os.open(parent, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+
+    def test_a_rolled_back_transaction_stays_rolled_back_after_a_cut(self):
+        # Found by the partial cuts (seed 7032): a transaction killed after
+        # its files got their final names, whose names reached the disk;
+        # the open rolls it back and checkpoints; then the power goes.
+        # The removals must have reached the disk before the checkpoint
+        # let the record go, or the files come back with nothing to say
+        # whose they are.
+        env = dict(os.environ, ZODBBLOB_KILL_POINT='after_publish')
+        child = subprocess.run(
+            [sys.executable, '-m', 'zodbblob.powercut.tests.workload',
+             'commit', self.mnt, self.report, '1'], env=env,
+            capture_output=True, timeout=CUT_TIMEOUT, check=False)
+        self.assertEqual(child.returncode, -signal.SIGKILL,
+                         child.stderr[-2000:])
+        self.sync_everything()
+        ZODB.DB(BlobStorage(
+            os.path.join(self.mnt, 'blobs'), ZODB.FileStorage.FileStorage(
+                os.path.join(self.mnt, 'Data.fs')))).close()
+        self.fs.remount()
+        self.check_database(1)
+
+
+class PartialPowerCutTests(PowerCutStorageTestCase):
+    """A disk that had written a random part of its cache when the power
+    went: some unsynced files and names are kept, others lost."""
+
+    seed = 17
+
+    def test_partial_power_cuts_during_commits(self):
+        self.cut_and_check('commit', 3, first_seed=700)
+
+
+class ManyPartialPowerCutTests(PartialPowerCutTests):
+
+    level = 2
+
+    def test_partial_power_cuts_during_commits(self):
+        self.cut_and_check('commit', 40, first_seed=7000)
+
+    # No partial cuts during pack: FileStorage renames its packed file over
+    # Data.fs before anything syncs it, and a disk that kept the rename
+    # but not the bytes leaves a Data.fs without its root (seed 8000).
+    # zodbblob's pack syncs both right after, which closes the window only
+    # where the rename is not kept alone (ext4's auto_da_alloc flushes
+    # such a file's bytes at the rename).
+
+
+class ManyPowerCutTests(PowerCutStorageTestCase):
+    """Hundreds of cuts."""
+
+    level = 2
+
+    def test_many_power_cuts_during_commits(self):
+        self.cut_and_check('commit', 120, first_seed=1000)
+
+    def test_many_power_cuts_during_pack(self):
+        self.cut_and_check('pack', 40, first_seed=2000)
+
+    def test_many_power_cuts_during_undo(self):
+        self.cut_and_check('undo', 40, first_seed=3000)
+
+    def test_many_power_cuts_during_recovery(self):
+        for seed in range(4000, 4030):
+            self.run_until_cut('commit', seed)
+            self.run_until_cut('open', seed, most=OPEN_MOST)
+            self.check_database(seed)

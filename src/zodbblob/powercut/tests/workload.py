@@ -1,0 +1,190 @@
+"""A child process for the power-cut tests: writes until the power goes.
+
+Usage: python -m zodbblob.powercut.tests.workload WORKLOAD DIR REPORT SEED
+           [--stock]
+
+WORKLOAD is ``commit`` (transactions of every shape: one and many blobs,
+inline and not, more files than SYNCFS_THRESHOLD, removals), ``pack``
+(commits and packs), ``undo`` (commits and undos), ``open`` (opens the
+storage, which recovers, and closes it), ``cache`` (downloads into a
+zodbblob.cache.BlobCache in DIR/cache) or ``backup`` (commits to a
+storage in REPORT's directory and backs it up into DIR/backup).  The
+database is ``DIR/Data.fs`` with blobs in ``DIR/blobs``; ``--stock``
+opens it as stock ZODB does, ``FileStorage(path, blob_dir=...)``.
+
+After each transaction or backup returns, one JSON line goes to REPORT
+(outside the filesystem whose power is cut), flushed and fsynced: what
+the parent must find after the cut.  The power goes at some operation;
+every later one fails with EIO, and the parent kills this process.
+"""
+
+import hashlib
+import json
+import os
+import random
+import sys
+import tempfile
+
+import transaction
+import ZODB
+import ZODB.FileStorage
+import ZODB.POSException
+from ZODB.blob import Blob
+
+import zodbblob.storage.commit
+from zodbblob import BlobStorage
+
+# Small limits, so that a few dozen transactions cover every path of the
+# commit: blobs in the log (up to 64 KiB a transaction), files synced one
+# by one, files synced together (8 or more), and checkpoints.
+INLINE_LIMIT = 64 * 1024
+CHECKPOINT_RECORDS = 6
+KEYS = 30
+NOTE = 'powercut workload'
+
+
+def open_database(directory: str, stock: bool = False) -> ZODB.DB:
+    zodbblob.storage.commit.INLINE_LIMIT = INLINE_LIMIT
+    zodbblob.storage.commit.CHECKPOINT_RECORDS = CHECKPOINT_RECORDS
+    path = os.path.join(directory, 'Data.fs')
+    blobs = os.path.join(directory, 'blobs')
+    if stock:
+        return ZODB.DB(ZODB.FileStorage.FileStorage(path, blob_dir=blobs))
+    return ZODB.DB(BlobStorage(blobs, ZODB.FileStorage.FileStorage(path)))
+
+
+def shapes(rng: random.Random) -> list[int]:
+    """Sizes of the blobs of one transaction."""
+    shape = rng.randrange(5)
+    if shape == 0:
+        return [rng.randrange(0, 20000)]                     # inline
+    if shape == 1:
+        return [rng.randrange(1, 8000) for _ in range(3)]    # inline, 3
+    if shape == 2:
+        return [rng.randrange(70000, 200000)]                # synced file
+    if shape == 3:
+        return [rng.randrange(8000, 12000) for _ in range(10)]  # 10 synced
+    return [rng.randrange(0, 2000) for _ in range(10)]       # 10 inline
+
+
+def state_of(root) -> dict:
+    state = {}
+    for key, blob in root.items():
+        with blob.open() as f:
+            state[key] = hashlib.sha256(f.read()).hexdigest()
+    return state
+
+
+def report(log, entry: dict) -> None:
+    log.write(json.dumps(entry) + '\n')
+    log.flush()
+    os.fsync(log.fileno())
+
+
+def commit_one(rng: random.Random, root) -> None:
+    for size in shapes(rng):
+        key = 'blob-%d' % rng.randrange(KEYS)
+        data = rng.randbytes(size)
+        if key in root:
+            with root[key].open('w') as f:
+                f.write(data)
+        else:
+            root[key] = Blob(data)
+    if rng.randrange(6) == 0 and root:
+        del root[rng.choice(sorted(root))]
+    transaction.get().note(NOTE)
+    transaction.commit()
+
+
+def database_workload(workload: str, directory: str, log,
+                      rng: random.Random, stock: bool) -> None:
+    db = open_database(directory, stock)
+    if workload == 'open':
+        db.close()
+        report(log, {'opened': True})
+        return
+    conn = db.open()
+    root = conn.root()
+    for number in range(10 ** 6):
+        if workload == 'pack' and number % 4 == 3:
+            db.pack()
+            report(log, {'packed': True})
+            continue
+        if workload == 'undo' and number % 3 == 2:
+            # Only the workload's own commits: undoing the one that made
+            # the root object would leave a database no DB can open.
+            undoable = [entry for entry in db.undoLog(0, 4)
+                        if entry['description'] == NOTE]
+            if undoable:
+                db.undo(rng.choice(undoable)['id'])
+                try:
+                    transaction.commit()
+                except ZODB.POSException.UndoError:
+                    transaction.abort()
+                    continue
+                conn.sync()
+                report(log, {'tid': db.lastTransaction().hex(),
+                             'state': state_of(root)})
+                continue
+        commit_one(rng, root)
+        report(log, {'tid': db.lastTransaction().hex(),
+                     'state': state_of(root)})
+
+
+def cache_bytes(oid: int, tid: int) -> bytes:
+    """The bytes of a cached revision: the parent knows them too."""
+    rng = random.Random(oid * 1000003 + tid)
+    return rng.randbytes(rng.randrange(0, 20000))
+
+
+def cache_workload(directory: str, rng: random.Random, seed: int) -> None:
+    from zodbblob.cache import BlobCache
+    cache = BlobCache(os.path.join(directory, 'cache'))
+    while True:
+        # Revisions of this run's own: a cache that had them all already
+        # would write nothing, and the power would never go.
+        oid, tid = rng.randrange(1, 200), seed * 4 + rng.randrange(1, 5)
+
+        def fetch(path, oid=oid, tid=tid):
+            with open(path, 'wb') as f:
+                f.write(cache_bytes(oid, tid))
+
+        cache.load(oid.to_bytes(8, 'big'), tid.to_bytes(8, 'big'), fetch)
+
+
+def backup_workload(directory: str, source: str, log,
+                    rng: random.Random) -> None:
+    from zodbblob.tools.backup import backup
+    db = open_database(source)
+    conn = db.open()
+    root = conn.root()
+    while True:
+        for _ in range(rng.randrange(1, 4)):
+            commit_one(rng, root)
+        for result in backup(db.storage, os.path.join(directory, 'backup'),
+                             full=rng.randrange(4) == 0):
+            report(log, {'snapshot': result.snapshot,
+                         'tid': result.tid.hex()})
+
+
+def main(argv: list[str]) -> None:
+    workload, directory, report_path, seed = argv[:4]
+    rng = random.Random(int(seed))
+    # A new Blob's bytes are written before it has a storage, to a
+    # temporary file: on the database's filesystem, so that storeBlob
+    # renames it as it would in production.
+    tempfile.tempdir = os.path.join(directory, 'scratch')
+    os.makedirs(tempfile.tempdir, exist_ok=True)
+    with open(report_path, 'a') as log:
+        if workload == 'cache':
+            cache_workload(directory, rng, int(seed))
+        elif workload == 'backup':
+            backup_workload(directory, os.path.join(
+                os.path.dirname(report_path), 'source'), log, rng)
+        else:
+            database_workload(workload, directory, log, rng,
+                              '--stock' in argv)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
