@@ -3,7 +3,8 @@
 Every wing stands on it: ``naming`` (the layouts: where the file of each
 (oid, tid) lives, the ids paths are built from, the ``.layout`` marker),
 ``filesystem`` (``FilesystemHelper``, ZODB's API for one blob directory),
-``files`` (fsync helpers, and opening a blob name safely), ``scan`` (the
+``files`` (fsync helpers, and opening a blob name safely), ``syncfs``
+(one syncfs where it flushes), ``scan`` (the
 walk every layout's scan is made of) and ``tree`` (``BlobTree``, which
 reaches files without following a link).  ``zodbblob.layout`` is public:
 every name it had as one module is here still.
