@@ -7,10 +7,11 @@ For each workload and each side, N power cuts, each on a fresh database
 on the power-cut filesystem (``zodbblob.powercut``): a child process
 commits (``zodbblob.powercut.tests.workload``) and reports each
 transaction whose commit returned; the power goes at a write, fsync or
-rename drawn from the seed (the same seeds for both sides); the child is
+rename drawn from the seed (the same seeds for every side); the child is
 killed; the filesystem keeps only what was made durable; the database is
 opened again as the side opens it (stock: ``FileStorage(path,
-blob_dir=...)``; zodbblob: ``BlobStorage`` over ``FileStorage``) and every
+blob_dir=...)``; zodbblob: ``BlobStorage`` over ``FileStorage``, serial
+commits; zodbblob, one sync: ``zodbblob.open_filestorage``) and every
 blob of the last acknowledged transaction is read.
 
 Prints, per workload and side: cuts, acknowledged transactions, the blobs
@@ -34,10 +35,8 @@ import tempfile
 import time
 
 import ZODB
-import ZODB.FileStorage
 import ZODB.POSException
 
-from zodbblob import BlobStorage
 from zodbblob.powercut import mount, unavailable
 from zodbblob.powercut.tests.test_storage import MOST, acknowledged
 from zodbblob.powercut.tests.workload import open_database
@@ -45,18 +44,20 @@ from zodbblob.powercut.tests.workload import open_database
 CUT_TIMEOUT = 120.0
 
 
-def open_side(directory: str, stock: bool) -> ZODB.DB:
-    path = os.path.join(directory, 'Data.fs')
-    blobs = os.path.join(directory, 'blobs')
-    if stock:
-        return ZODB.DB(ZODB.FileStorage.FileStorage(path, blob_dir=blobs))
-    return ZODB.DB(BlobStorage(blobs, ZODB.FileStorage.FileStorage(path)))
+# Each side: the workload's flag, and how it is opened.
+SIDES = {
+    'stock': ['--stock'],                   # FileStorage(path, blob_dir=)
+    'zodbblob': [],                         # BlobStorage(blobs, FileStorage)
+    'zodbblob, one sync': ['--one-sync'],   # zodbblob.open_filestorage
+}
 
 
-def one_cut(top: str, workload: str, seed: int, stock: bool) -> dict:
+def one_cut(top: str, workload: str, seed: int, side: str) -> dict:
+    flags = SIDES[side]
+    stock, one_sync = '--stock' in flags, '--one-sync' in flags
     backing = os.path.join(top, 'backing')
     os.mkdir(backing)
-    open_database(backing, stock).close()
+    open_database(backing, stock, one_sync).close()
     report = os.path.join(top, 'report')
     rng = random.Random(seed)
     kind = rng.choice(sorted(MOST))
@@ -65,7 +66,7 @@ def one_cut(top: str, workload: str, seed: int, stock: bool) -> dict:
         child = subprocess.Popen(
             [sys.executable, '-m', 'zodbblob.powercut.tests.workload',
              workload, fs.mountpoint, report, str(seed)]
-            + (['--stock'] if stock else []),
+            + flags,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + CUT_TIMEOUT
         while child.poll() is None and time.monotonic() < deadline:
@@ -81,7 +82,7 @@ def one_cut(top: str, workload: str, seed: int, stock: bool) -> dict:
             return result
         last = entries[-1]
         result['blobs'] = len(last['state'])
-        db = open_side(fs.mountpoint, stock)
+        db = open_database(fs.mountpoint, stock, one_sync)
         try:
             tid = bytes.fromhex(last['tid'])
             if db.lastTransaction() < tid:
@@ -118,13 +119,13 @@ def main(argv=None) -> int:
         return 2
     rows = []
     for workload in args.workloads.split(','):
-        for side, stock in (('stock', True), ('zodbblob', False)):
+        for side in SIDES:
             total = {'transactions': 0, 'blobs': 0, 'lost': 0, 'wrong': 0}
             for seed in range(args.first_seed, args.first_seed + args.cuts):
                 top = tempfile.mkdtemp(prefix='powercut-bench-')
                 try:
                     for key, value in one_cut(top, workload, seed,
-                                              stock).items():
+                                              side).items():
                         total[key] += value
                 finally:
                     shutil.rmtree(top, ignore_errors=True)
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
               f'| {total["blobs"]} | {total["lost"]} | {total["wrong"]} |')
     damaged = sum(total['lost'] + total['wrong']
                   for workload, side, cuts, total in rows
-                  if side == 'zodbblob')
+                  if side != 'stock')
     return 1 if damaged else 0
 
 

@@ -54,11 +54,12 @@ class PowerCutStorageTestCase(PowerCutTestCase):
     workload = 'commit'
     cuts = 4
     stock = False
+    one_sync = False
 
     def prepare(self, backing):
         # Everything in the backing directory is durable: the database is
         # made before the first mount, as one that has been in use.
-        open_database(backing, self.stock).close()
+        open_database(backing, self.stock, self.one_sync).close()
 
     def setUp(self):
         super().setUp()
@@ -75,7 +76,8 @@ class PowerCutStorageTestCase(PowerCutTestCase):
             child = subprocess.Popen(
                 [sys.executable, '-m', 'zodbblob.powercut.tests.workload',
                  workload, self.mnt, self.report, str(seed)]
-                + (['--stock'] if self.stock else []),
+                + (['--stock'] if self.stock else [])
+                + (['--one-sync'] if self.one_sync else []),
                 stdout=log, stderr=log)
         try:
             deadline = time.monotonic() + CUT_TIMEOUT
@@ -107,8 +109,9 @@ class PowerCutStorageTestCase(PowerCutTestCase):
         """Recovery, then every acknowledged byte, then verify."""
         directory = self.mnt
         blob_dir = os.path.join(directory, 'blobs')
-        db = ZODB.DB(BlobStorage(blob_dir, ZODB.FileStorage.FileStorage(
-            os.path.join(directory, 'Data.fs'))))
+        db = open_database(directory, one_sync=self.one_sync)
+        if self.one_sync:
+            self.assertEqual(db.storage.commit_protocol, 'one sync')
         try:
             last = self.last_acknowledged()
             if last is not None:
@@ -166,6 +169,14 @@ class CommitPowerCutTests(PowerCutStorageTestCase):
             # it does.
             self.run_until_cut('open', seed, most=OPEN_MOST)
             self.check_database(seed)
+
+
+class OneSyncPowerCutTests(CommitPowerCutTests):
+    """The same cuts, with the storage opened as the configuration and
+    ``zodbblob.open_filestorage`` open it: commits with one sync, and an
+    open that rolls back a torn last transaction."""
+
+    one_sync = True
 
 
 class SyncfsTests(PowerCutStorageTestCase):
@@ -260,3 +271,14 @@ class ManyPowerCutTests(PowerCutStorageTestCase):
             self.run_until_cut('commit', seed)
             self.run_until_cut('open', seed, most=OPEN_MOST)
             self.check_database(seed)
+
+
+class ManyOneSyncPowerCutTests(ManyPowerCutTests):
+    """Hundreds of cuts, with one sync."""
+
+    one_sync = True
+
+
+class ManyPartialOneSyncPowerCutTests(ManyPartialPowerCutTests):
+
+    one_sync = True

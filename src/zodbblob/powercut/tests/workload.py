@@ -1,7 +1,7 @@
 """A child process for the power-cut tests: writes until the power goes.
 
 Usage: python -m zodbblob.powercut.tests.workload WORKLOAD DIR REPORT SEED
-           [--stock]
+           [--stock | --one-sync]
 
 WORKLOAD is ``commit`` (transactions of every shape: one and many blobs,
 inline and not, more files than SYNCFS_THRESHOLD, removals), ``pack``
@@ -10,7 +10,10 @@ storage, which recovers, and closes it), ``cache`` (downloads into a
 zodbblob.cache.BlobCache in DIR/cache) or ``backup`` (commits to a
 storage in REPORT's directory and backs it up into DIR/backup).  The
 database is ``DIR/Data.fs`` with blobs in ``DIR/blobs``; ``--stock``
-opens it as stock ZODB does, ``FileStorage(path, blob_dir=...)``.
+opens it as stock ZODB does, ``FileStorage(path, blob_dir=...)``;
+``--one-sync`` as ``zodbblob.open_filestorage`` does (and the
+configuration), which commits with one sync; without either,
+``BlobStorage(blobs, FileStorage(path))``, which commits serially.
 
 After each transaction or backup returns, one JSON line goes to REPORT
 (outside the filesystem whose power is cut), flushed and fsynced: what
@@ -32,7 +35,7 @@ import ZODB.POSException
 from ZODB.blob import Blob
 
 import zodbblob.storage.commit
-from zodbblob import BlobStorage
+from zodbblob import BlobStorage, open_filestorage
 
 # Small limits, so that a few dozen transactions cover every path of the
 # commit: blobs in the log (up to 64 KiB a transaction), files synced one
@@ -43,13 +46,16 @@ KEYS = 30
 NOTE = 'powercut workload'
 
 
-def open_database(directory: str, stock: bool = False) -> ZODB.DB:
+def open_database(directory: str, stock: bool = False,
+                  one_sync: bool = False) -> ZODB.DB:
     zodbblob.storage.commit.INLINE_LIMIT = INLINE_LIMIT
     zodbblob.storage.commit.CHECKPOINT_RECORDS = CHECKPOINT_RECORDS
     path = os.path.join(directory, 'Data.fs')
     blobs = os.path.join(directory, 'blobs')
     if stock:
         return ZODB.DB(ZODB.FileStorage.FileStorage(path, blob_dir=blobs))
+    if one_sync:
+        return ZODB.DB(open_filestorage(path, blobs))
     return ZODB.DB(BlobStorage(blobs, ZODB.FileStorage.FileStorage(path)))
 
 
@@ -97,8 +103,9 @@ def commit_one(rng: random.Random, root) -> None:
 
 
 def database_workload(workload: str, directory: str, log,
-                      rng: random.Random, stock: bool) -> None:
-    db = open_database(directory, stock)
+                      rng: random.Random, stock: bool,
+                      one_sync: bool) -> None:
+    db = open_database(directory, stock, one_sync)
     if workload == 'open':
         db.close()
         report(log, {'opened': True})
@@ -183,7 +190,7 @@ def main(argv: list[str]) -> None:
                 os.path.dirname(report_path), 'source'), log, rng)
         else:
             database_workload(workload, directory, log, rng,
-                              '--stock' in argv)
+                              '--stock' in argv, '--one-sync' in argv)
 
 
 if __name__ == '__main__':
