@@ -273,12 +273,28 @@ class ManyPowerCutTests(PowerCutStorageTestCase):
             self.check_database(seed)
 
 
-class ManyOneSyncPowerCutTests(ManyPowerCutTests):
-    """Hundreds of cuts, with one sync."""
+class ManyOneSyncPowerCutTests(PowerCutStorageTestCase):
+    """More cuts with one sync, where it differs from the serial commit:
+    commits, and the open that recovers (and may roll back).  Fewer than
+    the serial protocol's, to keep the suite's level 2 within its time."""
 
+    level = 2
     one_sync = True
 
+    def test_many_power_cuts_during_commits(self):
+        self.cut_and_check('commit', 40, first_seed=5000)
 
-class ManyPartialOneSyncPowerCutTests(ManyPartialPowerCutTests):
+    def test_many_power_cuts_during_recovery(self):
+        for seed in range(6000, 6010):
+            self.run_until_cut('commit', seed)
+            self.run_until_cut('open', seed, most=OPEN_MOST)
+            self.check_database(seed)
 
+
+class ManyPartialOneSyncPowerCutTests(PartialPowerCutTests):
+
+    level = 2
     one_sync = True
+
+    def test_partial_power_cuts_during_commits(self):
+        self.cut_and_check('commit', 15, first_seed=7500)
