@@ -242,7 +242,7 @@ class ManyPartialPowerCutTests(PartialPowerCutTests):
     level = 2
 
     def test_partial_power_cuts_during_commits(self):
-        self.cut_and_check('commit', 40, first_seed=7000)
+        self.cut_and_check('commit', 25, first_seed=7000)
 
     # No partial cuts during pack: FileStorage renames its packed file over
     # Data.fs before anything syncs it, and a disk that kept the rename
@@ -258,16 +258,16 @@ class ManyPowerCutTests(PowerCutStorageTestCase):
     level = 2
 
     def test_many_power_cuts_during_commits(self):
-        self.cut_and_check('commit', 120, first_seed=1000)
+        self.cut_and_check('commit', 60, first_seed=1000)
 
     def test_many_power_cuts_during_pack(self):
-        self.cut_and_check('pack', 40, first_seed=2000)
+        self.cut_and_check('pack', 25, first_seed=2000)
 
     def test_many_power_cuts_during_undo(self):
-        self.cut_and_check('undo', 40, first_seed=3000)
+        self.cut_and_check('undo', 25, first_seed=3000)
 
     def test_many_power_cuts_during_recovery(self):
-        for seed in range(4000, 4030):
+        for seed in range(4000, 4015):
             self.run_until_cut('commit', seed)
             self.run_until_cut('open', seed, most=OPEN_MOST)
             self.check_database(seed)
