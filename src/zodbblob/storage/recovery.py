@@ -16,7 +16,6 @@ import shutil
 import stat
 
 import ZODB.FileStorage
-from ZODB.POSException import POSKeyError
 from ZODB.utils import oid_repr, z64
 
 from zodbblob.layout import (
@@ -49,7 +48,11 @@ from zodbblob.storage.filestorage import (
     truncate,
 )
 from zodbblob.storage.lock import LOCK_NAME, BlobStorageError, lock_blob_directory
-from zodbblob.storage.pack import remove_blob_files, remove_unreferenced
+from zodbblob.storage.pack import (
+    base_has,
+    remove_blob_files,
+    remove_unreferenced,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -335,7 +338,7 @@ class Recovery:
         for (oid, tid), entry in sorted(latest.items(),
                                         key=lambda item: item[0][::-1]):
             final = fshelper.getBlobFilename(oid, tid)
-            if self._base_has(oid, tid):
+            if base_has(self.base, oid, tid):
                 if entry is None:
                     continue  # aborted; the revision is someone else's
                 if self._roll_forward(entry, final, tid):
@@ -440,10 +443,3 @@ class Recovery:
             os.fsync(f.fileno())
         os.chmod(temporary, os.stat(directory).st_mode & 0o444)
         os.replace(temporary, final)
-
-    def _base_has(self, oid: bytes, tid: bytes) -> bool:
-        try:
-            self.base.loadSerial(oid, tid)
-        except (POSKeyError, KeyError):
-            return False
-        return True

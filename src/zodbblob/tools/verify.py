@@ -30,7 +30,6 @@ import sqlite3
 import urllib.parse
 from collections.abc import Callable
 
-from ZODB.POSException import POSKeyError
 from ZODB.utils import oid_repr
 
 from zodbblob.storage.commitlog import CommitLog
@@ -39,6 +38,7 @@ from zodbblob.storage.commitlog import latest_entries
 from zodbblob.storage.catalog import READ_BATCH
 from zodbblob.storage.catalog import journal_path
 from zodbblob.storage.catalog import pack_under_way
+from zodbblob.storage.pack import base_has
 from zodbblob.layout import LINKED_DIRECTORY
 from zodbblob.layout import BlobTree
 from zodbblob.layout import NotABlobFile
@@ -127,14 +127,6 @@ def _replaced(base) -> bool:
                 != os.stat(base._file_name).st_ino)
     except (AttributeError, OSError):
         return False
-
-
-def _base_has(base, oid: bytes, tid: bytes) -> bool:
-    try:
-        base.loadSerial(oid, tid)
-    except (POSKeyError, KeyError):
-        return False
-    return True
 
 
 _UNFINISHED = {
@@ -354,7 +346,7 @@ def unfinished_transactions(storage, catalog) -> list[tuple[bytes, str]]:
     found = {}
     for (oid, tid), entry in latest.items():
         final = fshelper.getBlobFilename(oid, tid)
-        if _base_has(storage.base, oid, tid):
+        if base_has(storage.base, oid, tid):
             if entry is None:
                 continue
             if entry.data is not None:
