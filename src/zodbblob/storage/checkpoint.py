@@ -23,6 +23,10 @@ class Shared:
 
     def __init__(self, fshelper, journal, lock, read_only):
         self.fshelper = fshelper
+        # Whether one syncfs makes the blob directory durable: its
+        # filesystem does not change while the storage is open, so it is
+        # asked once, not at every commit.
+        self.syncfs_works = syncfs_works(fshelper.base_dir)
         self.journal = journal
         self.lock = lock
         self.read_only = read_only
@@ -84,7 +88,7 @@ def checkpoint(shared: Shared) -> None:
             shared.logging.wait()
         if not len(shared.commit_log) and not shared.linked:
             return
-        if syncfs_works(shared.fshelper.base_dir):
+        if shared.syncfs_works:
             shared.journal.flush()
             sync_filesystem(shared.fshelper.base_dir)
         else:

@@ -52,7 +52,7 @@ from zodbblob.layout import (
     makedirs_durable,
     remove_if_exists,
 )
-from zodbblob.storage.catalog import kill_point, sync_filesystem, syncfs_works
+from zodbblob.storage.catalog import kill_point, sync_filesystem
 from zodbblob.storage.checkpoint import Shared, checkpoint
 from zodbblob.storage.commitlog import Entry
 
@@ -322,7 +322,7 @@ class CommitProtocol:
         last = None
         # The checkpoint's syncfs makes new directories durable; where it
         # would not, each is made durable now.
-        syncfs = syncfs_works(self.fshelper.base_dir)
+        syncfs = self._shared.syncfs_works
         for oid, path, info in staged.stats:
             final = self.fshelper.getBlobFilename(oid, staged.tid)
             directory = os.path.dirname(final)
@@ -366,8 +366,7 @@ class CommitProtocol:
 
     def _make_durable(self, paths: list[str]) -> None:
         """Make the bytes of staged files and their staged names durable."""
-        if len(paths) >= SYNCFS_THRESHOLD and syncfs_works(
-                self.fshelper.base_dir):
+        if len(paths) >= SYNCFS_THRESHOLD and self._shared.syncfs_works:
             sync_filesystem(self.fshelper.base_dir)
             return
         for path in paths:

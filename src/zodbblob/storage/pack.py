@@ -29,7 +29,6 @@ from zodbblob.storage.catalog import (
     JournalError,
     kill_point,
     sync_filesystem,
-    syncfs_works,
 )
 from zodbblob.storage.checkpoint import Shared, checkpoint
 from zodbblob.storage.commit import CommitProtocol
@@ -54,7 +53,7 @@ def remove_blob_files(shared: Shared, garbage) -> None:
             directories.add(fshelper.getPathForOID(oid))
     # The removals durable before the rows go: a power cut must not bring
     # back files that the catalog no longer lists.
-    if garbage and syncfs_works(fshelper.base_dir):
+    if garbage and shared.syncfs_works:
         sync_filesystem(fshelper.base_dir)
     else:
         for directory in parents:
