@@ -485,5 +485,63 @@ class FailingVote:
         pass
 
 
+class HostileDataFsTailTests(unittest.TestCase):
+    """The tail reader meets whatever a crash or a hand left at the end of
+    ``Data.fs``: anything that does not read back as one whole
+    transaction is None (FileStorage's own open deals with it), never an
+    exception, never a wrong transaction."""
+
+    def setUp(self):
+        self.top = tempfile.mkdtemp(prefix='zodbblob-tail-')
+        self.addCleanup(shutil.rmtree, self.top, ignore_errors=True)
+        self.data_fs = os.path.join(self.top, 'Data.fs')
+        storage = ZODB.FileStorage.FileStorage(
+            self.data_fs, blob_dir=os.path.join(self.top, 'blobs'))
+        db = ZODB.DB(storage)
+        with db.transaction() as conn:
+            conn.root()['blob'] = Blob(b'tail')
+        self.tid = db.lastTransaction()
+        db.close()
+        with open(self.data_fs, 'rb') as f:
+            self.good = f.read()
+
+    def tail_of(self, data: bytes):
+        with open(self.data_fs, 'wb') as f:
+            f.write(data)
+        return last_transaction(self.data_fs)
+
+    def test_the_whole_file_reads_its_last_transaction(self):
+        last = self.tail_of(self.good)
+        self.assertEqual(last.tid, self.tid)
+        self.assertEqual(len(last.blob_oids), 1)
+
+    def test_hostile_tails_read_as_none(self):
+        good = self.good
+        hostile = {
+            'empty': b'',
+            'magic only': good[:4],
+            'not a Data.fs': b'\x7fELF' + good[4:],
+            'garbage appended': good + os.urandom(37),
+            'a length past the start': good[:-8] + (2 ** 63).to_bytes(8, 'big'),
+            'a length of zero': good[:-8] + bytes(8),
+            'cut inside the last record': good[:-20] + good[-8:],
+            'zeros': bytes(len(good)),
+        }
+        for name, data in hostile.items():
+            with self.subTest(name):
+                self.assertIsNone(self.tail_of(data))
+
+    def test_a_back_pointer_loop_ends(self):
+        # A data record whose back pointer leads to itself.
+        from zodbblob.storage.filestorage import _Reader
+        record = bytearray(b'FS21' + bytes(42 + 8))
+        record[4 + 34:4 + 42] = bytes(8)            # size 0: a back pointer
+        record[4 + 42:4 + 50] = (4).to_bytes(8, 'big')  # to itself
+        with open(self.data_fs, 'wb') as f:
+            f.write(record)
+        with open(self.data_fs, 'rb') as f:
+            self.assertIsNone(_Reader(f.fileno()).data_at(4))
+
+
 def test_suite():
     return unittest.defaultTestLoader.loadTestsFromName(__name__)
