@@ -11,7 +11,8 @@ each way:
 
 ``cut``
     The power goes: every later operation fails with EIO, as on a dead
-    disk.  The writer is still running; the test kills it next.
+    disk (names and attributes the kernel cached are still served).
+    The writer is still running; the test kills it next.
 ``arm KIND N``
     Cut by itself at the Nth operation of KIND (``write``, ``fsync``,
     ``rename`` or ``any``) counted from now; that operation fails.
@@ -22,8 +23,13 @@ each way:
 ``revert [SEED]``
     After a cut, and after the writer is dead: put ROOT back to its
     durable state (with SEED, keep a random part of what was not synced).
+``mount``
+    After the harness unmounted: mount again, the power on.  A fresh
+    mount is what drops the kernel's caches of the mount (pages, names,
+    attributes); one process serves mount after mount, so a cut costs no
+    new interpreter.
 
-The harness then unmounts, and the process ends with the mount.
+The process ends when its standard input does, once it is unmounted.
 ``syncfs(2)`` never reaches a FUSE daemon (the kernel sends FUSE_SYNCFS
 to virtiofs only): here, as on any FUSE mount, it makes nothing durable.
 """
@@ -31,6 +37,7 @@ to virtiofs only): here, as on any FUSE mount, it makes nothing durable.
 import errno
 import json
 import os
+import queue
 import sys
 import threading
 
@@ -39,6 +46,10 @@ import mfusepy
 from .model import Durability
 
 KINDS = ('write', 'fsync', 'rename', 'any')
+# How long ``mount`` waits for the last mount's loop to end.
+UNMOUNT_TIMEOUT = 60.0
+# How long the kernel may keep a name or attributes without asking.
+CACHE_SECONDS = 10
 
 
 class PowerCutOperations(mfusepy.Operations):
@@ -53,6 +64,10 @@ class PowerCutOperations(mfusepy.Operations):
         self.counts = dict.fromkeys(KINDS, 0)
         self.armed: tuple[str, int] | None = None
         self.cut_at: str | None = None
+        # Between mounts: set while nothing is mounted; the main thread
+        # takes True (mount again) or False (end) from `next_mount`.
+        self.unmounted = threading.Event()
+        self.next_mount: queue.Queue[bool] = queue.Queue()
 
     # -- the power ---------------------------------------------------------
 
@@ -89,6 +104,15 @@ class PowerCutOperations(mfusepy.Operations):
                     return 'error: revert before a cut'
                 seed = int(words[1]) if len(words) == 2 else None
                 return json.dumps(self.durability.revert(seed))
+        if words == ['mount']:
+            if not self.unmounted.wait(UNMOUNT_TIMEOUT):
+                return 'error: still mounted'
+            with self.serving:
+                self.unmounted.clear()
+                self.dead.clear()
+                self.armed = self.cut_at = None
+            self.next_mount.put(True)
+            return 'mounting'
         if len(words) == 2 and words[0] == 'wait':
             return 'cut' if self.dead.wait(float(words[1])) else 'running'
         return 'error: unknown command %r' % line
@@ -298,6 +322,7 @@ def serve_control(operations: PowerCutOperations) -> None:
             answer = 'error: %s' % error
         sys.stdout.write(answer + '\n')
         sys.stdout.flush()
+    operations.next_mount.put(False)
 
 
 def main(argv: list[str]) -> int:
@@ -310,12 +335,19 @@ def main(argv: list[str]) -> int:
     operations = PowerCutOperations(root, graveyard)
     threading.Thread(target=serve_control, args=(operations,),
                      daemon=True).start()
-    # Attributes and names are not cached by the kernel beyond a request,
-    # so that nothing the daemon failed or undid is served from memory.
-    mfusepy.FUSE(operations, mountpoint, foreground=True, nothreads=True,
-                 fsname='powercut', attr_timeout=0, entry_timeout=0,
-                 negative_timeout=0, use_ino=True)
-    return 0
+    while True:
+        # The kernel caches names and attributes for a while, as over any
+        # disk: every change passes through it, so what it caches is what
+        # the daemon did, and a cut's revert is followed by a new mount,
+        # which starts with nothing cached.  After a cut, what it still
+        # caches is served, as a kernel with a dead disk serves it.
+        mfusepy.FUSE(operations, mountpoint, foreground=True, nothreads=True,
+                     fsname='powercut', attr_timeout=CACHE_SECONDS,
+                     entry_timeout=CACHE_SECONDS, negative_timeout=0,
+                     use_ino=True)
+        operations.unmounted.set()
+        if not operations.next_mount.get():
+            return 0
 
 
 if __name__ == '__main__':

@@ -63,6 +63,9 @@ class PowerCutMount:
              self.backing, self.graveyard, self.mountpoint],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True)
+        self._wait_mounted()
+
+    def _wait_mounted(self) -> None:
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not mounted_at(self.mountpoint):
             if self.process.poll() is not None:
@@ -117,13 +120,20 @@ class PowerCutMount:
         seed = '' if self.seed is None else ' %d' % (self.seed + self.cuts)
         undone = json.loads(self._ask('revert' + seed))
         self.cuts += 1
-        self.unmount()
-        self.start()
+        if self._detach():
+            # The same daemon mounts again: no new interpreter per cut.
+            self._ask('mount')
+            self._wait_mounted()
+        else:
+            self.start()
         return undone
 
     def unmount(self) -> None:
-        if self.process is None:
-            return
+        if self.process is not None and self._detach():
+            self._end_daemon()
+
+    def _detach(self) -> bool:
+        """Unmount; whether the daemon lives on, ready to mount again."""
         if mounted_at(self.mountpoint):
             try:
                 done = subprocess.run(['fusermount3', '-u', self.mountpoint],
@@ -133,7 +143,7 @@ class PowerCutMount:
                 # when it is told to end.
                 self.process.terminate()
                 self._end_daemon()
-                return
+                return False
             if done.returncode:
                 # Busy (a process still has something open there): detach
                 # it now, and end the daemon rather than wait for the last
@@ -142,7 +152,9 @@ class PowerCutMount:
                 subprocess.run(['fusermount3', '-u', '-z', self.mountpoint],
                                capture_output=True, check=False)
                 self.process.kill()
-        self._end_daemon()
+                self._end_daemon()
+                return False
+        return True
 
     def _end_daemon(self) -> None:
         process, self.process = self.process, None

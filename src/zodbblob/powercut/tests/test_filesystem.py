@@ -67,6 +67,15 @@ class PowerCutTestCase(unittest.TestCase):
     def prepare(self, backing: str) -> None:
         """Fill the backing directory: all of it is durable at the start."""
 
+    def begin_again(self) -> None:
+        """Unmount, make the tree afresh (``prepare``), mount again."""
+        self.fs.unmount()
+        for path in (self.backing, self.fs.graveyard):
+            shutil.rmtree(path, ignore_errors=True)
+        os.mkdir(self.backing)
+        self.prepare(self.backing)
+        self.fs.start()
+
     def path(self, *names: str) -> str:
         return os.path.join(self.mnt, *names)
 

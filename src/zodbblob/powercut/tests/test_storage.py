@@ -10,12 +10,15 @@ FileStorage (recovery) must show every acknowledged transaction with
 every blob byte-exact, nothing uncommitted, and ``verify`` clean.
 """
 
+import atexit
 import json
 import os
+import queue
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import ZODB
@@ -41,6 +44,65 @@ MOST = {'write': 240, 'fsync': 40, 'rename': 120}
 OPEN_MOST = {'write': 40, 'fsync': 6, 'rename': 3}
 
 
+class Workload:
+    """A workload process, forked by the launcher (``workload.serve``).
+
+    A new interpreter and ZODB's imports for every cut would cost more
+    than most cuts do; the launcher has them once.
+    """
+
+    launcher: subprocess.Popen | None = None
+    answers: queue.Queue = queue.Queue()
+
+    def __init__(self, argv: list[str], log_path: str):
+        launcher = self.launch()
+        launcher.stdin.write(json.dumps([argv, log_path]) + '\n')
+        launcher.stdin.flush()
+        self.pid = int(self.answer(CUT_TIMEOUT))
+        self.exitcode: int | None = None
+
+    @classmethod
+    def launch(cls) -> subprocess.Popen:
+        if cls.launcher is None or cls.launcher.poll() is not None:
+            cls.answers = answers = queue.Queue()
+            cls.launcher = launcher = subprocess.Popen(
+                [sys.executable, '-m', 'zodbblob.powercut.tests.workload',
+                 '--serve'], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                text=True)
+            threading.Thread(target=cls.read_answers,
+                             args=(launcher.stdout, answers),
+                             daemon=True).start()
+            atexit.register(launcher.stdin.close)
+        return cls.launcher
+
+    @staticmethod
+    def read_answers(lines, answers: queue.Queue) -> None:
+        for line in lines:
+            answers.put(line)
+
+    def answer(self, timeout: float) -> str:
+        try:
+            return self.answers.get(timeout=timeout).strip()
+        except queue.Empty:
+            raise AssertionError('the workload launcher did not answer in '
+                                 '%d s' % timeout) from None
+
+    def ended(self) -> bool:
+        if self.exitcode is None and not self.answers.empty():
+            self.exitcode = int(self.answer(0))
+        return self.exitcode is not None
+
+    def kill(self) -> int:
+        """SIGKILL (if it still runs); its exit code once it has ended."""
+        if not self.ended():
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.exitcode = int(self.answer(CUT_TIMEOUT))
+        return self.exitcode
+
+
 def acknowledged(path: str) -> list[dict]:
     """The complete lines of a report file."""
     if not os.path.exists(path):
@@ -55,6 +117,9 @@ class PowerCutStorageTestCase(PowerCutTestCase):
     cuts = 4
     stock = False
     one_sync = False
+    # Cuts on one database before a new one: a database that grows cut
+    # after cut makes each cut cost more than the one before.
+    series = 10
 
     def prepare(self, backing):
         # Everything in the backing directory is durable: the database is
@@ -65,6 +130,18 @@ class PowerCutStorageTestCase(PowerCutTestCase):
         super().setUp()
         self.report = os.path.join(self.top, 'report')
 
+    def begin_again(self):
+        super().begin_again()
+        if os.path.exists(self.report):
+            os.unlink(self.report)
+
+    def seeds(self, first: int, cuts: int):
+        """`cuts` seeds from `first`, a new database every `series`."""
+        for seed in range(first, first + cuts):
+            if seed > first and (seed - first) % self.series == 0:
+                self.begin_again()
+            yield seed
+
     def run_until_cut(self, workload: str, seed: int,
                       most: dict | None = None) -> dict:
         """Run `workload` until the power goes; kill it; remount."""
@@ -72,24 +149,21 @@ class PowerCutStorageTestCase(PowerCutTestCase):
         rng = random.Random(seed)
         kind = rng.choice(sorted(most))
         self.fs.arm(kind, rng.randrange(1, most[kind] + 1))
-        with open(os.path.join(self.top, 'child.log'), 'ab') as log:
-            child = subprocess.Popen(
-                [sys.executable, '-m', 'zodbblob.powercut.tests.workload',
-                 workload, self.mnt, self.report, str(seed)]
-                + (['--stock'] if self.stock else [])
-                + (['--one-sync'] if self.one_sync else []),
-                stdout=log, stderr=log)
+        child = Workload(
+            [workload, self.mnt, self.report, str(seed)]
+            + (['--stock'] if self.stock else [])
+            + (['--one-sync'] if self.one_sync else []),
+            os.path.join(self.top, 'child.log'))
         try:
             deadline = time.monotonic() + CUT_TIMEOUT
             cut = False
             while not cut and time.monotonic() < deadline:
-                ended = child.poll() is not None
+                ended = child.ended()
                 cut = self.fs.wait_cut(0 if ended else 0.5)
                 if ended:
                     break
         finally:
-            child.send_signal(signal.SIGKILL)
-            child.wait()
+            child.kill()
         if not cut:
             # The workload ended first (an open that had little to do).
             self.assertEqual(workload, 'open', 'seed %d: no cut: %s'
@@ -146,7 +220,7 @@ class PowerCutStorageTestCase(PowerCutTestCase):
     def cut_and_check(self, workload: str, cuts: int, first_seed: int = 0):
         # One after the other on the same database: after a failure, the
         # next cuts would only find the same damage.
-        for seed in range(first_seed, first_seed + cuts):
+        for seed in self.seeds(first_seed, cuts):
             self.run_until_cut(workload, seed)
             self.check_database(seed)
 
@@ -163,7 +237,7 @@ class CommitPowerCutTests(PowerCutStorageTestCase):
         self.cut_and_check('undo', 3, first_seed=200)
 
     def test_power_cuts_during_recovery_after_a_power_cut(self):
-        for seed in range(300, 303):
+        for seed in self.seeds(300, 3):
             self.run_until_cut('commit', seed)
             # The open after the cut recovers; the power goes again while
             # it does.
@@ -267,7 +341,7 @@ class ManyPowerCutTests(PowerCutStorageTestCase):
         self.cut_and_check('undo', 25, first_seed=3000)
 
     def test_many_power_cuts_during_recovery(self):
-        for seed in range(4000, 4015):
+        for seed in self.seeds(4000, 15):
             self.run_until_cut('commit', seed)
             self.run_until_cut('open', seed, most=OPEN_MOST)
             self.check_database(seed)
@@ -285,7 +359,7 @@ class ManyOneSyncPowerCutTests(PowerCutStorageTestCase):
         self.cut_and_check('commit', 40, first_seed=5000)
 
     def test_many_power_cuts_during_recovery(self):
-        for seed in range(6000, 6010):
+        for seed in self.seeds(6000, 10):
             self.run_until_cut('commit', seed)
             self.run_until_cut('open', seed, most=OPEN_MOST)
             self.check_database(seed)

@@ -9,6 +9,7 @@ returned has its marker and every file after a cut.
 """
 
 import os
+import shutil
 import sqlite3
 import uuid
 
@@ -79,7 +80,7 @@ class CachePowerCutTests(PowerCutStorageTestCase):
 
     def test_power_cuts_while_the_cache_installs_files(self):
         found = 0
-        for seed in range(500, 503):
+        for seed in self.seeds(500, 3):
             self.run_until_cut('cache', seed, most=TOOL_MOST)
             found += self.check_cache(seed)
         self.assertGreater(found, 0, 'no file survived any cut')
@@ -92,8 +93,18 @@ class BackupPowerCutTests(PowerCutStorageTestCase):
 
     def setUp(self):
         super().setUp()
-        os.mkdir(os.path.join(self.top, 'source'))
-        open_database(os.path.join(self.top, 'source')).close()
+        self.make_source()
+
+    def make_source(self) -> None:
+        """The database backed up, outside the power-cut filesystem."""
+        source = os.path.join(self.top, 'source')
+        shutil.rmtree(source, ignore_errors=True)
+        os.mkdir(source)
+        open_database(source).close()
+
+    def begin_again(self):
+        super().begin_again()
+        self.make_source()
 
     def check_backup(self, seed: int) -> bool:
         taken = [e for e in acknowledged(self.report) if 'snapshot' in e]
@@ -103,7 +114,7 @@ class BackupPowerCutTests(PowerCutStorageTestCase):
                             % (seed, report.lines()))
 
     def test_power_cuts_while_backing_up(self):
-        for seed in range(600, 603):
+        for seed in self.seeds(600, 3):
             self.run_until_cut('backup', seed, most=TOOL_MOST)
             self.check_backup(seed)
 
@@ -115,13 +126,13 @@ class ManyToolPowerCutTests(CachePowerCutTests, BackupPowerCutTests):
 
     def test_power_cuts_while_the_cache_installs_files(self):
         found = 0
-        for seed in range(5000, 5060):
+        for seed in self.seeds(5000, 60):
             self.run_until_cut('cache', seed, most=TOOL_MOST)
             found += self.check_cache(seed)
         self.assertGreater(found, 0, 'no file survived any cut')
 
     def test_power_cuts_while_backing_up(self):
-        for seed in range(6000, 6060):
+        for seed in self.seeds(6000, 60):
             self.run_until_cut('backup', seed, most=TOOL_MOST)
             self.check_backup(seed)
 

@@ -2,6 +2,7 @@
 
 Usage: python -m zodbblob.powercut.tests.workload WORKLOAD DIR REPORT SEED
            [--stock | --one-sync]
+       python -m zodbblob.powercut.tests.workload --serve  (see serve())
 
 WORKLOAD is ``commit`` (transactions of every shape: one and many blobs,
 inline and not, more files than SYNCFS_THRESHOLD, removals), ``pack``
@@ -27,6 +28,7 @@ import os
 import random
 import sys
 import tempfile
+import traceback
 
 import transaction
 import ZODB
@@ -174,6 +176,36 @@ def backup_workload(directory: str, source: str, log,
                          'tid': result.tid.hex()})
 
 
+def serve() -> None:
+    """Fork one workload per request: a cut costs no new interpreter.
+
+    Each line on standard input is a JSON ``[argv, log path]``; the
+    answer is the child's pid, then (once it has ended, killed or not)
+    its exit code, one line each.  One child at a time.
+    """
+    for line in sys.stdin:
+        argv, log_path = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                fd = os.open(log_path,
+                             os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                os.close(fd)
+                main(argv)
+                code = 0
+            except BaseException:  # noqa: BLE001 (the log tells)
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        print(pid, flush=True)
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+
+
 def main(argv: list[str]) -> None:
     workload, directory, report_path, seed = argv[:4]
     rng = random.Random(int(seed))
@@ -194,4 +226,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    if sys.argv[1:] == ['--serve']:
+        serve()
+    else:
+        main(sys.argv[1:])
