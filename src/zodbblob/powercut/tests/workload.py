@@ -7,7 +7,8 @@ Usage: python -m zodbblob.powercut.tests.workload WORKLOAD DIR REPORT SEED
 WORKLOAD is ``commit`` (transactions of every shape: one and many blobs,
 inline and not, more files than SYNCFS_THRESHOLD, removals), ``pack``
 (commits and packs), ``undo`` (commits and undos), ``open`` (opens the
-storage, which recovers, and closes it), ``cache`` (downloads into a
+storage, which recovers, and closes it), ``torn`` (holds a commit in one
+sync's torn window: see ``torn_workload``), ``cache`` (downloads into a
 zodbblob.cache.BlobCache in DIR/cache) or ``backup`` (commits to a
 storage in REPORT's directory and backs it up into DIR/backup).  The
 database is ``DIR/Data.fs`` with blobs in ``DIR/blobs``; ``--stock``
@@ -28,6 +29,8 @@ import os
 import random
 import sys
 import tempfile
+import threading
+import time
 import traceback
 
 import transaction
@@ -140,6 +143,33 @@ def database_workload(workload: str, directory: str, log,
                      'state': state_of(root)})
 
 
+def torn_workload(directory: str, log, rng: random.Random) -> None:
+    """Commit once; then hold a commit between its two syncs, for good.
+
+    One sync's torn window: the base's finish (the fsync of ``Data.fs``)
+    has returned, the commit record's sync has not begun (a job queued
+    ahead of it on the storage's sync thread holds it).  Reports the
+    held transaction's tid as ``torn`` and waits for the power to go.
+    """
+    db = open_database(directory, one_sync=True)
+    root = db.open().root()
+    commit_one(rng, root)
+    report(log, {'tid': db.lastTransaction().hex(), 'state': state_of(root)})
+    storage = db.storage
+    storage._shared.syncer().submit(threading.Event().wait)
+    before = storage.base.lastTransaction()
+
+    def commit():
+        conn = db.open()
+        commit_one(rng, conn.root())
+
+    threading.Thread(target=commit, daemon=True).start()
+    while storage.base.lastTransaction() == before:
+        time.sleep(0.01)
+    report(log, {'torn': storage.base.lastTransaction().hex()})
+    threading.Event().wait()
+
+
 def cache_bytes(oid: int, tid: int) -> bytes:
     """The bytes of a cached revision: the parent knows them too."""
     rng = random.Random(oid * 1000003 + tid)
@@ -217,6 +247,8 @@ def main(argv: list[str]) -> None:
     with open(report_path, 'a') as log:
         if workload == 'cache':
             cache_workload(directory, rng, int(seed))
+        elif workload == 'torn':
+            torn_workload(directory, log, rng)
         elif workload == 'backup':
             backup_workload(directory, os.path.join(
                 os.path.dirname(report_path), 'source'), log, rng)
