@@ -126,13 +126,13 @@ class ManyToolPowerCutTests(CachePowerCutTests, BackupPowerCutTests):
 
     def test_power_cuts_while_the_cache_installs_files(self):
         found = 0
-        for seed in self.seeds(5000, 60):
+        for seed in self.seeds(5000, 30):
             self.run_until_cut('cache', seed, most=TOOL_MOST)
             found += self.check_cache(seed)
         self.assertGreater(found, 0, 'no file survived any cut')
 
     def test_power_cuts_while_backing_up(self):
-        for seed in self.seeds(6000, 60):
+        for seed in self.seeds(6000, 30):
             self.run_until_cut('backup', seed, most=TOOL_MOST)
             self.check_backup(seed)
 
