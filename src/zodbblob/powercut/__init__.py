@@ -6,7 +6,8 @@ cache keeps it), so crash tests that kill processes never exercise an
 its own process) over a backing directory that remembers what has not
 been made durable (``model.py``) and, on a power cut, discards exactly
 that, as a disk that lost power would; ``harness.py`` mounts it, cuts
-its power and mounts it again for the tests in ``tests/``.
+its power and mounts it again for the tests in ``tests/``; ``block.py``
+puts ext4 on a loop device over it, for cuts under a real filesystem.
 
 It imports nothing of zodbblob: it tests any program that writes files.
 """
