@@ -100,10 +100,10 @@ class ManyExtPowerCutTests(ExtDiskTestCase):
     level = 2
 
     def test_many_power_cuts_during_commits(self):
-        self.cut_and_check('commit', 25, first_seed=11000)
+        self.cut_and_check('commit', 15, first_seed=11000)
 
     def test_many_power_cuts_during_undo(self):
-        self.cut_and_check('undo', 10, first_seed=12000)
+        self.cut_and_check('undo', 5, first_seed=12000)
 
 
 class ManyExtOneSyncPowerCutTests(ManyExtPowerCutTests):

@@ -301,7 +301,7 @@ class ManyPartialPowerCutTests(PartialPowerCutTests):
     level = 2
 
     def test_partial_power_cuts_during_commits(self):
-        self.cut_and_check('commit', 25, first_seed=7000)
+        self.cut_and_check('commit', 15, first_seed=7000)
 
     # No partial cuts during pack: FileStorage renames its packed file over
     # Data.fs before anything syncs it, and a disk that kept the rename
@@ -317,13 +317,13 @@ class ManyPowerCutTests(PowerCutStorageTestCase):
     level = 2
 
     def test_many_power_cuts_during_commits(self):
-        self.cut_and_check('commit', 60, first_seed=1000)
+        self.cut_and_check('commit', 40, first_seed=1000)
 
     def test_many_power_cuts_during_pack(self):
-        self.cut_and_check('pack', 25, first_seed=2000)
+        self.cut_and_check('pack', 15, first_seed=2000)
 
     def test_many_power_cuts_during_undo(self):
-        self.cut_and_check('undo', 25, first_seed=3000)
+        self.cut_and_check('undo', 15, first_seed=3000)
 
     def test_many_power_cuts_during_recovery(self):
         for seed in self.seeds(4000, 15):
@@ -341,7 +341,7 @@ class ManyOneSyncPowerCutTests(PowerCutStorageTestCase):
     one_sync = True
 
     def test_many_power_cuts_during_commits(self):
-        self.cut_and_check('commit', 40, first_seed=5000)
+        self.cut_and_check('commit', 30, first_seed=5000)
 
     def test_many_power_cuts_during_recovery(self):
         for seed in self.seeds(6000, 10):

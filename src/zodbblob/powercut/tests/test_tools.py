@@ -132,7 +132,7 @@ class ManyToolPowerCutTests(CachePowerCutTests, BackupPowerCutTests):
         self.assertGreater(found, 0, 'no file survived any cut')
 
     def test_power_cuts_while_backing_up(self):
-        for seed in self.seeds(6000, 30):
+        for seed in self.seeds(6000, 20):
             self.run_until_cut('backup', seed, most=TOOL_MOST)
             self.check_backup(seed)
 

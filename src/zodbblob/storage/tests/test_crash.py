@@ -340,7 +340,7 @@ class LostWritesTests(CrashTestCase):
 
 
 class RandomKillTests(CrashTestCase):
-    """SIGKILL at random moments, 100 times over one growing store.
+    """SIGKILL at random moments, 60 times over one growing store.
 
     (The power-cut tests in ``zodbblob.powercut`` cut hundreds of times
     more; these kill the process only, where the page cache keeps all.)
@@ -351,7 +351,7 @@ class RandomKillTests(CrashTestCase):
 
     def test_random_kills(self):
         rng = random.Random(20261122)
-        for iteration in range(100):
+        for iteration in range(60):
             child = start_child(self.dir, *CHECKPOINTS, *self.child_args,
                                 *MODES[iteration % len(MODES)])
             self.assertEqual(child.stdout.readline().strip(), b'ready')

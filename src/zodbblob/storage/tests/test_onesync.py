@@ -255,7 +255,7 @@ class OneSyncCrashTests(CrashTestCase):
 
 # By its module: a class imported by name would run here a second time.
 class OneSyncRandomKillTests(test_crash.RandomKillTests):
-    """SIGKILL at random moments, 100 times, committing with one sync."""
+    """SIGKILL at random moments, 60 times, committing with one sync."""
 
     child_args = ('--config',)
 
