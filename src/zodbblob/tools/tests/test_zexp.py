@@ -881,7 +881,10 @@ class LiveServerExportTests(unittest.TestCase):
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix='zodbblob-zexp-live-')
         self.addCleanup(shutil.rmtree, self.dir, True)
-        self.db = ZEO.DB(self.layer.address,
+        # server_sync: a transaction begins with a round trip, so it sees
+        # what another client committed before (invalidations are sent
+        # ahead of the answer).
+        self.db = ZEO.DB(self.layer.address, server_sync=True,
                          blob_dir=os.path.join(self.dir, 'cache'))
         self.addCleanup(close, self.db)
         self.storage = ['--data', self.layer.data_fs,
