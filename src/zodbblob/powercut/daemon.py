@@ -29,7 +29,8 @@ each way:
     attributes); one process serves mount after mount, so a cut costs no
     new interpreter.
 
-The process ends when its standard input does, once it is unmounted.
+The process ends when its standard input does (the test process is done
+or dead): unmounted by then, or detached then (``fusermount3 -u -z``).
 ``syncfs(2)`` never reaches a FUSE daemon (the kernel sends FUSE_SYNCFS
 to virtiofs only): here, as on any FUSE mount, it makes nothing durable.
 """
@@ -38,6 +39,7 @@ import errno
 import json
 import os
 import queue
+import subprocess
 import sys
 import threading
 
@@ -314,15 +316,24 @@ class PowerCutOperations(mfusepy.Operations):
         return 0
 
 
-def serve_control(operations: PowerCutOperations) -> None:
-    for line in sys.stdin:
-        try:
-            answer = operations.control(line.strip())
-        except Exception as error:  # noqa: BLE001 (the test reads it)
-            answer = 'error: %s' % error
-        sys.stdout.write(answer + '\n')
-        sys.stdout.flush()
-    operations.next_mount.put(False)
+def serve_control(operations: PowerCutOperations, mountpoint: str) -> None:
+    try:
+        for line in sys.stdin:
+            try:
+                answer = operations.control(line.strip())
+            except Exception as error:  # noqa: BLE001 (the test reads it)
+                answer = 'error: %s' % error
+            sys.stdout.write(answer + '\n')
+            sys.stdout.flush()
+    except OSError:
+        pass  # the test process is gone
+    finally:
+        # No more orders: end, and leave no mount behind (the test
+        # process died without unmounting, or it has unmounted already).
+        if not operations.unmounted.is_set():
+            subprocess.run(['fusermount3', '-u', '-z', mountpoint],
+                           capture_output=True, check=False)
+        operations.next_mount.put(False)
 
 
 def main(argv: list[str]) -> int:
@@ -333,7 +344,7 @@ def main(argv: list[str]) -> int:
         return 2
     root, graveyard, mountpoint = argv
     operations = PowerCutOperations(root, graveyard)
-    threading.Thread(target=serve_control, args=(operations,),
+    threading.Thread(target=serve_control, args=(operations, mountpoint),
                      daemon=True).start()
     while True:
         # The kernel caches names and attributes for a while, as over any

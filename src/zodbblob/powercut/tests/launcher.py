@@ -8,9 +8,9 @@ import atexit
 import json
 import os
 import select
-import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 # Generous: the machine is busy, and FUSE in Python is slow.
@@ -21,33 +21,44 @@ class Launcher:
     """The launcher process, and its answers read line by line."""
 
     def __init__(self):
+        # Its own errors (a workload's go to the log the test names).
+        self.errors = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
             [sys.executable, '-m', 'zodbblob.powercut.tests.workload',
              '--serve'], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL)
+            stderr=self.errors)
         self.buffered = b''
-        self.running: Workload | None = None
         atexit.register(self.close)
 
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def ask(self, argv: list[str], log_path: str) -> int:
-        self.process.stdin.write(json.dumps([argv, log_path]).encode()
-                                 + b'\n')
+    def order(self, line: str) -> None:
+        self.process.stdin.write(line.encode() + b'\n')
         self.process.stdin.flush()
-        return int(self.answer(ANSWER_TIMEOUT))
+
+    def start(self, argv: list[str], log_path: str) -> int:
+        self.order(json.dumps([argv, log_path]))
+        return self.answer('pid', ANSWER_TIMEOUT)
+
+    def exit_code(self, timeout: float) -> int:
+        return self.answer('exit', timeout)
 
     def answered(self) -> bool:
         """Whether a line is waiting (reads what has arrived)."""
         return self._fill(0)
 
-    def answer(self, timeout: float) -> str:
+    def answer(self, tag: str, timeout: float) -> int:
+        """The number of the next answer, which must be `tag`'s."""
         if not self._fill(timeout):
             raise AssertionError('the workload launcher did not answer in '
                                  '%d s' % timeout)
         line, self.buffered = self.buffered.split(b'\n', 1)
-        return line.decode()
+        words = line.decode().split()
+        if len(words) != 2 or words[0] != tag:
+            raise AssertionError('the workload launcher answered %r, not '
+                                 'its %s' % (line, tag))
+        return int(words[1])
 
     def _fill(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -58,16 +69,20 @@ class Launcher:
                 return False
             data = os.read(fd, 4096)
             if not data:
-                raise AssertionError('the workload launcher ended')
+                self.process.wait()
+                self.errors.seek(0)
+                raise AssertionError('the workload launcher ended: %s' % (
+                    self.errors.read()[-2000:].decode(errors='replace')
+                    or 'no output'))
             self.buffered += data
         return True
 
     def close(self) -> None:
-        if self.running is not None:
-            self.running.kill()
+        # Its input ends: it kills its child, if one runs, and ends.
         self.process.stdin.close()
         self.process.wait()
         self.process.stdout.close()
+        self.errors.close()
 
 
 class Workload:
@@ -79,25 +94,22 @@ class Workload:
         if Workload.launcher is None or not Workload.launcher.alive():
             Workload.launcher = Launcher()
         self.launcher = Workload.launcher
-        self.pid = self.launcher.ask(argv, log_path)
-        self.launcher.running = self
+        self.pid = self.launcher.start(argv, log_path)
         self.exitcode: int | None = None
 
     def ended(self) -> bool:
         if self.exitcode is None and self.launcher.answered():
-            self._ended(int(self.launcher.answer(0)))
+            self.exitcode = self.launcher.exit_code(0)
         return self.exitcode is not None
 
     def kill(self) -> int:
-        """SIGKILL (if it still runs); its exit code once it has ended."""
-        if not self.ended():
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self._ended(int(self.launcher.answer(ANSWER_TIMEOUT)))
-        return self.exitcode
+        """SIGKILL (if it still runs); its exit code once it has ended.
 
-    def _ended(self, exitcode: int) -> None:
-        self.exitcode = exitcode
-        self.launcher.running = None
+        The launcher sends the signal: the child is its own, not reaped
+        before the launcher has answered, so no other process can have
+        its pid.
+        """
+        if not self.ended():
+            self.launcher.order('kill')
+            self.exitcode = self.launcher.exit_code(ANSWER_TIMEOUT)
+        return self.exitcode

@@ -64,6 +64,15 @@ class PowerCutTestCase(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.top, ignore_errors=True)
         self.addCleanup(self.fs.unmount)
 
+    def run(self, result=None):
+        # unittest runs no cleanups on Ctrl-C: a mount, a loop device and
+        # processes would stay behind.
+        try:
+            return super().run(result)
+        except KeyboardInterrupt:
+            self.doCleanups()
+            raise
+
     def prepare(self, backing: str) -> None:
         """Fill the backing directory: all of it is durable at the start."""
 

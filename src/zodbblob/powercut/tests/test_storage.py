@@ -102,11 +102,11 @@ class PowerCutStorageTestCase(PowerCutTestCase):
                 if ended:
                     break
         finally:
-            child.kill()
+            code = child.kill()
         if not cut:
             # The workload ended first (an open that had little to do).
-            self.assertEqual(workload, 'open', 'seed %d: no cut: %s'
-                             % (seed, self.child_log()))
+            self.assertEqual((workload, code), ('open', 0),
+                             'seed %d: no cut: %s' % (seed, self.child_log()))
         self.fs.remount()
         return {'kind': kind, 'cut': cut}
 

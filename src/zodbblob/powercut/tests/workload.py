@@ -23,11 +23,14 @@ the parent must find after the cut.  The power goes at some operation;
 every later one fails with EIO, and the parent kills this process.
 """
 
+import ctypes
 import hashlib
 import json
 import os
 import random
 import sys
+import select
+import signal
 import tempfile
 import threading
 import time
@@ -49,6 +52,7 @@ INLINE_LIMIT = 64 * 1024
 CHECKPOINT_RECORDS = 6
 KEYS = 30
 NOTE = 'powercut workload'
+PR_SET_PDEATHSIG = 1
 
 
 def open_database(directory: str, stock: bool = False,
@@ -206,34 +210,82 @@ def backup_workload(directory: str, source: str, log,
                          'tid': result.tid.hex()})
 
 
+def die_with_parent() -> None:
+    """SIGKILL this process when its parent dies (Linux's prctl)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def serve() -> None:
     """Fork one workload per request: a cut costs no new interpreter.
 
-    Each line on standard input is a JSON ``[argv, log path]``; the
-    answer is the child's pid, then (once it has ended, killed or not)
-    its exit code, one line each.  One child at a time.
+    Orders arrive one per line on standard input: a JSON ``[argv, log
+    path]`` starts a child (one at a time), answered ``pid N``; ``kill``
+    sends it SIGKILL.  Once the child has ended, killed or not, the
+    answer is ``exit N``.  The launcher kills its child when its input
+    ends, and dies with the process that started it, as does the child.
     """
-    for line in sys.stdin:
-        argv, log_path = json.loads(line)
+    die_with_parent()
+    orders = Lines(0)
+    while (order := orders.next(None)) is not None:
+        if order == 'kill':
+            continue  # for a child that had ended already
+        argv, log_path = json.loads(order)
         pid = os.fork()
         if pid == 0:
-            code = 1
-            try:
-                fd = os.open(log_path,
-                             os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-                os.dup2(fd, 1)
-                os.dup2(fd, 2)
-                os.close(fd)
-                main(argv)
-                code = 0
-            except BaseException:  # noqa: BLE001 (the log tells)
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        print(pid, flush=True)
-        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+            run_child(argv, log_path)
+        print('pid %d' % pid, flush=True)
+        while True:
+            ended, status = os.waitpid(pid, os.WNOHANG)
+            if ended:
+                break
+            order = orders.next(0.02)
+            if order == 'kill' or order is None:
+                os.kill(pid, signal.SIGKILL)
+                if order is None:
+                    os.waitpid(pid, 0)
+                    return
+        print('exit %d' % os.waitstatus_to_exitcode(status), flush=True)
+
+
+def run_child(argv: list[str], log_path: str) -> None:
+    code = 1
+    try:
+        die_with_parent()
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        main(argv)
+        code = 0
+    except BaseException:  # noqa: BLE001 (the log tells)
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class Lines:
+    """Lines read from a file descriptor, with a timeout."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buffered = b''
+        self.ended = False
+
+    def next(self, timeout: float | None) -> str | None:
+        """The next line; '' when none came in `timeout`; None at the end."""
+        while b'\n' not in self.buffered:
+            if self.ended:
+                return None
+            if not select.select([self.fd], [], [], timeout)[0]:
+                return ''
+            data = os.read(self.fd, 4096)
+            self.ended = not data
+            self.buffered += data
+        line, self.buffered = self.buffered.split(b'\n', 1)
+        return line.decode().strip()
 
 
 def main(argv: list[str]) -> None:
