@@ -107,7 +107,8 @@ class IBlobJournal(Interface):
         `stop`, from an index: the revisions a pack to `stop` may drop."""
 
     def remove(pairs):
-        """Forget the committed files ``(oid, tid)`` in `pairs`."""
+        """Forget the committed files ``(oid, tid)`` in `pairs`; the oids
+        among them that have no committed file left."""
 
     def begin_pack(packtime):
         """Durably record that a pack starts, before the base packs."""

@@ -38,35 +38,39 @@ logger = logging.getLogger(__name__)
 
 
 def remove_blob_files(shared: Shared, garbage) -> None:
+    """Remove the files `garbage` (``(oid, tid)`` pairs), then their rows.
+
+    Per file, its unlink and nothing else: the removals are made durable
+    together, the rows go in one catalog transaction, and only the
+    directories of oids left without files are removed (an ``rmdir`` per
+    file, failing where a newer revision lives, cost as much as the
+    unlink).
+    """
     # Files first, catalog second: a crash in between leaves catalog
     # rows whose files are gone, which the next pack removes again;
     # the other order would orphan files forever.
     fshelper = shared.fshelper
-    directories = set()
-    parents = set()
-    for oid, tid in garbage:
-        path = fshelper.getBlobFilename(oid, tid)
+    paths = [fshelper.getBlobFilename(oid, tid) for oid, tid in garbage]
+    for path in paths:
         remove_if_exists(path)
-        parents.add(os.path.dirname(path))
         kill_point('mid_pack_removal')
-        if fshelper.layout.directory_per_oid:
-            directories.add(fshelper.getPathForOID(oid))
     # The removals durable before the rows go: a power cut must not bring
     # back files that the catalog no longer lists.
-    if garbage and shared.syncfs_works:
+    if paths and shared.syncfs_works:
         sync_filesystem(fshelper.base_dir)
     else:
-        for directory in parents:
+        for directory in {os.path.dirname(path) for path in paths}:
             if os.path.isdir(directory):
                 fsync_directory(directory)
-    shared.journal.remove(garbage)
-    for directory in directories:
-        try:
-            os.rmdir(directory)
-        except OSError:
-            pass  # other revisions still live there
-    if garbage:
-        logger.debug('Pack removed %d blob files from %s', len(garbage),
+    emptied = shared.journal.remove(garbage)
+    if fshelper.layout.directory_per_oid:
+        for oid in emptied:
+            try:
+                os.rmdir(fshelper.getPathForOID(oid))
+            except OSError:
+                pass  # a file the catalog does not know, or gone already
+    if paths:
+        logger.debug('Pack removed %d blob files from %s', len(paths),
                      fshelper.base_dir)
 
 

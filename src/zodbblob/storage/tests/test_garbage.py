@@ -7,10 +7,12 @@ base cannot say).  Pack and verify read the catalog in bounded batches.
 """
 
 import concurrent.futures
+import contextlib
 import logging
 import os
 import signal
 import sqlite3
+import sys
 import time
 import unittest
 
@@ -61,6 +63,38 @@ def read_batches(journal):
         return batch
     journal._read_batch = counted
     return sizes
+
+
+# The os.remove and os.rmdir calls of this process, seen through the
+# interpreter's audit events (the real calls, observed, not replaced): an
+# audit hook cannot be removed, so one records for whoever is watching.
+_watching: list[list] = []
+
+
+def _record_removal(event, args):
+    if _watching and event in ('os.remove', 'os.rmdir'):
+        for calls in _watching:
+            calls.append((event, os.fsdecode(args[0])))
+
+
+sys.addaudithook(_record_removal)
+
+
+@contextlib.contextmanager
+def removals_under(directory):
+    """The ``(event, path)`` of the removals below `directory` (its
+    ``tmp`` and the catalog's directory aside) made meanwhile."""
+    calls = []
+    _watching.append(calls)
+    found = []
+    try:
+        yield found
+    finally:
+        _watching.remove(calls)
+    for event, path in calls:
+        relative = os.path.relpath(path, directory)
+        if not relative.startswith(('..', 'tmp', '.zodbblob')):
+            found.append((event, path))
 
 
 def catalog_rows(journal):
@@ -249,6 +283,33 @@ class PackTests(GarbageTestCase):
             os.path.relpath(storage.loadBlob(oid, tid), self.blob_dir)
             for oid, tid in live.values()})
 
+    def test_pack_unlinks_its_garbage_and_removes_only_emptied_directories(
+            self):
+        # Per removed file its unlink, nothing else; a directory only
+        # where the oid has no file left (an rmdir per file, failing
+        # where the newer revision lives, cost as much as the unlink).
+        db = self.open_db()
+        storage = db.storage
+        for i in range(10):
+            self.commit_blob(db, f'b{i}', b'v1')
+        superseded = [self.serial(db, f'b{i}') for i in range(0, 10, 2)]
+        for i in range(0, 10, 2):
+            self.commit_blob(db, f'b{i}', b'v2')
+        collected = self.serial(db, 'b9')
+        with db.transaction() as conn:
+            del conn.root()['b9']
+        time.sleep(0.01)
+        with removals_under(self.blob_dir) as calls:
+            db.pack()
+        fshelper = storage.fshelper
+        self.assertEqual(sorted(calls), sorted(
+            [('os.remove', fshelper.getBlobFilename(oid, tid))
+             for oid, tid in superseded + [collected]]
+            + [('os.rmdir', fshelper.getPathForOID(collected[0]))]))
+        self.assertFalse(os.path.exists(
+            fshelper.getPathForOID(collected[0])))
+        self.assertTrue(verify(storage).clean, verify(storage).lines())
+
     def test_pack_removes_the_blobs_of_objects_the_base_collected(self):
         db = self.open_db()
         storage = db.storage
@@ -362,6 +423,25 @@ class PackTests(GarbageTestCase):
             os.path.relpath(storage.loadBlob(oid, tid), self.blob_dir)
             for oid, tid in live})
         self.assertEqual(len(storage._shared.journal), 10)
+
+
+class RemoveTests(GarbageTestCase):
+
+    def test_remove_says_which_oids_it_left_without_files(self):
+        journal = Journal(self.blob_dir)
+        self.addCleanup(journal.close)
+        one, two, three = p64(1), p64(2), p64(3)
+        journal.add([(one, p64(10), 5), (one, p64(20), 7),
+                     (two, p64(10), 11), (three, p64(30), 13)])
+        emptied = journal.remove([(one, p64(10)), (two, p64(10)),
+                                  (two, p64(10)), (three, p64(99))])
+        self.assertEqual(sorted(emptied), [two])
+        self.assertEqual(journal.total_size(), 20)
+        self.assertEqual(catalog_rows(journal), [
+            (one, p64(20), None), (three, p64(30), None)])
+        # Nothing is left over for the next call.
+        self.assertEqual(journal.remove([(three, p64(30))]), [three])
+        self.assertEqual(journal.total_size(), 7)
 
 
 class VerifyBatchTests(GarbageTestCase):
