@@ -159,6 +159,14 @@ class PowerCutStorageTestCase(PowerCutTestCase):
         with open(self.report, 'a') as f:
             f.write(json.dumps({'tid': now.hex(), 'state': state}) + '\n')
 
+    def cut_during_recovery(self, first_seed: int, cuts: int) -> None:
+        """A cut during commits, then another during the open that
+        recovers from it; then the checks."""
+        for seed in self.seeds(first_seed, cuts):
+            self.run_until_cut('commit', seed)
+            self.run_until_cut('open', seed, most=OPEN_MOST)
+            self.check_database(seed)
+
     def cut_and_check(self, workload: str, cuts: int, first_seed: int = 0):
         # One after the other on the same database: after a failure, the
         # next cuts would only find the same damage.
@@ -179,12 +187,7 @@ class CommitPowerCutTests(PowerCutStorageTestCase):
         self.cut_and_check('undo', 3, first_seed=200)
 
     def test_power_cuts_during_recovery_after_a_power_cut(self):
-        for seed in self.seeds(300, 3):
-            self.run_until_cut('commit', seed)
-            # The open after the cut recovers; the power goes again while
-            # it does.
-            self.run_until_cut('open', seed, most=OPEN_MOST)
-            self.check_database(seed)
+        self.cut_during_recovery(300, 3)
 
 
 class OneSyncPowerCutTests(CommitPowerCutTests):
@@ -326,10 +329,7 @@ class ManyPowerCutTests(PowerCutStorageTestCase):
         self.cut_and_check('undo', 15, first_seed=3000)
 
     def test_many_power_cuts_during_recovery(self):
-        for seed in self.seeds(4000, 15):
-            self.run_until_cut('commit', seed)
-            self.run_until_cut('open', seed, most=OPEN_MOST)
-            self.check_database(seed)
+        self.cut_during_recovery(4000, 15)
 
 
 class ManyOneSyncPowerCutTests(PowerCutStorageTestCase):
@@ -344,10 +344,7 @@ class ManyOneSyncPowerCutTests(PowerCutStorageTestCase):
         self.cut_and_check('commit', 30, first_seed=5000)
 
     def test_many_power_cuts_during_recovery(self):
-        for seed in self.seeds(6000, 10):
-            self.run_until_cut('commit', seed)
-            self.run_until_cut('open', seed, most=OPEN_MOST)
-            self.check_database(seed)
+        self.cut_during_recovery(6000, 10)
 
 
 class ManyPartialOneSyncPowerCutTests(PartialPowerCutTests):
