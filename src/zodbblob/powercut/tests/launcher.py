@@ -17,6 +17,37 @@ import time
 ANSWER_TIMEOUT = 120.0
 
 
+class Lines:
+    """Lines read from a file descriptor, with a timeout (the launcher's
+    orders, and its answers)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buffered = b''
+        self.ended = False
+
+    def fill(self, timeout: float | None) -> bool:
+        """Whether a whole line is in, reading for up to `timeout` seconds
+        (None: until one is, or the input ends)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b'\n' not in self.buffered and not self.ended:
+            wait = (None if deadline is None
+                    else max(0.0, deadline - time.monotonic()))
+            if not select.select([self.fd], [], [], wait)[0]:
+                return False
+            data = os.read(self.fd, 4096)
+            self.ended = not data
+            self.buffered += data
+        return b'\n' in self.buffered
+
+    def next(self, timeout: float | None) -> str | None:
+        """The next line; '' when none came in `timeout`; None at the end."""
+        if not self.fill(timeout):
+            return None if self.ended else ''
+        line, self.buffered = self.buffered.split(b'\n', 1)
+        return line.decode().strip()
+
+
 class Launcher:
     """The launcher process, and its answers read line by line."""
 
@@ -27,7 +58,7 @@ class Launcher:
             [sys.executable, '-m', 'zodbblob.powercut.tests.workload',
              '--serve'], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self.errors)
-        self.buffered = b''
+        self.lines = Lines(self.process.stdout.fileno())
         atexit.register(self.close)
 
     def alive(self) -> bool:
@@ -53,29 +84,23 @@ class Launcher:
         if not self._fill(timeout):
             raise AssertionError('the workload launcher did not answer in '
                                  '%d s' % timeout)
-        line, self.buffered = self.buffered.split(b'\n', 1)
-        words = line.decode().split()
+        line = self.lines.next(0)
+        words = line.split()
         if len(words) != 2 or words[0] != tag:
             raise AssertionError('the workload launcher answered %r, not '
                                  'its %s' % (line, tag))
         return int(words[1])
 
     def _fill(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        fd = self.process.stdout.fileno()
-        while b'\n' not in self.buffered:
-            wait = max(0.0, deadline - time.monotonic())
-            if not select.select([fd], [], [], wait)[0]:
-                return False
-            data = os.read(fd, 4096)
-            if not data:
-                self.process.wait()
-                self.errors.seek(0)
-                raise AssertionError('the workload launcher ended: %s' % (
-                    self.errors.read()[-2000:].decode(errors='replace')
-                    or 'no output'))
-            self.buffered += data
-        return True
+        if self.lines.fill(timeout):
+            return True
+        if self.lines.ended:
+            self.process.wait()
+            self.errors.seek(0)
+            raise AssertionError('the workload launcher ended: %s' % (
+                self.errors.read()[-2000:].decode(errors='replace')
+                or 'no output'))
+        return False
 
     def close(self) -> None:
         # Its input ends: it kills its child, if one runs, and ends.

@@ -29,7 +29,6 @@ import json
 import os
 import random
 import sys
-import select
 import signal
 import tempfile
 import threading
@@ -44,6 +43,7 @@ from ZODB.blob import Blob
 
 import zodbblob.storage.commit
 from zodbblob import BlobStorage, open_filestorage
+from zodbblob.powercut.tests.launcher import Lines
 
 # Small limits, so that a few dozen transactions cover every path of the
 # commit: blobs in the log (up to 64 KiB a transaction), files synced one
@@ -264,28 +264,6 @@ def run_child(argv: list[str], log_path: str) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-
-
-class Lines:
-    """Lines read from a file descriptor, with a timeout."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.buffered = b''
-        self.ended = False
-
-    def next(self, timeout: float | None) -> str | None:
-        """The next line; '' when none came in `timeout`; None at the end."""
-        while b'\n' not in self.buffered:
-            if self.ended:
-                return None
-            if not select.select([self.fd], [], [], timeout)[0]:
-                return ''
-            data = os.read(self.fd, 4096)
-            self.ended = not data
-            self.buffered += data
-        line, self.buffered = self.buffered.split(b'\n', 1)
-        return line.decode().strip()
 
 
 def main(argv: list[str]) -> None:
