@@ -30,6 +30,12 @@ from zodbblob.storage.catalog import (
     filesystem_type,
     syncfs_works,
 )
+from zodbblob.storage.commitlog import (
+    CommitLog,
+    CommitLogError,
+    commit_log_path,
+)
+from zodbblob.storage.filestorage import last_transaction
 from zodbblob.tools.verify import verify
 
 FUSE_SUPER_MAGIC = 0x65735546
@@ -48,6 +54,33 @@ def acknowledged(path: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.endswith('\n')]
+
+
+def disk_state(directory: str) -> str:
+    """One line on a database's state: each ``Data.fs*`` file's size and
+    last transaction, and the commit log's header and records."""
+    words = []
+    for name in sorted(os.listdir(directory)):
+        if not name.startswith('Data.fs'):
+            continue
+        path = os.path.join(directory, name)
+        last = last_transaction(path) if name == 'Data.fs' else None
+        words.append('%s %d bytes%s' % (
+            name, os.path.getsize(path),
+            ', ends with %s' % last.tid.hex() if last else ''))
+    path = commit_log_path(os.path.join(directory, 'blobs'))
+    try:
+        log = CommitLog(path, read_only=True)
+    except (OSError, CommitLogError) as error:
+        words.append('commit log: %s' % error)
+    else:
+        try:
+            words.append('commit log: open %s, last durable %s, records %s'
+                         % (log.open_one_sync, log.last_durable_tid.hex(),
+                            [r.tid.hex() for r in log.records]))
+        finally:
+            log.close()
+    return '; '.join(words)
 
 
 class PowerCutStorageTestCase(PowerCutTestCase):
@@ -122,7 +155,20 @@ class PowerCutStorageTestCase(PowerCutTestCase):
         return entries[-1] if entries else None
 
     def check_database(self, seed: int) -> None:
-        """Recovery, then every acknowledged byte, then verify."""
+        """Recovery, then every acknowledged byte, then verify.
+
+        A failure says what the disk held before the open and what the
+        open did with ``Data.fs``: the machine it fails on may be gone
+        by the time anyone reads it.
+        """
+        before = disk_state(self.mnt)
+        try:
+            self._check_database(seed)
+        except AssertionError as error:
+            raise AssertionError('%s\nbefore the open: %s\nafter it: %s' % (
+                error, before, disk_state(self.mnt))) from None
+
+    def _check_database(self, seed: int) -> None:
         directory = self.mnt
         blob_dir = os.path.join(directory, 'blobs')
         db = open_database(directory, one_sync=self.one_sync)
