@@ -255,36 +255,78 @@ class TornWindowPowerCutTests(PowerCutStorageTestCase):
 
     one_sync = True
 
+    def hold_commit(self, seed: int, workload: str = 'torn'):
+        """Start `workload`; wait until it holds a commit in the window.
+
+        Returns the child, and the tid of the transaction held.
+        """
+        seen = len(acknowledged(self.report))
+        child = Workload([workload, self.mnt, self.report, str(seed),
+                          '--one-sync'], os.path.join(self.top, 'child.log'))
+        self.addCleanup(child.kill)
+        deadline = time.monotonic() + CUT_TIMEOUT
+        while not [e for e in acknowledged(self.report)[seen:]
+                   if 'torn' in e]:
+            if child.ended() or time.monotonic() > deadline:
+                self.fail('seed %d: no commit held: %s'
+                          % (seed, self.child_log()))
+            time.sleep(0.01)
+        return child, bytes.fromhex(acknowledged(self.report)[-1]['torn'])
+
+    def assert_rolled_back(self, seed: int, torn: bytes) -> None:
+        """The open rolled the held transaction back, and kept its bytes
+        aside (after ``check_database``)."""
+        now = bytes.fromhex(self.last_acknowledged()['tid'])
+        self.assertLess(now, torn, 'seed %d: the torn transaction '
+                        'stayed' % seed)
+        self.assertTrue([name for name in os.listdir(self.mnt)
+                         if name.startswith('Data.fs.tr')], seed)
+
     def test_a_cut_between_the_base_sync_and_the_record_sync(self):
         for seed in self.seeds(800, 4):
-            seen = len(acknowledged(self.report))
-            child = Workload(['torn', self.mnt, self.report, str(seed),
-                              '--one-sync'],
-                             os.path.join(self.top, 'child.log'))
-            self.addCleanup(child.kill)
-            deadline = time.monotonic() + CUT_TIMEOUT
-            while not [e for e in acknowledged(self.report)[seen:]
-                       if 'torn' in e]:
-                if child.ended() or time.monotonic() > deadline:
-                    self.fail('seed %d: no commit held: %s'
-                              % (seed, self.child_log()))
-                time.sleep(0.01)
+            child, torn = self.hold_commit(seed)
             self.fs.cut()
             child.kill()
             self.fs.remount()
-            torn = bytes.fromhex(acknowledged(self.report)[-1]['torn'])
             path = os.path.join(self.mnt, 'Data.fs')
             # The base's sync made the held transaction durable in Data.fs.
             base = ZODB.FileStorage.FileStorage(path, read_only=True)
             self.assertEqual(base.lastTransaction(), torn, 'seed %d' % seed)
             base.close()
             self.check_database(seed)
-            # The open rolled it back, and kept its bytes aside.
-            now = bytes.fromhex(self.last_acknowledged()['tid'])
-            self.assertLess(now, torn, 'seed %d: the torn transaction '
-                            'stayed' % seed)
-            self.assertTrue([name for name in os.listdir(self.mnt)
-                             if name.startswith('Data.fs.tr')], seed)
+            self.assert_rolled_back(seed, torn)
+
+    def test_a_commit_that_goes_on_after_the_cut_is_not_reported(self):
+        """The power goes in the window, then the held commit goes on:
+        its record's sync fails on the dead disk, and so does making its
+        files durable instead.  Its tpc_finish must raise, not return:
+        the next open rolls it back, so a commit that returned would be
+        an acknowledged transaction lost."""
+        for seed in self.seeds(900, 2):
+            seen = len(acknowledged(self.report))
+            child, torn = self.hold_commit(seed, 'torn-go-on')
+            self.fs.cut()
+            go_on = self.report + '.go'
+            open(go_on, 'w').close()
+            try:
+                deadline = time.monotonic() + CUT_TIMEOUT
+                while not [e for e in acknowledged(self.report)[seen:]
+                           if 'done' in e]:
+                    if child.ended() or time.monotonic() > deadline:
+                        self.fail('seed %d: the held commit did not end: %s'
+                                  % (seed, self.child_log()))
+                    time.sleep(0.01)
+            finally:
+                child.kill()
+                os.unlink(go_on)
+            self.fs.remount()
+            ended = acknowledged(self.report)[seen:]
+            failed = [e['failed'] for e in ended if 'failed' in e]
+            self.assertTrue(failed, 'seed %d: the held commit reported no '
+                            'failure: %s' % (seed, ended))
+            self.assertIn('nor its blob files could be made durable', failed[0])
+            self.check_database(seed)
+            self.assert_rolled_back(seed, torn)
 
 
 class SyncfsTests(PowerCutStorageTestCase):
