@@ -264,14 +264,18 @@ class TornWindowPowerCutTests(PowerCutStorageTestCase):
         child = Workload([workload, self.mnt, self.report, str(seed),
                           '--one-sync'], os.path.join(self.top, 'child.log'))
         self.addCleanup(child.kill)
-        deadline = time.monotonic() + CUT_TIMEOUT
-        while not [e for e in acknowledged(self.report)[seen:]
-                   if 'torn' in e]:
-            if child.ended() or time.monotonic() > deadline:
-                self.fail('seed %d: no commit held: %s'
-                          % (seed, self.child_log()))
-            time.sleep(0.01)
+        self.wait_for_report(child, seen, 'torn',
+                             'seed %d: no commit held' % seed)
         return child, bytes.fromhex(acknowledged(self.report)[-1]['torn'])
+
+    def wait_for_report(self, child, seen: int, key: str,
+                        failure: str) -> None:
+        """Until a report line after the first `seen` has `key`."""
+        deadline = time.monotonic() + CUT_TIMEOUT
+        while not [e for e in acknowledged(self.report)[seen:] if key in e]:
+            if child.ended() or time.monotonic() > deadline:
+                self.fail('%s: %s' % (failure, self.child_log()))
+            time.sleep(0.01)
 
     def assert_rolled_back(self, seed: int, torn: bytes) -> None:
         """The open rolled the held transaction back, and kept its bytes
@@ -309,13 +313,8 @@ class TornWindowPowerCutTests(PowerCutStorageTestCase):
             go_on = self.report + '.go'
             open(go_on, 'w').close()
             try:
-                deadline = time.monotonic() + CUT_TIMEOUT
-                while not [e for e in acknowledged(self.report)[seen:]
-                           if 'done' in e]:
-                    if child.ended() or time.monotonic() > deadline:
-                        self.fail('seed %d: the held commit did not end: %s'
-                                  % (seed, self.child_log()))
-                    time.sleep(0.01)
+                self.wait_for_report(child, seen, 'done', 'seed %d: the held '
+                                     'commit did not end' % seed)
             finally:
                 child.kill()
                 os.unlink(go_on)
