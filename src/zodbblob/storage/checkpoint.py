@@ -3,7 +3,9 @@
 A checkpoint (every CHECKPOINT_RECORDS transactions, when the commit log
 is full, around a pack and at close) makes every file, name and catalog
 row the commit log's records describe durable with one filesystem sync,
-and starts the log afresh.
+and starts the log afresh.  The same sync makes durable the removals of
+the files pack removed since the last one, whose garbage marks can then
+go.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ class Shared:
         # checkpoint makes their final names durable.
         self.unsynced: list[str] = []
         self.linked: list[str] = []
+        # Since the last checkpoint: the files pack removed, ``(oid,
+        # tid)`` and path, whose removal no sync has made durable yet;
+        # their garbage marks stay until one has (a power cut brings
+        # them back, and the next open removes them again).
+        self.removed: list[tuple[tuple[bytes, bytes], str]] = []
         self._syncer: concurrent.futures.ThreadPoolExecutor | None = None
         # One sync: set at open for a base the storage opened itself.
         self.one_sync = False
@@ -78,19 +85,33 @@ class Shared:
 
 
 
-def checkpoint(shared: Shared) -> None:
+def existing_parent(path: str) -> str:
+    """The nearest directory above `path` that exists: a removed file's
+    own, or where pack removed that too (its oid had no file left), the
+    one whose sync makes that removal durable."""
+    directory = os.path.dirname(path)
+    while not os.path.isdir(directory) and os.path.dirname(directory) != directory:
+        directory = os.path.dirname(directory)
+    return directory
+
+
+def checkpoint(shared: Shared, removals: bool = False) -> None:
     """Make every logged transaction durable; start the log afresh.
 
     Waits until no logged transaction is still finishing, and holds
     off new ones meanwhile.  One syncfs covers the files, their names
     and the catalog; without syncfs, each file and directory is
     fsynced.  Then the staged names kept for files that were not
-    inline can go.
+    inline can go.  Pack's removals since the last checkpoint are made
+    durable too, and their garbage marks dropped; with `removals` (at
+    close, after recovery, and when many are pending), a checkpoint
+    syncs for them alone.
     """
     with shared.logging:
         while shared.in_flight:
             shared.logging.wait()
-        if not len(shared.commit_log) and not shared.linked:
+        if (not len(shared.commit_log) and not shared.linked
+                and not (removals and shared.removed)):
             return
         if shared.syncfs_works:
             shared.journal.flush()
@@ -99,13 +120,18 @@ def checkpoint(shared: Shared) -> None:
             for path in shared.unsynced:
                 if os.path.exists(path):
                     fsync_path(path)
-            for directory in {os.path.dirname(path)
-                              for path in shared.unsynced}:
+            for directory in ({os.path.dirname(path)
+                               for path in shared.unsynced}
+                              | {existing_parent(path)
+                                 for _, path in shared.removed}):
                 if os.path.isdir(directory):
                     fsync_directory(directory)
             shared.journal.sync()
         kill_point('mid_checkpoint')
         shared.commit_log.checkpoint()
         linked, shared.linked, shared.unsynced = shared.linked, [], []
+        removed, shared.removed = shared.removed, []
+    if removed:
+        shared.journal.forget_garbage(pair for pair, _ in removed)
     for path in linked:
         remove_if_exists(path)

@@ -374,14 +374,20 @@ class Recovery:
             logger.info('Recovered blob directory %s: wrote the catalog rows '
                         'of %d committed transactions from the commit log',
                         fshelper.base_dir, len(rows_only))
+        # Marks whose removal no sync made durable: the files may be
+        # back.  A revision the base has (restored since) is kept.
         garbage = journal.garbage()
         if garbage:
             logger.warning('Recovered blob directory %s: finished removing '
                            'the %d blob files of an interrupted pack',
                            fshelper.base_dir, len(garbage))
-            remove_blob_files(shared, garbage)
+            kept = [(oid, tid) for oid, tid in garbage
+                    if base_has(self.base, oid, tid)]
+            remove_blob_files(shared, sorted(set(garbage) - set(kept)))
+            journal.forget_garbage(kept)
         if journal.pack_started() is not None:
             self._finish_pack(journal, fshelper, quiet=bool(garbage))
+        checkpoint(shared, removals=True)
         # Staging belongs to the storage holding the blob directory's lock,
         # and that is the one opening now: what is there is left over.
         if os.path.isdir(fshelper.temp_dir):

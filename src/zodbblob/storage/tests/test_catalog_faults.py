@@ -328,22 +328,8 @@ db.pack(t=max(time.time(), last) + 1)   # killed after the base packed
 '''
 
 
-class InterruptedPackTests(CatalogTestCase):
-    """A kill after the base packed, before the blob side marked garbage."""
-
-    def kill_pack(self):
-        env = dict(os.environ, **{KILL_POINT_VARIABLE: 'after_base_pack'})
-        child = subprocess.run([sys.executable, '-c', PACK_CHILD, self.dir],
-                               env=env, capture_output=True)
-        self.assertEqual(child.returncode, -signal.SIGKILL,
-                         child.stderr.decode()[-2000:])
-        # The files of the two packed-away revisions are there, and no
-        # record references them.
-        code, output = self.run_cli('verify', '--quiet')
-        self.assertEqual(code, 1, output)
-        self.assertEqual(output.count('orphan:'), 2, output)
-        self.assertIn('unfinished: a pack was interrupted after the base '
-                      'storage packed; run `zodbblob recover`', output)
+class PackTestCase(CatalogTestCase):
+    """The CLI, and the state a pack of `PACK_CHILD` must leave."""
 
     def run_cli(self, *args):
         out = io.StringIO()
@@ -364,6 +350,24 @@ class InterruptedPackTests(CatalogTestCase):
                     self.assertEqual(f.read(), b'kept 2')
         finally:
             db.close()
+
+
+class InterruptedPackTests(PackTestCase):
+    """A kill after the base packed, before the blob side marked garbage."""
+
+    def kill_pack(self):
+        env = dict(os.environ, **{KILL_POINT_VARIABLE: 'after_base_pack'})
+        child = subprocess.run([sys.executable, '-c', PACK_CHILD, self.dir],
+                               env=env, capture_output=True)
+        self.assertEqual(child.returncode, -signal.SIGKILL,
+                         child.stderr.decode()[-2000:])
+        # The files of the two packed-away revisions are there, and no
+        # record references them.
+        code, output = self.run_cli('verify', '--quiet')
+        self.assertEqual(code, 1, output)
+        self.assertEqual(output.count('orphan:'), 2, output)
+        self.assertIn('unfinished: a pack was interrupted after the base '
+                      'storage packed; run `zodbblob recover`', output)
 
     def test_verify_beside_a_live_pack_raises_no_false_alarm(self):
         # What verify sees beside a server whose pack is between the base's
@@ -426,6 +430,75 @@ class InterruptedPackTests(CatalogTestCase):
         code, output = self.run_cli('recover')
         self.assertEqual(code, 0)
         self.assertIn('nothing left to recover', output)
+
+
+LOST_REMOVALS_CHILD = PACK_CHILD.replace(
+    'db.pack(t=max(time.time(), last) + 1)   # killed after the base packed',
+    """storage = db.storage
+before = {path: open(path, 'rb').read()
+          for _, _, path in storage.fshelper.iter_blobs()}
+db.pack(t=max(time.time(), last) + 1)
+after = {path for _, _, path in storage.fshelper.iter_blobs()}
+assert len(set(before) - after) == 2, (before, after)
+# What a power cut before the next sync leaves: the removals undone.
+import os, signal
+for path in set(before) - after:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'wb') as f:
+        f.write(before[path])
+os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+class UnsyncedPackRemovalTests(PackTestCase):
+    """Pack removes files without a sync; their marks stay until one."""
+
+    def test_removals_lost_before_a_sync_are_done_again_at_open(self):
+        child = subprocess.run(
+            [sys.executable, '-c', LOST_REMOVALS_CHILD, self.dir],
+            capture_output=True)
+        self.assertEqual(child.returncode, -signal.SIGKILL,
+                         child.stderr.decode()[-2000:])
+        with self.assertLogs('zodbblob.storage', logging.WARNING) as logs:
+            db = self.open()[1]
+        db.close()
+        self.assertIn('finished removing the 2 blob files of an '
+                      'interrupted pack', '\n'.join(logs.output))
+        self.check_packed()
+
+    def test_the_marks_go_at_close(self):
+        storage, db = self.open()
+        try:
+            with db.transaction() as conn:
+                conn.root()['blob'] = Blob(b'one')
+            with db.transaction() as conn:
+                del conn.root()['blob']
+            pack_now(db)
+            self.assertEqual(len(storage._shared.journal.garbage()), 1)
+        finally:
+            db.close()
+        with sqlite3.connect(journal_path(self.blob_dir)) as catalog:
+            self.assertEqual(
+                catalog.execute('SELECT * FROM garbage').fetchall(), [])
+
+    def test_a_marked_revision_the_base_has_is_kept(self):
+        storage, db = self.open()
+        with db.transaction() as conn:
+            conn.root()['blob'] = Blob(b'still here')
+        (oid, tid), = blob_records(storage)
+        db.close()
+        with sqlite3.connect(journal_path(self.blob_dir)) as catalog:
+            catalog.execute('INSERT INTO garbage (oid, tid) VALUES (?, ?)',
+                            (oid, tid))
+        storage, db = self.open()
+        try:
+            with db.transaction() as conn:
+                with conn.root()['blob'].open() as f:
+                    self.assertEqual(f.read(), b'still here')
+            self.assertEqual(storage._shared.journal.garbage(), [])
+            self.check_catalog(storage)
+        finally:
+            db.close()
 
 
 class UndoTests(CatalogTestCase):
