@@ -378,12 +378,20 @@ class Recovery:
         # back.  A revision the base has (restored since) is kept.
         garbage = journal.garbage()
         if garbage:
-            logger.warning('Recovered blob directory %s: finished removing '
-                           'the %d blob files of an interrupted pack',
-                           fshelper.base_dir, len(garbage))
             kept = [(oid, tid) for oid, tid in garbage
                     if base_has(self.base, oid, tid)]
-            remove_blob_files(shared, sorted(set(garbage) - set(kept)))
+            doomed = sorted(set(garbage) - set(kept))
+            # Marks whose files and rows are gone are a finished pack's:
+            # its process ended before a sync let them go.
+            left = journal.known(doomed) | {
+                pair for pair in doomed
+                if os.path.exists(fshelper.getBlobFilename(*pair))}
+            if left:
+                logger.warning('Recovered blob directory %s: finished '
+                               'removing the %d blob files of an '
+                               'interrupted pack', fshelper.base_dir,
+                               len(left))
+            remove_blob_files(shared, doomed)
             journal.forget_garbage(kept)
         if journal.pack_started() is not None:
             self._finish_pack(journal, fshelper, quiet=bool(garbage))

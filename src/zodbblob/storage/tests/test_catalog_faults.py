@@ -450,8 +450,32 @@ os.kill(os.getpid(), signal.SIGKILL)
 """)
 
 
+KILLED_AFTER_PACK_CHILD = PACK_CHILD.replace(
+    'db.pack(t=max(time.time(), last) + 1)   # killed after the base packed',
+    """db.pack(t=max(time.time(), last) + 1)
+assert len(db.storage._shared.journal.garbage()) == 2
+import os, signal
+os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
 class UnsyncedPackRemovalTests(PackTestCase):
     """Pack removes files without a sync; their marks stay until one."""
+
+    def test_a_kill_after_a_finished_pack_raises_no_alarm(self):
+        child = subprocess.run(
+            [sys.executable, '-c', KILLED_AFTER_PACK_CHILD, self.dir],
+            capture_output=True)
+        self.assertEqual(child.returncode, -signal.SIGKILL,
+                         child.stderr.decode()[-2000:])
+        code, output = self.run_cli('verify')
+        self.assertEqual(code, 0, output)
+        self.assertNotIn('unfinished', output)
+        with self.assertNoLogs('zodbblob.storage', logging.WARNING):
+            storage, db = self.open()
+        self.assertEqual(storage._shared.journal.garbage(), [])
+        db.close()
+        self.check_packed()
 
     def test_removals_lost_before_a_sync_are_done_again_at_open(self):
         child = subprocess.run(
