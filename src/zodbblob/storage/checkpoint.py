@@ -11,13 +11,21 @@ go.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import threading
 
 from zodbblob.layout import fsync_directory, fsync_path, remove_if_exists
-from zodbblob.storage.catalog import kill_point, sync_filesystem, syncfs_works
+from zodbblob.storage.catalog import (
+    JournalError,
+    kill_point,
+    sync_filesystem,
+    syncfs_works,
+)
 from zodbblob.storage.commitlog import CommitLog
 from zodbblob.storage.datamanager import TransactionDirectories
+
+logger = logging.getLogger(__name__)
 
 
 class Shared:
@@ -95,6 +103,27 @@ def existing_parent(path: str) -> str:
     return directory
 
 
+def fsync_removals(paths: list[str]) -> None:
+    """Make the removals of `paths` durable, a directory sync each.
+
+    Each file's nearest directory is found when it is synced, not
+    before: a pack may remove an oid's directory meanwhile (its last
+    file went in a later batch), and then the parent holds the removal.
+    """
+    done = set()
+    for path in paths:
+        while True:
+            directory = existing_parent(path)
+            if directory in done:
+                break
+            try:
+                fsync_directory(directory)
+            except FileNotFoundError:
+                continue  # removed meanwhile: its parent, then
+            done.add(directory)
+            break
+
+
 def checkpoint(shared: Shared, removals: bool = False) -> None:
     """Make every logged transaction durable; start the log afresh.
 
@@ -120,18 +149,22 @@ def checkpoint(shared: Shared, removals: bool = False) -> None:
             for path in shared.unsynced:
                 if os.path.exists(path):
                     fsync_path(path)
-            for directory in ({os.path.dirname(path)
-                               for path in shared.unsynced}
-                              | {existing_parent(path)
-                                 for _, path in shared.removed}):
+            for directory in {os.path.dirname(path)
+                              for path in shared.unsynced}:
                 if os.path.isdir(directory):
                     fsync_directory(directory)
+            fsync_removals([path for _, path in shared.removed])
             shared.journal.sync()
         kill_point('mid_checkpoint')
         shared.commit_log.checkpoint()
         linked, shared.linked, shared.unsynced = shared.linked, [], []
         removed, shared.removed = shared.removed, []
     if removed:
-        shared.journal.forget_garbage(pair for pair, _ in removed)
+        try:
+            shared.journal.forget_garbage(pair for pair, _ in removed)
+        except JournalError as e:
+            # The removals are durable: a mark left behind costs the next
+            # open a look, and must not fail the commit or pack here.
+            logger.warning('%s; the next open forgets them', e)
     for path in linked:
         remove_if_exists(path)

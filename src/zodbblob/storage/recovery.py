@@ -392,6 +392,13 @@ class Recovery:
                                'interrupted pack', fshelper.base_dir,
                                len(left))
             remove_blob_files(shared, doomed)
+            # A kept revision's file came back with it (a base that went
+            # back to before its pack): its row too.
+            known = journal.known(kept)
+            journal.add([(oid, tid, os.path.getsize(path))
+                         for oid, tid in kept if (oid, tid) not in known
+                         for path in [fshelper.getBlobFilename(oid, tid)]
+                         if os.path.isfile(path)])
             journal.forget_garbage(kept)
         if journal.pack_started() is not None:
             self._finish_pack(journal, fshelper, quiet=bool(garbage))

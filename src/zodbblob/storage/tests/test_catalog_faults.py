@@ -32,6 +32,7 @@ from zope.interface.verify import verifyObject
 from zodbblob import BlobStorage
 from zodbblob.cli import main
 from zodbblob.interfaces import IBlobJournal
+from zodbblob.storage.catalog import JournalError
 from zodbblob.storage.catalog import KILL_POINT_VARIABLE
 from zodbblob.storage.catalog import STATE_DIR
 from zodbblob.storage.catalog import journal_path
@@ -504,6 +505,81 @@ class UnsyncedPackRemovalTests(PackTestCase):
         with sqlite3.connect(journal_path(self.blob_dir)) as catalog:
             self.assertEqual(
                 catalog.execute('SELECT * FROM garbage').fetchall(), [])
+
+    def test_a_marked_revision_the_base_has_gets_its_row_back(self):
+        # A base that went back to before its pack, and the removals
+        # with it: the file is there, its row and mark are not both.
+        storage, db = self.open()
+        with db.transaction() as conn:
+            conn.root()['blob'] = Blob(b'back again')
+        (oid, tid), = blob_records(storage)
+        db.close()
+        with sqlite3.connect(journal_path(self.blob_dir)) as catalog:
+            catalog.execute('INSERT INTO garbage (oid, tid) VALUES (?, ?)',
+                            (oid, tid))
+            catalog.execute('DELETE FROM blob WHERE oid = ? AND tid = ?',
+                            (oid, tid))
+            # As pack's delete left it: the total without the row.
+            catalog.execute("DELETE FROM meta WHERE name = 'total_size'")
+        storage, db = self.open()
+        try:
+            self.check_catalog(storage)
+            self.assertEqual(storage._shared.journal.garbage(), [])
+        finally:
+            db.close()
+
+    def test_marks_that_cannot_be_forgotten_fail_nothing(self):
+        import zodbblob.storage.pack
+        self.addCleanup(setattr, zodbblob.storage.pack, 'REMOVALS_PER_SYNC',
+                        zodbblob.storage.pack.REMOVALS_PER_SYNC)
+        zodbblob.storage.pack.REMOVALS_PER_SYNC = 1   # pack checkpoints
+        storage, db = self.open()
+        journal = storage._shared.journal
+
+        def locked(pairs):
+            raise JournalError('Cannot forget garbage in blob catalog %s: '
+                               'database is locked' % journal.path)
+
+        try:
+            with db.transaction() as conn:
+                conn.root()['blob'] = Blob(b'one')
+            with db.transaction() as conn:
+                del conn.root()['blob']
+            journal.forget_garbage = locked
+            with self.assertLogs('zodbblob.storage', logging.WARNING) as logs:
+                pack_now(db)
+            self.assertIn('database is locked; the next open forgets them',
+                          '\n'.join(logs.output))
+        finally:
+            db.close()
+        storage, db = self.open()
+        try:
+            self.assertEqual(storage._shared.journal.garbage(), [])
+            self.check_catalog(storage)
+        finally:
+            db.close()
+
+    def test_a_removal_whose_directory_went_meanwhile_syncs_the_parent(self):
+        # Pack removed an oid's last file and its directory while a
+        # checkpoint synced the removals listed before.
+        import zodbblob.storage.checkpoint as checkpoint
+        top = os.path.join(self.dir, 'top')
+        gone = os.path.join(top, 'oid')
+        os.makedirs(gone)
+        synced = []
+        fsync_directory = checkpoint.fsync_directory
+
+        def removing_first(directory):
+            if not synced:
+                os.rmdir(gone)     # between the lookup and the sync
+            synced.append(directory)
+            fsync_directory(directory)
+
+        self.addCleanup(setattr, checkpoint, 'fsync_directory',
+                        fsync_directory)
+        checkpoint.fsync_directory = removing_first
+        checkpoint.fsync_removals([os.path.join(gone, 'a.blob')])
+        self.assertEqual(synced, [gone, top])
 
     def test_a_marked_revision_the_base_has_is_kept(self):
         storage, db = self.open()
