@@ -63,6 +63,15 @@ def pack_now(db):
     db.pack(t=max(time.time(), last) + 1)
 
 
+def pack_away(db):
+    """A blob committed, deleted, and packed away."""
+    with db.transaction() as conn:
+        conn.root()['blob'] = Blob(b'one')
+    with db.transaction() as conn:
+        del conn.root()['blob']
+    pack_now(db)
+
+
 class CatalogTestCase(unittest.TestCase):
 
     def setUp(self):
@@ -420,11 +429,7 @@ class InterruptedPackTests(PackTestCase):
     def test_a_finished_pack_leaves_no_intent(self):
         storage, db = self.open()
         try:
-            with db.transaction() as conn:
-                conn.root()['blob'] = Blob(b'one')
-            with db.transaction() as conn:
-                del conn.root()['blob']
-            pack_now(db)
+            pack_away(db)
             self.assertIsNone(storage._shared.journal.pack_started())
         finally:
             db.close()
@@ -494,11 +499,7 @@ class UnsyncedPackRemovalTests(PackTestCase):
     def test_the_marks_go_at_close(self):
         storage, db = self.open()
         try:
-            with db.transaction() as conn:
-                conn.root()['blob'] = Blob(b'one')
-            with db.transaction() as conn:
-                del conn.root()['blob']
-            pack_now(db)
+            pack_away(db)
             self.assertEqual(len(storage._shared.journal.garbage()), 1)
         finally:
             db.close()
@@ -506,17 +507,23 @@ class UnsyncedPackRemovalTests(PackTestCase):
             self.assertEqual(
                 catalog.execute('SELECT * FROM garbage').fetchall(), [])
 
-    def test_a_marked_revision_the_base_has_gets_its_row_back(self):
-        # A base that went back to before its pack, and the removals
-        # with it: the file is there, its row and mark are not both.
+    def commit_marked(self, data: bytes) -> tuple[bytes, bytes]:
+        """A blob committed, and then marked as garbage by hand."""
         storage, db = self.open()
         with db.transaction() as conn:
-            conn.root()['blob'] = Blob(b'back again')
+            conn.root()['blob'] = Blob(data)
         (oid, tid), = blob_records(storage)
         db.close()
         with sqlite3.connect(journal_path(self.blob_dir)) as catalog:
             catalog.execute('INSERT INTO garbage (oid, tid) VALUES (?, ?)',
                             (oid, tid))
+        return oid, tid
+
+    def test_a_marked_revision_the_base_has_gets_its_row_back(self):
+        # A base that went back to before its pack, and the removals
+        # with it: the file is back and marked, its row gone.
+        oid, tid = self.commit_marked(b'back again')
+        with sqlite3.connect(journal_path(self.blob_dir)) as catalog:
             catalog.execute('DELETE FROM blob WHERE oid = ? AND tid = ?',
                             (oid, tid))
             # As pack's delete left it: the total without the row.
@@ -582,14 +589,7 @@ class UnsyncedPackRemovalTests(PackTestCase):
         self.assertEqual(synced, [gone, top])
 
     def test_a_marked_revision_the_base_has_is_kept(self):
-        storage, db = self.open()
-        with db.transaction() as conn:
-            conn.root()['blob'] = Blob(b'still here')
-        (oid, tid), = blob_records(storage)
-        db.close()
-        with sqlite3.connect(journal_path(self.blob_dir)) as catalog:
-            catalog.execute('INSERT INTO garbage (oid, tid) VALUES (?, ?)',
-                            (oid, tid))
+        self.commit_marked(b'still here')
         storage, db = self.open()
         try:
             with db.transaction() as conn:
