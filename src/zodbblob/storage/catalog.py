@@ -1,13 +1,15 @@
 """The catalog of a blob directory, and the commit protocol's helpers.
 
 One SQLite database (``<blob_dir>/.zodbblob/journal.sqlite``, WAL mode)
-holds a row per committed blob file: ``(oid, tid, size, superseded)``.
+holds a row per committed blob file: ``(oid, tid, size, superseded,
+digest)``, the digest of its content (``digest.py``) where known.
 The rows are the catalog: the total size (``getSize`` in O(1)), and the
 blob files pack looks among for its garbage without walking the
 directory: ``superseded``, the tid of the oid's next revision (indexed),
 gives it the revisions a pack time may drop, and pack and verify read
-rows in bounded batches (`Journal.rows`, `Journal.superseded`).  A transaction's rows are added after the base storage has
-committed it, without a sync: until the next checkpoint, its record in the
+rows in bounded batches (`Journal.rows`, `Journal.superseded`).  A
+transaction's rows are added after the base storage has committed it,
+without a sync: until the next checkpoint, its record in the
 commit log (``zodbblob.storage.commitlog``) is what recovery goes by, and a
 checkpoint makes the rows durable before it lets the record go.  A batch
 that cannot be written (a full disk, a damaged page) stays pending: the
@@ -154,8 +156,31 @@ def _delete_rows(db: sqlite3.Connection, pairs: list[tuple[bytes, bytes]]
     return removed, emptied
 
 
+class _Digests:
+    """The rows' content digests, beside what `Journal` does with rows:
+    looked up for the files undo links, recorded by ``verify --checksum``
+    for rows that had none (NULL: a scan's rows, an older catalog's)."""
+
+    def digest(self, oid: bytes, tid: bytes) -> bytes | None:
+        """The recorded digest of revision `tid` of `oid`, or None."""
+        if not self.has_digest:
+            return None
+        rows = self._query('SELECT digest FROM blob WHERE oid = ? AND '
+                           'tid = ?', (oid, tid))
+        return rows[0][0] if rows else None
+
+    def record_digests(self, rows: list[tuple[bytes, bytes, bytes]]) -> int:
+        """Record ``(digest, oid, tid)`` for the rows that have no
+        digest yet (one that has one keeps it); the count recorded."""
+        with self._lock:
+            return self._write(lambda: self._db.executemany(
+                'UPDATE blob SET digest = ? WHERE oid = ? AND tid = ? '
+                'AND digest IS NULL', rows).rowcount,
+                'record %d digests in' % len(rows), synchronous='NORMAL')
+
+
 @zope.interface.implementer(IBlobJournal)
-class Journal:
+class Journal(_Digests):
     """The journal of one blob directory.
 
     Thread-safe: MVCC instances of one storage share a journal.
@@ -166,7 +191,8 @@ class Journal:
         self.read_only = read_only
         self._lock = threading.Lock()
         self.read_batch = READ_BATCH
-        self._unsaved: list[tuple[bytes, bytes, int]] = []
+        # (oid, tid, size) or (oid, tid, size, digest)
+        self._unsaved: list[tuple] = []
         # Pending rows when the last batch failed: the next try waits
         # for one more batch.
         self._failed_rows = 0
@@ -183,8 +209,9 @@ class Journal:
             if not read_only:
                 self._db.execute('PRAGMA journal_mode=WAL')
                 self._drop_old_catalog()
-                self._add_superseded()
+                self._migrate()
                 self._db.executescript(schema.SCHEMA)
+            self.has_digest = schema.has_digest(self._db)
             self._total = self._read_total()
         except sqlite3.DatabaseError as e:
             self._db.close()
@@ -197,15 +224,11 @@ class Journal:
                            'rebuilt from a scan', self.path)
             schema.drop_catalog(self._db)
 
-    def _add_superseded(self) -> None:
-        if not schema.lacks_superseded(self._db):
-            return
-        with self._lock:
-            marked = self._write(lambda: schema.add_superseded(self._db),
-                                 'add the superseded column to')
-        logger.info('Blob catalog %s: added the superseded column (%d '
-                    'revisions superseded by a later one)', self.path,
-                    marked)
+    def _migrate(self) -> None:
+        for change, message in schema.migrations(self._db):
+            with self._lock:
+                result = self._write(lambda: change(self._db), 'migrate')
+            logger.info('Blob catalog %s: ' + message, self.path, result)
 
     def _read_total(self) -> int:
         row = self._db.execute(
@@ -295,8 +318,9 @@ class Journal:
 
     # the commit protocol: rows are added once the base has committed
 
-    def add(self, rows: Iterable[tuple[bytes, bytes, int | None]]) -> None:
-        """Record committed blob files ``(oid, tid, size)``.
+    def add(self, rows: Iterable[tuple]) -> None:
+        """Record committed blob files ``(oid, tid, size, digest)``, or
+        ``(oid, tid, size)`` where the digest is not known (NULL).
 
         A row supersedes the oid's revision before it: that row's
         ``superseded`` becomes `tid` (the index pack finds its garbage
@@ -335,15 +359,16 @@ class Journal:
 
         def insert():
             added = 0
-            for oid, tid, size in rows:
+            for oid, tid, size, *digest in rows:
                 if size is None:
                     self._supersede(oid, tid)
                 elif self._db.execute(
                         'INSERT OR IGNORE INTO blob '
-                        '(oid, tid, size, superseded) VALUES (?, ?, ?, ('
-                        '  SELECT min(tid) FROM blob'
+                        '(oid, tid, size, digest, superseded) VALUES '
+                        '(?, ?, ?, ?, (SELECT min(tid) FROM blob'
                         '  WHERE oid = ? AND tid > ?))',
-                        (oid, tid, size, oid, tid)).rowcount:
+                        (oid, tid, size, digest[0] if digest else None,
+                         oid, tid)).rowcount:
                     added += size
                     self._supersede(oid, tid)
             self._store_total(self._total + added)
@@ -403,8 +428,8 @@ class Journal:
 
     def total_size(self) -> int:
         with self._lock:
-            return self._total + sum(size for oid, tid, size in self._unsaved
-                                     if size is not None)
+            return self._total + sum(row[2] for row in self._unsaved
+                                     if row[2] is not None)
 
     def revisions(self, oid: bytes) -> list[bytes]:
         return [tid for (tid,) in self._query(
@@ -418,9 +443,10 @@ class Journal:
         """One batch of a batched read (tests count them)."""
         return self._query(sql, parameters)
 
-    def rows(self, stop: bytes | None = None
+    def rows(self, stop: bytes | None = None, digests: bool = False
              ) -> Iterator[list[tuple[bytes, bytes, int]]]:
-        """Batches of ``(oid, tid, size)`` rows in ``(oid, tid)`` order.
+        """Batches of ``(oid, tid, size)`` rows in ``(oid, tid)`` order;
+        with `digests`, ``(oid, tid, size, digest)``.
 
         With `stop`, the rows superseded at or before it are left out.
         At most `read_batch` rows are read at a time, each batch from
@@ -430,9 +456,11 @@ class Journal:
         superseded = ('' if stop is None else
                       'AND (superseded IS NULL OR superseded > ?) ')
         extra = () if stop is None else (stop,)
+        columns = 'oid, tid, size' + (
+            (', digest' if self.has_digest else ', NULL') if digests else '')
         while True:
             batch = self._read_batch(
-                'SELECT oid, tid, size FROM blob WHERE (oid, tid) > (?, ?) '
+                f'SELECT {columns} FROM blob WHERE (oid, tid) > (?, ?) '
                 + superseded + 'ORDER BY oid, tid LIMIT ?',
                 (*after, *extra, self.read_batch))
             if not batch:

@@ -15,6 +15,7 @@ import threading
 from zodbblob.layout import fsync_directory, fsync_path, remove_if_exists
 from zodbblob.storage.catalog import kill_point, sync_filesystem, syncfs_works
 from zodbblob.storage.commitlog import CommitLog
+from zodbblob.storage.digest import HASHING_THREADS
 from zodbblob.storage.datamanager import TransactionDirectories
 
 
@@ -46,6 +47,7 @@ class Shared:
         self.unsynced: list[str] = []
         self.linked: list[str] = []
         self._syncer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._hasher: concurrent.futures.ThreadPoolExecutor | None = None
         # One sync: set at open for a base the storage opened itself.
         self.one_sync = False
         # One sync: the transaction between tpc_begin and the end of its
@@ -67,10 +69,21 @@ class Shared:
                 1, thread_name_prefix='zodbblob-commit-log')
         return self._syncer
 
+    def hasher(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The threads that hash the files of large transactions while
+        they are made durable (``digest.TransactionDigests``)."""
+        if self._hasher is None:
+            self._hasher = concurrent.futures.ThreadPoolExecutor(
+                HASHING_THREADS, thread_name_prefix='zodbblob-digest')
+        return self._hasher
+
     def close(self) -> None:
         if self._syncer is not None:
             self._syncer.shutdown()
             self._syncer = None
+        if self._hasher is not None:
+            self._hasher.shutdown()
+            self._hasher = None
 
 
 

@@ -52,9 +52,10 @@ from zodbblob.layout import (
     makedirs_durable,
     remove_if_exists,
 )
-from zodbblob.storage.catalog import kill_point, sync_filesystem
+from zodbblob.storage.catalog import JournalError, kill_point, sync_filesystem
 from zodbblob.storage.checkpoint import Shared, checkpoint
 from zodbblob.storage.commitlog import Entry
+from zodbblob.storage.digest import TransactionDigests
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,15 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def committed_digest(shared: Shared, filename: str) -> bytes | None:
+    """The catalog's digest of the committed blob file `filename`."""
+    try:
+        return shared.journal.digest(
+            *shared.fshelper.splitBlobFilename(filename))
+    except (ValueError, JournalError):
+        return None   # the commit hashes it with the others, then
+
+
 def check_tid(base, tid) -> None:
     """Refuse a tid a ZEO client chose that is not 8 bytes, not after the
     last transaction, or more than a day ahead: StorageTransactionError."""
@@ -150,6 +160,7 @@ class _Staged:
         self.published: list[str] = []         # final paths, once voted
         self.directories: dict[str, int] = {}  # of the final names: mode
         self.syncing = None                    # one sync: S1's future
+        self.digests = TransactionDigests()    # of the files' contents
 
 
 class CommitProtocol:
@@ -237,6 +248,9 @@ class CommitProtocol:
             link_or_copy(filename, target)
         else:
             rename_or_copy(filename, target)
+        # Undo links a committed revision: its content, so its digest.
+        staged.digests.known[oid] = (committed_digest(self._shared, filename)
+                                     if link else None)
         staged.files[oid] = target
 
     def vote(self, transaction):
@@ -291,7 +305,12 @@ class CommitProtocol:
         if staged.inline:
             entries = [Entry(oid, info.st_size, data=read_bytes(path))
                        for oid, path, info in files]
+            # Hashed here, from the bytes the record holds anyway.
+            staged.digests.of_entries(entries)
         else:
+            # Hashed in threads while the files are made durable.
+            staged.digests.start(self._shared.hasher(),
+                                 [(oid, path) for oid, path, info in files])
             self._make_durable([path for oid, path, info in files])
             kill_point('after_staging_fsync')
             entries = [Entry(oid, info.st_size,
@@ -491,7 +510,9 @@ class CommitProtocol:
                     'files were published for tid %s', self.base,
                     oid_repr(tid), oid_repr(staged.tid))
             kill_point('after_base_finish')
-            shared.journal.add([(oid, staged.tid, info.st_size)
+            digests = staged.digests.result()
+            shared.journal.add([(oid, staged.tid, info.st_size,
+                                 digests.get(oid))
                                 for oid, path, info in staged.stats])
             kill_point('after_journal_commit')
             with shared.logging:
@@ -527,6 +548,7 @@ class CommitProtocol:
         staged = self._staged
         if staged is not None and staged.transaction is transaction:
             self._staged = None
+            staged.digests.cancel()
             if staged.syncing is not None:
                 try:
                     staged.syncing.result()

@@ -41,6 +41,7 @@ from zodbblob.storage.commitlog import (
     latest_entries,
 )
 from zodbblob.storage.datamanager import TransactionDirectories
+from zodbblob.storage.digest import digest_bytes, digest_file
 from zodbblob.storage.filestorage import (
     FileStorageOpener,
     file_lock,
@@ -106,6 +107,21 @@ def _holds(path: str, data: bytes) -> bool:
         return read_bytes(path) == data
     except FileNotFoundError:
         return False
+
+
+def _recovered_digest(entry: Entry, final: str) -> bytes | None:
+    """The digest of a committed file whose row recovery writes.
+
+    An inline entry's from the record's bytes; a larger one's by reading
+    the file rolled forward (recovery is rare: correct before fast).
+    None for a file that is lost (verify reports it missing).
+    """
+    if entry.data is not None:
+        return digest_bytes(entry.data)
+    try:
+        return digest_file(final)
+    except OSError:
+        return None
 
 
 def open_blob_directory(base, blob_dir: str, layout: str) -> Shared:
@@ -344,7 +360,8 @@ class Recovery:
                 if self._roll_forward(entry, final, tid):
                     forward.add(tid)
                 if (oid, tid) not in in_catalog:
-                    rows.append((oid, tid, entry.size))
+                    rows.append((oid, tid, entry.size,
+                                 _recovered_digest(entry, final)))
                 shared.unsynced.append(final)
             else:
                 if entry is not None:
@@ -369,7 +386,7 @@ class Recovery:
                 'back' if tid in back else 'forward', oid_repr(tid))
         # A process that ended without closing its storage (Zope does, on
         # every SIGTERM) leaves its last rows to the log: routine, no alarm.
-        rows_only = {tid for _, tid, _ in rows} - forward - back
+        rows_only = {row[1] for row in rows} - forward - back
         if rows_only:
             logger.info('Recovered blob directory %s: wrote the catalog rows '
                         'of %d committed transactions from the commit log',
