@@ -248,9 +248,8 @@ class CommitProtocol:
             link_or_copy(filename, target)
         else:
             rename_or_copy(filename, target)
-        # Undo links a committed revision: its content, so its digest.
-        staged.digests.known[oid] = (committed_digest(self._shared, filename)
-                                     if link else None)
+        staged.digests.known[oid] = (  # undo links: the source's digest
+            committed_digest(self._shared, filename) if link else None)
         staged.files[oid] = target
 
     def vote(self, transaction):
@@ -305,12 +304,12 @@ class CommitProtocol:
         if staged.inline:
             entries = [Entry(oid, info.st_size, data=read_bytes(path))
                        for oid, path, info in files]
-            # Hashed here, from the bytes the record holds anyway.
-            staged.digests.of_entries(entries)
+            staged.digests.of_entries(entries)   # hashed from these bytes
         else:
-            # Hashed in threads while the files are made durable.
-            staged.digests.start(self._shared.hasher(),
-                                 [(oid, path) for oid, path, info in files])
+            # Hashed in threads while made durable, not waited for.
+            staged.digests.start(self._shared.hasher(), [
+                (oid, (path, self.fshelper.getBlobFilename(oid, tid)))
+                for oid, path, info in files])
             self._make_durable([path for oid, path, info in files])
             kill_point('after_staging_fsync')
             entries = [Entry(oid, info.st_size,
@@ -510,10 +509,11 @@ class CommitProtocol:
                     'files were published for tid %s', self.base,
                     oid_repr(tid), oid_repr(staged.tid))
             kill_point('after_base_finish')
-            digests = staged.digests.result()
+            digests = staged.digests.ready()
             shared.journal.add([(oid, staged.tid, info.st_size,
                                  digests.get(oid))
                                 for oid, path, info in staged.stats])
+            staged.digests.record_later(shared.journal, staged.tid)
             kill_point('after_journal_commit')
             with shared.logging:
                 shared.unsynced.extend(staged.published)
