@@ -95,11 +95,13 @@ class TransactionDigests:
 
     The commit does not wait for those threads: its rows get the digests
     done by then (`ready`), and the threads record the rest in the
-    catalog as they finish (`record_later`).  Waiting cost the 10 MiB
-    rows of ``bench/commit.py`` 0.2x stock's throughput on a busy
-    machine: hashing 10 MiB (14 ms at 720 MB/s) is as long as stock's
-    whole commit.  A crash before they finish leaves rows without a
-    digest, which ``verify --record-checksums`` fills in.
+    catalog as they finish (`record_later`); a close waits for them.  A
+    crash before they finish leaves rows without a digest, which
+    ``verify --record-checksums`` fills in.  Hashing is CPU, and at
+    10 MiB it is as long as stock's whole commit (14 ms at 720 MB/s,
+    stock writes to the page cache): on a busy two-CPU machine the
+    10 MiB rows of ``bench/commit.py`` ran at 0.2-0.4x stock, waiting or
+    not (``doc/design.rst``).
     """
 
     def __init__(self):
@@ -161,6 +163,8 @@ def _record(journal, tid: bytes, oids: list[bytes], future) -> None:
         return
     rows = [(digest, oid, tid) for oid, digest in zip(oids, future.result())
             if digest is not None]
+    if not rows:
+        return
     try:
         journal.record_digests(rows)
     except Exception as e:
