@@ -173,7 +173,7 @@ class _Digests:
         """Record ``(digest, oid, tid)`` for the rows that have no
         digest yet (one that has one keeps it); the count recorded."""
         with self._lock:
-            self._save()   # the rows a commit added without digests
+            self._save()   # rows still pending in memory, written first
             return self._write(lambda: self._db.executemany(
                 'UPDATE blob SET digest = ? WHERE oid = ? AND tid = ? '
                 'AND digest IS NULL', rows).rowcount,

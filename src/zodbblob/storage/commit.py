@@ -306,7 +306,7 @@ class CommitProtocol:
                        for oid, path, info in files]
             staged.digests.of_entries(entries)   # hashed from these bytes
         else:
-            # Hashed in threads while made durable, not waited for.
+            # Hashed in threads while they are made durable.
             staged.digests.start(self._shared.hasher(), [
                 (oid, (path, self.fshelper.getBlobFilename(oid, tid)))
                 for oid, path, info in files])
@@ -509,11 +509,10 @@ class CommitProtocol:
                     'files were published for tid %s', self.base,
                     oid_repr(tid), oid_repr(staged.tid))
             kill_point('after_base_finish')
-            digests = staged.digests.ready()
+            digests = staged.digests.result()
             shared.journal.add([(oid, staged.tid, info.st_size,
                                  digests.get(oid))
                                 for oid, path, info in staged.stats])
-            staged.digests.record_later(shared.journal, staged.tid)
             kill_point('after_journal_commit')
             with shared.logging:
                 shared.unsynced.extend(staged.published)

@@ -2,28 +2,28 @@
 
 One hash, named here and nowhere else: the catalog keeps each committed
 file's digest (``blob.digest``), commit computes it, and ``verify
---checksum`` compares.  BLAKE2b with a 32-byte digest, from hashlib: no
-dependency, the fastest of hashlib's hashes whose collisions nobody can
-construct (on this project's busy two-CPU machine: 720 MB/s, SHA-256
-410 MB/s, SHA-512 240 MB/s, SHA3-256 160 MB/s).  BLAKE3 (a package,
-not measured here) is the candidate for a later change, which changes
-`DIGEST_NAME` and `new_hash`; the catalog's digests then need a
-migration (or a NULL, which the next ``verify --record-checksums``
-fills in).
+--checksum`` compares.  BLAKE3 with a 32-byte digest, from the
+``blake3`` package (a dependency): on this project's busy two-CPU
+machine it hashed a 10 MiB file in the page cache at 2.9 GB/s on one
+thread (1 MiB reads), where hashlib's fastest hash whose collisions
+nobody can construct, BLAKE2b, did 0.7 GB/s (SHA-256 0.4).  Its own
+threads (``max_threads=AUTO``, 1.7-2.2 GB/s) and ``update_mmap``
+(2.1-2.5 GB/s) were slower there, and far slower at 100 KiB: the other
+core is busy.  A change of hash changes `DIGEST_NAME` and `new_hash`;
+the catalog's digests then need a migration (or a NULL, which the next
+``verify --record-checksums`` fills in).
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
 
-logger = logging.getLogger(__name__)
+import blake3
 
-DIGEST_NAME = 'BLAKE2b-256'
+DIGEST_NAME = 'BLAKE3-256'
 DIGEST_SIZE = 32
-# Files are read in chunks of this size: hashlib releases the GIL for
-# buffers over 2 KiB, so a thread hashing a large file lets the committing
+# Files are read in chunks of this size: blake3 releases the GIL for
+# large buffers, so a thread hashing a large file lets the committing
 # thread (and the fdatasyncs) run meanwhile.
 CHUNK = 1 << 20
 # Threads that hash a large transaction's files (``TransactionDigests``):
@@ -33,7 +33,7 @@ HASHING_THREADS = max(1, min(2, os.cpu_count() or 1))
 
 
 def new_hash():
-    return hashlib.blake2b(digest_size=DIGEST_SIZE)
+    return blake3.blake3()
 
 
 def digest_bytes(data: bytes) -> bytes:
@@ -93,15 +93,14 @@ class TransactionDigests:
     thread makes them durable (the fdatasyncs or syncfs wait on the disk,
     the hashing on the CPU, and the files are in the page cache).
 
-    The commit does not wait for those threads: its rows get the digests
-    done by then (`ready`), and the threads record the rest in the
-    catalog as they finish (`record_later`); a close waits for them.  A
-    crash before they finish leaves rows without a digest, which
-    ``verify --record-checksums`` fills in.  Hashing is CPU, and at
-    10 MiB it is as long as stock's whole commit (14 ms at 720 MB/s,
-    stock writes to the page cache): on a busy two-CPU machine the
-    10 MiB rows of ``bench/commit.py`` ran at 0.2-0.4x stock, waiting or
-    not (``doc/design.rst``).
+    ``tpc_finish`` waits for those threads (`result`) before it adds the
+    rows, so a committed row has its digest (unless its file could not
+    be read), and nothing writes the catalog late.  Not waiting (the
+    threads recording their digests when done, a close waiting for them)
+    was tried with BLAKE2b and with BLAKE3: it did not pay on
+    ``bench/commit.py`` (10 MiB x50, BLAKE3: 0.20-0.57x stock not
+    waiting, 0.48-0.52x waiting; ``doc/design.rst``), because the
+    hashing is CPU that a run of commits spends either way.
     """
 
     def __init__(self):
@@ -133,42 +132,17 @@ class TransactionDigests:
             future.cancel()
         self._hashing = []
 
-    def ready(self) -> dict[bytes, bytes | None]:
-        """oid -> digest, of what is known now (None: not yet, or never).
+    def result(self) -> dict[bytes, bytes | None]:
+        """oid -> digest (None for a file that could not be read), once
+        the hashing threads are done.
 
-        Never waits, never raises: the transaction has committed.
+        Never raises: the transaction has committed, and a digest not
+        recorded now is recorded by the next ``verify --record-checksums``.
         """
-        running = []
         for oids, future in self._hashing:
-            if not future.done():
-                running.append((oids, future))
-            elif not future.cancelled() and future.exception() is None:
+            try:
                 self.known.update(zip(oids, future.result()))
-        self._hashing = running
-        return self.known
-
-    def record_later(self, journal, tid: bytes) -> None:
-        """Have the hashing still running record its digests in
-        `journal` (the rows of `tid`, added already) when it is done."""
-        for oids, future in self._hashing:
-            future.add_done_callback(
-                lambda future, oids=oids: _record(journal, tid, oids, future))
+            except Exception:
+                pass
         self._hashing = []
-
-
-def _record(journal, tid: bytes, oids: list[bytes], future) -> None:
-    """In a hashing thread: record the digests it computed for rows that
-    the commit added without them.  Never raises (nobody would see it)."""
-    if future.cancelled() or future.exception() is not None:
-        return
-    rows = [(digest, oid, tid) for oid, digest in zip(oids, future.result())
-            if digest is not None]
-    if not rows:
-        return
-    try:
-        journal.record_digests(rows)
-    except Exception as e:
-        logger.warning('Could not record the content digests of %d blob '
-                       'files of transaction %s in %s (%s); verify '
-                       '--record-checksums records them', len(rows),
-                       tid.hex(), journal.path, e)
+        return self.known

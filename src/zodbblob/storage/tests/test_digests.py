@@ -1,8 +1,7 @@
 """Content digests: the catalog row of every committed blob file has the
-BLAKE2b of its bytes, whichever way the file was committed."""
+BLAKE3 of its bytes, whichever way the file was committed."""
 
 import base64
-import hashlib
 import logging
 import os
 import shutil
@@ -11,6 +10,7 @@ import sqlite3
 import tempfile
 import unittest
 
+import blake3
 import transaction
 import ZODB
 import ZODB.FileStorage
@@ -22,9 +22,9 @@ from zodbblob.storage.commit import INLINE_LIMIT, SYNCFS_THRESHOLD
 from zodbblob.storage.tests.test_crash import run_child
 
 
-def blake2b(path):
+def blake3_of(path):
     with open(path, 'rb') as f:
-        return hashlib.blake2b(f.read(), digest_size=32).digest()
+        return blake3.blake3(f.read()).digest()
 
 
 def catalog_digests(storage):
@@ -53,7 +53,7 @@ class DigestTestCase(unittest.TestCase):
         self.assertEqual(len(digests), count)
         for (oid, tid), digest in digests.items():
             path = storage.fshelper.getBlobFilename(oid, tid)
-            self.assertEqual(digest, blake2b(path), path)
+            self.assertEqual(digest, blake3_of(path), path)
 
 
 class CommitDigestTests(DigestTestCase):
@@ -74,10 +74,12 @@ class CommitDigestTests(DigestTestCase):
 
     def test_large_file_records_its_digest(self):
         # More than INLINE_LIMIT: made durable by an fdatasync, hashed in
-        # a thread meanwhile, recorded when that is done (the commit does
-        # not wait; close does).
-        self.commit(self.open(), {'large': os.urandom(INLINE_LIMIT + 1)}
-                    ).close()
+        # a thread meanwhile; tpc_finish waits for it, so the row has its
+        # digest once the commit returns.
+        storage = self.open()
+        db = self.commit(storage, {'large': os.urandom(INLINE_LIMIT + 1)})
+        self.assert_digests_match_files(storage, 1)
+        db.close()
         self.assert_digests_match_files(self.open(), 1)
 
     def test_many_large_files_record_their_digests(self):
@@ -85,18 +87,12 @@ class CommitDigestTests(DigestTestCase):
         # the hashing split among the threads.
         count = SYNCFS_THRESHOLD + 3
         size = INLINE_LIMIT // SYNCFS_THRESHOLD
-        self.commit(self.open(), {'f%d' % i: os.urandom(size)
-                                  for i in range(count)}).close()
-        self.assert_digests_match_files(self.open(), count)
-
-    def test_large_files_digests_are_recorded_while_the_storage_is_open(self):
         storage = self.open()
-        db = self.commit(storage, {'large': os.urandom(INLINE_LIMIT + 1)})
-        # Once the hashing threads are done (a shutdown waits for them),
-        # the row has its digest without a close.
-        storage._shared.close()
-        self.assert_digests_match_files(storage, 1)
+        db = self.commit(storage, {'f%d' % i: os.urandom(size)
+                                   for i in range(count)})
+        self.assert_digests_match_files(storage, count)
         db.close()
+        self.assert_digests_match_files(self.open(), count)
 
     def test_rows_survive_reopening(self):
         db = self.commit(self.open(), {'a': b'bytes'})
@@ -145,7 +141,7 @@ class UndoDigestTests(DigestTestCase):
         tid = self.undo_last()
         path = self.storage.fshelper.getBlobFilename(self.oid, tid)
         self.assertEqual(self.storage._shared.journal.digest(self.oid, tid),
-                         blake2b(path))
+                         blake3_of(path))
 
 
 class RecoveredDigestTests(DigestTestCase):
@@ -192,7 +188,7 @@ class MigrationTests(DigestTestCase):
             oid = conn.root()['new']._p_oid
         tid = storage._shared.journal.revisions(oid)[0]
         self.assertEqual(storage._shared.journal.digest(oid, tid),
-                         blake2b(storage.fshelper.getBlobFilename(oid, tid)))
+                         blake3_of(storage.fshelper.getBlobFilename(oid, tid)))
         db.close()
 
     def test_read_only_open_of_an_old_catalog_reads_no_digests(self):
