@@ -61,6 +61,10 @@ class Shared:
         self.published = threading.Condition()
         self.publishing: bytes | None = None
         self.visible_tid: bytes | None = None
+        # One sync: why commits are refused, once a transaction the base
+        # committed could not be made durable (the next open rolls it
+        # back; a checkpoint or a commit after it must not happen).
+        self.failed: str | None = None
 
     def syncer(self) -> concurrent.futures.ThreadPoolExecutor:
         """The thread that fdatasyncs commit log records."""

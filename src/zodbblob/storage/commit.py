@@ -56,6 +56,7 @@ from zodbblob.storage.catalog import JournalError, kill_point, sync_filesystem
 from zodbblob.storage.checkpoint import Shared, checkpoint
 from zodbblob.storage.commitlog import Entry
 from zodbblob.storage.digest import TransactionDigests
+from zodbblob.storage.onesync import OneSyncFinish
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ class _Staged:
         self.digests = TransactionDigests()    # of the files' contents
 
 
-class CommitProtocol:
+class CommitProtocol(OneSyncFinish):
     """The two-phase commit of blob files, for one storage instance."""
 
     def __init__(self, base, shared: Shared):
@@ -174,6 +175,11 @@ class CommitProtocol:
 
     def begin(self, transaction, tid=None, status=' '):
         shared = self._shared
+        if shared.failed:
+            raise StorageTransactionError(
+                f'Refused to commit to blob directory '
+                f'{self.fshelper.base_dir}: {shared.failed}; reopen the '
+                f'storage to roll that transaction back')
         if not shared.one_sync or shared.committer is transaction:
             # A second tpc_begin of one transaction: the base refuses it.
             return self._begin(transaction, tid, status)
@@ -418,87 +424,6 @@ class CommitProtocol:
             else:
                 self._finished(staged, tid)
         return tid
-
-    def _finish_one_sync(self, transaction, f):
-        """Finish the base while S1 may still run; then wait for S1,
-        publish, and only then tell the caller (``f``) and show the tid.
-
-        Until then nobody can learn the new tid: ``lastTransaction()``
-        says the one before (ZODB's MVCC adapter and ZEO's server ask it),
-        the invalidations that ZODB and ZEO send from ``f`` wait, and a
-        ``loadBlob`` of the tid waits for its files.
-        """
-        shared = self._shared
-        staged = self._staged
-        if staged is None or staged.transaction is not transaction:
-            staged = None
-        if staged is None or staged.tid is None:
-            tid = (self.base.tpc_finish(transaction) if f is None
-                   else self.base.tpc_finish(transaction, f))
-            if staged is not None:
-                self._staged = None
-                for path in staged.files.values():
-                    remove_if_exists(path)  # stored, published by nobody
-            return tid
-        with shared.published:
-            shared.visible_tid = self.base.lastTransaction()
-            shared.publishing = staged.tid
-        tid = None
-        try:
-            tid = self.base.tpc_finish(transaction)
-            # The commit point: from here on, nothing raises.
-            self._staged = None
-            kill_point('after_base_finish_before_log_sync')
-            durable = self._await_record(staged)
-            kill_point('after_log_sync')
-            try:
-                self._publish(staged)
-                if not durable:
-                    self._make_durable(staged.published)
-                    for directory in staged.directories:
-                        fsync_directory(directory)
-            except OSError as e:
-                # The base committed: nothing raises now.  With the record
-                # durable, the next open gives the files their names; until
-                # then, readers get POSKeyError.
-                logger.error('Could not publish the blob files of committed '
-                             'transaction %s in %s (%s); the next open will '
-                             'from the commit log', oid_repr(tid),
-                             self.fshelper.base_dir, e)
-            kill_point('after_publish')
-        finally:
-            with shared.published:
-                shared.publishing = None
-                if tid is None:
-                    shared.visible_tid = None   # the base did not commit
-                shared.published.notify_all()
-        try:
-            if f is not None:
-                f(tid)
-        finally:
-            # After the callback, as a base shows its tid only after it:
-            # an MVCC reader that sees the tid has had its invalidations.
-            shared.visible_tid = None
-            self._finished(staged, tid)
-        return tid
-
-    def _await_record(self, staged: _Staged) -> bool:
-        """Wait for S1; False if it failed.
-
-        The base has committed, so the transaction must not fail now: its
-        files, once published, are then made durable one by one instead,
-        so that a crash cannot leave it torn (the next open rolls back
-        only a last transaction whose files are not all at their names).
-        """
-        try:
-            staged.syncing.result()
-        except OSError as e:
-            logger.error('Could not make the commit record of transaction '
-                         '%s durable in %s (%s); making its blob files '
-                         'durable one by one', oid_repr(staged.tid),
-                         self._shared.commit_log.path, e)
-            return False
-        return True
 
     def _finished(self, staged: _Staged, tid: bytes) -> None:
         shared = self._shared

@@ -119,7 +119,14 @@ class BlobStorage:
             self.base.close()
             return
         try:
-            if shared.journal is not None and not shared.read_only:
+            if shared.failed:
+                # A checkpoint would make the failed transaction's files
+                # durable, and the open mark's reset would keep the next
+                # open from rolling it back.
+                logger.warning('Closed blob directory %s without a '
+                               'checkpoint: %s; the next open rolls it back',
+                               self.fshelper.base_dir, shared.failed)
+            elif shared.journal is not None and not shared.read_only:
                 try:
                     checkpoint(shared)
                     shared.journal.set_meta(

@@ -30,6 +30,12 @@ from zodbblob.storage.catalog import (
     filesystem_type,
     syncfs_works,
 )
+from zodbblob.storage.commitlog import (
+    CommitLog,
+    CommitLogError,
+    commit_log_path,
+)
+from zodbblob.storage.filestorage import last_transaction
 from zodbblob.tools.verify import verify
 
 FUSE_SUPER_MAGIC = 0x65735546
@@ -48,6 +54,33 @@ def acknowledged(path: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.endswith('\n')]
+
+
+def disk_state(directory: str) -> str:
+    """One line on a database's state: each ``Data.fs*`` file's size and
+    last transaction, and the commit log's header and records."""
+    words = []
+    for name in sorted(os.listdir(directory)):
+        if not name.startswith('Data.fs'):
+            continue
+        path = os.path.join(directory, name)
+        last = last_transaction(path) if name == 'Data.fs' else None
+        words.append('%s %d bytes%s' % (
+            name, os.path.getsize(path),
+            ', ends with %s' % last.tid.hex() if last else ''))
+    path = commit_log_path(os.path.join(directory, 'blobs'))
+    try:
+        log = CommitLog(path, read_only=True)
+    except (OSError, CommitLogError) as error:
+        words.append('commit log: %s' % error)
+    else:
+        try:
+            words.append('commit log: open %s, last durable %s, records %s'
+                         % (log.open_one_sync, log.last_durable_tid.hex(),
+                            [r.tid.hex() for r in log.records]))
+        finally:
+            log.close()
+    return '; '.join(words)
 
 
 class PowerCutStorageTestCase(PowerCutTestCase):
@@ -122,7 +155,20 @@ class PowerCutStorageTestCase(PowerCutTestCase):
         return entries[-1] if entries else None
 
     def check_database(self, seed: int) -> None:
-        """Recovery, then every acknowledged byte, then verify."""
+        """Recovery, then every acknowledged byte, then verify.
+
+        A failure says what the disk held before the open and what the
+        open did with ``Data.fs``: the machine it fails on may be gone
+        by the time anyone reads it.
+        """
+        before = disk_state(self.mnt)
+        try:
+            self._check_database(seed)
+        except AssertionError as error:
+            raise AssertionError('%s\nbefore the open: %s\nafter it: %s' % (
+                error, before, disk_state(self.mnt))) from None
+
+    def _check_database(self, seed: int) -> None:
         directory = self.mnt
         blob_dir = os.path.join(directory, 'blobs')
         db = open_database(directory, one_sync=self.one_sync)
@@ -209,36 +255,77 @@ class TornWindowPowerCutTests(PowerCutStorageTestCase):
 
     one_sync = True
 
+    def hold_commit(self, seed: int, workload: str = 'torn'):
+        """Start `workload`; wait until it holds a commit in the window.
+
+        Returns the child, and the tid of the transaction held.
+        """
+        seen = len(acknowledged(self.report))
+        child = Workload([workload, self.mnt, self.report, str(seed),
+                          '--one-sync'], os.path.join(self.top, 'child.log'))
+        self.addCleanup(child.kill)
+        self.wait_for_report(child, seen, 'torn',
+                             'seed %d: no commit held' % seed)
+        return child, bytes.fromhex(acknowledged(self.report)[-1]['torn'])
+
+    def wait_for_report(self, child, seen: int, key: str,
+                        failure: str) -> None:
+        """Until a report line after the first `seen` has `key`."""
+        deadline = time.monotonic() + CUT_TIMEOUT
+        while not [e for e in acknowledged(self.report)[seen:] if key in e]:
+            if child.ended() or time.monotonic() > deadline:
+                self.fail('%s: %s' % (failure, self.child_log()))
+            time.sleep(0.01)
+
+    def assert_rolled_back(self, seed: int, torn: bytes) -> None:
+        """The open rolled the held transaction back, and kept its bytes
+        aside (after ``check_database``)."""
+        now = bytes.fromhex(self.last_acknowledged()['tid'])
+        self.assertLess(now, torn, 'seed %d: the torn transaction '
+                        'stayed' % seed)
+        self.assertTrue([name for name in os.listdir(self.mnt)
+                         if name.startswith('Data.fs.tr')], seed)
+
     def test_a_cut_between_the_base_sync_and_the_record_sync(self):
         for seed in self.seeds(800, 4):
-            seen = len(acknowledged(self.report))
-            child = Workload(['torn', self.mnt, self.report, str(seed),
-                              '--one-sync'],
-                             os.path.join(self.top, 'child.log'))
-            self.addCleanup(child.kill)
-            deadline = time.monotonic() + CUT_TIMEOUT
-            while not [e for e in acknowledged(self.report)[seen:]
-                       if 'torn' in e]:
-                if child.ended() or time.monotonic() > deadline:
-                    self.fail('seed %d: no commit held: %s'
-                              % (seed, self.child_log()))
-                time.sleep(0.01)
+            child, torn = self.hold_commit(seed)
             self.fs.cut()
             child.kill()
             self.fs.remount()
-            torn = bytes.fromhex(acknowledged(self.report)[-1]['torn'])
             path = os.path.join(self.mnt, 'Data.fs')
             # The base's sync made the held transaction durable in Data.fs.
             base = ZODB.FileStorage.FileStorage(path, read_only=True)
             self.assertEqual(base.lastTransaction(), torn, 'seed %d' % seed)
             base.close()
             self.check_database(seed)
-            # The open rolled it back, and kept its bytes aside.
-            now = bytes.fromhex(self.last_acknowledged()['tid'])
-            self.assertLess(now, torn, 'seed %d: the torn transaction '
-                            'stayed' % seed)
-            self.assertTrue([name for name in os.listdir(self.mnt)
-                             if name.startswith('Data.fs.tr')], seed)
+            self.assert_rolled_back(seed, torn)
+
+    def test_a_commit_that_goes_on_after_the_cut_is_not_reported(self):
+        """The power goes in the window, then the held commit goes on:
+        its record's sync fails on the dead disk, and so does making its
+        files durable instead.  Its tpc_finish must raise, not return:
+        the next open rolls it back, so a commit that returned would be
+        an acknowledged transaction lost."""
+        for seed in self.seeds(900, 2):
+            seen = len(acknowledged(self.report))
+            child, torn = self.hold_commit(seed, 'torn-go-on')
+            self.fs.cut()
+            go_on = self.report + '.go'
+            open(go_on, 'w').close()
+            try:
+                self.wait_for_report(child, seen, 'done', 'seed %d: the held '
+                                     'commit did not end' % seed)
+            finally:
+                child.kill()
+                os.unlink(go_on)
+            self.fs.remount()
+            ended = acknowledged(self.report)[seen:]
+            failed = [e['failed'] for e in ended if 'failed' in e]
+            self.assertTrue(failed, 'seed %d: the held commit reported no '
+                            'failure: %s' % (seed, ended))
+            self.assertIn('nor its blob files could be made durable', failed[0])
+            self.check_database(seed)
+            self.assert_rolled_back(seed, torn)
 
 
 class SyncfsTests(PowerCutStorageTestCase):

@@ -147,30 +147,50 @@ def database_workload(workload: str, directory: str, log,
                      'state': state_of(root)})
 
 
-def torn_workload(directory: str, log, rng: random.Random) -> None:
-    """Commit once; then hold a commit between its two syncs, for good.
+def torn_workload(directory: str, log, rng: random.Random,
+                  go_on: bool = False) -> None:
+    """Commit once; then hold a commit between its two syncs.
 
     One sync's torn window: the base's finish (the fsync of ``Data.fs``)
     has returned, the commit record's sync has not begun (a job queued
     ahead of it on the storage's sync thread holds it).  Reports the
-    held transaction's tid as ``torn`` and waits for the power to go.
+    held transaction's tid as ``torn`` and waits for the power to go;
+    with `go_on`, then for the test's word (a file ``<report>.go``) to
+    let the held commit go on, and reports how its commit ended
+    (``failed``, or its ``tid`` as any commit that returned) and
+    ``done``.
     """
     db = open_database(directory, one_sync=True)
     root = db.open().root()
     commit_one(rng, root)
     report(log, {'tid': db.lastTransaction().hex(), 'state': state_of(root)})
     storage = db.storage
-    storage._shared.syncer().submit(threading.Event().wait)
+    hold = threading.Event()
+    storage._shared.syncer().submit(hold.wait)
     before = storage.base.lastTransaction()
 
     def commit():
         conn = db.open()
-        commit_one(rng, conn.root())
+        try:
+            commit_one(rng, conn.root())
+        except Exception as error:  # noqa: BLE001 (reported)
+            report(log, {'failed': '%s: %s' % (type(error).__name__,
+                                               error)})
+            return
+        report(log, {'tid': db.lastTransaction().hex(),
+                     'state': state_of(conn.root())})
 
-    threading.Thread(target=commit, daemon=True).start()
+    committing = threading.Thread(target=commit, daemon=True)
+    committing.start()
     while storage.base.lastTransaction() == before:
         time.sleep(0.01)
     report(log, {'torn': storage.base.lastTransaction().hex()})
+    if go_on:
+        while not os.path.exists(log.name + '.go'):
+            time.sleep(0.01)
+        hold.set()
+        committing.join()
+        report(log, {'done': True})
     threading.Event().wait()
 
 
@@ -277,8 +297,8 @@ def main(argv: list[str]) -> None:
     with open(report_path, 'a') as log:
         if workload == 'cache':
             cache_workload(directory, rng, int(seed))
-        elif workload == 'torn':
-            torn_workload(directory, log, rng)
+        elif workload in ('torn', 'torn-go-on'):
+            torn_workload(directory, log, rng, workload == 'torn-go-on')
         elif workload == 'backup':
             backup_workload(directory, os.path.join(
                 os.path.dirname(report_path), 'source'), log, rng)
