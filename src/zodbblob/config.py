@@ -7,6 +7,7 @@
       <zodbblob>
         blob-dir var/blobs
         layout bushy
+        dedup on
         <filestorage>
           path var/Data.fs
         </filestorage>
@@ -263,10 +264,11 @@ class BlobStorageConfig(BaseConfig):
                 read_only=bool(getattr(section.config, 'read_only', False)),
                 create=bool(getattr(section.config, 'create', False)))
             return BlobStorage(self.config.blob_dir, opener,
-                               self.config.layout)
+                               self.config.layout, self.config.dedup)
         base = section.open()
         try:
-            return BlobStorage(self.config.blob_dir, base, self.config.layout)
+            return BlobStorage(self.config.blob_dir, base, self.config.layout,
+                               self.config.dedup)
         except BaseException:
             # The base is ours until the wrapper exists: close it, or its
             # lock file outlives the error.

@@ -113,6 +113,11 @@ class IBlobJournal(Interface):
         """Record ``(digest, oid, tid)`` for rows that have no digest
         yet; the count recorded."""
 
+    def same_content(keys):
+        """``{(digest, size): [(oid, tid), ...]}``: the committed rows
+        of each ``(digest, size)`` in `keys`, latest first (the files a
+        commit with dedup on may link to)."""
+
     def superseded(stop):
         """Batches of the ``(oid, tid)`` superseded at or before tid
         `stop`, from an index: the revisions a pack to `stop` may drop."""

@@ -19,16 +19,15 @@ the rows.  ``check`` (at open) finds a damaged database, which the storage
 moves aside and rebuilds.
 
 Also here: a pack's intent and the files it is removing (``garbage``), so
-that a killed pack is finished, ``meta`` values, the crash tests' kill
-points (``sync_filesystem`` and ``syncfs_works`` are
-``zodbblob.layout.syncfs``'s, imported here as before).
+that a killed pack is finished, and ``meta`` values.  ``sync_filesystem``
+and ``syncfs_works`` (``zodbblob.layout.syncfs``'s) and the crash tests'
+``kill_point`` (``killpoints.py``'s) are imported here as before.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import sqlite3
 import threading
 import urllib.parse
@@ -45,13 +44,16 @@ from zodbblob.layout.syncfs import (  # noqa: F401 (their old home)
     syncfs_works,
 )
 from zodbblob.storage import schema
+from zodbblob.storage.killpoints import (  # noqa: F401 (their old home)
+    KILL_POINT_VARIABLE,
+    KILL_POINTS,
+    kill_point,
+)
 
 logger = logging.getLogger(__name__)
 
 STATE_DIR = '.zodbblob'
 JOURNAL_NAME = 'journal.sqlite'
-
-
 
 # Catalog rows added after commits are written in batches of this many.
 SAVE_EVERY = 64
@@ -59,47 +61,6 @@ SAVE_EVERY = 64
 # query: their memory does not grow with the catalog, and a commit waits
 # for one batch, not for the whole read.
 READ_BATCH = 5000
-
-KILL_POINT_VARIABLE = 'ZODBBLOB_KILL_POINT'
-KILL_POINTS = (
-    'after_store_blob', 'after_base_vote', 'after_staging_fsync',
-    'after_journal_begin', 'mid_publish', 'after_publish',
-    'after_base_finish', 'after_journal_commit', 'mid_recovery',
-    'mid_checkpoint', 'after_base_pack', 'mid_pack_removal',
-    # One sync: the base has finished, the record's sync may not have.
-    'after_base_finish_before_log_sync', 'after_log_sync',
-)
-
-
-def _kill_point_setting() -> tuple[str | None, int]:
-    value = os.environ.get(KILL_POINT_VARIABLE)
-    if not value:
-        return None, 0
-    name, _, count = value.partition(':')
-    if name not in KILL_POINTS:
-        raise ValueError('%s names unknown kill point %r; known: %s'
-                         % (KILL_POINT_VARIABLE, name, ', '.join(KILL_POINTS)))
-    return name, int(count or 1)
-
-
-_kill_point, _kill_at = _kill_point_setting()
-_kill_hits: dict[str, int] = {}
-
-
-def kill_point(name: str) -> None:
-    """Die here (SIGKILL) if ZODBBLOB_KILL_POINT names this point.
-
-    The crash tests set ``ZODBBLOB_KILL_POINT=name`` or ``name:N`` (the
-    Nth time the point is reached) in a child process, to prove that a
-    crash at every step of commit, pack and recovery loses nothing
-    committed and leaves nothing uncommitted.  Unset, this is one compare.
-    """
-    if name != _kill_point:
-        return
-    _kill_hits[name] = _kill_hits.get(name, 0) + 1
-    if _kill_hits[name] >= _kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-
 
 class JournalError(Exception):
     """The journal database cannot be used."""
@@ -158,8 +119,9 @@ def _delete_rows(db: sqlite3.Connection, pairs: list[tuple[bytes, bytes]]
 
 class _Digests:
     """The rows' content digests, beside what `Journal` does with rows:
-    looked up for the files undo links, recorded by ``verify --checksum``
-    for rows that had none (NULL: a scan's rows, an older catalog's)."""
+    looked up for the files undo links and for dedup's equal contents,
+    recorded by ``verify --checksum`` for rows that had none (NULL: a
+    scan's rows, an older catalog's)."""
 
     def digest(self, oid: bytes, tid: bytes) -> bytes | None:
         """The recorded digest of revision `tid` of `oid`, or None."""
@@ -168,6 +130,41 @@ class _Digests:
         rows = self._query('SELECT digest FROM blob WHERE oid = ? AND '
                            'tid = ?', (oid, tid))
         return rows[0][0] if rows else None
+
+    def same_content(self, keys: Iterable[tuple[bytes, int]]
+                     ) -> dict[tuple[bytes, int], list[tuple[bytes, bytes]]]:
+        """The committed ``(oid, tid)`` of each ``(digest, size)`` of
+        `keys` that the catalog has rows of, latest first (dedup's
+        candidates).
+
+        One SELECT on the digest index for up to 500 keys, and the rows
+        still pending in memory; without writing those first, as other
+        reads do: a lookup per commit would write a batch per commit.
+        """
+        keys = set(keys)
+        found: dict[tuple[bytes, int], list[tuple[bytes, bytes]]] = {}
+        if not self.has_digest or not keys:
+            return found
+        digests = sorted({digest for digest, size in keys})
+        with self._lock:
+            rows = [(row[3], row[2], row[0], row[1])
+                    for row in self._unsaved if len(row) > 3]
+            try:
+                for start in range(0, len(digests), 500):
+                    part = digests[start:start + 500]
+                    rows += self._db.execute(
+                        'SELECT digest, size, oid, tid FROM blob WHERE '
+                        'digest IN (%s)' % ', '.join('?' * len(part)),
+                        part).fetchall()
+            except sqlite3.Error as e:
+                raise self._failed('read', e) from e
+        for digest, size, oid, tid in sorted(rows, key=lambda row: row[3],
+                                             reverse=True):
+            if (digest, size) in keys:
+                pairs = found.setdefault((digest, size), [])
+                if (oid, tid) not in pairs:
+                    pairs.append((oid, tid))
+        return found
 
     def record_digests(self, rows: list[tuple[bytes, bytes, bytes]]) -> int:
         """Record ``(digest, oid, tid)`` for the rows that have no

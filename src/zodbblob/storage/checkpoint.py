@@ -31,6 +31,9 @@ class Shared:
         self.journal = journal
         self.lock = lock
         self.read_only = read_only
+        # Whether commits link a file whose content is committed already
+        # to that file (``dedup.py``); the storage's option.
+        self.dedup = False
         self.pack_lock = threading.Lock()
         self.untransform_record_data = lambda data: data
         self.directories: TransactionDirectories | None = None

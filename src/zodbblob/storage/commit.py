@@ -55,6 +55,7 @@ from zodbblob.layout import (
 from zodbblob.storage.catalog import JournalError, kill_point, sync_filesystem
 from zodbblob.storage.checkpoint import Shared, checkpoint
 from zodbblob.storage.commitlog import Entry
+from zodbblob.storage.dedup import Deduplicator
 from zodbblob.storage.digest import TransactionDigests
 from zodbblob.storage.onesync import OneSyncFinish
 
@@ -374,6 +375,8 @@ class CommitProtocol(OneSyncFinish):
         after the base finished but before the caller's callback.
         """
         directories = staged.directories
+        dedup = (Deduplicator(self._shared, staged) if self._shared.dedup
+                 else None)
         for oid, path, info in staged.stats:
             final = self.fshelper.getBlobFilename(oid, staged.tid)
             mode = directories[os.path.dirname(final)]
@@ -381,10 +384,19 @@ class CommitProtocol(OneSyncFinish):
             # whoever may read their directory.
             os.chmod(path, (stat.S_IMODE(info.st_mode) & ~0o222)
                      | (mode & 0o444))
-            if staged.inline:
-                os.replace(path, final)
+            if dedup is not None and dedup.publish(oid, path, final):
+                # A link to a committed file of the same bytes.  A staged
+                # name of a file that is not inline stays until the
+                # checkpoint: recovery checks the final name against it.
+                if staged.inline:
+                    os.remove(path)
             else:
-                os.link(path, final)
+                if staged.inline:
+                    os.replace(path, final)
+                else:
+                    os.link(path, final)
+                if dedup is not None:
+                    dedup.published(oid, final)
             staged.published.append(final)
             kill_point('mid_publish')
 

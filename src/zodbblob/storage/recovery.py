@@ -41,6 +41,7 @@ from zodbblob.storage.commitlog import (
     latest_entries,
 )
 from zodbblob.storage.datamanager import TransactionDirectories
+from zodbblob.storage.dedup import same_bytes
 from zodbblob.storage.digest import digest_bytes, digest_file
 from zodbblob.storage.filestorage import (
     FileStorageOpener,
@@ -436,9 +437,9 @@ class Recovery:
                 return False
             self._rewrite(final, entry.data)
             return True
-        if os.path.exists(final):
-            return False
         staged = os.path.join(self._shared.fshelper.temp_dir, entry.staged)
+        if os.path.exists(final):
+            return self._relink_if_changed(final, staged)
         if os.path.exists(staged):
             makedirs_durable(os.path.dirname(final))
             os.link(staged, final)
@@ -446,6 +447,28 @@ class Recovery:
             logger.error('Blob file %s of oid %s tid %s is lost: neither it '
                          'nor %s exists', final, oid_repr(entry.oid),
                          oid_repr(tid), staged)
+        return True
+
+    def _relink_if_changed(self, final: str, staged: str) -> bool:
+        """Give `final` its staged file's bytes if dedup linked it to
+        another file whose bytes differ now; True if it had to.
+
+        A file that is not inline is published as a link to its staged
+        file, whose bytes are durable, or (dedup) to a committed file of
+        the same bytes: one whose own bytes may not be durable yet (an
+        inline one, before a checkpoint), which a power cut may have
+        lost.  Only then are bytes compared.
+        """
+        try:
+            if os.path.samefile(final, staged) or same_bytes(final, staged):
+                return False
+        except FileNotFoundError:
+            return False   # no staged name: a checkpoint made final durable
+        temporary = os.path.join(self._shared.fshelper.temp_dir,
+                                 'recovered-%d.blob' % os.getpid())
+        remove_if_exists(temporary)
+        os.link(staged, temporary)
+        os.replace(temporary, final)
         return True
 
     def _rewrite(self, final: str, data: bytes) -> None:

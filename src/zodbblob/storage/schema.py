@@ -17,7 +17,9 @@ import sqlite3
 # a scan, or a catalog from before digests; ``verify --checksum`` fills it.
 # `superseded` is the tid of the oid's next revision (NULL while the row
 # is the oid's latest): the index on it is where a pack finds the
-# revisions it may drop.  Partial: the latest rows are most rows.
+# revisions it may drop.  Partial: the latest rows are most rows.  The
+# index on `digest` is where a commit with dedup on finds a committed file
+# of the same content (``dedup.py``): one indexed lookup per transaction.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS blob (
     oid BLOB NOT NULL,
@@ -29,6 +31,8 @@ CREATE TABLE IF NOT EXISTS blob (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blob_superseded ON blob (superseded)
     WHERE superseded IS NOT NULL;
+CREATE INDEX IF NOT EXISTS blob_digest ON blob (digest)
+    WHERE digest IS NOT NULL;
 CREATE TABLE IF NOT EXISTS garbage (
     oid BLOB NOT NULL,
     tid BLOB NOT NULL,
@@ -103,6 +107,22 @@ def add_digest(db: sqlite3.Connection) -> int:
     return db.execute('SELECT count(*) FROM blob').fetchone()[0]
 
 
+def lacks_digest_index(db: sqlite3.Connection) -> bool:
+    """Whether a catalog with a digest column lacks its index (one from
+    before dedup)."""
+    return 'digest' in _columns(db) and db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'index' AND "
+        "name = 'blob_digest'").fetchone() is None
+
+
+def add_digest_index(db: sqlite3.Connection) -> int:
+    """Index the digests; the count of rows that have one."""
+    db.execute('CREATE INDEX blob_digest ON blob (digest) '
+               'WHERE digest IS NOT NULL')
+    return db.execute('SELECT count(*) FROM blob '
+                      'WHERE digest IS NOT NULL').fetchone()[0]
+
+
 def migrations(db: sqlite3.Connection):
     """The changes an older catalog needs, in order, each ``(change,
     message)``: `change(db)` runs in a write transaction, and `message`
@@ -114,3 +134,6 @@ def migrations(db: sqlite3.Connection):
     if lacks_digest(db):
         yield add_digest, ('added the digest column (its %d rows have no '
                            'digest yet: verify --checksum records them)')
+    if lacks_digest_index(db):
+        yield add_digest_index, ('indexed the digests of %d rows (where '
+                                 'dedup finds equal contents)')

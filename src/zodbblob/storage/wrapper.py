@@ -51,15 +51,19 @@ class BlobStorage:
     )
 
     def __init__(self, blob_dir: str, base, layout: str = 'automatic',
-                 _shared: Shared | None = None):
+                 dedup: bool = False, _shared: Shared | None = None):
         """`base` is a storage, or a `FileStorageOpener` (what
         ``zodbblob.open_filestorage`` and the ``<zodbblob>`` section
         give): then the storage opens its base itself, once the blob
         directory is locked and a torn last transaction rolled back, and
         commits with one sync.  ``commit_protocol`` says which.
+
+        With `dedup`, a committed blob whose bytes equal a committed
+        file's is stored as a hard link to it (``storage/dedup.py``).
         """
         if isinstance(base, FileStorageOpener):
             base, _shared = open_with_base(base, blob_dir, layout)
+            _shared.dedup = bool(dedup)
             self._owner = True
             try:
                 self._wrap(blob_dir, base, layout, _shared)
@@ -70,6 +74,8 @@ class BlobStorage:
             return
         self._owner = _shared is None
         self._wrap(blob_dir, base, layout, _shared)
+        if self._owner:
+            self._shared.dedup = bool(dedup)
 
     def _wrap(self, blob_dir: str, base, layout: str,
               _shared: Shared | None) -> None:
@@ -107,6 +113,11 @@ class BlobStorage:
     def commit_protocol(self) -> str:
         """'one sync' or 'serial' (``doc/design.rst``, "Commit")."""
         return 'one sync' if self._shared.one_sync else 'serial'
+
+    @property
+    def dedup(self) -> bool:
+        """Whether commits link equal contents (``storage/dedup.py``)."""
+        return self._shared.dedup
 
     # opening and closing
 

@@ -174,6 +174,7 @@ class MigrationTests(DigestTestCase):
         db.close()
         # The catalog as zodbblob before digests wrote it.
         old = sqlite3.connect(journal_path(self.blob_dir))
+        old.execute('DROP INDEX blob_digest')
         old.execute('ALTER TABLE blob DROP COLUMN digest')
         old.close()
         with self.assertLogs('zodbblob.storage.catalog', logging.INFO) as logs:
@@ -197,6 +198,7 @@ class MigrationTests(DigestTestCase):
             conn.root()['old'] = Blob(b'old')
         db.close()
         old = sqlite3.connect(journal_path(self.blob_dir))
+        old.execute('DROP INDEX blob_digest')
         old.execute('ALTER TABLE blob DROP COLUMN digest')
         old.close()
         storage = self.open(read_only=True)

@@ -1,0 +1,136 @@
+"""Dedup: a blob file whose content is committed already becomes a link.
+
+Opt-in (``dedup on`` in ``<zodbblob>``, ``BlobStorage(..., dedup=True)``,
+``zodbblob serve --dedup``).  When a transaction gives its files their
+final names (``CommitProtocol._publish``), each file whose digest and
+size equal those of a committed file is published as a hard link to that
+file instead: committed blob files are read-only and never change in
+place (recovery rewrites a file by renaming a new one over it), so two
+names may share an inode, and stock ZODB reads the directory unchanged.
+
+Never two different contents: the catalog's digest only proposes a
+file; its bytes are compared with the new file's, through a link taken
+first (so the inode compared is the inode published), and a difference
+keeps the new copy.  The link is taken under a temporary name in the
+staging directory and renamed over the final name, so a crash leaves
+the final name absent (recovery gives it the logged bytes), the new
+file's or the linked one; a leftover temporary name goes with the
+staging directory at the next open.  A link that fails (another
+filesystem, the link limit, the file gone meanwhile) keeps the copy,
+logged at DEBUG only.
+
+The lookup is one SELECT on the catalog's digest index per transaction
+(``Journal.same_content``); files of one transaction with equal contents
+link to the first one published.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+
+from zodbblob.layout import remove_if_exists
+from zodbblob.storage.catalog import JournalError
+from zodbblob.storage.killpoints import kill_point
+
+logger = logging.getLogger(__name__)
+
+DEDUP_PREFIX = 'dedup-'
+# Committed files tried per new file: equal contents are usually one
+# inode already, so the first that can be linked is the one.
+CANDIDATES = 8
+CHUNK = 1 << 20
+
+_counter = itertools.count()
+
+
+def same_bytes(first: str, second: str) -> bool:
+    """Whether the files `first` and `second` hold the same bytes;
+    OSError if either cannot be read."""
+    with open(first, 'rb') as a, open(second, 'rb') as b:
+        if os.fstat(a.fileno()).st_size != os.fstat(b.fileno()).st_size:
+            return False
+        while True:
+            chunk = a.read(CHUNK)
+            if chunk != b.read(CHUNK):
+                return False
+            if not chunk:
+                return True
+
+
+class Deduplicator:
+    """The equal contents of one transaction's files, as it publishes them.
+
+    Made once its files' digests are known (``staged.digests.result()``
+    waits for the hashing threads of a large transaction), after the
+    record is durable and before the first file gets its final name.
+    """
+
+    def __init__(self, shared, staged):
+        self._fshelper = shared.fshelper
+        self._staging_dir = shared.staging_dir
+        digests = staged.digests.result()
+        # Empty files are left alone: a link saves nothing there.
+        self._keys = {oid: (digests[oid], info.st_size)
+                      for oid, path, info in staged.stats
+                      if digests.get(oid) is not None and info.st_size}
+        try:
+            found = shared.journal.same_content(self._keys.values())
+        except JournalError as e:
+            logger.debug('No dedup for transaction %s: %s',
+                         staged.tid.hex(), e)
+            found = {}
+        self._candidates = {
+            key: [self._fshelper.getBlobFilename(oid, tid)
+                  for oid, tid in pairs[:CANDIDATES]]
+            for key, pairs in found.items()}
+
+    def publish(self, oid: bytes, path: str, final: str) -> bool:
+        """Give `final` the committed file of the same content as the
+        staged file `path`, as a hard link; False if there is none, or no
+        link could be made (the caller publishes `path` itself)."""
+        key = self._keys.get(oid)
+        if key is None:
+            return False
+        return any(self._link(candidate, path, final)
+                   for candidate in self._candidates.get(key, ()))
+
+    def published(self, oid: bytes, final: str) -> None:
+        """`final` was published with its own copy: the transaction's
+        later files of the same content link to it."""
+        key = self._keys.get(oid)
+        if key is not None:
+            candidates = self._candidates.setdefault(key, [])
+            if len(candidates) < CANDIDATES:
+                candidates.append(final)
+
+    def _link(self, candidate: str, path: str, final: str) -> bool:
+        temporary = os.path.join(self._staging_dir, '%s%d.blob' % (
+            DEDUP_PREFIX, next(_counter)))
+        try:
+            os.link(candidate, temporary)
+        except OSError as e:
+            # EXDEV, EMLINK, ENOENT (packed meanwhile): the copy stays.
+            logger.debug('Kept blob file %s as a copy: could not link %s '
+                         '(%s)', final, candidate, e.strerror)
+            return False
+        try:
+            if os.path.samestat(os.stat(temporary), os.stat(path)):
+                return False   # one file already (an undo's link)
+            if not same_bytes(temporary, path):
+                logger.warning(
+                    'Kept blob file %s as a copy: committed blob file %s '
+                    'has its digest and size in the catalog but other '
+                    'bytes (verify --checksum tells whether it is '
+                    'damaged)', final, candidate)
+                return False
+            kill_point('mid_dedup_link')
+            os.replace(temporary, final)
+        except OSError as e:
+            logger.debug('Kept blob file %s as a copy: could not link it to '
+                         '%s (%s)', final, candidate, e.strerror)
+            return False
+        finally:
+            remove_if_exists(temporary)
+        return True
