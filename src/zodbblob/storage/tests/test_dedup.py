@@ -230,6 +230,7 @@ class PackAndUndoTests(DedupTestCase):
         self.store(db, a=CONTENT)
         self.store(db, b=CONTENT)
         kept = self.path(db, 'a')
+        self.assert_one_inode(db, 'a', 'b')
         # Undo the transaction that added b, then pack its file away.
         db.undo(db.undoLog(0, 1)[0]['id'])
         transaction.commit()
