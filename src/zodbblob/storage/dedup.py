@@ -93,8 +93,11 @@ class Deduplicator:
         key = self._keys.get(oid)
         if key is None:
             return False
-        return any(self._link(candidate, path, final)
-                   for candidate in self._candidates.get(key, ()))
+        for candidate in self._candidates.get(key, ()):
+            linked = self._link(candidate, path, final)
+            if linked is not False:
+                return bool(linked)
+        return False
 
     def published(self, oid: bytes, final: str) -> None:
         """`final` was published with its own copy: the transaction's
@@ -105,7 +108,10 @@ class Deduplicator:
             if len(candidates) < CANDIDATES:
                 candidates.append(final)
 
-    def _link(self, candidate: str, path: str, final: str) -> bool:
+    def _link(self, candidate: str, path: str, final: str) -> bool | None:
+        """Link `candidate` as `final` if its bytes are `path`'s: True if
+        linked, False if not, None if `path` is `candidate`'s inode
+        already (an undo's link: no other candidate is tried)."""
         temporary = os.path.join(self._staging_dir, '%s%d.blob' % (
             DEDUP_PREFIX, next(_counter)))
         try:
@@ -117,7 +123,7 @@ class Deduplicator:
             return False
         try:
             if os.path.samestat(os.stat(temporary), os.stat(path)):
-                return False   # one file already (an undo's link)
+                return None
             if not same_bytes(temporary, path):
                 logger.warning(
                     'Kept blob file %s as a copy: committed blob file %s '

@@ -46,9 +46,9 @@ class DedupTestCase(unittest.TestCase):
         self.blob_dir = os.path.join(self.dir, 'blobs')
         self.data_fs = os.path.join(self.dir, 'Data.fs')
 
-    def open_db(self, dedup=True, **kw):
+    def open_db(self, dedup=True, layout='automatic', **kw):
         storage = BlobStorage(self.blob_dir, ZODB.FileStorage.FileStorage(
-            self.data_fs, **kw), dedup=dedup)
+            self.data_fs, **kw), layout, dedup=dedup)
         db = ZODB.DB(storage)
         # Looked up when called: DB.close replaces itself once closed.
         self.addCleanup(lambda: db.close())
@@ -134,6 +134,13 @@ class LinkTests(DedupTestCase):
         commit.INLINE_LIMIT = 8 << 20
         self.store(db, b=CONTENT)
         self.assert_one_inode(db, 'a', 'b', links=3)   # a's staged name
+
+    def test_equal_contents_share_one_inode_in_the_lawn_layout(self):
+        db = self.open_db(layout='lawn')
+        self.store(db, a=CONTENT)
+        self.store(db, b=CONTENT)
+        self.assertEqual(db.storage.fshelper.layout_name, 'lawn')
+        self.assert_one_inode(db, 'a', 'b')
 
     def test_dedup_off_keeps_a_file_per_blob(self):
         db = self.open_db(dedup=False)
