@@ -4,6 +4,7 @@ Real FileStorages on disk, real files: a link is checked with
 ``os.stat`` (one ``st_ino``, ``st_nlink``), bytes are read back.
 """
 
+import errno
 import io
 import logging
 import os
@@ -193,6 +194,27 @@ class LinkTests(DedupTestCase):
         with self.assertLogs('zodbblob.storage.dedup', logging.DEBUG) as log:
             self.store(db, b=CONTENT)
         self.assertIn('Kept blob file', log.output[0])
+        self.assertEqual(self.read(db, 'b'), CONTENT)
+        self.assert_own_inodes(db, 'b')
+        self.assert_no_leftovers()
+
+    def test_a_file_at_the_link_limit_leaves_the_new_one_a_copy(self):
+        db = self.open_db()
+        self.store(db, a=CONTENT)
+        # Links elsewhere on the filesystem, up to its limit (ext4: 65000).
+        links = os.path.join(self.dir, 'links')
+        os.mkdir(links)
+        for number in range(200000):
+            try:
+                os.link(self.path(db, 'a'), os.path.join(links, str(number)))
+            except OSError as e:
+                self.assertEqual(e.errno, errno.EMLINK)
+                break
+        else:
+            self.skipTest('no link limit below 200000 links here')
+        with self.assertLogs('zodbblob.storage.dedup', logging.DEBUG) as log:
+            self.store(db, b=CONTENT)
+        self.assertIn('Too many links', '\n'.join(log.output))
         self.assertEqual(self.read(db, 'b'), CONTENT)
         self.assert_own_inodes(db, 'b')
         self.assert_no_leftovers()
