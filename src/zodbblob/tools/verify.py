@@ -52,6 +52,7 @@ from zodbblob.layout import NotABlobFile
 from zodbblob.layout import file_kind
 from zodbblob.layout import open_blob_file
 from zodbblob.storage import held_by_a_storage
+from zodbblob.tools.contents import Contents
 
 
 @dataclasses.dataclass
@@ -77,6 +78,8 @@ class Report:
     pending_rows: list = dataclasses.field(default_factory=list)
     # A pack ran beside a live storage while this verify looked.
     packed_meanwhile: bool = False
+    # Unique contents, and the bytes links save (``contents.py``).
+    contents: Contents = dataclasses.field(default_factory=Contents)
 
     @property
     def clean(self) -> bool:
@@ -125,6 +128,9 @@ class Report:
             result.append('note: a pack ran beside this verify, so missing '
                           'and orphaned files were not judged; run verify '
                           'again')
+        contents = self.contents.line()
+        if contents is not None:
+            result.append(contents)
         result.append('%s: %d blob records, %d blob files, %s' % (
             self.blob_dir, self.records, self.files,
             'clean' if self.clean else '%d problems' % problems))
@@ -330,6 +336,11 @@ class _Records:
                          'PRIMARY KEY (oid, tid)) WITHOUT ROWID')
         self.count = 0
 
+    @property
+    def database(self) -> sqlite3.Connection:
+        """The temporary database, for other tables of the walk's."""
+        return self._db
+
     def add(self, pairs) -> None:
         self._db.execute('BEGIN')
         self.count += self._db.executemany(
@@ -483,11 +494,13 @@ def _walk(storage, report: Report, records: _Records, sizes: _Sizes,
                 report.unreadable.append((path, e.strerror or str(e)))
             else:
                 try:
-                    size = os.fstat(fd).st_size
+                    info = os.fstat(fd)
+                    size = info.st_size
                     actual = digest_fd(fd) if checksum else None
                 except OSError as e:
                     report.unreadable.append((path, e.strerror or str(e)))
                 else:
+                    report.contents.add(info, actual)
                     row = sizes.get(oid, tid)
                     if row is not None and row[2] != size:
                         report.size_mismatches.append((path, row[2], size))
@@ -542,6 +555,7 @@ def verify(storage, checksum: bool = False,
     fshelper = storage.fshelper
     report = Report(fshelper.base_dir.rstrip(os.sep))
     records = _Records()
+    report.contents.open(records.database)
     try:
         records.add(_blob_records(storage))
         report.records = records.count

@@ -234,5 +234,62 @@ class AdoptedChecksumTests(unittest.TestCase):
         self.assertIsNone(storage._shared.journal.digest(oid, tid))
 
 
+class ContentCountTests(unittest.TestCase):
+    """verify counts unique contents, and the bytes links save."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix='zodbblob-verify-')
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.blob_dir = os.path.join(self.dir, 'blobs')
+
+    def commit(self, dedup, **blobs):
+        db = ZODB.DB(BlobStorage(self.blob_dir, ZODB.FileStorage.FileStorage(
+            os.path.join(self.dir, 'Data.fs')), dedup=dedup))
+        with db.transaction() as conn:
+            for key, data in blobs.items():
+                conn.root()[key] = Blob(data)
+        db.close()
+
+    def verify(self, checksum):
+        storage = BlobStorage(self.blob_dir, ZODB.FileStorage.FileStorage(
+            os.path.join(self.dir, 'Data.fs'), read_only=True))
+        try:
+            return verify(storage, checksum=checksum)
+        finally:
+            storage.close()
+
+    def test_links_are_counted_with_the_bytes_they_save(self):
+        self.commit(False, a=b'a' * 100, b=b'a' * 100)   # copies
+        self.commit(True, c=b'a' * 100, d=b'a' * 100, e=b'e' * 10)
+        report = self.verify(checksum=False)
+        self.assertTrue(report.clean, report.lines())
+        contents = report.contents
+        self.assertEqual((contents.files, contents.links,
+                          contents.link_bytes), (5, 2, 200))
+        self.assertIsNone(contents.copies)
+        self.assertEqual(report.lines()[-2], (
+            'contents: 5 blob files, at most 3 unique contents (an inode '
+            'each; --checksum counts them); links save 200 bytes'))
+
+    def test_with_checksum_copies_that_are_not_links_are_counted(self):
+        self.commit(False, a=b'a' * 100, b=b'a' * 100)
+        self.commit(True, c=b'a' * 100, d=b'a' * 100, e=b'e' * 10)
+        report = self.verify(checksum=True)
+        contents = report.contents
+        self.assertEqual((contents.copies, contents.copy_bytes,
+                          contents.links), (3, 300, 2))
+        self.assertEqual(report.lines()[-2], (
+            'contents: 5 blob files, 2 unique contents (by BLAKE3-256); '
+            'links save 200 bytes, 100 more bytes are copies of a content '
+            'another file holds'))
+
+    def test_a_store_of_distinct_contents_gets_no_line(self):
+        self.commit(True, a=b'a', b=b'b')
+        for checksum in (False, True):
+            report = self.verify(checksum)
+            self.assertEqual(report.contents.files, 2)
+            self.assertEqual(len(report.lines()), 1)
+
+
 def test_suite():
     return unittest.defaultTestLoader.loadTestsFromName(__name__)
