@@ -24,6 +24,8 @@ import ZODB
 import ZODB.config
 import ZODB.FileStorage
 from ZODB.blob import Blob
+from ZODB.Connection import TransactionMetaData
+from ZODB.utils import z64
 
 from zodbblob import BlobStorage
 from zodbblob.cli import main
@@ -217,6 +219,28 @@ class LinkTests(DedupTestCase):
         self.assertIn('Too many links', '\n'.join(log.output))
         self.assertEqual(self.read(db, 'b'), CONTENT)
         self.assert_own_inodes(db, 'b')
+        self.assert_no_leftovers()
+
+    def test_an_abort_after_the_link_removes_the_link_only(self):
+        # The serial protocol publishes at vote: an abort after it
+        # removes the new name, and the committed file keeps its bytes.
+        db = self.open_db()
+        self.assertEqual(db.storage.commit_protocol, 'serial')
+        self.store(db, a=CONTENT)
+        committed = self.path(db, 'a')
+        storage = db.storage
+        txn = TransactionMetaData()
+        storage.tpc_begin(txn)
+        oid = storage.new_oid()
+        upload = os.path.join(storage.temporaryDirectory(), 'upload.blob')
+        with open(upload, 'wb') as f:
+            f.write(CONTENT)
+        storage.storeBlob(oid, z64, b'not read', upload, '', txn)
+        storage.tpc_vote(txn)
+        self.assertEqual(os.stat(committed).st_nlink, 2)
+        storage.tpc_abort(txn)
+        self.assertEqual(os.stat(committed).st_nlink, 1)
+        self.assertEqual(self.read(db, 'a'), CONTENT)
         self.assert_no_leftovers()
 
     def test_empty_files_are_not_linked(self):
