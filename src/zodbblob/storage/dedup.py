@@ -26,11 +26,12 @@ link to the first one published.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
 
-from zodbblob.layout import remove_if_exists
+from zodbblob.layout import check_blob_file, open_blob_file, remove_if_exists
 from zodbblob.storage.catalog import JournalError
 from zodbblob.storage.killpoints import kill_point
 
@@ -46,9 +47,12 @@ _counter = itertools.count()
 
 
 def same_bytes(first: str, second: str) -> bool:
-    """Whether the files `first` and `second` hold the same bytes;
-    OSError if either cannot be read."""
-    with open(first, 'rb') as a, open(second, 'rb') as b:
+    """Whether the regular files `first` and `second` hold the same
+    bytes; OSError if either cannot be read, NotABlobFile (an OSError) if
+    either is no regular file (a symbolic link is not followed, a FIFO
+    not waited on)."""
+    with open(open_blob_file(first), 'rb') as a, \
+            open(open_blob_file(second), 'rb') as b:
         if os.fstat(a.fileno()).st_size != os.fstat(b.fileno()).st_size:
             return False
         while True:
@@ -70,6 +74,7 @@ class Deduplicator:
     def __init__(self, shared, staged):
         self._fshelper = shared.fshelper
         self._staging_dir = shared.staging_dir
+        self._real_base = os.path.realpath(self._fshelper.base_dir)
         digests = staged.digests.result()
         # Empty files are left alone: a link saves nothing there.
         self._keys = {oid: (digests[oid], info.st_size)
@@ -108,6 +113,17 @@ class Deduplicator:
             if len(candidates) < CANDIDATES:
                 candidates.append(final)
 
+    def _check_inside(self, candidate: str) -> None:
+        """OSError unless `candidate`'s directory is inside the blob
+        directory: a directory of it replaced by a symbolic link must not
+        have a file outside linked in."""
+        directory = os.path.dirname(candidate)
+        inside = os.path.join(self._real_base, os.path.relpath(
+            directory, self._fshelper.base_dir))
+        if os.path.realpath(directory) != os.path.normpath(inside):
+            raise OSError(errno.EXDEV, f'{directory} leads out of the blob '
+                                       f'directory')
+
     def _link(self, candidate: str, path: str, final: str) -> bool | None:
         """Link `candidate` as `final` if its bytes are `path`'s: True if
         linked, False if not, None if `path` is `candidate`'s inode
@@ -115,14 +131,17 @@ class Deduplicator:
         temporary = os.path.join(self._staging_dir, '%s%d.blob' % (
             DEDUP_PREFIX, next(_counter)))
         try:
+            self._check_inside(candidate)
+            check_blob_file(candidate)
             os.link(candidate, temporary)
         except OSError as e:
-            # EXDEV, EMLINK, ENOENT (packed meanwhile): the copy stays.
+            # EXDEV, EMLINK, ENOENT (packed meanwhile), no regular file or
+            # not inside the blob directory: the copy stays.
             logger.debug('Kept blob file %s as a copy: could not link %s '
-                         '(%s)', final, candidate, e.strerror)
+                         '(%s)', final, candidate, e.strerror or e)
             return False
         try:
-            if os.path.samestat(os.stat(temporary), os.stat(path)):
+            if os.path.samestat(os.lstat(temporary), os.lstat(path)):
                 return None
             if not same_bytes(temporary, path):
                 logger.warning(
@@ -135,7 +154,7 @@ class Deduplicator:
             os.replace(temporary, final)
         except OSError as e:
             logger.debug('Kept blob file %s as a copy: could not link it to '
-                         '%s (%s)', final, candidate, e.strerror)
+                         '%s (%s)', final, candidate, e.strerror or e)
             return False
         finally:
             remove_if_exists(temporary)

@@ -20,6 +20,8 @@ import os
 
 import blake3
 
+from zodbblob.layout import open_blob_file
+
 DIGEST_NAME = 'BLAKE3-256'
 DIGEST_SIZE = 32
 # Files are read in chunks of this size: blake3 releases the GIL for
@@ -56,8 +58,11 @@ def digest_fd(fd: int) -> bytes:
 
 
 def digest_file(path: str) -> bytes:
-    """The digest of the file at `path`; OSError if it cannot be read."""
-    fd = os.open(path, os.O_RDONLY)
+    """The digest of the file at `path`; OSError if it cannot be read,
+    NotABlobFile (an OSError) if it is no regular file: a FIFO under a
+    blob name is never opened (recovery would wait on it for good), a
+    symbolic link never followed."""
+    fd = open_blob_file(path)
     try:
         return digest_fd(fd)
     finally:

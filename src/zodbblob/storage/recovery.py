@@ -460,10 +460,13 @@ class Recovery:
         lost.  Only then are bytes compared.
         """
         try:
-            if os.path.samefile(final, staged) or same_bytes(final, staged):
+            if (os.path.samestat(os.lstat(final), os.lstat(staged))
+                    or same_bytes(final, staged)):
                 return False
-        except FileNotFoundError:
-            return False   # no staged name: a checkpoint made final durable
+        except OSError:
+            # No staged name (a checkpoint made final durable), or no
+            # regular file at final (verify reports it; never opened).
+            return False
         temporary = os.path.join(self._shared.fshelper.temp_dir,
                                  'recovered-%d.blob' % os.getpid())
         remove_if_exists(temporary)

@@ -42,6 +42,7 @@ from zodbblob.storage.commitlog import latest_entries
 from zodbblob.storage.catalog import READ_BATCH
 from zodbblob.storage.catalog import journal_path
 from zodbblob.storage.catalog import pack_under_way
+from zodbblob.storage.dedup import same_bytes
 from zodbblob.storage.digest import DIGEST_NAME
 from zodbblob.storage.digest import digest_fd
 from zodbblob.storage.schema import has_digest
@@ -144,6 +145,18 @@ def _holds(path: str, data: bytes) -> bool:
         return False
     with open(fd, 'rb') as f:
         return f.read(len(data) + 1) == data
+
+
+def _links_staged(final: str, staged: str) -> bool:
+    """Whether `final` is there with its staged file's bytes: its inode,
+    or (dedup linked it to an equal file) the same bytes."""
+    if not os.path.lexists(final):
+        return False
+    try:
+        return (os.path.samestat(os.lstat(final), os.lstat(staged))
+                or same_bytes(final, staged))
+    except OSError:
+        return True   # nothing recovery would compare: left as it is
 
 
 def _replaced(base) -> bool:
@@ -421,7 +434,8 @@ def unfinished_transactions(storage, catalog) -> list[tuple[bytes, str]]:
             if entry.data is not None:
                 present = _holds(final, entry.data)
             else:
-                present = os.path.lexists(final)
+                present = _links_staged(
+                    final, os.path.join(fshelper.temp_dir, entry.staged))
             if not present:
                 found[tid] = 'forward'
             elif in_catalog is not None and (oid, tid) not in in_catalog:

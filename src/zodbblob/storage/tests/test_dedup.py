@@ -36,9 +36,23 @@ from zodbblob.storage.catalog import journal_path
 from zodbblob.storage.commitlog import CommitLog, commit_log_path
 from zodbblob.storage.tests.test_crash import CrashTestCase, run_child
 from zodbblob.testing import ServerProcess, free_port, serve_command
+from zodbblob.tools.verify import verify
 from zodbblob.tests.test_config import commit_blob
 
 CONTENT = b'the same quarterly report\n' * 40
+
+
+class Hung(Exception):
+    pass
+
+
+def fail_after(seconds):
+    """Raise Hung in this thread after `seconds` (a FIFO opened would
+    wait for a writer forever); `fail_after(0)` cancels."""
+    def hung(signum, frame):
+        raise Hung(f'still waiting after {seconds} s')
+    signal.signal(signal.SIGALRM, hung if seconds else signal.SIG_DFL)
+    signal.alarm(seconds)
 
 
 class DedupTestCase(unittest.TestCase):
@@ -307,6 +321,42 @@ class PackAndUndoTests(DedupTestCase):
         self.assert_no_leftovers()
 
 
+class HostileTests(DedupTestCase):
+    """What stands under a committed blob name is never followed."""
+
+    def test_a_directory_linked_outside_is_not_followed(self):
+        db = self.open_db()
+        self.store(db, a=CONTENT)
+        committed = self.path(db, 'a')
+        directory = os.path.dirname(committed)
+        # The oid's directory becomes a link to one outside, holding a
+        # file of the same name and bytes.
+        outside = os.path.join(self.dir, 'outside')
+        shutil.move(directory, outside)
+        os.symlink(outside, directory)
+        self.store(db, b=CONTENT)
+        new = os.stat(self.path(db, 'b'))
+        self.assertNotEqual(new.st_ino, os.stat(
+            os.path.join(outside, os.path.basename(committed))).st_ino)
+        self.assertEqual(new.st_nlink, 1)
+        self.assertEqual(self.read(db, 'b'), CONTENT)
+
+    def test_a_fifo_under_a_committed_name_is_never_opened(self):
+        db = self.open_db()
+        self.store(db, a=CONTENT)
+        committed = self.path(db, 'a')
+        os.remove(committed)
+        os.mkfifo(committed)
+        fail_after(60)
+        try:
+            self.store(db, b=CONTENT)
+        finally:
+            fail_after(0)
+        self.assert_own_inodes(db, 'b')
+        self.assertEqual(self.read(db, 'b'), CONTENT)
+        self.assert_no_leftovers()
+
+
 class CompatibilityTests(DedupTestCase):
 
     def test_stock_filestorage_reads_a_deduplicated_directory(self):
@@ -502,6 +552,28 @@ class CrashTests(CrashTestCase):
         with self.assertLogs('zodbblob.storage', logging.WARNING) as logs:
             self.check_guarantee()
         self.assertIn('rolled forward', '\n'.join(logs.output))
+
+    def test_recovery_never_opens_a_fifo_under_a_logged_name(self):
+        result = run_child(self.dir, '30', '--dedup', '--not-inline',
+                           '--log-mib', '256',
+                           kill_point='after_journal_commit:20')
+        self.assertEqual(result.returncode, -signal.SIGKILL)
+        blob_dir = os.path.join(self.dir, 'blobs')
+        log = CommitLog(commit_log_path(blob_dir), read_only=True)
+        record = log.records[-1]
+        log.close()
+        final = FilesystemHelper(blob_dir).getBlobFilename(
+            record.entries[0].oid, record.tid)
+        os.remove(final)
+        os.mkfifo(final)
+        fail_after(60)
+        try:
+            storage = self.open_storage()
+            report = verify(storage)
+            storage.close()
+        finally:
+            fail_after(0)
+        self.assertEqual([path for path, kind in report.not_files], [final])
 
 
 def test_suite():
