@@ -166,6 +166,14 @@ class _Digests:
                     pairs.append((oid, tid))
         return found
 
+    def without_digest(self, after: tuple[bytes, bytes], limit: int
+                       ) -> list[tuple[bytes, bytes]]:
+        """Up to `limit` ``(tid, oid)`` of rows without a digest, oldest
+        first, after `after` (the scrubber's queue: ``scrub.py``)."""
+        return self._query(
+            'SELECT tid, oid FROM blob WHERE digest IS NULL AND (tid, oid) '
+            '> (?, ?) ORDER BY tid, oid LIMIT ?', (*after, limit))
+
     def record_digests(self, rows: list[tuple[bytes, bytes, bytes]]) -> int:
         """Record ``(digest, oid, tid)`` for the rows that have no
         digest yet (one that has one keeps it); the count recorded."""

@@ -17,6 +17,7 @@ from zodbblob.storage.catalog import kill_point, sync_filesystem, syncfs_works
 from zodbblob.storage.commitlog import CommitLog
 from zodbblob.storage.digest import HASHING_THREADS
 from zodbblob.storage.datamanager import TransactionDirectories
+from zodbblob.storage.scrub import Scrubber
 
 
 class Shared:
@@ -34,6 +35,10 @@ class Shared:
         # Whether commits link a file whose content is committed already
         # to that file (``dedup.py``); the storage's option.
         self.dedup = False
+        # The background scrubber (``scrub.py``) of a writable storage:
+        # it hashes the files commit did not (with dedup off, those that
+        # are not inline).
+        self.scrubber = None
         self.pack_lock = threading.Lock()
         self.untransform_record_data = lambda data: data
         self.directories: TransactionDirectories | None = None
@@ -84,7 +89,21 @@ class Shared:
                 HASHING_THREADS, thread_name_prefix='zodbblob-digest')
         return self._hasher
 
+    def start_scrubber(self) -> None:
+        if (self.scrubber is None and not self.read_only
+                and self.journal is not None):
+            self.scrubber = Scrubber(self.journal, self.fshelper)
+            self.scrubber.start()
+
+    def stop_scrubber(self) -> None:
+        """Stop the scrubber between two chunks, waiting a second at
+        most: its backlog is the catalog's, the next open resumes it."""
+        if self.scrubber is not None:
+            self.scrubber.stop()
+            self.scrubber = None
+
     def close(self) -> None:
+        self.stop_scrubber()
         if self._syncer is not None:
             self._syncer.shutdown()
             self._syncer = None

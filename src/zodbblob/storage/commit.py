@@ -313,10 +313,13 @@ class CommitProtocol(OneSyncFinish):
                        for oid, path, info in files]
             staged.digests.of_entries(entries)   # hashed from these bytes
         else:
-            # Hashed in threads while they are made durable.
-            staged.digests.start(self._shared.hasher(), [
-                (oid, (path, self.fshelper.getBlobFilename(oid, tid)))
-                for oid, path, info in files])
+            if shared.dedup:
+                # Dedup needs them at publish: hashed in threads while
+                # they are made durable.  Without dedup, the scrubber
+                # hashes them later (``scrub.py``); commit never waits.
+                staged.digests.start(self._shared.hasher(), [
+                    (oid, (path, self.fshelper.getBlobFilename(oid, tid)))
+                    for oid, path, info in files])
             self._make_durable([path for oid, path, info in files])
             kill_point('after_staging_fsync')
             entries = [Entry(oid, info.st_size,
@@ -451,6 +454,9 @@ class CommitProtocol(OneSyncFinish):
                                  digests.get(oid))
                                 for oid, path, info in staged.stats])
             kill_point('after_journal_commit')
+            if shared.scrubber is not None and any(
+                    digests.get(oid) is None for oid, p, i in staged.stats):
+                shared.scrubber.wake()
             with shared.logging:
                 shared.unsynced.extend(staged.published)
                 if not staged.inline:

@@ -1,17 +1,18 @@
 """The content digest of a committed blob file.
 
 One hash, named here and nowhere else: the catalog keeps each committed
-file's digest (``blob.digest``), commit computes it, and ``verify
---checksum`` compares.  BLAKE3 with a 32-byte digest, from the
-``blake3`` package (a dependency): on this project's busy two-CPU
-machine it hashed a 10 MiB file in the page cache at 2.9 GB/s on one
-thread (1 MiB reads), where hashlib's fastest hash whose collisions
-nobody can construct, BLAKE2b, did 0.7 GB/s (SHA-256 0.4).  Its own
-threads (``max_threads=AUTO``, 1.7-2.2 GB/s) and ``update_mmap``
-(2.1-2.5 GB/s) were slower there, and far slower at 100 KiB: the other
-core is busy.  A change of hash changes `DIGEST_NAME` and `new_hash`;
-the catalog's digests then need a migration (or a NULL, which the next
-``verify --record-checksums`` fills in).
+file's digest (``blob.digest``), commit or the background scrubber
+(``scrub.py``) computes it, and ``verify --checksum`` compares.  BLAKE3
+with a 32-byte digest, from the ``blake3`` package (a dependency): on
+this project's busy two-CPU machine it hashed a 10 MiB file in the page
+cache at 2.9 GB/s on one thread (1 MiB reads), where hashlib's fastest
+hash whose collisions nobody can construct, BLAKE2b, did 0.7 GB/s
+(SHA-256 0.4).  Its own threads (``max_threads=AUTO``, 1.7-2.2 GB/s)
+and ``update_mmap`` (2.1-2.5 GB/s) were slower there, and far slower at
+100 KiB: the other core is busy.  A change of hash changes
+`DIGEST_NAME` and `new_hash`; the catalog's digests then need a
+migration (or a NULL, which the scrubber or the next ``verify
+--record-checksums`` fills in).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ DIGEST_SIZE = 32
 # large buffers, so a thread hashing a large file lets the committing
 # thread (and the fdatasyncs) run meanwhile.
 CHUNK = 1 << 20
-# Threads that hash a large transaction's files (``TransactionDigests``):
+# Threads that hash a large transaction's files with dedup on
+# (``TransactionDigests``):
 # two keep a second core busy where there is one; more would compete
 # with the committing thread and the server's own.
 HASHING_THREADS = max(1, min(2, os.cpu_count() or 1))
@@ -93,19 +95,15 @@ class TransactionDigests:
     Where each is computed (``commit.py`` calls): a file whose content is
     a committed revision's (undo links it) takes that revision's digest
     from the catalog; an inline transaction's files are hashed from the
-    bytes its commit record holds anyway; the files of a larger one are
-    hashed by `HASHING_THREADS` threads, started while the committing
-    thread makes them durable (the fdatasyncs or syncfs wait on the disk,
-    the hashing on the CPU, and the files are in the page cache).
-
-    ``tpc_finish`` waits for those threads (`result`) before it adds the
-    rows, so a committed row has its digest (unless its file could not
-    be read), and nothing writes the catalog late.  Not waiting (the
-    threads recording their digests when done, a close waiting for them)
-    was tried with BLAKE2b and with BLAKE3: it did not pay on
-    ``bench/commit.py`` (10 MiB x50, BLAKE3: 0.20-0.57x stock not
-    waiting, 0.48-0.52x waiting; ``doc/design.rst``), because the
-    hashing is CPU that a run of commits spends either way.
+    bytes its commit record holds anyway.  The files of a larger one are
+    not hashed by the commit unless dedup is on (dedup needs their
+    digests at publish): their rows get none, and the background
+    scrubber (``scrub.py``) hashes them later, on a core nobody else
+    wants.  With dedup on, they are hashed by `HASHING_THREADS` threads,
+    started while the committing thread makes them durable (the
+    fdatasyncs or syncfs wait on the disk, the hashing on the CPU, and
+    the files are in the page cache), and ``tpc_finish`` waits for those
+    threads (`result`) before it adds the rows.
     """
 
     def __init__(self):
@@ -142,7 +140,8 @@ class TransactionDigests:
         the hashing threads are done.
 
         Never raises: the transaction has committed, and a digest not
-        recorded now is recorded by the next ``verify --record-checksums``.
+        recorded now is recorded by the scrubber, or by the next ``verify
+        --record-checksums``.
         """
         for oids, future in self._hashing:
             try:

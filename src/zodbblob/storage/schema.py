@@ -20,6 +20,8 @@ import sqlite3
 # revisions it may drop.  Partial: the latest rows are most rows.  The
 # index on `digest` is where a commit with dedup on finds a committed file
 # of the same content (``dedup.py``): one indexed lookup per transaction.
+# The index of the rows without a digest, oldest first, is the background
+# scrubber's queue (``scrub.py``); partial, so it holds only those.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS blob (
     oid BLOB NOT NULL,
@@ -33,6 +35,8 @@ CREATE INDEX IF NOT EXISTS blob_superseded ON blob (superseded)
     WHERE superseded IS NOT NULL;
 CREATE INDEX IF NOT EXISTS blob_digest ON blob (digest)
     WHERE digest IS NOT NULL;
+CREATE INDEX IF NOT EXISTS blob_undigested ON blob (tid, oid)
+    WHERE digest IS NULL;
 CREATE TABLE IF NOT EXISTS garbage (
     oid BLOB NOT NULL,
     tid BLOB NOT NULL,
@@ -123,6 +127,22 @@ def add_digest_index(db: sqlite3.Connection) -> int:
                       'WHERE digest IS NOT NULL').fetchone()[0]
 
 
+def lacks_undigested_index(db: sqlite3.Connection) -> bool:
+    """Whether a catalog with a digest column lacks the index of its
+    rows without one (one from before the scrubber)."""
+    return 'digest' in _columns(db) and db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'index' AND "
+        "name = 'blob_undigested'").fetchone() is None
+
+
+def add_undigested_index(db: sqlite3.Connection) -> int:
+    """Index the rows without a digest; their count."""
+    db.execute('CREATE INDEX blob_undigested ON blob (tid, oid) '
+               'WHERE digest IS NULL')
+    return db.execute('SELECT count(*) FROM blob '
+                      'WHERE digest IS NULL').fetchone()[0]
+
+
 def migrations(db: sqlite3.Connection):
     """The changes an older catalog needs, in order, each ``(change,
     message)``: `change(db)` runs in a write transaction, and `message`
@@ -137,3 +157,6 @@ def migrations(db: sqlite3.Connection):
     if lacks_digest_index(db):
         yield add_digest_index, ('indexed the digests of %d rows (where '
                                  'dedup finds equal contents)')
+    if lacks_undigested_index(db):
+        yield add_undigested_index, ('indexed the %d rows without a digest '
+                                     '(the background scrub hashes them)')

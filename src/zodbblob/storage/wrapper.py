@@ -51,7 +51,8 @@ class BlobStorage:
     )
 
     def __init__(self, blob_dir: str, base, layout: str = 'automatic',
-                 dedup: bool = False, _shared: Shared | None = None):
+                 dedup: bool = False, _shared: Shared | None = None,
+                 scrub: bool = True):
         """`base` is a storage, or a `FileStorageOpener` (what
         ``zodbblob.open_filestorage`` and the ``<zodbblob>`` section
         give): then the storage opens its base itself, once the blob
@@ -60,6 +61,8 @@ class BlobStorage:
 
         With `dedup`, a committed blob whose bytes equal a committed
         file's is stored as a hard link to it (``storage/dedup.py``).
+        With `scrub` (writable storages only), a background thread hashes
+        the committed files that have no digest yet (``storage/scrub.py``).
         """
         if isinstance(base, FileStorageOpener):
             base, _shared = open_with_base(base, blob_dir, layout)
@@ -71,11 +74,13 @@ class BlobStorage:
                 base.close()
                 self._close_opened(_shared)
                 raise
-            return
-        self._owner = _shared is None
-        self._wrap(blob_dir, base, layout, _shared)
-        if self._owner:
-            self._shared.dedup = bool(dedup)
+        else:
+            self._owner = _shared is None
+            self._wrap(blob_dir, base, layout, _shared)
+            if self._owner:
+                self._shared.dedup = bool(dedup)
+        if self._owner and scrub:
+            self._shared.start_scrubber()
 
     def _wrap(self, blob_dir: str, base, layout: str,
               _shared: Shared | None) -> None:
@@ -129,6 +134,7 @@ class BlobStorage:
         if not self._owner:
             self.base.close()
             return
+        shared.stop_scrubber()
         try:
             if shared.failed:
                 # A checkpoint would make the failed transaction's files

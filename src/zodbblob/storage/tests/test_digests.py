@@ -8,6 +8,7 @@ import shutil
 import signal
 import sqlite3
 import tempfile
+import time
 import unittest
 
 import blake3
@@ -42,14 +43,21 @@ class DigestTestCase(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.dir, True)
         self.blob_dir = os.path.join(self.dir, 'blobs')
 
-    def open(self, **kw):
+    def open(self, dedup=False, scrub=True, **kw):
         storage = BlobStorage(self.blob_dir, ZODB.FileStorage.FileStorage(
-            os.path.join(self.dir, 'Data.fs'), **kw))
+            os.path.join(self.dir, 'Data.fs'), **kw), dedup=dedup,
+            scrub=scrub)
         self.addCleanup(storage.close)
         return storage
 
-    def assert_digests_match_files(self, storage, count):
+    def assert_digests_match_files(self, storage, count, wait=True):
+        """With `wait`, the scrubber may record them (a few seconds)."""
         digests = catalog_digests(storage)
+        deadline = time.monotonic() + 10
+        while wait and None in digests.values() and (
+                time.monotonic() < deadline):
+            time.sleep(0.02)
+            digests = catalog_digests(storage)
         self.assertEqual(len(digests), count)
         for (oid, tid), digest in digests.items():
             path = storage.fshelper.getBlobFilename(oid, tid)
@@ -73,26 +81,38 @@ class CommitDigestTests(DigestTestCase):
         db.close()
 
     def test_large_file_records_its_digest(self):
-        # More than INLINE_LIMIT: made durable by an fdatasync, hashed in
-        # a thread meanwhile; tpc_finish waits for it, so the row has its
-        # digest once the commit returns.
+        # More than INLINE_LIMIT, dedup off: the scrubber hashes it
+        # (test_scrub.py); with dedup on, below, the commit does.
         storage = self.open()
         db = self.commit(storage, {'large': os.urandom(INLINE_LIMIT + 1)})
         self.assert_digests_match_files(storage, 1)
         db.close()
         self.assert_digests_match_files(self.open(), 1)
 
+    def test_large_file_with_dedup_records_its_digest_at_commit(self):
+        # Made durable by an fdatasync, hashed in a thread meanwhile;
+        # tpc_finish waits for it, so the row has its digest once the
+        # commit returns (dedup needs it at publish).
+        storage = self.open(dedup=True, scrub=False)
+        db = self.commit(storage, {'large': os.urandom(INLINE_LIMIT + 1)})
+        self.assert_digests_match_files(storage, 1, wait=False)
+        db.close()
+
     def test_many_large_files_record_their_digests(self):
-        # Past SYNCFS_THRESHOLD files and INLINE_LIMIT bytes: one syncfs,
-        # the hashing split among the threads.
+        # Past SYNCFS_THRESHOLD files and INLINE_LIMIT bytes: one syncfs;
+        # with dedup on, the hashing split among the threads at commit.
         count = SYNCFS_THRESHOLD + 3
         size = INLINE_LIMIT // SYNCFS_THRESHOLD
-        storage = self.open()
-        db = self.commit(storage, {'f%d' % i: os.urandom(size)
-                                   for i in range(count)})
-        self.assert_digests_match_files(storage, count)
-        db.close()
-        self.assert_digests_match_files(self.open(), count)
+        for dedup in (False, True):
+            storage = self.open(dedup=dedup, scrub=not dedup)
+            db = self.commit(storage, {'f%d' % i: os.urandom(size)
+                                       for i in range(count)})
+            self.assert_digests_match_files(storage, count, wait=not dedup)
+            db.close()
+            self.assert_digests_match_files(self.open(), count)
+            shutil.rmtree(self.blob_dir)
+            for name in os.listdir(self.dir):
+                os.remove(os.path.join(self.dir, name))
 
     def test_rows_survive_reopening(self):
         db = self.commit(self.open(), {'a': b'bytes'})
@@ -175,10 +195,11 @@ class MigrationTests(DigestTestCase):
         # The catalog as zodbblob before digests wrote it.
         old = sqlite3.connect(journal_path(self.blob_dir))
         old.execute('DROP INDEX blob_digest')
+        old.execute('DROP INDEX blob_undigested')
         old.execute('ALTER TABLE blob DROP COLUMN digest')
         old.close()
         with self.assertLogs('zodbblob.storage.catalog', logging.INFO) as logs:
-            storage = self.open()
+            storage = self.open(scrub=False)   # the NULL stays NULL
         self.assertIn('added the digest column (its 1 rows',
                       '\n'.join(logs.output))
         self.assertEqual(list(catalog_digests(storage).values()), [None])
@@ -199,6 +220,7 @@ class MigrationTests(DigestTestCase):
         db.close()
         old = sqlite3.connect(journal_path(self.blob_dir))
         old.execute('DROP INDEX blob_digest')
+        old.execute('DROP INDEX blob_undigested')
         old.execute('ALTER TABLE blob DROP COLUMN digest')
         old.close()
         storage = self.open(read_only=True)

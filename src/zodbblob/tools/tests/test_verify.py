@@ -180,8 +180,10 @@ class AdoptedChecksumTests(unittest.TestCase):
         db.close()
 
     def open(self, **kw):
+        # Without the background scrubber, which would record the
+        # digests too (storage/tests/test_scrub.py), whenever it gets to.
         storage = BlobStorage(self.blob_dir, ZODB.FileStorage.FileStorage(
-            self.data, **kw))
+            self.data, **kw), scrub=False)
         self.addCleanup(storage.close)
         return storage
 
