@@ -75,6 +75,7 @@ class Scrubber:
         self.priority: str | None = None
         self.hashed = 0    # digests recorded
         self.skipped = 0   # files not hashed: gone, or no regular file
+        self.scrubbed = 0  # rows done, whatever came of them
         self._thread = threading.Thread(
             target=self._run, name='zodbblob-scrub', daemon=True)
 
@@ -141,6 +142,7 @@ class Scrubber:
                     raise Stopped() from None
                 self._warn('write', 'Blob scrubber of %s could not record '
                            'digests: %s', self.fshelper.base_dir, e)
+        self.scrubbed += len(rows)
 
     def _check(self) -> None:
         while not self.gate.wait(0.05):

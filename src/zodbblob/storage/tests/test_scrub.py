@@ -139,6 +139,21 @@ class ScrubTests(ScrubTestCase):
         self.assertEqual(db.storage._shared.scrubber.hashed, 3)
 
     @mock.patch.object(commit, 'INLINE_LIMIT', 1000)
+    def test_a_digest_recorded_meanwhile_is_kept(self):
+        # verify --checksum recorded one while the scrubber hashed.
+        db = self.open_db()
+        scrubber = self.hold(db)
+        oid, tid = self.commit(db, 'large', os.urandom(5000))
+        self.assertTrue(scrubber.held.wait(DEADLINE))
+        journal = db.storage._shared.journal
+        self.assertEqual(journal.record_digests([(b'v' * 32, oid, tid)]), 1)
+        scrubber.gate.set()
+        self.wait_until(lambda: scrubber.scrubbed == 1,
+                        'the scrubber did not get to the row')
+        self.assertEqual(self.digest(db, oid, tid), b'v' * 32)
+        self.assertEqual(scrubber.hashed, 0)
+
+    @mock.patch.object(commit, 'INLINE_LIMIT', 1000)
     def test_close_while_held_is_prompt_and_the_next_open_resumes(self):
         db = self.open_db()
         scrubber = self.hold(db)
