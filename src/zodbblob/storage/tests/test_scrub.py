@@ -238,6 +238,35 @@ class ScrubTests(ScrubTestCase):
         db = self.open_db(scrub=False)
         self.assertIsNone(db.storage._shared.scrubber)
 
+    def test_scrub_off_in_the_config_section(self):
+        import ZODB.config
+        for value, expected in (('off', False), ('on', True)):
+            storage = ZODB.config.storageFromString(f'''
+                %import zodbblob
+                <zodbblob>
+                  blob-dir {self.blob_dir}
+                  scrub {value}
+                  <filestorage>
+                    path {self.data_fs}
+                  </filestorage>
+                </zodbblob>''')
+            try:
+                self.assertEqual(storage._shared.scrubber is not None,
+                                 expected, value)
+            finally:
+                storage.close()
+
+    def test_the_tools_open_without_it(self):
+        from zodbblob.cli.arguments import open_storage
+        self.open_db().close()
+        args = mock.Mock(config=None, data=self.data_fs,
+                         blob_dir=self.blob_dir)
+        storage = open_storage(args, read_only=False)
+        try:
+            self.assertIsNone(storage._shared.scrubber)
+        finally:
+            storage.close()
+
 
 def test_suite():
     return unittest.defaultTestLoader.loadTestsFromName(__name__)
