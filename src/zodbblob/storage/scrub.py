@@ -129,20 +129,27 @@ class Scrubber:
                        self.fshelper.base_dir, e)
 
     def _scrub(self, rows: list[tuple[bytes, bytes]]) -> None:
+        """Hash the files of `rows`; record their digests in one write,
+        also when a stop comes between two files (what was hashed is
+        kept)."""
         digests = []
-        for tid, oid in rows:
-            digest = self._digest(oid, tid)
-            if digest is not None:
-                digests.append((digest, oid, tid))
-        if digests:
-            try:
-                self.hashed += self.journal.record_digests(digests)
-            except Exception as e:
-                if self._stopping.is_set():
-                    raise Stopped() from None
-                self._warn('write', 'Blob scrubber of %s could not record '
-                           'digests: %s', self.fshelper.base_dir, e)
-        self.scrubbed += len(rows)
+        done = 0
+        try:
+            for tid, oid in rows:
+                digest = self._digest(oid, tid)
+                if digest is not None:
+                    digests.append((digest, oid, tid))
+                done += 1
+        finally:
+            if digests:
+                try:
+                    self.hashed += self.journal.record_digests(digests)
+                except Exception as e:
+                    if not self._stopping.is_set():
+                        self._warn('write', 'Blob scrubber of %s could not '
+                                   'record digests: %s',
+                                   self.fshelper.base_dir, e)
+            self.scrubbed += done
 
     def _check(self) -> None:
         while not self.gate.wait(0.05):
