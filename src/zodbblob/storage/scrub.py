@@ -28,34 +28,74 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import threading
 
-from zodbblob.layout import open_blob_file
-from zodbblob.storage.digest import CHUNK, new_hash
+from zodbblob.storage.digest import CHUNK
 
 logger = logging.getLogger(__name__)
 
 # Rows read from the catalog at a time, and digests recorded at a time.
 BATCH = 64
 
+# The hashing process: given a blob path a line, it answers a line per
+# path: ``ok <hex digest>``, ``gone`` (no such file: a pack removed it)
+# or ``skip <why>`` (no regular file, or unreadable).  It opens a path
+# as ``zodbblob.layout.open_blob_file`` does (no link followed, no FIFO
+# waited on, a regular file only), and imports only what it needs.
+CHILD = r"""
+import errno, os, stat, sys, threading
+policy = 'default'
+try:
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    policy = 'SCHED_IDLE'
+except (AttributeError, OSError):
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+        policy = 'nice 19'
+    except (AttributeError, OSError):
+        pass
+import blake3
+out = sys.stdout.buffer
+out.write(b'priority %s\n' % policy.encode())
+out.flush()
+buffer = bytearray(CHUNK)
+view = memoryview(buffer)
+
+def digest(path):
+    info = os.lstat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(errno.EINVAL, 'not a regular file')
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                 | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, 'not a regular file')
+        h = blake3.blake3()
+        while True:
+            n = os.readv(fd, [buffer])
+            if not n:
+                return h.hexdigest()
+            h.update(view[:n])
+    finally:
+        os.close(fd)
+
+for line in sys.stdin.buffer:
+    path = line.rstrip(b'\n')
+    try:
+        answer = b'ok ' + digest(path).encode()
+    except FileNotFoundError:
+        answer = b'gone'
+    except OSError as e:
+        answer = b'skip ' + (e.strerror or str(e)).encode(errors='replace')
+    out.write(answer + b'\n')
+    out.flush()
+""".replace('CHUNK', str(CHUNK))
+
 
 class Stopped(Exception):
     """The scrubber was asked to stop."""
-
-
-def lower_priority() -> str:
-    """Give the calling thread the lowest CPU priority there is; which it
-    got (Linux applies both per thread)."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        return 'SCHED_IDLE'
-    except (AttributeError, OSError):
-        pass
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        return 'nice 19'
-    except (AttributeError, OSError):
-        return 'default'
 
 
 class Scrubber:
@@ -66,13 +106,14 @@ class Scrubber:
         self.fshelper = fshelper
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        # Set unless a test holds the hashing (between chunks); `held`
+        # Set unless a test holds the hashing (before each file); `held`
         # says the thread waits on it.
         self.gate = threading.Event()
         self.gate.set()
         self.held = threading.Event()
         self._warned: set[str] = set()
-        self.priority: str | None = None
+        self.priority: str | None = None   # the hashing process's
+        self.child: subprocess.Popen | None = None
         self.hashed = 0    # digests recorded
         self.skipped = 0   # files not hashed: gone, or no regular file
         self.scrubbed = 0  # rows done, whatever came of them
@@ -87,12 +128,29 @@ class Scrubber:
         self._wake.set()
 
     def stop(self, timeout: float = 1.0) -> None:
-        """Stop between two chunks; wait at most `timeout` seconds."""
+        """Stop now: the hashing process is killed, whatever file it is
+        on; wait at most `timeout` seconds for the thread."""
         self._stopping.set()
         self._wake.set()
+        child = self.child
+        if child is not None:
+            try:
+                child.kill()
+            except OSError:
+                pass
         if self._thread.is_alive() and (
                 self._thread is not threading.current_thread()):
             self._thread.join(timeout)
+        if child is not None:
+            try:
+                child.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+            for stream in (child.stdin, child.stdout):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
 
     @property
     def alive(self) -> bool:
@@ -103,8 +161,19 @@ class Scrubber:
             self._warned.add(kind)
             logger.warning(message, *args)
 
+    def _start_child(self) -> None:
+        self.child = subprocess.Popen(
+            [sys.executable, '-c', CHILD], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, close_fds=True)
+        if self._stopping.is_set():   # a stop that did not see it
+            self.child.kill()
+            raise Stopped()
+        line = self.child.stdout.readline()
+        if not line.startswith(b'priority '):
+            raise OSError('the hashing process did not start')
+        self.priority = line[9:].decode().strip()
+
     def _run(self) -> None:
-        self.priority = lower_priority()
         after = (b'', b'')   # (tid, oid) of the last row read
         try:
             while not self._stopping.is_set():
@@ -121,12 +190,15 @@ class Scrubber:
                     self._wake.wait()
                     continue
                 after = rows[-1]
+                if self.child is None:
+                    self._start_child()
                 self._scrub(rows)
         except Stopped:
             pass
         except Exception as e:   # never let the thread die loudly
-            self._warn('fail', 'Blob scrubber of %s stopped: %s',
-                       self.fshelper.base_dir, e)
+            if not self._stopping.is_set():
+                self._warn('fail', 'Blob scrubber of %s stopped: %s',
+                           self.fshelper.base_dir, e)
 
     def _scrub(self, rows: list[tuple[bytes, bytes]]) -> None:
         """Hash the files of `rows`; record their digests in one write,
@@ -161,34 +233,26 @@ class Scrubber:
             raise Stopped()
 
     def _digest(self, oid: bytes, tid: bytes) -> bytes | None:
-        """The digest of the file of row ``(oid, tid)``; None if it is
-        gone (removed by a pack) or cannot be read."""
+        """The digest of the file of row ``(oid, tid)``, from the hashing
+        process; None if it is gone (removed by a pack) or no regular
+        file, or cannot be read."""
         self._check()
+        path = self.fshelper.getBlobFilename(oid, tid)
         try:
-            path = self.fshelper.getBlobFilename(oid, tid)
-            fd = open_blob_file(path)
-        except FileNotFoundError:
-            self.skipped += 1   # a pack removed it: nothing to say
-            return None
-        except (OSError, ValueError) as e:
-            self.skipped += 1
-            self._warn(type(e).__name__, 'Blob scrubber of %s did not hash '
-                       'a file: %s', self.fshelper.base_dir, e)
-            return None
-        try:
-            h = new_hash()
-            buffer = bytearray(CHUNK)
-            view = memoryview(buffer)
-            while True:
-                self._check()
-                n = os.readv(fd, [buffer])
-                if not n:
-                    return h.digest()
-                h.update(view[:n])
-        except OSError as e:
-            self.skipped += 1
-            self._warn('read-file', 'Blob scrubber of %s could not read '
-                       '%s: %s', self.fshelper.base_dir, path, e)
-            return None
-        finally:
-            os.close(fd)
+            self.child.stdin.write(os.fsencode(path) + b'\n')
+            self.child.stdin.flush()
+            answer = self.child.stdout.readline().rstrip(b'\n')
+        except (OSError, ValueError):
+            answer = b''
+        if self._stopping.is_set():
+            raise Stopped()
+        if answer.startswith(b'ok '):
+            return bytes.fromhex(answer[3:].decode())
+        if not answer:
+            raise OSError('the hashing process ended')
+        self.skipped += 1
+        if answer != b'gone':   # a pack removed it: nothing to say
+            why = answer[5:].decode(errors='replace')
+            self._warn(why, 'Blob scrubber of %s did not hash %s: %s',
+                       self.fshelper.base_dir, path, why)
+        return None

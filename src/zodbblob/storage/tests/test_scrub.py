@@ -215,18 +215,23 @@ class ScrubTests(ScrubTestCase):
         self.assertIsNone(self.digest(db, oid2, tid2))
         self.assertTrue(scrubber.alive)
 
-    def test_the_thread_runs_at_the_lowest_priority(self):
+    @mock.patch.object(commit, 'INLINE_LIMIT', 1000)
+    def test_the_hashing_runs_at_the_lowest_priority(self):
         db = self.open_db()
         scrubber = db.storage._shared.scrubber
-        self.wait_until(lambda: scrubber.priority is not None,
-                        'the scrubber did not start')
+        data = os.urandom(5000)
+        oid, tid = self.commit(db, 'large', data)
+        self.assertEqual(self.wait_for_digest(db, oid, tid), blake3_of(data))
         if not hasattr(os, 'SCHED_IDLE'):
             self.skipTest('no SCHED_IDLE here')
+        # A process of its own: a thread of this one at SCHED_IDLE would
+        # hold the GIL off-CPU, and every commit would wait for it.
         self.assertEqual(scrubber.priority, 'SCHED_IDLE')
-        self.assertEqual(os.sched_getscheduler(scrubber._thread.native_id),
+        self.assertEqual(os.sched_getscheduler(scrubber.child.pid),
                          os.SCHED_IDLE)
-        # The process's other threads keep theirs.
         self.assertNotEqual(os.sched_getscheduler(0), os.SCHED_IDLE)
+        db.close()
+        self.assertIsNotNone(scrubber.child.poll())   # ended at close
 
     def test_read_only_and_scrub_off_storages_have_no_scrubber(self):
         self.open_db().close()
