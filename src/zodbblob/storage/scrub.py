@@ -3,21 +3,26 @@
 With dedup off, a commit hashes only what it holds in memory anyway (an
 inline transaction's bytes); the rows of larger files are added with
 digest NULL, and commit never waits for hashing.  One daemon thread per
-writable storage (`Scrubber`) hashes them later, at the lowest CPU
-priority there is (``SCHED_IDLE``, else nice 19), so it only uses a core
-nobody else wants.
+writable storage (`Scrubber`) has them hashed later by a process of its
+own (`CHILD`) at the lowest CPU priority there is (``SCHED_IDLE``, else
+nice 19), so the hashing only uses a core nobody else wants.  Not in
+the thread itself: a thread at ``SCHED_IDLE`` still takes the GIL, and
+descheduled while holding it, it stopped every commit (``bench/commit.py``
+with two CPU hogs: 10 MiB rows 0.23x stock; ``doc/design.rst``).  The
+thread stays at normal priority and spends its time blocked on the
+process's pipe.
 
 Its queue is the catalog itself: the rows whose digest is NULL, read in
 batches oldest first (the partial index ``blob_undigested``), so a crash
 loses nothing, and rows adopted from a stock directory or rebuilt by a
-scan are hashed too.  Each file is opened as verify opens it (a regular
-file only: no FIFO opened, no symbolic link followed), hashed 1 MiB at a
-time, and its digest recorded where the row still has none (``UPDATE
-... WHERE digest IS NULL``).  A file gone (a pack removed it) is
-skipped.  With no NULL rows left it sleeps until a commit adds one
-(`wake`).  `stop` (at close) does not finish the backlog: it is checked
-between chunks, and the next open resumes.  Its errors are logged at
-WARNING once per kind and never reach a committer.
+scan are hashed too.  The process opens each file as verify opens it (a
+regular file only: no FIFO opened, no symbolic link followed) and hashes
+it 1 MiB at a time; the thread records the digests where the rows still
+have none (``UPDATE ... WHERE digest IS NULL``).  A file gone (a pack
+removed it) is skipped.  With no NULL rows left the thread sleeps until
+a commit adds one (`wake`).  `stop` (at close) kills the process and
+does not finish the backlog: the next open resumes.  Its errors are
+logged at WARNING once per kind and never reach a committer.
 
 There is no I/O priority in the standard library (``ioprio_set`` has no
 ``os`` wrapper), so its reads keep the default I/O class; they come from
