@@ -91,10 +91,20 @@ def pack_under_way(blob_dir: str) -> bool:
         return False
 
 
-def _delete_rows(db: sqlite3.Connection, pairs: list[tuple[bytes, bytes]]
-                 ) -> tuple[int, list[bytes]]:
-    """Delete the rows `pairs` and their garbage marks, inside a write
-    transaction; their total size, and the oids left without rows.
+def _read_total(db: sqlite3.Connection) -> int:
+    """The bytes of all committed files: kept in meta, or summed."""
+    row = db.execute(
+        "SELECT value FROM meta WHERE name = 'total_size'").fetchone()
+    if row is None:
+        row = db.execute('SELECT total(size) FROM blob').fetchone()
+    return int(row[0])
+
+
+def _delete_rows(db: sqlite3.Connection, pairs: list[tuple[bytes, bytes]],
+                 marks: bool = True) -> tuple[int, list[bytes]]:
+    """Delete the rows `pairs` and (with `marks`) their garbage marks,
+    inside a write transaction; their total size, and the oids left
+    without rows.
 
     Each statement takes all the pairs at once from a temporary table: a
     DELETE per pair cost a statement and its round trip per file, and
@@ -108,8 +118,9 @@ def _delete_rows(db: sqlite3.Connection, pairs: list[tuple[bytes, bytes]]
     removed = sum(size for (size,) in db.execute(
         'DELETE FROM blob WHERE (oid, tid) IN '
         '(SELECT oid, tid FROM temp.removing) RETURNING size'))
-    db.execute('DELETE FROM garbage WHERE (oid, tid) IN '
-               '(SELECT oid, tid FROM temp.removing)')
+    if marks:
+        db.execute('DELETE FROM garbage WHERE (oid, tid) IN '
+                   '(SELECT oid, tid FROM temp.removing)')
     emptied = [oid for (oid,) in db.execute(
         'SELECT DISTINCT oid FROM temp.removing AS removing '
         'WHERE NOT EXISTS (SELECT 1 FROM blob WHERE blob.oid = removing.oid)')]
@@ -218,7 +229,7 @@ class Journal(_Digests):
                 self._migrate()
                 self._db.executescript(schema.SCHEMA)
             self.has_digest = schema.has_digest(self._db)
-            self._total = self._read_total()
+            self._total = _read_total(self._db)
         except sqlite3.DatabaseError as e:
             self._db.close()
             raise JournalError('Cannot use blob journal %s: %s'
@@ -235,14 +246,6 @@ class Journal(_Digests):
             with self._lock:
                 result = self._write(lambda: change(self._db), 'migrate')
             logger.info('Blob catalog %s: ' + message, self.path, result)
-
-    def _read_total(self) -> int:
-        row = self._db.execute(
-            "SELECT value FROM meta WHERE name = 'total_size'").fetchone()
-        if row is None:
-            row = self._db.execute(
-                'SELECT total(size) FROM blob').fetchone()
-        return int(row[0])
 
     def check(self) -> str | None:
         """What is wrong with the database file, or None if it is sound.
@@ -537,17 +540,26 @@ class Journal(_Digests):
                 pairs), 'mark garbage in')
 
     def garbage(self) -> list[tuple[bytes, bytes]]:
-        """The files a pack marked for removal and has not yet removed."""
+        """The files a pack marked for removal, not yet durably removed."""
         return self._db.execute('SELECT oid, tid FROM garbage').fetchall()
 
-    def remove(self, pairs: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
-        """Forget the files `pairs` (removed by pack, or rolled back); the
-        oids among them left without files (pack removes their
-        directories)."""
+    def forget_garbage(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
+        """Drop the garbage marks of `pairs`, whose removal is durable."""
+        pairs = list(pairs)
+        with self._lock:
+            self._write(lambda: self._db.executemany(
+                'DELETE FROM garbage WHERE oid = ? AND tid = ?', pairs),
+                'forget garbage in', synchronous='NORMAL')
+
+    def remove(self, pairs: Iterable[tuple[bytes, bytes]],
+               marks: bool = True) -> list[bytes]:
+        """Forget the files `pairs` (removed by pack, or rolled back),
+        and unless told not to (`marks`), their garbage marks; the oids
+        among them left without files (pack removes their directories)."""
         pairs = list(pairs)
 
         def delete():
-            removed, emptied = _delete_rows(self._db, pairs)
+            removed, emptied = _delete_rows(self._db, pairs, marks)
             self._store_total(self._total - removed)
             return removed, emptied
 

@@ -3,21 +3,31 @@
 A checkpoint (every CHECKPOINT_RECORDS transactions, when the commit log
 is full, around a pack and at close) makes every file, name and catalog
 row the commit log's records describe durable with one filesystem sync,
-and starts the log afresh.
+and starts the log afresh.  The same sync makes durable the removals of
+the files pack removed since the last one, whose garbage marks can then
+go.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import threading
 
 from zodbblob.layout import fsync_directory, fsync_path, remove_if_exists
-from zodbblob.storage.catalog import kill_point, sync_filesystem, syncfs_works
+from zodbblob.storage.catalog import (
+    JournalError,
+    kill_point,
+    sync_filesystem,
+    syncfs_works,
+)
 from zodbblob.storage.commitlog import CommitLog
 from zodbblob.storage.digest import HASHING_THREADS
 from zodbblob.storage.datamanager import TransactionDirectories
 from zodbblob.storage.scrub import Scrubber
+
+logger = logging.getLogger(__name__)
 
 
 class Shared:
@@ -54,6 +64,11 @@ class Shared:
         # checkpoint makes their final names durable.
         self.unsynced: list[str] = []
         self.linked: list[str] = []
+        # Since the last checkpoint: the files pack removed, ``(oid,
+        # tid)`` and path, whose removal no sync has made durable yet;
+        # their garbage marks stay until one has (a power cut brings
+        # them back, and the next open removes them again).
+        self.removed: list[tuple[tuple[bytes, bytes], str]] = []
         self._syncer: concurrent.futures.ThreadPoolExecutor | None = None
         self._hasher: concurrent.futures.ThreadPoolExecutor | None = None
         # One sync: set at open for a base the storage opened itself.
@@ -113,19 +128,54 @@ class Shared:
 
 
 
-def checkpoint(shared: Shared) -> None:
+def existing_parent(path: str) -> str:
+    """The nearest directory above `path` that exists: a removed file's
+    own, or where pack removed that too (its oid had no file left), the
+    one whose sync makes that removal durable."""
+    directory = os.path.dirname(path)
+    while not os.path.isdir(directory) and os.path.dirname(directory) != directory:
+        directory = os.path.dirname(directory)
+    return directory
+
+
+def fsync_removals(paths: list[str]) -> None:
+    """Make the removals of `paths` durable, a directory sync each.
+
+    Each file's nearest directory is found when it is synced, not
+    before: a pack may remove an oid's directory meanwhile (its last
+    file went in a later batch), and then the parent holds the removal.
+    """
+    done = set()
+    for path in paths:
+        while True:
+            directory = existing_parent(path)
+            if directory in done:
+                break
+            try:
+                fsync_directory(directory)
+            except FileNotFoundError:
+                continue  # removed meanwhile: its parent, then
+            done.add(directory)
+            break
+
+
+def checkpoint(shared: Shared, removals: bool = False) -> None:
     """Make every logged transaction durable; start the log afresh.
 
     Waits until no logged transaction is still finishing, and holds
     off new ones meanwhile.  One syncfs covers the files, their names
     and the catalog; without syncfs, each file and directory is
     fsynced.  Then the staged names kept for files that were not
-    inline can go.
+    inline can go.  Pack's removals since the last checkpoint are made
+    durable too, and their garbage marks dropped; with `removals` (at
+    close, after recovery, and when many are pending), a checkpoint
+    syncs for them alone.
     """
     with shared.logging:
         while shared.in_flight:
             shared.logging.wait()
-        if not len(shared.commit_log) and not shared.linked:
+        if (not len(shared.commit_log) and not shared.linked
+                and not (removals and shared.removed)):
             return
         if shared.syncfs_works:
             shared.journal.flush()
@@ -138,9 +188,18 @@ def checkpoint(shared: Shared) -> None:
                               for path in shared.unsynced}:
                 if os.path.isdir(directory):
                     fsync_directory(directory)
+            fsync_removals([path for _, path in shared.removed])
             shared.journal.sync()
         kill_point('mid_checkpoint')
         shared.commit_log.checkpoint()
         linked, shared.linked, shared.unsynced = shared.linked, [], []
+        removed, shared.removed = shared.removed, []
+    if removed:
+        try:
+            shared.journal.forget_garbage(pair for pair, _ in removed)
+        except JournalError as e:
+            # The removals are durable: a mark left behind costs the next
+            # open a look, and must not fail the commit or pack here.
+            logger.warning('%s; the next open forgets them', e)
     for path in linked:
         remove_if_exists(path)

@@ -25,11 +25,7 @@ from ZODB.TimeStamp import TimeStamp
 from ZODB.utils import p64, u64
 
 from zodbblob.layout import fsync_directory, fsync_path, remove_if_exists
-from zodbblob.storage.catalog import (
-    JournalError,
-    kill_point,
-    sync_filesystem,
-)
+from zodbblob.storage.catalog import JournalError, kill_point
 from zodbblob.storage.checkpoint import Shared, checkpoint
 from zodbblob.storage.commit import CommitProtocol
 from zodbblob.storage.lock import BlobStorageError
@@ -37,38 +33,40 @@ from zodbblob.storage.lock import BlobStorageError
 logger = logging.getLogger(__name__)
 
 
+# Pack's removals wait for a checkpoint's sync to become durable; past
+# this many, pack syncs for them itself (so that the list stays small).
+REMOVALS_PER_SYNC = 10000
+
+
 def remove_blob_files(shared: Shared, garbage) -> None:
     """Remove the files `garbage` (``(oid, tid)`` pairs), then their rows.
 
-    Per file, its unlink and nothing else: the removals are made durable
-    together, the rows go in one catalog transaction, and only the
-    directories of oids left without files are removed (an ``rmdir`` per
-    file, failing where a newer revision lives, cost as much as the
-    unlink).
+    Per file, its unlink and nothing else: the rows go in one catalog
+    transaction, and only the directories of oids left without files are
+    removed (an ``rmdir`` per file, failing where a newer revision lives,
+    cost as much as the unlink).  No sync: the files' garbage marks,
+    durable before any file went, stay until the next checkpoint's sync
+    has made the removals durable.  A power cut before it may bring back
+    files and rows, and the next open removes them again: it never leaves
+    a file the catalog does not list.
     """
-    # Files first, catalog second: a crash in between leaves catalog
-    # rows whose files are gone, which the next pack removes again;
-    # the other order would orphan files forever.
     fshelper = shared.fshelper
     paths = [fshelper.getBlobFilename(oid, tid) for oid, tid in garbage]
     for path in paths:
         remove_if_exists(path)
         kill_point('mid_pack_removal')
-    # The removals durable before the rows go: a power cut must not bring
-    # back files that the catalog no longer lists.
-    if paths and shared.syncfs_works:
-        sync_filesystem(fshelper.base_dir)
-    else:
-        for directory in {os.path.dirname(path) for path in paths}:
-            if os.path.isdir(directory):
-                fsync_directory(directory)
-    emptied = shared.journal.remove(garbage)
+    emptied = shared.journal.remove(garbage, marks=False)
     if fshelper.layout.directory_per_oid:
         for oid in emptied:
             try:
                 os.rmdir(fshelper.getPathForOID(oid))
             except OSError:
                 pass  # a file the catalog does not know, or gone already
+    with shared.logging:
+        shared.removed.extend(zip(garbage, paths))
+        many = len(shared.removed) >= REMOVALS_PER_SYNC
+    if many:
+        checkpoint(shared, removals=True)
     if paths:
         logger.debug('Pack removed %d blob files from %s', len(paths),
                      fshelper.base_dir)

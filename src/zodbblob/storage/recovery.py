@@ -392,14 +392,35 @@ class Recovery:
             logger.info('Recovered blob directory %s: wrote the catalog rows '
                         'of %d committed transactions from the commit log',
                         fshelper.base_dir, len(rows_only))
+        # Marks whose removal no sync made durable: the files may be
+        # back.  A revision the base has (restored since) is kept.
         garbage = journal.garbage()
         if garbage:
-            logger.warning('Recovered blob directory %s: finished removing '
-                           'the %d blob files of an interrupted pack',
-                           fshelper.base_dir, len(garbage))
-            remove_blob_files(shared, garbage)
+            kept = [(oid, tid) for oid, tid in garbage
+                    if base_has(self.base, oid, tid)]
+            doomed = sorted(set(garbage) - set(kept))
+            # Marks whose files and rows are gone are a finished pack's:
+            # its process ended before a sync let them go.
+            left = journal.known(doomed) | {
+                pair for pair in doomed
+                if os.path.exists(fshelper.getBlobFilename(*pair))}
+            if left:
+                logger.warning('Recovered blob directory %s: finished '
+                               'removing the %d blob files of an '
+                               'interrupted pack', fshelper.base_dir,
+                               len(left))
+            remove_blob_files(shared, doomed)
+            # A kept revision's file came back with it (a base that went
+            # back to before its pack): its row too.
+            known = journal.known(kept)
+            journal.add([(oid, tid, os.path.getsize(path))
+                         for oid, tid in kept if (oid, tid) not in known
+                         for path in [fshelper.getBlobFilename(oid, tid)]
+                         if os.path.isfile(path)])
+            journal.forget_garbage(kept)
         if journal.pack_started() is not None:
             self._finish_pack(journal, fshelper, quiet=bool(garbage))
+        checkpoint(shared, removals=True)
         # Staging belongs to the storage holding the blob directory's lock,
         # and that is the one opening now: what is there is left over.
         if os.path.isdir(fshelper.temp_dir):

@@ -145,7 +145,7 @@ class BlobStorage:
                                self.fshelper.base_dir, shared.failed)
             elif shared.journal is not None and not shared.read_only:
                 try:
-                    checkpoint(shared)
+                    checkpoint(shared, removals=True)
                     shared.journal.set_meta(
                         state='closed', last_tid=self.base.lastTransaction())
                     # Last: everything committed is durable now, so the

@@ -101,6 +101,12 @@ class ExtTornWindowPowerCutTests(ExtDiskTestCase,
     which fails on the dead disk too."""
 
 
+class ExtPackRemovalPowerCutTests(ExtDiskTestCase,
+                                  test_storage.PackRemovalPowerCutTests):
+    """A cut right after a pack under ext4, where the checkpoint's one
+    syncfs is what makes pack's removals durable."""
+
+
 class ManyExtPowerCutTests(ExtDiskTestCase):
 
     level = 2

@@ -143,6 +143,15 @@ class PowerCutStorageTestCase(PowerCutTestCase):
         self.fs.remount()
         return {'kind': kind, 'cut': cut}
 
+    def wait_for_report(self, child, seen: int, key: str,
+                        failure: str) -> None:
+        """Until a report line after the first `seen` has `key`."""
+        deadline = time.monotonic() + CUT_TIMEOUT
+        while not [e for e in acknowledged(self.report)[seen:] if key in e]:
+            if child.ended() or time.monotonic() > deadline:
+                self.fail('%s: %s' % (failure, self.child_log()))
+            time.sleep(0.01)
+
     def child_log(self) -> str:
         path = os.path.join(self.top, 'child.log')
         if not os.path.exists(path):
@@ -268,15 +277,6 @@ class TornWindowPowerCutTests(PowerCutStorageTestCase):
                              'seed %d: no commit held' % seed)
         return child, bytes.fromhex(acknowledged(self.report)[-1]['torn'])
 
-    def wait_for_report(self, child, seen: int, key: str,
-                        failure: str) -> None:
-        """Until a report line after the first `seen` has `key`."""
-        deadline = time.monotonic() + CUT_TIMEOUT
-        while not [e for e in acknowledged(self.report)[seen:] if key in e]:
-            if child.ended() or time.monotonic() > deadline:
-                self.fail('%s: %s' % (failure, self.child_log()))
-            time.sleep(0.01)
-
     def assert_rolled_back(self, seed: int, torn: bytes) -> None:
         """The open rolled the held transaction back, and kept its bytes
         aside (after ``check_database``)."""
@@ -326,6 +326,34 @@ class TornWindowPowerCutTests(PowerCutStorageTestCase):
             self.assertIn('nor its blob files could be made durable', failed[0])
             self.check_database(seed)
             self.assert_rolled_back(seed, torn)
+
+
+class PackRemovalPowerCutTests(PowerCutStorageTestCase):
+    """The power goes after a pack returned, before any sync made its
+    removals durable: the files may come back, and the open must remove
+    them again (their garbage marks are durable), leaving no orphan."""
+
+    def test_a_cut_right_after_a_pack(self):
+        removed = 0
+        for seed in self.seeds(1000, 4):
+            seen = len(acknowledged(self.report))
+            child = Workload(['pack-hold', self.mnt, self.report, str(seed)]
+                             + (['--one-sync'] if self.one_sync else []),
+                             os.path.join(self.top, 'child.log'))
+            self.addCleanup(child.kill)
+            self.wait_for_report(child, seen, 'packed',
+                                 'seed %d: no pack' % seed)
+            self.fs.cut()
+            child.kill()
+            self.fs.remount()
+            removed += acknowledged(self.report)[-1]['removed']
+            self.check_database(seed)
+        self.assertGreater(removed, 0, 'no pack removed a file')
+
+
+class OneSyncPackRemovalPowerCutTests(PackRemovalPowerCutTests):
+
+    one_sync = True
 
 
 class SyncfsTests(PowerCutStorageTestCase):

@@ -8,7 +8,9 @@ WORKLOAD is ``commit`` (transactions of every shape: one and many blobs,
 inline and not, more files than SYNCFS_THRESHOLD, removals), ``pack``
 (commits and packs), ``undo`` (commits and undos), ``open`` (opens the
 storage, which recovers, and closes it), ``torn`` (holds a commit in one
-sync's torn window: see ``torn_workload``), ``cache`` (downloads into a
+sync's torn window: see ``torn_workload``), ``pack-hold`` (commits,
+packs, and holds until the power goes: see ``pack_hold_workload``),
+``cache`` (downloads into a
 zodbblob.cache.BlobCache in DIR/cache) or ``backup`` (commits to a
 storage in REPORT's directory and backs it up into DIR/backup).  The
 database is ``DIR/Data.fs`` with blobs in ``DIR/blobs``; ``--stock``
@@ -194,6 +196,28 @@ def torn_workload(directory: str, log, rng: random.Random,
     threading.Event().wait()
 
 
+def pack_hold_workload(directory: str, log, rng: random.Random,
+                       one_sync: bool) -> None:
+    """Commit until some revisions are superseded, pack, and hold.
+
+    Pack makes its removals durable only at the next checkpoint: the
+    power goes between the two.  Reports each commit, then ``packed``
+    with the number of blob files the pack removed, and waits.
+    """
+    db = open_database(directory, one_sync=one_sync)
+    root = db.open().root()
+    for _ in range(6):
+        commit_one(rng, root)
+        report(log, {'tid': db.lastTransaction().hex(),
+                     'state': state_of(root)})
+    fshelper = db.storage.fshelper
+    before = len(list(fshelper.iter_blobs()))
+    db.pack()
+    removed = before - len(list(fshelper.iter_blobs()))
+    report(log, {'packed': True, 'removed': removed})
+    threading.Event().wait()
+
+
 def cache_bytes(oid: int, tid: int) -> bytes:
     """The bytes of a cached revision: the parent knows them too."""
     rng = random.Random(oid * 1000003 + tid)
@@ -299,6 +323,8 @@ def main(argv: list[str]) -> None:
             cache_workload(directory, rng, int(seed))
         elif workload in ('torn', 'torn-go-on'):
             torn_workload(directory, log, rng, workload == 'torn-go-on')
+        elif workload == 'pack-hold':
+            pack_hold_workload(directory, log, rng, '--one-sync' in argv)
         elif workload == 'backup':
             backup_workload(directory, os.path.join(
                 os.path.dirname(report_path), 'source'), log, rng)

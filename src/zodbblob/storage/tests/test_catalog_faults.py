@@ -32,6 +32,7 @@ from zope.interface.verify import verifyObject
 from zodbblob import BlobStorage
 from zodbblob.cli import main
 from zodbblob.interfaces import IBlobJournal
+from zodbblob.storage.catalog import JournalError
 from zodbblob.storage.catalog import KILL_POINT_VARIABLE
 from zodbblob.storage.catalog import STATE_DIR
 from zodbblob.storage.catalog import journal_path
@@ -60,6 +61,15 @@ def pack_now(db):
     # resolution: FileStorage packs to the transaction before it.
     last = ZODB.TimeStamp.TimeStamp(db.lastTransaction()).timeTime()
     db.pack(t=max(time.time(), last) + 1)
+
+
+def pack_away(db):
+    """A blob committed, deleted, and packed away."""
+    with db.transaction() as conn:
+        conn.root()['blob'] = Blob(b'one')
+    with db.transaction() as conn:
+        del conn.root()['blob']
+    pack_now(db)
 
 
 class CatalogTestCase(unittest.TestCase):
@@ -328,22 +338,8 @@ db.pack(t=max(time.time(), last) + 1)   # killed after the base packed
 '''
 
 
-class InterruptedPackTests(CatalogTestCase):
-    """A kill after the base packed, before the blob side marked garbage."""
-
-    def kill_pack(self):
-        env = dict(os.environ, **{KILL_POINT_VARIABLE: 'after_base_pack'})
-        child = subprocess.run([sys.executable, '-c', PACK_CHILD, self.dir],
-                               env=env, capture_output=True)
-        self.assertEqual(child.returncode, -signal.SIGKILL,
-                         child.stderr.decode()[-2000:])
-        # The files of the two packed-away revisions are there, and no
-        # record references them.
-        code, output = self.run_cli('verify', '--quiet')
-        self.assertEqual(code, 1, output)
-        self.assertEqual(output.count('orphan:'), 2, output)
-        self.assertIn('unfinished: a pack was interrupted after the base '
-                      'storage packed; run `zodbblob recover`', output)
+class PackTestCase(CatalogTestCase):
+    """The CLI, and the state a pack of `PACK_CHILD` must leave."""
 
     def run_cli(self, *args):
         out = io.StringIO()
@@ -364,6 +360,24 @@ class InterruptedPackTests(CatalogTestCase):
                     self.assertEqual(f.read(), b'kept 2')
         finally:
             db.close()
+
+
+class InterruptedPackTests(PackTestCase):
+    """A kill after the base packed, before the blob side marked garbage."""
+
+    def kill_pack(self):
+        env = dict(os.environ, **{KILL_POINT_VARIABLE: 'after_base_pack'})
+        child = subprocess.run([sys.executable, '-c', PACK_CHILD, self.dir],
+                               env=env, capture_output=True)
+        self.assertEqual(child.returncode, -signal.SIGKILL,
+                         child.stderr.decode()[-2000:])
+        # The files of the two packed-away revisions are there, and no
+        # record references them.
+        code, output = self.run_cli('verify', '--quiet')
+        self.assertEqual(code, 1, output)
+        self.assertEqual(output.count('orphan:'), 2, output)
+        self.assertIn('unfinished: a pack was interrupted after the base '
+                      'storage packed; run `zodbblob recover`', output)
 
     def test_verify_beside_a_live_pack_raises_no_false_alarm(self):
         # What verify sees beside a server whose pack is between the base's
@@ -415,17 +429,176 @@ class InterruptedPackTests(CatalogTestCase):
     def test_a_finished_pack_leaves_no_intent(self):
         storage, db = self.open()
         try:
-            with db.transaction() as conn:
-                conn.root()['blob'] = Blob(b'one')
-            with db.transaction() as conn:
-                del conn.root()['blob']
-            pack_now(db)
+            pack_away(db)
             self.assertIsNone(storage._shared.journal.pack_started())
         finally:
             db.close()
         code, output = self.run_cli('recover')
         self.assertEqual(code, 0)
         self.assertIn('nothing left to recover', output)
+
+
+LOST_REMOVALS_CHILD = PACK_CHILD.replace(
+    'db.pack(t=max(time.time(), last) + 1)   # killed after the base packed',
+    """storage = db.storage
+before = {path: open(path, 'rb').read()
+          for _, _, path in storage.fshelper.iter_blobs()}
+db.pack(t=max(time.time(), last) + 1)
+after = {path for _, _, path in storage.fshelper.iter_blobs()}
+assert len(set(before) - after) == 2, (before, after)
+# What a power cut before the next sync leaves: the removals undone.
+import os, signal
+for path in set(before) - after:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'wb') as f:
+        f.write(before[path])
+os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+KILLED_AFTER_PACK_CHILD = PACK_CHILD.replace(
+    'db.pack(t=max(time.time(), last) + 1)   # killed after the base packed',
+    """db.pack(t=max(time.time(), last) + 1)
+assert len(db.storage._shared.journal.garbage()) == 2
+import os, signal
+os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+class UnsyncedPackRemovalTests(PackTestCase):
+    """Pack removes files without a sync; their marks stay until one."""
+
+    def test_a_kill_after_a_finished_pack_raises_no_alarm(self):
+        child = subprocess.run(
+            [sys.executable, '-c', KILLED_AFTER_PACK_CHILD, self.dir],
+            capture_output=True)
+        self.assertEqual(child.returncode, -signal.SIGKILL,
+                         child.stderr.decode()[-2000:])
+        code, output = self.run_cli('verify')
+        self.assertEqual(code, 0, output)
+        self.assertNotIn('unfinished', output)
+        with self.assertNoLogs('zodbblob.storage', logging.WARNING):
+            storage, db = self.open()
+        self.assertEqual(storage._shared.journal.garbage(), [])
+        db.close()
+        self.check_packed()
+
+    def test_removals_lost_before_a_sync_are_done_again_at_open(self):
+        child = subprocess.run(
+            [sys.executable, '-c', LOST_REMOVALS_CHILD, self.dir],
+            capture_output=True)
+        self.assertEqual(child.returncode, -signal.SIGKILL,
+                         child.stderr.decode()[-2000:])
+        with self.assertLogs('zodbblob.storage', logging.WARNING) as logs:
+            db = self.open()[1]
+        db.close()
+        self.assertIn('finished removing the 2 blob files of an '
+                      'interrupted pack', '\n'.join(logs.output))
+        self.check_packed()
+
+    def test_the_marks_go_at_close(self):
+        storage, db = self.open()
+        try:
+            pack_away(db)
+            self.assertEqual(len(storage._shared.journal.garbage()), 1)
+        finally:
+            db.close()
+        with sqlite3.connect(journal_path(self.blob_dir)) as catalog:
+            self.assertEqual(
+                catalog.execute('SELECT * FROM garbage').fetchall(), [])
+
+    def commit_marked(self, data: bytes) -> tuple[bytes, bytes]:
+        """A blob committed, and then marked as garbage by hand."""
+        storage, db = self.open()
+        with db.transaction() as conn:
+            conn.root()['blob'] = Blob(data)
+        (oid, tid), = blob_records(storage)
+        db.close()
+        with sqlite3.connect(journal_path(self.blob_dir)) as catalog:
+            catalog.execute('INSERT INTO garbage (oid, tid) VALUES (?, ?)',
+                            (oid, tid))
+        return oid, tid
+
+    def test_a_marked_revision_the_base_has_gets_its_row_back(self):
+        # A base that went back to before its pack, and the removals
+        # with it: the file is back and marked, its row gone.
+        oid, tid = self.commit_marked(b'back again')
+        with sqlite3.connect(journal_path(self.blob_dir)) as catalog:
+            catalog.execute('DELETE FROM blob WHERE oid = ? AND tid = ?',
+                            (oid, tid))
+            # As pack's delete left it: the total without the row.
+            catalog.execute("DELETE FROM meta WHERE name = 'total_size'")
+        storage, db = self.open()
+        try:
+            self.check_catalog(storage)
+            self.assertEqual(storage._shared.journal.garbage(), [])
+        finally:
+            db.close()
+
+    def test_marks_that_cannot_be_forgotten_fail_nothing(self):
+        import zodbblob.storage.pack
+        self.addCleanup(setattr, zodbblob.storage.pack, 'REMOVALS_PER_SYNC',
+                        zodbblob.storage.pack.REMOVALS_PER_SYNC)
+        zodbblob.storage.pack.REMOVALS_PER_SYNC = 1   # pack checkpoints
+        storage, db = self.open()
+        journal = storage._shared.journal
+
+        def locked(pairs):
+            raise JournalError('Cannot forget garbage in blob catalog %s: '
+                               'database is locked' % journal.path)
+
+        try:
+            with db.transaction() as conn:
+                conn.root()['blob'] = Blob(b'one')
+            with db.transaction() as conn:
+                del conn.root()['blob']
+            journal.forget_garbage = locked
+            with self.assertLogs('zodbblob.storage', logging.WARNING) as logs:
+                pack_now(db)
+            self.assertIn('database is locked; the next open forgets them',
+                          '\n'.join(logs.output))
+        finally:
+            db.close()
+        storage, db = self.open()
+        try:
+            self.assertEqual(storage._shared.journal.garbage(), [])
+            self.check_catalog(storage)
+        finally:
+            db.close()
+
+    def test_a_removal_whose_directory_went_meanwhile_syncs_the_parent(self):
+        # Pack removed an oid's last file and its directory while a
+        # checkpoint synced the removals listed before.
+        import zodbblob.storage.checkpoint as checkpoint
+        top = os.path.join(self.dir, 'top')
+        gone = os.path.join(top, 'oid')
+        os.makedirs(gone)
+        synced = []
+        fsync_directory = checkpoint.fsync_directory
+
+        def removing_first(directory):
+            if not synced:
+                os.rmdir(gone)     # between the lookup and the sync
+            synced.append(directory)
+            fsync_directory(directory)
+
+        self.addCleanup(setattr, checkpoint, 'fsync_directory',
+                        fsync_directory)
+        checkpoint.fsync_directory = removing_first
+        checkpoint.fsync_removals([os.path.join(gone, 'a.blob')])
+        self.assertEqual(synced, [gone, top])
+
+    def test_a_marked_revision_the_base_has_is_kept(self):
+        self.commit_marked(b'still here')
+        storage, db = self.open()
+        try:
+            with db.transaction() as conn:
+                with conn.root()['blob'].open() as f:
+                    self.assertEqual(f.read(), b'still here')
+            self.assertEqual(storage._shared.journal.garbage(), [])
+            self.check_catalog(storage)
+        finally:
+            db.close()
 
 
 class UndoTests(CatalogTestCase):
