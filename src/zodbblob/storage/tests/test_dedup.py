@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -270,6 +271,55 @@ class LinkTests(DedupTestCase):
         self.assertEqual(db.storage.getSize() - db.storage.base.getSize(),
                          2 * len(CONTENT))
         self.assertGreater(db.storage.base.getSize(), base)
+
+
+class OtherFilesystemTests(DedupTestCase):
+    """A directory of the blob tree that is a mount point: a link across
+    it fails with EXDEV, so dedup does not apply there."""
+
+    def move_to_a_tmpfs(self, directory):
+        """Put `directory`'s files on a tmpfs mounted on it, until the
+        test's cleanup; skip the test where no tmpfs can be mounted."""
+        if os.geteuid() != 0:
+            self.skipTest('mounting a tmpfs needs root')
+        if shutil.which('mount') is None:
+            self.skipTest('no mount command here')
+        aside = os.path.join(self.dir, 'aside')
+        shutil.copytree(directory, aside)
+        mounted = subprocess.run(
+            ['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', directory],
+            capture_output=True, text=True)
+        if mounted.returncode:
+            self.skipTest(f'cannot mount a tmpfs on {directory}: '
+                          f'{mounted.stderr.strip()}')
+
+        def unmount():
+            if subprocess.run(['umount', directory]).returncode:
+                subprocess.run(['umount', '-l', directory], check=True)
+        self.addCleanup(unmount)
+        for name in os.listdir(aside):
+            shutil.copy2(os.path.join(aside, name), directory)
+
+    def test_an_equal_content_on_another_filesystem_is_not_linked(self):
+        db = self.open_db(layout='lawn')
+        self.store(db, a=CONTENT)
+        elsewhere = self.path(db, 'a')
+        self.move_to_a_tmpfs(os.path.dirname(elsewhere))
+        self.assertNotEqual(os.stat(elsewhere).st_dev,
+                            os.stat(self.blob_dir).st_dev)
+        with self.assertLogs('zodbblob.storage.dedup', logging.DEBUG) as logs:
+            self.store(db, b=CONTENT)
+        self.assertIn('could not link', logs.output[0])
+        self.assertIn(os.strerror(errno.EXDEV), logs.output[0])
+        self.assert_own_inodes(db, 'a', 'b')
+        self.assertEqual(self.read(db, 'a'), CONTENT)
+        self.assertEqual(self.read(db, 'b'), CONTENT)
+        # On the blob directory's own filesystem, dedup still applies.
+        self.store(db, c=CONTENT)
+        self.assert_one_inode(db, 'b', 'c')
+        self.assert_no_leftovers()
+        report = verify(db.storage, checksum=True)
+        self.assertTrue(report.clean, report.lines())
 
 
 class PackAndUndoTests(DedupTestCase):
