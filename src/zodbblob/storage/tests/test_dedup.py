@@ -536,6 +536,40 @@ class ServeTests(DedupTestCase):
         self.assertEqual(self.read(db, 'second'), CONTENT)
 
 
+    def test_a_config_with_dedup_on_links_two_open_clients_blobs(self):
+        # Both clients connected at once, each committing the content in
+        # its own transaction; then one transaction of both contents.
+        address = ('127.0.0.1', free_port())
+        var = os.path.join(self.dir, 'var')
+        os.makedirs(os.path.join(var, 'filestorage'))
+        config = os.path.join(self.dir, 'zeo.conf')
+        with open(config, 'w') as f:
+            f.write(serve_config(address, var=var, dedup=True))
+        server = ServerProcess(serve_command('--config', config), address,
+                               cwd=self.dir,
+                               log_path=os.path.join(self.dir, 'server.log'))
+        server.start()
+        self.addCleanup(server.stop)
+        clients = [ZEO.DB(address, blob_dir=os.path.join(
+            self.dir, f'cache-{i}')) for i in range(2)]
+        try:
+            for i, client in enumerate(clients):
+                commit_blob(client, CONTENT, key=f'client{i}')
+            with clients[1].transaction() as conn:
+                conn.root()['both'] = Blob(CONTENT)
+                conn.root()['other'] = Blob(CONTENT[::-1])
+        finally:
+            for client in clients:
+                client.close()
+        self.assertEqual(server.stop(), 0, server.output())
+        self.blob_dir = os.path.join(var, 'blobstorage')
+        self.data_fs = os.path.join(var, 'filestorage', 'Data.fs')
+        db = self.open_db(read_only=True)
+        self.assert_one_inode(db, 'client0', 'client1', 'both')
+        self.assert_own_inodes(db, 'other')
+        self.assertEqual(self.read(db, 'client1'), CONTENT)
+
+
 class CrashTests(CrashTestCase):
     """A kill while a file is linked, and what a power cut could leave."""
 
