@@ -113,10 +113,11 @@ class IBlobJournal(Interface):
         """Record ``(digest, oid, tid)`` for rows that have no digest
         yet; the count recorded."""
 
-    def same_content(keys):
-        """``{(digest, size): [(oid, tid), ...]}``: the committed rows
-        of each ``(digest, size)`` in `keys`, latest first (the files a
-        commit with dedup on may link to)."""
+    def same_content(keys, limit):
+        """``{(digest, size): [(oid, tid), ...]}``: up to `limit` of the
+        committed rows of each ``(digest, size)`` in `keys`, latest first
+        (the files a commit with dedup on may link to), however many
+        rows a content has."""
 
     def superseded(stop):
         """Batches of the ``(oid, tid)`` superseded at or before tid

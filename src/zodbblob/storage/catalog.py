@@ -142,40 +142,39 @@ class _Digests:
                            'tid = ?', (oid, tid))
         return rows[0][0] if rows else None
 
-    def same_content(self, keys: Iterable[tuple[bytes, int]]
+    def same_content(self, keys: Iterable[tuple[bytes, int]], limit: int
                      ) -> dict[tuple[bytes, int], list[tuple[bytes, bytes]]]:
-        """The committed ``(oid, tid)`` of each ``(digest, size)`` of
-        `keys` that the catalog has rows of, latest first (dedup's
-        candidates).
+        """Up to `limit` committed ``(oid, tid)`` of each ``(digest,
+        size)`` of `keys` that the catalog has rows of, latest first
+        (dedup's candidates).
 
-        One SELECT on the digest index for up to 500 keys, and the rows
-        still pending in memory; without writing those first, as other
-        reads do: a lookup per commit would write a batch per commit.
+        One SELECT per key on the digest index, ``LIMIT`` `limit`: a
+        content with many names (dedup's links) costs what one with a
+        few does.  And the rows still pending in memory, without writing
+        them first: a lookup per commit would write a batch per commit.
         """
         keys = set(keys)
         found: dict[tuple[bytes, int], list[tuple[bytes, bytes]]] = {}
         if not self.has_digest or not keys:
             return found
-        digests = sorted({digest for digest, size in keys})
         with self._lock:
             rows = [(row[3], row[2], row[0], row[1])
                     for row in self._unsaved if len(row) > 3]
             try:
-                for start in range(0, len(digests), 500):
-                    part = digests[start:start + 500]
+                for digest, size in sorted(keys):
                     rows += self._db.execute(
                         'SELECT digest, size, oid, tid FROM blob WHERE '
-                        'digest IN (%s)' % ', '.join('?' * len(part)),
-                        part).fetchall()
+                        'digest = ? AND size = ? ORDER BY oid DESC, tid '
+                        'DESC LIMIT ?', (digest, size, limit)).fetchall()
             except sqlite3.Error as e:
                 raise self._failed('read', e) from e
         for digest, size, oid, tid in sorted(rows, key=lambda row: row[3],
                                              reverse=True):
-            if (digest, size) in keys:
-                pairs = found.setdefault((digest, size), [])
-                if (oid, tid) not in pairs:
-                    pairs.append((oid, tid))
-        return found
+            pairs = found.setdefault((digest, size), [])
+            if ((digest, size) in keys and len(pairs) < limit
+                    and (oid, tid) not in pairs):
+                pairs.append((oid, tid))
+        return {key: pairs for key, pairs in found.items() if pairs}
 
     def without_digest(self, after: tuple[bytes, bytes], limit: int
                        ) -> list[tuple[bytes, bytes]]:

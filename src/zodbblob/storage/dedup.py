@@ -19,9 +19,9 @@ staging directory at the next open.  A link that fails (another
 filesystem, the link limit, the file gone meanwhile) keeps the copy,
 logged at DEBUG only.
 
-The lookup is one SELECT on the catalog's digest index per transaction
-(``Journal.same_content``); files of one transaction with equal contents
-link to the first one published.
+The lookup is one SELECT per file on the catalog's digest index, at
+most `CANDIDATES` rows each (``Journal.same_content``); files of one
+transaction with equal contents link to the first one published.
 """
 
 from __future__ import annotations
@@ -81,14 +81,15 @@ class Deduplicator:
                       for oid, path, info in staged.stats
                       if digests.get(oid) is not None and info.st_size}
         try:
-            found = shared.journal.same_content(self._keys.values())
+            found = shared.journal.same_content(self._keys.values(),
+                                                CANDIDATES)
         except JournalError as e:
             logger.debug('No dedup for transaction %s: %s',
                          staged.tid.hex(), e)
             found = {}
         self._candidates = {
             key: [self._fshelper.getBlobFilename(oid, tid)
-                  for oid, tid in pairs[:CANDIDATES]]
+                  for oid, tid in pairs]
             for key, pairs in found.items()}
 
     def publish(self, oid: bytes, path: str, final: str) -> bool:

@@ -19,7 +19,7 @@ import sqlite3
 # is the oid's latest): the index on it is where a pack finds the
 # revisions it may drop.  Partial: the latest rows are most rows.  The
 # index on `digest` is where a commit with dedup on finds a committed file
-# of the same content (``dedup.py``): one indexed lookup per transaction.
+# of the same content (``dedup.py``): one indexed lookup per file.
 # The index of the rows without a digest, oldest first, is the background
 # scrubber's queue (``scrub.py``); partial, so it holds only those.
 SCHEMA = """

@@ -33,6 +33,7 @@ from zodbblob.cli import main
 from zodbblob.cli.serve import serve_config
 from zodbblob.layout import FilesystemHelper
 from zodbblob.storage import commit
+from zodbblob.storage.dedup import CANDIDATES
 from zodbblob.storage.catalog import journal_path
 from zodbblob.storage.commitlog import CommitLog, commit_log_path
 from zodbblob.storage.tests.test_crash import CrashTestCase, run_child
@@ -257,6 +258,24 @@ class LinkTests(DedupTestCase):
         self.assertEqual(os.stat(committed).st_nlink, 1)
         self.assertEqual(self.read(db, 'a'), CONTENT)
         self.assert_no_leftovers()
+
+    def test_a_content_of_many_names_gives_a_few_candidates(self):
+        # A lookup costs the same however many names dedup gave the
+        # content: the latest CANDIDATES rows, not every row.
+        db = self.open_db()
+        for i in range(CANDIDATES + 4):
+            self.store(db, **{f'name{i}': CONTENT})
+        names = [f'name{i}' for i in range(CANDIDATES + 4)]
+        self.assert_one_inode(db, *names)
+        with db.transaction() as conn:
+            pairs = [(conn.root()[name]._p_oid, conn.root()[name]._p_serial)
+                     for name in names]
+        key = (blake3.blake3(CONTENT).digest(), len(CONTENT))
+        journal = db.storage._shared.journal
+        journal.flush()
+        self.assertEqual(journal.same_content([key], CANDIDATES),
+                         {key: pairs[::-1][:CANDIDATES]})
+        self.assertEqual(journal.same_content([key], 2), {key: pairs[:-3:-1]})
 
     def test_empty_files_are_not_linked(self):
         db = self.open_db()
