@@ -546,15 +546,22 @@ def _carry_digests(source: str, destination: str, wanted: Inventory) -> None:
         journal.close()
     if last_tid is None or not known:
         return
-    carried = Journal(destination)
     try:
-        carried.rebuild((oid, tid, size)
-                        for (oid, tid), (size, path) in wanted.items())
-        carried.record_digests([
-            (known[key][1], *key) for key, (size, path) in wanted.items()
-            if known.get(key, (None,))[0] == size])
-        # As the source's storage closed it: a storage opened on the
-        # destination over the same Data.fs takes the rows as they are.
-        carried.set_meta(state='closed', last_tid=last_tid)
-    finally:
-        carried.close()
+        carried = Journal(destination)
+        try:
+            carried.rebuild((oid, tid, size)
+                            for (oid, tid), (size, path) in wanted.items())
+            carried.record_digests([
+                (known[key][1], *key) for key, (size, path) in wanted.items()
+                if known.get(key, (None,))[0] == size])
+            # As the source's storage closed it: a storage opened on the
+            # destination over the same Data.fs takes the rows as they are.
+            carried.set_meta(state='closed', last_tid=last_tid)
+        finally:
+            carried.close()
+    except (JournalError, OSError) as e:
+        # The migration is finished: without the catalog, a storage
+        # scans the destination and the scrubber hashes it again.
+        logger.warning('Migrated %s without its digests: cannot write a '
+                       'catalog to %s (%s)', source, journal_path(
+                           destination), e)
