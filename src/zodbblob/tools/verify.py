@@ -472,7 +472,7 @@ def _check_files(storage, report: Report, records: _Records, checksum: bool,
         # A mark whose file and row are gone is a finished pack's, whose
         # process ended before a sync let the mark go: nothing to finish.
         garbage = [pair for pair in garbage
-                   if catalog.size(*pair) is not None
+                   if catalog.row(*pair) is not None
                    or os.path.exists(fshelper.getBlobFilename(*pair))]
         catalog_pack_started = (catalog.readable and not live
                                 and catalog.pack_started() is not None)
