@@ -141,6 +141,10 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
                              'where one filesystem holds both (fast, but '
                              'the restored files are the backup\'s: see '
                              'doc/backup.rst); copies by default')
+    parser.add_argument('--no-links', dest='links', action='store_false',
+                        help='copy every blob file; by default the files '
+                             'of one content are hard links to one restored '
+                             'file, as a deduplicated store has them')
     add_layout_argument(parser, "layout of the restored blob directory "
                                 "(default: the source's)")
     parser.add_argument('--quiet', action='store_true',
@@ -187,7 +191,7 @@ def restore_command(args: argparse.Namespace) -> int:
             if not report.clean or args.directory is None:
                 return 0 if report.clean else 1
         result = restore(args.snapshot, args.directory, link=args.link,
-                         layout=args.layout,
+                         layout=args.layout, links=args.links,
                          progress=Progress('restore', quiet=args.quiet))
     except KeyboardInterrupt:
         newline = '\n' if sys.stderr.isatty() and not args.quiet else ''

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from ZODB.utils import z64
 
 from zodbblob.layout import fsync_directory, makedirs_durable
+from zodbblob.tools.backup.contents import clear_incoming
 from zodbblob.tools.backup.destination import (
     Snapshot,
     _finish_removals,
@@ -149,11 +150,20 @@ def _write_manifest(path, source, tid, end, base, base_parts, start,
                     full) -> None:
     manifest = Manifest(path, create=True)
     db = manifest.db
+    # The base's rows are done where the pool by content has them: a base
+    # of format 2 has its files in the older pool, to be linked in by
+    # their recorded content (and --full checks every content).
+    pooled = DONE
     try:
         if base is not None:
             db.execute('ATTACH DATABASE ? AS base', (_sqlite_uri(
                 os.path.join(base.path, MANIFEST_NAME), mode='ro',
                 immutable=1),))
+            base_format = db.execute(
+                "SELECT value FROM base.meta WHERE name = 'format'"
+            ).fetchone()[0]
+            if full or base_format != FORMAT:
+                pooled = IN_PROGRESS
         with db:
             db.execute('BEGIN')
             manifest.set_meta(
@@ -162,7 +172,7 @@ def _write_manifest(path, source, tid, end, base, base_parts, start,
                 blob_dir=source.blob_dir, started=time.time(),
                 base=base.name if base is not None else '',
                 state='planned', boot_id=_boot_id() or '',
-                plan=secrets.token_hex(16))
+                plan=secrets.token_hex(16), full=int(full))
             db.executemany(
                 'INSERT INTO part (start, "end", sha256, state) '
                 'VALUES (?, ?, ?, ?)',
@@ -174,9 +184,10 @@ def _write_manifest(path, source, tid, end, base, base_parts, start,
                 # pool has them (the missing ones are tried again).
                 db.execute(
                     'INSERT INTO blob (oid, tid, size, sha256, state) '
-                    'SELECT oid, tid, size, sha256, CASE state WHEN ? THEN '
-                    '? ELSE ? END FROM base.blob',
-                    (DONE, DONE, IN_PROGRESS))
+                    'SELECT oid, tid, CASE state WHEN ? THEN size END, '
+                    'CASE state WHEN ? THEN sha256 END, CASE state WHEN ? '
+                    'THEN ? ELSE ? END FROM base.blob',
+                    (DONE, DONE, DONE, pooled, IN_PROGRESS))
             db.executemany(
                 'INSERT OR IGNORE INTO blob (oid, tid, state) '
                 'VALUES (?, ?, ?)',
@@ -191,7 +202,7 @@ def _write_manifest(path, source, tid, end, base, base_parts, start,
                     'blob.oid AND b.tid = blob.tid) WHERE EXISTS (SELECT 1 '
                     'FROM base.blob b WHERE b.oid = blob.oid AND b.tid = '
                     'blob.tid AND b.state = ?)',
-                    (IN_PROGRESS if full else DONE, DONE))
+                    (pooled, DONE))
         if base is not None:
             db.execute('DETACH DATABASE base')
     finally:
@@ -211,6 +222,9 @@ def _open_unfinished(snapshot: Snapshot, source: _Source) -> Manifest | None:
         meta = manifest.meta()
         if meta.get('state') != 'planned':
             reason = 'it was interrupted before its plan was written'
+        elif meta.get('format') != FORMAT:
+            reason = (f'it is of backup format {meta.get("format")}; the '
+                      f'next snapshot is taken in format {FORMAT}')
         else:
             last_start = manifest.parts()[-1][0]
             if source.end_of(snapshot.tid, last_start) == meta['size']:
@@ -247,7 +261,8 @@ def backup(storage, destination: str, full: bool = False,
     """
     destination = os.path.abspath(destination)
     existed = os.path.lexists(destination)
-    new = not _read_destination(destination)
+    found = _read_destination(destination)
+    new = found is None
     dropped = False
     source = _Source(storage)
     try:
@@ -258,7 +273,7 @@ def backup(storage, destination: str, full: bool = False,
         # would go with it.
         makedirs_durable(destination)
         with _locked(destination):
-            _prepare_destination(destination)
+            _prepare_destination(destination, found)
             try:
                 return _backup(source, destination, full, progress)
             except (BackupError, OSError) as e:
@@ -285,6 +300,7 @@ def _backup(source: _Source, destination: str, full: bool,
     kill = _Kill()
     _finish_removals(destination)
     collect(destination)
+    clear_incoming(destination)
     results = []
     removed = False
     for snapshot in snapshots(destination):
@@ -318,6 +334,8 @@ def _backup(source: _Source, destination: str, full: bool,
         # Data.fs under its reading: its plan no longer holds.
         if not isinstance(e, SourcePacked) and not source.packed():
             raise
+        # Its contents copied so far are listed, for collect to remove.
+        writer._flush()
         manifest.close()
         _drop_snapshot(destination, path, writer.files.created)
         if isinstance(e, SourcePacked):

@@ -94,8 +94,10 @@ def files_below(top, suffix=''):
 
 
 def pool_files(destination):
-    """Path below the pool -> inode, for every blob file in it."""
-    return files_below(os.path.join(destination, '.blobs'), '.blob')
+    """Path below the pool -> inode, for every content in it."""
+    return {path: inode for path, inode in files_below(
+        os.path.join(destination, '.contents')).items()
+        if not path.startswith('.incoming')}
 
 
 def directories(top):
@@ -103,20 +105,19 @@ def directories(top):
 
 
 def listed(snapshot):
-    """(oid, tid) of every blob file the manifest of `snapshot` lists."""
+    """sha256 of every content the manifest of `snapshot` lists."""
     manifest = Manifest(snapshot, read_only=True)
     try:
-        return {(oid, tid) for oid, tid, *_ in manifest.blobs()}
+        return {sha256 for *_, sha256, state in manifest.blobs()
+                if sha256 is not None}
     finally:
         manifest.close()
 
 
 def pooled(destination):
-    """(oid, tid) of every blob file in the pool of `destination`."""
-    from zodbblob.tools.backup import POOL_LAYOUT
-    top = os.path.join(destination, '.blobs')
-    return {POOL_LAYOUT.blob_path_to_oid_tid(path)
-            for path in files_below(top, '.blob')}
+    """sha256 of every content in the pool of `destination`."""
+    return {bytes.fromhex(os.path.basename(path))
+            for path in pool_files(destination)}
 
 
 def tree(path):
