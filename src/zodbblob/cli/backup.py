@@ -48,9 +48,9 @@ def add_backup_arguments(parser: argparse.ArgumentParser) -> None:
         'Take a snapshot of a FileStorage and its blob directory, '
         'consistent at its last committed transaction, into DEST/<tid>.  '
         'Reads the storage without locking it: safe while a server serves '
-        'and commits.  Blob files are kept once per destination, in '
-        'DEST/.blobs: a new snapshot copies only the files committed since '
-        'the previous one.  An interrupted backup is resumed by running it '
+        'and commits.  Each content is kept once per destination, in '
+        'DEST/.contents, whichever oids and tids had it: a new snapshot '
+        'copies only the contents the pool lacks.  An interrupted backup is resumed by running it '
         'again.  Exit status 0 when complete, 1 when blob files were '
         'missing from the source (or not regular files: never copied), 2 '
         'when it could not run, 130 when interrupted.')
