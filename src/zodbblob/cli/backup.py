@@ -50,8 +50,8 @@ def add_backup_arguments(parser: argparse.ArgumentParser) -> None:
         'Reads the storage without locking it: safe while a server serves '
         'and commits.  Each content is kept once per destination, in '
         'DEST/.contents, whichever oids and tids had it: a new snapshot '
-        'copies only the contents the pool lacks.  An interrupted backup is resumed by running it '
-        'again.  Exit status 0 when complete, 1 when blob files were '
+        'copies only the contents the pool lacks.  An interrupted backup '
+        'is resumed by running it again.  Exit status 0 when complete, 1 when blob files were '
         'missing from the source (or not regular files: never copied), 2 '
         'when it could not run, 130 when interrupted.')
     add_storage_arguments(parser)

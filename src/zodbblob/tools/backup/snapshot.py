@@ -1,15 +1,19 @@
 """Taking a snapshot: finish what a run left, plan the next one, write it.
 
 A committed blob file never changes (one (oid, tid) is one content), so
-the pool holds it once, however many snapshots list it.  A new snapshot
+the pool holds its content once, however many snapshots, revisions and
+oids have it (``contents``).  A new snapshot
 is incremental: its manifest is the previous one's rows, copied by one
 SQL statement, plus the blob records of the transactions committed since;
 its parts are hard links to the previous snapshot's plus the bytes
-appended since; it copies into the pool only the new blob files.  What a
+appended since; it copies into the pool only the new contents.  What a
 backup writes grows with what changed, not with the store.  When
 ``Data.fs`` was packed since the previous snapshot (its bytes no longer
 match), the new snapshot copies it whole and reads all its records, and
-still takes from the pool every file the previous manifest lists.
+still takes from the pool every file the previous manifest lists.  A
+base of format 2 has its files in the older pool: the new snapshot's rows
+of them carry their recorded size and sha256, in progress, and the
+writer links each into the pool by content.
 """
 
 from __future__ import annotations

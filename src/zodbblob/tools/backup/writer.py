@@ -2,8 +2,10 @@
 
 An interrupted backup resumes: the manifest lists every file the
 snapshot needs, each in progress, done or missing (from the source).
-Files are copied to ``.partial`` names and renamed, then marked done, so
-a rerun skips what is done, discards partial files and copies the rest
+New contents are copied into ``.contents/.incoming``, listed in the
+manifest, named in the pool, then marked done (`_SnapshotWriter._flush`),
+so a rerun skips what is done, finds in the pool what was named,
+discards what was only staged and copies the rest
 (after a reboot, it first checks the files it had copied: see
 `_SnapshotWriter`).  ``COMPLETE`` is written only once everything is
 durable; a snapshot without it is resumed, never built upon.
