@@ -51,9 +51,10 @@ def add_backup_arguments(parser: argparse.ArgumentParser) -> None:
         'and commits.  Each content is kept once per destination, in '
         'DEST/.contents, whichever oids and tids had it: a new snapshot '
         'copies only the contents the pool lacks.  An interrupted backup '
-        'is resumed by running it again.  Exit status 0 when complete, 1 when blob files were '
-        'missing from the source (or not regular files: never copied), 2 '
-        'when it could not run, 130 when interrupted.')
+        'is resumed by running it again.  Exit status 0 when complete, 1 '
+        'when blob files were missing from the source (or not regular '
+        'files: never copied), 2 when it could not run, 130 when '
+        'interrupted.')
     add_storage_arguments(parser)
     parser.add_argument('destination', metavar='DEST',
                         help='directory of the snapshots of this database, '
