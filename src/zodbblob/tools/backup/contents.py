@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 
 from zodbblob.layout import BlobTree, remove_if_exists
 from zodbblob.tools.backup.files import _Files, _Kill
@@ -50,9 +49,18 @@ def _hash_fd(fd: int, length: int) -> tuple[int, bytes]:
 
 
 def clear_incoming(destination: str) -> None:
-    """Remove what an interrupted backup left half copied."""
-    shutil.rmtree(os.path.join(destination, CONTENTS_NAME, INCOMING_NAME),
-                  ignore_errors=True)
+    """Remove what an interrupted backup left half copied.
+
+    The directory stays: a backup that copies a few contents makes no
+    directory but its snapshot's.
+    """
+    incoming = os.path.join(destination, CONTENTS_NAME, INCOMING_NAME)
+    try:
+        names = os.listdir(incoming)
+    except FileNotFoundError:
+        return
+    for name in names:
+        remove_if_exists(os.path.join(incoming, name))
 
 
 class _Contents:

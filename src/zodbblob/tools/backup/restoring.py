@@ -257,6 +257,9 @@ def _restore(snapshot, manifest, meta, layout, link, directory, staged_data,
                 # Checked when it was restored: the same bytes.
                 placed = files.link(restored[sha256], target)
                 shared += placed
+                if not placed:
+                    # The link limit, say: this copy takes its place.
+                    del restored[sha256]
             if not placed and link:
                 _check_pooled(path, *_hash_file(path, pool_tree), size, sha256)
                 placed = files.link(path, target, pool_tree)
