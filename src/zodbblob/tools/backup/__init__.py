@@ -11,7 +11,7 @@ A destination holds the snapshots of one database, in format 3::
 
     DEST/.zodbblob-backup    {"format": 3}: what the directory is
     DEST/.contents/          the pool: each content once, named by its
-                             sha256 (<3 hex digits>/<64 hex digits>)
+                             sha256 (<2 hex digits>/<64 hex digits>)
     DEST/.manifests/         <tid>.sqlite: a hard link to each snapshot's
                              manifest, for `collect`
     DEST/03f0c4a1b2c3d4e5/   a snapshot, named for its tid:

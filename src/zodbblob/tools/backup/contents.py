@@ -2,7 +2,7 @@
 
 A destination of format 3 keeps in ``.contents/`` every content its
 snapshots list, once, whichever oids and tids had it: ``.contents/
-<3 hex digits>/<the 64 hex digits of its SHA-256>``.  The manifest
+<2 hex digits>/<the 64 hex digits of its SHA-256>``.  The manifest
 records the SHA-256 of every blob file anyway (check and restore compare
 every byte with it), so that name costs no second hash, needs no table
 of its own, and is what `check` verifies; a collision of SHA-256 is

@@ -101,12 +101,14 @@ def pool_path(destination: str, oid: bytes, tid: bytes) -> str:
 def content_path(destination: str, sha256: bytes) -> str:
     """Where the pool of `destination` keeps the content of `sha256`.
 
-    4096 directories, named by the first three hex digits: a pool's
-    directories are all made by its first large backup, and ten million
-    contents are some 2500 names a directory.
+    256 directories, named by the first two hex digits: a pool of a few
+    wide directories, as the chunky layout of format 2 was, all made by
+    the first backup of a store of a few thousand blobs, so that a later
+    backup makes none.  Ten million contents are some 40000 names a
+    directory, which ext4 and XFS index.
     """
     name = sha256.hex()
-    return os.path.join(destination, CONTENTS_NAME, name[:3], name)
+    return os.path.join(destination, CONTENTS_NAME, name[:2], name)
 
 
 def blob_path(destination: str, meta: dict, oid: bytes, tid: bytes,
