@@ -213,6 +213,12 @@ class _SnapshotWriter:
                                                                  sha256):
                     bad.add(sha256)
                     self.contents.discard(sha256)
+            # Rows whose contents a flush had named but not yet marked
+            # done: a resumed row takes a content of the right size.
+            for _, _, size, sha256, _ in self.manifest.blobs(IN_PROGRESS):
+                if (sha256 is not None and self.contents.has(size, sha256)
+                        and not self.contents.holds(size, sha256)):
+                    self.contents.discard(sha256)
         redo = len(bad)
         for start, end, sha256, state in self.manifest.parts():
             path = os.path.join(self.path, part_name(start, end))
