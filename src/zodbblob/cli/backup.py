@@ -48,12 +48,13 @@ def add_backup_arguments(parser: argparse.ArgumentParser) -> None:
         'Take a snapshot of a FileStorage and its blob directory, '
         'consistent at its last committed transaction, into DEST/<tid>.  '
         'Reads the storage without locking it: safe while a server serves '
-        'and commits.  Blob files are kept once per destination, in '
-        'DEST/.blobs: a new snapshot copies only the files committed since '
-        'the previous one.  An interrupted backup is resumed by running it '
-        'again.  Exit status 0 when complete, 1 when blob files were '
-        'missing from the source (or not regular files: never copied), 2 '
-        'when it could not run, 130 when interrupted.')
+        'and commits.  Each content is kept once per destination, in '
+        'DEST/.contents, whichever oids and tids had it: a new snapshot '
+        'copies only the contents the pool lacks.  An interrupted backup '
+        'is resumed by running it again.  Exit status 0 when complete, 1 '
+        'when blob files were missing from the source (or not regular '
+        'files: never copied), 2 when it could not run, 130 when '
+        'interrupted.')
     add_storage_arguments(parser)
     parser.add_argument('destination', metavar='DEST',
                         help='directory of the snapshots of this database, '
@@ -141,6 +142,10 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
                              'where one filesystem holds both (fast, but '
                              'the restored files are the backup\'s: see '
                              'doc/backup.rst); copies by default')
+    parser.add_argument('--no-links', dest='links', action='store_false',
+                        help='copy every blob file; by default the files '
+                             'of one content are hard links to one restored '
+                             'file, as a deduplicated store has them')
     add_layout_argument(parser, "layout of the restored blob directory "
                                 "(default: the source's)")
     parser.add_argument('--quiet', action='store_true',
@@ -187,7 +192,7 @@ def restore_command(args: argparse.Namespace) -> int:
             if not report.clean or args.directory is None:
                 return 0 if report.clean else 1
         result = restore(args.snapshot, args.directory, link=args.link,
-                         layout=args.layout,
+                         layout=args.layout, links=args.links,
                          progress=Progress('restore', quiet=args.quiet))
     except KeyboardInterrupt:
         newline = '\n' if sys.stderr.isatty() and not args.quiet else ''
