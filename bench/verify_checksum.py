@@ -14,7 +14,8 @@ The store is built once under ``--dir`` (reused while its ``built``
 marker is there) with ``zodbblob.open_filestorage``: an ``OOBTree`` of
 blobs, sizes like a Plone site's (fixed seed): 95% from 512 bytes to
 32 KiB, 4.8% from 32 KiB to 1 MiB, 0.2% from 1 MiB to 10 MiB, each
-range log-uniform; unique contents; 1,000 files or 64 MiB per
+range log-uniform (``--mix small``: all from 512 bytes to 32 KiB, for a
+store of 1,000,000); unique contents; 1,000 files or 64 MiB per
 transaction.  Files of transactions too large for their commit record
 get their digests from the background scrub, so the build ends with
 ``zodbblob verify --record-checksums`` (timed), after which every file
@@ -55,17 +56,21 @@ KiB = 1024
 MiB = 1024 * KiB
 SEED = 15
 # (share of the files, smallest, largest): a Plone site's mix.
-SIZE_RANGES = ((0.95, 512, 32 * KiB), (0.048, 32 * KiB, MiB),
-               (0.002, MiB, 10 * MiB))
+MIXES = {
+    'plone': ((0.95, 512, 32 * KiB), (0.048, 32 * KiB, MiB),
+              (0.002, MiB, 10 * MiB)),
+    # Small files only: 1,000,000 of the Plone mix would be 30 GB.
+    'small': ((1.0, 512, 32 * KiB),),
+}
 BATCH_FILES = 1000
 BATCH_BYTES = 64 * MiB
 POOL = 16 * MiB   # random bytes the contents are cut from
 
 
-def file_sizes(count: int) -> list[int]:
+def file_sizes(count: int, mix: str = 'plone') -> list[int]:
     rng = random.Random(SEED)
     sizes = []
-    for share, low, high in SIZE_RANGES:
+    for share, low, high in MIXES[mix]:
         sizes += [int(math.exp(rng.uniform(math.log(low), math.log(high))))
                   for _ in range(round(count * share))]
     sizes = (sizes + [4 * KiB] * count)[:count]
@@ -77,14 +82,14 @@ def zodbblob_command(*args: str) -> list[str]:
     return [os.path.join(os.path.dirname(sys.executable), 'zodbblob'), *args]
 
 
-def build(store: str, count: int) -> None:
+def build(store: str, count: int, mix: str) -> None:
     """`count` blob files in `store`, once."""
     marker = os.path.join(store, 'built')
     if os.path.exists(marker):
         return
     os.makedirs(store, exist_ok=True)
     pool = random.Random(SEED).randbytes(POOL + 10 * MiB)
-    sizes = file_sizes(count)
+    sizes = file_sizes(count, mix)
     start = time.perf_counter()
     db = ZODB.DB(zodbblob.open_filestorage(
         os.path.join(store, 'Data.fs'), os.path.join(store, 'blobs')))
@@ -183,15 +188,20 @@ def main(argv=None) -> int:
     parser.add_argument('--files', type=int, default=100_000)
     parser.add_argument('--repeat', type=int, default=1,
                         help='runs of each kind; the table shows medians')
+    parser.add_argument('--mix', choices=sorted(MIXES), default='plone',
+                        help='file sizes: plone (default; 95%% up to 32 '
+                        'KiB, a few up to 10 MiB) or small (512 bytes to '
+                        '32 KiB only)')
     parser.add_argument('--build-only', action='store_true')
     args = parser.parse_args(argv)
     if not os.path.isdir(args.dir):
         parser.error(f'--dir {args.dir}: no such directory')
     if args.files < 1 or args.repeat < 1:
         parser.error('--files and --repeat: at least 1')
-    store = os.path.join(args.dir, str(args.files))
+    store = os.path.join(args.dir, str(args.files)
+                         + ('' if args.mix == 'plone' else '-' + args.mix))
     print(f'building {args.files:,} files in {store}', flush=True)
-    build(store, args.files)
+    build(store, args.files, args.mix)
     if args.build_only:
         return 0
     blob_dir = os.path.join(store, 'blobs')
