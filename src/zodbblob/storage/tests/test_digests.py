@@ -64,6 +64,38 @@ class DigestTestCase(unittest.TestCase):
             self.assertEqual(digest, blake3_of(path), path)
 
 
+class DigestFdTests(unittest.TestCase):
+    """digest_fd sizes its buffer to the file; the digest never changes."""
+
+    def test_files_around_the_chunk_size_and_from_an_offset(self):
+        from zodbblob.storage.digest import CHUNK, digest_fd
+        directory = tempfile.mkdtemp(prefix='zodbblob-digest-')
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, 'f')
+        for size in (0, 1, 4095, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 7):
+            data = os.urandom(size)
+            with open(path, 'wb') as f:
+                f.write(data)
+            for offset in {0, size // 2}:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.lseek(fd, offset, os.SEEK_SET)
+                    self.assertEqual(digest_fd(fd),
+                                     blake3.blake3(data[offset:]).digest(),
+                                     (size, offset))
+                finally:
+                    os.close(fd)
+
+    def test_a_stream_without_a_size_is_read_to_its_end(self):
+        from zodbblob.storage.digest import digest_fd
+        read_fd, write_fd = os.pipe()
+        self.addCleanup(os.close, read_fd)
+        os.write(write_fd, b'abc' * 1000)
+        os.close(write_fd)
+        self.assertEqual(digest_fd(read_fd),
+                         blake3.blake3(b'abc' * 1000).digest())
+
+
 class CommitDigestTests(DigestTestCase):
 
     def commit(self, storage, blobs):
