@@ -31,6 +31,7 @@ the page cache when the scrubber keeps up.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -50,7 +51,10 @@ BATCH = 64
 # as ``zodbblob.layout.open_blob_file`` does (no link followed, no FIFO
 # waited on, a regular file only), and imports only what it needs.
 CHILD = r"""
-import errno, os, stat, sys, threading
+import errno, json, os, stat, sys
+# The parent's sys.path: its eggs may not be in this interpreter's own
+# site-packages (a buildout's scripts put them on sys.path themselves).
+sys.path[:0] = [p for p in json.loads(sys.argv[1]) if isinstance(p, str)]
 policy = 'default'
 try:
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
@@ -86,21 +90,36 @@ def digest(path):
     finally:
         os.close(fd)
 
-for line in sys.stdin.buffer:
-    path = line.rstrip(b'\n')
-    try:
-        answer = b'ok ' + digest(path).encode()
-    except FileNotFoundError:
-        answer = b'gone'
-    except OSError as e:
-        answer = b'skip ' + (e.strerror or str(e)).encode(errors='replace')
-    out.write(answer + b'\n')
-    out.flush()
+try:
+    for line in sys.stdin.buffer:
+        path = line.rstrip(b'\n')
+        try:
+            answer = b'ok ' + digest(path).encode()
+        except FileNotFoundError:
+            answer = b'gone'
+        except OSError as e:
+            answer = b'skip ' + (e.strerror or str(e)).encode(
+                errors='replace')
+        out.write(answer + b'\n')
+        out.flush()
+except (BrokenPipeError, KeyboardInterrupt):
+    pass   # the storage went (killed, or closed): nothing to say
+os._exit(0)
 """.replace('CHUNK', str(CHUNK))
+
+
+# After the hashing process failed to start or ended, the scrubber
+# starts it again after this many seconds, doubled per failure in a row
+# up to the last.
+RESTART_DELAYS = (1, 2, 4, 8, 16, 32, 60)
 
 
 class Stopped(Exception):
     """The scrubber was asked to stop."""
+
+
+class ChildFailed(OSError):
+    """The hashing process did not start, or ended."""
 
 
 class Scrubber:
@@ -122,6 +141,8 @@ class Scrubber:
         self.hashed = 0    # digests recorded
         self.skipped = 0   # files not hashed: gone, or no regular file
         self.scrubbed = 0  # rows done, whatever came of them
+        self.restarts = 0  # failures of the hashing process, each
+        #                    followed by a new one
         self._thread = threading.Thread(
             target=self._run, name='zodbblob-scrub', daemon=True)
 
@@ -151,7 +172,7 @@ class Scrubber:
                 child.wait(timeout)
             except subprocess.TimeoutExpired:
                 pass
-            for stream in (child.stdin, child.stdout):
+            for stream in (child.stdin, child.stdout, child.stderr):
                 try:
                     stream.close()
                 except OSError:
@@ -167,19 +188,58 @@ class Scrubber:
             logger.warning(message, *args)
 
     def _start_child(self) -> None:
-        self.child = subprocess.Popen(
-            [sys.executable, '-c', CHILD], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, close_fds=True)
+        """Start the hashing process: in a session of its own, so that a
+        Ctrl-C at the terminal (SIGINT to the whole process group) stops
+        the program, not its hashing."""
+        try:
+            self.child = subprocess.Popen(
+                [sys.executable, '-c', CHILD, json.dumps(sys.path)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, close_fds=True,
+                start_new_session=True)
+        except OSError as e:
+            raise ChildFailed('the hashing process did not start (%s: %s)'
+                              % (sys.executable, e)) from e
         if self._stopping.is_set():   # a stop that did not see it
             self.child.kill()
             raise Stopped()
         line = self.child.stdout.readline()
         if not line.startswith(b'priority '):
-            raise OSError('the hashing process did not start')
+            raise ChildFailed('the hashing process did not start (%s): %s'
+                              % (sys.executable, self._child_error()))
         self.priority = line[9:].decode().strip()
 
+    def _child_error(self) -> str:
+        """How the hashing process ended: its last line on stderr, and its
+        exit status."""
+        child = self.child
+        try:
+            child.kill()
+            child.wait(5)
+            last = child.stderr.read().decode(errors='replace').strip()
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            last = ''
+        last = last.splitlines()[-1] if last else 'no message'
+        return '%s (exit status %s)' % (last, child.returncode)
+
+    def _drop_child(self) -> None:
+        child, self.child = self.child, None
+        if child is None:
+            return
+        try:
+            child.kill()
+            child.wait(5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        for stream in (child.stdin, child.stdout, child.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
     def _run(self) -> None:
-        after = (b'', b'')   # (tid, oid) of the last row read
+        after = (b'', b'')   # (tid, oid) of the last row done
+        failures = 0
         try:
             while not self._stopping.is_set():
                 self._wake.clear()
@@ -194,10 +254,28 @@ class Scrubber:
                 if not rows:
                     self._wake.wait()
                     continue
+                try:
+                    if self.child is None:
+                        self._start_child()
+                    self._scrub(rows)
+                except ChildFailed as e:
+                    # The batch is read again: its rows recorded meanwhile
+                    # have their digests, and are not.
+                    if self._stopping.is_set():
+                        return
+                    self._drop_child()
+                    delay = RESTART_DELAYS[min(failures,
+                                               len(RESTART_DELAYS) - 1)]
+                    failures += 1
+                    self.restarts += 1
+                    self._warn('child', 'Blob scrubber of %s: %s; starting '
+                               'it again in %d s, and after each failure '
+                               '(files wait for their digests meanwhile)',
+                               self.fshelper.base_dir, e, delay)
+                    self._stopping.wait(delay)
+                    continue
                 after = rows[-1]
-                if self.child is None:
-                    self._start_child()
-                self._scrub(rows)
+                failures = 0
         except Stopped:
             pass
         except Exception as e:   # never let the thread die loudly
@@ -254,7 +332,8 @@ class Scrubber:
         if answer.startswith(b'ok '):
             return bytes.fromhex(answer[3:].decode())
         if not answer:
-            raise OSError('the hashing process ended')
+            raise ChildFailed('the hashing process ended: %s'
+                              % self._child_error())
         self.skipped += 1
         if answer != b'gone':   # a pack removed it: nothing to say
             why = answer[5:].decode(errors='replace')

@@ -2,10 +2,14 @@
 files that are not inline get their digests after the commit, from a
 thread at the lowest CPU priority, and commit never waits for it."""
 
+import json
 import logging
 import os
 import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import time
 import unittest
@@ -271,6 +275,112 @@ class ScrubTests(ScrubTestCase):
             self.assertIsNone(storage._shared.scrubber)
         finally:
             storage.close()
+
+
+# A program that opens a storage whose every file is hashed by the
+# scrubber (INLINE_LIMIT 1000), commits one blob and waits for its digest,
+# says "ready", reads stdin (where a Ctrl-C interrupts it, and it goes on
+# as an interactive session does), then commits a second and prints
+# whether it got its digest, and how often the hashing process failed.
+PROGRAM = r"""
+import json, os, signal, sys, time
+# As an interactive session has it (a shell's background job, as the
+# tests may run in, starts with SIGINT ignored, and so would its child).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.path[0:0] = json.loads(sys.argv[2])
+import ZODB, ZODB.FileStorage
+from ZODB.blob import Blob
+from zodbblob import BlobStorage
+from zodbblob.storage import commit
+commit.INLINE_LIMIT = 1000
+directory = sys.argv[1]
+db = ZODB.DB(BlobStorage(os.path.join(directory, 'blobs'),
+    ZODB.FileStorage.FileStorage(os.path.join(directory, 'Data.fs'))))
+journal = db.storage._shared.journal
+
+def committed(key):
+    with db.transaction() as conn:
+        conn.root()[key] = Blob(os.urandom(5000))
+    with db.transaction() as conn:
+        oid = conn.root()[key]._p_oid
+    tid = journal.revisions(oid)[-1]
+    deadline = time.monotonic() + 60
+    while journal.digest(oid, tid) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return journal.digest(oid, tid) is not None
+
+print('first', committed('first'), flush=True)
+try:
+    sys.stdin.readline()
+except KeyboardInterrupt:
+    print('interrupted', flush=True)
+print('second', committed('second'),
+      'restarts', db.storage._shared.scrubber.restarts, flush=True)
+db.close()
+"""
+
+
+class HashingProcessTests(ScrubTestCase):
+    """The hashing process: started where the eggs are only on sys.path,
+    out of a Ctrl-C's reach, and started again when it dies."""
+
+    def run_program(self, python, interrupt=False):
+        program = subprocess.Popen(
+            [python, '-c', PROGRAM, self.dir, json.dumps(sys.path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.addCleanup(program.kill)
+        first = program.stdout.readline()
+        self.assertEqual(first, 'first True\n', program.stderr.read()
+                         if not first else first)
+        if interrupt:
+            # What a Ctrl-C at the terminal does: SIGINT to the group.
+            os.killpg(program.pid, signal.SIGINT)
+            self.assertEqual(program.stdout.readline(), 'interrupted\n')
+        else:
+            program.stdin.write('\n')
+            program.stdin.flush()
+        out, err = program.communicate(timeout=120)
+        self.assertEqual(program.returncode, 0, err)
+        return out
+
+    def test_eggs_only_on_sys_path_are_found(self):
+        # As a buildout's script runs: an interpreter without the eggs in
+        # its site-packages, which the script puts on sys.path itself.
+        base = getattr(sys, '_base_executable', None)
+        if not base or subprocess.run(
+                [base, '-c', 'import blake3'], capture_output=True,
+                env={}).returncode == 0:
+            self.skipTest('no interpreter without blake3 in its own '
+                          'site-packages (not run from a venv)')
+        self.assertEqual(self.run_program(base),
+                         'second True restarts 0\n')
+
+    def test_a_ctrl_c_does_not_stop_the_hashing(self):
+        self.assertEqual(self.run_program(sys.executable, interrupt=True),
+                         'second True restarts 0\n')
+
+    @mock.patch.object(commit, 'INLINE_LIMIT', 1000)
+    def test_a_hashing_process_that_died_is_started_again(self):
+        db = self.open_db()
+        oid, tid = self.commit(db, 'one', os.urandom(5000))
+        self.wait_for_digest(db, oid, tid)
+        scrubber = db.storage._shared.scrubber
+        scrubber.child.kill()
+        scrubber.child.wait()
+        with self.assertLogs('zodbblob.storage.scrub', logging.WARNING) as logs:
+            data = os.urandom(5000)
+            oid, tid = self.commit(db, 'two', data)
+            deadline = time.monotonic() + DEADLINE + 2
+            while self.digest(db, oid, tid) is None:
+                self.assertLess(time.monotonic(), deadline,
+                                'the scrubber recorded no digest')
+                time.sleep(0.01)
+        self.assertEqual(self.digest(db, oid, tid), blake3_of(data))
+        self.assertEqual(scrubber.restarts, 1)
+        self.assertIn('the hashing process ended', logs.output[0])
+        self.assertIn('exit status -9', logs.output[0])
+        self.assertIn('starting it again in 1 s', logs.output[0])
 
 
 def test_suite():
