@@ -530,7 +530,13 @@ def _finish(source, destination, target, wanted: Inventory) -> None:
 def _carry_digests(source: str, destination: str, wanted: Inventory) -> None:
     """Give finished `destination` a catalog of its files, `wanted`, with
     `source`'s digests: from a zodbblob source (closed cleanly, so its
-    catalog's rows are its files) whose catalog has any."""
+    catalog's rows are its files) whose catalog has any.
+
+    Each row keeps the size and digest the source recorded, not what
+    the file has now: a file truncated or extended in the source is as
+    damaged in the destination, and its verify says so (a warning here
+    names it).
+    """
     if not os.path.exists(journal_path(source)):
         return
     try:
@@ -541,19 +547,27 @@ def _carry_digests(source: str, destination: str, wanted: Inventory) -> None:
         last_tid = journal.get_meta('last_tid')
         known = {(oid, tid): (size, digest)
                  for batch in journal.rows(digests=True)
-                 for oid, tid, size, digest in batch if digest is not None}
+                 for oid, tid, size, digest in batch}
     finally:
         journal.close()
-    if last_tid is None or not known:
+    if last_tid is None or not any(
+            digest is not None for _, digest in known.values()):
         return
+    for key, (size, path) in wanted.items():
+        recorded = known.get(key, (size,))[0]
+        if recorded != size:
+            logger.warning('%s has %d bytes, its catalog recorded %d: '
+                           'migrated as it is, with the recorded size and '
+                           'digest (verify reports it)', path, size,
+                           recorded)
     try:
         carried = Journal(destination)
         try:
-            carried.rebuild((oid, tid, size)
+            carried.rebuild((oid, tid, known.get((oid, tid), (size,))[0])
                             for (oid, tid), (size, path) in wanted.items())
             carried.record_digests([
-                (known[key][1], *key) for key, (size, path) in wanted.items()
-                if known.get(key, (None,))[0] == size])
+                (known[key][1], *key) for key in wanted
+                if known.get(key, (0, None))[1] is not None])
             # As the source's storage closed it: a storage opened on the
             # destination over the same Data.fs takes the rows as they are.
             carried.set_meta(state='closed', last_tid=last_tid)

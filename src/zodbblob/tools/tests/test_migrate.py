@@ -599,6 +599,35 @@ class DedupTests(MigrateTestCase):
         finally:
             db.close()
 
+    def test_a_file_damaged_in_the_source_stays_found_in_the_destination(
+            self):
+        # Truncated after its digest was recorded: the destination's row
+        # keeps the recorded size and digest, so its verify says what the
+        # source's says, and no scrub can take the damage for the content.
+        source = self.make_dedup_store(count=1)
+        (oid, tid, path), = [
+            found for found in iter_source(source, 'bushy')
+            if open(found[2], 'rb').read() == b'another content']
+        digest = self.digests(source)[oid, tid]
+        os.chmod(path, 0o644)
+        os.truncate(path, 3)
+        destination = self.path('lawn')
+        with self.assertLogs('zodbblob.tools', logging.WARNING) as logs:
+            migrate(source, destination, 'lawn')
+        self.assertIn('has 3 bytes, its catalog recorded 15',
+                      '\n'.join(logs.output))
+        self.assertEqual(self.digests(destination)[oid, tid], digest)
+        data = self.path('copy.fs')
+        shutil.copyfile(self.data, data)
+        storage = BlobStorage(destination, ZODB.FileStorage.FileStorage(data),
+                              scrub=False)
+        try:
+            report = verify(storage, checksum=True)
+        finally:
+            storage.close()
+        self.assertFalse(report.clean)
+        self.assertIn('size mismatch', '\n'.join(report.lines()))
+
     def test_a_deduplicated_store_keeps_its_links_in_another_layout(self):
         source = self.make_dedup_store()
         destination = self.path('lawn')
