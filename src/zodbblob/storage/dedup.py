@@ -142,8 +142,16 @@ class Deduplicator:
                          '(%s)', final, candidate, e.strerror or e)
             return False
         try:
-            if os.path.samestat(os.lstat(temporary), os.lstat(path)):
+            info = os.lstat(temporary)
+            if os.path.samestat(info, os.lstat(path)):
                 return None
+            if info.st_mode & 0o222 or info.st_uid != os.geteuid():
+                # Committed blob files are read-only and ours: one that is
+                # writable, or someone else's, may be a name planted for a
+                # file outside, whose owner could change what we link.
+                logger.debug('Kept blob file %s as a copy: %s is writable '
+                             'or not ours', final, candidate)
+                return False
             if not same_bytes(temporary, path):
                 logger.warning(
                     'Kept blob file %s as a copy: committed blob file %s '

@@ -427,6 +427,27 @@ class HostileTests(DedupTestCase):
         self.assert_no_leftovers()
 
 
+    def test_a_writable_file_linked_in_from_outside_is_not_shared(self):
+        # A committed name replaced by a hard link to a writable file
+        # outside, with the same bytes: whoever writes that file would
+        # change every blob linked to it.
+        db = self.open_db()
+        self.store(db, a=CONTENT)
+        committed = self.path(db, 'a')
+        outside = os.path.join(self.dir, 'outside.bin')
+        with open(outside, 'wb') as f:
+            f.write(CONTENT)
+        os.chmod(outside, 0o644)
+        os.remove(committed)
+        os.link(outside, committed)
+        self.store(db, b=CONTENT)
+        new = os.stat(self.path(db, 'b'))
+        self.assertNotEqual(new.st_ino, os.stat(outside).st_ino)
+        self.assertEqual(new.st_nlink, 1)
+        self.assertEqual(self.read(db, 'b'), CONTENT)
+        self.assert_no_leftovers()
+
+
 class CompatibilityTests(DedupTestCase):
 
     def test_stock_filestorage_reads_a_deduplicated_directory(self):
