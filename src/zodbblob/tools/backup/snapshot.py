@@ -271,7 +271,9 @@ def backup(storage, destination: str, full: bool = False,
     takes a snapshot of the storage's last transaction, unless the newest
     snapshot holds it already.  With `full`, Data.fs is copied whole and
     every blob file the pool has already is read again, and copied again
-    from the source if it is missing or damaged.  Returns a result per
+    from the source if it is missing or damaged; when the newest snapshot
+    holds the last transaction already, the pool files it lists are
+    (`repair_pool`).  Returns a result per
     snapshot finished or found up to date.
 
     Raises BackupInterrupted on Ctrl-C (the snapshot is left to be
