@@ -272,8 +272,8 @@ def backup(storage, destination: str, full: bool = False,
     snapshot holds it already.  With `full`, Data.fs is copied whole and
     every blob file the pool has already is read again, and copied again
     from the source if it is missing or damaged; when the newest snapshot
-    holds the last transaction already, the pool files it lists are
-    (`repair_pool`).  Returns a result per
+    holds the last transaction already, the pool files it lists are read
+    and repaired so (`repair_pool`).  Returns a result per
     snapshot finished or found up to date.
 
     Raises BackupInterrupted on Ctrl-C (the snapshot is left to be
