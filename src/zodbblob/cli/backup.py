@@ -101,9 +101,10 @@ def backup_command(args: argparse.Namespace) -> int:
         lines = result.lines()
         for line in lines if not args.quiet else lines[:1] + [
                 line for line in lines if 'missing:' in line
-                or 'not a file:' in line or 'not followed:' in line]:
+                or 'not a file:' in line or 'not followed:' in line
+                or 'damaged:' in line]:
             print(line)
-    status = 1 if any(result.missing or result.not_files
+    status = 1 if any(result.missing or result.not_files or result.unrepaired
                       for result in results) else 0
     if args.keep is not None:
         try:
@@ -182,6 +183,10 @@ def restore_command(args: argparse.Namespace) -> int:
     if args.directory is None and not args.check:
         args.parser.error('name the directory to restore into: SNAPSHOT '
                           'DEST_DIR (or --check SNAPSHOT to only check it)')
+    if args.link and not args.links:
+        args.parser.error('--link and --no-links contradict each other: '
+                          '--link makes every blob file a hard link to the '
+                          'backup\'s, --no-links a copy of its own')
     try:
         _refuse_not_a_snapshot(args.snapshot, args.directory)
         if args.check:

@@ -51,7 +51,8 @@ The package has one module per idea; imports point down the list:
     `_Source`: the live Data.fs and blob directory, read without a lock,
     and whether a pack ran.
 ``contents``
-    `_Contents`: the pool by content, as a snapshot fills it.
+    `_Contents`: the pool by content, as a snapshot fills it;
+    `repair_pool`, which ``--full`` runs when nothing was committed.
 ``destination``
     The marker, the lock, the snapshots, the manifests' links, removal.
 ``files``

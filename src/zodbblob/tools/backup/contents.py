@@ -23,17 +23,27 @@ destination's lock.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import stat
+
+from ZODB.utils import oid_repr
 
 from zodbblob.layout import BlobTree, remove_if_exists
 from zodbblob.tools.backup.files import _Files, _Kill
 from zodbblob.tools.backup.manifest import (
     CHUNK,
     CONTENTS_NAME,
+    DONE,
     INCOMING_NAME,
+    POOL_NAME,
+    Manifest,
     _hash_file,
+    blob_path,
     content_path,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def _hash_fd(fd: int, length: int) -> tuple[int, bytes]:
@@ -137,3 +147,75 @@ class _Contents:
             return False
         self.place(staged, sha256)
         return True
+
+
+def repair_pool(destination: str, snapshot: str, source, kill: _Kill
+                ) -> tuple[int, list[str], list[str]]:
+    """Read every pool file complete `snapshot` lists against its
+    manifest, and copy again from `source` (a `_Source`) those missing or
+    damaged: ``backup --full`` when nothing was committed since.
+
+    Returns how many pool files were read, those copied again, and those
+    the source could not give back (gone, or not the recorded bytes).
+    A repaired file takes the damaged one's name in one rename, so every
+    snapshot that lists it is repaired with it.
+    """
+    manifest = Manifest(snapshot, read_only=True)
+    meta = manifest.meta()
+    pool_tree = BlobTree(os.path.join(destination, POOL_NAME if meta.get(
+        'format') == 2 else CONTENTS_NAME))
+    source_tree = BlobTree(source.blob_dir)
+    files = _Files(destination, kill)
+    incoming = os.path.join(destination, CONTENTS_NAME, INCOMING_NAME)
+    checked: set[str] = set()
+    repaired: list[str] = []
+    # A content that one source file could not give back may be given by
+    # another oid's or tid's file of the same content.
+    unrepaired: dict[str, None] = {}
+    try:
+        for oid, tid, size, sha256, _ in manifest.blobs(DONE):
+            path = blob_path(destination, meta, oid, tid, sha256)
+            if path in checked:
+                continue
+            if path not in unrepaired:
+                try:
+                    if _hash_file(path, pool_tree) == (size, sha256):
+                        checked.add(path)
+                        continue
+                except OSError:
+                    pass
+                logger.warning('Pool file %s is missing or damaged: copying '
+                               'it again from the source', path)
+            staged = os.path.join(incoming, (oid + tid).hex())
+            try:
+                fd = source_tree.open(
+                    source.fshelper.getBlobFilename(oid, tid))
+            except OSError:
+                unrepaired[path] = None
+                continue
+            try:
+                info = os.fstat(fd)
+                copied = files.copy(fd, staged, stat.S_IMODE(info.st_mode),
+                                    0, info.st_size)
+            finally:
+                os.close(fd)
+            if copied != (size, sha256):
+                remove_if_exists(staged)
+                unrepaired[path] = None
+                logger.warning('Blob file of oid %s tid %s in the source is '
+                               'not the content of %s', oid_repr(oid),
+                               oid_repr(tid), path)
+                continue
+            files.makedirs(os.path.dirname(path))
+            os.replace(staged, path)
+            if not files.syncfs:
+                files.touched.add(os.path.dirname(path))
+            unrepaired.pop(path, None)
+            checked.add(path)
+            repaired.append(path)
+        files.sync()
+    finally:
+        manifest.close()
+        pool_tree.close()
+        source_tree.close()
+    return len(checked.union(unrepaired)), repaired, list(unrepaired)

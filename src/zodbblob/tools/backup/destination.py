@@ -140,8 +140,10 @@ def _prepare_destination(destination: str,
             logger.warning(
                 'Backup destination %s is now of format %d: new snapshots '
                 'keep each content once in %s; the snapshots of format %d '
-                'keep their files in %s until pruned', destination, FORMAT,
-                CONTENTS_NAME, found, POOL_NAME)
+                'keep their files in %s until pruned (each is read once, '
+                'against its recorded sha256, as it is linked into %s)',
+                destination, FORMAT, CONTENTS_NAME, found, POOL_NAME,
+                CONTENTS_NAME)
     for name in (CONTENTS_NAME, MANIFESTS_NAME):
         os.makedirs(os.path.join(destination, name), exist_ok=True)
 

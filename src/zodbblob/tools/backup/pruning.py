@@ -55,7 +55,8 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class CollectResult:
-    """What `collect` removed from the pool."""
+    """What `collect` removed from the pool: the snapshots, and the files
+    (and their bytes) it freed, those whose last name went."""
 
     snapshots: list = dataclasses.field(default_factory=list)
     files: int = 0
@@ -105,12 +106,15 @@ def collect(destination: str) -> CollectResult:
         content_path(destination, sha256) for sha256, in contents]
     for path in paths:
         try:
-            size = os.stat(path).st_size
+            info = os.lstat(path)
             os.remove(path)
         except FileNotFoundError:
             continue  # removed by a collection that was interrupted
-        result.files += 1
-        result.bytes += size
+        if info.st_nlink == 1:
+            # Its last name: a format-2 file linked into the pool by
+            # content frees nothing until that name goes too.
+            result.files += 1
+            result.bytes += info.st_size
         touched.add(os.path.dirname(path))
         kill.after_one()
     # The removals durable before the links that list them go: a power

@@ -78,9 +78,9 @@ class RestoreResult:
                   f'({tid_time(self.tid)}): Data.fs {self.data_fs_size} '
                   f'bytes, {self.blob_files} blob files']
         if self.linked:
-            copies = self.blob_files - self.linked
+            others = self.blob_files - self.linked - self.shared
             result.append(f'  {self.linked} blob files are hard links to '
-                          f'the backup\'s files, {copies} are copies')
+                          f'the backup\'s files, {others} are copies')
         if self.shared:
             result.append(f'  {self.shared} blob files are hard links to a '
                           f'restored file of the same content')
@@ -107,8 +107,17 @@ def _refuse_occupied(directory: str) -> None:
                 raise BackupError(
                     f'{os.path.join(directory, name)} exists: restore into a '
                     f'directory without Data.fs files')
-    if os.path.lexists(blob_dir) and (not os.path.isdir(blob_dir)
-                                      or os.listdir(blob_dir)):
+    if os.path.islink(blob_dir):
+        # The staged blob directory is renamed into place at the end,
+        # which would replace the link, not fill the directory it names.
+        raise BackupError(
+            f'{blob_dir} is a symbolic link (to {os.readlink(blob_dir)}): '
+            f'restore into a directory on that volume and link to its '
+            f'blobs afterwards')
+    if os.path.lexists(blob_dir) and not os.path.isdir(blob_dir):
+        raise BackupError(f'{blob_dir} exists and is not a directory: '
+                          f'restore into a directory without it')
+    if os.path.lexists(blob_dir) and os.listdir(blob_dir):
         try:
             lock = hold_blob_directory(blob_dir)
         except BlobDirectoryInUse as e:
@@ -241,7 +250,8 @@ def _restore(snapshot, manifest, meta, layout, link, directory, staged_data,
     repeated = {sha256 for sha256, in manifest.db.execute(
         'SELECT sha256 FROM blob WHERE state = ? GROUP BY sha256 '
         'HAVING count(*) > 1', (DONE,))} if links else set()
-    restored: dict[bytes, str] = {}
+    # sha256 -> (that file, whether it is a link to the pool's).
+    restored: dict[bytes, tuple[str, bool]] = {}
     with BlobTree(_pool(destination, meta)) as pool_tree:
         for oid, blob_tid, size, sha256, state in manifest.blobs(DONE):
             path = blob_path(destination, meta, oid, blob_tid, sha256)
@@ -252,17 +262,23 @@ def _restore(snapshot, manifest, meta, layout, link, directory, staged_data,
                     f'lists; nothing restored')
             target = os.path.join(staged_blobs,
                                   layout.getBlobFilePath(oid, blob_tid))
-            placed = False
+            placed = from_pool = False
             if sha256 in restored:
                 # Checked when it was restored: the same bytes.
-                placed = files.link(restored[sha256], target)
-                shared += placed
-                if not placed:
+                first, from_pool = restored[sha256]
+                placed = files.link(first, target)
+                if placed and from_pool:
+                    # The first is the pool's file: so is this one.
+                    linked += 1
+                elif placed:
+                    shared += 1
+                else:
                     # The link limit, say: this copy takes its place.
                     del restored[sha256]
+                    from_pool = False
             if not placed and link:
                 _check_pooled(path, *_hash_file(path, pool_tree), size, sha256)
-                placed = files.link(path, target, pool_tree)
+                placed = from_pool = files.link(path, target, pool_tree)
                 if placed:
                     linked += 1
                 else:
@@ -279,7 +295,7 @@ def _restore(snapshot, manifest, meta, layout, link, directory, staged_data,
                     os.close(fd)
                 _check_pooled(path, actual_size, actual, size, sha256)
             if sha256 in repeated and sha256 not in restored:
-                restored[sha256] = target
+                restored[sha256] = target, from_pool
             catalog.append((oid, blob_tid, size))
             if progress is not None:
                 progress(len(catalog), total)

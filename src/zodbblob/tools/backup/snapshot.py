@@ -29,7 +29,7 @@ from collections.abc import Callable
 from ZODB.utils import z64
 
 from zodbblob.layout import fsync_directory, makedirs_durable
-from zodbblob.tools.backup.contents import clear_incoming
+from zodbblob.tools.backup.contents import clear_incoming, repair_pool
 from zodbblob.tools.backup.destination import (
     Snapshot,
     _finish_removals,
@@ -98,6 +98,23 @@ def _refuse_another_database(destination: str, source: _Source) -> None:
             f'{source.path} is another database (it does not hold the '
             f'Data.fs bytes of {snapshot.path}): back up each database into '
             f'its own destination')
+
+
+def _refuse_inside_source(destination: str, source: _Source) -> None:
+    """Raise BackupError when `destination` is the source's blob
+    directory, inside it, or holds it: a backup would then copy itself,
+    or its files would be taken for the store's."""
+    real_destination = os.path.realpath(destination)
+    real_blob_dir = os.path.realpath(source.blob_dir)
+    if (real_destination == real_blob_dir
+            or real_destination.startswith(real_blob_dir + os.sep)):
+        raise BackupError(f'{destination} is inside the blob directory '
+                          f'{source.blob_dir} it would back up: back up '
+                          f'into a directory outside it')
+    if real_blob_dir.startswith(real_destination + os.sep):
+        raise BackupError(f'{destination} holds the blob directory '
+                          f'{source.blob_dir} it would back up: back up '
+                          f'into a directory outside it')
 
 
 def _plan(destination: str, source: _Source, base: Snapshot | None,
@@ -254,7 +271,9 @@ def backup(storage, destination: str, full: bool = False,
     takes a snapshot of the storage's last transaction, unless the newest
     snapshot holds it already.  With `full`, Data.fs is copied whole and
     every blob file the pool has already is read again, and copied again
-    from the source if it is missing or damaged.  Returns a result per
+    from the source if it is missing or damaged; when the newest snapshot
+    holds the last transaction already, the pool files it lists are read
+    and repaired so (`repair_pool`).  Returns a result per
     snapshot finished or found up to date.
 
     Raises BackupInterrupted on Ctrl-C (the snapshot is left to be
@@ -265,11 +284,12 @@ def backup(storage, destination: str, full: bool = False,
     """
     destination = os.path.abspath(destination)
     existed = os.path.lexists(destination)
-    found = _read_destination(destination)
-    new = found is None
     dropped = False
     source = _Source(storage)
     try:
+        _refuse_inside_source(destination, source)
+        found = _read_destination(destination)
+        new = found is None
         if source.packed():
             raise SourcePacked(source.path)
         _refuse_another_database(destination, source)
@@ -326,8 +346,14 @@ def _backup(source: _Source, destination: str, full: bool,
                              complete[-1] if complete else None, full)
     if up_to_date:
         if not any(r.snapshot == path for r in results):
-            results.append(BackupResult(path, bytes.fromhex(
-                os.path.basename(path)), up_to_date=True))
+            result = BackupResult(path, bytes.fromhex(
+                os.path.basename(path)), up_to_date=True)
+            if full:
+                # Nothing to copy but what the pool lost: every snapshot
+                # lists the newest one's pool files too.
+                result.checked, result.repaired, result.unrepaired = (
+                    repair_pool(destination, path, source, kill))
+            results.append(result)
         return results
     manifest = Manifest(path)
     writer = _SnapshotWriter(path, source, manifest, progress, kill)

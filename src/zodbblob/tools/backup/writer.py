@@ -82,11 +82,25 @@ class BackupResult:
     bytes_copied: int = 0
     missing: list = dataclasses.field(default_factory=list)
     not_files: list = dataclasses.field(default_factory=list)
+    # --full when up to date: the pool files read, those copied again
+    # from the source, and those it could not give back.
+    checked: int = 0
+    repaired: list = dataclasses.field(default_factory=list)
+    unrepaired: list = dataclasses.field(default_factory=list)
 
     def lines(self) -> list[str]:
         when = f'transaction {self.tid.hex()} ({tid_time(self.tid)})'
         if self.up_to_date:
-            return [f'{self.snapshot}: up to date, holds {when}']
+            result = [f'{self.snapshot}: up to date, holds {when}']
+            if self.checked:
+                result.append(f'  pool: {self.checked} files read, '
+                              f'{len(self.repaired)} missing or damaged '
+                              f'copied again from the source')
+            for path in self.unrepaired:
+                result.append(f'  damaged: {path} is missing or damaged in '
+                              f'the pool, and the source no longer has its '
+                              f'content')
+            return result
         result = [f'{self.snapshot}: {"resumed and " if self.resumed else ""}'
                   f'complete, holds {when}',
                   f'  Data.fs: {self.data_fs_size} bytes, '
@@ -347,8 +361,10 @@ class _SnapshotWriter:
             self.contents.discard(sha256)
         old = pool_path(self.destination, oid, tid)
         try:
-            found = (_hash_file(old, self.old_tree) if full
-                     else (self.old_tree.check(old).st_size, sha256))
+            # Read whole before it is named for a content, once per
+            # content: a damaged format-2 file named by its recorded
+            # sha256 would make every later snapshot fail its check.
+            found = _hash_file(old, self.old_tree)
         except OSError:
             return None
         if found == (size, sha256) and self.contents.link_in(
