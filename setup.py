@@ -49,6 +49,7 @@ setup(
         'transaction >= 3.0',
         'persistent',
         'zope.interface',
+        'blake3 >= 1.0.11',
     ],
     extras_require={
         'test': tests_require,

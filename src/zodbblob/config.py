@@ -7,6 +7,7 @@
       <zodbblob>
         blob-dir var/blobs
         layout bushy
+        dedup on
         <filestorage>
           path var/Data.fs
         </filestorage>
@@ -263,10 +264,12 @@ class BlobStorageConfig(BaseConfig):
                 read_only=bool(getattr(section.config, 'read_only', False)),
                 create=bool(getattr(section.config, 'create', False)))
             return BlobStorage(self.config.blob_dir, opener,
-                               self.config.layout)
+                               self.config.layout, self.config.dedup,
+                               scrub=self.config.scrub)
         base = section.open()
         try:
-            return BlobStorage(self.config.blob_dir, base, self.config.layout)
+            return BlobStorage(self.config.blob_dir, base, self.config.layout,
+                               self.config.dedup, scrub=self.config.scrub)
         except BaseException:
             # The base is ours until the wrapper exists: close it, or its
             # lock file outlives the error.
@@ -451,7 +454,8 @@ _DIRECTIVE = re.compile(r'^\s*%(define|import)\s.*$', re.MULTILINE)
 
 
 def storage_from_file(path: str, read_only: bool = False,
-                      existing: bool = False) -> BlobStorage:
+                      existing: bool = False,
+                      scrub: bool | None = None) -> BlobStorage:
     """Open the first ``<zodbblob>`` section of the config file `path`.
 
     Any file that holds one will do: a zope.conf, a zeo.conf, a ZODB
@@ -460,6 +464,8 @@ def storage_from_file(path: str, read_only: bool = False,
     look at a storage a server is using.  With `existing`, a blob-dir
     that is no blob directory yet (missing, or without a marker) is a
     ValueError before anything is opened: a tool must not make one.
+    `scrub`, unless None, replaces the section's ``scrub`` (tools open
+    their storages without the background scrubber).
     """
     with open(path) as f:
         text = f.read()
@@ -481,6 +487,8 @@ def storage_from_file(path: str, read_only: bool = False,
         base.read_only = True
     if existing:
         check_existing_blob_directory(factory.config.blob_dir)
+    if scrub is not None:
+        factory.config.scrub = scrub
     return factory.open()
 
 

@@ -70,7 +70,9 @@ class IBlobJournal(Interface):
     """
 
     def add(rows):
-        """Record committed files ``(oid, tid, size)``; existing rows stay.
+        """Record committed files ``(oid, tid, size, digest)``, or
+        ``(oid, tid, size)`` where the content digest is not known (it is
+        then NULL); existing rows stay.
 
         Each row supersedes the oid's row before it (its ``superseded``
         becomes `tid`); a row whose size is None records a revision that
@@ -97,10 +99,25 @@ class IBlobJournal(Interface):
     def revisions(oid):
         """The tids of the committed blob files of `oid`, ascending."""
 
-    def rows(stop=None):
+    def rows(stop=None, digests=False):
         """Batches of ``(oid, tid, size)`` in ``(oid, tid)`` order, each
         read on its own (memory that does not grow with the catalog);
-        with `stop`, without the rows superseded at or before it."""
+        with `stop`, without the rows superseded at or before it; with
+        `digests`, ``(oid, tid, size, digest)``."""
+
+    def digest(oid, tid):
+        """The content digest recorded for revision `tid` of `oid`
+        (``zodbblob.storage.digest``), or None if not known."""
+
+    def record_digests(rows):
+        """Record ``(digest, oid, tid)`` for rows that have no digest
+        yet; the count recorded."""
+
+    def same_content(keys, limit):
+        """``{(digest, size): [(oid, tid), ...]}``: up to `limit` of the
+        committed rows of each ``(digest, size)`` in `keys`, latest first
+        (the files a commit with dedup on may link to), however many
+        rows a content has."""
 
     def superseded(stop):
         """Batches of the ``(oid, tid)`` superseded at or before tid

@@ -45,6 +45,7 @@ DEFAULTS = {
 STORAGE_NAME = '1'
 
 _BYTE_SIZE = ZConfig.datatypes.Registry().get('byte-size')
+_BOOLEAN = ZConfig.datatypes.Registry().get('boolean')
 
 
 def _fail(name: str, part: str, value: str, expected: str) -> NoReturn:
@@ -134,6 +135,14 @@ class Recipe:
             _fail('layout', name, options['layout'],
                   f'expected a blob directory layout: '
                   f'{", ".join(sorted(LAYOUTS))}, or {AUTOMATIC}')
+        self.dedup = options.get('dedup', '').strip()
+        if self.dedup:
+            try:
+                self.dedup = _BOOLEAN(self.dedup)
+            except ValueError:
+                # Written into zeo.conf, where ZConfig's boolean reads it.
+                _fail('dedup', name, options['dedup'],
+                      'expected on or off (or yes, no, true, false)')
         self.blob_cache_size = options.get('blob-cache-size', '').strip()
         if self.blob_cache_size:
             try:
@@ -178,6 +187,7 @@ class Recipe:
             f'<zodbblob {STORAGE_NAME}>\n'
             f'  blob-dir {_zconfig_value(self.blob_storage)}\n'
             f'  layout {self.layout}\n'
+            + ('  dedup on\n' if self.dedup else '') +
             f'  <filestorage>\n'
             f'    path {_zconfig_value(self.file_storage)}\n'
             f'  </filestorage>\n'

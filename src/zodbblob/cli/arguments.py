@@ -106,7 +106,7 @@ def _open_storage(args: argparse.Namespace, read_only: bool) -> BlobStorage:
             # As with --blob-dir: only a storage's own first open (a
             # server's, an application's) makes a new blob directory.
             return storage_from_file(args.config, read_only=read_only,
-                                     existing=True)
+                                     existing=True, scrub=False)
         except (ZConfig.ConfigurationError, ValueError) as e:
             raise ToolError(f'--config {args.config}: {e}') from None
     if not (args.data and args.blob_dir):
@@ -130,5 +130,8 @@ def _open_storage(args: argparse.Namespace, read_only: bool) -> BlobStorage:
         raise ToolError(f'--blob-dir {args.blob_dir} is not a blob '
                         f'directory: no {LAYOUT_MARKER} marker')
     # Opened by the storage itself: a torn last transaction is rolled back.
+    # No background scrubber: a tool's run is short, and verify hashes
+    # what it reads itself.
     return BlobStorage(args.blob_dir,
-                       FileStorageOpener(args.data, read_only=read_only))
+                       FileStorageOpener(args.data, read_only=read_only),
+                       scrub=False)

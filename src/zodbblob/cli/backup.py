@@ -48,12 +48,13 @@ def add_backup_arguments(parser: argparse.ArgumentParser) -> None:
         'Take a snapshot of a FileStorage and its blob directory, '
         'consistent at its last committed transaction, into DEST/<tid>.  '
         'Reads the storage without locking it: safe while a server serves '
-        'and commits.  Blob files are kept once per destination, in '
-        'DEST/.blobs: a new snapshot copies only the files committed since '
-        'the previous one.  An interrupted backup is resumed by running it '
-        'again.  Exit status 0 when complete, 1 when blob files were '
-        'missing from the source (or not regular files: never copied), 2 '
-        'when it could not run, 130 when interrupted.')
+        'and commits.  Each content is kept once per destination, in '
+        'DEST/.contents, whichever oids and tids had it: a new snapshot '
+        'copies only the contents the pool lacks.  An interrupted backup '
+        'is resumed by running it again.  Exit status 0 when complete, 1 '
+        'when blob files were missing from the source (or not regular '
+        'files: never copied), 2 when it could not run, 130 when '
+        'interrupted.')
     add_storage_arguments(parser)
     parser.add_argument('destination', metavar='DEST',
                         help='directory of the snapshots of this database, '
@@ -100,9 +101,10 @@ def backup_command(args: argparse.Namespace) -> int:
         lines = result.lines()
         for line in lines if not args.quiet else lines[:1] + [
                 line for line in lines if 'missing:' in line
-                or 'not a file:' in line or 'not followed:' in line]:
+                or 'not a file:' in line or 'not followed:' in line
+                or 'damaged:' in line]:
             print(line)
-    status = 1 if any(result.missing or result.not_files
+    status = 1 if any(result.missing or result.not_files or result.unrepaired
                       for result in results) else 0
     if args.keep is not None:
         try:
@@ -141,6 +143,10 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
                              'where one filesystem holds both (fast, but '
                              'the restored files are the backup\'s: see '
                              'doc/backup.rst); copies by default')
+    parser.add_argument('--no-links', dest='links', action='store_false',
+                        help='copy every blob file; by default the files '
+                             'of one content are hard links to one restored '
+                             'file, as a deduplicated store has them')
     add_layout_argument(parser, "layout of the restored blob directory "
                                 "(default: the source's)")
     parser.add_argument('--quiet', action='store_true',
@@ -177,6 +183,10 @@ def restore_command(args: argparse.Namespace) -> int:
     if args.directory is None and not args.check:
         args.parser.error('name the directory to restore into: SNAPSHOT '
                           'DEST_DIR (or --check SNAPSHOT to only check it)')
+    if args.link and not args.links:
+        args.parser.error('--link and --no-links contradict each other: '
+                          '--link makes every blob file a hard link to the '
+                          'backup\'s, --no-links a copy of its own')
     try:
         _refuse_not_a_snapshot(args.snapshot, args.directory)
         if args.check:
@@ -187,7 +197,7 @@ def restore_command(args: argparse.Namespace) -> int:
             if not report.clean or args.directory is None:
                 return 0 if report.clean else 1
         result = restore(args.snapshot, args.directory, link=args.link,
-                         layout=args.layout,
+                         layout=args.layout, links=args.links,
                          progress=Progress('restore', quiet=args.quiet))
     except KeyboardInterrupt:
         newline = '\n' if sys.stderr.isatty() and not args.quiet else ''

@@ -106,8 +106,10 @@ def _zconfig_value(text: str) -> str:
 
 
 def serve_config(address: tuple[str, int] = (DEFAULT_HOST, DEFAULT_PORT),
-                 var: str = DEFAULT_VAR, layout: str = AUTOMATIC) -> str:
-    """The zeo.conf that ``zodbblob serve`` runs when given no --config."""
+                 var: str = DEFAULT_VAR, layout: str = AUTOMATIC,
+                 dedup: bool = False) -> str:
+    """The zeo.conf that ``zodbblob serve`` runs when given no --config
+    (with `dedup`, its ``<zodbblob>`` section says ``dedup on``)."""
     var = os.path.abspath(var)
     blob_dir = _zconfig_value(os.path.join(var, BLOB_DIR))
     data_fs = _zconfig_value(os.path.join(var, DATA_FS))
@@ -121,6 +123,7 @@ def serve_config(address: tuple[str, int] = (DEFAULT_HOST, DEFAULT_PORT),
         '<zodbblob 1>\n'
         f'  blob-dir {blob_dir}\n'
         f'  layout {layout}\n'
+        + ('  dedup on\n' if dedup else '') +
         '  <filestorage>\n'
         f'    path {data_fs}\n'
         '  </filestorage>\n'
@@ -211,7 +214,8 @@ def describe_storage(storage) -> str:
     if isinstance(storage, BlobStorage):
         return (f'{storage.base.getName()}, blobs in '
                 f'{storage.fshelper.base_dir.rstrip(os.sep)} '
-                f'(layout {storage.fshelper.layout_name})')
+                f'(layout {storage.fshelper.layout_name}'
+                f'{", dedup on" if storage.dedup else ""})')
     return storage.getName()
 
 
@@ -286,6 +290,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help='blob directory layout (default automatic: the existing '
              "directory's, bushy for a new one)")
     parser.add_argument(
+        '--dedup', action='store_true',
+        help='store a blob whose bytes equal a stored file\'s as a hard '
+             'link to it (dedup on in the <zodbblob> section)')
+    parser.add_argument(
         '--config', metavar='ZEO.CONF',
         help='run this ZEO server configuration instead (use %%import '
              'zodbblob in it for <zodbblob> sections); --address overrides '
@@ -294,9 +302,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def serve_command(args: argparse.Namespace) -> int:
     if args.config is not None:
-        if args.var is not None or args.layout is not None:
-            args.parser.error('--var and --layout configure the default '
-                              'storage; with --config, the file does')
+        if args.var is not None or args.layout is not None or args.dedup:
+            args.parser.error('--var, --layout and --dedup configure the '
+                              'default storage; with --config, the file '
+                              'does (dedup on in its <zodbblob> section)')
         try:
             make_storage_directories(args.config)
         except OSError as e:
@@ -328,7 +337,7 @@ def serve_command(args: argparse.Namespace) -> int:
         os.makedirs(os.path.dirname(os.path.join(var, DATA_FS)),
                     exist_ok=True)
         text = serve_config(args.address or (DEFAULT_HOST, DEFAULT_PORT),
-                            var, args.layout or AUTOMATIC)
+                            var, args.layout or AUTOMATIC, args.dedup)
         argv = []
         options = ConfigTextOptions(text, '<zodbblob serve defaults>')
     options.realize(argv, progname=args.parser.prog)

@@ -28,19 +28,35 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
         'record references (orphans), files whose size differs from the '
         'journal, unreadable files, anything under a blob name that is not '
         'a regular file (never opened), and transactions a crash left for '
-        '`zodbblob recover`.  Opens the storage read-only: safe while a '
-        'server runs.  Exit status 0 when clean, 1 when problems were '
-        'found, 2 when it could not run.')
+        '`zodbblob recover`; with --checksum, files whose content is not '
+        'what was committed.  Opens the storage read-only (safe while a '
+        'server runs), except with --record-checksums.  Exit status 0 '
+        'when clean, 1 when problems were found, 2 when it could not run.')
     add_storage_arguments(parser)
     parser.add_argument('--checksum', action='store_true',
-                        help='read every byte of every blob file')
+                        help='read every byte of every blob file and compare '
+                             'its digest with the one recorded at commit')
+    parser.add_argument('--record-checksums', action='store_true',
+                        help='as --checksum, and record the digests of files '
+                             'that have none yet (adopted from a stock '
+                             'directory, or committed before zodbblob kept '
+                             'digests); opens the storage for writing, so it '
+                             'refuses to run while a server holds it')
 
 
 def verify_command(args: argparse.Namespace) -> int:
-    storage = open_storage(args, read_only=True)
+    record = args.record_checksums
+    try:
+        storage = open_storage(args, read_only=not record)
+    except (BlobStorageError, zc.lockfile.LockError) as e:
+        # Only for writing: a read-only open takes no lock.
+        print(f'{args.parser.prog}: error: the storage is in use by another '
+              f'process (a running server?), so no checksums are recorded: '
+              f'{e}', file=sys.stderr)
+        return 2
     try:
         report = check_blob_files(
-            storage, checksum=args.checksum,
+            storage, checksum=args.checksum or record,
             progress=Progress('verify', quiet=args.quiet))
     finally:
         storage.close()

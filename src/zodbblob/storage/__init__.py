@@ -25,16 +25,18 @@ from zodbblob.storage.wrapper import BlobStorage
 
 
 def open_filestorage(path: str, blob_dir: str, layout: str = 'automatic',
-                     **options) -> BlobStorage:
+                     dedup: bool = False, **options) -> BlobStorage:
     """A FileStorage at `path` with zodbblob's blobs in `blob_dir`.
 
     The drop-in for ``ZODB.FileStorage.FileStorage(path, blob_dir=...)``:
     `options` go to FileStorage (``read_only``, ``pack_gc``, ...).  The
     storage opens the FileStorage itself, after it locked the blob
     directory and rolled back a last transaction that a crash left torn,
-    so it commits with one sync (``doc/design.rst``, "Commit").
+    so it commits with one sync (``doc/design.rst``, "Commit").  With
+    `dedup`, equal contents share one file (``storage/dedup.py``).
     """
-    return BlobStorage(blob_dir, FileStorageOpener(path, **options), layout)
+    return BlobStorage(blob_dir, FileStorageOpener(path, **options), layout,
+                       dedup)
 
 
 __all__ = [

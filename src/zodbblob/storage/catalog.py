@@ -1,13 +1,15 @@
 """The catalog of a blob directory, and the commit protocol's helpers.
 
 One SQLite database (``<blob_dir>/.zodbblob/journal.sqlite``, WAL mode)
-holds a row per committed blob file: ``(oid, tid, size, superseded)``.
+holds a row per committed blob file: ``(oid, tid, size, superseded,
+digest)``, the digest of its content (``digest.py``) where known.
 The rows are the catalog: the total size (``getSize`` in O(1)), and the
 blob files pack looks among for its garbage without walking the
 directory: ``superseded``, the tid of the oid's next revision (indexed),
 gives it the revisions a pack time may drop, and pack and verify read
-rows in bounded batches (`Journal.rows`, `Journal.superseded`).  A transaction's rows are added after the base storage has
-committed it, without a sync: until the next checkpoint, its record in the
+rows in bounded batches (`Journal.rows`, `Journal.superseded`).  A
+transaction's rows are added after the base storage has committed it,
+without a sync: until the next checkpoint, its record in the
 commit log (``zodbblob.storage.commitlog``) is what recovery goes by, and a
 checkpoint makes the rows durable before it lets the record go.  A batch
 that cannot be written (a full disk, a damaged page) stays pending: the
@@ -17,16 +19,15 @@ the rows.  ``check`` (at open) finds a damaged database, which the storage
 moves aside and rebuilds.
 
 Also here: a pack's intent and the files it is removing (``garbage``), so
-that a killed pack is finished, ``meta`` values, the crash tests' kill
-points (``sync_filesystem`` and ``syncfs_works`` are
-``zodbblob.layout.syncfs``'s, imported here as before).
+that a killed pack is finished, and ``meta`` values.  ``sync_filesystem``
+and ``syncfs_works`` (``zodbblob.layout.syncfs``'s) and the crash tests'
+``kill_point`` (``killpoints.py``'s) are imported here as before.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import sqlite3
 import threading
 import urllib.parse
@@ -43,13 +44,16 @@ from zodbblob.layout.syncfs import (  # noqa: F401 (their old home)
     syncfs_works,
 )
 from zodbblob.storage import schema
+from zodbblob.storage.killpoints import (  # noqa: F401 (their old home)
+    KILL_POINT_VARIABLE,
+    KILL_POINTS,
+    kill_point,
+)
 
 logger = logging.getLogger(__name__)
 
 STATE_DIR = '.zodbblob'
 JOURNAL_NAME = 'journal.sqlite'
-
-
 
 # Catalog rows added after commits are written in batches of this many.
 SAVE_EVERY = 64
@@ -57,47 +61,6 @@ SAVE_EVERY = 64
 # query: their memory does not grow with the catalog, and a commit waits
 # for one batch, not for the whole read.
 READ_BATCH = 5000
-
-KILL_POINT_VARIABLE = 'ZODBBLOB_KILL_POINT'
-KILL_POINTS = (
-    'after_store_blob', 'after_base_vote', 'after_staging_fsync',
-    'after_journal_begin', 'mid_publish', 'after_publish',
-    'after_base_finish', 'after_journal_commit', 'mid_recovery',
-    'mid_checkpoint', 'after_base_pack', 'mid_pack_removal',
-    # One sync: the base has finished, the record's sync may not have.
-    'after_base_finish_before_log_sync', 'after_log_sync',
-)
-
-
-def _kill_point_setting() -> tuple[str | None, int]:
-    value = os.environ.get(KILL_POINT_VARIABLE)
-    if not value:
-        return None, 0
-    name, _, count = value.partition(':')
-    if name not in KILL_POINTS:
-        raise ValueError('%s names unknown kill point %r; known: %s'
-                         % (KILL_POINT_VARIABLE, name, ', '.join(KILL_POINTS)))
-    return name, int(count or 1)
-
-
-_kill_point, _kill_at = _kill_point_setting()
-_kill_hits: dict[str, int] = {}
-
-
-def kill_point(name: str) -> None:
-    """Die here (SIGKILL) if ZODBBLOB_KILL_POINT names this point.
-
-    The crash tests set ``ZODBBLOB_KILL_POINT=name`` or ``name:N`` (the
-    Nth time the point is reached) in a child process, to prove that a
-    crash at every step of commit, pack and recovery loses nothing
-    committed and leaves nothing uncommitted.  Unset, this is one compare.
-    """
-    if name != _kill_point:
-        return
-    _kill_hits[name] = _kill_hits.get(name, 0) + 1
-    if _kill_hits[name] >= _kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-
 
 class JournalError(Exception):
     """The journal database cannot be used."""
@@ -165,8 +128,75 @@ def _delete_rows(db: sqlite3.Connection, pairs: list[tuple[bytes, bytes]],
     return removed, emptied
 
 
+class _Digests:
+    """The rows' content digests, beside what `Journal` does with rows:
+    looked up for the files undo links and for dedup's equal contents,
+    recorded by ``verify --checksum`` for rows that had none (NULL: a
+    scan's rows, an older catalog's)."""
+
+    def digest(self, oid: bytes, tid: bytes) -> bytes | None:
+        """The recorded digest of revision `tid` of `oid`, or None."""
+        if not self.has_digest:
+            return None
+        rows = self._query('SELECT digest FROM blob WHERE oid = ? AND '
+                           'tid = ?', (oid, tid))
+        return rows[0][0] if rows else None
+
+    def same_content(self, keys: Iterable[tuple[bytes, int]], limit: int
+                     ) -> dict[tuple[bytes, int], list[tuple[bytes, bytes]]]:
+        """Up to `limit` committed ``(oid, tid)`` of each ``(digest,
+        size)`` of `keys` that the catalog has rows of, latest first
+        (dedup's candidates).
+
+        One SELECT per key on the digest index, ``LIMIT`` `limit`: a
+        content with many names (dedup's links) costs what one with a
+        few does.  And the rows still pending in memory, without writing
+        them first: a lookup per commit would write a batch per commit.
+        """
+        keys = set(keys)
+        found: dict[tuple[bytes, int], list[tuple[bytes, bytes]]] = {}
+        if not self.has_digest or not keys:
+            return found
+        with self._lock:
+            rows = [(row[3], row[2], row[0], row[1])
+                    for row in self._unsaved if len(row) > 3]
+            try:
+                for digest, size in sorted(keys):
+                    rows += self._db.execute(
+                        'SELECT digest, size, oid, tid FROM blob WHERE '
+                        'digest = ? AND size = ? ORDER BY oid DESC, tid '
+                        'DESC LIMIT ?', (digest, size, limit)).fetchall()
+            except sqlite3.Error as e:
+                raise self._failed('read', e) from e
+        for digest, size, oid, tid in sorted(rows, key=lambda row: row[3],
+                                             reverse=True):
+            pairs = found.setdefault((digest, size), [])
+            if ((digest, size) in keys and len(pairs) < limit
+                    and (oid, tid) not in pairs):
+                pairs.append((oid, tid))
+        return {key: pairs for key, pairs in found.items() if pairs}
+
+    def without_digest(self, after: tuple[bytes, bytes], limit: int
+                       ) -> list[tuple[bytes, bytes]]:
+        """Up to `limit` ``(tid, oid)`` of rows without a digest, oldest
+        first, after `after` (the scrubber's queue: ``scrub.py``)."""
+        return self._query(
+            'SELECT tid, oid FROM blob WHERE digest IS NULL AND (tid, oid) '
+            '> (?, ?) ORDER BY tid, oid LIMIT ?', (*after, limit))
+
+    def record_digests(self, rows: list[tuple[bytes, bytes, bytes]]) -> int:
+        """Record ``(digest, oid, tid)`` for the rows that have no
+        digest yet (one that has one keeps it); the count recorded."""
+        with self._lock:
+            self._save()   # rows still pending in memory, written first
+            return self._write(lambda: self._db.executemany(
+                'UPDATE blob SET digest = ? WHERE oid = ? AND tid = ? '
+                'AND digest IS NULL', rows).rowcount,
+                'record %d digests in' % len(rows), synchronous='NORMAL')
+
+
 @zope.interface.implementer(IBlobJournal)
-class Journal:
+class Journal(_Digests):
     """The journal of one blob directory.
 
     Thread-safe: MVCC instances of one storage share a journal.
@@ -177,7 +207,8 @@ class Journal:
         self.read_only = read_only
         self._lock = threading.Lock()
         self.read_batch = READ_BATCH
-        self._unsaved: list[tuple[bytes, bytes, int]] = []
+        # (oid, tid, size) or (oid, tid, size, digest)
+        self._unsaved: list[tuple] = []
         # Pending rows when the last batch failed: the next try waits
         # for one more batch.
         self._failed_rows = 0
@@ -194,8 +225,9 @@ class Journal:
             if not read_only:
                 self._db.execute('PRAGMA journal_mode=WAL')
                 self._drop_old_catalog()
-                self._add_superseded()
+                self._migrate()
                 self._db.executescript(schema.SCHEMA)
+            self.has_digest = schema.has_digest(self._db)
             self._total = _read_total(self._db)
         except sqlite3.DatabaseError as e:
             self._db.close()
@@ -208,15 +240,11 @@ class Journal:
                            'rebuilt from a scan', self.path)
             schema.drop_catalog(self._db)
 
-    def _add_superseded(self) -> None:
-        if not schema.lacks_superseded(self._db):
-            return
-        with self._lock:
-            marked = self._write(lambda: schema.add_superseded(self._db),
-                                 'add the superseded column to')
-        logger.info('Blob catalog %s: added the superseded column (%d '
-                    'revisions superseded by a later one)', self.path,
-                    marked)
+    def _migrate(self) -> None:
+        for change, message in schema.migrations(self._db):
+            with self._lock:
+                result = self._write(lambda: change(self._db), 'migrate')
+            logger.info('Blob catalog %s: ' + message, self.path, result)
 
     def check(self) -> str | None:
         """What is wrong with the database file, or None if it is sound.
@@ -298,8 +326,9 @@ class Journal:
 
     # the commit protocol: rows are added once the base has committed
 
-    def add(self, rows: Iterable[tuple[bytes, bytes, int | None]]) -> None:
-        """Record committed blob files ``(oid, tid, size)``.
+    def add(self, rows: Iterable[tuple]) -> None:
+        """Record committed blob files ``(oid, tid, size, digest)``, or
+        ``(oid, tid, size)`` where the digest is not known (NULL).
 
         A row supersedes the oid's revision before it: that row's
         ``superseded`` becomes `tid` (the index pack finds its garbage
@@ -338,15 +367,16 @@ class Journal:
 
         def insert():
             added = 0
-            for oid, tid, size in rows:
+            for oid, tid, size, *digest in rows:
                 if size is None:
                     self._supersede(oid, tid)
                 elif self._db.execute(
                         'INSERT OR IGNORE INTO blob '
-                        '(oid, tid, size, superseded) VALUES (?, ?, ?, ('
-                        '  SELECT min(tid) FROM blob'
+                        '(oid, tid, size, digest, superseded) VALUES '
+                        '(?, ?, ?, ?, (SELECT min(tid) FROM blob'
                         '  WHERE oid = ? AND tid > ?))',
-                        (oid, tid, size, oid, tid)).rowcount:
+                        (oid, tid, size, digest[0] if digest else None,
+                         oid, tid)).rowcount:
                     added += size
                     self._supersede(oid, tid)
             self._store_total(self._total + added)
@@ -406,8 +436,8 @@ class Journal:
 
     def total_size(self) -> int:
         with self._lock:
-            return self._total + sum(size for oid, tid, size in self._unsaved
-                                     if size is not None)
+            return self._total + sum(row[2] for row in self._unsaved
+                                     if row[2] is not None)
 
     def revisions(self, oid: bytes) -> list[bytes]:
         return [tid for (tid,) in self._query(
@@ -421,9 +451,10 @@ class Journal:
         """One batch of a batched read (tests count them)."""
         return self._query(sql, parameters)
 
-    def rows(self, stop: bytes | None = None
+    def rows(self, stop: bytes | None = None, digests: bool = False
              ) -> Iterator[list[tuple[bytes, bytes, int]]]:
-        """Batches of ``(oid, tid, size)`` rows in ``(oid, tid)`` order.
+        """Batches of ``(oid, tid, size)`` rows in ``(oid, tid)`` order;
+        with `digests`, ``(oid, tid, size, digest)``.
 
         With `stop`, the rows superseded at or before it are left out.
         At most `read_batch` rows are read at a time, each batch from
@@ -433,9 +464,11 @@ class Journal:
         superseded = ('' if stop is None else
                       'AND (superseded IS NULL OR superseded > ?) ')
         extra = () if stop is None else (stop,)
+        columns = 'oid, tid, size' + (
+            (', digest' if self.has_digest else ', NULL') if digests else '')
         while True:
             batch = self._read_batch(
-                'SELECT oid, tid, size FROM blob WHERE (oid, tid) > (?, ?) '
+                f'SELECT {columns} FROM blob WHERE (oid, tid) > (?, ?) '
                 + superseded + 'ORDER BY oid, tid LIMIT ?',
                 (*after, *extra, self.read_batch))
             if not batch:

@@ -23,7 +23,9 @@ from zodbblob.storage.catalog import (
     syncfs_works,
 )
 from zodbblob.storage.commitlog import CommitLog
+from zodbblob.storage.digest import HASHING_THREADS
 from zodbblob.storage.datamanager import TransactionDirectories
+from zodbblob.storage.scrub import Scrubber
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,13 @@ class Shared:
         self.journal = journal
         self.lock = lock
         self.read_only = read_only
+        # Whether commits link a file whose content is committed already
+        # to that file (``dedup.py``); the storage's option.
+        self.dedup = False
+        # The background scrubber (``scrub.py``) of a writable storage:
+        # it hashes the files commit did not (with dedup off, those that
+        # are not inline).
+        self.scrubber = None
         self.pack_lock = threading.Lock()
         self.untransform_record_data = lambda data: data
         self.directories: TransactionDirectories | None = None
@@ -61,6 +70,7 @@ class Shared:
         # them back, and the next open removes them again).
         self.removed: list[tuple[tuple[bytes, bytes], str]] = []
         self._syncer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._hasher: concurrent.futures.ThreadPoolExecutor | None = None
         # One sync: set at open for a base the storage opened itself.
         self.one_sync = False
         # One sync: the transaction between tpc_begin and the end of its
@@ -86,10 +96,35 @@ class Shared:
                 1, thread_name_prefix='zodbblob-commit-log')
         return self._syncer
 
+    def hasher(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The threads that hash the files of large transactions while
+        they are made durable (``digest.TransactionDigests``)."""
+        if self._hasher is None:
+            self._hasher = concurrent.futures.ThreadPoolExecutor(
+                HASHING_THREADS, thread_name_prefix='zodbblob-digest')
+        return self._hasher
+
+    def start_scrubber(self) -> None:
+        if (self.scrubber is None and not self.read_only
+                and self.journal is not None):
+            self.scrubber = Scrubber(self.journal, self.fshelper)
+            self.scrubber.start()
+
+    def stop_scrubber(self) -> None:
+        """Stop the scrubber between two chunks, waiting a second at
+        most: its backlog is the catalog's, the next open resumes it."""
+        if self.scrubber is not None:
+            self.scrubber.stop()
+            self.scrubber = None
+
     def close(self) -> None:
+        self.stop_scrubber()
         if self._syncer is not None:
             self._syncer.shutdown()
             self._syncer = None
+        if self._hasher is not None:
+            self._hasher.shutdown()
+            self._hasher = None
 
 
 

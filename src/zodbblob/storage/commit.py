@@ -52,9 +52,11 @@ from zodbblob.layout import (
     makedirs_durable,
     remove_if_exists,
 )
-from zodbblob.storage.catalog import kill_point, sync_filesystem
+from zodbblob.storage.catalog import JournalError, kill_point, sync_filesystem
 from zodbblob.storage.checkpoint import Shared, checkpoint
 from zodbblob.storage.commitlog import Entry
+from zodbblob.storage.dedup import Deduplicator
+from zodbblob.storage.digest import TransactionDigests
 from zodbblob.storage.onesync import OneSyncFinish
 
 logger = logging.getLogger(__name__)
@@ -116,6 +118,15 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def committed_digest(shared: Shared, filename: str) -> bytes | None:
+    """The catalog's digest of the committed blob file `filename`."""
+    try:
+        return shared.journal.digest(
+            *shared.fshelper.splitBlobFilename(filename))
+    except (ValueError, JournalError):
+        return None   # the commit hashes it with the others, then
+
+
 def check_tid(base, tid) -> None:
     """Refuse a tid a ZEO client chose that is not 8 bytes, not after the
     last transaction, or more than a day ahead: StorageTransactionError."""
@@ -151,6 +162,7 @@ class _Staged:
         self.published: list[str] = []         # final paths, once voted
         self.directories: dict[str, int] = {}  # of the final names: mode
         self.syncing = None                    # one sync: S1's future
+        self.digests = TransactionDigests()    # of the files' contents
 
 
 class CommitProtocol(OneSyncFinish):
@@ -243,6 +255,8 @@ class CommitProtocol(OneSyncFinish):
             link_or_copy(filename, target)
         else:
             rename_or_copy(filename, target)
+        staged.digests.known[oid] = (  # undo links: the source's digest
+            committed_digest(self._shared, filename) if link else None)
         staged.files[oid] = target
 
     def vote(self, transaction):
@@ -297,7 +311,15 @@ class CommitProtocol(OneSyncFinish):
         if staged.inline:
             entries = [Entry(oid, info.st_size, data=read_bytes(path))
                        for oid, path, info in files]
+            staged.digests.of_entries(entries)   # hashed from these bytes
         else:
+            if shared.dedup:
+                # Dedup needs them at publish: hashed in threads while
+                # they are made durable.  Without dedup, the scrubber
+                # hashes them later (``scrub.py``); commit never waits.
+                staged.digests.start(self._shared.hasher(), [
+                    (oid, (path, self.fshelper.getBlobFilename(oid, tid)))
+                    for oid, path, info in files])
             self._make_durable([path for oid, path, info in files])
             kill_point('after_staging_fsync')
             entries = [Entry(oid, info.st_size,
@@ -356,6 +378,8 @@ class CommitProtocol(OneSyncFinish):
         after the base finished but before the caller's callback.
         """
         directories = staged.directories
+        dedup = (Deduplicator(self._shared, staged) if self._shared.dedup
+                 else None)
         for oid, path, info in staged.stats:
             final = self.fshelper.getBlobFilename(oid, staged.tid)
             mode = directories[os.path.dirname(final)]
@@ -363,10 +387,19 @@ class CommitProtocol(OneSyncFinish):
             # whoever may read their directory.
             os.chmod(path, (stat.S_IMODE(info.st_mode) & ~0o222)
                      | (mode & 0o444))
-            if staged.inline:
-                os.replace(path, final)
+            if dedup is not None and dedup.publish(oid, path, final):
+                # A link to a committed file of the same bytes.  A staged
+                # name of a file that is not inline stays until the
+                # checkpoint: recovery checks the final name against it.
+                if staged.inline:
+                    os.remove(path)
             else:
-                os.link(path, final)
+                if staged.inline:
+                    os.replace(path, final)
+                else:
+                    os.link(path, final)
+                if dedup is not None:
+                    dedup.published(oid, final)
             staged.published.append(final)
             kill_point('mid_publish')
 
@@ -416,9 +449,14 @@ class CommitProtocol(OneSyncFinish):
                     'files were published for tid %s', self.base,
                     oid_repr(tid), oid_repr(staged.tid))
             kill_point('after_base_finish')
-            shared.journal.add([(oid, staged.tid, info.st_size)
+            digests = staged.digests.result()
+            shared.journal.add([(oid, staged.tid, info.st_size,
+                                 digests.get(oid))
                                 for oid, path, info in staged.stats])
             kill_point('after_journal_commit')
+            if shared.scrubber is not None and any(
+                    digests.get(oid) is None for oid, p, i in staged.stats):
+                shared.scrubber.wake()
             with shared.logging:
                 shared.unsynced.extend(staged.published)
                 if not staged.inline:
@@ -452,6 +490,7 @@ class CommitProtocol(OneSyncFinish):
         staged = self._staged
         if staged is not None and staged.transaction is transaction:
             self._staged = None
+            staged.digests.cancel()
             if staged.syncing is not None:
                 try:
                     staged.syncing.result()

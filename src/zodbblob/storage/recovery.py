@@ -41,6 +41,8 @@ from zodbblob.storage.commitlog import (
     latest_entries,
 )
 from zodbblob.storage.datamanager import TransactionDirectories
+from zodbblob.storage.dedup import same_bytes
+from zodbblob.storage.digest import digest_bytes, digest_file
 from zodbblob.storage.filestorage import (
     FileStorageOpener,
     file_lock,
@@ -106,6 +108,21 @@ def _holds(path: str, data: bytes) -> bool:
         return read_bytes(path) == data
     except FileNotFoundError:
         return False
+
+
+def _recovered_digest(entry: Entry, final: str) -> bytes | None:
+    """The digest of a committed file whose row recovery writes.
+
+    An inline entry's from the record's bytes; a larger one's by reading
+    the file rolled forward (recovery is rare: correct before fast).
+    None for a file that is lost (verify reports it missing).
+    """
+    if entry.data is not None:
+        return digest_bytes(entry.data)
+    try:
+        return digest_file(final)
+    except OSError:
+        return None
 
 
 def open_blob_directory(base, blob_dir: str, layout: str) -> Shared:
@@ -344,7 +361,8 @@ class Recovery:
                 if self._roll_forward(entry, final, tid):
                     forward.add(tid)
                 if (oid, tid) not in in_catalog:
-                    rows.append((oid, tid, entry.size))
+                    rows.append((oid, tid, entry.size,
+                                 _recovered_digest(entry, final)))
                 shared.unsynced.append(final)
             else:
                 if entry is not None:
@@ -369,7 +387,7 @@ class Recovery:
                 'back' if tid in back else 'forward', oid_repr(tid))
         # A process that ended without closing its storage (Zope does, on
         # every SIGTERM) leaves its last rows to the log: routine, no alarm.
-        rows_only = {tid for _, tid, _ in rows} - forward - back
+        rows_only = {row[1] for row in rows} - forward - back
         if rows_only:
             logger.info('Recovered blob directory %s: wrote the catalog rows '
                         'of %d committed transactions from the commit log',
@@ -440,9 +458,9 @@ class Recovery:
                 return False
             self._rewrite(final, entry.data)
             return True
-        if os.path.exists(final):
-            return False
         staged = os.path.join(self._shared.fshelper.temp_dir, entry.staged)
+        if os.path.exists(final):
+            return self._relink_if_changed(final, staged)
         if os.path.exists(staged):
             makedirs_durable(os.path.dirname(final))
             os.link(staged, final)
@@ -450,6 +468,31 @@ class Recovery:
             logger.error('Blob file %s of oid %s tid %s is lost: neither it '
                          'nor %s exists', final, oid_repr(entry.oid),
                          oid_repr(tid), staged)
+        return True
+
+    def _relink_if_changed(self, final: str, staged: str) -> bool:
+        """Give `final` its staged file's bytes if dedup linked it to
+        another file whose bytes differ now; True if it had to.
+
+        A file that is not inline is published as a link to its staged
+        file, whose bytes are durable, or (dedup) to a committed file of
+        the same bytes: one whose own bytes may not be durable yet (an
+        inline one, before a checkpoint), which a power cut may have
+        lost.  Only then are bytes compared.
+        """
+        try:
+            if (os.path.samestat(os.lstat(final), os.lstat(staged))
+                    or same_bytes(final, staged)):
+                return False
+        except OSError:
+            # No staged name (a checkpoint made final durable), or no
+            # regular file at final (verify reports it; never opened).
+            return False
+        temporary = os.path.join(self._shared.fshelper.temp_dir,
+                                 'recovered-%d.blob' % os.getpid())
+        remove_if_exists(temporary)
+        os.link(staged, temporary)
+        os.replace(temporary, final)
         return True
 
     def _rewrite(self, final: str, data: bytes) -> None:

@@ -51,15 +51,22 @@ class BlobStorage:
     )
 
     def __init__(self, blob_dir: str, base, layout: str = 'automatic',
-                 _shared: Shared | None = None):
+                 dedup: bool = False, _shared: Shared | None = None,
+                 scrub: bool = True):
         """`base` is a storage, or a `FileStorageOpener` (what
         ``zodbblob.open_filestorage`` and the ``<zodbblob>`` section
         give): then the storage opens its base itself, once the blob
         directory is locked and a torn last transaction rolled back, and
         commits with one sync.  ``commit_protocol`` says which.
+
+        With `dedup`, a committed blob whose bytes equal a committed
+        file's is stored as a hard link to it (``storage/dedup.py``).
+        With `scrub` (writable storages only), a background thread hashes
+        the committed files that have no digest yet (``storage/scrub.py``).
         """
         if isinstance(base, FileStorageOpener):
             base, _shared = open_with_base(base, blob_dir, layout)
+            _shared.dedup = bool(dedup)
             self._owner = True
             try:
                 self._wrap(blob_dir, base, layout, _shared)
@@ -67,9 +74,13 @@ class BlobStorage:
                 base.close()
                 self._close_opened(_shared)
                 raise
-            return
-        self._owner = _shared is None
-        self._wrap(blob_dir, base, layout, _shared)
+        else:
+            self._owner = _shared is None
+            self._wrap(blob_dir, base, layout, _shared)
+            if self._owner:
+                self._shared.dedup = bool(dedup)
+        if self._owner and scrub:
+            self._shared.start_scrubber()
 
     def _wrap(self, blob_dir: str, base, layout: str,
               _shared: Shared | None) -> None:
@@ -108,6 +119,11 @@ class BlobStorage:
         """'one sync' or 'serial' (``doc/design.rst``, "Commit")."""
         return 'one sync' if self._shared.one_sync else 'serial'
 
+    @property
+    def dedup(self) -> bool:
+        """Whether commits link equal contents (``storage/dedup.py``)."""
+        return self._shared.dedup
+
     # opening and closing
 
     def close(self) -> None:
@@ -118,6 +134,7 @@ class BlobStorage:
         if not self._owner:
             self.base.close()
             return
+        shared.stop_scrubber()
         try:
             if shared.failed:
                 # A checkpoint would make the failed transaction's files

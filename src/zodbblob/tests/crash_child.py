@@ -2,13 +2,15 @@
 
 Usage: python -m zodbblob.tests.crash_child DIR [TRANSACTIONS] [--pack]
            [--many] [--not-inline] [--checkpoint-every N] [--log-mib N]
-           [--config]
+           [--config] [--dedup]
 
 Opens ``DIR/Data.fs`` with blobs in ``DIR/blobs`` through
 zodbblob.BlobStorage (with ``--config``, through a ``<zodbblob>``
 section around ``<filestorage>``: the storage opens its base itself and
 commits with one sync) and commits blob transactions of every shape (new and
-changed blobs, several per transaction, empty and multi-MiB ones).  After
+changed blobs, several per transaction, empty and multi-MiB ones).  With
+``--dedup``, the storage has dedup on and the blobs' contents are drawn
+from a few, so that most files are linked to an equal one.  After
 each commit returns, it appends what it committed to ``DIR/committed``
 and fsyncs it: the parent checks exactly those bytes after the crash.
 The parent kills it with SIGKILL, or sets ZODBBLOB_KILL_POINT so that it
@@ -42,13 +44,20 @@ def payload(rng: random.Random, shape: int) -> bytes:
     return rng.randbytes(rng.randrange(1, 20000))
 
 
-def open_configured(directory: str):
+def pooled_payload(rng: random.Random, shape: int) -> bytes:
+    """One of a few contents of each shape, the same in every run."""
+    shape = min(shape, 2)
+    return payload(random.Random(shape * 4 + rng.randrange(3)), shape)
+
+
+def open_configured(directory: str, dedup: bool = False):
     """The storage of a ``<zodbblob>`` section around ``<filestorage>``,
     as zope.conf and ``zodbblob serve`` open it: with one sync."""
     return ZODB.config.storageFromString(f"""
         %import zodbblob
         <zodbblob>
           blob-dir {os.path.join(directory, 'blobs')}
+          dedup {'on' if dedup else 'off'}
           <filestorage>
             path {os.path.join(directory, 'Data.fs')}
           </filestorage>
@@ -80,12 +89,15 @@ def main(argv):
         zodbblob.storage.catalog.READ_BATCH = int(
             argv[argv.index('--read-batch') + 1])
     rng = random.Random(os.getpid())
+    dedup = '--dedup' in argv
+    content = pooled_payload if dedup else payload
     if '--config' in argv:
-        storage = open_configured(directory)
+        storage = open_configured(directory, dedup)
     else:
         storage = BlobStorage(os.path.join(directory, 'blobs'),
                               ZODB.FileStorage.FileStorage(
-                                  os.path.join(directory, 'Data.fs')))
+                                  os.path.join(directory, 'Data.fs')),
+                              dedup=dedup)
     db = ZODB.DB(storage)
     conn = db.open()
     root = conn.root()
@@ -97,7 +109,7 @@ def main(argv):
         # hit of a point always finds one transaction committed before.
         for _ in range(rng.choice(shapes) if number else 1):
             key = 'blob-%d' % rng.randrange(40)
-            data = payload(rng, rng.randrange(12))
+            data = content(rng, rng.randrange(12))
             if key in root:
                 with root[key].open('w') as f:
                     f.write(data)

@@ -342,6 +342,28 @@ class RecipeTests(TemporaryDirectory, unittest.TestCase):
                 self.assertIn(f'  layout {layout}\n',
                               self.make(layout=layout).zeo_conf())
 
+    def test_dedup_on_is_written_and_reaches_the_storage(self):
+        for value in ('on', 'true', 'Yes'):
+            with self.subTest(value=value):
+                recipe = self.make(dedup=value)
+                self.assertIn('  layout automatic\n  dedup on\n',
+                              recipe.zeo_conf())
+                root = self.load_zeo_conf(self.write_zeo_conf(recipe))
+                self.assertIs(root.storages[0].config.dedup, True)
+        for options in ({'dedup': 'off'}, {'dedup': 'no'}, {}):
+            with self.subTest(options=options):
+                recipe = self.make(**options)
+                self.assertNotIn('dedup', recipe.zeo_conf())
+                root = self.load_zeo_conf(self.write_zeo_conf(recipe))
+                self.assertIs(root.storages[0].config.dedup, False)
+
+    def test_dedup_that_is_not_a_boolean_is_refused(self):
+        for value in ('maybe', '2', 'on off'):
+            with self.subTest(value=value):
+                message = self.assertUserError('dedup', value, dedup=value)
+                self.assertEqual(len(message.splitlines()), 1)
+                self.assertFalse(os.path.exists(self.path('parts')))
+
     def test_bad_blob_cache_size_is_refused(self):
         self.assertUserError('blob-cache-size', 'lots',
                              blob_cache_size='lots')

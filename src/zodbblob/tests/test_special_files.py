@@ -272,8 +272,8 @@ class LinkedDirectoryTests(unittest.TestCase):
         # (and its size and digest would not match: restore must not
         # even read it).
         pooled = [os.path.join(top, name) for top, _, names in os.walk(
-            os.path.join(destination, '.blobs')) for name in names
-            if name.endswith('.blob')]
+            os.path.join(destination, '.contents')) for name in names
+            if '.incoming' not in top]
         victim = os.path.dirname(min(pooled))
         elsewhere = os.path.join(self.dir, 'pool-elsewhere')
         shutil.copytree(victim, elsewhere)

@@ -21,9 +21,14 @@ The source is listed once per run: it must not change during the run,
 which the storage lock ensures for a zodbblob storage (a stock one must be
 stopped).
 
-zodbblob's own state (``.zodbblob/``, the journal and its catalog) is not
-carried over: a zodbblob storage opened on the destination builds its
-catalog from one scan of it.
+zodbblob's own state (``.zodbblob/``) is not carried over, but for one
+thing: from a zodbblob source, the destination gets a catalog of its files
+with the source's content digests, written after the marker (a crash
+before it leaves no catalog, and a storage opened on the destination
+builds one from a scan, the digests unknown until the scrubber or
+``verify --checksum`` finds them again).  Names that share an inode in
+the source (dedup's links) share one in the destination
+(``placement.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import itertools
 import json
 import logging
 import os
@@ -51,15 +55,14 @@ from zodbblob.layout import LAYOUT_MARKER
 from zodbblob.layout import LAYOUTS
 from zodbblob.layout import FilesystemHelper
 from zodbblob.layout import LINKED_DIRECTORY
-from zodbblob.layout import BlobTree
 from zodbblob.layout import fsync_directory
 from zodbblob.layout import fsync_path, makedirs_durable
 from zodbblob.layout import get_layout
-from zodbblob.layout import open_blob_file
 from zodbblob.layout import read_marker
 from zodbblob.tools.inventory import Inventory
 from zodbblob.tools.inventory import inventory
 from zodbblob.tools.inventory import source_inventory
+from zodbblob.tools.placement import Writer
 from zodbblob.storage import LOCK_NAME
 from zodbblob.storage import check_state_layout
 from zodbblob.storage import hold_blob_directory
@@ -68,12 +71,6 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = '.zodbblob-migrate'
 TEMPORARY_DIR = '.zodbblob-migrate-tmp'
-
-# os.link fails with these where a copy still works: another filesystem,
-# a filesystem without hard links, a file of another user under
-# fs.protected_hardlinks, a file with too many links already.
-_NO_LINK = frozenset((errno.EXDEV, errno.EPERM, errno.ENOTSUP,
-                      errno.EOPNOTSUPP, errno.EMLINK))
 
 NEW, RESUME, FINISHED = 'new', 'resume', 'finished'
 
@@ -329,80 +326,6 @@ def _hold(held: contextlib.ExitStack, blob_dir: str):
     return lock
 
 
-def copy_blob_file(source_file: str, target: str,
-                   tree: BlobTree | None = None) -> None:
-    """Copy blob file `source_file` to the new file `target`, with its
-    mode and times, as ``shutil.copy2`` would; but a link is never
-    followed, nor a FIFO waited on (NotABlobFile); nor, with the `tree`
-    it is in, a link to a directory below the tree's root."""
-    fd = open_blob_file(source_file) if tree is None else tree.open(
-        source_file)
-    try:
-        with open(fd, 'rb', closefd=False) as source, \
-                open(target, 'xb') as copy:
-            shutil.copyfileobj(source, copy, 1 << 20)
-        info = os.fstat(fd)
-        os.chmod(target, info.st_mode & 0o7777)
-        os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
-    finally:
-        os.close(fd)
-
-
-class _Writer:
-    """Puts source files at destination names: a link, or else a copy."""
-
-    def __init__(self, source: str, destination: str, temporary: str,
-                 report: Report):
-        self.source = source
-        self.tree = BlobTree(source)
-        self.destination = destination
-        self.temporary = temporary
-        self.report = report
-        self.linking = True
-        self.warned = False
-        self._names = itertools.count()
-
-    def _temporary_name(self) -> str:
-        return os.path.join(self.temporary, str(next(self._names)))
-
-    def put(self, source_file: str, final: str) -> None:
-        if self.linking and self._link(source_file, final):
-            self.report.linked += 1
-            return
-        staged = self._temporary_name()
-        copy_blob_file(source_file, staged, self.tree)
-        os.replace(staged, final)
-        self.report.copied += 1
-
-    def _link(self, source_file: str, final: str) -> bool:
-        # A link appears whole under its name, so it may take the final
-        # name at once; only a file that is there already (of the wrong
-        # size, from an earlier run) is replaced through a temporary name.
-        try:
-            # Never a link to a symbolic link, which would carry the
-            # link over, nor through one to a directory.
-            try:
-                self.tree.link(source_file, final)
-            except FileExistsError:
-                staged = self._temporary_name()
-                self.tree.link(source_file, staged)
-                os.replace(staged, final)
-        except OSError as e:
-            if e.errno not in _NO_LINK:
-                raise
-            if e.errno != errno.EMLINK:
-                self.linking = False
-            if not self.warned:
-                self.warned = True
-                logger.warning(
-                    'Copying blob files from %s to %s: hard links between '
-                    'them are not possible (%s), so the copies take as much '
-                    'space again', self.source, self.destination,
-                    e.strerror)
-            return False
-        return True
-
-
 def _differences(source: Inventory, destination: Inventory) -> list[str]:
     problems = []
     for key, (size, path) in source.items():
@@ -482,11 +405,14 @@ def migrate(src: str, dst: str, layout: str,
         wanted = _fill(source, source_layout, destination, target,
                        state == RESUME, report, progress)
         _finish(source, destination, target, wanted)
-        # Our lock file goes too, so that the destination is a plain blob
-        # directory; removing it while held is harmless (whoever opens the
-        # name now gets a new file, and the migration is over).
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(state_dir, LOCK_NAME))
+        _carry_digests(source, destination, wanted)
+        # Our lock file goes too where no catalog was carried, so that the
+        # destination is a plain blob directory; removing it while held is
+        # harmless (whoever opens the name now gets a new file, and the
+        # migration is over).
+        if _lock_only(state_dir):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(state_dir, LOCK_NAME))
     with contextlib.suppress(OSError):
         os.rmdir(state_dir)
     return report
@@ -526,13 +452,14 @@ def _fill(source, source_layout, destination, target, resume, report,
     # Partial copies of a run that was killed: none has a final name.
     shutil.rmtree(temporary, ignore_errors=True)
     os.mkdir(temporary)
-    writer = _Writer(source, destination, temporary, report)
+    writer = Writer(source, destination, temporary, report)
     made = {destination}
     with writer.tree:
         for done, ((oid, tid), (size, path)) in enumerate(wanted.items(), 1):
             found = present.pop((oid, tid), None)
             if found is not None and found[0] == size:
                 report.skipped += 1
+                writer.kept(path, found[1])
             else:
                 final = os.path.join(destination,
                                      target.getBlobFilePath(oid, tid))
@@ -598,3 +525,57 @@ def _finish(source, destination, target, wanted: Inventory) -> None:
     FilesystemHelper(destination, target.name).create()
     os.remove(_state_path(destination))
     fsync_directory(destination)
+
+
+def _carry_digests(source: str, destination: str, wanted: Inventory) -> None:
+    """Give finished `destination` a catalog of its files, `wanted`, with
+    `source`'s digests: from a zodbblob source (closed cleanly, so its
+    catalog's rows are its files) whose catalog has any.
+
+    Each row keeps the size and digest the source recorded, not what
+    the file has now: a file truncated or extended in the source is as
+    damaged in the destination, and its verify says so (a warning here
+    names it).
+    """
+    if not os.path.exists(journal_path(source)):
+        return
+    try:
+        journal = Journal(source, read_only=True)
+    except JournalError:
+        return
+    try:
+        last_tid = journal.get_meta('last_tid')
+        known = {(oid, tid): (size, digest)
+                 for batch in journal.rows(digests=True)
+                 for oid, tid, size, digest in batch}
+    finally:
+        journal.close()
+    if last_tid is None or not any(
+            digest is not None for _, digest in known.values()):
+        return
+    for key, (size, path) in wanted.items():
+        recorded = known.get(key, (size,))[0]
+        if recorded != size:
+            logger.warning('%s has %d bytes, its catalog recorded %d: '
+                           'migrated as it is, with the recorded size and '
+                           'digest (verify reports it)', path, size,
+                           recorded)
+    try:
+        carried = Journal(destination)
+        try:
+            carried.rebuild((oid, tid, known.get((oid, tid), (size,))[0])
+                            for (oid, tid), (size, path) in wanted.items())
+            carried.record_digests([
+                (known[key][1], *key) for key in wanted
+                if known.get(key, (0, None))[1] is not None])
+            # As the source's storage closed it: a storage opened on the
+            # destination over the same Data.fs takes the rows as they are.
+            carried.set_meta(state='closed', last_tid=last_tid)
+        finally:
+            carried.close()
+    except (JournalError, OSError) as e:
+        # The migration is finished: without the catalog, a storage
+        # scans the destination and the scrubber hashes it again.
+        logger.warning('Migrated %s without its digests: cannot write a '
+                       'catalog to %s (%s)', source, journal_path(
+                           destination), e)

@@ -4,7 +4,11 @@ Every blob record of the base (every revision the base still holds) must
 have its file; every blob file must belong to a record; every file must
 have the size the journal recorded, be readable, and be a regular file
 (anything else under a blob name is reported, never opened: see
-`zodbblob.layout.open_blob_file`).  The commit log is judged as recovery
+`zodbblob.layout.open_blob_file`).  With ``checksum``, every file is read
+and hashed (``zodbblob.storage.digest``), and compared with the digest
+its catalog row recorded at commit; rows without one (a stock directory
+adopted, a catalog rebuilt from a scan) are counted, and given the digest
+just read when the storage is open for writing.  The commit log is judged as recovery
 would judge it: only a transaction whose files or catalog rows recovery
 would change is reported as unfinished; catalog rows that only the commit
 log holds (a process that ended without closing its storage, as Zope does
@@ -38,6 +42,10 @@ from zodbblob.storage.commitlog import latest_entries
 from zodbblob.storage.catalog import READ_BATCH
 from zodbblob.storage.catalog import journal_path
 from zodbblob.storage.catalog import pack_under_way
+from zodbblob.storage.dedup import same_bytes
+from zodbblob.storage.digest import DIGEST_NAME
+from zodbblob.storage.digest import digest_fd
+from zodbblob.storage.schema import has_digest
 from zodbblob.storage.pack import base_has
 from zodbblob.layout import LINKED_DIRECTORY
 from zodbblob.layout import BlobTree
@@ -45,6 +53,7 @@ from zodbblob.layout import NotABlobFile
 from zodbblob.layout import file_kind
 from zodbblob.layout import open_blob_file
 from zodbblob.storage import held_by_a_storage
+from zodbblob.tools.contents import Contents
 
 
 @dataclasses.dataclass
@@ -57,6 +66,12 @@ class Report:
     missing: list = dataclasses.field(default_factory=list)
     orphans: list = dataclasses.field(default_factory=list)
     size_mismatches: list = dataclasses.field(default_factory=list)
+    # (oid, tid, path, recorded digest, digest read), with checksum.
+    checksum_mismatches: list = dataclasses.field(default_factory=list)
+    # With checksum: files whose row had no digest, and whether the
+    # digests read were recorded (only a storage open for writing can).
+    unrecorded: int = 0
+    recorded: bool = False
     unreadable: list = dataclasses.field(default_factory=list)
     not_files: list = dataclasses.field(default_factory=list)
     unfinished: list = dataclasses.field(default_factory=list)
@@ -64,11 +79,14 @@ class Report:
     pending_rows: list = dataclasses.field(default_factory=list)
     # A pack ran beside a live storage while this verify looked.
     packed_meanwhile: bool = False
+    # Unique contents, and the bytes links save (``contents.py``).
+    contents: Contents = dataclasses.field(default_factory=Contents)
 
     @property
     def clean(self) -> bool:
         return not (self.missing or self.orphans or self.size_mismatches
-                    or self.unreadable or self.not_files or self.unfinished)
+                    or self.checksum_mismatches or self.unreadable
+                    or self.not_files or self.unfinished)
 
     def lines(self) -> list[str]:
         result = []
@@ -80,6 +98,11 @@ class Report:
         for path, expected, actual in self.size_mismatches:
             result.append('size mismatch: %s is %d bytes, the journal '
                           'recorded %d' % (path, actual, expected))
+        for oid, tid, path, expected, actual in self.checksum_mismatches:
+            result.append('checksum mismatch: blob file of oid %s tid %s: '
+                          '%s has %s %s, the catalog recorded %s'
+                          % (oid_repr(oid), oid_repr(tid), path, DIGEST_NAME,
+                             actual.hex(), expected.hex()))
         for path, error in self.unreadable:
             result.append('unreadable: %s: %s' % (path, error))
         for path, kind in self.not_files:
@@ -90,6 +113,13 @@ class Report:
                           'regular file' % (path, kind))
         result.extend(self.unfinished)
         problems = len(result)
+        if self.unrecorded:
+            result.append(
+                'note: %d files have no recorded checksum yet; %s'
+                % (self.unrecorded, 'recorded now: the next verify '
+                   '--checksum compares them' if self.recorded else
+                   'they were not recorded: the storage is open read-only '
+                   '(verify --record-checksums records them)'))
         if self.pending_rows:
             result.append('note: %d committed transactions have their '
                           'catalog rows in the commit log only; the next '
@@ -99,15 +129,13 @@ class Report:
             result.append('note: a pack ran beside this verify, so missing '
                           'and orphaned files were not judged; run verify '
                           'again')
+        contents = self.contents.line()
+        if contents is not None:
+            result.append(contents)
         result.append('%s: %d blob records, %d blob files, %s' % (
             self.blob_dir, self.records, self.files,
             'clean' if self.clean else '%d problems' % problems))
         return result
-
-
-def _read_all(fd: int) -> None:
-    while os.read(fd, 1 << 20):
-        pass
 
 
 def _holds(path: str, data: bytes) -> bool:
@@ -117,6 +145,18 @@ def _holds(path: str, data: bytes) -> bool:
         return False
     with open(fd, 'rb') as f:
         return f.read(len(data) + 1) == data
+
+
+def _links_staged(final: str, staged: str) -> bool:
+    """Whether `final` is there with its staged file's bytes: its inode,
+    or (dedup linked it to an equal file) the same bytes."""
+    if not os.path.lexists(final):
+        return False
+    try:
+        return (os.path.samestat(os.lstat(final), os.lstat(staged))
+                or same_bytes(final, staged))
+    except OSError:
+        return True   # nothing recovery would compare: left as it is
 
 
 def _replaced(base) -> bool:
@@ -175,14 +215,17 @@ class _Catalog:
             'SELECT 1 FROM blob WHERE oid = ? AND tid = ?', pair)}
 
     def _rows(self):
-        """Batches of ``(oid, tid, size)`` in ``(oid, tid)`` order."""
+        """Batches of ``(oid, tid, size, digest)`` in ``(oid, tid)``
+        order (digest NULL in a catalog from before digests)."""
         if self._db is None:
-            yield from self._journal.rows()
+            yield from self._journal.rows(digests=True)
             return
         after = (b'', b'')
+        digest = 'digest' if has_digest(self._db) else 'NULL'
         while True:
             batch = self._query(
-                'SELECT oid, tid, size FROM blob WHERE (oid, tid) > (?, ?) '
+                f'SELECT oid, tid, size, {digest} FROM blob '
+                'WHERE (oid, tid) > (?, ?) '
                 'ORDER BY oid, tid LIMIT ?',
                 (*after, self._journal.read_batch
                  if self._journal is not None else READ_BATCH))
@@ -194,14 +237,15 @@ class _Catalog:
     def sizes(self) -> _Sizes:
         return _Sizes(self)
 
-    def size(self, oid: bytes, tid: bytes) -> int | None:
+    def row(self, oid: bytes, tid: bytes) -> tuple | None:
+        """``(oid, tid, size, digest)`` of one file, or None."""
         if self._db is None:
-            rows = self._journal._query(
-                'SELECT size FROM blob WHERE oid = ? AND tid = ?', (oid, tid))
+            query, known = self._journal._query, self._journal.has_digest
         else:
-            rows = self._query(
-                'SELECT size FROM blob WHERE oid = ? AND tid = ?', (oid, tid))
-        return rows[0][0] if rows else None
+            query, known = self._query, has_digest(self._db)
+        rows = query('SELECT oid, tid, size, %s FROM blob WHERE oid = ? AND '
+                     'tid = ?' % ('digest' if known else 'NULL'), (oid, tid))
+        return rows[0] if rows else None
 
     def pack_started(self):
         if self._db is not None:
@@ -217,7 +261,7 @@ class _Catalog:
 
 
 class _Sizes:
-    """The catalog's size of each file of a directory walk.
+    """The catalog's row (size, digest) of each file of a directory walk.
 
     A merge: the catalog's rows are read in ``(oid, tid)`` order, a
     batch at a time, as far as the walk has come; a file the walk gives
@@ -232,12 +276,13 @@ class _Sizes:
         self._at = 0
         self._last = None
 
-    def get(self, oid: bytes, tid: bytes) -> int | None:
+    def get(self, oid: bytes, tid: bytes) -> tuple | None:
+        """``(oid, tid, size, digest)``, or None if there is no row."""
         if not self._catalog.readable:
             return None
         key = (oid, tid)
         if self._last is not None and key < self._last:
-            return self._catalog.size(oid, tid)
+            return self._catalog.row(oid, tid)
         self._last = key
         while True:
             while self._at < len(self._batch):
@@ -245,7 +290,7 @@ class _Sizes:
                 if row[:2] > key:
                     return None
                 if row[:2] == key:
-                    return row[2]
+                    return row
                 self._at += 1
             self._batch = next(self._batches, None)
             self._at = 0
@@ -253,6 +298,38 @@ class _Sizes:
                 self._batch = []
                 self._batches = iter(())
                 return None
+
+
+class _Digests:
+    """Compares what verify --checksum read with the catalog's digests;
+    records those the catalog lacks, in batches, where it may write."""
+
+    def __init__(self, storage, report: Report):
+        self._report = report
+        shared = storage._shared
+        self._journal = None if shared.read_only else shared.journal
+        report.recorded = self._journal is not None
+        self._unrecorded: list[tuple[bytes, bytes, bytes]] = []
+
+    def compare(self, row: tuple, path: str, actual: bytes,
+                size: int) -> None:
+        oid, tid, recorded_size, expected = row
+        if expected is None:
+            self._report.unrecorded += 1
+            # Not a file whose size is already wrong: its digest would
+            # make the damage look like the content.
+            if self._journal is not None and size == recorded_size:
+                self._unrecorded.append((actual, oid, tid))
+                if len(self._unrecorded) >= READ_BATCH:
+                    self.record()
+        elif expected != actual:
+            self._report.checksum_mismatches.append(
+                (oid, tid, path, expected, actual))
+
+    def record(self) -> None:
+        if self._unrecorded:
+            self._journal.record_digests(self._unrecorded)
+            self._unrecorded = []
 
 
 class _Records:
@@ -271,6 +348,11 @@ class _Records:
         self._db.execute('CREATE TABLE record (oid BLOB, tid BLOB, '
                          'PRIMARY KEY (oid, tid)) WITHOUT ROWID')
         self.count = 0
+
+    @property
+    def database(self) -> sqlite3.Connection:
+        """The temporary database, for other tables of the walk's."""
+        return self._db
 
     def add(self, pairs) -> None:
         self._db.execute('BEGIN')
@@ -352,7 +434,8 @@ def unfinished_transactions(storage, catalog) -> list[tuple[bytes, str]]:
             if entry.data is not None:
                 present = _holds(final, entry.data)
             else:
-                present = os.path.lexists(final)
+                present = _links_staged(
+                    final, os.path.join(fshelper.temp_dir, entry.staged))
             if not present:
                 found[tid] = 'forward'
             elif in_catalog is not None and (oid, tid) not in in_catalog:
@@ -389,7 +472,7 @@ def _check_files(storage, report: Report, records: _Records, checksum: bool,
         # A mark whose file and row are gone is a finished pack's, whose
         # process ended before a sync let the mark go: nothing to finish.
         garbage = [pair for pair in garbage
-                   if catalog.size(*pair) is not None
+                   if catalog.row(*pair) is not None
                    or os.path.exists(fshelper.getBlobFilename(*pair))]
         catalog_pack_started = (catalog.readable and not live
                                 and catalog.pack_started() is not None)
@@ -414,6 +497,7 @@ def _walk(storage, report: Report, records: _Records, sizes: _Sizes,
     # The walk is not counted first: the records are the progress's
     # total, which is the file count of a clean directory.
     total = report.records
+    digests = _Digests(storage, report)
     with BlobTree(fshelper.base_dir) as tree:
         for done, (oid, tid, path) in enumerate(
                 fshelper.iter_blobs(passed_over), 1):
@@ -429,19 +513,23 @@ def _walk(storage, report: Report, records: _Records, sizes: _Sizes,
                 report.unreadable.append((path, e.strerror or str(e)))
             else:
                 try:
-                    size = os.fstat(fd).st_size
-                    if checksum:
-                        _read_all(fd)
+                    info = os.fstat(fd)
+                    size = info.st_size
+                    actual = digest_fd(fd) if checksum else None
                 except OSError as e:
                     report.unreadable.append((path, e.strerror or str(e)))
                 else:
-                    expected = sizes.get(oid, tid)
-                    if expected is not None and expected != size:
-                        report.size_mismatches.append((path, expected, size))
+                    report.contents.add(info, actual)
+                    row = sizes.get(oid, tid)
+                    if row is not None and row[2] != size:
+                        report.size_mismatches.append((path, row[2], size))
+                    if row is not None and actual is not None:
+                        digests.compare(row, path, actual, size)
                 finally:
                     os.close(fd)
             if progress is not None:
                 progress(done, max(total, done))
+        digests.record()
         for oid, tid in records.left():
             path = fshelper.getBlobFilename(oid, tid)
             try:
@@ -486,6 +574,7 @@ def verify(storage, checksum: bool = False,
     fshelper = storage.fshelper
     report = Report(fshelper.base_dir.rstrip(os.sep))
     records = _Records()
+    report.contents.open(records.database)
     try:
         records.add(_blob_records(storage))
         report.records = records.count

@@ -47,6 +47,8 @@ COMMIT_POINTS = (
 )
 # Only transactions whose blobs are not in the commit log sync their files.
 NOT_INLINE_POINTS = COMMIT_POINTS + ('after_staging_fsync',)
+# With dedup on, a file of a content committed already is linked to it.
+DEDUP_POINTS = ('mid_dedup_link',)
 # Checkpoints every few transactions, not only at close.
 CHECKPOINTS = ('--checkpoint-every', '4')
 # The shapes of commit: blob bytes in the log; files synced one by one;
@@ -204,6 +206,18 @@ class KillPointTests(CrashTestCase):
         # 12 files per transaction, made durable by one syncfs.
         self.kill_at_each(NOT_INLINE_POINTS, '--not-inline', '--many',
                           hit=30)
+
+    def test_kill_at_each_commit_point_with_dedup(self):
+        # Contents drawn from a few: most files are links to equal ones.
+        self.kill_at_each(COMMIT_POINTS + DEDUP_POINTS, '--dedup')
+
+    def test_kill_at_each_commit_point_with_dedup_and_synced_files(self):
+        self.kill_at_each(NOT_INLINE_POINTS + DEDUP_POINTS, '--not-inline',
+                          '--dedup')
+
+    def test_kill_at_each_commit_point_with_dedup_and_many_files(self):
+        self.kill_at_each(NOT_INLINE_POINTS + DEDUP_POINTS, '--not-inline',
+                          '--many', '--dedup', hit=30)
 
     def test_kill_at_each_pack_point(self):
         for point in PACK_POINTS:

@@ -121,14 +121,19 @@ class OneSyncCrashTests(CrashTestCase):
         finally:
             storage.close()
 
-    def test_kill_at_each_commit_point_with_one_sync(self):
-        for point in ONE_SYNC_POINTS:
+    def test_kill_at_each_commit_point_with_one_sync(self, *args,
+                                                     points=()):
+        for point in ONE_SYNC_POINTS + points:
             with self.subTest(point=point):
                 shutil.rmtree(self.dir)
                 os.mkdir(self.dir)
-                self.kill(f'{point}:6', '--checkpoint-every', '4')
+                self.kill(f'{point}:6', '--checkpoint-every', '4', *args)
                 last_tid, _ = self.check_guarantee()
                 self.assertIsNotNone(last_tid)
+
+    def test_kill_at_each_commit_point_with_one_sync_and_dedup(self):
+        self.test_kill_at_each_commit_point_with_one_sync(
+            '--dedup', points=('mid_dedup_link',))
 
     def roll_back_torn_transaction(self, *args):
         self.kill('after_base_finish_before_log_sync:6', *NO_CHECKPOINT,

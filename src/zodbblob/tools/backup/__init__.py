@@ -7,11 +7,11 @@ of the storage's.  The snapshot holds the database as of one transaction
 end of *T* (a valid ``Data.fs``; FileStorage only appends, so those bytes
 no longer change), and the file of every blob record in those bytes.
 
-A destination holds the snapshots of one database, in format 2::
+A destination holds the snapshots of one database, in format 3::
 
-    DEST/.zodbblob-backup    {"format": 2}: what the directory is
-    DEST/.blobs/             the pool: each blob file once, in the chunky
-                             layout, named for its oid and tid
+    DEST/.zodbblob-backup    {"format": 3}: what the directory is
+    DEST/.contents/          the pool: each content once, named by its
+                             sha256 (<2 hex digits>/<64 hex digits>)
     DEST/.manifests/         <tid>.sqlite: a hard link to each snapshot's
                              manifest, for `collect`
     DEST/03f0c4a1b2c3d4e5/   a snapshot, named for its tid:
@@ -20,10 +20,15 @@ A destination holds the snapshots of one database, in format 2::
       manifest.sqlite                            every file, its sha256
       COMPLETE                                   written last
 
+A destination of format 2 (``.blobs``: a file per oid and tid) is read
+as it is, and becomes format 3 by its next backup (``destination``).
+
 The ``Data.fs.*`` parts, concatenated in name order, are the ``Data.fs``
 of the snapshot (``cat Data.fs.* > Data.fs`` would do).  ``restore``
 concatenates them and builds a blob directory of the source's layout
-from the pool, checking every byte against the manifest.
+from the pool, checking every byte against the manifest; the files of
+one content are hard links to one restored file (``links=False``:
+copies).
 
 The package has one module per idea; imports point down the list:
 
@@ -35,8 +40,8 @@ The package has one module per idea; imports point down the list:
     `_SnapshotWriter`: fills one planned snapshot and the pool, resumable;
     `BackupResult`.
 ``pruning``
-    `prune` and `collect`: removing snapshots, then the pool files no
-    remaining manifest lists.
+    `prune` and `collect`: removing snapshots, then the contents (and
+    format-2 pool files) no remaining manifest lists.
 ``restoring``
     `restore`: a Data.fs with its index and a blob directory, renamed into
     place at the end; finishing a restore interrupted among its renames.
@@ -45,6 +50,9 @@ The package has one module per idea; imports point down the list:
 ``source``
     `_Source`: the live Data.fs and blob directory, read without a lock,
     and whether a pack ran.
+``contents``
+    `_Contents`: the pool by content, as a snapshot fills it;
+    `repair_pool`, which ``--full`` runs when nothing was committed.
 ``destination``
     The marker, the lock, the snapshots, the manifests' links, removal.
 ``files``
@@ -72,6 +80,7 @@ from zodbblob.tools.backup.errors import (
 from zodbblob.tools.backup.files import (
     COLLECT_KILL_VARIABLE,
     KILL_VARIABLE,
+    PLACING_KILL_VARIABLE,
     RESTORE_KILL_VARIABLE,
 )
 from zodbblob.tools.backup.manifest import (
@@ -79,6 +88,7 @@ from zodbblob.tools.backup.manifest import (
     DESTINATION_MARKER,
     DONE,
     FORMAT,
+    FORMATS,
     IN_PROGRESS,
     LOCK_NAME,
     MANIFEST_NAME,
@@ -86,7 +96,9 @@ from zodbblob.tools.backup.manifest import (
     MISSING,
     POOL_LAYOUT,
     POOL_NAME,
+    CONTENTS_NAME,
     Manifest,
+    content_path,
     part_name,
     pool_path,
     tid_time,
@@ -108,15 +120,18 @@ from zodbblob.tools.backup.writer import BackupResult
 __all__ = [
     'COLLECT_KILL_VARIABLE',
     'COMPLETE_NAME',
+    'CONTENTS_NAME',
     'DESTINATION_MARKER',
     'DONE',
     'FORMAT',
+    'FORMATS',
     'IN_PROGRESS',
     'KILL_VARIABLE',
     'LOCK_NAME',
     'MANIFESTS_NAME',
     'MANIFEST_NAME',
     'MISSING',
+    'PLACING_KILL_VARIABLE',
     'POOL_LAYOUT',
     'POOL_NAME',
     'RESTORE_KILL_VARIABLE',
@@ -135,6 +150,7 @@ __all__ = [
     'backup',
     'check',
     'collect',
+    'content_path',
     'part_name',
     'pool_path',
     'prune',

@@ -23,16 +23,17 @@ from zodbblob.tools.backup.destination import (
 from zodbblob.tools.backup.errors import BackupError
 from zodbblob.tools.backup.manifest import (
     COMPLETE_NAME,
+    CONTENTS_NAME,
     DESTINATION_MARKER,
     DONE,
-    FORMAT,
+    FORMATS,
     MANIFEST_NAME,
     MISSING,
     POOL_NAME,
     Manifest,
     _hash_file,
+    blob_path,
     part_name,
-    pool_path,
 )
 
 
@@ -82,12 +83,13 @@ def _open_snapshot(snapshot: str, complete: bool = True
     manifest = Manifest(snapshot, read_only=True)
     try:
         meta = manifest.meta()
-        if meta.get('format') != FORMAT:
+        if meta.get('format') not in FORMATS:
             raise BackupError(
                 f'{snapshot} is a snapshot of backup format '
-                f'{meta.get("format")}; this zodbblob reads format {FORMAT}')
+                f'{meta.get("format")!r}; this zodbblob reads formats '
+                f'{" and ".join(map(str, FORMATS))}')
         destination = os.path.dirname(snapshot)
-        pool = os.path.join(destination, POOL_NAME)
+        pool = _pool(destination, meta)
         if not os.path.isdir(pool):
             raise BackupError(
                 f'{snapshot}: its blob files are in {pool}, which does not '
@@ -98,6 +100,12 @@ def _open_snapshot(snapshot: str, complete: bool = True
         manifest.close()
         raise
     return manifest, meta
+
+
+def _pool(destination: str, meta: dict) -> str:
+    """The pool that holds the blob files of a snapshot of `meta`."""
+    return os.path.join(destination, POOL_NAME if meta.get('format') == 2
+                        else CONTENTS_NAME)
 
 
 def _mismatch(path: str, actual: bytes, recorded: bytes) -> str:
@@ -152,7 +160,7 @@ def check(snapshot: str,
                             f'marker; run the backup again to finish it')
         report.parts = len(_check_parts(snapshot, manifest, meta, problems))
         total = sum(manifest.counts().values())
-        pool_tree = BlobTree(os.path.join(destination, POOL_NAME))
+        pool_tree = BlobTree(_pool(destination, meta))
         for done, (oid, tid, size, sha256, state) in enumerate(
                 manifest.blobs(), 1):
             if state == MISSING:
@@ -162,9 +170,13 @@ def check(snapshot: str,
                     f'snapshot was taken')
             elif state == DONE:
                 report.blob_files += 1
-                path = pool_path(destination, oid, tid)
+                path = blob_path(destination, meta, oid, tid, sha256)
                 try:
                     actual_size, actual = _hash_file(path, pool_tree)
+                except FileNotFoundError:
+                    problems.append(
+                        f'missing from the pool: {path}, the file of oid '
+                        f'{oid_repr(oid)} tid {oid_repr(tid)}')
                 except OSError as e:
                     problems.append(f'unreadable: {path}: {e.strerror or e}')
                 else:

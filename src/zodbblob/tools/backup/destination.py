@@ -1,11 +1,15 @@
 """A destination: its marker, lock, snapshots and their manifests' links.
 
 A directory is taken for a destination only with its
-``.zodbblob-backup`` marker of this format; a non-empty directory
-without it, or of another format, is refused, naming it, and nothing is
-changed.  One backup or prune writes into a destination at a time (its
-``.lock``).  A snapshot is removed by renaming it away first, so that no
-half-deleted directory is ever taken for a snapshot.
+``.zodbblob-backup`` marker of a format this zodbblob reads (2 or 3); a
+non-empty directory without it, or of another format, is refused, naming
+it, and nothing is changed.  The first backup into a format-2
+destination makes it format 3 (its marker, one atomic rename, logged):
+new snapshots pool by content beside the old ones, which keep their
+files in ``.blobs`` until pruned.  One backup or prune writes into a
+destination at a time (its ``.lock``).  A snapshot is removed by
+renaming it away first, so that no half-deleted directory is ever taken
+for a snapshot.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import os
 import shutil
 import sqlite3
 
+import logging
+
 import zc.lockfile
 
 from zodbblob.layout import (
@@ -29,19 +35,22 @@ from zodbblob.tools.backup.errors import BackupError
 from zodbblob.tools.backup.files import _write_marker
 from zodbblob.tools.backup.manifest import (
     COMPLETE_NAME,
+    CONTENTS_NAME,
     DESTINATION_MARKER,
     FORMAT,
+    FORMATS,
     LOCK_NAME,
     MANIFEST_SUFFIX,
     MANIFESTS_NAME,
     PARTIAL_SUFFIX,
-    POOL_LAYOUT,
     POOL_NAME,
     REMOVING_PREFIX,
     SNAPSHOT_NAME,
     Manifest,
     _sqlite_uri,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -70,15 +79,16 @@ def snapshots(destination: str) -> list[Snapshot]:
     return result
 
 
-def _read_destination(destination: str) -> bool:
-    """Whether `destination` is a backup destination of this format.
+def _read_destination(destination: str) -> int | None:
+    """The format of backup destination `destination`, one this
+    zodbblob reads.
 
-    False where it is new: missing, or empty.  Raises BackupError, naming
+    None where it is new: missing, or empty.  Raises BackupError, naming
     the path, for anything else (a file, a destination of another format,
     a directory of other things), having changed nothing.
     """
     if not os.path.lexists(destination):
-        return False
+        return None
     if not os.path.isdir(destination):
         raise BackupError(f'{destination} is not a directory')
     marker = os.path.join(destination, DESTINATION_MARKER)
@@ -88,7 +98,7 @@ def _read_destination(destination: str) -> bool:
     except FileNotFoundError:
         names = sorted(n for n in os.listdir(destination) if n != LOCK_NAME)
         if not names:
-            return False
+            return None
         older = [n for n in names if SNAPSHOT_NAME.match(n)]
         if older:
             raise BackupError(
@@ -105,22 +115,36 @@ def _read_destination(destination: str) -> bool:
     except (ValueError, KeyError, TypeError):
         raise BackupError(f'{marker} is not a zodbblob backup marker: '
                           f'{text[:80]!r}') from None
-    if found != FORMAT:
+    if found not in FORMATS:
         raise BackupError(
-            f'{destination} is a backup destination of format {found} '
-            f'({marker}); this zodbblob reads and writes format {FORMAT}: '
-            f'back up into a new destination')
-    return True
+            f'{destination} is a backup destination of format {found!r} '
+            f'({marker}); this zodbblob reads formats '
+            f'{" and ".join(map(str, FORMATS))}: use the zodbblob that '
+            f'wrote it, or back up into a new destination')
+    return found
 
 
-def _prepare_destination(destination: str) -> None:
-    """Make `destination` one: its marker, pool and manifests' links."""
+def _prepare_destination(destination: str,
+                         found: int | None = None) -> None:
+    """Make `destination` one of this format: its marker, pools and
+    manifests' links.  `found`: the format it had (None: new)."""
     # The marker first: a directory with a pool but no marker would be
-    # refused as someone else's.
-    if not os.path.exists(os.path.join(destination, DESTINATION_MARKER)):
+    # refused as someone else's.  A format-2 destination's is replaced
+    # whole, in one rename: its snapshots stay as they are, read from
+    # .blobs, and the next snapshots pool by content.  Nothing else is
+    # rewritten, which for a large destination would take hours.
+    if found != FORMAT:
         _write_marker(destination, DESTINATION_MARKER, json.dumps({
-            'format': FORMAT, 'pool_layout': POOL_LAYOUT.name}) + '\n')
-    for name in (POOL_NAME, MANIFESTS_NAME):
+            'format': FORMAT, 'pool': CONTENTS_NAME}) + '\n')
+        if found is not None:
+            logger.warning(
+                'Backup destination %s is now of format %d: new snapshots '
+                'keep each content once in %s; the snapshots of format %d '
+                'keep their files in %s until pruned (each is read once, '
+                'against its recorded sha256, as it is linked into %s)',
+                destination, FORMAT, CONTENTS_NAME, found, POOL_NAME,
+                CONTENTS_NAME)
+    for name in (CONTENTS_NAME, MANIFESTS_NAME):
         os.makedirs(os.path.join(destination, name), exist_ok=True)
 
 
@@ -196,7 +220,7 @@ def _same_manifest(link: str, manifest: str) -> bool:
 def _unmake_destination(destination: str) -> None:
     """Take back what `_prepare_destination` made in a new destination;
     with its lock held, which goes too (after it, nobody can tell)."""
-    for name in (POOL_NAME, MANIFESTS_NAME):
+    for name in (POOL_NAME, CONTENTS_NAME, MANIFESTS_NAME):
         shutil.rmtree(os.path.join(destination, name), ignore_errors=True)
     remove_if_exists(os.path.join(destination, DESTINATION_MARKER))
     remove_if_exists(os.path.join(destination, LOCK_NAME))

@@ -34,20 +34,37 @@ from zodbblob.tools.backup.manifest import (
 # the next copy is half written.  ZODBBLOB_BACKUP_KILL_COLLECT_AFTER:
 # after N pool files removed by `collect`.
 # ZODBBLOB_RESTORE_KILL_AFTER: after N of restore's final renames.
+# ZODBBLOB_BACKUP_KILL_PLACING_AFTER: after N contents placed in the pool
+# by content, the next one is copied (or linked) into ``.incoming`` and
+# the process killed before it has its name.
 KILL_VARIABLE = 'ZODBBLOB_BACKUP_KILL_AFTER'
+PLACING_KILL_VARIABLE = 'ZODBBLOB_BACKUP_KILL_PLACING_AFTER'
 COLLECT_KILL_VARIABLE = 'ZODBBLOB_BACKUP_KILL_COLLECT_AFTER'
 RESTORE_KILL_VARIABLE = 'ZODBBLOB_RESTORE_KILL_AFTER'
+
+
+def _kill_setting(variable: str) -> tuple[int | None, int]:
+    count, _, name = os.environ.get(variable, '').partition(':')
+    return (int(count) if count else None,
+            getattr(signal, 'SIG' + (name or 'KILL').upper()))
 
 
 class _Kill:
     """A crash point for the tests: `KILL_VARIABLE` by default."""
 
     def __init__(self, variable: str = KILL_VARIABLE):
-        value = os.environ.get(variable, '')
-        count, _, name = value.partition(':')
-        self.after = int(count) if count else None
-        self.signal = getattr(signal, 'SIG' + (name or 'KILL').upper())
+        self.after, self.signal = _kill_setting(variable)
         self.copied = 0
+        self.place_after, self.place_signal = (
+            _kill_setting(PLACING_KILL_VARIABLE) if variable == KILL_VARIABLE
+            else (None, None))
+        self.placed = 0
+
+    def placing(self) -> None:
+        if self.place_after is not None and self.placed >= self.place_after:
+            self.place_after = None
+            os.kill(os.getpid(), self.place_signal)
+        self.placed += 1
 
     def mid_copy(self) -> None:
         if self.after is not None and self.copied >= self.after:

@@ -5,8 +5,9 @@ each with its size, SHA-256 and state (in progress, done, or missing from
 the source): a resumed backup skips what is done, `check` and `restore`
 compare every byte with it, and `collect` reads it to learn which pool
 files a removed snapshot listed.  The names below are the on-disk format
-(format 2, described in `zodbblob.tools.backup`): changing one makes a
-new format.
+(format 3, described in `zodbblob.tools.backup`): changing one makes a
+new format.  A format-2 snapshot's manifest is the same; its blob files
+are in the older pool, ``.blobs``, named by oid and tid.
 """
 
 from __future__ import annotations
@@ -29,10 +30,17 @@ from zodbblob.layout import (
 )
 from zodbblob.tools.backup.errors import BackupError
 
-FORMAT = 2
+FORMAT = 3
+# The formats this zodbblob reads: format 2 pooled a file per (oid, tid)
+# in POOL_NAME; format 3 pools each content once in CONTENTS_NAME.
+FORMATS = (2, 3)
 DESTINATION_MARKER = '.zodbblob-backup'
 POOL_NAME = '.blobs'
 POOL_LAYOUT = get_layout('chunky')
+CONTENTS_NAME = '.contents'
+# Where a content is copied before it has its name in CONTENTS_NAME;
+# emptied by every backup before it writes.
+INCOMING_NAME = '.incoming'
 MANIFESTS_NAME = '.manifests'
 MANIFEST_SUFFIX = '.sqlite'
 REMOVING_PREFIX = '.removing-'
@@ -88,6 +96,27 @@ def pool_path(destination: str, oid: bytes, tid: bytes) -> str:
     """Where the pool of `destination` keeps the blob file of (oid, tid)."""
     return os.path.join(destination, POOL_NAME,
                         POOL_LAYOUT.getBlobFilePath(oid, tid))
+
+
+def content_path(destination: str, sha256: bytes) -> str:
+    """Where the pool of `destination` keeps the content of `sha256`.
+
+    256 directories, named by the first two hex digits: a pool of a few
+    wide directories, as the chunky layout of format 2 was, all made by
+    the first backup of a store of a few thousand blobs, so that a later
+    backup makes none.  Ten million contents are some 40000 names a
+    directory, which ext4 and XFS index.
+    """
+    name = sha256.hex()
+    return os.path.join(destination, CONTENTS_NAME, name[:2], name)
+
+
+def blob_path(destination: str, meta: dict, oid: bytes, tid: bytes,
+              sha256: bytes | None) -> str:
+    """The pooled file of a snapshot's row, in the pool of its format."""
+    if meta.get('format') == 2:
+        return pool_path(destination, oid, tid)
+    return content_path(destination, sha256)
 
 
 def _sqlite_uri(path: str, **parameters) -> str:

@@ -1,7 +1,8 @@
 """Removing snapshots, and the pool files that no snapshot lists any more.
 
 Removing a snapshot (`prune`, or deleting its directory) leaves pool
-files that may be no snapshot's any more; `collect` removes them.  The
+files (contents, and the files of the format-2 pool) that may be no
+snapshot's any more; `collect` removes them.  The
 links in ``.manifests`` tell it which to consider: a link whose snapshot
 is gone lists them, and a file goes only when no remaining manifest
 lists it.  The link goes last, so a collection that is interrupted is
@@ -43,8 +44,8 @@ from zodbblob.tools.backup.manifest import (
     MANIFEST_SUFFIX,
     MANIFESTS_NAME,
     PARTIAL_SUFFIX,
-    POOL_NAME,
     _sqlite_uri,
+    content_path,
     pool_path,
     tid_time,
 )
@@ -54,7 +55,8 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class CollectResult:
-    """What `collect` removed from the pool."""
+    """What `collect` removed from the pool: the snapshots, and the files
+    (and their bytes) it freed, those whose last name went."""
 
     snapshots: list = dataclasses.field(default_factory=list)
     files: int = 0
@@ -95,20 +97,24 @@ def collect(destination: str) -> CollectResult:
             removed.append(link)
     if not removed:
         return result
-    doomed, partials = _unlisted(removed, remaining.values())
+    doomed, contents, partials = _unlisted(removed, remaining.values())
     kill = _Kill(COLLECT_KILL_VARIABLE)
     touched = set()
     for oid, tid in partials:
         remove_if_exists(pool_path(destination, oid, tid) + PARTIAL_SUFFIX)
-    for oid, tid in doomed:
-        path = pool_path(destination, oid, tid)
+    paths = [pool_path(destination, oid, tid) for oid, tid in doomed] + [
+        content_path(destination, sha256) for sha256, in contents]
+    for path in paths:
         try:
-            size = os.stat(path).st_size
+            info = os.lstat(path)
             os.remove(path)
         except FileNotFoundError:
             continue  # removed by a collection that was interrupted
-        result.files += 1
-        result.bytes += size
+        if info.st_nlink == 1:
+            # Its last name: a format-2 file linked into the pool by
+            # content frees nothing until that name goes too.
+            result.files += 1
+            result.bytes += info.st_size
         touched.add(os.path.dirname(path))
         kill.after_one()
     # The removals durable before the links that list them go: a power
@@ -124,41 +130,67 @@ def collect(destination: str) -> CollectResult:
             MANIFEST_SUFFIX)])
     fsync_directory(directory)
     if result.files:
-        logger.debug('Removed %d blob files (%d bytes) from %s: no '
-                     'remaining snapshot lists them', result.files,
-                     result.bytes, os.path.join(destination, POOL_NAME))
+        logger.debug('Removed %d blob files (%d bytes) from the pool of '
+                     '%s: no remaining snapshot lists them', result.files,
+                     result.bytes, destination)
     return result
 
 
-def _unlisted(removed: list[str], remaining) -> tuple[list, list]:
-    """``(oid, tid)`` of the files the `removed` manifests list and no
-    `remaining` one does; and of those they list as in progress."""
+def _unlisted(removed: list[str], remaining) -> tuple[list, list, list]:
+    """``(oid, tid)`` of the format-2 pool's files the `removed` manifests
+    list and no `remaining` one does, ``(sha256,)`` of the contents
+    likewise; and ``(oid, tid)`` of the files they list as in progress.
+
+    A manifest of format 2 names files of the older pool, one of format
+    3 contents; one of format 3 whose rows are still to be linked in
+    from the older pool (a base of format 2) keeps those files too.
+    """
     db = sqlite3.connect(':memory:', isolation_level=None)
     try:
         db.execute('CREATE TABLE candidate (oid BLOB, tid BLOB, '
                    'PRIMARY KEY (oid, tid)) WITHOUT ROWID')
+        db.execute('CREATE TABLE content (sha256 BLOB PRIMARY KEY) '
+                   'WITHOUT ROWID')
         partials = []
         for path in removed:
             with _attached(db, _sqlite_uri(path, mode='ro', immutable=1),
                            path):
-                db.execute('INSERT OR IGNORE INTO candidate '
-                           'SELECT oid, tid FROM listed.blob')
-                partials += db.execute(
-                    'SELECT oid, tid FROM listed.blob WHERE state = ?',
-                    (IN_PROGRESS,)).fetchall()
+                if _format(db) == 2:
+                    db.execute('INSERT OR IGNORE INTO candidate '
+                               'SELECT oid, tid FROM listed.blob')
+                    partials += db.execute(
+                        'SELECT oid, tid FROM listed.blob WHERE state = ?',
+                        (IN_PROGRESS,)).fetchall()
+                else:
+                    db.execute('INSERT OR IGNORE INTO content SELECT sha256 '
+                               'FROM listed.blob WHERE sha256 IS NOT NULL')
         for path, complete in remaining:
             # An unfinished manifest may have rows in its WAL: read it as
             # SQLite reads a live database.
             uri = _sqlite_uri(path, mode='ro', **(
                 {'immutable': 1} if complete else {}))
             with _attached(db, uri, path):
+                older = _format(db) == 2
                 db.execute('DELETE FROM candidate WHERE EXISTS (SELECT 1 '
                            'FROM listed.blob b WHERE b.oid = candidate.oid '
-                           'AND b.tid = candidate.tid)')
+                           'AND b.tid = candidate.tid AND (? OR (b.state = '
+                           '? AND b.sha256 IS NOT NULL)))',
+                           (older, IN_PROGRESS))
+                if not older:
+                    db.execute('DELETE FROM content WHERE EXISTS (SELECT 1 '
+                               'FROM listed.blob b WHERE b.sha256 = '
+                               'content.sha256)')
         doomed = db.execute('SELECT oid, tid FROM candidate').fetchall()
+        contents = db.execute('SELECT sha256 FROM content').fetchall()
     finally:
         db.close()
-    return doomed, partials
+    return doomed, contents, partials
+
+
+def _format(db: sqlite3.Connection) -> int:
+    row = db.execute(
+        "SELECT value FROM listed.meta WHERE name = 'format'").fetchone()
+    return row[0] if row else 2
 
 
 @contextlib.contextmanager
@@ -206,7 +238,7 @@ def prune(destination: str, keep: int) -> PruneResult:
     if keep < 1:
         raise BackupError(f'keep {keep} snapshots: at least 1 is needed')
     destination = os.path.abspath(destination)
-    if not _read_destination(destination):
+    if _read_destination(destination) is None:
         raise BackupError(f'{destination} is not a backup destination: no '
                           f'snapshot to remove')
     result = PruneResult(destination)

@@ -19,6 +19,7 @@ import stat
 from collections.abc import Callable
 
 import ZODB.FileStorage
+from ZODB.utils import oid_repr
 
 from zodbblob.layout import (
     LAYOUT_MARKER,
@@ -37,6 +38,7 @@ from zodbblob.tools.backup.checking import (
     _check_parts,
     _mismatch,
     _open_snapshot,
+    _pool,
 )
 from zodbblob.tools.backup.errors import BackupError
 from zodbblob.tools.backup.files import (
@@ -49,9 +51,8 @@ from zodbblob.tools.backup.manifest import (
     CHUNK,
     DONE,
     MISSING,
-    POOL_NAME,
     _hash_file,
-    pool_path,
+    blob_path,
     tid_time,
 )
 
@@ -70,15 +71,19 @@ class RestoreResult:
     blob_files: int
     missing: int
     linked: int = 0
+    shared: int = 0
 
     def lines(self) -> list[str]:
         result = [f'{self.directory}: restored transaction {self.tid.hex()} '
                   f'({tid_time(self.tid)}): Data.fs {self.data_fs_size} '
                   f'bytes, {self.blob_files} blob files']
         if self.linked:
-            copies = self.blob_files - self.linked
+            others = self.blob_files - self.linked - self.shared
             result.append(f'  {self.linked} blob files are hard links to '
-                          f'the backup\'s files, {copies} are copies')
+                          f'the backup\'s files, {others} are copies')
+        if self.shared:
+            result.append(f'  {self.shared} blob files are hard links to a '
+                          f'restored file of the same content')
         if self.missing:
             result.append(f'  {self.missing} blob files were missing from '
                           f'the source when the snapshot was taken; '
@@ -102,8 +107,17 @@ def _refuse_occupied(directory: str) -> None:
                 raise BackupError(
                     f'{os.path.join(directory, name)} exists: restore into a '
                     f'directory without Data.fs files')
-    if os.path.lexists(blob_dir) and (not os.path.isdir(blob_dir)
-                                      or os.listdir(blob_dir)):
+    if os.path.islink(blob_dir):
+        # The staged blob directory is renamed into place at the end,
+        # which would replace the link, not fill the directory it names.
+        raise BackupError(
+            f'{blob_dir} is a symbolic link (to {os.readlink(blob_dir)}): '
+            f'restore into a directory on that volume and link to its '
+            f'blobs afterwards')
+    if os.path.lexists(blob_dir) and not os.path.isdir(blob_dir):
+        raise BackupError(f'{blob_dir} exists and is not a directory: '
+                          f'restore into a directory without it')
+    if os.path.lexists(blob_dir) and os.listdir(blob_dir):
         try:
             lock = hold_blob_directory(blob_dir)
         except BlobDirectoryInUse as e:
@@ -119,13 +133,17 @@ def _refuse_occupied(directory: str) -> None:
 
 def restore(snapshot: str, directory: str, link: bool = False,
             layout: str | None = None,
-            progress: Callable[[int, int], None] | None = None
-            ) -> RestoreResult:
+            progress: Callable[[int, int], None] | None = None,
+            links: bool = True) -> RestoreResult:
     """Make ``directory/Data.fs`` (with its index) and ``directory/blobs``.
 
     The blob directory gets `layout` (by default the source's), and
     copies of the pool's files; with `link`, hard links to them where
-    the filesystem allows.  Refuses, changing nothing, when `directory`
+    the filesystem allows.  With `links` (the default) the blob files of
+    one content are hard links to one restored file, as a deduplicated
+    store has them (committed blob files are never changed in place, so
+    a store without dedup reads them just as well); without, each is a
+    copy.  Refuses, changing nothing, when `directory`
     holds a Data.fs (or its index) or a non-empty ``blobs``, and when the
     snapshot is unfinished.  Every byte read is checked against the
     manifest; everything is written under hidden names and renamed into
@@ -156,7 +174,8 @@ def restore(snapshot: str, directory: str, link: bool = False,
         shutil.rmtree(staged_blobs, ignore_errors=True)
         try:
             return _restore(snapshot, manifest, meta, chosen, link,
-                            directory, staged_data, staged_blobs, progress)
+                            directory, staged_data, staged_blobs, progress,
+                            links)
         except BaseException:
             for path in staged:
                 remove_if_exists(path)
@@ -196,7 +215,7 @@ def _check_pooled(path: str, actual_size: int, actual: bytes, size: int,
 
 
 def _restore(snapshot, manifest, meta, layout, link, directory, staged_data,
-             staged_blobs, progress) -> RestoreResult:
+             staged_blobs, progress, links) -> RestoreResult:
     tid = bytes.fromhex(meta['tid'])
     destination = os.path.dirname(snapshot)
     problems: list[str] = []
@@ -225,16 +244,41 @@ def _restore(snapshot, manifest, meta, layout, link, directory, staged_data,
     counts = manifest.counts()
     total = counts.get(DONE, 0)
     catalog = []
-    linked = 0
-    with BlobTree(os.path.join(destination, POOL_NAME)) as pool_tree:
+    linked = shared = 0
+    # The contents more than one row has, and the first file restored of
+    # each: the others become links to it.
+    repeated = {sha256 for sha256, in manifest.db.execute(
+        'SELECT sha256 FROM blob WHERE state = ? GROUP BY sha256 '
+        'HAVING count(*) > 1', (DONE,))} if links else set()
+    # sha256 -> (that file, whether it is a link to the pool's).
+    restored: dict[bytes, tuple[str, bool]] = {}
+    with BlobTree(_pool(destination, meta)) as pool_tree:
         for oid, blob_tid, size, sha256, state in manifest.blobs(DONE):
-            path = pool_path(destination, oid, blob_tid)
+            path = blob_path(destination, meta, oid, blob_tid, sha256)
+            if not os.path.lexists(path):
+                raise BackupError(
+                    f'{snapshot}: the pool lacks {path}, the file of oid '
+                    f'{oid_repr(oid)} tid {oid_repr(blob_tid)} its manifest '
+                    f'lists; nothing restored')
             target = os.path.join(staged_blobs,
                                   layout.getBlobFilePath(oid, blob_tid))
-            placed = False
-            if link:
+            placed = from_pool = False
+            if sha256 in restored:
+                # Checked when it was restored: the same bytes.
+                first, from_pool = restored[sha256]
+                placed = files.link(first, target)
+                if placed and from_pool:
+                    # The first is the pool's file: so is this one.
+                    linked += 1
+                elif placed:
+                    shared += 1
+                else:
+                    # The link limit, say: this copy takes its place.
+                    del restored[sha256]
+                    from_pool = False
+            if not placed and link:
                 _check_pooled(path, *_hash_file(path, pool_tree), size, sha256)
-                placed = files.link(path, target, pool_tree)
+                placed = from_pool = files.link(path, target, pool_tree)
                 if placed:
                     linked += 1
                 else:
@@ -250,6 +294,8 @@ def _restore(snapshot, manifest, meta, layout, link, directory, staged_data,
                 finally:
                     os.close(fd)
                 _check_pooled(path, actual_size, actual, size, sha256)
+            if sha256 in repeated and sha256 not in restored:
+                restored[sha256] = target, from_pool
             catalog.append((oid, blob_tid, size))
             if progress is not None:
                 progress(len(catalog), total)
@@ -261,7 +307,7 @@ def _restore(snapshot, manifest, meta, layout, link, directory, staged_data,
         journal.close()
     files.sync()
     result = RestoreResult(directory, tid, meta['size'], len(catalog),
-                           counts.get(MISSING, 0), linked)
+                           counts.get(MISSING, 0), linked, shared)
     _write_marker(directory, RESTORING_NAME, json.dumps(
         dataclasses.asdict(result) | {'tid': tid.hex()}) + '\n')
     _rename_restored(directory, _Kill(RESTORE_KILL_VARIABLE))
@@ -318,4 +364,4 @@ def _finish_interrupted_restore(directory: str, meta: dict
     return RestoreResult(
         directory, bytes.fromhex(recorded['tid']),
         recorded['data_fs_size'], recorded['blob_files'],
-        recorded['missing'], recorded['linked'])
+        recorded['missing'], recorded['linked'], recorded.get('shared', 0))

@@ -1,15 +1,19 @@
 """Taking a snapshot: finish what a run left, plan the next one, write it.
 
 A committed blob file never changes (one (oid, tid) is one content), so
-the pool holds it once, however many snapshots list it.  A new snapshot
+the pool holds its content once, however many snapshots, revisions and
+oids have it (``contents``).  A new snapshot
 is incremental: its manifest is the previous one's rows, copied by one
 SQL statement, plus the blob records of the transactions committed since;
 its parts are hard links to the previous snapshot's plus the bytes
-appended since; it copies into the pool only the new blob files.  What a
+appended since; it copies into the pool only the new contents.  What a
 backup writes grows with what changed, not with the store.  When
 ``Data.fs`` was packed since the previous snapshot (its bytes no longer
 match), the new snapshot copies it whole and reads all its records, and
-still takes from the pool every file the previous manifest lists.
+still takes from the pool every file the previous manifest lists.  A
+base of format 2 has its files in the older pool: the new snapshot's rows
+of them carry their recorded size and sha256, in progress, and the
+writer links each into the pool by content.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Callable
 from ZODB.utils import z64
 
 from zodbblob.layout import fsync_directory, makedirs_durable
+from zodbblob.tools.backup.contents import clear_incoming, repair_pool
 from zodbblob.tools.backup.destination import (
     Snapshot,
     _finish_removals,
@@ -95,6 +100,23 @@ def _refuse_another_database(destination: str, source: _Source) -> None:
             f'its own destination')
 
 
+def _refuse_inside_source(destination: str, source: _Source) -> None:
+    """Raise BackupError when `destination` is the source's blob
+    directory, inside it, or holds it: a backup would then copy itself,
+    or its files would be taken for the store's."""
+    real_destination = os.path.realpath(destination)
+    real_blob_dir = os.path.realpath(source.blob_dir)
+    if (real_destination == real_blob_dir
+            or real_destination.startswith(real_blob_dir + os.sep)):
+        raise BackupError(f'{destination} is inside the blob directory '
+                          f'{source.blob_dir} it would back up: back up '
+                          f'into a directory outside it')
+    if real_blob_dir.startswith(real_destination + os.sep):
+        raise BackupError(f'{destination} holds the blob directory '
+                          f'{source.blob_dir} it would back up: back up '
+                          f'into a directory outside it')
+
+
 def _plan(destination: str, source: _Source, base: Snapshot | None,
           full: bool) -> tuple[str, bool]:
     """Plan a snapshot of the source's last committed transaction.
@@ -149,11 +171,20 @@ def _write_manifest(path, source, tid, end, base, base_parts, start,
                     full) -> None:
     manifest = Manifest(path, create=True)
     db = manifest.db
+    # The base's rows are done where the pool by content has them: a base
+    # of format 2 has its files in the older pool, to be linked in by
+    # their recorded content (and --full checks every content).
+    pooled = DONE
     try:
         if base is not None:
             db.execute('ATTACH DATABASE ? AS base', (_sqlite_uri(
                 os.path.join(base.path, MANIFEST_NAME), mode='ro',
                 immutable=1),))
+            base_format = db.execute(
+                "SELECT value FROM base.meta WHERE name = 'format'"
+            ).fetchone()[0]
+            if full or base_format != FORMAT:
+                pooled = IN_PROGRESS
         with db:
             db.execute('BEGIN')
             manifest.set_meta(
@@ -162,7 +193,7 @@ def _write_manifest(path, source, tid, end, base, base_parts, start,
                 blob_dir=source.blob_dir, started=time.time(),
                 base=base.name if base is not None else '',
                 state='planned', boot_id=_boot_id() or '',
-                plan=secrets.token_hex(16))
+                plan=secrets.token_hex(16), full=int(full))
             db.executemany(
                 'INSERT INTO part (start, "end", sha256, state) '
                 'VALUES (?, ?, ?, ?)',
@@ -174,9 +205,10 @@ def _write_manifest(path, source, tid, end, base, base_parts, start,
                 # pool has them (the missing ones are tried again).
                 db.execute(
                     'INSERT INTO blob (oid, tid, size, sha256, state) '
-                    'SELECT oid, tid, size, sha256, CASE state WHEN ? THEN '
-                    '? ELSE ? END FROM base.blob',
-                    (DONE, DONE, IN_PROGRESS))
+                    'SELECT oid, tid, CASE state WHEN ? THEN size END, '
+                    'CASE state WHEN ? THEN sha256 END, CASE state WHEN ? '
+                    'THEN ? ELSE ? END FROM base.blob',
+                    (DONE, DONE, DONE, pooled, IN_PROGRESS))
             db.executemany(
                 'INSERT OR IGNORE INTO blob (oid, tid, state) '
                 'VALUES (?, ?, ?)',
@@ -191,7 +223,7 @@ def _write_manifest(path, source, tid, end, base, base_parts, start,
                     'blob.oid AND b.tid = blob.tid) WHERE EXISTS (SELECT 1 '
                     'FROM base.blob b WHERE b.oid = blob.oid AND b.tid = '
                     'blob.tid AND b.state = ?)',
-                    (IN_PROGRESS if full else DONE, DONE))
+                    (pooled, DONE))
         if base is not None:
             db.execute('DETACH DATABASE base')
     finally:
@@ -211,6 +243,9 @@ def _open_unfinished(snapshot: Snapshot, source: _Source) -> Manifest | None:
         meta = manifest.meta()
         if meta.get('state') != 'planned':
             reason = 'it was interrupted before its plan was written'
+        elif meta.get('format') != FORMAT:
+            reason = (f'it is of backup format {meta.get("format")}; the '
+                      f'next snapshot is taken in format {FORMAT}')
         else:
             last_start = manifest.parts()[-1][0]
             if source.end_of(snapshot.tid, last_start) == meta['size']:
@@ -236,7 +271,9 @@ def backup(storage, destination: str, full: bool = False,
     takes a snapshot of the storage's last transaction, unless the newest
     snapshot holds it already.  With `full`, Data.fs is copied whole and
     every blob file the pool has already is read again, and copied again
-    from the source if it is missing or damaged.  Returns a result per
+    from the source if it is missing or damaged; when the newest snapshot
+    holds the last transaction already, the pool files it lists are read
+    and repaired so (`repair_pool`).  Returns a result per
     snapshot finished or found up to date.
 
     Raises BackupInterrupted on Ctrl-C (the snapshot is left to be
@@ -247,10 +284,12 @@ def backup(storage, destination: str, full: bool = False,
     """
     destination = os.path.abspath(destination)
     existed = os.path.lexists(destination)
-    new = not _read_destination(destination)
     dropped = False
     source = _Source(storage)
     try:
+        _refuse_inside_source(destination, source)
+        found = _read_destination(destination)
+        new = found is None
         if source.packed():
             raise SourcePacked(source.path)
         _refuse_another_database(destination, source)
@@ -258,7 +297,7 @@ def backup(storage, destination: str, full: bool = False,
         # would go with it.
         makedirs_durable(destination)
         with _locked(destination):
-            _prepare_destination(destination)
+            _prepare_destination(destination, found)
             try:
                 return _backup(source, destination, full, progress)
             except (BackupError, OSError) as e:
@@ -285,6 +324,7 @@ def _backup(source: _Source, destination: str, full: bool,
     kill = _Kill()
     _finish_removals(destination)
     collect(destination)
+    clear_incoming(destination)
     results = []
     removed = False
     for snapshot in snapshots(destination):
@@ -306,8 +346,14 @@ def _backup(source: _Source, destination: str, full: bool,
                              complete[-1] if complete else None, full)
     if up_to_date:
         if not any(r.snapshot == path for r in results):
-            results.append(BackupResult(path, bytes.fromhex(
-                os.path.basename(path)), up_to_date=True))
+            result = BackupResult(path, bytes.fromhex(
+                os.path.basename(path)), up_to_date=True)
+            if full:
+                # Nothing to copy but what the pool lost: every snapshot
+                # lists the newest one's pool files too.
+                result.checked, result.repaired, result.unrepaired = (
+                    repair_pool(destination, path, source, kill))
+            results.append(result)
         return results
     manifest = Manifest(path)
     writer = _SnapshotWriter(path, source, manifest, progress, kill)
@@ -318,6 +364,8 @@ def _backup(source: _Source, destination: str, full: bool,
         # Data.fs under its reading: its plan no longer holds.
         if not isinstance(e, SourcePacked) and not source.packed():
             raise
+        # Its contents copied so far are listed, for collect to remove.
+        writer._flush()
         manifest.close()
         _drop_snapshot(destination, path, writer.files.created)
         if isinstance(e, SourcePacked):

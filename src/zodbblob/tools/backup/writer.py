@@ -2,8 +2,10 @@
 
 An interrupted backup resumes: the manifest lists every file the
 snapshot needs, each in progress, done or missing (from the source).
-Files are copied to ``.partial`` names and renamed, then marked done, so
-a rerun skips what is done, discards partial files and copies the rest
+New contents are copied into ``.contents/.incoming``, listed in the
+manifest, named in the pool, then marked done (`_SnapshotWriter._flush`),
+so a rerun skips what is done, finds in the pool what was named,
+discards what was only staged and copies the rest
 (after a reboot, it first checks the files it had copied: see
 `_SnapshotWriter`).  ``COMPLETE`` is written only once everything is
 durable; a snapshot without it is resumed, never built upon.
@@ -27,6 +29,7 @@ from zodbblob.layout import (
     fsync_directory,
     remove_if_exists,
 )
+from zodbblob.tools.backup.contents import _Contents
 from zodbblob.tools.backup.destination import _link_manifest
 from zodbblob.tools.backup.errors import (
     BackupInterrupted,
@@ -79,11 +82,25 @@ class BackupResult:
     bytes_copied: int = 0
     missing: list = dataclasses.field(default_factory=list)
     not_files: list = dataclasses.field(default_factory=list)
+    # --full when up to date: the pool files read, those copied again
+    # from the source, and those it could not give back.
+    checked: int = 0
+    repaired: list = dataclasses.field(default_factory=list)
+    unrepaired: list = dataclasses.field(default_factory=list)
 
     def lines(self) -> list[str]:
         when = f'transaction {self.tid.hex()} ({tid_time(self.tid)})'
         if self.up_to_date:
-            return [f'{self.snapshot}: up to date, holds {when}']
+            result = [f'{self.snapshot}: up to date, holds {when}']
+            if self.checked:
+                result.append(f'  pool: {self.checked} files read, '
+                              f'{len(self.repaired)} missing or damaged '
+                              f'copied again from the source')
+            for path in self.unrepaired:
+                result.append(f'  damaged: {path} is missing or damaged in '
+                              f'the pool, and the source no longer has its '
+                              f'content')
+            return result
         result = [f'{self.snapshot}: {"resumed and " if self.resumed else ""}'
                   f'complete, holds {when}',
                   f'  Data.fs: {self.data_fs_size} bytes, '
@@ -128,7 +145,10 @@ class _SnapshotWriter:
         self.resuming = resuming
         self.files = _Files(path, kill)
         self.source_tree = BlobTree(source.blob_dir)
-        self.pool_tree = BlobTree(os.path.join(self.destination, POOL_NAME))
+        self.contents = _Contents(self.destination, self.files, kill)
+        # The pool of format 2, where a destination has one: its files
+        # are linked in by content, not copied again.
+        self.old_tree = BlobTree(os.path.join(self.destination, POOL_NAME))
         # Source paths not backed up for what is under their name (one
         # link to a directory stands for all the files below it).
         self.not_file_paths: set[str] = set()
@@ -140,13 +160,17 @@ class _SnapshotWriter:
                                    data_fs_size=self.meta['size'])
         self.done_rows: list[tuple] = []
         self.batch_bytes = 0
+        # sha256 -> the file in .incoming of the contents copied since
+        # the last flush.
+        self.staged: dict[bytes, str] = {}
 
     def run(self) -> BackupResult:
         try:
             return self._run()
         finally:
             self.source_tree.close()
-            self.pool_tree.close()
+            self.contents.close()
+            self.old_tree.close()
 
     def _run(self) -> BackupResult:
         if self.resuming:
@@ -195,19 +219,21 @@ class _SnapshotWriter:
         """Remove partial files; after a reboot, check what was copied."""
         boot = _boot_id()
         recheck = boot is None or self.meta.get('boot_id') != boot
-        for oid, tid, *_ in self.manifest.blobs(IN_PROGRESS):
-            remove_if_exists(self._pool_path(oid, tid) + PARTIAL_SUFFIX)
-        redo = []
+        bad: set[bytes] = set()
         if recheck:
-            for oid, tid, size, sha256, _ in self.manifest.blobs(
+            for _, _, size, sha256, _ in self.manifest.blobs(
                     DONE, copied=True):
-                try:
-                    actual = _hash_file(self._pool_path(oid, tid),
-                                        self.pool_tree)
-                except OSError:
-                    actual = None
-                if actual != (size, sha256):
-                    redo.append((IN_PROGRESS, oid, tid))
+                if sha256 not in bad and not self.contents.holds(size,
+                                                                 sha256):
+                    bad.add(sha256)
+                    self.contents.discard(sha256)
+            # Rows whose contents a flush had named but not yet marked
+            # done: a resumed row takes a content of the right size.
+            for _, _, size, sha256, _ in self.manifest.blobs(IN_PROGRESS):
+                if (sha256 is not None and self.contents.has(size, sha256)
+                        and not self.contents.holds(size, sha256)):
+                    self.contents.discard(sha256)
+        redo = len(bad)
         for start, end, sha256, state in self.manifest.parts():
             path = os.path.join(self.path, part_name(start, end))
             remove_if_exists(path + PARTIAL_SUFFIX)
@@ -221,26 +247,24 @@ class _SnapshotWriter:
                     self.manifest.db.execute(
                         'UPDATE part SET state = ? WHERE start = ?',
                         (IN_PROGRESS, start))
-                    redo.append(None)
+                    redo += 1
         with self.manifest.db:
             self.manifest.db.execute('BEGIN')
-            # Copied again from the source, not checked against these.
+            # Copied again from the source, not checked against these:
+            # every row of a content whose copy a power cut damaged.
             self.manifest.db.executemany(
                 'UPDATE blob SET state = ?, size = NULL, sha256 = NULL, '
-                'copied = 0 WHERE oid = ? AND tid = ?',
-                [row for row in redo if row is not None])
+                'copied = 0 WHERE sha256 = ?',
+                [(IN_PROGRESS, sha256) for sha256 in bad])
             self.manifest.set_meta(boot_id=boot or '')
         if recheck:
             logger.warning('Snapshot %s was interrupted before the machine '
                            'restarted: checked the files it had finished; '
-                           '%d to copy again', self.path, len(redo))
+                           '%d to copy again', self.path, redo)
 
     def _progress(self, done: int, total: int) -> None:
         if self.progress is not None:
             self.progress(done, total)
-
-    def _pool_path(self, oid: bytes, tid: bytes) -> str:
-        return pool_path(self.destination, oid, tid)
 
     def _source_path(self, oid: bytes, tid: bytes) -> str:
         return self.source.fshelper.getBlobFilename(oid, tid)
@@ -277,21 +301,13 @@ class _SnapshotWriter:
                 'UPDATE part SET sha256 = ?, state = ? WHERE start = ?',
                 (sha256, DONE, start))
 
-    def _blob(self, oid, tid, pooled_size, pooled_sha256) -> None:
-        target = self._pool_path(oid, tid)
-        if pooled_sha256 is not None:
-            # --full: keep the pool's file if it is still what an earlier
-            # snapshot recorded.
-            try:
-                actual = _hash_file(target, self.pool_tree)
-            except OSError:
-                actual = None
-            if actual == (pooled_size, pooled_sha256):
+    def _blob(self, oid, tid, known_size, known_sha256) -> None:
+        if known_sha256 is not None:
+            copied = self._known(oid, tid, known_size, known_sha256)
+            if copied is not None:
                 self.done_rows.append(
-                    (pooled_size, pooled_sha256, DONE, 0, oid, tid))
+                    (known_size, known_sha256, DONE, copied, oid, tid))
                 return
-            logger.warning('Blob file %s in the pool is missing or damaged: '
-                           'copied it again from the source', target)
         source = self._source_path(oid, tid)
         try:
             fd = self.source_tree.open(source)
@@ -315,19 +331,67 @@ class _SnapshotWriter:
             return
         try:
             info = os.fstat(fd)
-            # Replaces a file an interrupted run copied but had not yet
-            # marked done: the same bytes.
-            size, sha256 = self.files.copy(
-                fd, target, stat.S_IMODE(info.st_mode), 0, info.st_size)
+            size, sha256 = self.contents.source_digest(fd, info)
+            copied = 0
+            if sha256 not in self.staged and not self.contents.has(size,
+                                                                   sha256):
+                size, sha256, staged = self.contents.stage(
+                    fd, stat.S_IMODE(info.st_mode), info.st_size, oid, tid)
+                self.staged[sha256] = staged
+                copied = 1
+                self.result.copied += 1
+                self.result.bytes_copied += size
+                self.batch_bytes += size
         finally:
             os.close(fd)
-        self.result.copied += 1
-        self.result.bytes_copied += size
-        self.batch_bytes += size
-        self.done_rows.append((size, sha256, DONE, 1, oid, tid))
+        self.done_rows.append((size, sha256, DONE, copied, oid, tid))
+
+    def _known(self, oid, tid, size, sha256) -> int | None:
+        """For a row whose content is known (a base of format 2, or
+        ``--full``): 0 when the pool has it, 1 when it was linked in from
+        the format-2 pool; None when it is to be copied from the source."""
+        full = bool(self.meta.get('full'))
+        if self.contents.holds(size, sha256) if full else self.contents.has(
+                size, sha256):
+            return 0
+        if full and self.contents.has(size, sha256):
+            logger.warning('Content %s in the pool is damaged: copying it '
+                           'again from the source',
+                           self.contents.path(sha256))
+            self.contents.discard(sha256)
+        old = pool_path(self.destination, oid, tid)
+        try:
+            # Read whole before it is named for a content, once per
+            # content: a damaged format-2 file named by its recorded
+            # sha256 would make every later snapshot fail its check.
+            found = _hash_file(old, self.old_tree)
+        except OSError:
+            return None
+        if found == (size, sha256) and self.contents.link_in(
+                old, self.old_tree, sha256):
+            return 1
+        return None
 
     def _flush(self) -> None:
-        """Mark the files finished since the last flush done."""
+        """Mark the files finished since the last flush done.
+
+        The contents copied meanwhile are in ``.incoming``: their rows
+        get their sha256 first (still in progress), then they get their
+        names in the pool.  A pool content is thus always listed, by a
+        row a resumed run finds done or, in progress, in the pool; and a
+        snapshot removed unfinished lists it for `collect`.
+        """
+        if self.staged:
+            with self.manifest.db:
+                self.manifest.db.execute('BEGIN')
+                self.manifest.db.executemany(
+                    'UPDATE blob SET size = ?, sha256 = ? WHERE oid = ? AND '
+                    'tid = ?', [(size, sha256, oid, tid) for size, sha256,
+                                _, copied, oid, tid in self.done_rows
+                                if copied and sha256 in self.staged])
+            for sha256, staged in self.staged.items():
+                self.contents.place(staged, sha256)
+            self.staged = {}
         with self.manifest.db:
             self.manifest.db.execute('BEGIN')
             self.manifest.db.executemany(

@@ -29,7 +29,7 @@ from ZODB.utils import p64
 
 from zodbblob import BlobStorage
 from zodbblob import cli
-from zodbblob.tools import migrate as migrate_module
+from zodbblob.tools import placement
 from zodbblob.cache import BUCKETS, BlobCache
 from zodbblob.storage.catalog import Journal
 from zodbblob.layout import LAYOUT_MARKER, FilesystemHelper, read_marker
@@ -41,6 +41,7 @@ from zodbblob.tools.migrate import (
     migrate,
 )
 from zodbblob.storage import BlobDirectoryInUse
+from zodbblob.tools.verify import verify
 
 STOCK_LAYOUTS = ('bushy', 'lawn')
 
@@ -166,10 +167,15 @@ class MigrateTestCase(unittest.TestCase):
     def assert_finished(self, source, destination, layout):
         """`destination` is a plain, finished `layout` copy of `source`."""
         self.assertEqual(read_marker(destination), layout)
-        for leftover in (STATE_FILE, TEMPORARY_DIR, '.zodbblob'):
+        for leftover in (STATE_FILE, TEMPORARY_DIR):
             self.assertFalse(
                 os.path.exists(os.path.join(destination, leftover)),
                 leftover)
+        # Of zodbblob's state, only a catalog with the source's digests.
+        state = os.path.join(destination, '.zodbblob')
+        if os.path.exists(state):
+            self.assertEqual(sorted(os.listdir(state)),
+                             ['journal.sqlite', 'lock'])
         revisions = contents(source)
         self.assertEqual(contents(destination, layout), revisions)
         return revisions
@@ -333,7 +339,7 @@ class ChainTests(MigrateTestCase):
         self.assertEqual(report.files, 11)
         self.assertEqual(sorted(name for name in os.listdir(destination)
                                 if not name.endswith('.blob')),
-                         ['.layout', 'tmp'])
+                         ['.layout', '.zodbblob', 'tmp'])
         self.assertEqual(contents(destination, 'flat'), revisions)
         self.assertEqual(os.listdir(os.path.join(destination, 'tmp')), [])
 
@@ -502,7 +508,7 @@ class CopyTests(MigrateTestCase):
     def test_interrupted_copy_leaves_no_partial_file_under_a_blob_name(self):
         source = self.make_store()
         destination = os.path.join(self.other_filesystem(), 'bushy')
-        real_copy = migrate_module.copy_blob_file
+        real_copy = placement.copy_blob_file
 
         def copy_half(source_file, target, tree=None):
             # Dies the way a kill in the middle of a copy would leave it.
@@ -510,17 +516,154 @@ class CopyTests(MigrateTestCase):
                 out.write(f.read()[:5])
             raise KeyboardInterrupt
 
-        with mock.patch('zodbblob.tools.migrate.copy_blob_file', copy_half), \
+        with mock.patch('zodbblob.tools.placement.copy_blob_file', copy_half), \
                 self.assertLogs('zodbblob.tools.migrate', logging.WARNING):
             with self.assertRaises(KeyboardInterrupt):
                 migrate(source, destination, 'bushy')
         self.assertEqual(contents(destination, 'bushy'), {})
         self.assertIsNone(read_marker(destination))
-        with mock.patch('zodbblob.tools.migrate.copy_blob_file', real_copy), \
+        with mock.patch('zodbblob.tools.placement.copy_blob_file', real_copy), \
                 self.assertLogs('zodbblob.tools.migrate', logging.WARNING):
             report = migrate(source, destination, 'bushy')
         self.assertEqual((report.copied, report.skipped), (11, 0))
         self.assert_finished(source, destination, 'bushy')
+
+
+DEDUP_CONTENT = b'one content, four names ' * 50
+
+
+class DedupTests(MigrateTestCase):
+    """A deduplicated store migrates into a deduplicated one: the names
+    that share an inode share one after, and the catalog's digests too."""
+
+    other_filesystem = CopyTests.other_filesystem
+
+    def make_dedup_store(self, count=4):
+        """`count` blobs of one content, linked by dedup, and two others."""
+        db = ZODB.DB(BlobStorage(self.path('blobs'),
+                                 ZODB.FileStorage.FileStorage(self.data),
+                                 dedup=True))
+        try:
+            for i in range(count):
+                with db.transaction() as conn:
+                    conn.root()[f'same{i}'] = Blob(DEDUP_CONTENT)
+            with db.transaction() as conn:
+                conn.root()['other'] = Blob(b'another content')
+                conn.root()['third'] = Blob(b'a third content')
+            with db.transaction() as conn:
+                self.expected = read_root(conn)
+        finally:
+            db.close()
+        source = self.path('blobs')
+        self.assertEqual(self.inode_groups(source, 'bushy'),
+                         [(count, count), (1, 1), (1, 1)])
+        return source
+
+    def inode_groups(self, blob_dir, layout):
+        """``(names in blob_dir, st_nlink)`` of each inode of `blob_dir`,
+        most names first."""
+        names = {}
+        for oid, tid, path in iter_source(blob_dir, layout):
+            info = os.stat(path)
+            names.setdefault((info.st_ino, info.st_nlink), []).append(path)
+        return sorted(((len(paths), nlink) for (ino, nlink), paths
+                       in names.items()), reverse=True)
+
+    def digests(self, blob_dir):
+        journal = Journal(blob_dir, read_only=True)
+        try:
+            return {(oid, tid): digest
+                    for batch in journal.rows(digests=True)
+                    for oid, tid, size, digest in batch}
+        finally:
+            journal.close()
+
+    def assert_verified(self, destination, layout, source):
+        """The destination's store reads everything, keeps the source's
+        digests without a scan, and verify --checksum finds it clean."""
+        self.assertEqual(self.digests(destination), self.digests(source))
+        self.assertNotIn(None, self.digests(destination).values())
+        data = self.path(f'copy-{len(os.listdir(self.dir))}.fs')
+        shutil.copyfile(self.data, data)
+        with self.assertNoLogs('zodbblob.storage', logging.WARNING):
+            storage = BlobStorage(destination,
+                                  ZODB.FileStorage.FileStorage(data))
+        db = ZODB.DB(storage)
+        try:
+            report = verify(storage, checksum=True)
+            self.assertTrue(report.clean, report.lines())
+            self.assertEqual(report.unrecorded, 0)
+            self.assertEqual(report.contents.links, 3)
+            with db.transaction() as conn:
+                self.assertEqual(read_root(conn), self.expected)
+        finally:
+            db.close()
+
+    def test_a_file_damaged_in_the_source_stays_found_in_the_destination(
+            self):
+        # Truncated after its digest was recorded: the destination's row
+        # keeps the recorded size and digest, so its verify says what the
+        # source's says, and no scrub can take the damage for the content.
+        source = self.make_dedup_store(count=1)
+        (oid, tid, path), = [
+            found for found in iter_source(source, 'bushy')
+            if open(found[2], 'rb').read() == b'another content']
+        digest = self.digests(source)[oid, tid]
+        os.chmod(path, 0o644)
+        os.truncate(path, 3)
+        destination = self.path('lawn')
+        with self.assertLogs('zodbblob.tools', logging.WARNING) as logs:
+            migrate(source, destination, 'lawn')
+        self.assertIn('has 3 bytes, its catalog recorded 15',
+                      '\n'.join(logs.output))
+        self.assertEqual(self.digests(destination)[oid, tid], digest)
+        data = self.path('copy.fs')
+        shutil.copyfile(self.data, data)
+        storage = BlobStorage(destination, ZODB.FileStorage.FileStorage(data),
+                              scrub=False)
+        try:
+            report = verify(storage, checksum=True)
+        finally:
+            storage.close()
+        self.assertFalse(report.clean)
+        self.assertIn('size mismatch', '\n'.join(report.lines()))
+
+    def test_a_deduplicated_store_keeps_its_links_in_another_layout(self):
+        source = self.make_dedup_store()
+        destination = self.path('lawn')
+        report = migrate(source, destination, 'lawn')
+        self.assertEqual((report.linked, report.copied), (6, 0))
+        # Linked to the source's files: one inode for all eight names.
+        self.assertEqual(self.inode_groups(destination, 'lawn'),
+                         [(4, 8), (1, 2), (1, 2)])
+        self.assert_verified(destination, 'lawn', source)
+
+    def test_across_filesystems_the_copies_keep_dedup_s_links(self):
+        source = self.make_dedup_store()
+        destination = os.path.join(self.other_filesystem(), 'chunky')
+        with self.assertLogs('zodbblob.tools.migrate', logging.WARNING):
+            report = migrate(source, destination, 'chunky')
+        # One copy per content, the other names linked to it.
+        self.assertEqual((report.linked, report.copied), (3, 3))
+        groups = [(4, 4), (1, 1), (1, 1)]
+        self.assertEqual(self.inode_groups(destination, 'chunky'), groups)
+        self.assertEqual(self.inode_groups(source, 'bushy'), groups)
+        self.assert_verified(destination, 'chunky', source)
+
+    def test_sigkill_mid_copy_then_a_rerun_keeps_dedup_s_links(self):
+        source = self.make_dedup_store(count=6)
+        destination = os.path.join(self.other_filesystem(), 'chunky')
+        child = subprocess.run(
+            [sys.executable, '-c', KILLING_CHILD, source, destination, '3'],
+            capture_output=True, timeout=120)
+        self.assertEqual(child.returncode, -signal.SIGKILL, child.stderr)
+        self.assertIsNone(read_marker(destination))
+        with self.assertLogs('zodbblob.tools.migrate', logging.WARNING):
+            report = migrate(source, destination, 'chunky')
+        self.assertEqual(report.skipped, 3)
+        self.assertEqual(self.inode_groups(destination, 'chunky'),
+                         [(6, 6), (1, 1), (1, 1)])
+        self.assertEqual(self.digests(destination), self.digests(source))
 
 
 KILLING_CHILD = textwrap.dedent('''
@@ -690,6 +833,8 @@ class InterruptionTests(MigrateTestCase):
         source = self.make_store()
         destination = self.path('bushy2')
         migrate(source, destination, 'bushy')
+        # Then the carried catalog is not written yet either.
+        shutil.rmtree(os.path.join(destination, '.zodbblob'))
         with open(os.path.join(destination, STATE_FILE), 'w') as f:
             f.write('{"source": "%s", "layout": "bushy"}'
                     % os.path.realpath(source))

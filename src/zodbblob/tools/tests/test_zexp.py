@@ -138,7 +138,8 @@ class ZexpTestCase(unittest.TestCase):
     def path(self, *names):
         return os.path.join(self.dir, *names)
 
-    def open_db(self, name='db', layout='bushy', stock=False, blobs=True):
+    def open_db(self, name='db', layout='bushy', stock=False, blobs=True,
+                dedup=False):
         os.makedirs(self.path(name), exist_ok=True)
         data, blob_dir = self.path(name, 'Data.fs'), self.path(name, 'blobs')
         if stock:
@@ -147,7 +148,7 @@ class ZexpTestCase(unittest.TestCase):
                 read_only=not blobs)
         else:
             storage = BlobStorage(blob_dir, ZODB.FileStorage.FileStorage(data),
-                                  layout)
+                                  layout, dedup=dedup)
         db = ZODB.DB(storage)
         self.addCleanup(close, db)
         return db
@@ -296,6 +297,69 @@ class RoundTripTests(ZexpTestCase):
             export_file(conn, conn.root()['folder']._p_oid,
                         self.path('x.zexp'))
         self.assertEqual(os.listdir(self.dir), ['source'])
+
+
+SAME = b'one content under three names\n' * 100
+
+
+class DedupTests(ZexpTestCase):
+    """Export from a deduplicated store; import where dedup is on (the
+    copies are links, to each other and to an equal content already
+    there) or off (plain files).  The bytes are the same either way."""
+
+    def inodes(self, folder):
+        """``{key: (st_ino, st_nlink)}`` of `folder`'s blobs' files."""
+        return {key: (info.st_ino, info.st_nlink) for key, info in (
+            (key, os.stat(blob.committed())) for key, blob in folder.items()
+            if isinstance(blob, Blob))}
+
+    def assert_bytes(self, folder):
+        read = {}
+        for key in folder:
+            with folder[key].open() as f:
+                read[key] = f.read()
+        self.assertEqual(read, {'a': SAME, 'b': SAME, 'c': SAME,
+                                'other': b'another content'})
+
+    def export_deduplicated(self):
+        db = self.open_db('source', dedup=True)
+        with db.transaction() as conn:
+            folder = conn.root()['folder'] = PersistentMapping()
+            for key in ('a', 'b', 'c'):
+                folder[key] = Blob(SAME)
+            folder['other'] = Blob(b'another content')
+        conn = self.connect(db)
+        folder = conn.root()['folder']
+        self.assertEqual(len(set(self.inodes(folder).values())), 2)
+        export_file(conn, folder._p_oid, self.path('dedup.zexp'))
+        self.tm.abort()
+        conn.close()
+        db.close()
+        return self.path('dedup.zexp')
+
+    def test_import_with_dedup_on_links_the_copies_and_what_was_there(self):
+        path = self.export_deduplicated()
+        db = self.open_db('target', dedup=True)
+        with db.transaction() as conn:
+            conn.root()['existing'] = Blob(SAME)
+        copy = self.import_into(db, path)
+        inodes = self.inodes(copy)
+        existing = os.stat(self.connect(db).root()['existing'].committed())
+        same = {inodes[key] for key in ('a', 'b', 'c')}
+        self.assertEqual(same, {(existing.st_ino, 4)})
+        self.assertEqual(inodes['other'][1], 1)
+        self.assert_bytes(copy)
+
+    def test_import_with_dedup_off_writes_plain_files(self):
+        path = self.export_deduplicated()
+        db = self.open_db('target')
+        with db.transaction() as conn:
+            conn.root()['existing'] = Blob(SAME)
+        copy = self.import_into(db, path)
+        inodes = self.inodes(copy)
+        self.assertEqual(len(set(inodes.values())), 4)
+        self.assertEqual({nlink for ino, nlink in inodes.values()}, {1})
+        self.assert_bytes(copy)
 
 
 class OldFileTests(ZexpTestCase):

@@ -26,6 +26,7 @@ from zodbblob.cli import main
 from zodbblob.tools.backup import (
     COLLECT_KILL_VARIABLE,
     KILL_VARIABLE,
+    PLACING_KILL_VARIABLE,
     RESTORE_KILL_VARIABLE,
     Manifest,
     snapshots,
@@ -46,17 +47,18 @@ def run_process(*argv, env=None):
     environment.pop(KILL_VARIABLE, None)
     environment.pop(COLLECT_KILL_VARIABLE, None)
     environment.pop(RESTORE_KILL_VARIABLE, None)
+    environment.pop(PLACING_KILL_VARIABLE, None)
     environment.update(env or {})
     return subprocess.run(
         [sys.executable, '-m', 'zodbblob.cli'] + [str(a) for a in argv],
         capture_output=True, text=True, env=environment, timeout=120)
 
 
-def open_db(directory, layout='automatic', read_only=False):
+def open_db(directory, layout='automatic', read_only=False, dedup=False):
     base = ZODB.FileStorage.FileStorage(
         os.path.join(directory, 'Data.fs'), read_only=read_only)
     return ZODB.DB(BlobStorage(os.path.join(directory, 'blobs'), base,
-                               layout))
+                               layout, dedup=dedup))
 
 
 def blob_bytes(seed, size=100):
@@ -73,8 +75,8 @@ def read_blobs(root):
     return result
 
 
-def read_store(directory):
-    db = open_db(directory, read_only=True)
+def read_store(directory, dedup=False):
+    db = open_db(directory, read_only=True, dedup=dedup)
     try:
         with db.transaction() as conn:
             return read_blobs(conn.root())
@@ -94,8 +96,10 @@ def files_below(top, suffix=''):
 
 
 def pool_files(destination):
-    """Path below the pool -> inode, for every blob file in it."""
-    return files_below(os.path.join(destination, '.blobs'), '.blob')
+    """Path below the pool -> inode, for every content in it."""
+    return {path: inode for path, inode in files_below(
+        os.path.join(destination, '.contents')).items()
+        if not path.startswith('.incoming')}
 
 
 def directories(top):
@@ -103,20 +107,19 @@ def directories(top):
 
 
 def listed(snapshot):
-    """(oid, tid) of every blob file the manifest of `snapshot` lists."""
+    """sha256 of every content the manifest of `snapshot` lists."""
     manifest = Manifest(snapshot, read_only=True)
     try:
-        return {(oid, tid) for oid, tid, *_ in manifest.blobs()}
+        return {sha256 for *_, sha256, state in manifest.blobs()
+                if sha256 is not None}
     finally:
         manifest.close()
 
 
 def pooled(destination):
-    """(oid, tid) of every blob file in the pool of `destination`."""
-    from zodbblob.tools.backup import POOL_LAYOUT
-    top = os.path.join(destination, '.blobs')
-    return {POOL_LAYOUT.blob_path_to_oid_tid(path)
-            for path in files_below(top, '.blob')}
+    """sha256 of every content in the pool of `destination`."""
+    return {bytes.fromhex(os.path.basename(path))
+            for path in pool_files(destination)}
 
 
 def tree(path):
@@ -127,6 +130,7 @@ def tree(path):
 class StoreTestCase(unittest.TestCase):
 
     layout = 'automatic'
+    dedup = False
 
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix='zodbblob-backup-')
@@ -140,7 +144,7 @@ class StoreTestCase(unittest.TestCase):
 
     def commit(self, changes):
         """Set the blobs in `changes` (name -> bytes), in one transaction."""
-        db = open_db(self.source, self.layout)
+        db = open_db(self.source, self.layout, dedup=self.dedup)
         try:
             with db.transaction() as conn:
                 root = conn.root()

@@ -5,6 +5,7 @@ a user does (``zodbblob.cli.main``, or ``python -m zodbblob.cli`` where a
 process must die), restores, and reads the restored database back.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ class BackupRestoreTests(StoreTestCase):
             f'{os.path.getsize(self.data):016x}', 'manifest.sqlite'])
         self.assertEqual(len(pool_files(self.dest)), 30)
         with open(os.path.join(self.dest, '.zodbblob-backup')) as f:
-            self.assertEqual(json.load(f)['format'], 2)
+            self.assertEqual(json.load(f)['format'], 3)
         restored = self.restore(snapshot)
         self.assertVerifies(restored)
         self.assertEqual(read_store(restored), self.expected)
@@ -73,8 +74,12 @@ class BackupRestoreTests(StoreTestCase):
         self.assertEqual(len(set(after) - set(before)), 1)
         for path, inode in before.items():
             self.assertEqual(after[path], inode, path)
-        # One new directory, the snapshot: no tree of the blob files.
-        self.assertEqual(directories(self.dest) - dirs_before, {second})
+        # One new directory, the snapshot, and at most the pool's
+        # directory of the new content: no tree of the blob files.
+        made = directories(self.dest) - dirs_before - {second}
+        self.assertLessEqual(made, {os.path.dirname(
+            os.path.join(self.dest, '.contents', path))
+            for path in set(after) - set(before)})
         self.assertEqual(len(listed(second)), 101)
         self.assertLess(listed(first), listed(second))
         # Data.fs: the first snapshot's part linked, the appended bytes new.
@@ -99,7 +104,7 @@ class BackupRestoreTests(StoreTestCase):
         self.backup()
         [first] = self.snapshot_paths()
         before = pool_files(self.dest)
-        damaged = os.path.join(self.dest, '.blobs', sorted(before)[2])
+        damaged = os.path.join(self.dest, '.contents', sorted(before)[2])
         os.chmod(damaged, 0o644)
         with open(damaged, 'r+b') as f:
             f.write(b'!')
@@ -107,15 +112,19 @@ class BackupRestoreTests(StoreTestCase):
         self.commit({'b0': b'new'})
         with self.assertLogs('zodbblob.tools.backup', logging.WARNING) as logs:
             out = self.backup('--full')
-        self.assertIn(f'Blob file {damaged} in the pool is missing or '
-                      f'damaged', '\n'.join(logs.output))
+        self.assertIn(f'Content {damaged} in the pool is damaged',
+                      '\n'.join(logs.output))
         # The new revision and the damaged file: copied from the source.
         self.assertIn('blob files: 6, 2 copied', out)
         self.assertIn('4 already backed up', out)
         after = pool_files(self.dest)
         for path, inode in before.items():
-            if os.path.join(self.dest, '.blobs', path) == damaged:
-                self.assertNotEqual(after[path], inode)
+            if os.path.join(self.dest, '.contents', path) == damaged:
+                # Copied again (its inode number may be reused): the
+                # bytes it is named for.
+                with open(damaged, 'rb') as f:
+                    self.assertEqual(hashlib.sha256(f.read()).hexdigest(),
+                                     os.path.basename(path))
             else:
                 self.assertEqual(after[path], inode)
         # The repaired file is the first snapshot's too.
@@ -132,7 +141,7 @@ class BackupRestoreTests(StoreTestCase):
         status, out, err = run('restore', '--check', snapshot)
         self.assertEqual(status, 0, out + err)
         self.assertIn('1 Data.fs parts, 10 blob files, clean', out)
-        path = os.path.join(self.dest, '.blobs',
+        path = os.path.join(self.dest, '.contents',
                             sorted(pool_files(self.dest))[3])
         os.chmod(path, 0o644)
         with open(path, 'r+b') as f:
@@ -159,12 +168,12 @@ class BackupRestoreTests(StoreTestCase):
         self.make_store(3)
         self.backup()
         [snapshot] = self.snapshot_paths()
-        path = os.path.join(self.dest, '.blobs',
+        path = os.path.join(self.dest, '.contents',
                             sorted(pool_files(self.dest))[0])
         os.remove(path)
         status, out, err = run('restore', '--check', snapshot)
         self.assertEqual(status, 1)
-        self.assertIn(f'unreadable: {path}', out)
+        self.assertIn(f'missing from the pool: {path}', out)
 
     def test_check_reports_a_corrupted_data_fs_part(self):
         self.make_store(2)

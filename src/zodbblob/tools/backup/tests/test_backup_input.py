@@ -60,7 +60,7 @@ class WrongInputTests(StoreTestCase):
         self.assertRefused(
             ['restore', old, os.path.join(self.dir, 'r')],
             f'{old} is a snapshot of backup format 1; this zodbblob reads '
-            f'format 2', self.dir)
+            f'formats 2 and 3', self.dir)
 
     def test_a_snapshot_of_another_format_is_refused(self):
         self.backup()
@@ -74,18 +74,23 @@ class WrongInputTests(StoreTestCase):
         self.assertRefused(
             ['restore', snapshot, os.path.join(self.dir, 'r')],
             f'{snapshot} is a snapshot of backup format 1; this zodbblob '
-            f'reads format 2', self.dir)
+            f'reads formats 2 and 3', self.dir)
 
     def test_a_destination_marker_of_another_format_is_refused(self):
         self.backup()
         marker = os.path.join(self.dest, '.zodbblob-backup')
         with open(marker, 'w') as f:
-            f.write('{"format": 3}\n')
+            f.write('{"format": 4}\n')
         self.commit({'b1': b'new'})
         self.assertRefused(
             self.backup_argv(self.dest),
-            f'{self.dest} is a backup destination of format 3 ({marker})',
+            f'{self.dest} is a backup destination of format 4 ({marker})',
             self.dest)
+        [snapshot] = self.snapshot_paths()
+        self.assertRefused(
+            ['restore', snapshot, os.path.join(self.dir, 'r')],
+            f'{self.dest} is a backup destination of format 4 ({marker})',
+            self.dir)
 
     def test_a_directory_of_other_things_is_refused(self):
         os.makedirs(self.dest)
@@ -141,7 +146,7 @@ class WrongInputTests(StoreTestCase):
         shutil.copytree(snapshot, copy)
         self.assertRefused(
             ['restore', copy, os.path.join(self.dir, 'r')],
-            f'{copy}: its blob files are in {away}/.blobs, which does not '
+            f'{copy}: its blob files are in {away}/.contents, which does not '
             f'exist', self.dir)
 
     def test_the_destination_instead_of_a_snapshot_is_refused(self):

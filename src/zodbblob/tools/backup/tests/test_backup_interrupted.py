@@ -24,7 +24,7 @@ from zodbblob.tools.backup import (
     RESTORING_NAME,
     Manifest,
     check,
-    pool_path,
+    content_path,
     snapshots,
 )
 
@@ -64,8 +64,8 @@ class InterruptedBackupTests(StoreTestCase):
         self.assertFalse(snapshot.complete)
         # Killed in the middle of a file: its partial copy is left.
         [partial] = self.partial_files()
-        self.assertTrue(partial.startswith(os.path.join(self.dest,
-                                                        '.blobs')))
+        self.assertTrue(partial.startswith(os.path.join(
+            self.dest, '.contents', '.incoming')))
         done = self.done_files(snapshot.path)
         self.assertEqual(done, 256)
         inodes = pool_files(self.dest)
@@ -81,9 +81,9 @@ class InterruptedBackupTests(StoreTestCase):
         # The files done before the kill were kept, not copied again.
         manifest = Manifest(snapshot.path, read_only=True)
         try:
-            kept = {os.path.relpath(pool_path(self.dest, oid, tid),
-                                    os.path.join(self.dest, '.blobs'))
-                    for oid, tid, *_ in manifest.blobs()}
+            kept = {os.path.relpath(content_path(self.dest, sha256),
+                                    os.path.join(self.dest, '.contents'))
+                    for *_, sha256, state in manifest.blobs()}
         finally:
             manifest.close()
         after = pool_files(self.dest)
@@ -104,12 +104,12 @@ class InterruptedBackupTests(StoreTestCase):
         [snapshot] = snapshots(self.dest)
         manifest = Manifest(snapshot.path)
         try:
-            oid, tid, *_ = next(manifest.blobs(1))
+            *_, sha256, state = next(manifest.blobs(1))
             manifest.set_meta(boot_id='a boot before a power cut')
         finally:
             manifest.close()
         # What a power cut can do to a file whose data was not yet synced.
-        os.truncate(pool_path(self.dest, oid, tid), 0)
+        os.truncate(content_path(self.dest, sha256), 0)
         with self.assertLogs('zodbblob.tools.backup', logging.WARNING) as logs:
             self.backup()
         self.assertIn('checked the files it had finished; 1 to copy again',
