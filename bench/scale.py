@@ -334,7 +334,8 @@ def table(all_results: dict) -> str:
                 '| {:,} | {} | {:.2f} s | {:.2f} s | {:.2f} s | {:.2f}x '
                 '| {:.3f} s | {:.3f} s | {:.1%} | +{:.1f} MiB | +{:.1f} MiB '
                 '| +{:.1f} MiB |'.format(
-                    blobs, '%s (%d files)' % (case, r['garbage']), keep['pack'], nokeep['pack'],
+                    blobs, '%s (%d files)' % (case, r['garbage']),
+                    keep['pack'], nokeep['pack'],
                     ours['pack'], nokeep['pack'] / ours['pack'],
                     ours['blob_phase'], ours.get('base_sync', 0.0),
                     ours['blob_phase'] / ours['base_pack'],

@@ -114,6 +114,20 @@ os._exit(0)
 RESTART_DELAYS = (1, 2, 4, 8, 16, 32, 60)
 
 
+def _end(child: subprocess.Popen, timeout: float) -> None:
+    """Wait at most `timeout` seconds for the killed `child`, and close
+    its pipes."""
+    try:
+        child.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    for stream in (child.stdin, child.stdout, child.stderr):
+        try:
+            stream.close()
+        except OSError:
+            pass
+
+
 class Stopped(Exception):
     """The scrubber was asked to stop."""
 
@@ -168,15 +182,7 @@ class Scrubber:
                 self._thread is not threading.current_thread()):
             self._thread.join(timeout)
         if child is not None:
-            try:
-                child.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-            for stream in (child.stdin, child.stdout, child.stderr):
-                try:
-                    stream.close()
-                except OSError:
-                    pass
+            _end(child, timeout)
 
     @property
     def alive(self) -> bool:
@@ -224,18 +230,12 @@ class Scrubber:
 
     def _drop_child(self) -> None:
         child, self.child = self.child, None
-        if child is None:
-            return
-        try:
-            child.kill()
-            child.wait(5)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        for stream in (child.stdin, child.stdout, child.stderr):
+        if child is not None:
             try:
-                stream.close()
+                child.kill()
             except OSError:
                 pass
+            _end(child, 5)
 
     def _run(self) -> None:
         after = (b'', b'')   # (tid, oid) of the last row done
