@@ -181,7 +181,14 @@ class Scrubber:
         if self._thread.is_alive() and (
                 self._thread is not threading.current_thread()):
             self._thread.join(timeout)
+        # One the thread started meanwhile (it ends it too, when it sees
+        # the stop in time).
+        child = self.child or child
         if child is not None:
+            try:
+                child.kill()
+            except OSError:
+                pass
             _end(child, timeout)
 
     @property
@@ -207,7 +214,7 @@ class Scrubber:
             raise ChildFailed('the hashing process did not start (%s: %s)'
                               % (sys.executable, e)) from e
         if self._stopping.is_set():   # a stop that did not see it
-            self.child.kill()
+            self._drop_child()
             raise Stopped()
         line = self.child.stdout.readline()
         if not line.startswith(b'priority '):
@@ -282,6 +289,11 @@ class Scrubber:
             if not self._stopping.is_set():
                 self._warn('fail', 'Blob scrubber of %s stopped: %s',
                            self.fshelper.base_dir, e)
+        finally:
+            # Nobody hashes after the thread: its process is reaped and its
+            # pipes closed here, also one started after a stop looked (a
+            # stop that outwaited its join) or left by a failure.
+            self._drop_child()
 
     def _scrub(self, rows: list[tuple[bytes, bytes]]) -> None:
         """Hash the files of `rows`; record their digests in one write,

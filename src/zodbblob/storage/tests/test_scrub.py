@@ -234,8 +234,11 @@ class ScrubTests(ScrubTestCase):
         self.assertEqual(os.sched_getscheduler(scrubber.child.pid),
                          os.SCHED_IDLE)
         self.assertNotEqual(os.sched_getscheduler(0), os.SCHED_IDLE)
+        child = scrubber.child
         db.close()
-        self.assertIsNotNone(scrubber.child.poll())   # ended at close
+        # Ended at close, reaped, its pipes closed.
+        self.assertIsNotNone(child.poll())
+        self.assertTrue(child.stdin.closed and child.stdout.closed)
 
     def test_read_only_and_scrub_off_storages_have_no_scrubber(self):
         self.open_db().close()
