@@ -111,12 +111,15 @@ def add_digest(db: sqlite3.Connection) -> int:
     return db.execute('SELECT count(*) FROM blob').fetchone()[0]
 
 
+def _has_index(db: sqlite3.Connection, name: str) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' "
+                      "AND name = ?", (name,)).fetchone() is not None
+
+
 def lacks_digest_index(db: sqlite3.Connection) -> bool:
     """Whether a catalog with a digest column lacks its index (one from
     before dedup)."""
-    return 'digest' in _columns(db) and db.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'index' AND "
-        "name = 'blob_digest'").fetchone() is None
+    return 'digest' in _columns(db) and not _has_index(db, 'blob_digest')
 
 
 def add_digest_index(db: sqlite3.Connection) -> int:
@@ -130,9 +133,8 @@ def add_digest_index(db: sqlite3.Connection) -> int:
 def lacks_undigested_index(db: sqlite3.Connection) -> bool:
     """Whether a catalog with a digest column lacks the index of its
     rows without one (one from before the scrubber)."""
-    return 'digest' in _columns(db) and db.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'index' AND "
-        "name = 'blob_undigested'").fetchone() is None
+    return 'digest' in _columns(db) and not _has_index(db,
+                                                       'blob_undigested')
 
 
 def add_undigested_index(db: sqlite3.Connection) -> int:

@@ -22,7 +22,6 @@ destination's lock.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import stat
@@ -32,30 +31,18 @@ from ZODB.utils import oid_repr
 from zodbblob.layout import BlobTree, remove_if_exists
 from zodbblob.tools.backup.files import _Files, _Kill
 from zodbblob.tools.backup.manifest import (
-    CHUNK,
     CONTENTS_NAME,
     DONE,
     INCOMING_NAME,
     POOL_NAME,
     Manifest,
+    _hash_fd,
     _hash_file,
     blob_path,
     content_path,
 )
 
 logger = logging.getLogger(__name__)
-
-
-def _hash_fd(fd: int, length: int) -> tuple[int, bytes]:
-    digest = hashlib.sha256()
-    size = 0
-    while size < length:
-        chunk = os.pread(fd, min(CHUNK, length - size), size)
-        if not chunk:
-            break
-        digest.update(chunk)
-        size += len(chunk)
-    return size, digest.digest()
 
 
 def clear_incoming(destination: str) -> None:

@@ -124,18 +124,30 @@ def _sqlite_uri(path: str, **parameters) -> str:
     return f'file:{urllib.parse.quote(os.path.abspath(path))}?{query}'
 
 
-def _hash_file(path: str, tree: BlobTree | None = None) -> tuple[int, str]:
+def _hash_fd(fd: int, length: int | None = None) -> tuple[int, bytes]:
+    """The size and SHA-256 of the open file `fd` from its start, up to
+    `length` bytes (or its end)."""
     digest = hashlib.sha256()
     size = 0
+    while length is None or size < length:
+        want = CHUNK if length is None else min(CHUNK, length - size)
+        chunk = os.pread(fd, want, size)
+        if not chunk:
+            break
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.digest()
+
+
+def _hash_file(path: str, tree: BlobTree | None = None) -> tuple[int, str]:
     # Pool files and parts are the backup's own, but the destination is
     # a directory like any other: a link there is not followed either,
     # nor (for a pool file, with its `tree`) a link to a directory above.
     fd = open_blob_file(path) if tree is None else tree.open(path)
-    with open(fd, 'rb') as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.digest()
+    try:
+        return _hash_fd(fd)
+    finally:
+        os.close(fd)
 
 
 class Manifest:
