@@ -173,7 +173,7 @@ class ContentPoolTests(StoreTestCase):
         self.assertEqual(read_store(self.restore(second)), self.expected)
 
 
-class Format2Tests(StoreTestCase):
+class Format2TestCase(StoreTestCase):
     """A destination of format 2, as the code before format 3 left it."""
 
     def setUp(self):
@@ -190,6 +190,9 @@ class Format2Tests(StoreTestCase):
     def marker_format(self):
         with open(os.path.join(self.dest, DESTINATION_MARKER)) as f:
             return json.load(f)['format']
+
+
+class Format2Tests(Format2TestCase):
 
     def test_its_snapshots_check_and_restore_with_links(self):
         first, second = self.snapshot_paths()

@@ -7,7 +7,6 @@ import contextlib
 import io
 import logging
 import os
-import tarfile
 
 from zodbblob.cli import main
 
@@ -20,9 +19,9 @@ from zodbblob.tools.backup.tests.backup_stores import (
     tree,
 )
 from zodbblob.tools.backup.tests.test_backup_contents import (
-    FIXTURE,
     OTHER,
     SAME,
+    Format2TestCase,
 )
 
 
@@ -75,18 +74,7 @@ class FullRepairTests(StoreTestCase):
                       out)
 
 
-class Format2UpgradeTests(StoreTestCase):
-
-    def setUp(self):
-        super().setUp()
-        with tarfile.open(FIXTURE) as archive:
-            archive.extractall(self.dir, filter='data')
-        self.source = os.path.join(self.dir, 'format2', 'source')
-        self.data = os.path.join(self.source, 'Data.fs')
-        self.blob_dir = os.path.join(self.source, 'blobs')
-        self.dest = os.path.join(self.dir, 'format2', 'backups')
-        self.expected = {'a': SAME, 'b': SAME, 'c': SAME}
-        self.old_pool = os.path.join(self.dest, '.blobs')
+class Format2UpgradeTests(Format2TestCase):
 
     def test_a_damaged_old_file_is_not_linked_in_as_its_content(self):
         damaged = sorted(files_below(self.old_pool, '.blob'))
