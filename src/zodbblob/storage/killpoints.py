@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 KILL_POINT_VARIABLE = 'ZODBBLOB_KILL_POINT'
 KILL_POINTS = (
@@ -38,6 +39,15 @@ def _kill_point_setting() -> tuple[str | None, int]:
 _kill_point, _kill_at = _kill_point_setting()
 _kill_hits: dict[str, int] = {}
 
+# Held while a thread of this process starts a child process (the
+# scrubber's hashing process).  From its fork to its exec the child holds
+# a copy of every descriptor, the flocks of ``Data.fs.lock`` and of the
+# blob directory's lock included; a process killed in that moment leaves
+# both held until the child's exec.  A kill point waits for it: the crash
+# tests kill at the steps of a protocol, not inside a spawn, and reopen at
+# once.
+SPAWNING = threading.Lock()
+
 
 def kill_point(name: str) -> None:
     """Die here (SIGKILL) if ZODBBLOB_KILL_POINT names this point.
@@ -51,4 +61,5 @@ def kill_point(name: str) -> None:
         return
     _kill_hits[name] = _kill_hits.get(name, 0) + 1
     if _kill_hits[name] >= _kill_at:
+        SPAWNING.acquire()   # never let go: this process dies now
         os.kill(os.getpid(), signal.SIGKILL)

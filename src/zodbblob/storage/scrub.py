@@ -39,6 +39,7 @@ import sys
 import threading
 
 from zodbblob.storage.digest import CHUNK
+from zodbblob.storage.killpoints import SPAWNING
 
 logger = logging.getLogger(__name__)
 
@@ -203,13 +204,17 @@ class Scrubber:
     def _start_child(self) -> None:
         """Start the hashing process: in a session of its own, so that a
         Ctrl-C at the terminal (SIGINT to the whole process group) stops
-        the program, not its hashing."""
+        the program, not its hashing.
+
+        Until its exec the new process holds a copy of every descriptor,
+        the locks' included (``SPAWNING`` says why that matters)."""
         try:
-            self.child = subprocess.Popen(
-                [sys.executable, '-c', CHILD, json.dumps(sys.path)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, close_fds=True,
-                start_new_session=True)
+            with SPAWNING:
+                self.child = subprocess.Popen(
+                    [sys.executable, '-c', CHILD, json.dumps(sys.path)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, close_fds=True,
+                    start_new_session=True)
         except OSError as e:
             raise ChildFailed('the hashing process did not start (%s: %s)'
                               % (sys.executable, e)) from e

@@ -28,6 +28,7 @@ import unittest
 import ZODB
 import ZODB.blob
 import ZODB.FileStorage
+import zc.lockfile
 from ZODB.utils import oid_repr
 
 from zodbblob import BlobStorage
@@ -36,6 +37,7 @@ from zodbblob.storage.commitlog import commit_log_path
 from zodbblob.storage.commitlog import unfinished_records
 from zodbblob.storage.catalog import KILL_POINT_VARIABLE
 from zodbblob.storage.catalog import journal_path
+from zodbblob.storage.lock import BlobDirectoryInUse
 from zodbblob.layout import FilesystemHelper
 from zodbblob.tools.verify import verify
 
@@ -76,6 +78,25 @@ def start_child(directory, *args):
         stderr=subprocess.PIPE)
 
 
+def open_after_kill(open_storage, timeout=60.0):
+    """`open_storage()` once the killed process's locks are free.
+
+    A storage process killed from outside while its scrubber started the
+    hashing process leaves that process holding a copy of the locks from
+    its fork to its exec (``killpoints.SPAWNING``): a moment, longer on a
+    loaded machine.  This waits for them, as a supervisor's restart does,
+    at most `timeout` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return open_storage()
+        except (zc.lockfile.LockError, BlobDirectoryInUse):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class CrashTestCase(unittest.TestCase):
 
     def setUp(self):
@@ -104,7 +125,7 @@ class CrashTestCase(unittest.TestCase):
                                os.path.join(self.dir, 'Data.fs')))
 
     def check_guarantee(self, pack=False):
-        storage = self.open_storage()
+        storage = open_after_kill(self.open_storage)
         db = ZODB.DB(storage)
         try:
             self.assertEqual(len(storage._shared.commit_log), 0)
