@@ -64,14 +64,16 @@ class _IndexOfALiveServer(logging.Filter):
         return record.msg != 'Ignoring index for %s'
 
 
-def open_storage(args: argparse.Namespace, read_only: bool) -> BlobStorage:
+def open_storage(args: argparse.Namespace, read_only: bool,
+                 dedup: bool = False) -> BlobStorage:
     """The storage the arguments name; exits with a message if they don't.
 
     Nothing is created: a path that does not exist is an error here, not
-    a new database.
+    a new database.  `dedup` is for ``--data`` and ``--blob-dir`` (a
+    config file says it itself).
     """
     if not read_only:
-        return _open_storage(args, read_only)
+        return _open_storage(args, read_only, dedup)
     filestorage_logger = logging.getLogger('ZODB.FileStorage')
     index_of_a_live_server = _IndexOfALiveServer()
     filestorage_logger.addFilter(index_of_a_live_server)
@@ -95,7 +97,8 @@ def not_a(path: str, wanted: str) -> str:
     return f'{file_kind(mode)}, not a {wanted}'
 
 
-def _open_storage(args: argparse.Namespace, read_only: bool) -> BlobStorage:
+def _open_storage(args: argparse.Namespace, read_only: bool,
+                  dedup: bool = False) -> BlobStorage:
     if args.config and (args.data or args.blob_dir):
         args.parser.error('give --config, or --data and --blob-dir, not both')
     if args.config:
@@ -134,4 +137,4 @@ def _open_storage(args: argparse.Namespace, read_only: bool) -> BlobStorage:
     # what it reads itself.
     return BlobStorage(args.blob_dir,
                        FileStorageOpener(args.data, read_only=read_only),
-                       scrub=False)
+                       scrub=False, dedup=dedup)

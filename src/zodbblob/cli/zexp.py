@@ -59,6 +59,11 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
                         help='for a file without blob data: a copy of the '
                              'blob directory it was exported from (any '
                              'layout, or a ZEO client blob cache)')
+    parser.add_argument('--dedup', action='store_true',
+                        help='with --data and --blob-dir: a blob whose '
+                             'content the store holds already becomes a '
+                             'link to it (with --config, dedup on in its '
+                             '<zodbblob> section says it)')
     parser.add_argument('file', metavar='FILE.zexp')
 
 
@@ -85,8 +90,12 @@ def _open_for_import(args):
     from zc.lockfile import LockError
 
     from zodbblob.storage import BlobStorageError
+    if args.dedup and args.config:
+        args.parser.error('--dedup goes with --data and --blob-dir; with '
+                          '--config, the file says it (dedup on in its '
+                          '<zodbblob> section)')
     try:
-        return open_storage(args, read_only=False)
+        return open_storage(args, read_only=False, dedup=args.dedup)
     except (BlobStorageError, LockError) as e:
         return (f'the storage is in use by another process (a running '
                 f'server?); stop it first: {e}')

@@ -16,6 +16,7 @@ from unittest import mock
 
 import ZODB
 import ZODB.FileStorage
+from persistent.mapping import PersistentMapping
 from ZODB.blob import Blob
 
 from zodbblob import BlobStorage, cli
@@ -380,3 +381,87 @@ class VerifyTellsTheTruthTests(StoreTestCase):
         after = self.verify()
         self.assertEqual(after.returncode, 0, after.stdout)
         self.assertEqual(self.pending(after.stdout), 0, after.stdout)
+
+
+class ImportDedupTests(StoreTestCase):
+    """``zodbblob import --dedup``: the imported copies are links to the
+    equal content the store holds; refused, changing nothing, with
+    --config (whose file says whether dedup is on)."""
+
+    CONTENT = b'one content, imported twice' * 100
+
+    def setUp(self):
+        super().setUp()
+        db = ZODB.DB(BlobStorage(self.blob_dir,
+                                 ZODB.FileStorage.FileStorage(self.data),
+                                 dedup=True))
+        with db.transaction() as conn:
+            conn.root()['existing'] = Blob(self.CONTENT)
+            conn.root()['folder'] = folder = PersistentMapping()
+            folder['a'] = Blob(self.CONTENT)
+        db.close()
+        self.storage = ['--data', self.data, '--blob-dir', self.blob_dir]
+        self.zexp = os.path.join(self.dir, 'folder.zexp')
+        result = zodbblob('export', *self.storage, '--path', '/folder',
+                          '--quiet', self.zexp)
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+    def files(self, *keys):
+        """``{key: os.stat of its committed file}``; each reads back."""
+        db = ZODB.DB(BlobStorage(self.blob_dir,
+                                 ZODB.FileStorage.FileStorage(self.data)))
+        try:
+            with db.transaction() as conn:
+                found = {}
+                for key in keys:
+                    obj = conn.root()
+                    for step in key.split('/'):
+                        obj = obj[step]
+                    with obj.open() as f:
+                        self.assertEqual(f.read(), self.CONTENT)
+                    found[key] = os.stat(obj.committed())
+                return found
+        finally:
+            db.close()
+
+    def test_import_with_dedup_links_the_copy(self):
+        result = zodbblob('import', *self.storage, '--dedup', '--name',
+                          'copy', '--quiet', self.zexp)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        files = self.files('existing', 'folder/a', 'copy/a')
+        self.assertEqual({info.st_ino for info in files.values()},
+                         {files['existing'].st_ino})
+        self.assertEqual(files['existing'].st_nlink, 3)
+
+    def test_import_without_dedup_writes_a_copy(self):
+        result = zodbblob('import', *self.storage, '--name', 'copy',
+                          '--quiet', self.zexp)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        files = self.files('existing', 'copy/a')
+        self.assertNotEqual(files['copy/a'].st_ino,
+                            files['existing'].st_ino)
+        self.assertEqual(files['copy/a'].st_nlink, 1)
+
+    def test_dedup_with_a_config_file_is_refused(self):
+        config = os.path.join(self.dir, 'zodb.conf')
+        with open(config, 'w') as f:
+            f.write(f"""
+%import zodbblob
+<zodbblob>
+  blob-dir {self.blob_dir}
+  <filestorage>
+    path {self.data}
+  </filestorage>
+</zodbblob>
+""")
+        before = tree(self.dir)
+        with open(self.data, 'rb') as f:
+            data = f.read()
+        result = zodbblob('import', '--config', config, '--dedup',
+                          self.zexp)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn('--dedup goes with --data and --blob-dir',
+                      result.stderr)
+        self.assertEqual(tree(self.dir), before)
+        with open(self.data, 'rb') as f:
+            self.assertEqual(f.read(), data)
