@@ -31,7 +31,7 @@ from zodbblob import BlobStorage
 from zodbblob import cli
 from zodbblob.tools import placement
 from zodbblob.cache import BUCKETS, BlobCache
-from zodbblob.storage.catalog import Journal
+from zodbblob.storage.catalog import Journal, JournalError, journal_path
 from zodbblob.layout import LAYOUT_MARKER, FilesystemHelper, read_marker
 from zodbblob.tools.inventory import inventory, iter_source
 from zodbblob.tools.migrate import (
@@ -627,6 +627,42 @@ class DedupTests(MigrateTestCase):
             storage.close()
         self.assertFalse(report.clean)
         self.assertIn('size mismatch', '\n'.join(report.lines()))
+
+    def test_a_catalog_that_cannot_be_written_leaves_a_finished_migration(
+            self):
+        # The destination's catalog fails (a full disk, say) after every
+        # file is in place: the migration stands, says what it lacks, and
+        # a storage opened on it scans it.
+        source = self.make_dedup_store(count=2)
+        destination = self.path('lawn')
+
+        def journal(blob_dir, *args, **kw):
+            if blob_dir == destination:
+                raise JournalError('database or disk is full')
+            return Journal(blob_dir, *args, **kw)
+
+        with mock.patch('zodbblob.tools.migrate.Journal',
+                        side_effect=journal), \
+                self.assertLogs('zodbblob.tools', logging.WARNING) as logs:
+            report = migrate(source, destination, 'lawn')
+        self.assertEqual((report.linked, report.copied), (4, 0))
+        self.assertEqual(logs.output, [
+            f'WARNING:zodbblob.tools.migrate:Migrated {source} without its '
+            f'digests: cannot write a catalog to {journal_path(destination)}'
+            f' (database or disk is full)'])
+        self.assertFalse(os.path.exists(journal_path(destination)))
+        self.assertEqual(read_marker(destination), 'lawn')
+        data = self.path('copy.fs')
+        shutil.copyfile(self.data, data)
+        db = ZODB.DB(BlobStorage(destination,
+                                 ZODB.FileStorage.FileStorage(data)))
+        try:
+            with db.transaction() as conn:
+                self.assertEqual(read_root(conn), self.expected)
+            report = verify(db.storage)
+            self.assertTrue(report.clean, report.lines())
+        finally:
+            db.close()
 
     def test_a_deduplicated_store_keeps_its_links_in_another_layout(self):
         source = self.make_dedup_store()
