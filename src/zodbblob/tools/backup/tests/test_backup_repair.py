@@ -7,6 +7,8 @@ import contextlib
 import io
 import logging
 import os
+import pathlib
+import signal
 
 from zodbblob.cli import main
 
@@ -16,8 +18,10 @@ from zodbblob.tools.backup.tests.backup_stores import (
     pool_files,
     read_store,
     run,
+    run_process,
     tree,
 )
+from zodbblob.tools.backup import KILL_VARIABLE
 from zodbblob.tools.backup.tests.test_backup_contents import (
     OTHER,
     SAME,
@@ -72,6 +76,38 @@ class FullRepairTests(StoreTestCase):
         self.assertIn(f'damaged: {self.content} is missing or damaged in '
                       f'the pool, and the source no longer has its content',
                       out)
+
+    def test_a_repair_killed_midway_loses_nothing_and_the_rerun_finishes(
+            self):
+        second = os.path.join(self.dest, '.contents',
+                              sorted(pool_files(self.dest))[1])
+        garble(second)
+        damaged = {path: pathlib.Path(path).read_bytes()
+                   for path in (self.content, second)}
+        # Killed in the copy of the second damaged file, the first one
+        # repaired.
+        killed = run_process('backup', '--full', '--data', self.data,
+                             '--blob-dir', self.blob_dir, self.dest,
+                             env={KILL_VARIABLE: '1'})
+        self.assertEqual(killed.returncode, -signal.SIGKILL, killed.stderr)
+        after = {path: pathlib.Path(path).read_bytes() for path in damaged}
+        self.assertEqual(
+            sorted(after[path] == damaged[path] for path in damaged),
+            [False, True], 'one file repaired, the other left as it was')
+        # The killed copy's bytes only under their staging name.
+        [partial] = files_below(self.dest, '.partial')
+        self.assertTrue(partial.startswith(
+            os.path.join('.contents', '.incoming', '')), partial)
+        status, out, err = run('restore', '--check', self.snapshot)
+        self.assertEqual(status, 1, out + err)
+        out = self.backup('--full')
+        self.assertIn('pool: 3 files read, 1 missing or damaged copied '
+                      'again from the source', out)
+        self.assertEqual(files_below(self.dest, '.partial'), {})
+        self.assertEqual(self.snapshot_paths(), [self.snapshot])
+        self.assertChecks(self.snapshot)
+        self.assertEqual(read_store(self.restore(self.snapshot)),
+                         self.expected)
 
 
 class Format2UpgradeTests(Format2TestCase):
