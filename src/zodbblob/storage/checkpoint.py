@@ -64,6 +64,9 @@ class Shared:
         # checkpoint makes their final names durable.
         self.unsynced: list[str] = []
         self.linked: list[str] = []
+        # Bytes of the staged files in `linked` that dedup published as
+        # links to other files: held by their staged names alone.
+        self.held = 0
         # Since the last checkpoint: the files pack removed, ``(oid,
         # tid)`` and path, whose removal no sync has made durable yet;
         # their garbage marks stay until one has (a power cut brings
@@ -193,6 +196,7 @@ def checkpoint(shared: Shared, removals: bool = False) -> None:
         kill_point('mid_checkpoint')
         shared.commit_log.checkpoint()
         linked, shared.linked, shared.unsynced = shared.linked, [], []
+        shared.held = 0
         removed, shared.removed = shared.removed, []
     if removed:
         try:

@@ -89,6 +89,7 @@ class PowerCutStorageTestCase(PowerCutTestCase):
     cuts = 4
     stock = False
     one_sync = False
+    dedup = False
     # Cuts on one database before a new one: a database that grows cut
     # after cut makes each cut cost more than the one before.
     series = 10
@@ -124,7 +125,8 @@ class PowerCutStorageTestCase(PowerCutTestCase):
         child = Workload(
             [workload, self.mnt, self.report, str(seed)]
             + (['--stock'] if self.stock else [])
-            + (['--one-sync'] if self.one_sync else []),
+            + (['--one-sync'] if self.one_sync else [])
+            + (['--dedup'] if self.dedup else []),
             os.path.join(self.top, 'child.log'))
         try:
             deadline = time.monotonic() + CUT_TIMEOUT
@@ -402,6 +404,50 @@ class RollBackPowerCutTests(PowerCutStorageTestCase):
                 os.path.join(self.mnt, 'Data.fs')))).close()
         self.fs.remount()
         self.check_database(1)
+
+
+class DedupPowerCutTests(PowerCutStorageTestCase):
+    """Commits with dedup on, most files links to an equal one, and a
+    checkpoint after each commit whose links leave copies held by their
+    staged names (``HELD_LIMIT``): cut anywhere, every acknowledged blob
+    reads back its bytes."""
+
+    dedup = True
+
+    def linked_files(self) -> int:
+        return sum(os.stat(os.path.join(directory, name)).st_nlink > 1
+                   for directory, dirs, names in os.walk(
+                       os.path.join(self.mnt, 'blobs'))
+                   for name in names if name.endswith('.blob'))
+
+    def test_power_cuts_during_commits_with_dedup(self):
+        linked = []
+        for seed in self.seeds(900, 4):
+            self.run_until_cut('commit', seed)
+            self.check_database(seed)
+            linked.append(self.linked_files())
+        self.assertTrue(any(linked), 'no file was ever linked')
+
+
+class DedupOneSyncPowerCutTests(DedupPowerCutTests):
+
+    one_sync = True
+
+    def test_power_cuts_during_commits_with_dedup(self):
+        super().test_power_cuts_during_commits_with_dedup()
+
+
+class ManyDedupPowerCutTests(DedupPowerCutTests):
+
+    level = 2
+
+    def test_power_cuts_during_commits_with_dedup(self):
+        linked = []
+        for seed in self.seeds(9000, 20):
+            self.run_until_cut('commit', seed)
+            self.check_database(seed)
+            linked.append(self.linked_files())
+        self.assertTrue(any(linked), 'no file was ever linked')
 
 
 class PartialPowerCutTests(PowerCutStorageTestCase):

@@ -1,7 +1,7 @@
 """A child process for the power-cut tests: writes until the power goes.
 
 Usage: python -m zodbblob.powercut.tests.workload WORKLOAD DIR REPORT SEED
-           [--stock | --one-sync]
+           [--stock | --one-sync] [--dedup]
        python -m zodbblob.powercut.tests.workload --serve  (see serve())
 
 WORKLOAD is ``commit`` (transactions of every shape: one and many blobs,
@@ -18,6 +18,8 @@ opens it as stock ZODB does, ``FileStorage(path, blob_dir=...)``;
 ``--one-sync`` as ``zodbblob.open_filestorage`` does (and the
 configuration), which commits with one sync; without either,
 ``BlobStorage(blobs, FileStorage(path))``, which commits serially.
+``--dedup`` turns dedup on and draws the blobs' bytes from two contents
+per size, so that most files are links to an equal one.
 
 After each transaction or backup returns, one JSON line goes to REPORT
 (outside the filesystem whose power is cut), flushed and fsynced: what
@@ -53,21 +55,35 @@ from zodbblob.powercut.tests.launcher import Lines
 INLINE_LIMIT = 64 * 1024
 CHECKPOINT_RECORDS = 6
 KEYS = 30
+# With dedup: a checkpoint after every commit whose links leave this many
+# bytes held by staged names alone.
+HELD_LIMIT = 64 * 1024
 NOTE = 'powercut workload'
 PR_SET_PDEATHSIG = 1
 
 
 def open_database(directory: str, stock: bool = False,
-                  one_sync: bool = False) -> ZODB.DB:
+                  one_sync: bool = False, dedup: bool = False) -> ZODB.DB:
     zodbblob.storage.commit.INLINE_LIMIT = INLINE_LIMIT
     zodbblob.storage.commit.CHECKPOINT_RECORDS = CHECKPOINT_RECORDS
+    zodbblob.storage.commit.HELD_LIMIT = HELD_LIMIT
     path = os.path.join(directory, 'Data.fs')
     blobs = os.path.join(directory, 'blobs')
     if stock:
         return ZODB.DB(ZODB.FileStorage.FileStorage(path, blob_dir=blobs))
     if one_sync:
-        return ZODB.DB(open_filestorage(path, blobs))
-    return ZODB.DB(BlobStorage(blobs, ZODB.FileStorage.FileStorage(path)))
+        return ZODB.DB(open_filestorage(path, blobs, dedup=dedup))
+    return ZODB.DB(BlobStorage(blobs, ZODB.FileStorage.FileStorage(path),
+                               dedup=dedup))
+
+
+def pooled(rng: random.Random, size: int) -> bytes:
+    """One of two contents of about `size` bytes (a power of two)."""
+    if not size:
+        return b''
+    bits = size.bit_length()
+    return random.Random(bits * 2 + rng.randrange(2)).randbytes(
+        1 << (bits - 1))
 
 
 def shapes(rng: random.Random) -> list[int]:
@@ -98,10 +114,10 @@ def report(log, entry: dict) -> None:
     os.fsync(log.fileno())
 
 
-def commit_one(rng: random.Random, root) -> None:
+def commit_one(rng: random.Random, root, dedup: bool = False) -> None:
     for size in shapes(rng):
         key = 'blob-%d' % rng.randrange(KEYS)
-        data = rng.randbytes(size)
+        data = pooled(rng, size) if dedup else rng.randbytes(size)
         if key in root:
             with root[key].open('w') as f:
                 f.write(data)
@@ -115,8 +131,8 @@ def commit_one(rng: random.Random, root) -> None:
 
 def database_workload(workload: str, directory: str, log,
                       rng: random.Random, stock: bool,
-                      one_sync: bool) -> None:
-    db = open_database(directory, stock, one_sync)
+                      one_sync: bool, dedup: bool = False) -> None:
+    db = open_database(directory, stock, one_sync, dedup)
     if workload == 'open':
         db.close()
         report(log, {'opened': True})
@@ -144,7 +160,7 @@ def database_workload(workload: str, directory: str, log,
                 report(log, {'tid': db.lastTransaction().hex(),
                              'state': state_of(root)})
                 continue
-        commit_one(rng, root)
+        commit_one(rng, root, dedup)
         report(log, {'tid': db.lastTransaction().hex(),
                      'state': state_of(root)})
 
@@ -330,7 +346,8 @@ def main(argv: list[str]) -> None:
                 os.path.dirname(report_path), 'source'), log, rng)
         else:
             database_workload(workload, directory, log, rng,
-                              '--stock' in argv, '--one-sync' in argv)
+                              '--stock' in argv, '--one-sync' in argv,
+                              '--dedup' in argv)
 
 
 if __name__ == '__main__':

@@ -147,6 +147,35 @@ class LinkTests(DedupTestCase):
         self.assert_one_inode(db, 'a', 'b', 'c')
         self.assertEqual(self.read(db, 'c'), CONTENT)
 
+    def test_copies_of_a_megabyte_or_more_are_freed_by_their_commit(self):
+        # The new copy of b, linked away, is held by its staged name
+        # alone: its commit checkpoints, and the copy's bytes are free.
+        self.not_inline()
+        db = self.open_db()
+        big = os.urandom(commit.HELD_LIMIT)
+        self.store(db, a=big)
+        self.store(db, b=big)
+        self.assert_one_inode(db, 'a', 'b')
+        self.assertEqual(len(db.storage._shared.commit_log), 0)
+        self.assert_no_leftovers()
+        self.assertEqual(self.read(db, 'b'), big)
+
+    def test_copies_held_add_up_to_a_checkpoint(self):
+        self.not_inline()
+        held_limit = commit.HELD_LIMIT
+        commit.HELD_LIMIT = 2 * len(CONTENT)
+        self.addCleanup(setattr, commit, 'HELD_LIMIT', held_limit)
+        db = self.open_db()
+        self.store(db, a=CONTENT)
+        self.store(db, b=CONTENT)
+        # a's staged name; b's copy held by its own until a checkpoint.
+        self.assert_one_inode(db, 'a', 'b', links=3)
+        self.assertEqual(db.storage._shared.held, len(CONTENT))
+        self.store(db, c=CONTENT)
+        self.assert_one_inode(db, 'a', 'b', 'c')
+        self.assertEqual(db.storage._shared.held, 0)
+        self.assert_no_leftovers()
+
     def test_an_inline_file_links_to_one_that_was_not(self):
         db = self.open_db()
         self.not_inline()
@@ -652,6 +681,18 @@ class CrashTests(CrashTestCase):
 
     def test_kill_mid_link_of_files_that_are_not_inline(self):
         self.kill_mid_link('--not-inline')
+
+    def test_kill_in_the_checkpoint_that_frees_held_copies(self):
+        # No checkpoint for the log's length: each one here is a commit's
+        # whose links left copies of a megabyte or more held.
+        result = run_child(self.dir, '30', '--dedup', '--not-inline',
+                           '--checkpoint-every', '1000',
+                           kill_point='mid_checkpoint:2')
+        self.assertEqual(result.returncode, -signal.SIGKILL,
+                         result.stderr.decode()[-2000:])
+        self.assertTrue(self.linked_files())
+        last_tid, _ = self.check_guarantee()
+        self.assertIsNotNone(last_tid)
 
     def test_kill_mid_link_with_one_sync(self):
         self.open_storage = lambda: ZODB.config.storageFromString(f"""
