@@ -54,6 +54,7 @@ from zodbblob.layout import file_kind
 from zodbblob.layout import open_blob_file
 from zodbblob.storage import held_by_a_storage
 from zodbblob.tools.contents import Contents
+from zodbblob.tools.readahead import fd_of, opened_ahead
 
 
 @dataclasses.dataclass
@@ -499,14 +500,16 @@ def _walk(storage, report: Report, records: _Records, sizes: _Sizes,
     total = report.records
     digests = _Digests(storage, report)
     with BlobTree(fshelper.base_dir) as tree:
-        for done, (oid, tid, path) in enumerate(
-                fshelper.iter_blobs(passed_over), 1):
+        # With checksum, each file is opened and read in ahead of its turn.
+        walk = (opened_ahead(fshelper.iter_blobs(passed_over), tree.open)
+                if checksum else fshelper.iter_blobs(passed_over))
+        for done, (oid, tid, path, *opened) in enumerate(walk, 1):
             report.files = done
             if not records.strike(oid, tid) and not (
                     live and tid > seen_up_to):
                 report.orphans.append(path)
             try:
-                fd = tree.open(path)
+                fd = fd_of(opened, tree.open, path)
             except NotABlobFile as e:
                 report.not_files.append((e.path, e.kind))
             except OSError as e:

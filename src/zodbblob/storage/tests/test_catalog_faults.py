@@ -395,6 +395,7 @@ class InterruptedPackTests(PackTestCase):
         self.addCleanup(holder.wait)
         self.addCleanup(holder.stdin.close)
         self.assertEqual(holder.stdout.readline(), 'held\n')
+        holder.stdout.close()
         code, output = self.run_cli('verify')
         self.assertEqual(code, 0, output)
         self.assertNotIn('orphan:', output)
