@@ -210,7 +210,7 @@ class Bucket:
         try:
             response = self.client.head_object(Bucket=self.name, Key=key)
         except Exception as error:
-            raised = self.error('look up', error, key)
+            raised = self.error('look up', error, key, ObjectMissing)
             if isinstance(raised, ObjectMissing):
                 return None
             raise raised from error
