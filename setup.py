@@ -19,6 +19,10 @@ tests_require = [
     # The power-cut filesystem (zodbblob.powercut): FUSE through ctypes
     # over the system's libfuse3, no compiler.
     'mfusepy',
+    # The object store (issue 16): its client, and a real S3-API server
+    # process for the tests (moto's standalone server, never a mock).
+    'boto3',
+    'moto[server]',
 ]
 
 setup(
@@ -52,6 +56,7 @@ setup(
         'blake3 >= 1.0.11',
     ],
     extras_require={
+        's3': ['boto3'],
         'test': tests_require,
         'recipe': ['zc.buildout'],
         'test-recipe': tests_require + ['zc.buildout'],

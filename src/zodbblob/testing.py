@@ -1,6 +1,6 @@
 """zope.testrunner layers for the test suites of zodbblob's users.
 
-Two layers, both reached from a test as ``self.layer``:
+Three layers, all reached from a test as ``self.layer``:
 
 `BLOB_STORAGE` gives every test a fresh `zodbblob.BlobStorage` over a
 FileStorage in a temporary directory, and a database on it::
@@ -23,7 +23,24 @@ database); only the layer's tear-down removes it::
         def test_two_clients_see_one_blob(self):
             db = ZEO.DB(self.layer.address, blob_dir=...)
 
-Both are instances.  Make your own with other settings, named for the
+`S3_SERVER` runs one real S3-API server process (moto's standalone
+server, ``python -m moto.server``) on a free port of 127.0.0.1 for all
+the tests of the layer; ``self.layer.make_bucket()`` creates a fresh
+bucket and returns the `zodbblob.objectstore.ObjectStoreSettings` that
+reach it (``endpoint_url``, dummy keys: moto takes any).  Buckets live
+in the server's memory until the layer's tear-down stops it.  It needs
+``moto[server]`` and boto3 (the ``[test]`` extra has them); without
+them `S3_MISSING` says why, for a ``unittest.skipIf``::
+
+    @unittest.skipIf(S3_MISSING, S3_MISSING)
+    class UploadTests(unittest.TestCase):
+        layer = zodbblob.testing.S3_SERVER
+
+        def test_upload(self):
+            bucket = Bucket(self.layer.make_bucket())
+            ...
+
+All are instances.  Make your own with other settings, named for the
 variable that holds it (zope.testrunner finds layers by that name)::
 
     LAWN_STORAGE = BlobStorageLayer(layout='lawn', name='LAWN_STORAGE',
@@ -40,13 +57,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import importlib.util
+import itertools
+import uuid
+from collections.abc import Mapping, Sequence
 
 import transaction
 import ZODB
 import ZODB.FileStorage
 
 from zodbblob.cli import BLOB_DIR, DATA_FS, format_address
+from zodbblob.objectstore.settings import ObjectStoreSettings
 from zodbblob.storage import BlobStorage
 
 
@@ -133,15 +154,18 @@ class ServerProcess:
 
     `argv` is the whole command line; the server is expected to listen on
     `address`.  The output goes to a file, not a pipe: nobody reads a pipe
-    while the tests run, and a full pipe would stall the server.
+    while the tests run, and a full pipe would stall the server.  `env`,
+    if given, is added to this process's environment for the server.
     """
 
     def __init__(self, argv: Sequence[str], address: tuple[str, int],
-                 cwd: str, log_path: str):
+                 cwd: str, log_path: str,
+                 env: Mapping[str, str] | None = None):
         self.argv = list(argv)
         self.address = address
         self.cwd = cwd
         self.log_path = log_path
+        self.env = dict(env) if env else None
         self.process: subprocess.Popen | None = None
 
     def output(self) -> str:
@@ -153,10 +177,11 @@ class ServerProcess:
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the server and return once it accepts connections."""
+        env = None if self.env is None else {**os.environ, **self.env}
         with open(self.log_path, 'ab') as log:
             self.process = subprocess.Popen(
                 self.argv, cwd=self.cwd, stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT)
+                stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while True:
             status = self.process.poll()
@@ -264,5 +289,103 @@ class ZEOServerLayer(_Layer):
             self.address = self.server = None
 
 
+def s3_missing() -> str | None:
+    """Why `S3ServerLayer` cannot run here, or None if it can."""
+    for module, extra in (('boto3', 'zodbblob[s3]'),
+                          ('moto', "'moto[server]'"),
+                          ('flask', "'moto[server]'")):
+        if importlib.util.find_spec(module) is None:
+            return (f'{module} is not installed: pip install {extra} '
+                    f'(or zodbblob[test]) to run the object store tests')
+    return None
+
+
+S3_MISSING = s3_missing()
+REGION = 'us-east-1'
+
+
+class S3ServerLayer(_Layer):
+    """An S3-API server process (moto's) for the tests of the layer.
+
+    During the layer: ``endpoint_url`` (``http://127.0.0.1:PORT``),
+    ``address`` and ``server`` (the `ServerProcess`, whose ``output()``
+    is the server's log); `make_bucket`.  With `refuse_credentials` the
+    server checks every request's keys against its IAM users, of which
+    it has none: every request is refused, as a server refuses wrong
+    keys.  Without boto3 or moto (`S3_MISSING`) the layer starts nothing;
+    its tests are to be skipped.
+    """
+
+    def __init__(self, *, name: str, module: str,
+                 refuse_credentials: bool = False,
+                 start_timeout: float = 60.0, stop_timeout: float = 10.0):
+        super().__init__(name, module)
+        self.refuse_credentials = refuse_credentials
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.directory = self.address = self.endpoint_url = None
+        self.server = None
+        self._numbers = itertools.count(1)
+
+    def setUp(self):
+        if S3_MISSING:
+            return
+        self.directory = tempfile.mkdtemp(prefix='zodbblob-s3-')
+        self.address = ('127.0.0.1', free_port())
+        self.endpoint_url = 'http://%s:%d' % self.address
+        # moto's server lets every request through unless it counts
+        # requests made without IAM checks: from 0, none is.
+        env = ({'INITIAL_NO_AUTH_ACTION_COUNT': '0'}
+               if self.refuse_credentials else None)
+        self.server = ServerProcess(
+            [sys.executable, '-m', 'moto.server',
+             '-H', self.address[0], '-p', str(self.address[1])],
+            self.address, cwd=self.directory,
+            log_path=os.path.join(self.directory, 'moto.log'), env=env)
+        try:
+            self.server.start(self.start_timeout)
+        except BaseException:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise
+
+    def tearDown(self):
+        if self.server is None:
+            return
+        try:
+            # moto's server (werkzeug) dies of SIGTERM without cleaning
+            # up: any end will do, its buckets are in its memory.
+            self.server.stop(timeout=self.stop_timeout)
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = self.address = self.endpoint_url = None
+            self.server = None
+
+    def settings(self, bucket: str, **overrides) -> ObjectStoreSettings:
+        """Settings that reach `bucket` on this server (dummy keys)."""
+        values = dict(bucket=bucket, endpoint_url=self.endpoint_url,
+                      region=REGION, access_key_id='testing',
+                      secret_access_key='testing')
+        values.update(overrides)
+        return ObjectStoreSettings(**values)
+
+    def make_bucket(self, name: str | None = None,
+                    **overrides) -> ObjectStoreSettings:
+        """Create the bucket `name` (a fresh name if None) and return the
+        settings that reach it; `overrides` are more settings."""
+        import boto3.session
+        if name is None:
+            name = (f'zodbblob-test-{next(self._numbers)}-'
+                    f'{uuid.uuid4().hex[:8]}')
+        settings = self.settings(name, **overrides)
+        client = boto3.session.Session().client(
+            's3', endpoint_url=self.endpoint_url, region_name=REGION,
+            aws_access_key_id=settings.access_key_id,
+            aws_secret_access_key=settings.secret_access_key)
+        client.create_bucket(Bucket=name)
+        client.close()
+        return settings
+
+
 BLOB_STORAGE = BlobStorageLayer(name='BLOB_STORAGE', module=__name__)
 ZEO_SERVER = ZEOServerLayer(name='ZEO_SERVER', module=__name__)
+S3_SERVER = S3ServerLayer(name='S3_SERVER', module=__name__)

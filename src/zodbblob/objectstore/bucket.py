@@ -1,0 +1,295 @@
+"""One bucket, reached through one boto3 client: `Bucket`.
+
+A thin layer: each method is one S3 request, or one boto3 transfer,
+and every failure becomes one `ObjectStoreError` whose one line says
+what failed, in which bucket, for which key, at which endpoint, and why
+in a few words.  Retries and timeouts are botocore's own (``standard``
+mode: exponential backoff with jitter), bounded by the settings, so a
+store that is down gives an error after ``attempts`` tries, never a
+hang.  boto3 clients are thread-safe: one `Bucket` serves every thread.
+
+boto3 is an extra (``pip install zodbblob[s3]``): it is imported here
+and nowhere else, so ``import zodbblob`` works without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+
+from zodbblob.objectstore.settings import ObjectStoreSettings
+
+try:
+    import boto3.session
+    import botocore.config
+    import botocore.exceptions
+    from boto3.s3.transfer import TransferConfig
+except ImportError as error:  # pragma: no cover - exercised without boto3
+    raise ImportError(
+        f'The object store needs boto3, which is not installed '
+        f'({error}): pip install zodbblob[s3]') from error
+
+logger = logging.getLogger(__name__)
+
+# Files larger than this go up in parts of this size, several at once
+# (boto3's TransferConfig); smaller ones in one PutObject.
+MULTIPART_THRESHOLD = 8 << 20
+# The most keys one DeleteObjects request may name (the S3 API's limit).
+DELETE_BATCH = 1000
+# The error codes that say the credentials were refused.  A HeadBucket
+# answer has no body: a refusal is a bare 403.
+ACCESS_DENIED = frozenset({
+    'AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch',
+    'InvalidToken', 'ExpiredToken', '403'})
+NO_SUCH_BUCKET = frozenset({'NoSuchBucket'})
+NO_SUCH_KEY = frozenset({'NoSuchKey', '404', 'NotFound'})
+
+
+class ObjectStoreError(Exception):
+    """A request to the object store failed; the message is one line.
+
+    ``bucket``, ``key`` (None for a request about the bucket),
+    ``endpoint`` and ``cause`` (a few words) are kept as attributes.
+    """
+
+    def __init__(self, what: str, bucket: str, endpoint: str, cause: str,
+                 key: str | None = None):
+        self.what = what
+        self.bucket = bucket
+        self.endpoint = endpoint
+        self.cause = cause
+        self.key = key
+        where = f'bucket {bucket!r}'
+        if key is not None:
+            where = f'key {key!r} in {where}'
+        super().__init__(f'cannot {what} {where} at {endpoint}: {cause}')
+
+
+class ObjectMissing(ObjectStoreError):
+    """The key asked for is not in the bucket."""
+
+
+class Bucket:
+    """The bucket of `settings`, through one boto3 client.
+
+    Keys are whole keys (`zodbblob.objectstore.keys` makes them, the
+    settings' prefix included).
+    """
+
+    def __init__(self, settings: ObjectStoreSettings):
+        self.settings = settings
+        self.name = settings.bucket
+        config = botocore.config.Config(
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            retries={'total_max_attempts': settings.attempts,
+                     'mode': 'standard'},
+            s3={'addressing_style': settings.effective_addressing_style},
+            # Checksums only where the API requires one: the default
+            # since botocore 1.36 (a CRC32 trailer on every upload) is
+            # refused by many S3-API servers that are not AWS.
+            request_checksum_calculation='when_required',
+            response_checksum_validation='when_required',
+        )
+        # A session of its own: boto3's default session is shared state,
+        # and creating clients from one session is not thread-safe.
+        session = boto3.session.Session()
+        self.client = session.client(
+            's3', endpoint_url=settings.endpoint_url,
+            region_name=settings.region,
+            aws_access_key_id=settings.access_key_id,
+            aws_secret_access_key=settings.secret_access_key,
+            config=config)
+        self.endpoint = self.client.meta.endpoint_url
+        self.transfer_config = TransferConfig(
+            multipart_threshold=MULTIPART_THRESHOLD,
+            multipart_chunksize=MULTIPART_THRESHOLD)
+
+    def __repr__(self):
+        return f'<Bucket {self.name!r} at {self.endpoint}>'
+
+    def error(self, what: str, error: Exception, key: str | None = None,
+              missing: type[ObjectStoreError] = ObjectStoreError
+              ) -> ObjectStoreError:
+        """The `ObjectStoreError` for `error`, raised by boto3 while
+        doing `what` (a verb phrase: ``'upload'``)."""
+        cause, error_class = self.describe(error, key)
+        if error_class is None:
+            error_class = ObjectStoreError
+        elif error_class is ObjectMissing:
+            error_class = missing
+        return error_class(what, self.name, self.endpoint, cause, key)
+
+    def describe(self, error: Exception, key: str | None):
+        """``(cause in a few words, ObjectMissing or None)``."""
+        # boto3's transfers may wrap the botocore error they met.
+        while (not isinstance(error, (botocore.exceptions.ClientError,
+                                      botocore.exceptions.BotoCoreError))
+               and error.__cause__ is not None):
+            error = error.__cause__
+        settings = self.settings
+        tries = (f'{settings.attempts} tries' if settings.attempts > 1
+                 else '1 try')
+        if isinstance(error, botocore.exceptions.ClientError):
+            code = str(error.response.get('Error', {}).get('Code', ''))
+            if code in ACCESS_DENIED:
+                return 'access denied (wrong credentials?)', None
+            if code in NO_SUCH_BUCKET or (key is None and code == '404'):
+                return 'no such bucket', None
+            if code in NO_SUCH_KEY:
+                return 'no such key', ObjectMissing
+            message = error.response.get('Error', {}).get('Message', '')
+            return f'{code} {message}'.strip(), None
+        if isinstance(error, (botocore.exceptions.ConnectTimeoutError,
+                              botocore.exceptions.ReadTimeoutError)):
+            limit = (settings.connect_timeout if isinstance(
+                error, botocore.exceptions.ConnectTimeoutError)
+                else settings.read_timeout)
+            return f'timed out after {tries} of {limit} s each', None
+        if isinstance(error, botocore.exceptions.EndpointConnectionError):
+            return f'cannot connect to {self.endpoint} after {tries}', None
+        if isinstance(error, botocore.exceptions.NoCredentialsError):
+            return ('no credentials (give access_key_id and '
+                    'secret_access_key, or set up boto3\'s chain)'), None
+        first_line = (str(error).splitlines() or [''])[0]
+        return f'{type(error).__name__}: {first_line}', None
+
+    def check(self) -> None:
+        """Raise `ObjectStoreError` unless the bucket is there and the
+        credentials may use it (one HeadBucket; called at open)."""
+        try:
+            self.client.head_bucket(Bucket=self.name)
+        except Exception as error:
+            raise self.error('reach', error) from error
+
+    def upload(self, path: str, key: str) -> int:
+        """Store the file `path` under `key`; return its size.
+
+        A file over `MULTIPART_THRESHOLD` goes up in parts, several at
+        once; the object appears whole or not at all (S3 makes an
+        object visible only when its upload completes).
+        """
+        try:
+            with open(path, 'rb') as f:
+                size = os.fstat(f.fileno()).st_size
+                self.client.upload_fileobj(
+                    f, self.name, key, Config=self.transfer_config)
+        except OSError as error:
+            raise ObjectStoreError(
+                f'upload {path} to', self.name, self.endpoint,
+                error.strerror or str(error), key) from error
+        except Exception as error:
+            raise self.error(f'upload {path} to', error, key) from error
+        return size
+
+    def download(self, key: str, path: str) -> None:
+        """Write the object `key` to the new file `path`, and nothing
+        else: the caller gives a temporary name and renames it when this
+        returns (readers never see partial bytes).  On failure `path` is
+        removed.  A missing key raises `ObjectMissing`.
+        """
+        try:
+            with open(path, 'wb') as f:
+                try:
+                    self.client.download_fileobj(
+                        self.name, key, f, Config=self.transfer_config)
+                except BaseException:
+                    os.unlink(path)
+                    raise
+        except OSError as error:
+            raise ObjectStoreError(
+                f'download to {path}', self.name, self.endpoint,
+                error.strerror or str(error), key) from error
+        except Exception as error:
+            raise self.error(f'download to {path}', error, key,
+                             ObjectMissing) from error
+
+    def head(self, key: str) -> int | None:
+        """The size of the object `key`, or None if there is none."""
+        try:
+            response = self.client.head_object(Bucket=self.name, Key=key)
+        except Exception as error:
+            raised = self.error('look up', error, key, ObjectMissing)
+            if isinstance(raised, ObjectMissing):
+                return None
+            raise raised from error
+        return response['ContentLength']
+
+    def copy(self, source_key: str, target_key: str) -> None:
+        """Copy the object `source_key` to `target_key` inside the
+        server (one CopyObject: the bytes do not come here).
+
+        CopyObject takes objects of up to 5 GiB; a larger one would need
+        a multipart copy (UploadPartCopy), which is not needed now: blobs
+        that large are not expected.  A missing source raises
+        `ObjectMissing`.
+        """
+        try:
+            self.client.copy_object(
+                Bucket=self.name, Key=target_key,
+                CopySource={'Bucket': self.name, 'Key': source_key})
+        except Exception as error:
+            raise self.error(f'copy {source_key!r} to', error, target_key,
+                             ObjectMissing) from error
+
+    def delete(self, keys: Iterable[str]) -> int:
+        """Delete `keys` in DeleteObjects requests of at most
+        `DELETE_BATCH` keys; return how many requests were made.
+
+        A key that is not there is not an error (S3 says it deleted
+        it).  Keys the server refuses are counted over all the batches,
+        the others deleted meanwhile; then one `ObjectStoreError` names
+        the first refused key and how many were refused.
+        """
+        requests = 0
+        refused = []
+        batch = []
+        for key in keys:
+            batch.append(key)
+            if len(batch) == DELETE_BATCH:
+                refused.extend(self._delete_batch(batch))
+                requests += 1
+                batch = []
+        if batch:
+            refused.extend(self._delete_batch(batch))
+            requests += 1
+        if refused:
+            first = refused[0]
+            raise ObjectStoreError(
+                'delete', self.name, self.endpoint,
+                f'{len(refused)} keys refused, the first with '
+                f'{first.get("Code")} {first.get("Message", "")}'.strip(),
+                first.get('Key'))
+        return requests
+
+    def _delete_batch(self, keys: list[str]) -> list[dict]:
+        try:
+            response = self.client.delete_objects(
+                Bucket=self.name,
+                Delete={'Objects': [{'Key': key} for key in keys],
+                        'Quiet': True})
+        except Exception as error:
+            raise self.error(f'delete {len(keys)} keys from', error,
+                             None) from error
+        return response.get('Errors', [])
+
+    def iter_keys(self, prefix: str | None = None,
+                  page_size: int = 1000) -> Iterator[tuple[str, int]]:
+        """``(key, size)`` of every object whose key starts with
+        `prefix` (the settings' prefix when None), in key order.
+
+        One ListObjectsV2 page of at most `page_size` keys is held at a
+        time: a bucket of millions of keys is never one list here.
+        """
+        if prefix is None:
+            prefix = self.settings.prefix
+        pages = self.client.get_paginator('list_objects_v2').paginate(
+            Bucket=self.name, Prefix=prefix,
+            PaginationConfig={'PageSize': page_size})
+        try:
+            for page in pages:
+                for item in page.get('Contents', ()):
+                    yield item['Key'], item['Size']
+        except Exception as error:
+            raise self.error('list', error) from error
