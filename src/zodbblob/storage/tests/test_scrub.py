@@ -312,8 +312,10 @@ def committed(key):
         time.sleep(0.01)
     return journal.digest(oid, tid) is not None
 
-print('first', committed('first'), flush=True)
+first = committed('first')
 try:
+    # Said inside the try: the test's Ctrl-C may come before readline.
+    print('first', first, flush=True)
     sys.stdin.readline()
 except KeyboardInterrupt:
     print('interrupted', flush=True)
