@@ -40,11 +40,12 @@ those open keep theirs (`disconnect` closes them):
     on the connection it has, and `requests` counts every attempt.  A
     client's ``Connection: close``, or HTTP/1.0, closes after the answer.
 ``cut_response_after(n)``
-    Pass, but close the connection after n bytes of the server's answer
-    (a server dying mid-download); each connection gets its n bytes.
+    Pass, but close the connection after n bytes from the server (a
+    server dying mid-download): n bytes of all the answers on that
+    connection, so a pooled one may die in its second answer.
 ``cut_request_after(n)``
-    Pass, but close the connection after n bytes of the client's request
-    (a server dying mid-upload).
+    Pass, but close the connection after n bytes from the client (a
+    server dying mid-upload), counted the same way.
 
 `connections` counts the connections accepted, `requests` the requests
 whose head came whole (all modes but REFUSE and RESET follow the HTTP

@@ -330,6 +330,14 @@ class CutTests(ProxyTestCase):
         self.assertEqual(caught.exception.partial,
                          bytes(i % 251 for i in range(200 - head)))
 
+    def test_the_cut_counts_all_the_answers_on_a_connection(self):
+        first = len(self.raw(b'GET /5 HTTP/1.1\r\nConnection: close\r\n\r\n'))
+        self.proxy.mode = faults.cut_response_after(first)
+        pooled = self.connect()
+        self.assertEqual(self.get('/5', pooled), (200, bytes(range(5))))
+        with self.assertRaises(ConnectionResetError):  # RemoteDisconnected
+            self.get('/5', pooled)
+
     def test_cut_request_gives_the_server_exactly_n_bytes(self):
         sink = Sink()
         self.addCleanup(sink.close)
