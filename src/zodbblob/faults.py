@@ -67,6 +67,7 @@ import struct
 import threading
 import uuid
 from http import HTTPStatus
+from xml.sax.saxutils import escape
 
 log = logging.getLogger(__name__)
 
@@ -227,9 +228,9 @@ def error_answer(mode: Mode, request: Request) -> bytes:
     """The bytes of an S3 error answer to `request`."""
     request_id = uuid.uuid4().hex[:16].upper()
     body = ('<?xml version="1.0" encoding="UTF-8"?>\n'
-            f'<Error><Code>{mode.code}</Code>'
-            f'<Message>{mode.message}</Message>'
-            f'<Resource>{request.target}</Resource>'
+            f'<Error><Code>{escape(mode.code)}</Code>'
+            f'<Message>{escape(mode.message)}</Message>'
+            f'<Resource>{escape(request.target)}</Resource>'
             f'<RequestId>{request_id}</RequestId></Error>').encode()
     try:
         reason = HTTPStatus(mode.status).phrase
@@ -342,8 +343,7 @@ class FaultProxy:
             raise RuntimeError(f'FaultProxy {self.address}: threads still '
                                f'running after stop: {alive}')
 
-    def __enter__(self) -> FaultProxy:
-        return self.start()
+    __enter__ = start
 
     def __exit__(self, *exc_info):
         self.stop()
@@ -400,8 +400,13 @@ class FaultProxy:
     def bound_socket(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((LISTEN_HOST, self.address[1] if self.address
-                   else self.port))
+        port = self.address[1] if self.address else self.port
+        try:
+            sock.bind((LISTEN_HOST, port))
+        except OSError as e:
+            sock.close()
+            raise OSError(e.errno, f'FaultProxy cannot listen on '
+                          f'{LISTEN_HOST}:{port}: {e.strerror}') from None
         return sock
 
     def wake(self):
@@ -447,13 +452,11 @@ class FaultProxy:
             mode = self._mode
             self.connections += 1
             self.counted.notify_all()
-        if mode.name == 'reset':
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                              struct.pack('ii', 1, 0))
-            client.close()
-            return
-        if mode.name == 'refuse':  # accepted from the backlog as it closed
-            client.close()
+        if mode.name in ('reset', 'refuse'):
+            if mode.name == 'reset':
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                  struct.pack('ii', 1, 0))
+            client.close()  # refuse: accepted as the listener closed
             return
         link = Link(client, mode)
         handler = self.answer if mode.name in ('stall', 'error') else self.relay
@@ -571,10 +574,9 @@ class FaultProxy:
 
     def forward(self, sock: socket.socket, data: bytes) -> bool:
         try:
-            sock.sendall(data)
+            return sock.sendall(data) is None
         except OSError:
             return False
-        return True
 
 
 def half_close(sock: socket.socket):

@@ -240,14 +240,14 @@ class ErrorTests(ProxyTestCase):
         self.proxy.mode = faults.error(503, 'SlowDown')
         connection = self.connect()
         for _ in range(2):  # keep-alive: one connection, two answers
-            connection.request('GET', '/key')
+            connection.request('GET', '/key?a&b')
             response = connection.getresponse()
             body = response.read()
             self.assertEqual(response.status, 503)
             self.assertEqual(response.getheader('Content-Type'),
                              'application/xml')
             self.assertIn(b'<Error><Code>SlowDown</Code>', body)
-            self.assertIn(b'<Resource>/key</Resource>', body)
+            self.assertIn(b'<Resource>/key?a&amp;b</Resource>', body)
         self.assertEqual((self.proxy.connections, self.proxy.requests),
                          (1, 2))
 
