@@ -88,20 +88,14 @@ class Sink:
         self.thread.join(WAIT)
 
 
-def tcp_sockets(port):
-    """Open sockets (not TIME_WAIT) whose local or remote port is `port`."""
-    found = []
-    for table in ('/proc/net/tcp', '/proc/net/tcp6'):
-        with open(table) as f:
-            rows = f.read().splitlines()[1:]
-        for row in rows:
-            fields = row.split()
-            local, remote, inode = fields[1], fields[2], fields[9]
-            ports = {int(local.split(':')[1], 16),
-                     int(remote.split(':')[1], 16)}
-            if port in ports and inode != '0':
-                found.append(row)
-    return found
+def tcp_sockets(side, port):
+    """Open sockets (not in TIME_WAIT) of this process's kind whose `side`
+    ('local' or 'remote') is 127.0.0.1:`port`."""
+    column = {'local': 1, 'remote': 2}[side]
+    address = f'0100007F:{port:04X}'  # /proc/net/tcp's 127.0.0.1:port
+    with open('/proc/net/tcp') as f:
+        rows = [row.split() for row in f.read().splitlines()[1:]]
+    return [row for row in rows if row[column] == address and row[9] != '0']
 
 
 class ProxyTestCase(unittest.TestCase):
@@ -413,13 +407,9 @@ class SwitchAndStopTests(ProxyTestCase):
         # server's that the proxy opened (the server's own are on its
         # port as local port only).
         port = self.proxy.address[1]
-        ours = [row for row in tcp_sockets(port)
-                if int(row.split()[1].split(':')[1], 16) == port]
-        self.assertEqual(ours, [])
+        self.assertEqual(tcp_sockets('local', port), [])
         target = self.server.server_address[1]
-        to_target = [row for row in tcp_sockets(target)
-                     if int(row.split()[2].split(':')[1], 16) == target]
-        self.assertEqual(to_target, [])
+        self.assertEqual(tcp_sockets('remote', target), [])
         for sock in (held.sock, stalled, erring.sock, stalled2):
             self.assertEqual(sock.recv(100), b'')
             sock.close()
