@@ -67,6 +67,11 @@ class Shared:
         # Bytes of the staged files in `linked` that dedup published as
         # links to other files: held by their staged names alone.
         self.held = 0
+        # One sync: a committed transaction whose files could not be
+        # given their names (its record durable).  Only its record and
+        # staged names say them: no checkpoint lets them go, the next
+        # open publishes them.
+        self.unpublished: str | None = None
         # Since the last checkpoint: the files pack removed, ``(oid,
         # tid)`` and path, whose removal no sync has made durable yet;
         # their garbage marks stay until one has (a power cut brings
@@ -177,6 +182,8 @@ def checkpoint(shared: Shared, removals: bool = False) -> None:
     with shared.logging:
         while shared.in_flight:
             shared.logging.wait()
+        if shared.unpublished is not None:
+            return
         if (not len(shared.commit_log) and not shared.linked
                 and not (removals and shared.removed)):
             return

@@ -98,9 +98,11 @@ class OneSyncFinish:
         except OSError as e:
             if not durable:
                 return e
+            self._shared.unpublished = oid_repr(tid)
             logger.error('Could not publish the blob files of committed '
                          'transaction %s in %s (%s); the next open will '
-                         'from the commit log', oid_repr(tid),
+                         'publish them from the commit log, which no '
+                         'checkpoint empties until then', oid_repr(tid),
                          self.fshelper.base_dir, e)
         return None
 

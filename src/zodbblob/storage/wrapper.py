@@ -167,7 +167,8 @@ class BlobStorage:
     @staticmethod
     def _close_opened(shared: Shared) -> None:
         """Release what opening the blob directory took."""
-        if shared.staging_dir is not None:
+        # Files that could not be published stay for the next open.
+        if shared.staging_dir is not None and shared.unpublished is None:
             shutil.rmtree(shared.staging_dir, ignore_errors=True)
             shared.staging_dir = None
         if shared.directories is not None:

@@ -15,6 +15,7 @@ files are only opened ahead.
 from __future__ import annotations
 
 import collections
+import errno
 import os
 from collections.abc import Callable, Iterable, Iterator
 
@@ -36,21 +37,29 @@ def opened_ahead(items: Iterable[tuple], open_file: Callable[[str], int],
     swapped for a link is seen by the opens after the swap).
 
     The caller closes each fd it is given; those not yet yielded when
-    the iteration stops are closed here.
+    the iteration stops are closed here.  Once the process runs out of
+    descriptors (a low ``ulimit -n``), the items come without an fd
+    (`fd_of` opens each file in its turn, the window's fds closed by
+    then), not with that error: a file is unreadable for what it is.
     """
     ahead = AHEAD if ahead is None else ahead
     window: collections.deque = collections.deque()
+    scarce = False   # out of descriptors: the rest are opened in turn
     try:
         for item in items:
-            window.append(item + (_open(open_file, item[-1]),))
+            opened = () if scarce else (_open(open_file, item[-1]),)
+            if opened and isinstance(opened[0], OSError) and (
+                    opened[0].errno in (errno.EMFILE, errno.ENFILE)):
+                scarce, opened = True, ()
+            window.append(item + opened)
             if len(window) > ahead:
                 yield window.popleft()
         while window:
             yield window.popleft()
     finally:
-        for *_, fd in window:
-            if isinstance(fd, int):
-                os.close(fd)
+        for item in window:
+            if isinstance(item[-1], int):
+                os.close(item[-1])
 
 
 def fd_of(opened: list, open_file: Callable[[str], int], path: str) -> int:

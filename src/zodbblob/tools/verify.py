@@ -499,9 +499,12 @@ def _walk(storage, report: Report, records: _Records, sizes: _Sizes,
     # total, which is the file count of a clean directory.
     total = report.records
     digests = _Digests(storage, report)
-    with BlobTree(fshelper.base_dir) as tree:
-        # With checksum, each file is opened and read in ahead of its turn.
-        walk = (opened_ahead(fshelper.iter_blobs(passed_over), tree.open)
+    with contextlib.ExitStack() as stack:
+        tree = stack.enter_context(BlobTree(fshelper.base_dir))
+        # With checksum, each file is opened and read in ahead of its turn
+        # (those not reached are closed as the walk leaves, error or not).
+        walk = (stack.enter_context(contextlib.closing(opened_ahead(
+                    fshelper.iter_blobs(passed_over), tree.open)))
                 if checksum else fshelper.iter_blobs(passed_over))
         for done, (oid, tid, path, *opened) in enumerate(walk, 1):
             report.files = done

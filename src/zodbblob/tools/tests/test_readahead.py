@@ -1,6 +1,7 @@
 """`zodbblob.tools.readahead`: files opened ahead of their turn."""
 
 import os
+import resource
 import shutil
 import tempfile
 import unittest
@@ -64,6 +65,26 @@ class OpenedAheadTests(unittest.TestCase):
         self.assertEqual(len(self.opened), 6)
         walk.close()
         self.assertEqual(set(os.listdir('/proc/self/fd')), before)
+
+    def test_out_of_descriptors_each_file_is_opened_in_its_turn(self):
+        # A low ``ulimit -n``: room for three more descriptors.  Reading
+        # one file at a time, as verify did before it read ahead, fits.
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        in_use = {int(fd) for fd in os.listdir('/proc/self/fd')}
+        free = [fd for fd in range(len(in_use) + 4) if fd not in in_use]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (free[2] + 1, hard))
+        read = []
+        try:
+            for i, path, *opened in opened_ahead(self.items(),
+                                                 self.open_file, ahead=5):
+                fd = fd_of(opened, self.open_file, path)
+                try:
+                    read.append(os.read(fd, 1000))
+                finally:
+                    os.close(fd)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        self.assertEqual(read, [b'%d' % i * 100 for i in range(10)])
 
     def test_without_an_opened_fd_the_file_is_opened_now(self):
         fd = fd_of([], self.open_file, self.paths[0])

@@ -148,6 +148,31 @@ class ChecksumTests(unittest.TestCase):
         self.assert_mismatch_found(report, *a)
         self.assert_mismatch_found(report, *b)
 
+    def test_a_walk_stopped_by_an_error_leaves_no_file_open(self):
+        # The files opened ahead are closed when the error leaves verify,
+        # not when whoever caught it lets its traceback go.
+        class Stop(Exception):
+            pass
+
+        def progress(done, total):
+            raise Stop
+
+        try:
+            verify(self.storage, checksum=True, progress=progress)
+        except Stop as e:
+            caught = e   # its traceback keeps verify's frames
+        else:
+            self.fail('the walk went on')
+        opened = []
+        for fd in os.listdir('/proc/self/fd'):
+            try:
+                opened.append(os.readlink('/proc/self/fd/' + fd))
+            except FileNotFoundError:
+                pass   # the listing's own
+        self.assertEqual([path for path in opened
+                          if path.endswith('.blob')], [])
+        del caught
+
     def test_cli_exits_1_naming_the_file(self):
         damage(self.path_of_b1(), lambda f: f.write(b'Y'))
         self.storage.close()

@@ -1,0 +1,86 @@
+"""One sync: a committed transaction whose files could not be published.
+
+With one sync the base has committed before the files get their final
+names; a link refused then (a full disk, EIO) leaves the commit
+acknowledged, its record durable, and its files only under their staged
+names.  No checkpoint (after a later commit, at close) may drop that
+record or those names: the next open publishes the files from them.
+"""
+
+import os
+import shutil
+import tempfile
+import unittest
+
+import transaction
+import ZODB
+from ZODB.blob import Blob
+
+import zodbblob
+from zodbblob.storage import commit
+
+
+class RefusedLink:
+    """A data manager voting after the storage: the new blob's directory
+    becomes a regular file, so the storage's publish fails in its
+    ``tpc_finish`` (as a full disk refuses the link)."""
+
+    def __init__(self, directory):
+        self.directory = directory
+
+    def sortKey(self):
+        return '~ after the storage'
+
+    def tpc_vote(self, txn):
+        os.rename(self.directory, self.directory + '.away')
+        open(self.directory, 'w').close()
+
+    def tpc_begin(self, txn):
+        pass
+
+    commit = tpc_finish = tpc_abort = abort = tpc_begin
+
+    def room_again(self):
+        os.remove(self.directory)
+        os.rename(self.directory + '.away', self.directory)
+
+
+class UnpublishedTests(unittest.TestCase):
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix='zodbblob-unpublished-')
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        inline_limit, commit.INLINE_LIMIT = commit.INLINE_LIMIT, 0
+        self.addCleanup(setattr, commit, 'INLINE_LIMIT', inline_limit)
+
+    def open(self):
+        return ZODB.DB(zodbblob.open_filestorage(
+            os.path.join(self.dir, 'Data.fs'),
+            blob_dir=os.path.join(self.dir, 'blobs')))
+
+    def test_files_not_published_are_published_by_the_next_open(self):
+        db = self.open()
+        manager = transaction.TransactionManager()
+        conn = db.open(manager)
+        blob = Blob(b'acknowledged' * 1000)
+        conn.root()['blob'] = blob
+        conn.add(blob)
+        refused = RefusedLink(db.storage.fshelper.getPathForOID(blob._p_oid))
+        manager.get().join(refused)
+        with self.assertLogs('zodbblob', 'ERROR'):
+            manager.commit()   # acknowledged: the base has committed
+        refused.room_again()
+        # A later commit and the close each checkpoint.
+        conn.root()['more'] = Blob(b'more' * 1000)
+        manager.commit()
+        db.close()
+        db = self.open()
+        try:
+            with db.transaction() as conn, conn.root()['blob'].open() as f:
+                self.assertEqual(f.read(), b'acknowledged' * 1000)
+        finally:
+            db.close()
+
+
+def test_suite():
+    return unittest.defaultTestLoader.loadTestsFromName(__name__)
