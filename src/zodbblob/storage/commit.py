@@ -187,8 +187,7 @@ class CommitProtocol(OneSyncFinish):
         if shared.failed:
             raise StorageTransactionError(
                 f'Refused to commit to blob directory '
-                f'{self.fshelper.base_dir}: {shared.failed}; reopen the '
-                f'storage to roll that transaction back')
+                f'{self.fshelper.base_dir}: {shared.failed}')
         if not shared.one_sync or shared.committer is transaction:
             # A second tpc_begin of one transaction: the base refuses it.
             return self._begin(transaction, tid, status)

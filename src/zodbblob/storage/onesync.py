@@ -98,12 +98,21 @@ class OneSyncFinish:
         except OSError as e:
             if not durable:
                 return e
-            self._shared.unpublished = oid_repr(tid)
-            logger.error('Could not publish the blob files of committed '
-                         'transaction %s in %s (%s); the next open will '
-                         'publish them from the commit log, which no '
-                         'checkpoint empties until then', oid_repr(tid),
-                         self.fshelper.base_dir, e)
+            # Committed and acknowledged: only its record and staged
+            # names say its files now.  No checkpoint may let them go,
+            # and no later commit may fill the log behind them (nor be
+            # refused for a full log at its vote): every later commit is
+            # refused until the storage is opened again, as FileStorage
+            # closes itself when its own finish fails.
+            shared = self._shared
+            shared.unpublished = oid_repr(tid)
+            shared.failed = (
+                f'the blob files of committed transaction {oid_repr(tid)} '
+                f'could not be given their names ({e}); reopen the '
+                f'storage, which gives them their names from the commit '
+                f'log')
+            logger.critical('Blob directory %s: %s; refusing every further '
+                            'commit', self.fshelper.base_dir, shared.failed)
         return None
 
     def _make_published_durable(self, staged) -> None:
@@ -136,15 +145,14 @@ class OneSyncFinish:
         shared.failed = (
             f'transaction {oid_repr(tid)} committed in the base storage, '
             f'but neither its commit record nor its blob files could be '
-            f'made durable ({error})')
+            f'made durable ({error}); reopen the storage to roll that '
+            f'transaction back')
         self._done_logging()
         logger.critical('Blob directory %s: %s; refusing every further '
-                        'commit; reopen the storage, which rolls it back',
-                        self.fshelper.base_dir, shared.failed)
+                        'commit', self.fshelper.base_dir, shared.failed)
         raise BlobStorageError(
-            f'Blob directory {self.fshelper.base_dir}: {shared.failed}; '
-            f'the transaction is rolled back when the storage is opened '
-            f'again') from error
+            f'Blob directory {self.fshelper.base_dir}: {shared.failed}'
+        ) from error
 
     def _await_record(self, staged) -> bool:
         """Wait for S1; False if it failed.

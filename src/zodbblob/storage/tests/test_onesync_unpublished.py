@@ -15,6 +15,7 @@ import unittest
 import transaction
 import ZODB
 from ZODB.blob import Blob
+from ZODB.POSException import StorageTransactionError
 
 import zodbblob
 from zodbblob.storage import commit
@@ -70,14 +71,24 @@ class UnpublishedTests(unittest.TestCase):
         with self.assertLogs('zodbblob', 'ERROR'):
             manager.commit()   # acknowledged: the base has committed
         refused.room_again()
-        # A later commit and the close each checkpoint.
+        # A later commit is refused (it would fill the log behind the
+        # record that holds the files); the close does not checkpoint.
         conn.root()['more'] = Blob(b'more' * 1000)
-        manager.commit()
+        with self.assertRaises(StorageTransactionError) as refused_commit:
+            manager.commit()
+        manager.abort()
+        message = str(refused_commit.exception)
+        self.assertEqual(message.count('\n'), 0)
+        self.assertIn('could not be given their names', message)
+        self.assertIn('reopen the storage', message)
         db.close()
         db = self.open()
         try:
             with db.transaction() as conn, conn.root()['blob'].open() as f:
                 self.assertEqual(f.read(), b'acknowledged' * 1000)
+            # Reopened, the storage commits again.
+            with db.transaction() as conn:
+                conn.root()['more'] = Blob(b'more' * 1000)
         finally:
             db.close()
 
