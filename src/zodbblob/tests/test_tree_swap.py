@@ -15,7 +15,6 @@ import shutil
 import stat
 import tempfile
 import unittest
-from unittest import mock
 
 import ZODB
 import ZODB.FileStorage
@@ -23,7 +22,6 @@ from ZODB.blob import Blob
 
 from zodbblob import BlobStorage
 from zodbblob.layout import LINKED_DIRECTORY, BlobTree, NotABlobFile
-from zodbblob.tools import readahead
 from zodbblob.tools.migrate import migrate
 from zodbblob.tools.verify import verify
 
@@ -165,12 +163,6 @@ class DirectorySwapTests(unittest.TestCase):
     def test_verify_checksum_names_a_directory_swapped_during_its_run(self):
         storage = self.open(read_only=True)
         self.addCleanup(storage.close)
-        # Each file opened in its turn: the swap comes between the two
-        # opens.  (Files opened ahead before a swap are read where they
-        # were opened, as the tree reads a moved directory, above.)
-        patcher = mock.patch.object(readahead, 'AHEAD', 0)
-        patcher.start()
-        self.addCleanup(patcher.stop)
 
         def progress(done, total):
             if done == 1:   # the first revision checked, the second next

@@ -1,86 +1,63 @@
-"""Open the files of a walk a little ahead, and have the kernel read them in.
+"""Have the kernel read the files of a walk in, a little ahead of it.
 
 ``verify --checksum`` reads every byte of every blob file, one file after
 the other: on a cold page cache each file's first read waits for the
 disk, and the disk serves one request at a time (a queue depth of one),
-as ``cat`` of the same files does.  `opened_ahead` opens the files
-`AHEAD` places before they are read and asks the kernel to read their
-first bytes in (``posix_fadvise(..., POSIX_FADV_WILLNEED)``, which
-starts the reads and returns), so that the disk has many requests at a
-time and the hashing finds most bytes in the page cache.  No threads: the
-kernel does the reading.  Where ``posix_fadvise`` does not exist, the
-files are only opened ahead.
+as ``cat`` of the same files does.  `read_ahead` passes the walk's items
+on unchanged, and for the item `AHEAD` places further on opens the file
+and asks the kernel to read its first bytes in
+(``posix_fadvise(..., POSIX_FADV_WILLNEED)``, which starts the reads and
+returns), then closes it at once: the disk gets a queue of requests, and
+the reads of the walk find most bytes in the page cache.  No threads (the
+kernel does the reading), and no descriptor kept: the caller opens,
+checks and reads each file in its turn as it would without this, so a
+name that changed meanwhile (a directory swapped for a link) is seen as
+it is then.  Only advice: a file that cannot be opened ahead is passed
+over here, and the caller finds out why in its turn.
 """
 
 from __future__ import annotations
 
 import collections
-import errno
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
-# Files open ahead of the one read: a few dozen requests in the disk's
-# queue; as many descriptors.
+# Files asked for ahead of the one read: a few dozen requests in the
+# disk's queue.
 AHEAD = 32
-# Bytes of each file asked for ahead: its first ones (the kernel's own
+# Bytes of each file asked for: its first ones (the kernel's own
 # readahead follows a file read from start to end).
 WILLNEED_BYTES = 4 << 20
 
 
-def opened_ahead(items: Iterable[tuple], open_file: Callable[[str], int],
-                 ahead: int | None = None) -> Iterator[tuple]:
-    """``item + (fd or the OSError opening it raised,)`` for each item of
-    `items` (tuples whose last member is a path), in order; each file is
-    opened by `open_file` `ahead` (default `AHEAD`) items before it is
-    yielded.  A file opened ahead is read from the directory it was
-    opened in, whatever happens to its name meanwhile (a directory
-    swapped for a link is seen by the opens after the swap).
-
-    The caller closes each fd it is given; those not yet yielded when
-    the iteration stops are closed here.  Once the process runs out of
-    descriptors (a low ``ulimit -n``), the items come without an fd
-    (`fd_of` opens each file in its turn, the window's fds closed by
-    then), not with that error: a file is unreadable for what it is.
-    """
+def read_ahead(items: Iterable[tuple], tree,
+               ahead: int | None = None) -> Iterator[tuple]:
+    """Each item of `items` (tuples whose last member is a blob file's
+    path), in order; the file of each is opened through `tree` (a
+    ``BlobTree`` of the caller's own: its open checks what the walk's
+    does) and advised `ahead` (default `AHEAD`) items before it is
+    yielded."""
     ahead = AHEAD if ahead is None else ahead
-    window: collections.deque = collections.deque()
-    scarce = False   # out of descriptors: the rest are opened in turn
-    try:
-        for item in items:
-            opened = () if scarce else (_open(open_file, item[-1]),)
-            if opened and isinstance(opened[0], OSError) and (
-                    opened[0].errno in (errno.EMFILE, errno.ENFILE)):
-                scarce, opened = True, ()
-            window.append(item + opened)
-            if len(window) > ahead:
-                yield window.popleft()
-        while window:
-            yield window.popleft()
-    finally:
-        for item in window:
-            if isinstance(item[-1], int):
-                os.close(item[-1])
-
-
-def fd_of(opened: list, open_file: Callable[[str], int], path: str) -> int:
-    """The fd `opened_ahead` gave for `path`, ``[fd]`` (raising the
-    OSError it gave instead), or, given ``[]``, `path` opened now."""
-    if not opened:
-        return open_file(path)
-    if isinstance(opened[0], OSError):
-        raise opened[0]
-    return opened[0]
-
-
-def _open(open_file: Callable[[str], int], path: str) -> int | OSError:
-    try:
-        fd = open_file(path)
-    except OSError as e:
-        return e
     advise = getattr(os, 'posix_fadvise', None)
-    if advise is not None:
-        try:
-            advise(fd, 0, WILLNEED_BYTES, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass   # only advice: the read finds the bytes either way
-    return fd
+    window: collections.deque = collections.deque()
+    for item in items:
+        if advise is not None:
+            _advise(advise, tree, item[-1])
+        window.append(item)
+        if len(window) > ahead:
+            yield window.popleft()
+    while window:
+        yield window.popleft()
+
+
+def _advise(advise, tree, path: str) -> None:
+    try:
+        fd = tree.open(path)
+    except OSError:
+        return   # its turn says why
+    try:
+        advise(fd, 0, WILLNEED_BYTES, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -54,7 +54,7 @@ from zodbblob.layout import file_kind
 from zodbblob.layout import open_blob_file
 from zodbblob.storage import held_by_a_storage
 from zodbblob.tools.contents import Contents
-from zodbblob.tools.readahead import fd_of, opened_ahead
+from zodbblob.tools.readahead import read_ahead
 
 
 @dataclasses.dataclass
@@ -501,18 +501,19 @@ def _walk(storage, report: Report, records: _Records, sizes: _Sizes,
     digests = _Digests(storage, report)
     with contextlib.ExitStack() as stack:
         tree = stack.enter_context(BlobTree(fshelper.base_dir))
-        # With checksum, each file is opened and read in ahead of its turn
-        # (those not reached are closed as the walk leaves, error or not).
-        walk = (stack.enter_context(contextlib.closing(opened_ahead(
-                    fshelper.iter_blobs(passed_over), tree.open)))
-                if checksum else fshelper.iter_blobs(passed_over))
-        for done, (oid, tid, path, *opened) in enumerate(walk, 1):
+        walk = fshelper.iter_blobs(passed_over)
+        if checksum:
+            # The kernel reads each file in ahead of its turn (a hint
+            # only: each is opened, checked and read in its turn below).
+            walk = stack.enter_context(contextlib.closing(read_ahead(
+                walk, stack.enter_context(BlobTree(fshelper.base_dir)))))
+        for done, (oid, tid, path) in enumerate(walk, 1):
             report.files = done
             if not records.strike(oid, tid) and not (
                     live and tid > seen_up_to):
                 report.orphans.append(path)
             try:
-                fd = fd_of(opened, tree.open, path)
+                fd = tree.open(path)
             except NotABlobFile as e:
                 report.not_files.append((e.path, e.kind))
             except OSError as e:
