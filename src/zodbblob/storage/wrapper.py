@@ -141,8 +141,8 @@ class BlobStorage:
                 # durable, and the open mark's reset would keep the next
                 # open from rolling it back.
                 logger.warning('Closed blob directory %s without a '
-                               'checkpoint: %s; the next open rolls it back',
-                               self.fshelper.base_dir, shared.failed)
+                               'checkpoint: %s', self.fshelper.base_dir,
+                               shared.failed)
             elif shared.journal is not None and not shared.read_only:
                 try:
                     checkpoint(shared, removals=True)
@@ -167,8 +167,11 @@ class BlobStorage:
     @staticmethod
     def _close_opened(shared: Shared) -> None:
         """Release what opening the blob directory took."""
-        # Files that could not be published stay for the next open.
-        if shared.staging_dir is not None and shared.unpublished is None:
+        # Staged names no checkpoint let go (files that could not be
+        # published; a checkpoint that failed, whose commit log the next
+        # open replays from them) stay for the next open.
+        if (shared.staging_dir is not None and shared.unpublished is None
+                and not shared.linked):
             shutil.rmtree(shared.staging_dir, ignore_errors=True)
             shared.staging_dir = None
         if shared.directories is not None:

@@ -7,10 +7,12 @@ names.  No checkpoint (after a later commit, at close) may drop that
 record or those names: the next open publishes the files from them.
 """
 
+import errno
 import os
 import shutil
 import tempfile
 import unittest
+from unittest import mock
 
 import transaction
 import ZODB
@@ -46,7 +48,7 @@ class RefusedLink:
         os.rename(self.directory + '.away', self.directory)
 
 
-class UnpublishedTests(unittest.TestCase):
+class OneSyncTestCase(unittest.TestCase):
 
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix='zodbblob-unpublished-')
@@ -58,6 +60,9 @@ class UnpublishedTests(unittest.TestCase):
         return ZODB.DB(zodbblob.open_filestorage(
             os.path.join(self.dir, 'Data.fs'),
             blob_dir=os.path.join(self.dir, 'blobs')))
+
+
+class UnpublishedTests(OneSyncTestCase):
 
     def test_files_not_published_are_published_by_the_next_open(self):
         db = self.open()
@@ -91,6 +96,34 @@ class UnpublishedTests(unittest.TestCase):
                 conn.root()['more'] = Blob(b'more' * 1000)
         finally:
             db.close()
+
+
+
+class FailedCloseCheckpointTests(OneSyncTestCase):
+    """A close whose checkpoint fails (a full disk) keeps the staged names
+    its commit log's records name: the next open replays the log from
+    them, as it would after a crash."""
+
+    def test_the_staging_directory_stays_for_the_next_open(self):
+        db = self.open()
+        with db.transaction() as conn:
+            conn.root()['blob'] = Blob(b'committed' * 1000)
+        staging = db.storage._shared.staging_dir
+        staged = os.listdir(staging)
+        self.assertTrue(staged)
+        with mock.patch('zodbblob.storage.wrapper.checkpoint',
+                        side_effect=OSError(errno.ENOSPC, 'No space left')), \
+                self.assertLogs('zodbblob', 'WARNING') as logs:
+            db.close()
+        self.assertIn('without a checkpoint', '\n'.join(logs.output))
+        self.assertEqual(os.listdir(staging), staged)
+        db = self.open()
+        try:
+            with db.transaction() as conn, conn.root()['blob'].open() as f:
+                self.assertEqual(f.read(), b'committed' * 1000)
+        finally:
+            db.close()
+        self.assertFalse(os.path.exists(staging))
 
 
 def test_suite():
