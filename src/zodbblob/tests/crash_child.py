@@ -2,7 +2,7 @@
 
 Usage: python -m zodbblob.tests.crash_child DIR [TRANSACTIONS] [--pack]
            [--many] [--not-inline] [--checkpoint-every N] [--log-mib N]
-           [--config] [--dedup]
+           [--config] [--dedup] [--seed N]
 
 Opens ``DIR/Data.fs`` with blobs in ``DIR/blobs`` through
 zodbblob.BlobStorage (with ``--config``, through a ``<zodbblob>``
@@ -88,7 +88,9 @@ def main(argv):
     if '--read-batch' in argv:
         zodbblob.storage.catalog.READ_BATCH = int(
             argv[argv.index('--read-batch') + 1])
-    rng = random.Random(os.getpid())
+    # --seed N: the same transactions in every run (else each run its own).
+    rng = random.Random(int(argv[argv.index('--seed') + 1])
+                        if '--seed' in argv else os.getpid())
     dedup = '--dedup' in argv
     content = pooled_payload if dedup else payload
     if '--config' in argv:
