@@ -10,6 +10,7 @@ import contextlib
 import io
 import logging
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -607,7 +608,7 @@ class DedupTests(MigrateTestCase):
         source = self.make_dedup_store(count=1)
         (oid, tid, path), = [
             found for found in iter_source(source, 'bushy')
-            if open(found[2], 'rb').read() == b'another content']
+            if pathlib.Path(found[2]).read_bytes() == b'another content']
         digest = self.digests(source)[oid, tid]
         os.chmod(path, 0o644)
         os.truncate(path, 3)
