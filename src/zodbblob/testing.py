@@ -229,6 +229,22 @@ class ServerProcess:
             return -signal.SIGKILL
 
 
+def start_server(argv: Sequence[str], address: tuple[str, int],
+                 directory: str, log_name: str, timeout: float,
+                 env: Mapping[str, str] | None = None) -> ServerProcess:
+    """A started `ServerProcess` in `directory`, its output in
+    `log_name` there; `directory` is removed if it does not start."""
+    server = ServerProcess(argv, address, cwd=directory,
+                           log_path=os.path.join(directory, log_name),
+                           env=env)
+    try:
+        server.start(timeout)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return server
+
+
 def serve_command(*args: str) -> list[str]:
     """The command line of ``zodbblob serve ARGS`` with this interpreter.
 
@@ -264,16 +280,10 @@ class ZEOServerLayer(_Layer):
         self.data_fs = os.path.join(self.var, DATA_FS)
         self.blob_dir = os.path.join(self.var, BLOB_DIR)
         self.address = ('127.0.0.1', free_port())
-        self.server = ServerProcess(
+        self.server = start_server(
             serve_command('--address', format_address(self.address),
                           '--var', self.var, '--layout', self.layout),
-            self.address, cwd=self.directory,
-            log_path=os.path.join(self.directory, 'server.log'))
-        try:
-            self.server.start(self.start_timeout)
-        except BaseException:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            raise
+            self.address, self.directory, 'server.log', self.start_timeout)
 
     def tearDown(self):
         try:
@@ -337,16 +347,11 @@ class S3ServerLayer(_Layer):
         # requests made without IAM checks: from 0, none is.
         env = ({'INITIAL_NO_AUTH_ACTION_COUNT': '0'}
                if self.refuse_credentials else None)
-        self.server = ServerProcess(
+        self.server = start_server(
             [sys.executable, '-m', 'moto.server',
              '-H', self.address[0], '-p', str(self.address[1])],
-            self.address, cwd=self.directory,
-            log_path=os.path.join(self.directory, 'moto.log'), env=env)
-        try:
-            self.server.start(self.start_timeout)
-        except BaseException:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            raise
+            self.address, self.directory, 'moto.log', self.start_timeout,
+            env)
 
     def tearDown(self):
         if self.server is None:

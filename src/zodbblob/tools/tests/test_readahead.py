@@ -11,6 +11,17 @@ from zodbblob.layout import BlobTree
 from zodbblob.tools.readahead import read_ahead
 
 
+def open_blob_files():
+    """The blob files this process has open."""
+    opened = []
+    for fd in os.listdir('/proc/self/fd'):
+        try:
+            opened.append(os.readlink('/proc/self/fd/' + fd))
+        except FileNotFoundError:
+            pass   # the listing's own
+    return [path for path in opened if path.endswith('.blob')]
+
+
 class Tree:
     """A BlobTree that says which files were opened, and when."""
 
@@ -45,16 +56,6 @@ class ReadAheadTests(unittest.TestCase):
     def items(self):
         return [(i, path) for i, path in enumerate(self.paths)]
 
-    def open_blob_files(self):
-        """The blob files this process has open."""
-        opened = []
-        for fd in os.listdir('/proc/self/fd'):
-            try:
-                opened.append(os.readlink('/proc/self/fd/' + fd))
-            except FileNotFoundError:
-                pass   # the listing's own
-        return [path for path in opened if path.endswith('.blob')]
-
     def test_items_come_in_order_each_advised_ahead_of_its_turn(self):
         advised = []
         with mock.patch('os.posix_fadvise',
@@ -82,7 +83,7 @@ class ReadAheadTests(unittest.TestCase):
         walk = read_ahead(self.items(), self.tree, ahead=5)
         next(walk)
         self.assertEqual(len(self.log), 6)   # six advised by now
-        self.assertEqual(self.open_blob_files(), [])
+        self.assertEqual(open_blob_files(), [])
         walk.close()
 
     def test_a_file_that_cannot_be_opened_is_passed_on_for_its_turn(self):

@@ -13,6 +13,7 @@ from ZODB.blob import Blob
 from ZODB.utils import oid_repr
 
 from zodbblob import BlobStorage
+from zodbblob.tools.tests.test_readahead import open_blob_files
 from zodbblob.tools.verify import verify
 
 
@@ -163,14 +164,7 @@ class ChecksumTests(unittest.TestCase):
             caught = e   # its traceback keeps verify's frames
         else:
             self.fail('the walk went on')
-        opened = []
-        for fd in os.listdir('/proc/self/fd'):
-            try:
-                opened.append(os.readlink('/proc/self/fd/' + fd))
-            except FileNotFoundError:
-                pass   # the listing's own
-        self.assertEqual([path for path in opened
-                          if path.endswith('.blob')], [])
+        self.assertEqual(open_blob_files(), [])
         del caught
 
     def test_cli_exits_1_naming_the_file(self):
