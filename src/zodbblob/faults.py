@@ -553,9 +553,11 @@ class FaultProxy:
         cut = 'cut_request' if framing else 'cut_response'
         left = link.mode.n if link.mode.name == cut else None
         while data := self.received(source):
+            # Counted before forwarded: a request is counted before its
+            # answer can reach the client.
             if left is not None and len(data) >= left:
-                self.forward(sink, data[:left])
                 self.note(framing, data[:left])
+                self.forward(sink, data[:left])
                 # Dead mid-transfer.  The FIN goes after the bytes sent;
                 # what the client still sends is read away first, so the
                 # close sends no RST that could overtake them.
@@ -564,9 +566,9 @@ class FaultProxy:
                 break
             if left is not None:
                 left -= len(data)
+            framing = self.note(framing, data)
             if not self.forward(sink, data):
                 break
-            framing = self.note(framing, data)
         else:
             half_close(sink)
             return
