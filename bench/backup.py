@@ -69,7 +69,7 @@ from ZODB.blob import Blob
 import zodbblob
 from zodbblob import BlobStorage
 from zodbblob.storage.catalog import sync_filesystem
-from machine import hardware, package_version  # bench/machine.py
+from machine import hardware, load_average, package_version  # bench/machine.py
 
 MiB = 1 << 20
 
@@ -186,11 +186,6 @@ def machine(root: str) -> str:
             f'{package_version("ZODB")}, ZEO {package_version("ZEO")}, '
             f'zodbblob {package_version("zodbblob")} from '
             f'{os.path.dirname(zodbblob.__file__)}; {rsync}')
-
-
-def load_average() -> str:
-    with open('/proc/loadavg') as f:
-        return ' '.join(f.read().split()[:3])
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -79,7 +79,7 @@ from ZODB.blob import Blob
 from ZODB.POSException import POSKeyError
 
 import zodbblob
-from machine import hardware, package_version  # bench/machine.py
+from machine import hardware, load_average, package_version  # bench/machine.py
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -222,10 +222,6 @@ def run(side: str, row: tuple, data: list[bytes], transactions: int,
         stats.sort_stats('tottime').print_stats(25)
     return Result(transactions * per_transaction / seconds, seconds,
                   time.perf_counter() - wall, wrong, digest)
-
-
-def load_average() -> str:
-    return ' '.join(f'{value:.2f}' for value in os.getloadavg())
 
 
 def machine(root: str) -> str:

@@ -70,7 +70,7 @@ from persistent.mapping import PersistentMapping
 from ZODB.blob import Blob
 
 import zodbblob
-from machine import hardware, package_version  # bench/machine.py
+from machine import hardware, load_average, package_version  # bench/machine.py
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -242,10 +242,6 @@ def run(side: str, sizes: list[int], expected: list[str], root: str,
 def growth(result: dict, key: str, copied: int,
            when: str = 'after') -> float:
     return (result[when][key] - result['before'][key]) / copied
-
-
-def load_average() -> str:
-    return ' '.join(f'{value:.2f}' for value in os.getloadavg())
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -14,6 +14,11 @@ def package_version(name: str) -> str:
         return 'not installed'
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, as ``uptime`` shows them."""
+    return ' '.join(f'{value:.2f}' for value in os.getloadavg())
+
+
 def hardware(root: str) -> str:
     """CPUs, memory, and the filesystem `root` is on, in one line."""
     cpu = 'unknown CPU'

@@ -50,7 +50,7 @@ from BTrees.IOBTree import IOBTree
 from ZODB.blob import Blob
 
 import zodbblob
-from machine import hardware, package_version  # bench/machine.py
+from machine import hardware, load_average, package_version  # bench/machine.py
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -173,10 +173,6 @@ def timed(command: list[str] | str, shell: bool = False) -> tuple[float, str,
                             text=True)
     return (time.perf_counter() - start, result.stdout + result.stderr,
             result.returncode)
-
-
-def load_average() -> str:
-    return ' '.join(f'{value:.2f}' for value in os.getloadavg())
 
 
 def main(argv=None) -> int:
