@@ -17,7 +17,7 @@ import zc.lockfile
 
 from zodbblob.cli.arguments import add_storage_arguments, open_storage
 from zodbblob.cli.messages import Collect
-from zodbblob.storage import BlobStorageError
+from zodbblob.storage import BlobDirectoryInUse
 from zodbblob.tools.progress import Progress
 from zodbblob.tools.verify import verify as check_blob_files
 
@@ -47,8 +47,8 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
 def verify_command(args: argparse.Namespace) -> int:
     record = args.record_checksums
     try:
-        storage = open_storage(args, read_only=not record)
-    except (BlobStorageError, zc.lockfile.LockError) as e:
+        storage = open_storage(args, read_only=not record, on_bucket=False)
+    except (BlobDirectoryInUse, zc.lockfile.LockError) as e:
         # Only for writing: a read-only open takes no lock.
         print(f'{args.parser.prog}: error: the storage is in use by another '
               f'process (a running server?), so no checksums are recorded: '
@@ -84,7 +84,7 @@ def recover_command(args: argparse.Namespace) -> int:
     storage_logger.setLevel(logging.INFO)   # rows written are said too
     try:
         storage = open_storage(args, read_only=False)
-    except (BlobStorageError, zc.lockfile.LockError) as e:
+    except (BlobDirectoryInUse, zc.lockfile.LockError) as e:
         print(f'{args.parser.prog}: error: the storage is in use by another '
               f'process (a running server?), so it is not recovered: {e}',
               file=sys.stderr)

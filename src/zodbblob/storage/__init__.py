@@ -25,7 +25,9 @@ from zodbblob.storage.wrapper import BlobStorage
 
 
 def open_filestorage(path: str, blob_dir: str, layout: str = 'automatic',
-                     dedup: bool = False, **options) -> BlobStorage:
+                     dedup: bool = False, *, object_store=None,
+                     cache_size: int | None = None,
+                     **options) -> BlobStorage:
     """A FileStorage at `path` with zodbblob's blobs in `blob_dir`.
 
     The drop-in for ``ZODB.FileStorage.FileStorage(path, blob_dir=...)``:
@@ -33,10 +35,13 @@ def open_filestorage(path: str, blob_dir: str, layout: str = 'automatic',
     storage opens the FileStorage itself, after it locked the blob
     directory and rolled back a last transaction that a crash left torn,
     so it commits with one sync (``doc/design.rst``, "Commit").  With
-    `dedup`, equal contents share one file (``storage/dedup.py``).
+    `dedup`, equal contents share one file (``storage/dedup.py``).  With
+    `object_store`, committed blobs live in that bucket, their local
+    copies in a cache of at most `cache_size` bytes (``storage/objects.py``).
     """
     return BlobStorage(blob_dir, FileStorageOpener(path, **options), layout,
-                       dedup)
+                       dedup, object_store=object_store,
+                       cache_size=cache_size)
 
 
 __all__ = [

@@ -96,6 +96,11 @@ class Shared:
         # committed could not be made durable (the next open rolls it
         # back; a checkpoint or a commit after it must not happen).
         self.failed: str | None = None
+        # On a bucket (``objects.py``): its `ObjectStore`, and the
+        # ``(oid, tid)`` of objects an abort could not delete (their
+        # records stay until a checkpoint has deleted them).
+        self.objects = None
+        self.undeleted: list[tuple[bytes, bytes]] = []
 
     def syncer(self) -> concurrent.futures.ThreadPoolExecutor:
         """The thread that fdatasyncs commit log records."""
@@ -113,8 +118,9 @@ class Shared:
         return self._hasher
 
     def start_scrubber(self) -> None:
+        # On a bucket, uploads hash the files they read.
         if (self.scrubber is None and not self.read_only
-                and self.journal is not None):
+                and self.journal is not None and self.objects is None):
             self.scrubber = Scrubber(self.journal, self.fshelper)
             self.scrubber.start()
 
@@ -133,6 +139,9 @@ class Shared:
         if self._hasher is not None:
             self._hasher.shutdown()
             self._hasher = None
+        if self.objects is not None:
+            self.objects.close()
+            self.objects = None
 
 
 
@@ -201,6 +210,11 @@ def checkpoint(shared: Shared, removals: bool = False) -> None:
             fsync_removals([path for _, path in shared.removed])
             shared.journal.sync()
         kill_point('mid_checkpoint')
+        if shared.undeleted:
+            # Before the records that name them go (raises if the bucket
+            # still refuses: the records stay).
+            shared.objects.delete_unless_committed(shared.undeleted)
+            shared.undeleted = []
         shared.commit_log.checkpoint()
         linked, shared.linked, shared.unsynced = shared.linked, [], []
         shared.held = 0

@@ -57,6 +57,7 @@ from zodbblob.storage.checkpoint import Shared, checkpoint
 from zodbblob.storage.commitlog import Entry
 from zodbblob.storage.dedup import Deduplicator
 from zodbblob.storage.digest import TransactionDigests
+from zodbblob.storage.bucketcommit import BucketCommit
 from zodbblob.storage.onesync import OneSyncFinish
 
 logger = logging.getLogger(__name__)
@@ -171,9 +172,15 @@ class _Staged:
         self.syncing = None                    # one sync: S1's future
         self.digests = TransactionDigests()    # of the files' contents
         self.held = 0   # bytes of copies dedup linked away (not inline)
+        # On a bucket (``objects.py``): undo's server-side copies, oid ->
+        # (source tid, size); whether uploads started (an abort deletes
+        # their keys); the digests the uploads computed.
+        self.copies: dict[bytes, tuple[bytes, int]] = {}
+        self.uploading = False
+        self.uploaded: dict[bytes, bytes | None] = {}
 
 
-class CommitProtocol(OneSyncFinish):
+class CommitProtocol(OneSyncFinish, BucketCommit):
     """The two-phase commit of blob files, for one storage instance."""
 
     def __init__(self, base, shared: Shared):
@@ -265,11 +272,14 @@ class CommitProtocol(OneSyncFinish):
         staged.digests.known[oid] = (  # undo links: the source's digest
             committed_digest(self._shared, filename) if link else None)
         staged.files[oid] = target
+        staged.copies.pop(oid, None)
 
     def vote(self, transaction):
         staged = self._staged
         if staged is None or staged.transaction is not transaction:
             return self.base.tpc_vote(transaction)
+        if self._shared.objects is not None:
+            return self._vote_uploading(staged, transaction)
         syncing = self._log(staged)
         try:
             result = self.base.tpc_vote(transaction)
@@ -313,9 +323,18 @@ class CommitProtocol(OneSyncFinish):
         temp_dir = self.fshelper.temp_dir
         files = [(oid, path, os.stat(path))
                  for oid, path in staged.files.items()]
-        staged.inline = sum(info.st_size
-                            for oid, path, info in files) <= INLINE_LIMIT
-        if staged.inline:
+        staged.inline = shared.objects is None and sum(
+            info.st_size for oid, path, info in files) <= INLINE_LIMIT
+        if shared.objects is not None:
+            # The bucket keeps the bytes: the record only names the keys
+            # (from oid and tid) for a recovery to delete, and the staged
+            # files need not be durable.
+            entries = [Entry(oid, info.st_size,
+                             staged=os.path.relpath(path, temp_dir))
+                       for oid, path, info in files]
+            entries += [Entry(oid, size, staged='copy-of-' + source.hex())
+                        for oid, (source, size) in staged.copies.items()]
+        elif staged.inline:
             entries = [Entry(oid, info.st_size, data=read_bytes(path))
                        for oid, path, info in files]
             staged.digests.of_entries(entries)   # hashed from these bytes
@@ -458,19 +477,10 @@ class CommitProtocol(OneSyncFinish):
                     'files were published for tid %s', self.base,
                     oid_repr(tid), oid_repr(staged.tid))
             kill_point('after_base_finish')
-            digests = staged.digests.result()
-            shared.journal.add([(oid, staged.tid, info.st_size,
-                                 digests.get(oid))
-                                for oid, path, info in staged.stats])
-            kill_point('after_journal_commit')
-            if shared.scrubber is not None and any(
-                    digests.get(oid) is None for oid, p, i in staged.stats):
-                shared.scrubber.wake()
-            with shared.logging:
-                shared.unsynced.extend(staged.published)
-                if not staged.inline:
-                    shared.linked.extend(staged.files.values())
-                    shared.held += staged.held
+            if shared.objects is not None:
+                self._finished_on_bucket(staged)
+            else:
+                self._finished_locally(staged)
         finally:
             self._done_logging()
         if (len(shared.commit_log) >= CHECKPOINT_RECORDS
@@ -487,6 +497,24 @@ class CommitProtocol(OneSyncFinish):
                                'after a commit (%s); its commit log keeps '
                                'the transactions', self.fshelper.base_dir, e)
 
+
+    def _finished_locally(self, staged: _Staged) -> None:
+        """The rows of a committed transaction; its files for the next
+        checkpoint to make durable (and its staged names to let go)."""
+        shared = self._shared
+        digests = staged.digests.result()
+        shared.journal.add([(oid, staged.tid, info.st_size,
+                             digests.get(oid))
+                            for oid, path, info in staged.stats])
+        kill_point('after_journal_commit')
+        if shared.scrubber is not None and any(
+                digests.get(oid) is None for oid, p, i in staged.stats):
+            shared.scrubber.wake()
+        with shared.logging:
+            shared.unsynced.extend(staged.published)
+            if not staged.inline:
+                shared.linked.extend(staged.files.values())
+                shared.held += staged.held
 
     def abort(self, transaction):
         try:
@@ -513,6 +541,7 @@ class CommitProtocol(OneSyncFinish):
                 remove_if_exists(path)
             if staged.tid is not None:
                 try:
-                    self._shared.commit_log.abort(staged.tid)
+                    if self._deleted_uploads(staged):
+                        self._shared.commit_log.abort(staged.tid)
                 finally:
                     self._done_logging()

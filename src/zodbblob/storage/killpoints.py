@@ -22,6 +22,10 @@ KILL_POINTS = (
     # Dedup: a committed file linked under a temporary name, not yet
     # renamed over the final one.
     'mid_dedup_link',
+    # On a bucket (``objects.py``): the record durable, no upload yet;
+    # an upload done; all done; a delete acknowledged.
+    'after_upload_record', 'mid_upload', 'after_uploads',
+    'after_object_delete',
 )
 
 

@@ -50,6 +50,9 @@ def remove_blob_files(shared: Shared, garbage) -> None:
     files and rows, and the next open removes them again: it never leaves
     a file the catalog does not list.
     """
+    if shared.objects is not None:
+        remove_blob_objects(shared, garbage)
+        return
     fshelper = shared.fshelper
     paths = [fshelper.getBlobFilename(oid, tid) for oid, tid in garbage]
     for path in paths:
@@ -70,6 +73,25 @@ def remove_blob_files(shared: Shared, garbage) -> None:
     if paths:
         logger.debug('Pack removed %d blob files from %s', len(paths),
                      fshelper.base_dir)
+
+
+def remove_blob_objects(shared: Shared, garbage) -> None:
+    """On a bucket: delete the objects `garbage`, in batches of up to
+    1,000 keys a request, then their rows and garbage marks.
+
+    The marks were durable before the first delete; a delete the bucket
+    acknowledged is durable, so they go at once.  A kill in between
+    leaves marks whose objects are gone: the next open deletes them
+    again, which S3 takes as done.
+    """
+    garbage = list(garbage)
+    if not garbage:
+        return
+    shared.objects.delete(garbage)
+    shared.journal.remove(garbage, marks=False)
+    shared.journal.forget_garbage(garbage)
+    logger.debug('Pack deleted %d blob objects from %s', len(garbage),
+                 shared.objects.name)
 
 
 def pack_tid(packtime: float) -> bytes:
@@ -259,6 +281,13 @@ class Packer:
                 # it.  Marked before the undo commits: a mark of an undo
                 # that aborts makes a pack ask the base once too often.
                 self._shared.journal.add([(oid, undo_tid, None)])
+                continue
+            objects = self._shared.objects
+            if objects is not None:
+                # A server-side copy at vote: no download, no upload.
+                size = objects.size(oid, before[1])
+                if size is not None:
+                    self._commit.take_copy(oid, before[1], size, transaction)
                 continue
             source = self._shared.fshelper.getBlobFilename(oid, before[1])
             if not os.path.exists(source):

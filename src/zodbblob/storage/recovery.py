@@ -50,6 +50,12 @@ from zodbblob.storage.filestorage import (
     truncate,
 )
 from zodbblob.storage.lock import LOCK_NAME, BlobStorageError, lock_blob_directory
+from zodbblob.storage.objects import (
+    ObjectStore,
+    open_objects,
+    rebuild_from_bucket,
+    recover_objects,
+)
 from zodbblob.storage.pack import (
     base_has,
     remove_blob_files,
@@ -125,30 +131,59 @@ def _recovered_digest(entry: Entry, final: str) -> bytes | None:
         return None
 
 
-def open_blob_directory(base, blob_dir: str, layout: str) -> Shared:
-    """Open `blob_dir` for a storage over `base`: what its instances share."""
-    return Recovery(base).open(blob_dir, layout)
+def open_blob_directory(base, blob_dir: str, layout: str,
+                        object_store=None) -> Shared:
+    """Open `blob_dir` for a storage over `base`: what its instances share.
+
+    `object_store` is ``(bucket, cache_size)`` for a storage whose blobs
+    live in a bucket (``objects.py``), or None.
+    """
+    return Recovery(base, object_store).open(blob_dir, layout)
 
 
 def open_with_base(opener: FileStorageOpener, blob_dir: str,
-                   layout: str) -> tuple:
+                   layout: str, object_store=None) -> tuple:
     """Open `blob_dir`, then the base `opener` opens: ``(base, shared)``.
 
     The base is opened after the blob directory is locked and a torn last
     transaction of its ``Data.fs`` rolled back, so the storage commits
     with one sync (``filestorage.py`` has the argument).
     """
-    recovery = Recovery(None)
+    recovery = Recovery(None, object_store)
     shared = recovery.open(blob_dir, layout, opener)
     return recovery.base, shared
+
+
+def log_protocol(fshelper, opener, objects, base) -> None:
+    """Say at INFO which commit protocol the storage uses, and why."""
+    if objects is not None:
+        logger.info(
+            'Blob directory %s keeps its blobs in %s; commits are '
+            'serial (the commit record is durable before the uploads)',
+            fshelper.base_dir, objects.name,
+            extra={'commit_protocol': 'serial'})
+    elif opener is not None:
+        logger.info(
+            'Blob directory %s commits with one sync: zodbblob opened '
+            '%s itself, so it can roll back a torn last transaction',
+            fshelper.base_dir, opener.path,
+            extra={'commit_protocol': 'one sync'})
+    else:
+        logger.info(
+            'Blob directory %s commits serially (the commit record is '
+            'durable before the base commits): its base %r was opened '
+            'by the caller', fshelper.base_dir, base,
+            extra={'commit_protocol': 'serial'})
 
 
 class Recovery:
     """Opens a blob directory, finishing what a crash interrupted there."""
 
-    def __init__(self, base):
+    def __init__(self, base, object_store=None):
         self.base = base
         self._shared: Shared | None = None
+        self._object_store = object_store
+        self.objects: ObjectStore | None = None
 
     def open(self, blob_dir: str, layout: str,
              opener: FileStorageOpener | None = None) -> Shared:
@@ -169,8 +204,13 @@ class Recovery:
         if self.base is not None and getattr(self.base, 'isReadOnly',
                                              bool)():
             fshelper.check_marker()
-            return Shared(fshelper, self._open_journal_read_only(fshelper),
-                          None, True)
+            shared = Shared(fshelper, self._open_journal_read_only(fshelper),
+                            None, True)
+            self._bind(shared.journal, fshelper)
+            shared.objects = self.objects
+            if self.objects is not None:
+                self.objects.base = self.base
+            return shared
         state_dir = os.path.join(fshelper.base_dir, STATE_DIR)
         lock_path = os.path.join(state_dir, LOCK_NAME)
         # Lock before creating anything where a lock may be held already
@@ -197,12 +237,22 @@ class Recovery:
                 else:
                     self._refuse_torn_tail(fshelper, commit_log)
                 journal = self._open_journal(fshelper)
+                try:
+                    self._bind(journal, fshelper)
+                except BaseException:
+                    journal.close()
+                    raise
             except BaseException:
                 commit_log.close()
                 raise
             shared = Shared(fshelper, journal, lock, False)
             shared.commit_log = commit_log
-            shared.one_sync = opener is not None
+            shared.objects = self.objects
+            if self.objects is not None:
+                self.objects.base = self.base
+            # On a bucket, vote waits for the record's sync anyway (the
+            # uploads start after it): the serial protocol.
+            shared.one_sync = opener is not None and self.objects is None
             self._shared = shared
             try:
                 self._recover(journal, fshelper)
@@ -217,8 +267,10 @@ class Recovery:
                 raise
         except BaseException:
             lock.close()
+            if self.objects is not None:
+                self.objects.close()
             raise
-        self._log_protocol(fshelper, opener)
+        log_protocol(fshelper, opener, self.objects, self.base)
         return shared
 
     def _roll_back_torn_tail(self, fshelper, commit_log,
@@ -266,19 +318,12 @@ class Recovery:
                 f'with zodbblob.open_filestorage or a <zodbblob> section '
                 f'around <filestorage> to roll it back')
 
-    def _log_protocol(self, fshelper, opener) -> None:
-        if opener is not None:
-            logger.info(
-                'Blob directory %s commits with one sync: zodbblob opened '
-                '%s itself, so it can roll back a torn last transaction',
-                fshelper.base_dir, opener.path,
-                extra={'commit_protocol': 'one sync'})
-        else:
-            logger.info(
-                'Blob directory %s commits serially (the commit record is '
-                'durable before the base commits): its base %r was opened '
-                'by the caller', fshelper.base_dir, self.base,
-                extra={'commit_protocol': 'serial'})
+    def _bind(self, journal, fshelper) -> None:
+        """Open the object store, bound to this blob directory; or refuse
+        a blob directory bound to one when none was given."""
+        if self.objects is None:
+            self.objects = open_objects(self._object_store, journal,
+                                        fshelper.base_dir)
 
     def _open_journal(self, fshelper) -> Journal:
         path = journal_path(fshelper.base_dir)
@@ -330,6 +375,10 @@ class Recovery:
 
     def _rebuild(self, journal, fshelper, reason: str,
                  level: int | None = None) -> None:
+        if self._object_store is not None:
+            self.objects = rebuild_from_bucket(
+                self._object_store, journal, fshelper.base_dir, reason)
+            return
         blobs = [(oid, tid, os.stat(path).st_size)
                  for oid, tid, path in fshelper.iter_blobs()]
         if level is None:
@@ -351,6 +400,10 @@ class Recovery:
         shared = self._shared
         latest = latest_entries(shared.commit_log.records)
         in_catalog = journal.known(latest)
+        if shared.objects is not None:
+            recover_objects(shared, self.base, latest, in_catalog)
+            self._after_replay(journal, fshelper)
+            return
         forward, back, rows, gone = set(), set(), [], []
         for (oid, tid), entry in sorted(latest.items(),
                                         key=lambda item: item[0][::-1]):
@@ -392,6 +445,11 @@ class Recovery:
             logger.info('Recovered blob directory %s: wrote the catalog rows '
                         'of %d committed transactions from the commit log',
                         fshelper.base_dir, len(rows_only))
+        self._after_replay(journal, fshelper)
+
+    def _after_replay(self, journal, fshelper) -> None:
+        """Finish an interrupted pack; clear staging."""
+        shared = self._shared
         # Marks whose removal no sync made durable: the files may be
         # back.  A revision the base has (restored since) is kept.
         garbage = journal.garbage()

@@ -29,6 +29,7 @@ from zodbblob.storage.commit import CommitProtocol, link_or_copy
 from zodbblob.storage.datamanager import TransactionDirectories
 from zodbblob.storage.filestorage import FileStorageOpener
 from zodbblob.storage.lock import BlobStorageError
+from zodbblob.storage.objects import open_bucket
 from zodbblob.storage.pack import Packer
 from zodbblob.storage.recovery import open_blob_directory, open_with_base
 
@@ -52,7 +53,8 @@ class BlobStorage:
 
     def __init__(self, blob_dir: str, base, layout: str = 'automatic',
                  dedup: bool = False, _shared: Shared | None = None,
-                 scrub: bool = True):
+                 scrub: bool = True, *, object_store=None,
+                 cache_size: int | None = None):
         """`base` is a storage, or a `FileStorageOpener` (what
         ``zodbblob.open_filestorage`` and the ``<zodbblob>`` section
         give): then the storage opens its base itself, once the blob
@@ -63,9 +65,26 @@ class BlobStorage:
         file's is stored as a hard link to it (``storage/dedup.py``).
         With `scrub` (writable storages only), a background thread hashes
         the committed files that have no digest yet (``storage/scrub.py``).
+
+        With `object_store` (an ``ObjectStoreSettings`` or a ``Bucket``),
+        committed blobs are objects in that bucket, and the blob
+        directory keeps their local copies in a cache of at most
+        `cache_size` bytes (``storage/objects.py``).
         """
+        remote = None
+        if object_store is not None:
+            if dedup:
+                raise BlobStorageError(
+                    f'Blob directory {blob_dir}: dedup is not available '
+                    f'on an object store yet')
+            # Checked before anything on disk changes.
+            remote = (open_bucket(object_store), cache_size)
+        elif cache_size is not None:
+            raise BlobStorageError(
+                f'Blob directory {blob_dir}: cache_size bounds the local '
+                f'copies of an object store, and none was given')
         if isinstance(base, FileStorageOpener):
-            base, _shared = open_with_base(base, blob_dir, layout)
+            base, _shared = open_with_base(base, blob_dir, layout, remote)
             _shared.dedup = bool(dedup)
             self._owner = True
             try:
@@ -76,14 +95,14 @@ class BlobStorage:
                 raise
         else:
             self._owner = _shared is None
-            self._wrap(blob_dir, base, layout, _shared)
+            self._wrap(blob_dir, base, layout, _shared, remote)
             if self._owner:
                 self._shared.dedup = bool(dedup)
         if self._owner and scrub:
             self._shared.start_scrubber()
 
     def _wrap(self, blob_dir: str, base, layout: str,
-              _shared: Shared | None) -> None:
+              _shared: Shared | None, remote=None) -> None:
         if ZODB.interfaces.IBlobStorage.providedBy(base):
             name = getattr(base, 'getName', lambda: repr(base))()
             raise BlobStorageError(
@@ -107,7 +126,7 @@ class BlobStorage:
         self._db = None
         self._closed = False
         if _shared is None:
-            _shared = open_blob_directory(base, blob_dir, layout)
+            _shared = open_blob_directory(base, blob_dir, layout, remote)
         self._shared = _shared
         self.fshelper = _shared.fshelper
         self._commit = CommitProtocol(base, _shared)
@@ -118,6 +137,11 @@ class BlobStorage:
     def commit_protocol(self) -> str:
         """'one sync' or 'serial' (``doc/design.rst``, "Commit")."""
         return 'one sync' if self._shared.one_sync else 'serial'
+
+    @property
+    def object_store(self):
+        """The `ObjectStore` keeping the committed blobs, or None."""
+        return self._shared.objects
 
     @property
     def dedup(self) -> bool:
@@ -260,9 +284,17 @@ class BlobStorage:
         # A ZEO client's sendBlob names both: checked before the path is
         # built, or a serial holding '/..' could name any file.
         serial = self._check_id(serial, 'serial')
-        filename = self.fshelper.getBlobFilename(
-            self._check_id(oid, 'oid'), serial)
+        oid = self._check_id(oid, 'oid')
         shared = self._shared
+        if shared.objects is not None:
+            # Uploads go to their final keys before the base commits:
+            # a tid it has not committed is nobody's to read (a ZEO
+            # client may name any tid), and is never downloaded.
+            if serial > self.base.lastTransaction():
+                raise POSKeyError('No committed blob of tid %s'
+                                  % serial.hex(), oid, serial)
+            return shared.objects.load(oid, serial)
+        filename = self.fshelper.getBlobFilename(oid, serial)
         if shared.publishing == serial:
             # One sync: whoever learned the tid early (a load of the
             # current record) waits for its files.

@@ -296,11 +296,17 @@ def _check_closed_cleanly(source: str) -> None:
             unclean = True
         else:
             try:
+                bucket = journal.get_meta('object_store')
                 unclean = (journal.get_meta('state') == 'open'
                            or bool(unfinished_records(
                                commit_log_path(source))))
             finally:
                 journal.close()
+            if bucket is not None:
+                raise MigrationError(
+                    f'Source {source} keeps its blobs in {bucket}: '
+                    f'migrate does not move blobs out of an object store '
+                    f'yet')
     if unclean:
         raise MigrationError(
             f'Source {source} was not closed cleanly by its storage (its '

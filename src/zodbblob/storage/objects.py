@@ -1,0 +1,319 @@
+"""A storage whose committed blobs live in an object store (issue 16).
+
+`ObjectStore` is what a `BlobStorage` given ``object_store=`` does with
+its bucket: the uploads of a transaction at vote, the reads through the
+local cache, the deletes of pack and recovery, the server-side copies of
+undo.  The blob directory keeps the catalog, the commit log and the
+staging directory as always; the committed files themselves are objects
+under ``blob_key(prefix, oid, tid)``, and their local copies live in a
+`zodbblob.cache.BlobCache` (the ZEO client's cache: one index, LRU
+eviction under ``cache_size``, one download per blob across threads and
+processes) in ``<blob_dir>/.zodbblob/cache``.
+
+The protocol (``doc/design.rst``, "Blobs on an object store"): a
+transaction's commit record, which names every key it may create (keys
+derive from oid and tid), is durable before the first upload starts;
+vote waits for every upload; the base commits at ``tpc_finish``, which
+makes no network call.  So a crash leaves either a committed transaction
+whose objects are all in the bucket, or a record whose tid the base
+lacks, whose keys the next open deletes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+
+from ZODB.POSException import POSKeyError, StorageError
+from ZODB.utils import oid_repr
+
+from zodbblob.objectstore import ObjectStoreSettings, blob_key, parse_blob_key
+from zodbblob.storage.catalog import STATE_DIR, kill_point
+from zodbblob.storage.digest import digest_file
+from zodbblob.storage.lock import BlobStorageError
+
+logger = logging.getLogger(__name__)
+
+# Uploads of one transaction at once (boto3's multipart uploads of large
+# files use threads of their own besides).
+UPLOAD_THREADS = 4
+CACHE_DIR = 'cache'
+# The catalog's meta name binding a blob directory to its bucket.
+META_NAME = 'object_store'
+
+
+def cache_directory(blob_dir: str) -> str:
+    return os.path.join(blob_dir, STATE_DIR, CACHE_DIR)
+
+
+def describe(settings: ObjectStoreSettings) -> str:
+    """``s3://bucket/prefix`` (what the catalog remembers)."""
+    return f's3://{settings.bucket}/{settings.prefix}'
+
+
+def open_bucket(object_store):
+    """A checked `Bucket` for `object_store` (settings or a Bucket)."""
+    from zodbblob.objectstore.bucket import Bucket, ObjectStoreError
+    bucket = (Bucket(object_store)
+              if isinstance(object_store, ObjectStoreSettings)
+              else object_store)
+    try:
+        bucket.check()
+    except ObjectStoreError as e:
+        raise BlobStorageError(f'Cannot open the object store: {e}') from e
+    return bucket
+
+
+def open_objects(object_store, journal, blob_dir: str):
+    """The `ObjectStore` of ``object_store = (bucket, cache_size)``,
+    bound to the catalog `journal`; None without one, after refusing a
+    blob directory that is bound to a bucket."""
+    if object_store is None:
+        ObjectStore.check_unbound(journal, blob_dir)
+        return None
+    objects = ObjectStore(object_store[0], blob_dir, object_store[1])
+    try:
+        if journal is not None and not journal.read_only:
+            objects.bind(journal, blob_dir)
+    except BaseException:
+        objects.close()
+        raise
+    return objects
+
+
+def rebuild_from_bucket(object_store, journal, blob_dir: str,
+                        reason: str):
+    """Rebuild the catalog `journal` of a blob directory on a bucket from
+    a listing of its prefix, page by page; its `ObjectStore`."""
+    objects = ObjectStore(object_store[0], blob_dir, object_store[1])
+    counted = []
+
+    def listed():
+        for row in objects.listed():
+            counted.append(None)
+            yield row
+    try:
+        journal.rebuild(listed())
+        journal.set_meta(**{META_NAME: objects.name})
+    except BaseException:
+        objects.close()
+        raise
+    logger.log(logging.WARNING if counted else logging.DEBUG,
+               'Rebuilt the blob catalog of %s from a listing of %s (%s): '
+               '%d blob objects', blob_dir, objects.name, reason,
+               len(counted))
+    return objects
+
+
+class ObjectStore:
+    """The bucket of one storage, its upload threads and its local cache."""
+
+    def __init__(self, bucket, blob_dir: str, cache_size: int | None):
+        from zodbblob.cache import BlobCache
+        from zodbblob.objectstore.bucket import ObjectMissing, ObjectStoreError
+        self.bucket = bucket
+        self.settings = bucket.settings
+        self.name = describe(self.settings)
+        self.missing = ObjectMissing
+        self.failure = ObjectStoreError
+        self.cache = BlobCache(cache_directory(blob_dir), cache_size)
+        self.base = None   # the storage's base, once open
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            UPLOAD_THREADS, thread_name_prefix='zodbblob-upload')
+
+    def __repr__(self):
+        return f'<ObjectStore {self.name}>'
+
+    def key(self, oid: bytes, tid: bytes) -> str:
+        return blob_key(self.settings.prefix, oid, tid)
+
+    def close(self) -> None:
+        self._pool.shutdown()
+        try:
+            self.cache.close()
+        except Exception as e:
+            # Closing the storage goes on: its catalog and locks matter.
+            logger.warning('Could not close the blob cache %s: %s',
+                           self.cache.directory, e)
+
+    # binding a blob directory to its bucket
+
+    def bind(self, journal, blob_dir: str) -> None:
+        """Remember the bucket in the catalog, or refuse another one.
+
+        A blob directory whose files are its own cannot start keeping
+        them in a bucket by a change of configuration (its files would
+        be read from the bucket, where they are not).
+        """
+        known = journal.get_meta(META_NAME)
+        if known == self.name:
+            return
+        if known is not None:
+            raise BlobStorageError(
+                f'Blob directory {blob_dir} keeps its blobs in {known}, '
+                f'not {self.name}: configure that object store')
+        if journal.total_size() or any(True for _ in journal.committed()):
+            raise BlobStorageError(
+                f'Blob directory {blob_dir} holds blob files of its own: '
+                f'it cannot keep its blobs in {self.name} (start from an '
+                f'empty blob directory)')
+        journal.set_meta(**{META_NAME: self.name})
+
+    @staticmethod
+    def check_unbound(journal, blob_dir: str) -> None:
+        """Refuse to open a blob directory bound to a bucket without it."""
+        known = journal.get_meta(META_NAME) if journal is not None else None
+        if known is not None:
+            raise BlobStorageError(
+                f'Blob directory {blob_dir} keeps its blobs in {known}: '
+                f'open it with that object store (an <s3> section)')
+
+    # commit
+
+    def upload(self, files, tid: bytes, copies, after) -> dict:
+        """Upload `files` (``(oid, path)``) and copy `copies` (``(oid,
+        source tid)``) to their keys under `tid`, several at once, once
+        the future `after` (the commit record's sync) has returned;
+        the digests of the uploaded files, by oid.
+
+        Every upload and copy has ended when this returns or raises: an
+        abort then deletes whatever they made.
+        """
+        after.result()
+        kill_point('after_upload_record')
+        futures = [self._pool.submit(self._upload, oid, path, tid)
+                   for oid, path in files]
+        futures += [self._pool.submit(self._copy, oid, source, tid)
+                    for oid, source in copies]
+        concurrent.futures.wait(futures)
+        digests = {}
+        for future in futures:
+            oid, digest = future.result()   # the first failure, raised
+            digests[oid] = digest
+        kill_point('after_uploads')
+        return digests
+
+    def _upload(self, oid: bytes, path: str, tid: bytes):
+        # Hashed here, where the file is read anyway: the scrubber has no
+        # local file to hash later.
+        try:
+            digest = digest_file(path)
+        except OSError:
+            digest = None
+        self.bucket.upload(path, self.key(oid, tid))
+        kill_point('mid_upload')
+        return oid, digest
+
+    def _copy(self, oid: bytes, source: bytes, tid: bytes):
+        self.bucket.copy(self.key(oid, source), self.key(oid, tid))
+        return oid, None
+
+    def admit(self, oid: bytes, tid: bytes, path: str) -> None:
+        """Keep a committed file as the cache's local copy (best effort:
+        the bucket has it)."""
+        try:
+            self.cache.admit(oid, tid, path)
+        except Exception as e:
+            logger.warning('Could not keep blob %s of oid %s in the cache '
+                           '%s (%s); it is read from %s', oid_repr(tid),
+                           oid_repr(oid), self.cache.directory, e, self.name)
+
+    # reading
+
+    def load(self, oid: bytes, tid: bytes) -> str:
+        """The local copy of revision `tid` of `oid`, downloaded at most
+        once: POSKeyError if the bucket has none, StorageError (one
+        line) if the bucket cannot be reached."""
+        key = self.key(oid, tid)
+        try:
+            return self.cache.load(
+                oid, tid, lambda temporary: self.bucket.download(key,
+                                                                 temporary))
+        except self.missing:
+            raise POSKeyError(f'No blob object {key} in {self.name}',
+                              oid, tid) from None
+        except self.failure as e:
+            raise StorageError(str(e)) from e
+
+    def size(self, oid: bytes, tid: bytes) -> int | None:
+        """The size of the object of `tid` of `oid`, None if there is
+        none (undo asks, before it copies it)."""
+        try:
+            return self.bucket.head(self.key(oid, tid))
+        except self.failure as e:
+            raise StorageError(str(e)) from e
+
+    # removing
+
+    def delete(self, pairs) -> None:
+        """Delete the objects of `pairs` (``(oid, tid)``), in batches;
+        ObjectStoreError if the bucket refused."""
+        pairs = list(pairs)
+        if pairs:
+            self.bucket.delete(self.key(oid, tid) for oid, tid in pairs)
+            kill_point('after_object_delete')
+
+    def delete_unless_committed(self, pairs) -> None:
+        """Delete the objects of `pairs` an abort left, but for a
+        revision the base has: a ZEO client may have chosen the aborted
+        tid again, and committed it since."""
+        from zodbblob.storage.pack import base_has
+        self.delete([(oid, tid) for oid, tid in pairs
+                     if not base_has(self.base, oid, tid)])
+
+    def listed(self):
+        """``(oid, tid, size)`` of every blob object under the prefix,
+        page by page (rebuilding a lost catalog)."""
+        for key, size in self.bucket.iter_keys(self.settings.prefix):
+            parsed = parse_blob_key(self.settings.prefix, key)
+            if parsed is not None:
+                yield parsed[0], parsed[1], size
+
+
+def recover_objects(shared, base, latest, in_catalog) -> None:
+    """Finish what a crash interrupted on a bucket (``recovery.py`` for
+    a blob directory whose blobs are objects).
+
+    `latest` holds the commit log's latest entry of each ``(oid, tid)``
+    since the last checkpoint.  A revision the base has was uploaded
+    before the base committed (vote waited): its row is written.  One
+    the base lacks had its record durable before any upload started, so
+    its key is all that can be left: deleted, in batches, before the
+    record goes.  An aborted revision (None) whose keys an abort deleted
+    needs nothing.
+    """
+    from zodbblob.storage.checkpoint import checkpoint
+    from zodbblob.storage.pack import base_has
+    objects = shared.objects
+    fshelper = shared.fshelper
+    rows, doomed, gone, back = [], [], [], set()
+    for (oid, tid), entry in sorted(latest.items(),
+                                    key=lambda item: item[0][::-1]):
+        if entry is None:
+            continue
+        if base_has(base, oid, tid):
+            if (oid, tid) not in in_catalog:
+                rows.append((oid, tid, entry.size, None))
+            continue
+        back.add(tid)
+        doomed.append((oid, tid))
+        if entry.staged:
+            path = os.path.join(fshelper.temp_dir, entry.staged)
+            if os.path.isfile(path):
+                os.remove(path)
+        if (oid, tid) in in_catalog:
+            gone.append((oid, tid))
+        kill_point('mid_recovery')
+    objects.delete(doomed)   # before the records go (the checkpoint)
+    shared.journal.add(rows)
+    shared.journal.remove(gone)
+    checkpoint(shared)
+    for tid in sorted(back):
+        logger.warning('Recovered blob directory %s: deleted the blob '
+                       'objects of interrupted transaction %s from %s',
+                       fshelper.base_dir, oid_repr(tid), objects.name)
+    if rows:
+        logger.info('Recovered blob directory %s: wrote the catalog rows '
+                    'of %d committed blobs from the commit log',
+                    fshelper.base_dir, len(rows))
