@@ -14,8 +14,11 @@ and nowhere else, so ``import zodbblob`` works without it.
 
 from __future__ import annotations
 
+import collections
+import http.client
 import logging
 import os
+import threading
 from collections.abc import Iterable, Iterator
 
 from zodbblob.objectstore.settings import ObjectStoreSettings
@@ -24,6 +27,7 @@ try:
     import boto3.session
     import botocore.config
     import botocore.exceptions
+    import urllib3.exceptions
     from boto3.s3.transfer import TransferConfig
 except ImportError as error:  # pragma: no cover - exercised without boto3
     raise ImportError(
@@ -44,6 +48,22 @@ ACCESS_DENIED = frozenset({
     'InvalidToken', 'ExpiredToken', '403'})
 NO_SUCH_BUCKET = frozenset({'NoSuchBucket'})
 NO_SUCH_KEY = frozenset({'NoSuchKey', '404', 'NotFound'})
+# What an If-Match that no longer holds is answered with: the object
+# was replaced between two tries of one download.
+CHANGED = frozenset({'PreconditionFailed', '412'})
+# A download reads the body in pieces of this size.
+READ_SIZE = 1 << 20
+# What reading a GetObject body raises when the body breaks: botocore's
+# wrappings of urllib3's (a reset, a read timeout, a body shorter than
+# its Content-Length), and urllib3's or http.client's own where botocore
+# lets them through.
+BODY_CUTS = (
+    botocore.exceptions.HTTPClientError,
+    botocore.exceptions.IncompleteReadError,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    ConnectionError,
+)
 
 
 class ObjectStoreError(Exception):
@@ -105,9 +125,34 @@ class Bucket:
         self.transfer_config = TransferConfig(
             multipart_threshold=MULTIPART_THRESHOLD,
             multipart_chunksize=MULTIPART_THRESHOLD)
+        # Requests by operation name, every try counted: botocore emits
+        # before-send once per try (its retries included), where
+        # before-call comes once per call however often it is tried.
+        # ``transferred`` counts bytes: ``'up'`` the bodies sent (each
+        # try), ``'down'`` the GetObject bodies `download` read.
+        self.requests = collections.Counter()
+        self.transferred = collections.Counter()
+        self._counting = threading.Lock()
+        self.client.meta.events.register(
+            'before-send.s3', self._count_request,
+            unique_id=f'zodbblob-count-{id(self)}')
 
     def __repr__(self):
         return f'<Bucket {self.name!r} at {self.endpoint}>'
+
+    def _count_request(self, request, event_name: str, **kwargs):
+        operation = event_name.rsplit('.', 1)[-1]
+        length = int(request.headers.get('Content-Length') or 0)
+        # Counter's += is a read and a write: the lock keeps the threads
+        # of a multipart upload (and of the storage's vote) from losing
+        # counts.
+        with self._counting:
+            self.requests[operation] += 1
+            self.transferred['up'] += length
+
+    def _count_down(self, length: int):
+        with self._counting:
+            self.transferred['down'] += length
 
     def error(self, what: str, error: Exception, key: str | None = None,
               missing: type[ObjectStoreError] = ObjectStoreError
@@ -147,6 +192,8 @@ class Bucket:
                 error, botocore.exceptions.ConnectTimeoutError)
                 else settings.read_timeout)
             return f'timed out after {tries} of {limit} s each', None
+        if isinstance(error, botocore.exceptions.ConnectionClosedError):
+            return f'connection closed before an answer, after {tries}', None
         if isinstance(error, botocore.exceptions.EndpointConnectionError):
             return f'cannot connect to {self.endpoint} after {tries}', None
         if isinstance(error, botocore.exceptions.NoCredentialsError):
@@ -170,30 +217,42 @@ class Bucket:
         once; the object appears whole or not at all (S3 makes an
         object visible only when its upload completes).
         """
+        # The file is opened apart from the transfer: botocore's timeouts
+        # are OSErrors too (through requests' exceptions), and must not
+        # read as the file's.
         try:
-            with open(path, 'rb') as f:
-                size = os.fstat(f.fileno()).st_size
-                self.client.upload_fileobj(
-                    f, self.name, key, Config=self.transfer_config)
+            f = open(path, 'rb')
         except OSError as error:
             raise ObjectStoreError(
                 f'upload {path} to', self.name, self.endpoint,
                 error.strerror or str(error), key) from error
-        except Exception as error:
-            raise self.error(f'upload {path} to', error, key) from error
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            try:
+                self.client.upload_fileobj(
+                    f, self.name, key, Config=self.transfer_config)
+            except Exception as error:
+                raise self.error(f'upload {path} to', error, key) from error
         return size
 
-    def download(self, key: str, path: str) -> None:
+    def download(self, key: str, path: str) -> int:
         """Write the object `key` to the new file `path`, and nothing
-        else: the caller gives a temporary name and renames it when this
-        returns (readers never see partial bytes).  On failure `path` is
-        removed.  A missing key raises `ObjectMissing`.
+        else; return its size.  The caller gives a temporary name and
+        renames it when this returns (readers never see partial bytes).
+        On failure `path` is removed.  A missing key raises
+        `ObjectMissing`.
+
+        A body that breaks (a reset, a read timeout, a server gone, a
+        body shorter than its Content-Length) is asked for again, up to
+        ``attempts`` GetObjects in all, from the bytes already written
+        (a Range request) if the object is the one begun (If-Match its
+        ETag), else from the start; botocore retries each GetObject
+        that gets no answer, as any request.
         """
         try:
             with open(path, 'wb') as f:
                 try:
-                    self.client.download_fileobj(
-                        self.name, key, f, Config=self.transfer_config)
+                    return self._fetch(key, path, f)
                 except BaseException:
                     os.unlink(path)
                     raise
@@ -201,9 +260,83 @@ class Bucket:
             raise ObjectStoreError(
                 f'download to {path}', self.name, self.endpoint,
                 error.strerror or str(error), key) from error
-        except Exception as error:
-            raise self.error(f'download to {path}', error, key,
-                             ObjectMissing) from error
+
+    def _fetch(self, key: str, path: str, f) -> int:
+        """The GetObjects of `download`, into the open file `f`."""
+        written = 0
+        size = etag = None
+        tries = 0
+        cut_at = None  # (bytes written, size) at the last cut
+        while True:
+            tries += 1
+            request = {'Bucket': self.name, 'Key': key}
+            if etag is not None:
+                request['IfMatch'] = etag
+                if written:
+                    request['Range'] = f'bytes={written}-'
+            try:
+                response = self.client.get_object(**request)
+            except Exception as error:
+                if etag is not None and self.code(error) in CHANGED:
+                    # Replaced since the first try: what is written is
+                    # of another object.  Start over, on the new one.
+                    logger.debug('download of %r: the object changed; '
+                                 'starting over', key)
+                    f.seek(0)
+                    f.truncate()
+                    written = 0
+                    size = etag = None
+                    if tries < self.settings.attempts:
+                        continue
+                cause, error_class = self.describe(error, key)
+                if cut_at is not None:
+                    cause = (f'{cause}, on try {tries} after a cut at '
+                             f'{cut_at[0]} of {cut_at[1]} bytes')
+                raise (error_class or ObjectStoreError)(
+                    f'download to {path}', self.name, self.endpoint,
+                    cause, key) from error
+            if etag is None:
+                etag, size = response['ETag'], response['ContentLength']
+            elif written and not response.get('ContentRange', '').startswith(
+                    f'bytes {written}-'):
+                # The Range was not honoured: the body is the whole
+                # object again.
+                f.seek(0)
+                f.truncate()
+                written = 0
+            cut = None
+            body = response['Body']
+            try:
+                while True:
+                    try:
+                        data = body.read(READ_SIZE)
+                    except BODY_CUTS as error:
+                        cut = error
+                        break
+                    if not data:
+                        break
+                    f.write(data)
+                    written += len(data)
+                    self._count_down(len(data))
+            finally:
+                body.close()
+            if written == size:
+                return size  # a break after the last byte cuts nothing
+            cut_at = (written, size)
+            logger.debug('download of %r: cut after %d of %d bytes '
+                         '(try %d): %r', key, written, size, tries, cut)
+            if written > size or tries >= self.settings.attempts:
+                raise ObjectStoreError(
+                    f'download to {path}', self.name, self.endpoint,
+                    f'cut after {written} of {size} bytes, {tries} tries',
+                    key) from cut
+
+    @staticmethod
+    def code(error: Exception) -> str:
+        """The S3 error code of a ClientError, else ``''``."""
+        if isinstance(error, botocore.exceptions.ClientError):
+            return str(error.response.get('Error', {}).get('Code', ''))
+        return ''
 
     def head(self, key: str) -> int | None:
         """The size of the object `key`, or None if there is none."""
