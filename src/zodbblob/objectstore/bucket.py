@@ -426,3 +426,31 @@ class Bucket:
                     yield item['Key'], item['Size']
         except Exception as error:
             raise self.error('list', error) from error
+
+    def abort_uploads(self, keys: Iterable[str]) -> int:
+        """Abort the unfinished multipart uploads to `keys`; return how
+        many.
+
+        A process killed while it uploaded a large file in parts leaves
+        the parts in the bucket (not an object: no listing shows them,
+        but they are stored) until someone aborts the upload.  One paged
+        listing of the unfinished uploads under the settings' prefix
+        (there are few: each is a killed upload), then an abort each.
+        """
+        keys = set(keys)
+        if not keys:
+            return 0
+        aborted = 0
+        pages = self.client.get_paginator('list_multipart_uploads').paginate(
+            Bucket=self.name, Prefix=self.settings.prefix)
+        try:
+            for page in pages:
+                for upload in page.get('Uploads', ()):
+                    if upload['Key'] in keys:
+                        self.client.abort_multipart_upload(
+                            Bucket=self.name, Key=upload['Key'],
+                            UploadId=upload['UploadId'])
+                        aborted += 1
+        except Exception as error:
+            raise self.error('abort the unfinished uploads in', error) from error
+        return aborted

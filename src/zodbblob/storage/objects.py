@@ -259,8 +259,10 @@ class ObjectStore:
         revision the base has: a ZEO client may have chosen the aborted
         tid again, and committed it since."""
         from zodbblob.storage.pack import base_has
-        self.delete([(oid, tid) for oid, tid in pairs
-                     if not base_has(self.base, oid, tid)])
+        doomed = [(oid, tid) for oid, tid in pairs
+                  if not base_has(self.base, oid, tid)]
+        self.delete(doomed)
+        self.bucket.abort_uploads(self.key(oid, tid) for oid, tid in doomed)
 
     def listed(self):
         """``(oid, tid, size)`` of every blob object under the prefix,
@@ -305,7 +307,10 @@ def recover_objects(shared, base, latest, in_catalog) -> None:
         if (oid, tid) in in_catalog:
             gone.append((oid, tid))
         kill_point('mid_recovery')
-    objects.delete(doomed)   # before the records go (the checkpoint)
+    # Before the records go (the checkpoint): the objects, and the parts
+    # of a large file whose upload the crash cut.
+    objects.delete(doomed)
+    objects.bucket.abort_uploads(objects.key(oid, tid) for oid, tid in doomed)
     shared.journal.add(rows)
     shared.journal.remove(gone)
     checkpoint(shared)

@@ -483,6 +483,34 @@ class KillTests(ObjectStoreTestCase):
                 self.kill_at(point, '--undo')
                 self.check()
 
+    def test_the_parts_of_a_cut_multipart_upload_are_aborted(self):
+        # Killed with its record durable, before its upload finished: as
+        # if it died in the middle of a large file's parts.
+        self.kill_at('after_upload_record')
+        from zodbblob.storage.commitlog import CommitLog
+        log = CommitLog(os.path.join(self.dir, 'blobs', '.zodbblob',
+                                     'commit.log'), read_only=True)
+        try:
+            record = log.records[-1]   # the killed transaction's
+        finally:
+            log.close()
+        tid = record.tid
+        key = blob_key(self.settings.prefix, record.entries[0].oid, tid)
+        client = self.bucket.client
+        upload = client.create_multipart_upload(
+            Bucket=self.settings.bucket, Key=key)
+        client.upload_part(Bucket=self.settings.bucket, Key=key,
+                           UploadId=upload['UploadId'], PartNumber=1,
+                           Body=b'x' * (5 << 20))
+        other = blob_key(self.settings.prefix, b'\0' * 7 + b'\1', tid)
+        client.create_multipart_upload(Bucket=self.settings.bucket,
+                                       Key=other + '.not-ours')
+        self.check()
+        left = client.list_multipart_uploads(
+            Bucket=self.settings.bucket).get('Uploads', [])
+        self.assertEqual([upload['Key'] for upload in left],
+                         [other + '.not-ours'])
+
     def test_kill_during_recovery_then_recover_again(self):
         self.kill_at('after_uploads:2')
         env = dict(os.environ, **{KILL_POINT_VARIABLE: 'after_object_delete'})
