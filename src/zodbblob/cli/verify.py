@@ -47,7 +47,7 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
 def verify_command(args: argparse.Namespace) -> int:
     record = args.record_checksums
     try:
-        storage = open_storage(args, read_only=not record, on_bucket=False)
+        storage = open_storage(args, read_only=not record)
     except (BlobDirectoryInUse, zc.lockfile.LockError) as e:
         # Only for writing: a read-only open takes no lock.
         print(f'{args.parser.prog}: error: the storage is in use by another '

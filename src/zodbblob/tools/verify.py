@@ -8,7 +8,8 @@ have the size the journal recorded, be readable, and be a regular file
 and hashed (``zodbblob.storage.digest``), and compared with the digest
 its catalog row recorded at commit; rows without one (a stock directory
 adopted, a catalog rebuilt from a scan) are counted, and given the digest
-just read when the storage is open for writing.  The commit log is judged as recovery
+just read when the storage is open for writing (``verifybucket.py``
+checks a storage on a bucket).  The commit log is judged as recovery
 would judge it: only a transaction whose files or catalog rows recovery
 would change is reported as unfinished; catalog rows that only the commit
 log holds (a process that ended without closing its storage, as Zope does
@@ -55,6 +56,7 @@ from zodbblob.layout import open_blob_file
 from zodbblob.storage import held_by_a_storage
 from zodbblob.tools.contents import Contents
 from zodbblob.tools.readahead import read_ahead
+from zodbblob.tools.verifybucket import check_bucket
 
 
 @dataclasses.dataclass
@@ -585,7 +587,11 @@ def verify(storage, checksum: bool = False,
     try:
         records.add(_blob_records(storage))
         report.records = records.count
-        _check_files(storage, report, records, checksum, progress)
+        if storage.object_store is not None:
+            check_bucket(storage, report, records, _Catalog(storage, True),
+                         _Digests(storage, report), checksum, progress)
+        else:
+            _check_files(storage, report, records, checksum, progress)
     finally:
         records.close()
     return report

@@ -1,0 +1,106 @@
+"""verify of a storage whose blobs live in a bucket (moto's S3 server,
+a real process on 127.0.0.1): the catalog and the base's records
+against a listing of the bucket, and with checksum, the objects' bytes."""
+
+import os
+import shutil
+import tempfile
+import unittest
+
+import ZODB
+from ZODB.blob import Blob
+
+from zodbblob.objectstore import blob_key
+from zodbblob.storage import open_filestorage
+from zodbblob.testing import S3_MISSING, S3_SERVER
+from zodbblob.tools.verify import verify
+
+if not S3_MISSING:
+    from zodbblob.objectstore import Bucket
+
+
+@unittest.skipIf(S3_MISSING, S3_MISSING)
+class VerifyBucketTests(unittest.TestCase):
+
+    layer = S3_SERVER
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix='zodbblob-verify-bucket-')
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.settings = self.layer.make_bucket(prefix='site')
+        self.bucket = Bucket(self.settings)
+        self.addCleanup(self.bucket.client.close)
+        db = ZODB.DB(self.open())
+        self.oids = {}
+        for name in ('a', 'b', 'c'):
+            with db.transaction() as connection:
+                connection.root()[name] = Blob(name.encode() * 1000)
+        self.tids = {}
+        with db.transaction() as connection:
+            for name in 'abc':
+                connection.root()[name]._p_activate()
+                self.oids[name] = connection.root()[name]._p_oid
+                self.tids[name] = connection.root()[name]._p_serial
+        db.close()
+
+    def open(self, read_only=False):
+        return open_filestorage(os.path.join(self.dir, 'Data.fs'),
+                                os.path.join(self.dir, 'blobs'),
+                                object_store=self.settings,
+                                read_only=read_only)
+
+    def key(self, name):
+        return blob_key(self.settings.prefix, self.oids[name],
+                        self.tids[name])
+
+    def verify(self, checksum=False, read_only=True):
+        storage = self.open(read_only=read_only)
+        try:
+            return verify(storage, checksum=checksum)
+        finally:
+            storage.close()
+
+    def put(self, key, data):
+        self.bucket.client.put_object(Bucket=self.settings.bucket, Key=key,
+                                      Body=data)
+
+    def test_a_clean_bucket(self):
+        report = self.verify(checksum=True)
+        self.assertTrue(report.clean, report.lines())
+        self.assertEqual((report.records, report.files), (3, 3))
+        self.assertEqual(report.unrecorded, 0)
+        self.assertIn('3 blob records, 3 blob files, clean',
+                      report.lines()[-1])
+
+    def test_missing_orphaned_and_resized_objects(self):
+        self.bucket.delete([self.key('a')])
+        self.put(self.key('b'), b'short')
+        stray = blob_key(self.settings.prefix, b'\0' * 7 + b'\x63',
+                         self.tids['c'])
+        self.put(stray, b'nobody')
+        self.put(self.settings.prefix + 'notes.txt', b'not a blob')
+        report = self.verify()
+        self.assertFalse(report.clean)
+        bucket = f's3://{self.settings.bucket}/'
+        self.assertEqual(report.missing, [
+            (self.oids['a'], self.tids['a'], bucket + self.key('a'))])
+        self.assertEqual(sorted(report.orphans), sorted([
+            bucket + stray, bucket + self.settings.prefix + 'notes.txt']))
+        self.assertEqual(report.size_mismatches,
+                         [(bucket + self.key('b'), 1000, 5)])
+
+    def test_a_same_size_corruption_is_found_by_checksum_only(self):
+        self.put(self.key('c'), b'x' * 1000)
+        self.assertTrue(self.verify().clean)
+        report = self.verify(checksum=True)
+        [(oid, tid, where, expected, actual)] = report.checksum_mismatches
+        self.assertEqual((oid, tid), (self.oids['c'], self.tids['c']))
+        self.assertTrue(where.endswith(self.key('c')))
+        self.assertIn('checksum mismatch', '\n'.join(report.lines()))
+        # The temporary files of the downloads are gone.
+        self.assertEqual(os.listdir(os.path.join(self.dir, 'blobs', 'tmp')),
+                         [])
+
+
+def test_suite():
+    return unittest.defaultTestLoader.loadTestsFromName(__name__)

@@ -1,0 +1,87 @@
+"""Check a storage whose blobs live in a bucket (``storage/objects.py``).
+
+The same questions as ``verify.py`` asks of a blob directory, asked of
+the bucket: every blob record of the base must have its object, every
+object under the prefix must belong to a record, every object must have
+the size its catalog row recorded; with ``checksum``, every object is
+downloaded (into a temporary file, removed after) and hashed, and
+compared with the digest its row recorded at commit (rows without one
+are counted, and given it when the storage is open for writing).
+
+Streamed as verify streams a directory: the base's records in a
+temporary table on disk, struck off as the listing of the bucket goes
+by, one page (ListObjectsV2, 1,000 keys) at a time; the catalog's rows
+read beside it in ``(oid, tid)`` order, which is the keys' order (oid
+and tid in fixed-width hex).  A key under the prefix that is not a blob
+key is reported as an orphan too: nothing refers to it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from zodbblob.objectstore import parse_blob_key
+from zodbblob.storage.digest import digest_file
+
+
+def check_bucket(storage, report, records, catalog, digests, checksum: bool,
+                 progress) -> None:
+    """Fill `report` (a ``verify.Report``) for the storage on a bucket:
+    `records` (``verify._Records``) holds the base's blob records,
+    `catalog` and `digests` are verify's ``_Catalog`` (closed here) and
+    ``_Digests``."""
+    try:
+        _check(storage, report, records, catalog.sizes(), digests, checksum,
+               progress)
+    finally:
+        catalog.close()
+
+
+def _check(storage, report, records, catalog, digests, checksum,
+           progress) -> None:
+    objects = storage.object_store
+    prefix = objects.settings.prefix
+    seen_up_to = storage.base.lastTransaction()
+    total = report.records
+    for done, (key, size) in enumerate(objects.bucket.iter_keys(prefix), 1):
+        report.files = done
+        where = f's3://{objects.settings.bucket}/{key}'
+        parsed = parse_blob_key(prefix, key)
+        if parsed is None:
+            report.orphans.append(where)
+            continue
+        oid, tid = parsed
+        if not records.strike(oid, tid) and tid <= seen_up_to:
+            report.orphans.append(where)
+        row = catalog.get(oid, tid)
+        if row is not None and row[2] != size:
+            report.size_mismatches.append((where, row[2], size))
+        if checksum and row is not None:
+            actual = _download_digest(storage, objects, key, where, report)
+            if actual is not None:
+                digests.compare(row, where, actual, size)
+        if progress is not None:
+            progress(done, max(total, done))
+    digests.record()
+    for oid, tid in records.left():
+        report.missing.append(
+            (oid, tid, f's3://{objects.settings.bucket}/{objects.key(oid, tid)}'))
+
+
+def _download_digest(storage, objects, key, where, report) -> bytes | None:
+    """The digest of the object `key`, read through a temporary file in
+    the blob directory's ``tmp``; None (and an unreadable line) if it
+    cannot be read."""
+    fd, path = tempfile.mkstemp(prefix='verify-', suffix='.blob',
+                                dir=storage.fshelper.temp_dir)
+    os.close(fd)
+    try:
+        objects.bucket.download(key, path)
+        return digest_file(path)
+    except (objects.failure, OSError) as e:
+        report.unreadable.append((where, str(e)))
+        return None
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
