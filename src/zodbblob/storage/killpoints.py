@@ -26,6 +26,8 @@ KILL_POINTS = (
     # an upload done; all done; a delete acknowledged.
     'after_upload_record', 'mid_upload', 'after_uploads',
     'after_object_delete',
+    # Moving a blob directory into a bucket and back (tools/bucketmove.py).
+    'mid_bucket_move', 'after_bucket_bind',
 )
 
 

@@ -1,0 +1,170 @@
+"""``zodbblob migrate SRC s3://BUCKET/PREFIX`` and back, through the
+command line, against moto's S3 server (a real process on 127.0.0.1):
+the blob files move into the bucket and back, resumably."""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import ZODB
+from ZODB.blob import Blob
+
+from zodbblob.storage import BlobStorageError, open_filestorage
+from zodbblob.storage.killpoints import KILL_POINT_VARIABLE
+from zodbblob.testing import S3_MISSING, S3_SERVER
+from zodbblob.tools.verify import verify
+
+if not S3_MISSING:
+    from zodbblob.objectstore import Bucket
+
+
+@unittest.skipIf(S3_MISSING, S3_MISSING)
+class BucketMoveTests(unittest.TestCase):
+
+    layer = S3_SERVER
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix='zodbblob-bucketmove-')
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.settings = self.layer.make_bucket(prefix='site')
+        self.url = f's3://{self.settings.bucket}/site'
+        self.bucket = Bucket(self.settings)
+        self.addCleanup(self.bucket.client.close)
+        self.blobs = os.path.join(self.dir, 'blobs')
+        db = ZODB.DB(self.open(object_store=None))
+        self.expected = {}
+        for number, size in enumerate((0, 100, 5000, 9 << 20, 7)):
+            data = os.urandom(size)
+            with db.transaction() as connection:
+                connection.root()[f'blob{number % 4}'] = Blob(data)
+        with db.transaction() as connection:
+            for name in ('blob0', 'blob1', 'blob2', 'blob3'):
+                blob = connection.root()[name]
+                with blob.open() as f:
+                    self.expected[name] = hashlib.sha256(f.read()).digest()
+        db.close()
+
+    def open(self, object_store='bucket'):
+        if object_store == 'bucket':
+            object_store = self.settings
+        return open_filestorage(os.path.join(self.dir, 'Data.fs'),
+                                self.blobs, object_store=object_store)
+
+    def migrate(self, *args, kill_point=None):
+        env = dict(os.environ, AWS_ACCESS_KEY_ID='testing',
+                   AWS_SECRET_ACCESS_KEY='testing')
+        env.pop(KILL_POINT_VARIABLE, None)
+        if kill_point:
+            env[KILL_POINT_VARIABLE] = kill_point
+        return subprocess.run(
+            [sys.executable, '-m', 'zodbblob.cli', 'migrate', '--quiet',
+             '--s3-endpoint-url', self.layer.endpoint_url,
+             '--s3-region', 'us-east-1', *args],
+            capture_output=True, text=True, timeout=300, env=env)
+
+    def local_files(self):
+        """The committed blob files in the layout (not the cache's, not
+        staging's)."""
+        found = []
+        for parent, dirs, names in os.walk(self.blobs):
+            dirs[:] = [name for name in dirs
+                       if name not in ('.zodbblob', 'tmp')]
+            found.extend(os.path.relpath(os.path.join(parent, name),
+                                         self.blobs)
+                         for name in names if name.endswith('.blob'))
+        return sorted(found)
+
+    def check(self, object_store='bucket'):
+        """Every blob reads back its bytes; verify is clean."""
+        db = ZODB.DB(self.open(object_store))
+        try:
+            with db.transaction() as connection:
+                for name, digest in self.expected.items():
+                    with connection.root()[name].open() as f:
+                        self.assertEqual(
+                            hashlib.sha256(f.read()).digest(), digest, name)
+            report = verify(db.storage, checksum=True)
+            self.assertTrue(report.clean, report.lines())
+            self.assertEqual(report.records, 5)
+        finally:
+            db.close()
+
+    def keys(self):
+        return sorted(key for key, size in self.bucket.iter_keys())
+
+    def test_into_the_bucket_and_back(self):
+        files = self.local_files()
+        self.assertEqual(len(files), 5)
+        done = self.migrate(self.blobs, self.url)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn(f'5 blobs moved into {self.url}/: 5 uploaded',
+                      done.stdout)
+        self.assertEqual(self.local_files(), [])
+        self.assertEqual(len(self.keys()), 5)
+        self.check()
+        with self.assertRaises(BlobStorageError):
+            self.open(object_store=None)
+        done = self.migrate(self.url, self.blobs)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn('5 downloaded', done.stdout)
+        self.assertEqual(self.local_files(), files)
+        self.assertFalse(os.path.exists(os.path.join(
+            self.blobs, '.zodbblob', 'cache')))
+        self.check(object_store=None)
+
+    def test_a_killed_move_is_finished_by_running_it_again(self):
+        for point in ('mid_bucket_move:2', 'after_bucket_bind'):
+            with self.subTest(point=point):
+                done = self.migrate(self.blobs, self.url, kill_point=point)
+                self.assertEqual(done.returncode, -9, done.stderr)
+                done = self.migrate(self.blobs, self.url)
+                self.assertEqual(done.returncode, 0, done.stderr)
+                self.assertEqual(self.local_files(), [])
+                self.check()
+                done = self.migrate(self.url, self.blobs, kill_point=point)
+                self.assertEqual(done.returncode, -9, done.stderr)
+                done = self.migrate(self.url, self.blobs)
+                self.assertEqual(done.returncode, 0, done.stderr)
+                self.check(object_store=None)
+        # Resumed, not started over: a key there with its size is kept.
+        done = self.migrate(self.blobs, self.url)
+        self.assertIn('5 there already', done.stdout)
+
+    def test_refusals_change_nothing(self):
+        files = self.local_files()
+        other = f's3://{self.layer.make_bucket().bucket}/x'
+        cases = [
+            ((self.blobs, self.url, '--layout', 'bushy'), '--layout'),
+            ((self.url, other), 'one of SRC and DST'),
+            ((self.url, self.blobs), 'in its own files'),
+            ((os.path.join(self.dir, 'nowhere'), self.url),
+             'not a blob directory'),
+            ((self.blobs, 's3://no-such-bucket-here/x'),
+             'no-such-bucket-here'),
+            ((self.blobs, f's3://{self.settings.bucket}/a/../b'), '..'),
+        ]
+        for args, said in cases:
+            with self.subTest(args=args):
+                done = self.migrate(*args)
+                self.assertEqual(done.returncode, 2, done.stderr)
+                self.assertIn(said, done.stderr)
+                self.assertEqual(len(done.stderr.strip().splitlines()), 1,
+                                 done.stderr)
+        self.assertEqual(self.local_files(), files)
+        self.assertEqual(self.keys(), [])
+        # A storage that did not close: refused too.
+        storage = self.open(object_store=None)
+        try:
+            done = self.migrate(self.blobs, self.url)
+            self.assertEqual(done.returncode, 2)
+        finally:
+            storage.close()
+        self.assertEqual(self.keys(), [])
+
+
+def test_suite():
+    return unittest.defaultTestLoader.loadTestsFromName(__name__)
