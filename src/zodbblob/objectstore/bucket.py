@@ -85,6 +85,12 @@ class ObjectStoreError(Exception):
             where = f'key {key!r} in {where}'
         super().__init__(f'cannot {what} {where} at {endpoint}: {cause}')
 
+    def __reduce__(self):
+        # Pickled whole (a ZEO server sends a client the error of its
+        # vote): Exception's own pickle passes only the message.
+        return type(self), (self.what, self.bucket, self.endpoint,
+                            self.cause, self.key)
+
 
 class ObjectMissing(ObjectStoreError):
     """The key asked for is not in the bucket."""

@@ -176,9 +176,10 @@ class BlobStorage:
                     # next open has no torn transaction to look for.
                     if shared.commit_log.open_one_sync:
                         shared.commit_log.mark_open_one_sync(False)
-                except (JournalError, OSError) as e:
+                except Exception as e:
                     # Nothing committed is lost: the commit log keeps the
-                    # transactions whose rows could not be written, and
+                    # transactions whose rows could not be written (or
+                    # whose aborted uploads a bucket did not delete), and
                     # the next open replays them.
                     logger.warning('Closed blob directory %s without a '
                                    'checkpoint (%s); the next open replays '

@@ -105,3 +105,24 @@ class UnreachableTests(unittest.TestCase):
             f"cannot look up key 'zodb/k' in bucket 'blobs' at {endpoint}: "
             f"timed out after 2 tries of 0.5 s each")
         self.assertEqual(len(sent), 2)
+
+
+@unittest.skipIf(S3_MISSING, S3_MISSING)
+class PickleTests(unittest.TestCase):
+    """A ZEO server sends a client the error of its vote pickled: the
+    client must get the same error, not an unpickling failure."""
+
+    def test_errors_pickle_whole(self):
+        import pickle
+
+        from zodbblob.objectstore import ObjectMissing
+        for error in (ObjectStoreError('upload /x to', 'blobs',
+                                       'http://127.0.0.1:9', 'timed out',
+                                       'site/k'),
+                      ObjectMissing('download', 'blobs', 'http://h',
+                                    'no such key', 'k')):
+            copy = pickle.loads(pickle.dumps(error))
+            self.assertIs(type(copy), type(error))
+            self.assertEqual(str(copy), str(error))
+            self.assertEqual((copy.bucket, copy.key, copy.cause),
+                             (error.bucket, error.key, error.cause))

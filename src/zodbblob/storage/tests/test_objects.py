@@ -226,6 +226,43 @@ class CommitTests(ObjectStoreTestCase):
                 self.assertEqual(f.read(), b'kept')
             self.assertNotIn('lost', connection.root())
 
+    def test_uploads_an_abort_could_not_delete_are_deleted_later(self):
+        proxy = FaultProxy(tuple(self.layer.address))
+        proxy.start()
+        self.addCleanup(proxy.stop)
+        settings = dataclasses.replace(
+            self.settings,
+            endpoint_url=f'http://127.0.0.1:{proxy.address[1]}',
+            attempts=2)
+        db = self.open_db(object_store=settings)
+        with db.transaction() as connection:
+            connection.root()['kept'] = Blob(b'kept')
+        before = self.keys()
+
+        def refuse(**kwargs):
+            # The store goes down once the uploads are done.
+            proxy.mode = faults.error(503, 'SlowDown')
+            proxy.disconnect()
+        db.storage.object_store.bucket.client.meta.events.register(
+            'before-send.s3.DeleteObjects', refuse)
+        connection = db.open()
+        connection.root()['aborted'] = Blob(b'uploaded, then aborted')
+        transaction.get().join(FailingVote())
+        with self.assertLogs('zodbblob.storage', logging.WARNING) as logs:
+            with self.assertRaises(ValueError):
+                transaction.commit()
+            transaction.abort()
+            connection.close()
+            self.assertEqual(len(self.keys()), 2)
+            db.close()   # its checkpoint cannot delete either: no raise
+        said = '\n'.join(logs.output)
+        self.assertIn('Could not delete the blob objects of aborted', said)
+        self.assertIn('without a checkpoint', said)
+        proxy.mode = faults.PASS
+        proxy.disconnect()
+        self.open_db(object_store=settings)   # recovery deletes them
+        self.assertEqual(self.keys(), before)
+
     def test_pack_deletes_the_garbage_in_one_request_and_lists_nothing(self):
         db = self.open_db()
         for number in range(30):
