@@ -65,27 +65,13 @@ class _IndexOfALiveServer(logging.Filter):
 
 
 def open_storage(args: argparse.Namespace, read_only: bool,
-                 dedup: bool = False, on_bucket: bool = True) -> BlobStorage:
+                 dedup: bool = False) -> BlobStorage:
     """The storage the arguments name; exits with a message if they don't.
 
     Nothing is created: a path that does not exist is an error here, not
     a new database.  `dedup` is for ``--data`` and ``--blob-dir`` (a
-    config file says it itself).  Unless `on_bucket`, a storage whose
-    blobs live in an object store is refused (the command reads blob
-    files, which are not there yet).
+    config file says it itself).
     """
-    storage = _open_storage_reading(args, read_only, dedup)
-    objects = getattr(storage, 'object_store', None)
-    if objects is not None and not on_bucket:
-        storage.close()
-        raise ToolError(
-            f'blob directory {storage.fshelper.base_dir} keeps its blobs '
-            f'in {objects.name}: this command does not work on an object '
-            f'store yet')
-    return storage
-
-
-def _open_storage_reading(args, read_only, dedup):
     if not read_only:
         return _open_storage(args, read_only, dedup)
     filestorage_logger = logging.getLogger('ZODB.FileStorage')

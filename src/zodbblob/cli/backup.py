@@ -78,7 +78,7 @@ def backup_command(args: argparse.Namespace) -> int:
     progress = Progress('backup', quiet=args.quiet)
     storage = None
     try:
-        storage = open_storage(args, read_only=True, on_bucket=False)
+        storage = open_storage(args, read_only=True)
         results = backup(storage, args.destination, full=args.full,
                          progress=progress)
     except BackupInterrupted as e:

@@ -174,12 +174,15 @@ def repair_pool(destination: str, snapshot: str, source, kill: _Kill
                 logger.warning('Pool file %s is missing or damaged: copying '
                                'it again from the source', path)
             staged = os.path.join(incoming, (oid + tid).hex())
+            blob = source.blob_path(oid, tid)
             try:
-                fd = source_tree.open(
-                    source.fshelper.getBlobFilename(oid, tid))
+                fd = source_tree.open(blob)
             except OSError:
+                if blob != source.fshelper.getBlobFilename(oid, tid):
+                    remove_if_exists(blob)
                 unrepaired[path] = None
                 continue
+            source.opened(blob)
             try:
                 info = os.fstat(fd)
                 copied = files.copy(fd, staged, stat.S_IMODE(info.st_mode),

@@ -11,6 +11,7 @@ through one file descriptor, so those bytes stay as they were, and tells
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import struct
 from collections.abc import Iterator
@@ -61,6 +62,37 @@ class _Source:
         opened = getattr(base, '_file', None) or self.file
         self._opened = _identity(os.fstat(opened.fileno()))
         self._writable = not storage.isReadOnly()
+        # A storage on a bucket (``storage/objects.py``): each blob is
+        # downloaded into the blob directory's ``tmp`` for the copy, and
+        # its name removed once open (not kept in the local cache).
+        self.objects = getattr(storage, 'object_store', None)
+        self._downloads = itertools.count()
+
+    def blob_path(self, oid: bytes, tid: bytes) -> str:
+        """Where the blob file of `tid` of `oid` can be opened: its name
+        in the blob directory, or a download of its object (a name that
+        is not there when the bucket has none).  Call `opened` once it
+        is open."""
+        path = self.fshelper.getBlobFilename(oid, tid)
+        if self.objects is None:
+            return path
+        download = os.path.join(
+            self.fshelper.temp_dir,
+            f'backup-{os.getpid()}-{next(self._downloads)}.blob')
+        try:
+            self.objects.bucket.download(self.objects.key(oid, tid),
+                                         download)
+        except self.objects.missing:
+            return path
+        except self.objects.failure as e:
+            raise BackupError(str(e)) from None
+        return download
+
+    def opened(self, path: str) -> None:
+        """`path`, from `blob_path`, is open: a download's name goes."""
+        if self.objects is not None and path.startswith(
+                self.fshelper.temp_dir):
+            os.remove(path)
 
     def packed(self) -> bool:
         """Whether Data.fs was packed since the storage was opened, or a

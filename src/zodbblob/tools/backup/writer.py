@@ -269,6 +269,19 @@ class _SnapshotWriter:
     def _source_path(self, oid: bytes, tid: bytes) -> str:
         return self.source.fshelper.getBlobFilename(oid, tid)
 
+    def _open_source(self, oid: bytes, tid: bytes) -> tuple[str, int]:
+        """The name of the blob file of `tid` of `oid` (as the messages
+        say it) and a descriptor of it (a bucket's: its download)."""
+        path = self.source.blob_path(oid, tid)
+        try:
+            fd = self.source_tree.open(path)
+        except BaseException:
+            if path != self._source_path(oid, tid):
+                remove_if_exists(path)
+            raise
+        self.source.opened(path)
+        return path, fd
+
     def _part(self, start: int, end: int, sha256: bytes | None) -> None:
         name = part_name(start, end)
         target = os.path.join(self.path, name)
@@ -310,7 +323,7 @@ class _SnapshotWriter:
                 return
         source = self._source_path(oid, tid)
         try:
-            fd = self.source_tree.open(source)
+            source, fd = self._open_source(oid, tid)
         except NotABlobFile as e:
             # Never followed nor read: a link may point at a file only
             # root may read, and a FIFO would block the backup for ever.
