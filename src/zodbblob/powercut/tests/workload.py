@@ -62,6 +62,21 @@ NOTE = 'powercut workload'
 PR_SET_PDEATHSIG = 1
 
 
+# The settings of a bucket (JSON) that the storage keeps its blobs in:
+# set by the parent for the power-cut tests on a bucket, inherited by the
+# workload (the bucket is outside the filesystem whose power goes).
+BUCKET_VARIABLE = 'ZODBBLOB_POWERCUT_BUCKET'
+
+
+def bucket_settings():
+    """The settings `BUCKET_VARIABLE` gives, or None."""
+    value = os.environ.get(BUCKET_VARIABLE)
+    if not value:
+        return None
+    from zodbblob.objectstore import ObjectStoreSettings
+    return ObjectStoreSettings(**json.loads(value))
+
+
 def open_database(directory: str, stock: bool = False,
                   one_sync: bool = False, dedup: bool = False) -> ZODB.DB:
     zodbblob.storage.commit.INLINE_LIMIT = INLINE_LIMIT
@@ -69,6 +84,9 @@ def open_database(directory: str, stock: bool = False,
     zodbblob.storage.commit.HELD_LIMIT = HELD_LIMIT
     path = os.path.join(directory, 'Data.fs')
     blobs = os.path.join(directory, 'blobs')
+    bucket = bucket_settings()
+    if bucket is not None:
+        return ZODB.DB(open_filestorage(path, blobs, object_store=bucket))
     if stock:
         return ZODB.DB(ZODB.FileStorage.FileStorage(path, blob_dir=blobs))
     if one_sync:
@@ -328,6 +346,10 @@ def run_child(argv: list[str], log_path: str) -> None:
 
 def main(argv: list[str]) -> None:
     workload, directory, report_path, seed = argv[:4]
+    if '--bucket' in argv:
+        # Given here, not inherited: a served workload is forked from a
+        # process started before the test chose its bucket.
+        os.environ[BUCKET_VARIABLE] = argv[argv.index('--bucket') + 1]
     rng = random.Random(int(seed))
     # A new Blob's bytes are written before it has a storage, to a
     # temporary file: on the database's filesystem, so that storeBlob
