@@ -2,57 +2,25 @@
 command line, against moto's S3 server (a real process on 127.0.0.1):
 the blob files move into the bucket and back, resumably."""
 
-import hashlib
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import unittest
 
-import ZODB
-from ZODB.blob import Blob
-
-from zodbblob.storage import BlobStorageError, open_filestorage
+from zodbblob.storage import BlobStorageError
 from zodbblob.storage.killpoints import KILL_POINT_VARIABLE
-from zodbblob.testing import S3_MISSING, S3_SERVER
-from zodbblob.tools.verify import verify
-
-if not S3_MISSING:
-    from zodbblob.objectstore import Bucket
+from zodbblob.testing import S3_MISSING
+from zodbblob.tools.tests.bucketstores import BUCKET, BucketStoreTestCase
 
 
 @unittest.skipIf(S3_MISSING, S3_MISSING)
-class BucketMoveTests(unittest.TestCase):
-
-    layer = S3_SERVER
+class BucketMoveTests(BucketStoreTestCase):
 
     def setUp(self):
-        self.dir = tempfile.mkdtemp(prefix='zodbblob-bucketmove-')
-        self.addCleanup(shutil.rmtree, self.dir, True)
-        self.settings = self.layer.make_bucket(prefix='site')
+        super().setUp()
         self.url = f's3://{self.settings.bucket}/site'
-        self.bucket = Bucket(self.settings)
-        self.addCleanup(self.bucket.client.close)
-        self.blobs = os.path.join(self.dir, 'blobs')
-        db = ZODB.DB(self.open(object_store=None))
-        self.expected = {}
-        for number, size in enumerate((0, 100, 5000, 9 << 20, 7)):
-            data = os.urandom(size)
-            with db.transaction() as connection:
-                connection.root()[f'blob{number % 4}'] = Blob(data)
-        with db.transaction() as connection:
-            for name in ('blob0', 'blob1', 'blob2', 'blob3'):
-                blob = connection.root()[name]
-                with blob.open() as f:
-                    self.expected[name] = hashlib.sha256(f.read()).digest()
-        db.close()
-
-    def open(self, object_store='bucket'):
-        if object_store == 'bucket':
-            object_store = self.settings
-        return open_filestorage(os.path.join(self.dir, 'Data.fs'),
-                                self.blobs, object_store=object_store)
+        self.fill([os.urandom(size) for size in (0, 100, 5000, 9 << 20, 7)],
+                  ['blob0', 'blob1', 'blob2', 'blob3'], object_store=None)
 
     def migrate(self, *args, kill_point=None):
         env = dict(os.environ, AWS_ACCESS_KEY_ID='testing',
@@ -78,20 +46,8 @@ class BucketMoveTests(unittest.TestCase):
                          for name in names if name.endswith('.blob'))
         return sorted(found)
 
-    def check(self, object_store='bucket'):
-        """Every blob reads back its bytes; verify is clean."""
-        db = ZODB.DB(self.open(object_store))
-        try:
-            with db.transaction() as connection:
-                for name, digest in self.expected.items():
-                    with connection.root()[name].open() as f:
-                        self.assertEqual(
-                            hashlib.sha256(f.read()).digest(), digest, name)
-            report = verify(db.storage, checksum=True)
-            self.assertTrue(report.clean, report.lines())
-            self.assertEqual(report.records, 5)
-        finally:
-            db.close()
+    def check(self, object_store=BUCKET):
+        super().check(self.open(object_store=object_store), records=5)
 
     def keys(self):
         return sorted(key for key, size in self.bucket.iter_keys())
