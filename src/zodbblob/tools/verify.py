@@ -42,7 +42,6 @@ from zodbblob.storage.commitlog import commit_log_path
 from zodbblob.storage.commitlog import latest_entries
 from zodbblob.storage.catalog import READ_BATCH
 from zodbblob.storage.catalog import journal_path
-from zodbblob.storage.catalog import pack_under_way
 from zodbblob.storage.dedup import same_bytes
 from zodbblob.storage.digest import DIGEST_NAME
 from zodbblob.storage.digest import digest_fd
@@ -56,7 +55,7 @@ from zodbblob.layout import open_blob_file
 from zodbblob.storage import held_by_a_storage
 from zodbblob.tools.contents import Contents
 from zodbblob.tools.readahead import read_ahead
-from zodbblob.tools.verifybucket import check_bucket
+from zodbblob.tools.verifybucket import check_bucket, packed_meanwhile
 
 
 @dataclasses.dataclass
@@ -160,16 +159,6 @@ def _links_staged(final: str, staged: str) -> bool:
                 or same_bytes(final, staged))
     except OSError:
         return True   # nothing recovery would compare: left as it is
-
-
-def _replaced(base) -> bool:
-    """Whether the base's file was replaced (a pack swaps in a new file)
-    since the base opened it."""
-    try:
-        return (os.fstat(base._file.fileno()).st_ino
-                != os.stat(base._file_name).st_ino)
-    except (AttributeError, OSError):
-        return False
 
 
 _UNFINISHED = {
@@ -565,7 +554,7 @@ def _walk(storage, report: Report, records: _Records, sizes: _Sizes,
         report.orphans = [path for path in report.orphans
                           if os.path.lexists(path)]
         if report.orphans or report.missing:
-            if pack_under_way(fshelper.base_dir) or _replaced(storage.base):
+            if packed_meanwhile(storage):
                 report.orphans, report.missing = [], []
                 report.packed_meanwhile = True
 

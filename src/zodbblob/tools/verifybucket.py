@@ -22,7 +22,12 @@ import os
 import tempfile
 
 from zodbblob.objectstore import parse_blob_key
+from zodbblob.storage import held_by_a_storage
+from zodbblob.storage.catalog import pack_under_way
 from zodbblob.storage.digest import digest_file
+
+# Keys a ListObjectsV2 page holds (the most the API gives).
+LIST_PAGE = 1000
 
 
 def check_bucket(storage, report, records, catalog, digests, checksum: bool,
@@ -44,7 +49,8 @@ def _check(storage, report, records, catalog, digests, checksum,
     prefix = objects.settings.prefix
     seen_up_to = storage.base.lastTransaction()
     total = report.records
-    for done, (key, size) in enumerate(objects.bucket.iter_keys(prefix), 1):
+    listing = objects.bucket.iter_keys(prefix, page_size=LIST_PAGE)
+    for done, (key, size) in enumerate(listing, 1):
         report.files = done
         where = f's3://{objects.settings.bucket}/{key}'
         parsed = parse_blob_key(prefix, key)
@@ -67,6 +73,27 @@ def _check(storage, report, records, catalog, digests, checksum,
     for oid, tid in records.left():
         report.missing.append(
             (oid, tid, f's3://{objects.settings.bucket}/{objects.key(oid, tid)}'))
+    # A pack beside us (a live storage's) deletes objects of records we
+    # read before it.
+    live = (not storage._shared.read_only) or held_by_a_storage(
+        storage.fshelper.base_dir)
+    if (report.orphans or report.missing) and live and packed_meanwhile(
+            storage):
+        report.orphans, report.missing = [], []
+        report.packed_meanwhile = True
+
+
+def packed_meanwhile(storage) -> bool:
+    """Whether a pack runs or ran since the storage's base was opened:
+    its intent is in the catalog, or it swapped in a new file."""
+    if pack_under_way(storage.fshelper.base_dir):
+        return True
+    base = storage.base
+    try:
+        return (os.fstat(base._file.fileno()).st_ino
+                != os.stat(base._file_name).st_ino)
+    except (AttributeError, OSError):
+        return False
 
 
 def _download_digest(storage, objects, key, where, report) -> bytes | None:

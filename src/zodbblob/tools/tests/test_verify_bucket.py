@@ -5,6 +5,7 @@ against a listing of the bucket, and with checksum, the objects' bytes."""
 import os
 import shutil
 import tempfile
+import time
 import unittest
 
 import ZODB
@@ -13,6 +14,7 @@ from ZODB.blob import Blob
 from zodbblob.objectstore import blob_key
 from zodbblob.storage import open_filestorage
 from zodbblob.testing import S3_MISSING, S3_SERVER
+from zodbblob.tools import verifybucket
 from zodbblob.tools.verify import verify
 
 if not S3_MISSING:
@@ -101,6 +103,30 @@ class VerifyBucketTests(unittest.TestCase):
         self.assertEqual(os.listdir(os.path.join(self.dir, 'blobs', 'tmp')),
                          [])
 
+    def test_a_pack_beside_a_verify_is_not_damage(self):
+        storage = self.open()   # the live storage, holding the lock
+        db = ZODB.DB(storage)
+        self.addCleanup(db.close)
+        with db.transaction() as connection:
+            connection.root()['c'] = Blob(b'the next revision')
+        reader = self.open(read_only=True)
+        self.addCleanup(reader.close)
+        # The pack runs once the listing has begun (a key a page): the
+        # records were read before it, the later pages after it.
+        self.patch(verifybucket, 'LIST_PAGE', 1)
+
+        def progress(done, total):
+            if done == 1:
+                db.pack(time.time() + 1)
+        report = verify(reader, progress=progress)
+        self.assertEqual((report.missing, report.orphans), ([], []))
+        self.assertTrue(report.packed_meanwhile)
+        self.assertIn('a pack ran beside this verify',
+                      '\n'.join(report.lines()))
+
+    def patch(self, module, name, value):
+        self.addCleanup(setattr, module, name, getattr(module, name))
+        setattr(module, name, value)
 
 def test_suite():
     return unittest.defaultTestLoader.loadTestsFromName(__name__)
