@@ -295,9 +295,11 @@ class ServeArgumentTests(TemporaryDirectory, unittest.TestCase):
                               ('--s3-region', 'eu-west-1'),
                               ('--s3-cache-size', '1GB')]:
             with self.subTest(option=option):
+                # Parsed, not run: without the refusal, main() would serve.
                 with self.assertRaises(SystemExit) as caught, \
                         _quiet_stderr() as stderr:
-                    main(['serve', '--var', 'served', option, value])
+                    s3_settings(make_parser().parse_args(
+                        ['serve', '--var', 'served', option, value]))
                 self.assertEqual(caught.exception.code, 2)
                 [line] = stderr.getvalue().splitlines()
                 self.assertIn(f'{option} needs --s3-bucket', line)
@@ -311,8 +313,9 @@ class ServeArgumentTests(TemporaryDirectory, unittest.TestCase):
             with self.subTest(option=option, value=value):
                 with self.assertRaises(SystemExit) as caught, \
                         _quiet_stderr() as stderr:
-                    main(['serve', '--var', 'served', '--s3-bucket', 'b',
-                          option, value])
+                    s3_settings(make_parser().parse_args(
+                        ['serve', '--var', 'served', '--s3-bucket', 'b',
+                         option, value]))
                 self.assertEqual(caught.exception.code, 2)
                 [line] = stderr.getvalue().splitlines()
                 self.assertIn(option, line)
