@@ -98,11 +98,16 @@ class BucketReader:
 
     def __init__(self, object_store):
         # boto3 is an extra: imported only by a client given a bucket.
-        from zodbblob.objectstore import Bucket, ObjectStoreError
+        from zodbblob.objectstore import (Bucket, ObjectStoreError,
+                                          ObjectStoreSettings)
         if isinstance(object_store, Bucket):
             self.bucket, self.owned = object_store, False
-        else:
+        elif isinstance(object_store, ObjectStoreSettings):
             self.bucket, self.owned = Bucket(object_store), True
+        else:
+            raise ClientStorageError(
+                'object_store %r: expected ObjectStoreSettings or a Bucket'
+                % (object_store,))
         self.prefix = self.bucket.settings.prefix
         self.missing_logged = False
         try:

@@ -24,7 +24,7 @@ from ZODB.POSException import StorageError
 import zodbblob.zeo
 from zodbblob.cli import format_address
 from zodbblob.faults import PASS, REFUSE, FaultProxy
-from zodbblob.objectstore import blob_key
+from zodbblob.objectstore import ObjectStoreSettings, blob_key
 from zodbblob.objectstore.tests.test_errors import REFUSING_S3_SERVER
 from zodbblob.testing import (S3_MISSING, S3_SERVER, ZEO_SERVER, _Layer,
                               free_port)
@@ -218,6 +218,38 @@ class BucketCheckedAtOpenTests(ClientTests, unittest.TestCase):
         endpoint = f'http://127.0.0.1:{free_port()}'
         self.assertRefused(self.layer.settings('any', endpoint_url=endpoint),
                            endpoint, 'cannot connect', attempts='1')
+
+
+# Nobody listens on port 1: were the bucket ever asked, the test fails.
+NOWHERE = ObjectStoreSettings('blobs', endpoint_url='http://127.0.0.1:1',
+                              attempts=1)
+
+
+class ObjectStoreArgumentTests(ClientTests, unittest.TestCase):
+    """zodbblob.zeo.ClientStorage's object_store, refused before
+    anything is made or connected to."""
+
+    def assertRefused(self, *fragments, **options):
+        with self.assertRaises(zodbblob.zeo.ClientStorageError) as caught:
+            zodbblob.zeo.ClientStorage(('127.0.0.1', 1), wait_timeout=1,
+                                       **options)
+        for fragment in fragments:
+            self.assertIn(fragment, str(caught.exception))
+        self.assertEqual(os.listdir(self.directory), [])
+
+    def test_without_blob_dir_it_is_refused(self):
+        self.assertRefused('object_store', 'blob_dir',
+                           object_store=NOWHERE)
+
+    def test_with_shared_blob_dir_it_is_refused(self):
+        self.assertRefused('shared_blob_dir', blob_dir=self.path('shared'),
+                           shared_blob_dir=True,
+                           object_store=NOWHERE)
+
+    @unittest.skipIf(S3_MISSING, S3_MISSING)
+    def test_what_is_no_settings_nor_bucket_is_refused(self):
+        self.assertRefused("'blobs'", 'ObjectStoreSettings',
+                           blob_dir=self.path('cache'), object_store='blobs')
 
 
 @unittest.skipIf(S3_MISSING, S3_MISSING)
