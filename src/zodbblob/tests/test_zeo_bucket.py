@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import unittest
 
 import ZODB.config
@@ -136,6 +137,27 @@ class BucketReadTests(ClientTests, unittest.TestCase):
         self.assertEqual(self.read(reader), b'the bucket copy')
         self.assertEqual(requests.counts['GetObject'], 1)
         self.assertEqual(storage.blob_cache.stats()['misses'], 1)
+
+    def test_readers_in_threads_download_a_blob_once(self):
+        oid, serial = self.commit(b'x' * 1_000_000)
+        self.put(oid, serial, b'y' * 1_000_000)
+        reader = self.open_reader()
+        requests = Requests(reader.storage.object_store.client)
+        start = threading.Barrier(4)
+        read = []
+
+        def read_in_a_thread():
+            start.wait()
+            read.append(self.read(reader))
+
+        threads = [threading.Thread(target=read_in_a_thread)
+                   for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(read, [b'y' * 1_000_000] * 4)
+        self.assertEqual(requests.counts['GetObject'], 1)
 
     def test_a_key_missing_from_the_bucket_falls_back_to_the_server(self):
         first = self.commit(b'first, from the server', 'first')
