@@ -27,8 +27,10 @@ from zodbblob.cli import format_address
 from zodbblob.faults import PASS, REFUSE, FaultProxy
 from zodbblob.objectstore import ObjectStoreSettings, blob_key
 from zodbblob.objectstore.tests.test_errors import REFUSING_S3_SERVER
+from zodbblob.objectstore.tests.test_zconfig import (NEEDS_STORAGE,
+                                                     OBJECT_STORE_STORAGE)
 from zodbblob.testing import (S3_MISSING, S3_SERVER, ZEO_SERVER, _Layer,
-                              free_port)
+                              ServerProcess, free_port, serve_command)
 
 if not S3_MISSING:
     from zodbblob.objectstore import Bucket
@@ -287,3 +289,54 @@ class WrongCredentialsAtOpenTests(ClientTests, unittest.TestCase):
         self.assertNotIn('\n', message)
         self.assertIn('access denied', message)
         self.assertEqual(os.listdir(self.directory), [])
+
+
+@unittest.skipIf(S3_MISSING, S3_MISSING)
+@unittest.skipUnless(OBJECT_STORE_STORAGE, NEEDS_STORAGE)
+class ServedBucketTests(ClientTests, unittest.TestCase):
+    """``zodbblob serve --s3-*`` commits blobs to the bucket, and a
+    client with <s3> reads them from there."""
+
+    layer = S3_SERVER
+
+    def test_a_client_reads_from_the_bucket_what_serve_committed(self):
+        settings = S3_SERVER.make_bucket(prefix='site')
+        address = ('127.0.0.1', free_port())
+        os.mkdir(self.path('server'))
+        # The credentials reach serve as they should: in its environment.
+        server = ServerProcess(
+            serve_command('--address', format_address(address),
+                          '--var', self.path('server', 'var'),
+                          '--s3-bucket', settings.bucket,
+                          '--s3-prefix', 'site',
+                          '--s3-endpoint-url', settings.endpoint_url,
+                          '--s3-region', settings.region,
+                          '--s3-cache-size', '10MB'),
+            address, cwd=self.path('server'),
+            log_path=self.path('server', 'server.log'),
+            env={'AWS_ACCESS_KEY_ID': settings.access_key_id,
+                 'AWS_SECRET_ACCESS_KEY': settings.secret_access_key})
+        server.start()
+        # Registered first, so run last: after the clients are closed.
+        self.addCleanup(self.assertStopsCleanly, server)
+        writer = self.open_db(address, f'blob-dir {self.path("writer")}')
+        with writer.transaction() as connection:
+            connection.root()['poster'] = Blob(b'POSTER' * 1000)
+        with writer.transaction() as connection:
+            poster = connection.root()['poster']
+            poster._p_activate()
+            key = blob_key(settings.prefix, poster._p_oid, poster._p_serial)
+        bucket = Bucket(settings)
+        self.addCleanup(bucket.client.close)
+        self.assertEqual(bucket.head(key), 6000)
+        reader = self.open_db(address, f'blob-dir {self.path("reader")}',
+                              *s3_lines(settings))
+        requests = Requests(reader.storage.object_store.client)
+        with reader.transaction() as connection:
+            with connection.root()['poster'].open() as f:
+                self.assertEqual(f.read(), b'POSTER' * 1000)
+        self.assertEqual(requests.counts['GetObject'], 1)
+
+    def assertStopsCleanly(self, server):
+        status = server.stop()
+        self.assertEqual(status, 0, server.output())

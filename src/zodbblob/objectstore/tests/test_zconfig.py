@@ -195,8 +195,11 @@ class OpenedStorageTests(TemporaryDirectory, unittest.TestCase):
             s3, keys='cache-size 10MB')).open())
         try:
             with db.transaction() as connection:
-                connection.root()['blob'] = blob = Blob(b'in the bucket')
-            oid, serial = blob._p_oid, blob._p_serial
+                connection.root()['blob'] = Blob(b'in the bucket')
+            with db.transaction() as connection:
+                blob = connection.root()['blob']
+                blob._p_activate()
+                oid, serial = blob._p_oid, blob._p_serial
         finally:
             db.close()
         bucket = Bucket(settings)
