@@ -39,18 +39,17 @@ left behind by an error that was known all along.
 from __future__ import annotations
 
 import io
-import math
 import os
 import re
 import stat
 
 import ZConfig
-import ZConfig.datatypes
 import ZODB.config
 from ZConfig import ConfigurationError
 from ZODB.config import BaseConfig
 
 from zodbblob.layout import LAYOUT_MARKER, LAYOUTS, read_marker
+from zodbblob.objectstore.zconfig import positive_seconds
 from zodbblob.storage import BlobStorage, check_state_layout
 from zodbblob.storage.commitlog import CommitLog, CommitLogError, commit_log_path
 from zodbblob.storage.filestorage import FileStorageOpener
@@ -238,6 +237,22 @@ class BlobStorageConfig(BaseConfig):
                 f'{" in ".join(reversed(path))}: it has blob support of its '
                 f'own, blob-dir {other}; remove blob-dir from {path[-1]}')
         self._check_marker(config.blob_dir, config.layout)
+        self._check_cache_size(config)
+
+    @staticmethod
+    def _check_cache_size(config) -> None:
+        size = config.cache_size
+        if size is None:
+            return
+        if config.object_store is None:
+            raise ConfigurationError(
+                f'<zodbblob> (blob-dir {config.blob_dir}): cache-size {size} '
+                f'needs an <s3> section: it bounds the local copies of the '
+                f'blobs kept in a bucket')
+        if size < 0:
+            raise ConfigurationError(
+                f'<zodbblob> (blob-dir {config.blob_dir}): cache-size {size}: '
+                f'a size in bytes cannot be negative')
 
     @staticmethod
     def _check_marker(blob_dir: str, layout: str) -> None:
@@ -250,6 +265,17 @@ class BlobStorageConfig(BaseConfig):
             raise ConfigurationError(
                 f'layout {layout!r} selected for blob-dir {blob_dir}, but its '
                 f'marker {marker} names layout {marked!r}')
+
+    def _options(self) -> dict:
+        """The keyword arguments of the storage: the object store's only
+        with an ``<s3>`` section (a storage without one is opened as
+        before it existed)."""
+        config = self.config
+        options = {'scrub': config.scrub}
+        if config.object_store is not None:
+            options['object_store'] = config.object_store
+            options['cache_size'] = config.cache_size
+        return options
 
     def open(self):
         # Checked again when opened: the directory may have changed since
@@ -265,11 +291,11 @@ class BlobStorageConfig(BaseConfig):
                 create=bool(getattr(section.config, 'create', False)))
             return BlobStorage(self.config.blob_dir, opener,
                                self.config.layout, self.config.dedup,
-                               scrub=self.config.scrub)
+                               **self._options())
         base = section.open()
         try:
             return BlobStorage(self.config.blob_dir, base, self.config.layout,
-                               self.config.dedup, scrub=self.config.scrub)
+                               self.config.dedup, **self._options())
         except BaseException:
             # The base is ours until the wrapper exists: close it, or its
             # lock file outlives the error.
@@ -309,26 +335,11 @@ def read_only_blob_dir(value: str) -> str:
     return path
 
 
-_TIME_INTERVAL = ZConfig.datatypes.Registry().get('time-interval')
-
-
 def download_timeout(value: str) -> float:
     """ZConfig datatype of ``blob-download-timeout``: positive seconds,
     written as a number (``0.5``, ``300``) or as ZConfig's time-interval
     (``5m``, ``1h``)."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = float(_TIME_INTERVAL(value))
-        except ValueError:
-            seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(
-            f'blob-download-timeout {value!r}: expected a positive number '
-            f'of seconds (such as 300 or 0.5) or a time interval (such as '
-            f'5m or 1h)')
-    return seconds
+    return positive_seconds('blob-download-timeout', value)
 
 
 def _inside(path: str, directory: str) -> bool:
@@ -367,6 +378,12 @@ class ClientStorageConfig(BaseConfig):
             raise ConfigurationError(
                 f'{where}: blob-cache-size {size}: a size in bytes cannot '
                 f'be negative')
+        if config.object_store is not None and (
+                blob_dir is None or config.shared_blob_dir):
+            raise ConfigurationError(
+                f'{where}: <s3> (bucket {config.object_store.bucket!r}) '
+                f'needs a blob-dir with shared-blob-dir off: blobs read '
+                f'from the bucket are kept in the client\'s blob cache')
         check = config.blob_cache_size_check
         if check is not None and not 0 <= check < 100:
             raise ConfigurationError(
@@ -421,6 +438,8 @@ class ClientStorageConfig(BaseConfig):
             options['blob_cache_size_check'] = config.blob_cache_size_check
         if config.ssl is not None:
             options['ssl'], options['ssl_server_hostname'] = config.ssl
+        if config.object_store is not None:
+            options['object_store'] = config.object_store
         return ClientStorage(
             [server.address for server in config.server],
             storage=config.storage,

@@ -13,6 +13,15 @@ takes, plus:
     Seconds after which another process's unfinished download of a blob
     is taken over (default 300).
 
+``object_store``
+    The bucket the server's storage keeps committed blobs in (an
+    ``ObjectStoreSettings``, or a ``Bucket``; ``<s3>`` in a
+    ``<zodbblobclient>`` section).  A blob missing from the cache is
+    downloaded from the bucket into the cache, not sent by the server;
+    one the bucket does not have is sent by the server, as without it.
+    Writes still go through ZEO.  The bucket is checked when the client
+    opens.  Needs ``blob_dir``; not with ``shared_blob_dir``.
+
 With ``blob_dir`` (and no ``shared_blob_dir``) the cache is a
 ``zodbblob.cache.BlobCache``: an index of the cached files, eviction of the
 least recently used ones under ``blob_cache_size`` without walking the
@@ -54,7 +63,7 @@ import threading
 
 import ZEO.ClientStorage
 import ZODB.blob
-from ZODB.POSException import POSKeyError
+from ZODB.POSException import POSKeyError, StorageError
 
 from zodbblob.cache import BlobCache
 from zodbblob.storage.datamanager import TransactionDirectories
@@ -62,6 +71,7 @@ from zodbblob.layout import FilesystemHelper
 from zodbblob.layout import check_id
 from zodbblob.layout import read_marker
 from zodbblob.layout import remove_if_exists
+from zodbblob.objectstore import blob_key
 
 
 logger = logging.getLogger(__name__)
@@ -83,11 +93,69 @@ class _Download:
         self.received = False
 
 
+class BucketReader:
+    """Committed blobs read from the bucket of the server's storage."""
+
+    def __init__(self, object_store):
+        # boto3 is an extra: imported only by a client given a bucket.
+        from zodbblob.objectstore import (Bucket, ObjectStoreError,
+                                          ObjectStoreSettings)
+        if isinstance(object_store, Bucket):
+            self.bucket, self.owned = object_store, False
+        elif isinstance(object_store, ObjectStoreSettings):
+            self.bucket, self.owned = Bucket(object_store), True
+        else:
+            raise ClientStorageError(
+                'object_store %r: expected ObjectStoreSettings or a Bucket'
+                % (object_store,))
+        self.prefix = self.bucket.settings.prefix
+        self.missing_logged = False
+        try:
+            self.bucket.check()
+        except ObjectStoreError as e:
+            self.close()
+            raise StorageError(f'ZEO client object store: {e}') from None
+
+    def fetch(self, oid: bytes, serial: bytes, temp_path: str,
+              scratch_dir: str) -> bool:
+        """Download the blob into `temp_path`; False if the bucket does
+        not have it.  Any other failure is one line of StorageError."""
+        from zodbblob.objectstore import ObjectMissing, ObjectStoreError
+        key = blob_key(self.prefix, oid, serial)
+        # Downloaded beside, then renamed over the cache's claim file:
+        # that file must exist while the claim holds (a claim without it
+        # is taken over), and a download that fails removes its file.  A
+        # crash leaves it in the process directory, swept at next open.
+        part = os.path.join(scratch_dir, 'bucket-%d.blob' % next(_names))
+        try:
+            self.bucket.download(key, part)
+        except ObjectMissing:
+            if not self.missing_logged:
+                self.missing_logged = True
+                logger.warning(
+                    'Blob key %r is not in bucket %r: blobs the bucket does '
+                    'not have are sent by the ZEO server (a wrong prefix '
+                    'shows as this; logged once)', key, self.bucket.name)
+            return False
+        except ObjectStoreError as e:
+            raise StorageError(
+                f'Cannot read blob oid {oid.hex()} serial {serial.hex()}: '
+                f'key {key!r} in bucket {e.bucket!r} at {e.endpoint}: '
+                f'{e.cause}') from None
+        os.replace(part, temp_path)
+        return True
+
+    def close(self):
+        if self.owned:
+            self.bucket.client.close()
+
+
 class ClientStorage(ZEO.ClientStorage.ClientStorage):
     """ZEO's ClientStorage with zodbblob's blob cache."""
 
     def __init__(self, addr, *args, read_only_blob_dir: str | None = None,
-                 blob_download_timeout: float = 300.0, **kw):
+                 blob_download_timeout: float = 300.0, object_store=None,
+                 **kw):
         bound = _ZEO_PARAMETERS.bind(self, addr, *args, **kw)
         bound.apply_defaults()
         options = bound.arguments
@@ -114,6 +182,17 @@ class ClientStorage(ZEO.ClientStorage.ClientStorage):
                     'not yet visible there are downloaded into it'
                     % read_only_blob_dir)
             read_only_blob_dir = self._check_read_only_dir(read_only_blob_dir)
+        if object_store is not None and (blob_dir is None or shared):
+            raise ClientStorageError(
+                'object_store %r needs a blob_dir with shared_blob_dir off: '
+                'blobs read from the bucket are kept in the blob cache'
+                % (object_store,))
+        # Checked before anything is made: a bucket that cannot be read
+        # leaves no blob directory behind.
+        self._bucket_reader = (BucketReader(object_store)
+                               if object_store is not None else None)
+        self.object_store = (self._bucket_reader.bucket
+                             if self._bucket_reader is not None else None)
         self._blob_cache = self.blob_cache = None
         self._downloads: dict[tuple[bytes, bytes], _Download] = {}
         self._downloads_lock = threading.Lock()
@@ -145,6 +224,8 @@ class ClientStorage(ZEO.ClientStorage.ClientStorage):
         try:
             super().__init__(**arguments, **extra)
         except BaseException:
+            if self._bucket_reader is not None:
+                self._bucket_reader.close()
             if self._blob_cache is not None:
                 self._blob_cache.close()
                 self._directories.remove()
@@ -236,7 +317,12 @@ class ClientStorage(ZEO.ClientStorage.ClientStorage):
             counted)
 
     def _fetch(self, oid: bytes, serial: bytes, temp_path: str) -> None:
-        """Have the server send the blob into `temp_path`."""
+        """Download the blob into `temp_path`: from the bucket if there
+        is one and it has the blob, else sent by the server."""
+        if self._bucket_reader is not None and self._bucket_reader.fetch(
+                oid, serial, temp_path,
+                self._directories.process_directory()):
+            return
         key = (oid, serial)
         download = _Download(temp_path)
         with self._downloads_lock:
@@ -388,6 +474,8 @@ class ClientStorage(ZEO.ClientStorage.ClientStorage):
         try:
             super().close()
         finally:
+            if self._bucket_reader is not None:
+                self._bucket_reader.close()
             if self._blob_cache is not None:
                 self._blob_cache.close()
                 self._directories.remove()

@@ -25,6 +25,7 @@ database moves between them without a word of configuration.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import ipaddress
 import logging
@@ -39,6 +40,8 @@ import ZEO.runzeo
 import ZODB.config
 
 from zodbblob.layout import LAYOUTS
+from zodbblob.objectstore import ObjectStoreSettings
+from zodbblob.objectstore.settings import normalise_prefix
 from zodbblob.server import create_server
 from zodbblob.storage import BlobStorage, BlobStorageError
 
@@ -105,14 +108,40 @@ def _zconfig_value(text: str) -> str:
     return text.replace('$', '$$')
 
 
+def s3_section(settings: ObjectStoreSettings, indent: str = '  ') -> str:
+    """The ``<s3>`` section that loads as `settings`: every field that
+    is not its default, under its key (``endpoint_url``: endpoint-url)."""
+    lines = [f'{indent}<s3>\n']
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if value == field.default:
+            continue
+        key = field.name.replace('_', '-')
+        lines.append(f'{indent}  {key} {_zconfig_value(str(value))}\n')
+    lines.append(f'{indent}</s3>\n')
+    return ''.join(lines)
+
+
 def serve_config(address: tuple[str, int] = (DEFAULT_HOST, DEFAULT_PORT),
                  var: str = DEFAULT_VAR, layout: str = AUTOMATIC,
-                 dedup: bool = False) -> str:
+                 dedup: bool = False, *,
+                 object_store: ObjectStoreSettings | None = None,
+                 cache_size: int | None = None) -> str:
     """The zeo.conf that ``zodbblob serve`` runs when given no --config
-    (with `dedup`, its ``<zodbblob>`` section says ``dedup on``)."""
+    (with `dedup`, its ``<zodbblob>`` section says ``dedup on``; with
+    `object_store`, it has an ``<s3>`` section and `cache_size`, if not
+    None, as ``cache-size``)."""
     var = os.path.abspath(var)
     blob_dir = _zconfig_value(os.path.join(var, BLOB_DIR))
     data_fs = _zconfig_value(os.path.join(var, DATA_FS))
+    s3 = ''
+    if object_store is not None:
+        s3 = s3_section(object_store)
+        if cache_size is not None:
+            s3 = f'  cache-size {cache_size}\n' + s3
+    elif cache_size is not None:
+        raise ValueError('cache_size bounds the local copies of the blobs '
+                         'in a bucket: it needs an object_store')
     return (
         '%import zodbblob\n'
         '\n'
@@ -127,6 +156,7 @@ def serve_config(address: tuple[str, int] = (DEFAULT_HOST, DEFAULT_PORT),
         '  <filestorage>\n'
         f'    path {data_fs}\n'
         '  </filestorage>\n'
+        + s3 +
         '</zodbblob>\n')
 
 
@@ -272,6 +302,49 @@ def old_places(var: str) -> list[str]:
             if os.path.lexists(os.path.join(var, name))]
 
 
+S3_OPTIONS = ('s3_prefix', 's3_endpoint_url', 's3_region', 's3_cache_size')
+_BYTE_SIZE = ZConfig.datatypes.Registry().get('byte-size')
+
+
+def _s3_prefix(text: str) -> str:
+    try:
+        return normalise_prefix(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f'{text!r} must not start with / nor have a .. part') from None
+
+
+def _byte_size(text: str) -> int:
+    try:
+        size = _BYTE_SIZE(text)
+    except ValueError:
+        size = -1
+    if size < 0:
+        raise argparse.ArgumentTypeError(
+            f'{text!r} is not a size in bytes (such as 2GB, 500MB or '
+            f'1000000)')
+    return size
+
+
+def s3_settings(args: argparse.Namespace) -> ObjectStoreSettings | None:
+    """The settings the --s3-* options give; None without --s3-bucket,
+    when any other --s3-* is an error (`args.parser`'s, one line)."""
+    if args.s3_bucket is None:
+        given = [name for name in S3_OPTIONS
+                 if getattr(args, name) is not None]
+        if given:
+            args.parser.error(
+                f'--{given[0].replace("_", "-")} needs --s3-bucket: the '
+                f'--s3-* options configure a bucket')
+        return None
+    try:
+        return ObjectStoreSettings(
+            args.s3_bucket, prefix=args.s3_prefix or '',
+            endpoint_url=args.s3_endpoint_url, region=args.s3_region)
+    except ValueError as e:
+        args.parser.error(str(e))
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         f'Run a ZEO server.  Without --config it serves a FileStorage at '
@@ -293,6 +366,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         '--dedup', action='store_true',
         help='store a blob whose bytes equal a stored file\'s as a hard '
              'link to it (dedup on in the <zodbblob> section)')
+    s3 = parser.add_argument_group(
+        'object store',
+        'Keep committed blobs in an S3-API bucket (<s3> in the '
+        '<zodbblob> section).  Credentials come only from boto3\'s chain: '
+        'AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment, '
+        '~/.aws (AWS_PROFILE), an instance role; never from the command '
+        'line, where other users see them.')
+    s3.add_argument('--s3-bucket', metavar='NAME', help='the bucket')
+    s3.add_argument('--s3-prefix', metavar='PREFIX', type=_s3_prefix,
+                    help='put before every key (zodb/)')
+    s3.add_argument('--s3-endpoint-url', metavar='URL',
+                    help='the server (http://minio.example:9000); default '
+                         'AWS, or AWS_ENDPOINT_URL')
+    s3.add_argument('--s3-region', metavar='REGION',
+                    help='the bucket\'s region (eu-west-1)')
+    s3.add_argument('--s3-cache-size', metavar='SIZE', type=_byte_size,
+                    help='the most bytes of local copies kept in the blob '
+                         'directory (2GB, 500MB)')
     parser.add_argument(
         '--config', metavar='ZEO.CONF',
         help='run this ZEO server configuration instead (use %%import '
@@ -302,10 +393,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def serve_command(args: argparse.Namespace) -> int:
     if args.config is not None:
-        if args.var is not None or args.layout is not None or args.dedup:
-            args.parser.error('--var, --layout and --dedup configure the '
-                              'default storage; with --config, the file '
-                              'does (dedup on in its <zodbblob> section)')
+        if (args.var is not None or args.layout is not None or args.dedup
+                or args.s3_bucket is not None
+                or any(getattr(args, name) is not None
+                       for name in S3_OPTIONS)):
+            args.parser.error('--var, --layout, --dedup and --s3-* '
+                              'configure the default storage; with '
+                              '--config, the file does (dedup on, <s3> in '
+                              'its <zodbblob> section)')
         try:
             make_storage_directories(args.config)
         except OSError as e:
@@ -317,6 +412,7 @@ def serve_command(args: argparse.Namespace) -> int:
             argv += ['-a', format_address(args.address)]
         options = ServeOptions()
     else:
+        object_store = s3_settings(args)
         var = os.path.abspath(
             args.var if args.var is not None else DEFAULT_VAR)
         if os.path.exists(var) and not os.path.isdir(var):
@@ -337,7 +433,9 @@ def serve_command(args: argparse.Namespace) -> int:
         os.makedirs(os.path.dirname(os.path.join(var, DATA_FS)),
                     exist_ok=True)
         text = serve_config(args.address or (DEFAULT_HOST, DEFAULT_PORT),
-                            var, args.layout or AUTOMATIC, args.dedup)
+                            var, args.layout or AUTOMATIC, args.dedup,
+                            object_store=object_store,
+                            cache_size=args.s3_cache_size)
         argv = []
         options = ConfigTextOptions(text, '<zodbblob serve defaults>')
     options.realize(argv, progname=args.parser.prog)

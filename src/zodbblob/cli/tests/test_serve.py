@@ -19,8 +19,9 @@ import ZODB
 import ZODB.FileStorage
 
 import zodbblob
-from zodbblob.cli import main
-from zodbblob.cli.serve import parse_address, serve_config
+from zodbblob.cli import main, make_parser
+from zodbblob.cli.serve import parse_address, s3_settings, serve_config
+from zodbblob.objectstore import ObjectStoreSettings
 from zodbblob.storage.catalog import Journal
 from zodbblob.testing import (
     ZEO_SERVER,
@@ -254,6 +255,85 @@ class ServeArgumentTests(TemporaryDirectory, unittest.TestCase):
                     main(['serve', '--address', text])
                 self.assertEqual(caught.exception.code, 2)
                 self.assertIn(repr(text), stderr.getvalue())
+
+    def s3_config(self, *argv):
+        """The zeo.conf `serve ARGV` would run, loaded by ZEO's schema."""
+        args = make_parser().parse_args(['serve', *argv])
+        os.makedirs('var/filestorage', exist_ok=True)
+        schema = ZConfig.loadSchema(
+            os.path.join(os.path.dirname(ZEO.__file__), 'schema.xml'))
+        text = serve_config(object_store=s3_settings(args),
+                            cache_size=args.s3_cache_size)
+        config, _ = ZConfig.loadConfigFile(schema, io.StringIO(text))
+        [storage] = config.storages
+        return storage.config
+
+    def test_s3_options_reach_the_s3_section_of_the_served_config(self):
+        config = self.s3_config(
+            '--s3-bucket', 'zodb-blobs', '--s3-prefix', 'site$1',
+            '--s3-endpoint-url', 'http://minio.example:9000',
+            '--s3-region', 'eu-west-1', '--s3-cache-size', '2GB')
+        self.assertEqual(config.object_store, ObjectStoreSettings(
+            'zodb-blobs', prefix='site$1/',
+            endpoint_url='http://minio.example:9000', region='eu-west-1'))
+        self.assertEqual(config.cache_size, 2 << 30)
+
+    def test_s3_bucket_alone_gives_a_section_of_the_bucket(self):
+        config = self.s3_config('--s3-bucket', 'zodb-blobs')
+        self.assertEqual(config.object_store,
+                         ObjectStoreSettings('zodb-blobs'))
+        self.assertIsNone(config.cache_size)
+
+    def test_without_s3_options_the_config_has_no_s3_section(self):
+        config = self.s3_config()
+        self.assertIsNone(config.object_store)
+        self.assertIsNone(config.cache_size)
+
+    def test_s3_options_without_s3_bucket_are_refused(self):
+        for option, value in [('--s3-prefix', 'zodb'),
+                              ('--s3-endpoint-url', 'http://minio:9000'),
+                              ('--s3-region', 'eu-west-1'),
+                              ('--s3-cache-size', '1GB')]:
+            with self.subTest(option=option):
+                # Parsed, not run: without the refusal, main() would serve.
+                with self.assertRaises(SystemExit) as caught, \
+                        _quiet_stderr() as stderr:
+                    s3_settings(make_parser().parse_args(
+                        ['serve', '--var', 'served', option, value]))
+                self.assertEqual(caught.exception.code, 2)
+                [line] = stderr.getvalue().splitlines()
+                self.assertIn(f'{option} needs --s3-bucket', line)
+                self.assertFalse(os.path.exists('served'))
+
+    def test_wrong_s3_values_are_refused_in_one_line(self):
+        for option, value in [('--s3-prefix', '/zodb'),
+                              ('--s3-prefix', 'a/../b'),
+                              ('--s3-cache-size', 'lots'),
+                              ('--s3-cache-size', '-1')]:
+            with self.subTest(option=option, value=value):
+                with self.assertRaises(SystemExit) as caught, \
+                        _quiet_stderr() as stderr:
+                    s3_settings(make_parser().parse_args(
+                        ['serve', '--var', 'served', '--s3-bucket', 'b',
+                         option, value]))
+                self.assertEqual(caught.exception.code, 2)
+                [line] = stderr.getvalue().splitlines()
+                self.assertIn(option, line)
+                self.assertIn(repr(value), line)
+                self.assertFalse(os.path.exists('served'))
+
+    def test_s3_options_with_config_are_refused(self):
+        with self.assertRaises(SystemExit) as caught, \
+                _quiet_stderr() as stderr:
+            main(['serve', '--config', 'zeo.conf', '--s3-bucket', 'b'])
+        self.assertEqual(caught.exception.code, 2)
+        self.assertIn('--s3-*', stderr.getvalue())
+
+    def test_help_says_credentials_come_from_the_environment(self):
+        text = make_parser()._subparsers._group_actions[0].choices[
+            'serve'].format_help()
+        self.assertIn('AWS_ACCESS_KEY_ID', ' '.join(text.split()))
+        self.assertNotIn('--s3-secret', text)
 
     def test_var_with_config_is_refused(self):
         with self.assertRaises(SystemExit) as caught, \
