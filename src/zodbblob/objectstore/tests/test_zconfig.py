@@ -1,7 +1,6 @@
 """The <s3> ZConfig section, in <zodbblob> and <zodbblobclient>, read
 from real configuration text by ZODB's schema."""
 
-import inspect
 import io
 import os
 import shutil
@@ -14,7 +13,6 @@ import ZODB.config
 import transaction
 from ZODB.blob import Blob
 
-import zodbblob
 from zodbblob.objectstore import ObjectStoreSettings
 from zodbblob.testing import S3_MISSING, S3_SERVER
 
