@@ -5,20 +5,23 @@ blob directory, as any ZEO server's), moto's S3-API server process, and
 clients opened from ZConfig text.  The tests put objects into the bucket
 themselves, under the key of a blob committed through the server, with
 bytes other than the server's: what a reader reads says where it came
-from.  Requests are counted with botocore's events on the client's
-bucket.
+from.  Requests are counted by the client's bucket (``Bucket.requests``).
 """
 
-import collections
 import dataclasses
 import logging
+import hashlib
 import os
+import subprocess
+import sys
 import shutil
 import tempfile
 import threading
+import time
 import unittest
 
 import ZODB.config
+from persistent.mapping import PersistentMapping
 from ZODB.blob import Blob
 from ZODB.POSException import StorageError
 
@@ -38,15 +41,10 @@ S3_AND_ZEO_SERVERS = _Layer('S3_AND_ZEO_SERVERS', __name__)
 S3_AND_ZEO_SERVERS.__bases__ = (S3_SERVER, ZEO_SERVER)
 
 
-class Requests:
-    """The S3 operations a client makes, by name, one per call."""
-
-    def __init__(self, client):
-        self.counts = collections.Counter()
-        client.meta.events.register('before-call.s3', self.called)
-
-    def called(self, model, **kwargs):
-        self.counts[model.name] += 1
+def counted(bucket):
+    """`bucket`'s request counts by operation (a retry counts), from 0."""
+    bucket.requests.clear()
+    return bucket.requests
 
 
 def s3_lines(settings, **overrides):
@@ -130,19 +128,19 @@ class BucketReadTests(ClientTests, unittest.TestCase):
         reader = self.open_reader()
         storage = reader.storage
         self.assertIsInstance(storage, zodbblob.zeo.ClientStorage)
-        requests = Requests(storage.object_store.client)
+        requests = counted(storage.object_store)
         self.assertEqual(self.read(reader), b'the bucket copy')
-        self.assertEqual(requests.counts['GetObject'], 1)
+        self.assertEqual(requests['GetObject'], 1)
         # From the cache now: no request more.
         self.assertEqual(self.read(reader), b'the bucket copy')
-        self.assertEqual(requests.counts['GetObject'], 1)
+        self.assertEqual(requests['GetObject'], 1)
         self.assertEqual(storage.blob_cache.stats()['misses'], 1)
 
     def test_readers_in_threads_download_a_blob_once(self):
         oid, serial = self.commit(b'x' * 1_000_000)
         self.put(oid, serial, b'y' * 1_000_000)
         reader = self.open_reader()
-        requests = Requests(reader.storage.object_store.client)
+        requests = counted(reader.storage.object_store)
         start = threading.Barrier(4)
         read = []
 
@@ -157,7 +155,7 @@ class BucketReadTests(ClientTests, unittest.TestCase):
         for thread in threads:
             thread.join()
         self.assertEqual(read, [b'y' * 1_000_000] * 4)
-        self.assertEqual(requests.counts['GetObject'], 1)
+        self.assertEqual(requests['GetObject'], 1)
 
     def test_a_key_missing_from_the_bucket_falls_back_to_the_server(self):
         first = self.commit(b'first, from the server', 'first')
@@ -328,12 +326,82 @@ class ServedBucketTests(ClientTests, unittest.TestCase):
         self.assertEqual(bucket.head(key), 6000)
         reader = self.open_db(address, f'blob-dir {self.path("reader")}',
                               *s3_lines(settings))
-        requests = Requests(reader.storage.object_store.client)
+        requests = counted(reader.storage.object_store)
         with reader.transaction() as connection:
             with connection.root()['poster'].open() as f:
                 self.assertEqual(f.read(), b'POSTER' * 1000)
-        self.assertEqual(requests.counts['GetObject'], 1)
+        self.assertEqual(requests['GetObject'], 1)
 
     def assertStopsCleanly(self, server):
         status = server.stop()
         self.assertEqual(status, 0, server.output())
+
+
+@unittest.skipIf(S3_MISSING, S3_MISSING)
+class SharedCacheTests(ClientTests, unittest.TestCase):
+    """8 reader processes share one cache directory and read from the
+    bucket while a writer commits through a ZEO server on the bucket:
+    every blob byte-exact in every reader, and each downloaded once,
+    whichever reader asked first (counted at a proxy before moto)."""
+
+    layer = S3_SERVER
+    level = 2
+    readers = 8
+    blobs = 20
+
+    def test_eight_readers_share_one_cache_while_a_writer_commits(self):
+        settings = S3_SERVER.make_bucket(prefix='site')
+        address = ('127.0.0.1', free_port())
+        os.mkdir(self.path('server'))
+        server = ServerProcess(
+            serve_command('--address', format_address(address),
+                          '--var', self.path('server', 'var'),
+                          '--s3-bucket', settings.bucket,
+                          '--s3-prefix', 'site',
+                          '--s3-endpoint-url', settings.endpoint_url,
+                          '--s3-region', settings.region),
+            address, cwd=self.path('server'),
+            log_path=self.path('server', 'server.log'),
+            env={'AWS_ACCESS_KEY_ID': settings.access_key_id,
+                 'AWS_SECRET_ACCESS_KEY': settings.secret_access_key})
+        server.start()
+        self.addCleanup(server.stop)
+        proxy = FaultProxy(tuple(S3_SERVER.address))
+        proxy.start()
+        self.addCleanup(proxy.stop)
+        lines = s3_lines(settings, **{
+            'endpoint-url': f'http://127.0.0.1:{proxy.address[1]}'})
+        config = self.path('reader.conf')
+        with open(config, 'w') as f:
+            f.write('%import zodbblob\n<zodb>\n  <zodbblobclient>\n'
+                    f'    server {format_address(address)}\n'
+                    f'    blob-dir {self.path("shared-cache")}\n'
+                    '    wait-timeout 60\n'
+                    + ''.join(f'    {line}\n' for line in lines)
+                    + '  </zodbblobclient>\n</zodb>\n')
+        writer = self.open_db(address, f'blob-dir {self.path("writer")}')
+        with writer.transaction() as connection:
+            connection.root()['digests'] = PersistentMapping()
+        readers = [subprocess.Popen(
+            [sys.executable, '-m', 'zodbblob.tests.bucket_reader', config],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(self.readers)]
+        for process in readers:
+            self.addCleanup(process.kill)
+        for number in range(self.blobs):
+            data = os.urandom(1000 + number * 5000)
+            with writer.transaction() as connection:
+                root = connection.root()
+                root[f'blob{number}'] = Blob(data)
+                root['digests'][f'blob{number}'] = hashlib.sha256(
+                    data).hexdigest()
+            time.sleep(0.1)   # spread over the readers' reading
+        with writer.transaction() as connection:
+            connection.root()['done'] = True
+        for process in readers:
+            out, err = process.communicate(timeout=300)
+            self.assertEqual((process.returncode, out.strip()),
+                             (0, f'read {self.blobs}'), err[-2000:])
+        # Each reader checked the bucket once at open (HeadBucket); each
+        # blob was downloaded once (GetObject) for all of them.
+        self.assertEqual(proxy.requests, self.readers + self.blobs)
