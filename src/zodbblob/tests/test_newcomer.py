@@ -24,9 +24,13 @@ import ZODB.FileStorage
 
 import zodbblob
 import zodbblob.zeo
-from zodbblob.testing import (BLOB_STORAGE, ServerProcess, free_port,
+from zodbblob.testing import (BLOB_STORAGE, S3_MISSING, S3_SERVER,
+                              ServerProcess, free_port,
                               serve_command)
 from zodbblob.tests.test_config import blob_files, commit_blob, read_blob
+
+if not S3_MISSING:
+    from zodbblob.objectstore import Bucket
 
 TOP = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir,
                    os.pardir)
@@ -144,7 +148,7 @@ class ReadmeBlocksTests(InEmptyDirectory, unittest.TestCase):
         self.assertEqual(
             sorted(k for k in kinds if k not in ('shell', 'python')),
             ['zeo.conf', 'zodb', 'zodb', 'zope.conf', 'zope.conf',
-             'zope.conf'])
+             'zope.conf', 'zope.conf'])
 
     def test_readme_starts_with_the_serve_and_the_test_command(self):
         commands = readme_blocks('shell')
@@ -169,7 +173,8 @@ class ReadmeBlocksTests(InEmptyDirectory, unittest.TestCase):
     def test_storage_configs_open_in_an_empty_directory(self):
         blocks = [(k, block) for _, block in literal_blocks(README)
                   for k in [kind(block)]
-                  if k in ('zope.conf', 'zodb') and '<zodbblob>' in block]
+                  if k in ('zope.conf', 'zodb') and '<zodbblob>' in block
+                  and '<s3>' not in block]   # BucketReadmeTests
         self.assertEqual(len(blocks), 3)
         for number, (config_kind, block) in enumerate(blocks):
             with self.subTest(config_kind, block=number):
@@ -221,6 +226,41 @@ class ReadmeBlocksTests(InEmptyDirectory, unittest.TestCase):
         self.assertEqual((result.testsRun, result.errors, result.failures),
                          (1, [], []))
         self.assertFalse(os.path.exists(blob_dir))
+
+
+@unittest.skipIf(S3_MISSING, S3_MISSING)
+class BucketReadmeTests(InEmptyDirectory, unittest.TestCase):
+    """README's zope.conf on a bucket, pointed at moto's S3 server (a
+    real process on 127.0.0.1) instead of MinIO: it opens, and a blob
+    committed through it lands in the bucket under its prefix."""
+
+    layer = S3_SERVER
+
+    def test_the_zope_conf_on_a_bucket(self):
+        [block] = readme_blocks('zope.conf', '<s3>')
+        settings = S3_SERVER.make_bucket()
+        block = block.replace('https://minio.example.com',
+                              S3_SERVER.endpoint_url)
+        block = block.replace('bucket site-blobs', f'bucket {settings.bucket}')
+        # Credentials from boto3's chain, as the README says.
+        for name, value in (('AWS_ACCESS_KEY_ID', 'testing'),
+                            ('AWS_SECRET_ACCESS_KEY', 'testing'),
+                            ('AWS_DEFAULT_REGION', 'us-east-1')):
+            self.addCleanup(os.environ.pop, name, None)
+            os.environ[name] = value
+        os.makedirs('var/filestorage')
+        [factory] = zope_conf_databases(block, self.directory)
+        db = factory.open()
+        try:
+            self.assertIsNotNone(db.storage.object_store)
+            commit_blob(db, b'from the README, on a bucket')
+        finally:
+            db.close()
+        bucket = Bucket(settings)
+        self.addCleanup(bucket.client.close)
+        [(key, size)] = bucket.iter_keys('')
+        self.assertTrue(key.startswith('plone/'), key)
+        self.assertEqual(size, len(b'from the README, on a bucket'))
 
 
 class ReadmeServerTests(InEmptyDirectory, unittest.TestCase):
