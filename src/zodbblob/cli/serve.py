@@ -242,8 +242,15 @@ class ZEOServer(ZEO.runzeo.ZEOServer):
 
 def describe_storage(storage) -> str:
     if isinstance(storage, BlobStorage):
-        return (f'{storage.base.getName()}, blobs in '
-                f'{storage.fshelper.base_dir.rstrip(os.sep)} '
+        blob_dir = storage.fshelper.base_dir.rstrip(os.sep)
+        objects = storage.object_store
+        if objects is not None:
+            size = objects.cache.size_limit
+            return (f'{storage.base.getName()}, blobs in {objects.name} at '
+                    f'{objects.bucket.endpoint} (catalog and a cache of '
+                    f'{"unbounded size" if size is None else size} bytes'
+                    f' in {blob_dir})')
+        return (f'{storage.base.getName()}, blobs in {blob_dir} '
                 f'(layout {storage.fshelper.layout_name}'
                 f'{", dedup on" if storage.dedup else ""})')
     return storage.getName()
@@ -260,7 +267,10 @@ def storage_places(opener) -> tuple[list[str], list[str]]:
         data_files.append(os.path.abspath(config.path))
     blob_dir = getattr(config, 'blob_dir', None)
     if blob_dir:
-        blob_dirs.append(os.path.abspath(blob_dir))
+        bucket = getattr(config, 'object_store', None)
+        blob_dirs.append(os.path.abspath(blob_dir) if bucket is None else
+                         f's3://{bucket.bucket}/{bucket.prefix} (catalog '
+                         f'and cache in {os.path.abspath(blob_dir)})')
     base = getattr(config, 'base', None)
     if base is not None:
         inner_files, inner_dirs = storage_places(base)

@@ -331,6 +331,13 @@ class ServedBucketTests(ClientTests, unittest.TestCase):
             with connection.root()['poster'].open() as f:
                 self.assertEqual(f.read(), b'POSTER' * 1000)
         self.assertEqual(requests['GetObject'], 1)
+        # Its start said where the blobs are, before and after opening.
+        output = server.output()
+        self.assertIn(f"blobs in s3://{settings.bucket}/site/ (catalog and "
+                      f"cache in ", output)
+        self.assertIn(f"blobs in s3://{settings.bucket}/site/ at "
+                      f"{settings.endpoint_url} (catalog and a cache of "
+                      f"10485760 bytes in ", output)
 
     def assertStopsCleanly(self, server):
         status = server.stop()
