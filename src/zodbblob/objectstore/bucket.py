@@ -433,9 +433,9 @@ class Bucket:
         except Exception as error:
             raise self.error('list', error) from error
 
-    def abort_uploads(self, keys: Iterable[str]) -> int:
-        """Abort the unfinished multipart uploads to `keys`; return how
-        many.
+    def abort_uploads(self, keys: Iterable[str] | None) -> int:
+        """Abort the unfinished multipart uploads to `keys` (None: every
+        one under the settings' prefix); return how many.
 
         A process killed while it uploaded a large file in parts leaves
         the parts in the bucket (not an object: no listing shows them,
@@ -443,16 +443,17 @@ class Bucket:
         listing of the unfinished uploads under the settings' prefix
         (there are few: each is a killed upload), then an abort each.
         """
-        keys = set(keys)
-        if not keys:
-            return 0
+        if keys is not None:
+            keys = set(keys)
+            if not keys:
+                return 0
         aborted = 0
         pages = self.client.get_paginator('list_multipart_uploads').paginate(
             Bucket=self.name, Prefix=self.settings.prefix)
         try:
             for page in pages:
                 for upload in page.get('Uploads', ()):
-                    if upload['Key'] in keys:
+                    if keys is None or upload['Key'] in keys:
                         self.client.abort_multipart_upload(
                             Bucket=self.name, Key=upload['Key'],
                             UploadId=upload['UploadId'])
@@ -460,3 +461,22 @@ class Bucket:
         except Exception as error:
             raise self.error('abort the unfinished uploads in', error) from error
         return aborted
+
+    def get_bytes(self, key: str) -> bytes | None:
+        """The bytes of the small object `key`, or None if there is none
+        (the marker that says whose a prefix is)."""
+        try:
+            response = self.client.get_object(Bucket=self.name, Key=key)
+            return response['Body'].read()
+        except Exception as error:
+            raised = self.error('read', error, key, ObjectMissing)
+            if isinstance(raised, ObjectMissing):
+                return None
+            raise raised from error
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Store the small object `key` with `data`."""
+        try:
+            self.client.put_object(Bucket=self.name, Key=key, Body=data)
+        except Exception as error:
+            raise self.error('write', error, key) from error

@@ -29,6 +29,8 @@ from ZODB.POSException import POSKeyError, StorageError
 from ZODB.utils import oid_repr
 
 from zodbblob.objectstore import ObjectStoreSettings, blob_key, parse_blob_key
+from zodbblob.storage import binding
+from zodbblob.storage.binding import describe
 from zodbblob.storage.catalog import STATE_DIR, kill_point
 from zodbblob.storage.digest import digest_file
 from zodbblob.storage.lock import BlobStorageError
@@ -39,25 +41,35 @@ logger = logging.getLogger(__name__)
 # files use threads of their own besides).
 UPLOAD_THREADS = 4
 CACHE_DIR = 'cache'
-# The catalog's meta name binding a blob directory to its bucket.
-META_NAME = 'object_store'
 
 
 def cache_directory(blob_dir: str) -> str:
     return os.path.join(blob_dir, STATE_DIR, CACHE_DIR)
 
 
-def describe(settings: ObjectStoreSettings) -> str:
-    """``s3://bucket/prefix`` (what the catalog remembers)."""
-    return f's3://{settings.bucket}/{settings.prefix}'
+def check_cache_size(cache_size, blob_dir: str) -> int | None:
+    """`cache_size` if it is a whole number of bytes above 0, or None
+    (unbounded); BlobStorageError in one line otherwise."""
+    if cache_size is None or (isinstance(cache_size, int)
+                              and not isinstance(cache_size, bool)
+                              and cache_size > 0):
+        return cache_size
+    raise BlobStorageError(
+        f'Blob directory {blob_dir}: cache_size {cache_size!r} is not a '
+        f'number of bytes above 0 (None: unbounded)')
 
 
 def open_bucket(object_store):
     """A checked `Bucket` for `object_store` (settings or a Bucket)."""
     from zodbblob.objectstore.bucket import Bucket, ObjectStoreError
-    bucket = (Bucket(object_store)
-              if isinstance(object_store, ObjectStoreSettings)
-              else object_store)
+    if isinstance(object_store, ObjectStoreSettings):
+        bucket = Bucket(object_store)
+    elif isinstance(object_store, Bucket):
+        bucket = object_store
+    else:
+        raise BlobStorageError(
+            f'object_store {object_store!r:.80}: expected an '
+            f'ObjectStoreSettings or a Bucket')
     try:
         bucket.check()
     except ObjectStoreError as e:
@@ -65,28 +77,34 @@ def open_bucket(object_store):
     return bucket
 
 
-def open_objects(object_store, journal, blob_dir: str):
+def open_objects(object_store, journal, fshelper, read_only: bool):
     """The `ObjectStore` of ``object_store = (bucket, cache_size)``,
-    bound to the catalog `journal`; None without one, after refusing a
-    blob directory that is bound to a bucket."""
+    bound to the catalog `journal` (``binding.py``); None without one,
+    after refusing a blob directory that is bound to a bucket."""
+    blob_dir = fshelper.base_dir
     if object_store is None:
-        ObjectStore.check_unbound(journal, blob_dir)
+        binding.check_unbound(journal, blob_dir)
         return None
-    objects = ObjectStore(object_store[0], blob_dir, object_store[1])
-    try:
-        if journal is not None and not journal.read_only:
-            objects.bind(journal, blob_dir)
-    except BaseException:
-        objects.close()
-        raise
-    return objects
+    bucket, cache_size = object_store
+    if read_only:
+        if journal is None:
+            raise BlobStorageError(
+                f'Blob directory {blob_dir} has no catalog to read its '
+                f'blobs from {describe(bucket.settings)} by')
+        binding.check(bucket, journal, blob_dir)
+    else:
+        binding.bind(bucket, journal, fshelper)
+    return ObjectStore(bucket, blob_dir, cache_size)
 
 
 def rebuild_from_bucket(object_store, journal, blob_dir: str,
                         reason: str):
     """Rebuild the catalog `journal` of a blob directory on a bucket from
-    a listing of its prefix, page by page; its `ObjectStore`."""
-    objects = ObjectStore(object_store[0], blob_dir, object_store[1])
+    a listing of its prefix, page by page, under the prefix's marker
+    (``binding.adopt``); its `ObjectStore`."""
+    bucket, cache_size = object_store
+    binding.adopt(bucket, journal, blob_dir)
+    objects = ObjectStore(bucket, blob_dir, cache_size)
     counted = []
 
     def listed():
@@ -95,7 +113,6 @@ def rebuild_from_bucket(object_store, journal, blob_dir: str,
             yield row
     try:
         journal.rebuild(listed())
-        journal.set_meta(**{META_NAME: objects.name})
     except BaseException:
         objects.close()
         raise
@@ -136,38 +153,6 @@ class ObjectStore:
             # Closing the storage goes on: its catalog and locks matter.
             logger.warning('Could not close the blob cache %s: %s',
                            self.cache.directory, e)
-
-    # binding a blob directory to its bucket
-
-    def bind(self, journal, blob_dir: str) -> None:
-        """Remember the bucket in the catalog, or refuse another one.
-
-        A blob directory whose files are its own cannot start keeping
-        them in a bucket by a change of configuration (its files would
-        be read from the bucket, where they are not).
-        """
-        known = journal.get_meta(META_NAME)
-        if known == self.name:
-            return
-        if known is not None:
-            raise BlobStorageError(
-                f'Blob directory {blob_dir} keeps its blobs in {known}, '
-                f'not {self.name}: configure that object store')
-        if journal.total_size() or any(True for _ in journal.committed()):
-            raise BlobStorageError(
-                f'Blob directory {blob_dir} holds blob files of its own: '
-                f'it cannot keep its blobs in {self.name} (start from an '
-                f'empty blob directory)')
-        journal.set_meta(**{META_NAME: self.name})
-
-    @staticmethod
-    def check_unbound(journal, blob_dir: str) -> None:
-        """Refuse to open a blob directory bound to a bucket without it."""
-        known = journal.get_meta(META_NAME) if journal is not None else None
-        if known is not None:
-            raise BlobStorageError(
-                f'Blob directory {blob_dir} keeps its blobs in {known}: '
-                f'open it with that object store (an <s3> section)')
 
     # commit
 

@@ -50,6 +50,7 @@ from zodbblob.storage.filestorage import (
     truncate,
 )
 from zodbblob.storage.lock import LOCK_NAME, BlobStorageError, lock_blob_directory
+from zodbblob.storage.binding import was_in_use
 from zodbblob.storage.objects import (
     ObjectStore,
     open_objects,
@@ -184,18 +185,20 @@ class Recovery:
         self._shared: Shared | None = None
         self._object_store = object_store
         self.objects: ObjectStore | None = None
+        self._in_use = True
 
     def open(self, blob_dir: str, layout: str,
              opener: FileStorageOpener | None = None) -> Shared:
         check_state_layout(blob_dir)
         fshelper = FilesystemHelper(blob_dir, layout)
-        if opener is not None and opener.read_only:
+        ours = opener is not None
+        if ours and opener.read_only:
             # Read-only commits nothing, and may not cut Data.fs.
             self.base, opener = opener(), None
         try:
             return self._open(fshelper, opener)
         except BaseException:
-            if opener is not None and self.base is not None:
+            if ours and self.base is not None:
                 self.base.close()   # ours: nobody else can close it
                 self.base = None
             raise
@@ -206,7 +209,7 @@ class Recovery:
             fshelper.check_marker()
             shared = Shared(fshelper, self._open_journal_read_only(fshelper),
                             None, True)
-            self._bind(shared.journal, fshelper)
+            self._bind(shared.journal, fshelper, read_only=True)
             shared.objects = self.objects
             if self.objects is not None:
                 self.objects.base = self.base
@@ -229,6 +232,10 @@ class Recovery:
                 lock.close()
             raise
         try:
+            # A directory whose catalog is missing was used before if
+            # its commit log is there: on a bucket, its catalog is
+            # rebuilt from a listing; a new one never adopts a prefix.
+            self._in_use = was_in_use(fshelper.base_dir)
             commit_log = CommitLog(commit_log_path(fshelper.base_dir))
             try:
                 if opener is not None:
@@ -318,12 +325,12 @@ class Recovery:
                 f'with zodbblob.open_filestorage or a <zodbblob> section '
                 f'around <filestorage> to roll it back')
 
-    def _bind(self, journal, fshelper) -> None:
+    def _bind(self, journal, fshelper, read_only=False) -> None:
         """Open the object store, bound to this blob directory; or refuse
         a blob directory bound to one when none was given."""
         if self.objects is None:
             self.objects = open_objects(self._object_store, journal,
-                                        fshelper.base_dir)
+                                        fshelper, read_only)
 
     def _open_journal(self, fshelper) -> Journal:
         path = journal_path(fshelper.base_dir)
@@ -376,6 +383,8 @@ class Recovery:
     def _rebuild(self, journal, fshelper, reason: str,
                  level: int | None = None) -> None:
         if self._object_store is not None:
+            if journal.get_meta('state') is None and not self._in_use:
+                return   # a new blob directory: bound at its first open
             self.objects = rebuild_from_bucket(
                 self._object_store, journal, fshelper.base_dir, reason)
             return

@@ -29,7 +29,8 @@ from zodbblob.storage.commit import CommitProtocol, link_or_copy
 from zodbblob.storage.datamanager import TransactionDirectories
 from zodbblob.storage.filestorage import FileStorageOpener
 from zodbblob.storage.lock import BlobStorageError
-from zodbblob.storage.objects import open_bucket
+from zodbblob.storage.binding import refuse_a_used_prefix
+from zodbblob.storage.objects import check_cache_size, open_bucket
 from zodbblob.storage.pack import Packer
 from zodbblob.storage.recovery import open_blob_directory, open_with_base
 
@@ -78,7 +79,9 @@ class BlobStorage:
                     f'Blob directory {blob_dir}: dedup is not available '
                     f'on an object store yet')
             # Checked before anything on disk changes.
-            remote = (open_bucket(object_store), cache_size)
+            bucket = open_bucket(object_store)
+            refuse_a_used_prefix(bucket, blob_dir)
+            remote = (bucket, check_cache_size(cache_size, blob_dir))
         elif cache_size is not None:
             raise BlobStorageError(
                 f'Blob directory {blob_dir}: cache_size bounds the local '

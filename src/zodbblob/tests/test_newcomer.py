@@ -258,7 +258,8 @@ class BucketReadmeTests(InEmptyDirectory, unittest.TestCase):
             db.close()
         bucket = Bucket(settings)
         self.addCleanup(bucket.client.close)
-        [(key, size)] = bucket.iter_keys('')
+        [marker, (key, size)] = bucket.iter_keys('')
+        self.assertEqual(marker[0], 'plone/.zodbblob.json')
         self.assertTrue(key.startswith('plone/'), key)
         self.assertEqual(size, len(b'from the README, on a bucket'))
 

@@ -45,15 +45,17 @@ from zodbblob.storage.catalog import (
     syncfs_works,
 )
 from zodbblob.storage.commitlog import commit_log_path, unfinished_records
+from zodbblob.storage import binding
+from zodbblob.storage.binding import META_NAME, describe
 from zodbblob.storage.objects import (
-    META_NAME,
     UPLOAD_THREADS,
     cache_directory,
-    describe,
     open_bucket,
 )
 
 logger = logging.getLogger(__name__)
+
+DOWNLOADING = 'moving-'
 
 
 class BucketMoveError(Exception):
@@ -136,10 +138,14 @@ def to_bucket(blob_dir: str, settings,
     report = MoveReport(fshelper.base_dir.rstrip(os.sep), name)
     try:
         bound = journal.get_meta(META_NAME)
-        if bound is not None and bound != name:
-            raise BucketMoveError(f'{report.blob_dir} keeps its blobs in '
-                                  f'{bound}, not {name}')
-        if bound is None:
+        if bound is not None:
+            binding.check(bucket, journal, fshelper.base_dir)
+        else:
+            # The prefix becomes this catalog's (its marker) before any
+            # upload: never into another database's prefix.
+            binding.claim(bucket, journal, fshelper.base_dir)
+            # The parts of a large file whose upload a kill cut.
+            bucket.abort_uploads(None)
             _upload(journal, fshelper, bucket, report, progress)
             # The commit point: from here on the storage reads the bucket.
             journal.set_meta(**{META_NAME: name})
@@ -223,12 +229,11 @@ def from_bucket(blob_dir: str, settings,
             report.rows = report.already = sum(
                 len(batch) for batch in journal.rows())
             return report
-        if bound != name:
-            raise BucketMoveError(
-                f'{report.blob_dir} keeps its blobs '
-                f'{"in its own files" if bound is None else "in " + bound}'
-                f', not in {name}')
+        binding.check(bucket, journal, fshelper.base_dir)
         makedirs_durable(fshelper.temp_dir)
+        for left in os.listdir(fshelper.temp_dir):
+            if left.startswith(DOWNLOADING):   # of a move that was killed
+                remove_if_exists(os.path.join(fshelper.temp_dir, left))
         done = 0
         for batch in journal.rows():
             report.rows += len(batch)
@@ -274,7 +279,8 @@ def _all_in_place(journal, fshelper) -> bool:
 def _download_one(bucket, fshelper, oid, tid, path, size) -> None:
     from zodbblob.objectstore import blob_key
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = os.path.join(fshelper.temp_dir, f'moving-{os.getpid()}.blob')
+    temporary = os.path.join(fshelper.temp_dir,
+                             f'{DOWNLOADING}{os.getpid()}.blob')
     remove_if_exists(temporary)
     key = blob_key(bucket.settings.prefix, oid, tid)
     got = bucket.download(key, temporary)

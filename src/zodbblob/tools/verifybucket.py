@@ -23,11 +23,13 @@ import tempfile
 
 from zodbblob.objectstore import parse_blob_key
 from zodbblob.storage import held_by_a_storage
+from zodbblob.storage.binding import marker_key
 from zodbblob.storage.catalog import pack_under_way
 from zodbblob.storage.digest import digest_file
 
 # Keys a ListObjectsV2 page holds (the most the API gives).
 LIST_PAGE = 1000
+MAX_TID = b'\xff' * 8
 
 
 def check_bucket(storage, report, records, catalog, digests, checksum: bool,
@@ -47,10 +49,19 @@ def _check(storage, report, records, catalog, digests, checksum,
            progress) -> None:
     objects = storage.object_store
     prefix = objects.settings.prefix
-    seen_up_to = storage.base.lastTransaction()
+    # Beside a live storage, objects of transactions committed after the
+    # records were read are not orphans; beside none, any is.
+    live = (not storage._shared.read_only) or held_by_a_storage(
+        storage.fshelper.base_dir)
+    seen_up_to = storage.base.lastTransaction() if live else MAX_TID
     total = report.records
     listing = objects.bucket.iter_keys(prefix, page_size=LIST_PAGE)
-    for done, (key, size) in enumerate(listing, 1):
+    done = 0
+    for key, size in listing:
+        rest = key[len(prefix):]
+        if key == marker_key(objects.bucket) or rest.count('/') > 1:
+            continue   # the marker; a nested prefix's (another store's)
+        done += 1
         report.files = done
         where = f's3://{objects.settings.bucket}/{key}'
         parsed = parse_blob_key(prefix, key)
@@ -75,8 +86,6 @@ def _check(storage, report, records, catalog, digests, checksum,
             (oid, tid, f's3://{objects.settings.bucket}/{objects.key(oid, tid)}'))
     # A pack beside us (a live storage's) deletes objects of records we
     # read before it.
-    live = (not storage._shared.read_only) or held_by_a_storage(
-        storage.fshelper.base_dir)
     if (report.orphans or report.missing) and live and packed_meanwhile(
             storage):
         report.orphans, report.missing = [], []

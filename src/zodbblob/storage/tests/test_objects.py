@@ -23,6 +23,7 @@ from ZODB.POSException import POSKeyError, StorageError
 from zodbblob import BlobStorage
 from zodbblob.objectstore import blob_key
 from zodbblob.storage import BlobStorageError, open_filestorage
+from zodbblob.storage.binding import MARKER
 from zodbblob.storage.killpoints import KILL_POINT_VARIABLE
 from zodbblob.testing import S3_MISSING, S3_SERVER
 
@@ -81,7 +82,9 @@ class ObjectStoreTestCase(unittest.TestCase):
             db.close()
 
     def keys(self):
-        return sorted(key for key, size in self.bucket.iter_keys())
+        """The bucket's blob keys (not the marker saying whose it is)."""
+        return sorted(key for key, size in self.bucket.iter_keys()
+                      if not key.endswith(MARKER))
 
     def catalog_keys(self, storage):
         return sorted(blob_key(self.settings.prefix, oid, tid)
@@ -354,7 +357,7 @@ class RefusalTests(ObjectStoreTestCase):
         other = self.layer.make_bucket()
         with self.assertRaises(BlobStorageError) as raised:
             self.open(object_store=other)
-        self.assertIn('not s3://' + other.bucket, str(raised.exception))
+        self.assertIn('not in s3://' + other.bucket, str(raised.exception))
 
     def test_a_blob_directory_with_files_of_its_own_is_refused(self):
         db = ZODB.DB(open_filestorage(os.path.join(self.dir, 'Data.fs'),

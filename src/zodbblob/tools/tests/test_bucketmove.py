@@ -8,6 +8,7 @@ import sys
 import unittest
 
 from zodbblob.storage import BlobStorageError
+from zodbblob.storage.binding import MARKER
 from zodbblob.storage.killpoints import KILL_POINT_VARIABLE
 from zodbblob.testing import S3_MISSING
 from zodbblob.tools.tests.bucketstores import BUCKET, BucketStoreTestCase
@@ -50,7 +51,9 @@ class BucketMoveTests(BucketStoreTestCase):
         super().check(self.open(object_store=object_store), records=5)
 
     def keys(self):
-        return sorted(key for key, size in self.bucket.iter_keys())
+        """The bucket's blob keys (not the marker saying whose it is)."""
+        return sorted(key for key, size in self.bucket.iter_keys()
+                      if not key.endswith(MARKER))
 
     def test_into_the_bucket_and_back(self):
         files = self.local_files()
@@ -64,9 +67,14 @@ class BucketMoveTests(BucketStoreTestCase):
         self.check()
         with self.assertRaises(BlobStorageError):
             self.open(object_store=None)
+        # What a move back killed in the middle of a download leaves.
+        left = os.path.join(self.blobs, 'tmp', 'moving-99999.blob')
+        with open(left, 'wb') as f:
+            f.write(b'part of a download')
         done = self.migrate(self.url, self.blobs)
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertIn('5 downloaded', done.stdout)
+        self.assertFalse(os.path.exists(left))
         self.assertEqual(self.local_files(), files)
         self.assertFalse(os.path.exists(os.path.join(
             self.blobs, '.zodbblob', 'cache')))
@@ -89,6 +97,16 @@ class BucketMoveTests(BucketStoreTestCase):
         # Resumed, not started over: a key there with its size is kept.
         done = self.migrate(self.blobs, self.url)
         self.assertIn('5 there already', done.stdout)
+
+    def test_the_parts_of_an_upload_a_kill_cut_are_aborted(self):
+        client = self.bucket.client
+        client.create_multipart_upload(
+            Bucket=self.settings.bucket,
+            Key='site/0000000000000001/0000000000000001.blob')
+        done = self.migrate(self.blobs, self.url)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(client.list_multipart_uploads(
+            Bucket=self.settings.bucket).get('Uploads', []), [])
 
     def test_refusals_change_nothing(self):
         files = self.local_files()

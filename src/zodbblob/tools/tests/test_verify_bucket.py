@@ -91,6 +91,20 @@ class VerifyBucketTests(unittest.TestCase):
         self.assertEqual(report.size_mismatches,
                          [(bucket + self.key('b'), 1000, 5)])
 
+    def test_a_nested_prefix_is_anothers_and_a_future_tid_an_orphan(self):
+        # Another store's prefix below this one: not this store's keys.
+        self.put(self.settings.prefix + 'staging/' + self.key('a')[5:],
+                 b'staging')
+        # A key whose tid is after the last transaction: with no storage
+        # running, nothing can be committing it.
+        future = blob_key(self.settings.prefix, self.oids['a'],
+                          b'\x7f' + b'\xff' * 7)
+        self.put(future, b'stray')
+        report = self.verify()
+        self.assertEqual(report.orphans,
+                         [f's3://{self.settings.bucket}/{future}'])
+        self.assertEqual(report.files, 4)
+
     def test_a_same_size_corruption_is_found_by_checksum_only(self):
         self.put(self.key('c'), b'x' * 1000)
         self.assertTrue(self.verify().clean)

@@ -1,0 +1,177 @@
+"""Which bucket a blob directory keeps its blobs in, and whose it is.
+
+Two halves that must agree.  The catalog's meta says ``object_store``
+(``s3://bucket/prefix``) and ``object_store_id`` (a database id made at
+the first binding); the bucket holds, beside the blobs, a marker object
+``PREFIX.zodbblob.json`` naming that id.  So a prefix belongs to one
+database:
+
+- a first binding needs an empty prefix (or one whose marker already
+  names this directory's id: a binding a crash interrupted), writes the
+  marker, then the catalog's binding (the commit point);
+- every open of a bound directory, read-only too, reads the marker and
+  refuses a prefix whose marker is missing (another endpoint, another
+  bucket of that name) or names another database;
+- a catalog lost from a directory that was in use is rebuilt from a
+  listing only under the marker, whose id it takes over; a new
+  directory never adopts a used prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+
+from zodbblob.storage.lock import BlobStorageError
+
+logger = logging.getLogger(__name__)
+
+META_NAME = 'object_store'
+ID_NAME = 'object_store_id'
+MARKER = '.zodbblob.json'
+
+
+def describe(settings) -> str:
+    """``s3://bucket/prefix`` (what the catalog remembers)."""
+    return f's3://{settings.bucket}/{settings.prefix}'
+
+
+def marker_key(bucket) -> str:
+    return bucket.settings.prefix + MARKER
+
+
+def read_marker(bucket) -> dict | None:
+    data = bucket.get_bytes(marker_key(bucket))
+    if data is None:
+        return None
+    try:
+        marker = json.loads(data)
+        if isinstance(marker, dict) and isinstance(marker.get('database'),
+                                                   str):
+            return marker
+    except ValueError:
+        pass
+    return {'database': None}
+
+
+def _refuse(blob_dir: str, bucket, why: str):
+    raise BlobStorageError(f'Blob directory {blob_dir}: '
+                           f'{describe(bucket.settings)} at '
+                           f'{bucket.endpoint} {why}')
+
+
+def check(bucket, journal, blob_dir: str) -> None:
+    """Refuse a bucket the catalog is not bound to, or whose marker does
+    not name the catalog's id."""
+    known = journal.get_meta(META_NAME)
+    name = describe(bucket.settings)
+    if known != name:
+        raise BlobStorageError(
+            f'Blob directory {blob_dir} keeps its blobs '
+            f'{"in its own files" if known is None else "in " + known}, '
+            f'not in {name}')
+    identity = journal.get_meta(ID_NAME)
+    marker = read_marker(bucket)
+    if marker is None:
+        _refuse(blob_dir, bucket, f'has no marker {marker_key(bucket)}: '
+                f'is this the server and bucket the blob directory was put '
+                f'on?')
+    if marker['database'] != identity:
+        _refuse(blob_dir, bucket, f'belongs to another database (its '
+                f'marker {marker_key(bucket)} names '
+                f'{marker["database"]}, this catalog {identity}): a copy '
+                f'of a site needs a prefix of its own')
+
+
+def claim(bucket, journal, blob_dir: str) -> None:
+    """Make the prefix this catalog's: give the catalog its id, and the
+    prefix a marker naming it (an empty prefix), or find the marker
+    naming it already (a binding or a move a crash interrupted)."""
+    identity = journal.get_meta(ID_NAME)
+    if identity is None:
+        identity = uuid.uuid4().hex
+        journal.set_meta(**{ID_NAME: identity})
+    if _free_or_ours(bucket, blob_dir, identity) is None:
+        bucket.put_bytes(marker_key(bucket),
+                         json.dumps({'database': identity}).encode())
+
+
+def _free_or_ours(bucket, blob_dir: str, identity: str | None):
+    """The prefix's marker if it names `identity`, or None if the prefix
+    is empty; refused otherwise (another database's)."""
+    marker = read_marker(bucket)
+    if marker is not None:
+        if marker['database'] != identity:
+            _refuse(blob_dir, bucket, f'belongs to another database (its '
+                    f'marker {marker_key(bucket)} names '
+                    f'{marker["database"]}): give this storage a prefix '
+                    f'of its own')
+        return marker
+    listed = next(iter(bucket.iter_keys(bucket.settings.prefix,
+                                        page_size=1)), None)
+    if listed is not None:
+        _refuse(blob_dir, bucket, f'holds objects already ({listed[0]}): '
+                f'another database\'s?  Give this storage a prefix of its '
+                f'own')
+    return None
+
+
+def bind(bucket, journal, fshelper) -> None:
+    """Bind a blob directory to its bucket (a first open on it), or
+    check the binding."""
+    blob_dir = fshelper.base_dir
+    if journal.get_meta(META_NAME) is not None:
+        check(bucket, journal, blob_dir)
+        return
+    if (journal.total_size() or any(True for _ in journal.committed())
+            or any(True for _ in fshelper.iter_blobs())):
+        raise BlobStorageError(
+            f'Blob directory {blob_dir} holds blob files of its own: it '
+            f'cannot keep its blobs in {describe(bucket.settings)} (start '
+            f'from an empty blob directory, or move them with zodbblob '
+            f'migrate)')
+    claim(bucket, journal, blob_dir)
+    journal.set_meta(**{META_NAME: describe(bucket.settings)})
+
+
+def adopt(bucket, journal, blob_dir: str) -> None:
+    """Before a catalog is rebuilt from a listing: check the binding it
+    kept, or take over the marker's id for one that lost it (a damaged
+    catalog); refuse a prefix without a marker."""
+    if journal.get_meta(ID_NAME) is not None:
+        check(bucket, journal, blob_dir)
+        return
+    marker = read_marker(bucket)
+    if marker is None or marker['database'] is None:
+        _refuse(blob_dir, bucket, f'has no marker {marker_key(bucket)} '
+                f'to rebuild the catalog under')
+    journal.set_meta(**{META_NAME: describe(bucket.settings),
+                        ID_NAME: marker['database']})
+
+
+def check_unbound(journal, blob_dir: str) -> None:
+    """Refuse to open a blob directory bound to a bucket without it."""
+    known = journal.get_meta(META_NAME) if journal is not None else None
+    if known is not None:
+        raise BlobStorageError(
+            f'Blob directory {blob_dir} keeps its blobs in {known}: open it '
+            f'with that object store (an <s3> section)')
+
+
+def was_in_use(blob_dir: str) -> bool:
+    """Whether a storage used `blob_dir` before (its commit log is
+    there): a catalog missing there was lost, not never made."""
+    from zodbblob.storage.commitlog import commit_log_path
+    return os.path.exists(commit_log_path(blob_dir))
+
+
+def refuse_a_used_prefix(bucket, blob_dir: str) -> None:
+    """Before a new blob directory is made (nothing on disk yet): refuse
+    a prefix that holds objects already (another database's)."""
+    from zodbblob.storage.catalog import journal_path
+    if os.path.exists(journal_path(blob_dir)) or was_in_use(blob_dir):
+        return   # not new: its open checks the binding
+    blob_dir = os.path.abspath(blob_dir) + os.sep   # as the open says it
+    _free_or_ours(bucket, blob_dir, None)
