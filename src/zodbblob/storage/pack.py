@@ -20,7 +20,7 @@ import os
 import time
 
 import ZODB.FileStorage
-from ZODB.POSException import POSKeyError, ReadOnlyError
+from ZODB.POSException import POSKeyError, ReadOnlyError, StorageError
 from ZODB.TimeStamp import TimeStamp
 from ZODB.utils import p64, u64
 
@@ -87,7 +87,13 @@ def remove_blob_objects(shared: Shared, garbage) -> None:
     garbage = list(garbage)
     if not garbage:
         return
-    shared.objects.delete(garbage)
+    objects = shared.objects
+    try:
+        objects.delete(garbage)
+    except objects.failure as e:
+        # The marks stay: the next pack, or the next open, deletes them.
+        raise StorageError(f'Pack could not delete {len(garbage)} blob '
+                           f'objects from {objects.name}: {e}') from None
     shared.journal.remove(garbage, marks=False)
     shared.journal.forget_garbage(garbage)
     logger.debug('Pack deleted %d blob objects from %s', len(garbage),
@@ -177,6 +183,12 @@ class Packer:
             raise BlobStorageError('Already packing blob directory %s'
                                    % shared.fshelper.base_dir)
         try:
+            if shared.objects is not None:
+                # Objects an earlier pack marked and the bucket refused
+                # to delete (a store that was down).
+                remove_blob_objects(shared, [
+                    pair for pair in shared.journal.garbage()
+                    if not base_has(self.base, *pair)])
             shared.journal.begin_pack(packtime)
             # No record from before the pack may be replayed after it: a
             # kill before the files are removed would have recovery take

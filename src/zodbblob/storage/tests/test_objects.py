@@ -266,6 +266,37 @@ class CommitTests(ObjectStoreTestCase):
         self.open_db(object_store=settings)   # recovery deletes them
         self.assertEqual(self.keys(), before)
 
+    def test_garbage_a_pack_could_not_delete_goes_at_the_next_pack(self):
+        proxy = FaultProxy(tuple(self.layer.address))
+        proxy.start()
+        self.addCleanup(proxy.stop)
+        settings = dataclasses.replace(
+            self.settings,
+            endpoint_url=f'http://127.0.0.1:{proxy.address[1]}',
+            attempts=2)
+        db = self.open_db(object_store=settings)
+        for number in range(3):
+            with db.transaction() as connection:
+                connection.root()['blob'] = Blob(b'revision %d' % number)
+
+        def refuse(**kwargs):
+            proxy.mode = faults.error(503, 'SlowDown')
+            proxy.disconnect()
+        client = db.storage.object_store.bucket.client
+        client.meta.events.register('before-send.s3.DeleteObjects', refuse)
+        with self.assertRaises(StorageError) as raised:
+            db.pack(time.time() + 1)
+        self.assertIn('Pack could not delete 2 blob objects',
+                      str(raised.exception))
+        self.assertNotIn('\n', str(raised.exception))
+        self.assertEqual(len(self.keys()), 3)
+        client.meta.events.unregister('before-send.s3.DeleteObjects', refuse)
+        proxy.mode = faults.PASS
+        proxy.disconnect()
+        db.pack(time.time() + 1)   # nothing new to pack: the marks go
+        self.assertEqual(self.keys(), self.catalog_keys(db.storage))
+        self.assertEqual(len(self.keys()), 1)
+
     def test_pack_deletes_the_garbage_in_one_request_and_lists_nothing(self):
         db = self.open_db()
         for number in range(30):
