@@ -134,7 +134,14 @@ class ObjectStore:
         self.name = describe(self.settings)
         self.missing = ObjectMissing
         self.failure = ObjectStoreError
-        self.cache = BlobCache(cache_directory(blob_dir), cache_size)
+        try:
+            self.cache = BlobCache(cache_directory(blob_dir), cache_size)
+        except (OSError, ValueError) as e:
+            # A blob directory on a read-only mount, say: reading needs a
+            # place for the downloads.
+            raise BlobStorageError(
+                f'Cannot open the blob cache {cache_directory(blob_dir)} of '
+                f'{self.name}: {getattr(e, "strerror", None) or e}') from None
         self.base = None   # the storage's base, once open
         self._pool = concurrent.futures.ThreadPoolExecutor(
             UPLOAD_THREADS, thread_name_prefix='zodbblob-upload')

@@ -127,6 +127,17 @@ class BindingTests(unittest.TestCase):
         self.assertEqual([str(w.message) for w in caught
                           if issubclass(w.category, ResourceWarning)], [])
 
+    def test_a_cache_that_cannot_be_made_is_one_line(self):
+        self.commit(b'bytes')
+        cache = self.path('site', 'blobs', '.zodbblob', 'cache')
+        shutil.rmtree(cache)
+        with open(cache, 'w') as f:   # where the cache's directory goes
+            f.write('not a directory')
+        for read_only in (True, False):
+            with self.subTest(read_only=read_only):
+                self.assertRefused('Cannot open the blob cache ' + cache,
+                                   read_only=read_only)
+
     def test_local_files_without_a_catalog_are_not_put_on_a_bucket(self):
         os.mkdir(self.path('stock'))
         storage = ZODB.FileStorage.FileStorage(
