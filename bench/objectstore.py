@@ -317,8 +317,12 @@ def report(bench: Bench) -> str:
         cells = [step, measure] + [values[s][1] for s in sides]
         if 'peer' in sides:
             ours, peer = values['ours'][0], values['peer'][0]
-            shown = ratio(ours, peer) if better == 'more' else ratio(peer,
-                                                                     ours)
+            if better is None:  # no ratio: the sides do different things
+                shown = '-'
+            elif better == 'more':
+                shown = ratio(ours, peer)
+            else:
+                shown = ratio(peer, ours)
             met = ''
             if target and shown != '-':
                 met = (f'>= {target}x: '
@@ -364,6 +368,13 @@ def report(bench: Bench) -> str:
             values[side] = (growth, cell(growth, '.2f'))
         row(f'pack growth {large:,} / {small:,}', 'time ratio', values,
             'less')
+        values = {}
+        for side in sides:
+            a, b = packs[small][side][0], packs[large][side][0]
+            added = b - a if a is not None and b is not None else None
+            values[side] = (added, cell(added, '.2f'))
+        row(f'pack growth {small:,} to {large:,}', 'seconds added', values,
+            'less')
     for name, mark in (('after undo', 'after_undo'),
                        ('after pack', 'after_pack')):
         values = {}
@@ -377,7 +388,7 @@ def report(bench: Bench) -> str:
         value = bench.median('undo', side, lambda r: r['keys_after_pack'])
         keys[side] = (value, cell(value, '.0f'))
     row(f'undo {bench.args.undo_mib} MiB', 'keys left after pack', keys,
-        'more')
+        None)
     for measure, mark, index in (('undo: bytes sent', 'undone', 1),
                                  ('undo: bytes received', 'undone', 2),
                                  ('read after undo: bytes received',
@@ -387,7 +398,8 @@ def report(bench: Bench) -> str:
             value = bench.median(
                 'undo', side, lambda r: r['counts'][mark][index])
             values[side] = (value, cell(value, ',.0f'))
-        row(f'undo {bench.args.undo_mib} MiB', measure, values, 'less')
+        # The peer's undo copies nothing and its read fails: no ratio.
+        row(f'undo {bench.args.undo_mib} MiB', measure, values, None)
     widths = [max(len(c) for c in column) for column in zip(header, *lines)]
 
     def line(cells):
