@@ -216,14 +216,20 @@ def pack(side: Side, args) -> dict:
             'wrong': wrong}
 
 
+# zodbblob's marker saying whose a prefix is: not a blob.
+MARKER = '.zodbblob.json'
+
+
 def count_keys(side: Side) -> int:
+    """The blob objects in the side's bucket."""
     import boto3
     client = boto3.client('s3', endpoint_url=side.endpoint,
                           region_name=REGION, aws_access_key_id=KEY_ID,
                           aws_secret_access_key=SECRET)
     pages = client.get_paginator('list_objects_v2').paginate(
         Bucket=side.bucket)
-    return sum(page.get('KeyCount', 0) for page in pages)
+    return sum(1 for page in pages for item in page.get('Contents', ())
+               if not item['Key'].endswith(MARKER))
 
 
 def undo(side: Side, args) -> dict:
