@@ -87,6 +87,11 @@ class BucketCommit:
         kill_point('after_journal_commit')
         for oid, path, info in staged.stats:
             shared.objects.admit(oid, staged.tid, path)
+        for oid, (source, size) in staged.copies.items():
+            # The restored revision's bytes are the source's: a link to
+            # its local copy, if the cache has one, saves the download.
+            shared.objects.admit_copy(oid, source, staged.tid,
+                                      self.staging_path())
 
     def _deleted_uploads(self, staged) -> bool:
         """On a bucket, delete what an aborted transaction uploaded;

@@ -211,6 +211,20 @@ class ObjectStore:
                            '%s (%s); it is read from %s', oid_repr(tid),
                            oid_repr(oid), self.cache.directory, e, self.name)
 
+    def admit_copy(self, oid: bytes, source: bytes, tid: bytes,
+                   temporary: str) -> None:
+        """Keep the cache's copy of revision `source` of `oid`, if it has
+        one, as the copy of revision `tid` too (undo's server-side copy:
+        the same bytes), through a link at `temporary`."""
+        path = self.cache.lookup(oid, source, counted=False)
+        if path is None:
+            return
+        try:
+            os.link(path, temporary)
+        except OSError:
+            return   # evicted meanwhile: the first read downloads it
+        self.admit(oid, tid, temporary)
+
     # reading
 
     def load(self, oid: bytes, tid: bytes) -> str:

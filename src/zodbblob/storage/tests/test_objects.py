@@ -329,6 +329,12 @@ class CommitTests(ObjectStoreTestCase):
         self.assertEqual(requests['CopyObject'], 1)
         self.assertEqual(requests['GetObject'], 0)
         self.assertEqual(requests['PutObject'], 0)
+        # The restored revision's local copy is the source's: read
+        # without a download.
+        with db.transaction() as connection:
+            with connection.root()['blob'].open() as f:
+                self.assertEqual(f.read(), data)
+        self.assertEqual(requests['GetObject'], 0)
         db.close()
         shutil.rmtree(self.cache_dir())
         db = self.open_db()
