@@ -69,6 +69,27 @@ class ClientTests:
     def path(self, *names):
         return os.path.join(self.directory, *names)
 
+    def serve(self, *options):
+        """``zodbblob serve --s3-*`` on a fresh bucket (prefix site), its
+        credentials in its environment, as they should reach it:
+        ``(settings, address, started ServerProcess)``."""
+        settings = S3_SERVER.make_bucket(prefix='site')
+        address = ('127.0.0.1', free_port())
+        os.mkdir(self.path('server'))
+        server = ServerProcess(
+            serve_command('--address', format_address(address),
+                          '--var', self.path('server', 'var'),
+                          '--s3-bucket', settings.bucket,
+                          '--s3-prefix', 'site',
+                          '--s3-endpoint-url', settings.endpoint_url,
+                          '--s3-region', settings.region, *options),
+            address, cwd=self.path('server'),
+            log_path=self.path('server', 'server.log'),
+            env={'AWS_ACCESS_KEY_ID': settings.access_key_id,
+                 'AWS_SECRET_ACCESS_KEY': settings.secret_access_key})
+        server.start()
+        return settings, address, server
+
     def open_db(self, address, *lines):
         body = ''.join(f'    {line}\n' for line in lines)
         db = ZODB.config.databaseFromString(
@@ -295,23 +316,7 @@ class ServedBucketTests(ClientTests, unittest.TestCase):
     layer = S3_SERVER
 
     def test_a_client_reads_from_the_bucket_what_serve_committed(self):
-        settings = S3_SERVER.make_bucket(prefix='site')
-        address = ('127.0.0.1', free_port())
-        os.mkdir(self.path('server'))
-        # The credentials reach serve as they should: in its environment.
-        server = ServerProcess(
-            serve_command('--address', format_address(address),
-                          '--var', self.path('server', 'var'),
-                          '--s3-bucket', settings.bucket,
-                          '--s3-prefix', 'site',
-                          '--s3-endpoint-url', settings.endpoint_url,
-                          '--s3-region', settings.region,
-                          '--s3-cache-size', '10MB'),
-            address, cwd=self.path('server'),
-            log_path=self.path('server', 'server.log'),
-            env={'AWS_ACCESS_KEY_ID': settings.access_key_id,
-                 'AWS_SECRET_ACCESS_KEY': settings.secret_access_key})
-        server.start()
+        settings, address, server = self.serve('--s3-cache-size', '10MB')
         # Registered first, so run last: after the clients are closed.
         self.addCleanup(self.assertStopsCleanly, server)
         writer = self.open_db(address, f'blob-dir {self.path("writer")}')
@@ -357,21 +362,7 @@ class SharedCacheTests(ClientTests, unittest.TestCase):
     blobs = 20
 
     def test_eight_readers_share_one_cache_while_a_writer_commits(self):
-        settings = S3_SERVER.make_bucket(prefix='site')
-        address = ('127.0.0.1', free_port())
-        os.mkdir(self.path('server'))
-        server = ServerProcess(
-            serve_command('--address', format_address(address),
-                          '--var', self.path('server', 'var'),
-                          '--s3-bucket', settings.bucket,
-                          '--s3-prefix', 'site',
-                          '--s3-endpoint-url', settings.endpoint_url,
-                          '--s3-region', settings.region),
-            address, cwd=self.path('server'),
-            log_path=self.path('server', 'server.log'),
-            env={'AWS_ACCESS_KEY_ID': settings.access_key_id,
-                 'AWS_SECRET_ACCESS_KEY': settings.secret_access_key})
-        server.start()
+        settings, address, server = self.serve()
         self.addCleanup(server.stop)
         proxy = FaultProxy(tuple(S3_SERVER.address))
         proxy.start()

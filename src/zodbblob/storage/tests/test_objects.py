@@ -94,6 +94,17 @@ class ObjectStoreTestCase(unittest.TestCase):
     def cache_dir(self):
         return os.path.join(self.dir, 'blobs', '.zodbblob', 'cache')
 
+    def proxied(self):
+        """A FaultProxy before moto, and settings that reach the test's
+        bucket through it (two tries a request)."""
+        proxy = FaultProxy(tuple(self.layer.address))
+        proxy.start()
+        self.addCleanup(proxy.stop)
+        return proxy, dataclasses.replace(
+            self.settings,
+            endpoint_url=f'http://127.0.0.1:{proxy.address[1]}',
+            attempts=2)
+
     def counted(self, storage):
         """The storage's bucket's request counts, from zero."""
         requests = storage.object_store.bucket.requests
@@ -194,13 +205,7 @@ class CommitTests(ObjectStoreTestCase):
         self.assertEqual(db.storage.object_store.cache.stats()['files'], 1)
 
     def test_an_upload_failing_fails_the_vote_in_one_line(self):
-        proxy = FaultProxy(tuple(self.layer.address))
-        proxy.start()
-        self.addCleanup(proxy.stop)
-        settings = dataclasses.replace(
-            self.settings,
-            endpoint_url=f'http://127.0.0.1:{proxy.address[1]}',
-            attempts=2)
+        proxy, settings = self.proxied()
         db = self.open_db(object_store=settings)
         with db.transaction() as connection:
             connection.root()['kept'] = Blob(b'kept')
@@ -230,13 +235,7 @@ class CommitTests(ObjectStoreTestCase):
             self.assertNotIn('lost', connection.root())
 
     def test_uploads_an_abort_could_not_delete_are_deleted_later(self):
-        proxy = FaultProxy(tuple(self.layer.address))
-        proxy.start()
-        self.addCleanup(proxy.stop)
-        settings = dataclasses.replace(
-            self.settings,
-            endpoint_url=f'http://127.0.0.1:{proxy.address[1]}',
-            attempts=2)
+        proxy, settings = self.proxied()
         db = self.open_db(object_store=settings)
         with db.transaction() as connection:
             connection.root()['kept'] = Blob(b'kept')
@@ -267,13 +266,7 @@ class CommitTests(ObjectStoreTestCase):
         self.assertEqual(self.keys(), before)
 
     def test_garbage_a_pack_could_not_delete_goes_at_the_next_pack(self):
-        proxy = FaultProxy(tuple(self.layer.address))
-        proxy.start()
-        self.addCleanup(proxy.stop)
-        settings = dataclasses.replace(
-            self.settings,
-            endpoint_url=f'http://127.0.0.1:{proxy.address[1]}',
-            attempts=2)
+        proxy, settings = self.proxied()
         db = self.open_db(object_store=settings)
         for number in range(3):
             with db.transaction() as connection:
