@@ -46,7 +46,7 @@ Run from the project root:
         [--quick] [--zodbblob-only] [--peer-python PATH] [--dir DIR]
 
 ``--quick`` is the short run a test makes: one round, fewer
-transactions, the pack at 2,000 blobs only, a 5 MiB undo.
+transactions, the pack at 400 blobs (40 garbage) only, a 5 MiB undo.
 """
 
 from __future__ import annotations
@@ -429,7 +429,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='size of the undone blob (default 50)')
     parser.add_argument('--quick', action='store_true',
                         help='a short run: 1 round, fewer transactions, '
-                             'pack at 2,000 blobs, a 5 MiB undo')
+                             'pack at 400 blobs, a 5 MiB undo')
     parser.add_argument('--zodbblob-only', action='store_true',
                         help='run zodbblob alone (no venv, no peer)')
     parser.add_argument('--peer-python', default=None,
@@ -441,7 +441,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds = args.pack_rounds = 1
-        args.pack_blobs = '2000'
+        args.pack_blobs = '400'
+        args.garbage = 40
         args.undo_mib = 5
     try:
         args.pack_blobs = sorted(int(n) for n in args.pack_blobs.split(','))

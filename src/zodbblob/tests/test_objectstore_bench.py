@@ -41,7 +41,7 @@ class ObjectStoreBenchTests(unittest.TestCase):
             self.assertGreater(float(rows[step, 'blobs/s']), 0)
         self.assertGreater(float(rows['cold read 10 MiB', 'seconds']), 0)
         # 200 garbage keys, 1,000 a DeleteObjects request.
-        self.assertEqual(rows['pack 2,000 (200 garbage)', 'S3 requests'],
+        self.assertEqual(rows['pack 400 (40 garbage)', 'S3 requests'],
                          '1')
         self.assertEqual(rows['undo 5 MiB', 'read after undo'],
                          'right bytes')

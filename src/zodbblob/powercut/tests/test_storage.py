@@ -469,6 +469,20 @@ class BucketPowerCutTests(CommitPowerCutTests):
         self.addCleanup(os.environ.pop, BUCKET_VARIABLE, None)
         super().prepare(backing)
 
+    # Fewer cuts than on a local disk: moto is a process more on the two
+    # cores, and the upload protocol's steps are few.
+    def test_power_cuts_during_commits_of_every_shape(self):
+        self.cut_and_check('commit', 3)
+
+    def test_power_cuts_during_pack(self):
+        self.cut_and_check('pack', 2, first_seed=100)
+
+    def test_power_cuts_during_undo(self):
+        self.cut_and_check('undo', 2, first_seed=200)
+
+    def test_power_cuts_during_recovery_after_a_power_cut(self):
+        self.cut_during_recovery(300, 2)
+
 
 class PartialPowerCutTests(PowerCutStorageTestCase):
     """A disk that had written a random part of its cache when the power
