@@ -79,10 +79,16 @@ def check(bucket, journal, blob_dir: str) -> None:
                 f'is this the server and bucket the blob directory was put '
                 f'on?')
     if marker['database'] != identity:
-        _refuse(blob_dir, bucket, f'belongs to another database (its '
-                f'marker {marker_key(bucket)} names '
-                f'{marker["database"]}, this catalog {identity}): a copy '
-                f'of a site needs a prefix of its own')
+        _refuse_another(blob_dir, bucket, marker,
+                        f', this catalog {identity}): a copy of a site '
+                        f'needs a prefix of its own')
+
+
+def _refuse_another(blob_dir: str, bucket, marker: dict, rest: str):
+    """Refuse a prefix whose marker names another database (or is no
+    marker zodbblob wrote: its database reads None)."""
+    _refuse(blob_dir, bucket, f'belongs to another database (its marker '
+            f'{marker_key(bucket)} names {marker["database"]}{rest}')
 
 
 def claim(bucket, journal, blob_dir: str) -> None:
@@ -103,11 +109,10 @@ def _free_or_ours(bucket, blob_dir: str, identity: str | None):
     is empty; refused otherwise (another database's)."""
     marker = read_marker(bucket)
     if marker is not None:
-        if marker['database'] != identity:
-            _refuse(blob_dir, bucket, f'belongs to another database (its '
-                    f'marker {marker_key(bucket)} names '
-                    f'{marker["database"]}): give this storage a prefix '
-                    f'of its own')
+        # One zodbblob did not write (its database None) is nobody's.
+        if marker['database'] is None or marker['database'] != identity:
+            _refuse_another(blob_dir, bucket, marker, '): give this '
+                            'storage a prefix of its own')
         return marker
     listed = next(iter(bucket.iter_keys(bucket.settings.prefix,
                                         page_size=1)), None)

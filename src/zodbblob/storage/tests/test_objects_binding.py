@@ -107,6 +107,19 @@ class BindingTests(unittest.TestCase):
             with self.subTest(read_only=read_only):
                 self.assertRefused('has no marker', read_only=read_only)
 
+    def test_a_marker_that_is_no_marker_is_refused(self):
+        self.commit(b'bytes')
+        for garbage in (b'\xff\xfe not json', b'[1, 2]',
+                        b'{"database": 7}', b''):
+            with self.subTest(marker=garbage):
+                self.bucket.put_bytes('site/' + MARKER, garbage)
+                self.assertRefused('belongs to another database (its '
+                                   'marker site/.zodbblob.json names None')
+        # A new storage on that prefix is refused as well.
+        os.mkdir(self.path('new'))
+        self.assertRefused('belongs to another database', 'new')
+        self.assertEqual(os.listdir(self.path('new')), [])
+
     def test_read_only_opens_check_the_binding_too(self):
         self.commit(b'right bytes')
         other = self.layer.make_bucket(prefix='site')
