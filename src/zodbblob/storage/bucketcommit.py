@@ -103,11 +103,7 @@ class BucketCommit:
         pairs = [(oid, staged.tid)
                  for oid in [*staged.files, *staged.copies]]
         try:
-            objects.delete(pairs)
-            # A vote that failed inside a large file's parts may have
-            # left them, when the store refused the abort then.
-            objects.bucket.abort_uploads(objects.key(oid, tid)
-                                         for oid, tid in pairs)
+            objects.delete_uncommitted(pairs)
         except objects.failure as e:
             logger.warning('Could not delete the blob objects of aborted '
                            'transaction %s (%s); the next checkpoint or '

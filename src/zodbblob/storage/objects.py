@@ -265,10 +265,17 @@ class ObjectStore:
         revision the base has: a ZEO client may have chosen the aborted
         tid again, and committed it since."""
         from zodbblob.storage.pack import base_has
-        doomed = [(oid, tid) for oid, tid in pairs
-                  if not base_has(self.base, oid, tid)]
-        self.delete(doomed)
-        self.bucket.abort_uploads(self.key(oid, tid) for oid, tid in doomed)
+        self.delete_uncommitted([(oid, tid) for oid, tid in pairs
+                                 if not base_has(self.base, oid, tid)])
+
+    def delete_uncommitted(self, pairs) -> None:
+        """Delete what uploads of revisions that were never committed
+        left (`pairs`): their objects, and the parts of a large file's
+        upload that a failure or a kill cut (not objects: no listing
+        shows them, but they are stored)."""
+        pairs = list(pairs)
+        self.delete(pairs)
+        self.bucket.abort_uploads(self.key(oid, tid) for oid, tid in pairs)
 
     def listed(self):
         """``(oid, tid, size)`` of every blob object under the prefix,
@@ -313,10 +320,7 @@ def recover_objects(shared, base, latest, in_catalog) -> None:
         if (oid, tid) in in_catalog:
             gone.append((oid, tid))
         kill_point('mid_recovery')
-    # Before the records go (the checkpoint): the objects, and the parts
-    # of a large file whose upload the crash cut.
-    objects.delete(doomed)
-    objects.bucket.abort_uploads(objects.key(oid, tid) for oid, tid in doomed)
+    objects.delete_uncommitted(doomed)   # before the records go
     shared.journal.add(rows)
     shared.journal.remove(gone)
     checkpoint(shared)
