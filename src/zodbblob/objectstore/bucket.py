@@ -21,6 +21,11 @@ import os
 import threading
 from collections.abc import Iterable, Iterator
 
+from zodbblob.objectstore.keys import (
+    POINTER_METADATA,
+    pointer_body,
+    pointer_target,
+)
 from zodbblob.objectstore.settings import ObjectStoreSettings
 
 try:
@@ -254,11 +259,15 @@ class Bucket:
         (a Range request) if the object is the one begun (If-Match its
         ETag), else from the start; botocore retries each GetObject
         that gets no answer, as any request.
+
+        A pointer (dedup's: ``keys.py``) is followed once, to the
+        content it names under this bucket's prefix: the file gets the
+        content's bytes.
         """
         try:
             with open(path, 'wb') as f:
                 try:
-                    return self._fetch(key, path, f)
+                    return self._fetch(key, path, f, follow=True)
                 except BaseException:
                     os.unlink(path)
                     raise
@@ -267,7 +276,7 @@ class Bucket:
                 f'download to {path}', self.name, self.endpoint,
                 error.strerror or str(error), key) from error
 
-    def _fetch(self, key: str, path: str, f) -> int:
+    def _fetch(self, key: str, path: str, f, follow: bool) -> int:
         """The GetObjects of `download`, into the open file `f`."""
         written = 0
         size = etag = None
@@ -302,6 +311,12 @@ class Bucket:
                     f'download to {path}', self.name, self.endpoint,
                     cause, key) from error
             if etag is None:
+                pointer = response.get('Metadata', {}).get(POINTER_METADATA)
+                if pointer is not None:
+                    response['Body'].close()
+                    return self._fetch(self._pointed(key, path, pointer,
+                                                     follow),
+                                       path, f, follow=False)
                 etag, size = response['ETag'], response['ContentLength']
             elif written and not response.get('ContentRange', '').startswith(
                     f'bytes {written}-'):
@@ -336,6 +351,49 @@ class Bucket:
                     f'download to {path}', self.name, self.endpoint,
                     f'cut after {written} of {size} bytes, {tries} tries',
                     key) from cut
+
+    def _pointed(self, key: str, path: str, pointer: str,
+                 follow: bool) -> str:
+        """The content key the pointer `key` names, checked."""
+        try:
+            if not follow:
+                raise ValueError('a pointer to a pointer')
+            return pointer_target(self.settings.prefix, pointer)
+        except ValueError as error:
+            raise ObjectStoreError(
+                f'download to {path}', self.name, self.endpoint,
+                f'a pointer naming no content ({error})', key) from None
+
+    def put_pointer(self, key: str, digest: bytes) -> None:
+        """Store at `key` a pointer to the content `digest` (dedup)."""
+        body = pointer_body(digest)
+        try:
+            self.client.put_object(
+                Bucket=self.name, Key=key, Body=body,
+                Metadata={POINTER_METADATA: body.decode('ascii').strip()})
+        except Exception as error:
+            raise self.error('write', error, key) from error
+
+    def read_pointer(self, key: str) -> bytes | None:
+        """The digest the pointer at `key` names; None if there is no
+        object at `key`; ObjectStoreError for an object that is no
+        pointer (one HeadObject: its metadata)."""
+        try:
+            response = self.client.head_object(Bucket=self.name, Key=key)
+        except Exception as error:
+            raised = self.error('look up', error, key, ObjectMissing)
+            if isinstance(raised, ObjectMissing):
+                return None
+            raise raised from error
+        pointer = response.get('Metadata', {}).get(POINTER_METADATA)
+        try:
+            if pointer is None:
+                raise ValueError('no pointer metadata')
+            target = pointer_target('', pointer)
+        except ValueError as error:
+            raise ObjectStoreError('read the pointer', self.name,
+                                   self.endpoint, str(error), key) from None
+        return bytes.fromhex(target.rsplit('/', 1)[1])
 
     @staticmethod
     def code(error: Exception) -> str:

@@ -17,6 +17,8 @@ import re
 DIGEST_SIZE = 32
 CONTENTS = 'contents/'
 BLOB_SUFFIX = '.blob'
+# The user metadata that makes an object a pointer to a content.
+POINTER_METADATA = 'zodbblob-content'
 BLOB_KEY = re.compile(r'([0-9a-f]{16})/([0-9a-f]{16})\.blob')
 CONTENT_KEY = re.compile(r'contents/([0-9a-f]{2})/([0-9a-f]{64})')
 
@@ -61,3 +63,20 @@ def parse_content_key(prefix: str, key: str) -> bytes | None:
     if match is None or match[2][:2] != match[1]:
         return None
     return bytes.fromhex(match[2])
+
+
+def pointer_body(digest: bytes) -> bytes:
+    """The body of a pointer to the content `digest` (its hex, a line)."""
+    content_key('', digest)   # checks the digest
+    return digest.hex().encode('ascii') + b'\n'
+
+
+def pointer_target(prefix: str, value: str | bytes) -> str:
+    """The content key a pointer's metadata or body `value` names; a
+    ValueError for anything that is not a digest's hex."""
+    if isinstance(value, bytes):
+        value = value.decode('ascii', 'replace')
+    value = value.strip()
+    if not re.fullmatch(r'[0-9a-f]{%d}' % (2 * DIGEST_SIZE), value):
+        raise ValueError(f'not a content digest: {value[:80]!r}')
+    return content_key(prefix, bytes.fromhex(value))

@@ -15,6 +15,11 @@ database:
 - a catalog lost from a directory that was in use is rebuilt from a
   listing only under the marker, whose id it takes over; a new
   directory never adopts a used prefix.
+
+The keys are bound too: a prefix bound with dedup on keeps each content
+once under its digest (``object_store_keys`` = ``content`` in the
+catalog, ``"keys": "content"`` in the marker), one bound without it by
+oid and tid; a writable open must say the same (``dedup``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 META_NAME = 'object_store'
 ID_NAME = 'object_store_id'
+KEYS_NAME = 'object_store_keys'
+CONTENT_KEYS = 'content'
 MARKER = '.zodbblob.json'
 
 
@@ -91,17 +98,43 @@ def _refuse_another(blob_dir: str, bucket, marker: dict, rest: str):
             f'{marker_key(bucket)} names {marker["database"]}{rest}')
 
 
-def claim(bucket, journal, blob_dir: str) -> None:
+def claim(bucket, journal, blob_dir: str, contents: bool = False) -> None:
     """Make the prefix this catalog's: give the catalog its id, and the
     prefix a marker naming it (an empty prefix), or find the marker
-    naming it already (a binding or a move a crash interrupted)."""
+    naming it already (a binding or a move a crash interrupted).  With
+    `contents`, blobs are kept by content (dedup)."""
     identity = journal.get_meta(ID_NAME)
     if identity is None:
         identity = uuid.uuid4().hex
         journal.set_meta(**{ID_NAME: identity})
     if _free_or_ours(bucket, blob_dir, identity) is None:
-        bucket.put_bytes(marker_key(bucket),
-                         json.dumps({'database': identity}).encode())
+        marker = {'database': identity}
+        if contents:
+            marker['keys'] = CONTENT_KEYS
+        bucket.put_bytes(marker_key(bucket), json.dumps(marker).encode())
+
+
+def by_content(journal) -> bool:
+    """Whether the bound prefix keeps each content once (dedup)."""
+    return journal.get_meta(KEYS_NAME) == CONTENT_KEYS
+
+
+def check_keys(bucket, journal, blob_dir: str, dedup: bool) -> None:
+    """Refuse a writable open whose `dedup` is not what the prefix was
+    bound with: its keys would be of the other kind."""
+    if by_content(journal) == bool(dedup):
+        return
+    if dedup:
+        raise BlobStorageError(
+            f'Blob directory {blob_dir} keeps its blobs in '
+            f'{describe(bucket.settings)} by oid and tid: dedup on a '
+            f'bucket needs a prefix bound with dedup on from the start '
+            f'(open it without dedup, or zodbblob migrate it into a new '
+            f'prefix with --dedup)')
+    raise BlobStorageError(
+        f'Blob directory {blob_dir} keeps its blobs in '
+        f'{describe(bucket.settings)} by content: open it with dedup on '
+        f'(dedup on in <zodbblob>, dedup=True, serve --dedup)')
 
 
 def _free_or_ours(bucket, blob_dir: str, identity: str | None):
@@ -123,12 +156,13 @@ def _free_or_ours(bucket, blob_dir: str, identity: str | None):
     return None
 
 
-def bind(bucket, journal, fshelper) -> None:
-    """Bind a blob directory to its bucket (a first open on it), or
-    check the binding."""
+def bind(bucket, journal, fshelper, dedup: bool = False) -> None:
+    """Bind a blob directory to its bucket (a first open on it), by
+    content with `dedup`; or check the binding."""
     blob_dir = fshelper.base_dir
     if journal.get_meta(META_NAME) is not None:
         check(bucket, journal, blob_dir)
+        check_keys(bucket, journal, blob_dir, dedup)
         return
     if (journal.total_size() or any(True for _ in journal.committed())
             or any(True for _ in fshelper.iter_blobs())):
@@ -137,8 +171,9 @@ def bind(bucket, journal, fshelper) -> None:
             f'cannot keep its blobs in {describe(bucket.settings)} (start '
             f'from an empty blob directory, or move them with zodbblob '
             f'migrate)')
-    claim(bucket, journal, blob_dir)
-    journal.set_meta(**{META_NAME: describe(bucket.settings)})
+    claim(bucket, journal, blob_dir, dedup)
+    journal.set_meta(**{KEYS_NAME: CONTENT_KEYS if dedup else None,
+                        META_NAME: describe(bucket.settings)})
 
 
 def adopt(bucket, journal, blob_dir: str) -> None:
@@ -153,7 +188,9 @@ def adopt(bucket, journal, blob_dir: str) -> None:
         _refuse(blob_dir, bucket, f'has no marker {marker_key(bucket)} '
                 f'to rebuild the catalog under')
     journal.set_meta(**{META_NAME: describe(bucket.settings),
-                        ID_NAME: marker['database']})
+                        ID_NAME: marker['database'],
+                        KEYS_NAME: CONTENT_KEYS if marker.get('keys')
+                        == CONTENT_KEYS else None})
 
 
 def check_unbound(journal, blob_dir: str) -> None:

@@ -39,6 +39,10 @@ class BucketCommit:
         if path is not None:
             remove_if_exists(path)
         staged.copies[oid] = (source_tid, size)
+        if self._shared.objects.contents is not None:
+            # By content, the copy is a pointer to the source's content.
+            staged.uploaded[oid] = self._shared.objects.digest(oid,
+                                                               source_tid)
 
     def _vote_uploading(self, staged, transaction):
         """Vote on a bucket: log, let the base vote, then upload.
@@ -50,6 +54,16 @@ class BucketCommit:
         in the bucket.  A failed upload fails the vote; the abort deletes
         what was uploaded.
         """
+        objects = self._shared.objects
+        contents = objects.contents
+        if contents is not None:
+            # The record names each content key the commit may create.
+            try:
+                staged.uploaded.update(contents.hash(staged.files.items()))
+            except OSError as e:
+                raise StorageError(f'Could not read the blob file '
+                                   f'{e.filename} to commit: '
+                                   f'{e.strerror}') from None
         syncing = self._log(staged)
         try:
             result = self.base.tpc_vote(transaction)
@@ -61,12 +75,17 @@ class BucketCommit:
                 pass   # the vote's own error says more
             raise
         staged.uploading = True
-        objects = self._shared.objects
+        files = [(oid, path) for oid, path, info in staged.stats]
         try:
-            staged.uploaded = objects.upload(
-                [(oid, path) for oid, path, info in staged.stats],
-                staged.tid, [(oid, source) for oid, (source, size)
-                             in staged.copies.items()], syncing)
+            if contents is not None:
+                staged.claimed = set(staged.uploaded.values())
+                new = contents.claim(staged.claimed)
+                contents.upload(files, list(staged.copies), staged.tid,
+                                staged.uploaded, new, syncing)
+            else:
+                staged.uploaded = objects.upload(
+                    files, staged.tid, [(oid, source) for oid, (source, size)
+                                        in staged.copies.items()], syncing)
         except objects.failure as e:
             # One line, and an error a ZEO client can unpickle.
             raise StorageError(
@@ -80,10 +99,14 @@ class BucketCommit:
         shared = self._shared
         rows = [(oid, staged.tid, info.st_size, staged.uploaded.get(oid))
                 for oid, path, info in staged.stats]
-        rows += [(oid, staged.tid, size, committed_digest_of(
-                     shared, oid, source))
+        rows += [(oid, staged.tid, size, staged.uploaded.get(oid)
+                  or committed_digest_of(shared, oid, source))
                  for oid, (source, size) in staged.copies.items()]
         shared.journal.add(rows)
+        if staged.claimed is not None:
+            # The rows count on the contents now.
+            shared.objects.contents.release(staged.claimed)
+            staged.claimed = None
         kill_point('after_journal_commit')
         for oid, path, info in staged.stats:
             shared.objects.admit(oid, staged.tid, path)
@@ -100,15 +123,22 @@ class BucketCommit:
         objects = self._shared.objects
         if objects is None or not staged.uploading:
             return True
-        pairs = [(oid, staged.tid)
-                 for oid in [*staged.files, *staged.copies]]
+        if staged.claimed is not None:
+            objects.contents.release(staged.claimed)
+            staged.claimed = None
+        oids = [*staged.files, *staged.copies]
+        digests = ([staged.uploaded.get(oid) for oid in oids]
+                   if objects.contents is not None else [None] * len(oids))
         try:
-            objects.delete_uncommitted(pairs)
+            objects.delete_uncommitted([(oid, staged.tid) for oid in oids],
+                                       digests)
         except objects.failure as e:
             logger.warning('Could not delete the blob objects of aborted '
                            'transaction %s (%s); the next checkpoint or '
                            'open deletes them', oid_repr(staged.tid), e)
             with self._shared.logging:
-                self._shared.undeleted.extend(pairs)
+                self._shared.undeleted.extend(
+                    (oid, staged.tid, digest)
+                    for oid, digest in zip(oids, digests))
             return False
         return True

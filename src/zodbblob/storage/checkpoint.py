@@ -97,10 +97,11 @@ class Shared:
         # back; a checkpoint or a commit after it must not happen).
         self.failed: str | None = None
         # On a bucket (``objects.py``): its `ObjectStore`, and the
-        # ``(oid, tid)`` of objects an abort could not delete (their
-        # records stay until a checkpoint has deleted them).
+        # ``(oid, tid, digest)`` of objects an abort could not delete
+        # (their records stay until a checkpoint has deleted them; the
+        # digest, by content, or None).
         self.objects = None
-        self.undeleted: list[tuple[bytes, bytes]] = []
+        self.undeleted: list[tuple[bytes, bytes, bytes | None]] = []
 
     def syncer(self) -> concurrent.futures.ThreadPoolExecutor:
         """The thread that fdatasyncs commit log records."""

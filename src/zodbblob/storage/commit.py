@@ -174,10 +174,13 @@ class _Staged:
         self.held = 0   # bytes of copies dedup linked away (not inline)
         # On a bucket (``objects.py``): undo's server-side copies, oid ->
         # (source tid, size); whether uploads started (an abort deletes
-        # their keys); the digests the uploads computed.
+        # their keys); the digests the uploads computed.  By content
+        # (``contents.py``): every blob's digest, known before the
+        # record, and those `Contents.claim` counts on until the end.
         self.copies: dict[bytes, tuple[bytes, int]] = {}
         self.uploading = False
         self.uploaded: dict[bytes, bytes | None] = {}
+        self.claimed: set[bytes] | None = None
 
 
 class CommitProtocol(OneSyncFinish, BucketCommit):
@@ -329,10 +332,13 @@ class CommitProtocol(OneSyncFinish, BucketCommit):
             # The bucket keeps the bytes: the record only names the keys
             # (from oid and tid) for a recovery to delete, and the staged
             # files need not be durable.
+            # By content, each entry names its digest (its content key).
             entries = [Entry(oid, info.st_size,
-                             staged=os.path.relpath(path, temp_dir))
+                             staged=os.path.relpath(path, temp_dir),
+                             digest=staged.uploaded.get(oid))
                        for oid, path, info in files]
-            entries += [Entry(oid, size, staged='copy-of-' + source.hex())
+            entries += [Entry(oid, size, staged='copy-of-' + source.hex(),
+                              digest=staged.uploaded.get(oid))
                         for oid, (source, size) in staged.copies.items()]
         elif staged.inline:
             entries = [Entry(oid, info.st_size, data=read_bytes(path))

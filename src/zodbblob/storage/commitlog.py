@@ -64,7 +64,10 @@ _HEADER_V1 = struct.Struct('>8sQQ')
 _HEADER_MAGIC_V1 = b'ZBLOGHD1'
 _RECORD = struct.Struct('>4sBQQ8sI')    # magic, kind, sequence, length, tid,
 _RECORD_MAGIC = b'ZBLR'                 # entries
-_ENTRY = struct.Struct('>8sQBH')        # oid, size, inline, staged length
+_ENTRY = struct.Struct('>8sQBH')        # oid, size, flags, staged length
+INLINE = 1         # flags: the entry's bytes follow
+DIGEST = 2         # flags: its content digest follows (32 bytes)
+DIGEST_SIZE = 32
 _CRC = struct.Struct('>I')
 
 COMMIT, ABORT = 1, 2
@@ -80,12 +83,14 @@ class Entry:
 
     `data` holds the bytes of an inline blob; `staged` (a path relative to
     the blob directory's ``tmp``) names a blob whose file was made durable
-    before the record.
+    before the record.  `digest` is its content's, where the record
+    needs it (on a bucket with dedup: the content key it may create).
     """
     oid: bytes
     size: int
     data: bytes | None = None
     staged: str | None = None
+    digest: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,7 @@ def record_length(entries) -> int:
     return _RECORD.size + _CRC.size + sum(
         _ENTRY.size + len((entry.staged or '').encode('utf-8'))
         + (len(entry.data) if entry.data is not None else 0)
+        + (DIGEST_SIZE if entry.digest is not None else 0)
         for entry in entries)
 
 
@@ -112,9 +118,14 @@ def encode(kind: int, sequence: int, tid: bytes, entries=()) -> bytes:
     parts = [b'']
     for entry in entries:
         staged = (entry.staged or '').encode('utf-8')
-        parts.append(_ENTRY.pack(entry.oid, entry.size,
-                                 entry.data is not None, len(staged)))
+        flags = ((INLINE if entry.data is not None else 0)
+                 | (DIGEST if entry.digest is not None else 0))
+        parts.append(_ENTRY.pack(entry.oid, entry.size, flags, len(staged)))
         parts.append(staged)
+        if entry.digest is not None:
+            if len(entry.digest) != DIGEST_SIZE:
+                raise ValueError(f'a digest of {len(entry.digest)} bytes')
+            parts.append(entry.digest)
         if entry.data is not None:
             parts.append(entry.data)
     body = b''.join(parts)
@@ -129,15 +140,19 @@ def _decode_entries(body: bytes, count: int) -> tuple[Entry, ...]:
     entries = []
     position = 0
     for _ in range(count):
-        oid, size, inline, staged_length = _ENTRY.unpack_from(body, position)
+        oid, size, flags, staged_length = _ENTRY.unpack_from(body, position)
         position += _ENTRY.size
         staged = body[position:position + staged_length].decode('utf-8')
         position += staged_length
+        digest = None
+        if flags & DIGEST:
+            digest = body[position:position + DIGEST_SIZE]
+            position += DIGEST_SIZE
         data = None
-        if inline:
+        if flags & INLINE:
             data = body[position:position + size]
             position += size
-        entries.append(Entry(oid, size, data, staged or None))
+        entries.append(Entry(oid, size, data, staged or None, digest))
     if position != len(body):
         raise ValueError('entries do not fill the record')
     return tuple(entries)

@@ -32,6 +32,7 @@ from zodbblob.objectstore import ObjectStoreSettings, blob_key, parse_blob_key
 from zodbblob.storage import binding
 from zodbblob.storage.binding import describe
 from zodbblob.storage.catalog import STATE_DIR, kill_point
+from zodbblob.storage.contents import Contents
 from zodbblob.storage.digest import digest_file
 from zodbblob.storage.lock import BlobStorageError
 
@@ -78,14 +79,15 @@ def open_bucket(object_store):
 
 
 def open_objects(object_store, journal, fshelper, read_only: bool):
-    """The `ObjectStore` of ``object_store = (bucket, cache_size)``,
-    bound to the catalog `journal` (``binding.py``); None without one,
-    after refusing a blob directory that is bound to a bucket."""
+    """The `ObjectStore` of ``object_store = (bucket, cache_size,
+    dedup)``, bound to the catalog `journal` (``binding.py``); None
+    without one, after refusing a blob directory that is bound to a
+    bucket."""
     blob_dir = fshelper.base_dir
     if object_store is None:
         binding.check_unbound(journal, blob_dir)
         return None
-    bucket, cache_size = object_store
+    bucket, cache_size, dedup = object_store
     if read_only:
         if journal is None:
             raise BlobStorageError(
@@ -93,8 +95,8 @@ def open_objects(object_store, journal, fshelper, read_only: bool):
                 f'blobs from {describe(bucket.settings)} by')
         binding.check(bucket, journal, blob_dir)
     else:
-        binding.bind(bucket, journal, fshelper)
-    return ObjectStore(bucket, blob_dir, cache_size)
+        binding.bind(bucket, journal, fshelper, dedup)
+    return ObjectStore(bucket, blob_dir, cache_size, journal)
 
 
 def rebuild_from_bucket(object_store, journal, blob_dir: str,
@@ -102,9 +104,9 @@ def rebuild_from_bucket(object_store, journal, blob_dir: str,
     """Rebuild the catalog `journal` of a blob directory on a bucket from
     a listing of its prefix, page by page, under the prefix's marker
     (``binding.adopt``); its `ObjectStore`."""
-    bucket, cache_size = object_store
+    bucket, cache_size, dedup = object_store
     binding.adopt(bucket, journal, blob_dir)
-    objects = ObjectStore(bucket, blob_dir, cache_size)
+    objects = ObjectStore(bucket, blob_dir, cache_size, journal)
     counted = []
 
     def listed():
@@ -126,7 +128,8 @@ def rebuild_from_bucket(object_store, journal, blob_dir: str,
 class ObjectStore:
     """The bucket of one storage, its upload threads and its local cache."""
 
-    def __init__(self, bucket, blob_dir: str, cache_size: int | None):
+    def __init__(self, bucket, blob_dir: str, cache_size: int | None,
+                 journal):
         from zodbblob.cache import BlobCache
         from zodbblob.objectstore.bucket import ObjectMissing, ObjectStoreError
         self.bucket = bucket
@@ -143,17 +146,45 @@ class ObjectStore:
                 f'Cannot open the blob cache {cache_directory(blob_dir)} of '
                 f'{self.name}: {getattr(e, "strerror", None) or e}') from None
         self.base = None   # the storage's base, once open
-        self._pool = concurrent.futures.ThreadPoolExecutor(
+        self.journal = journal
+        self.pool = concurrent.futures.ThreadPoolExecutor(
             UPLOAD_THREADS, thread_name_prefix='zodbblob-upload')
+        # Bound by content (dedup): each content once (``contents.py``).
+        self.contents = None
+        if binding.by_content(journal):
+            self.contents = Contents(self)
+            self.contents.journal = journal
 
     def __repr__(self):
         return f'<ObjectStore {self.name}>'
 
     def key(self, oid: bytes, tid: bytes) -> str:
+        """The key of revision `tid` of `oid` (by content: its pointer)."""
         return blob_key(self.settings.prefix, oid, tid)
 
+    def object_key(self, oid: bytes, tid: bytes) -> str:
+        """The key of the bytes of revision `tid` of `oid`: by content,
+        its content's, where the catalog knows its digest (else its
+        pointer, which a download follows)."""
+        if self.contents is not None:
+            digest = self.digest(oid, tid)
+            if digest is not None:
+                return self.contents.key(digest)
+        return self.key(oid, tid)
+
+    def digest(self, oid: bytes, tid: bytes) -> bytes | None:
+        """By content: the digest of revision `tid` of `oid`, from the
+        catalog, else from its pointer; None if there is neither."""
+        digest = self.journal.digest(oid, tid)
+        if digest is None:
+            try:
+                digest = self.bucket.read_pointer(self.key(oid, tid))
+            except self.failure as e:
+                raise StorageError(str(e)) from e
+        return digest
+
     def close(self) -> None:
-        self._pool.shutdown()
+        self.pool.shutdown()
         try:
             self.cache.close()
         except Exception as e:
@@ -174,9 +205,9 @@ class ObjectStore:
         """
         after.result()
         kill_point('after_upload_record')
-        futures = [self._pool.submit(self._upload, oid, path, tid)
+        futures = [self.pool.submit(self._upload, oid, path, tid)
                    for oid, path in files]
-        futures += [self._pool.submit(self._copy, oid, source, tid)
+        futures += [self.pool.submit(self._copy, oid, source, tid)
                     for oid, source in copies]
         concurrent.futures.wait(futures)
         digests = {}
@@ -231,12 +262,16 @@ class ObjectStore:
         """The local copy of revision `tid` of `oid`, downloaded at most
         once: POSKeyError if the bucket has none, StorageError (one
         line) if the bucket cannot be reached."""
-        key = self.key(oid, tid)
+        keys = []
+
+        def fetch(temporary: str) -> int:
+            # Only on a miss: by content, the key asks the catalog.
+            keys.append(self.object_key(oid, tid))
+            return self.bucket.download(keys[-1], temporary)
         try:
-            return self.cache.load(
-                oid, tid, lambda temporary: self.bucket.download(key,
-                                                                 temporary))
+            return self.cache.load(oid, tid, fetch)
         except self.missing:
+            key = keys[-1] if keys else self.key(oid, tid)
             raise POSKeyError(f'No blob object {key} in {self.name}',
                               oid, tid) from None
         except self.failure as e:
@@ -246,7 +281,7 @@ class ObjectStore:
         """The size of the object of `tid` of `oid`, None if there is
         none (undo asks, before it copies it)."""
         try:
-            return self.bucket.head(self.key(oid, tid))
+            return self.bucket.head(self.object_key(oid, tid))
         except self.failure as e:
             raise StorageError(str(e)) from e
 
@@ -260,30 +295,49 @@ class ObjectStore:
             self.bucket.delete(self.key(oid, tid) for oid, tid in pairs)
             kill_point('after_object_delete')
 
-    def delete_unless_committed(self, pairs) -> None:
-        """Delete the objects of `pairs` an abort left, but for a
-        revision the base has: a ZEO client may have chosen the aborted
-        tid again, and committed it since."""
+    def delete_unless_committed(self, entries) -> None:
+        """Delete the objects of `entries` (``(oid, tid, digest)``) an
+        abort left, but for a revision the base has: a ZEO client may
+        have chosen the aborted tid again, and committed it since."""
         from zodbblob.storage.pack import base_has
-        self.delete_uncommitted([(oid, tid) for oid, tid in pairs
-                                 if not base_has(self.base, oid, tid)])
+        self.delete_uncommitted(
+            [(oid, tid) for oid, tid, digest in entries
+             if not base_has(self.base, oid, tid)],
+            [digest for oid, tid, digest in entries])
 
-    def delete_uncommitted(self, pairs) -> None:
+    def delete_uncommitted(self, pairs, digests=()) -> None:
         """Delete what uploads of revisions that were never committed
-        left (`pairs`): their objects, and the parts of a large file's
-        upload that a failure or a kill cut (not objects: no listing
-        shows them, but they are stored)."""
+        left (`pairs`): their objects (by content: their pointers, and
+        the contents of `digests` no revision needs), and the parts of a
+        large file's upload that a failure or a kill cut (not objects:
+        no listing shows them, but they are stored)."""
         pairs = list(pairs)
         self.delete(pairs)
+        if self.contents is not None:
+            self.contents.collect(digests, uncommitted=True)
+            return
         self.bucket.abort_uploads(self.key(oid, tid) for oid, tid in pairs)
 
     def listed(self):
-        """``(oid, tid, size)`` of every blob object under the prefix,
-        page by page (rebuilding a lost catalog)."""
+        """``(oid, tid, size)`` of every blob object under the prefix
+        (by content: ``(oid, tid, size, digest)``, each pointer read,
+        and its content's size asked), page by page (rebuilding a lost
+        catalog)."""
         for key, size in self.bucket.iter_keys(self.settings.prefix):
             parsed = parse_blob_key(self.settings.prefix, key)
-            if parsed is not None:
+            if parsed is None:
+                continue
+            if self.contents is None:
                 yield parsed[0], parsed[1], size
+                continue
+            digest = self.bucket.read_pointer(key)
+            size = None if digest is None else self.bucket.head(
+                self.contents.key(digest))
+            if size is None:
+                logger.warning('Blob object %s of %s: its content is gone; '
+                               'not in the rebuilt catalog', key, self.name)
+                continue
+            yield parsed[0], parsed[1], size, digest
 
 
 def recover_objects(shared, base, latest, in_catalog) -> None:
@@ -295,24 +349,26 @@ def recover_objects(shared, base, latest, in_catalog) -> None:
     before the base committed (vote waited): its row is written.  One
     the base lacks had its record durable before any upload started, so
     its key is all that can be left: deleted, in batches, before the
-    record goes.  An aborted revision (None) whose keys an abort deleted
+    record goes (by content: its pointer, and its content if no row
+    needs it).  An aborted revision (None) whose keys an abort deleted
     needs nothing.
     """
     from zodbblob.storage.checkpoint import checkpoint
     from zodbblob.storage.pack import base_has
     objects = shared.objects
     fshelper = shared.fshelper
-    rows, doomed, gone, back = [], [], [], set()
+    rows, doomed, digests, gone, back = [], [], [], [], set()
     for (oid, tid), entry in sorted(latest.items(),
                                     key=lambda item: item[0][::-1]):
         if entry is None:
             continue
         if base_has(base, oid, tid):
             if (oid, tid) not in in_catalog:
-                rows.append((oid, tid, entry.size, None))
+                rows.append((oid, tid, entry.size, entry.digest))
             continue
         back.add(tid)
         doomed.append((oid, tid))
+        digests.append(entry.digest)
         if entry.staged:
             path = os.path.join(fshelper.temp_dir, entry.staged)
             if os.path.isfile(path):
@@ -320,9 +376,11 @@ def recover_objects(shared, base, latest, in_catalog) -> None:
         if (oid, tid) in in_catalog:
             gone.append((oid, tid))
         kill_point('mid_recovery')
-    objects.delete_uncommitted(doomed)   # before the records go
+    # The rows first: by content, a content goes only if no row needs
+    # it.  Then the deletes, before the records go.
     shared.journal.add(rows)
     shared.journal.remove(gone)
+    objects.delete_uncommitted(doomed, digests)
     checkpoint(shared)
     for tid in sorted(back):
         logger.warning('Recovered blob directory %s: deleted the blob '

@@ -83,19 +83,30 @@ def remove_blob_objects(shared: Shared, garbage) -> None:
     acknowledged is durable, so they go at once.  A kill in between
     leaves marks whose objects are gone: the next open deletes them
     again, which S3 takes as done.
+
+    By content, the objects are the revisions' pointers, and then the
+    contents no other revision needs (``contents.py``); the rows go
+    before vote may decide again whether the bucket has a content.
     """
     garbage = list(garbage)
     if not garbage:
         return
     objects = shared.objects
+    journal = shared.journal
     try:
-        objects.delete(garbage)
+        if objects.contents is None:
+            objects.delete(garbage)
+            journal.remove(garbage, marks=False)
+        else:
+            digests = [journal.digest(oid, tid) for oid, tid in garbage]
+            objects.delete(garbage)
+            objects.contents.collect(
+                digests, then=lambda: journal.remove(garbage, marks=False))
     except objects.failure as e:
         # The marks stay: the next pack, or the next open, deletes them.
         raise StorageError(f'Pack could not delete {len(garbage)} blob '
                            f'objects from {objects.name}: {e}') from None
-    shared.journal.remove(garbage, marks=False)
-    shared.journal.forget_garbage(garbage)
+    journal.forget_garbage(garbage)
     logger.debug('Pack deleted %d blob objects from %s', len(garbage),
                  shared.objects.name)
 

@@ -136,7 +136,7 @@ def open_blob_directory(base, blob_dir: str, layout: str,
                         object_store=None) -> Shared:
     """Open `blob_dir` for a storage over `base`: what its instances share.
 
-    `object_store` is ``(bucket, cache_size)`` for a storage whose blobs
+    `object_store` is ``(bucket, cache_size, dedup)`` for a storage whose blobs
     live in a bucket (``objects.py``), or None.
     """
     return Recovery(base, object_store).open(blob_dir, layout)

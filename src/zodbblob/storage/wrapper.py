@@ -63,7 +63,8 @@ class BlobStorage:
         commits with one sync.  ``commit_protocol`` says which.
 
         With `dedup`, a committed blob whose bytes equal a committed
-        file's is stored as a hard link to it (``storage/dedup.py``).
+        file's is stored as a hard link to it (``storage/dedup.py``); on
+        an object store, each content is stored once (``contents.py``).
         With `scrub` (writable storages only), a background thread hashes
         the committed files that have no digest yet (``storage/scrub.py``).
 
@@ -74,14 +75,11 @@ class BlobStorage:
         """
         remote = None
         if object_store is not None:
-            if dedup:
-                raise BlobStorageError(
-                    f'Blob directory {blob_dir}: dedup is not available '
-                    f'on an object store yet')
             # Checked before anything on disk changes.
             bucket = open_bucket(object_store)
             refuse_a_used_prefix(bucket, blob_dir)
-            remote = (bucket, check_cache_size(cache_size, blob_dir))
+            remote = (bucket, check_cache_size(cache_size, blob_dir),
+                      bool(dedup))
         elif cache_size is not None:
             raise BlobStorageError(
                 f'Blob directory {blob_dir}: cache_size bounds the local '
@@ -101,6 +99,9 @@ class BlobStorage:
             self._wrap(blob_dir, base, layout, _shared, remote)
             if self._owner:
                 self._shared.dedup = bool(dedup)
+        if self._owner and self._shared.objects is not None:
+            # On a bucket, the prefix's binding says (``binding.py``).
+            self._shared.dedup = self._shared.objects.contents is not None
         if self._owner and scrub:
             self._shared.start_scrubber()
 

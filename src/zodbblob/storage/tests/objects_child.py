@@ -1,7 +1,7 @@
 """A child process for the object-store crash tests.
 
 Usage: python -m zodbblob.storage.tests.objects_child DIR SETTINGS_JSON
-           [TRANSACTIONS] [--pack] [--undo]
+           [TRANSACTIONS] [--pack] [--undo] [--dedup]
 
 Opens ``DIR/Data.fs`` with its blobs in the bucket the JSON settings
 name (``DIR/blobs`` keeps the catalog, the commit log and the cache) and
@@ -9,7 +9,9 @@ commits blob transactions (one and several blobs, empty, small, and one
 over the multipart threshold); after each commit returns, it appends
 ``{"tid": ..., "changed": {"oid:tid": sha256}}`` to ``DIR/committed``
 and fsyncs it.  With ``--pack`` it packs after each commit; with
-``--undo`` it undoes each other transaction.  The parent sets
+``--undo`` it undoes each other transaction.  With ``--dedup`` the
+storage keeps each content once, and the blobs' bytes are drawn from a
+few contents, so that most are stored already.  The parent sets
 ZODBBLOB_KILL_POINT so that it kills itself at a named point.
 """
 
@@ -28,10 +30,12 @@ from zodbblob.objectstore import ObjectStoreSettings
 from zodbblob.storage import open_filestorage
 
 
-def open_storage(directory: str, settings: ObjectStoreSettings):
+def open_storage(directory: str, settings: ObjectStoreSettings,
+                 dedup: bool = False):
     return open_filestorage(os.path.join(directory, 'Data.fs'),
                             os.path.join(directory, 'blobs'),
-                            object_store=settings, cache_size=16 << 20)
+                            object_store=settings, cache_size=16 << 20,
+                            dedup=dedup)
 
 
 def log(directory, tid, changed):
@@ -45,7 +49,8 @@ def main(argv):
     directory, settings = argv[0], ObjectStoreSettings(**json.loads(argv[1]))
     count = int(argv[2]) if len(argv) > 2 and argv[2].isdigit() else 6
     rng = random.Random(7)
-    db = ZODB.DB(open_storage(directory, settings))
+    dedup = '--dedup' in argv
+    db = ZODB.DB(open_storage(directory, settings, dedup))
     connection = db.open()
     root = connection.root()
     for number in range(count):
@@ -53,6 +58,8 @@ def main(argv):
         for index in range(1 + number % 3):
             size = [0, 100, 5000, 9 << 20][(number + index) % 4]
             data = rng.randbytes(size)
+            if dedup:   # a few contents, most committed already
+                data = bytes([rng.randrange(3)]) * size
             name = f'blob{number % 4}-{index}'
             root[name] = Blob(data)
             changed[name] = hashlib.sha256(data).hexdigest()

@@ -417,9 +417,7 @@ class RefusalTests(ObjectStoreTestCase):
         self.assertIn('no-such-bucket-here', str(raised.exception))
         self.assertEqual(self.contents(), [])
 
-    def test_dedup_and_cache_size_alone_are_refused(self):
-        with self.assertRaises(BlobStorageError):
-            self.open(dedup=True)
+    def test_cache_size_alone_is_refused(self):
         with self.assertRaises(BlobStorageError):
             self.open(object_store=None, cache_size=100)
         self.assertEqual(self.contents(), [])
@@ -489,6 +487,8 @@ class KillTests(ObjectStoreTestCase):
     """SIGKILL at every named point of the upload protocol: after the
     next open, every acknowledged blob is in the bucket byte-exact, and
     the bucket holds exactly the catalog's keys (no orphan)."""
+
+    dedup = False
 
     def committed(self):
         path = os.path.join(self.dir, 'committed')
@@ -590,8 +590,9 @@ class KillTests(ObjectStoreTestCase):
              'from zodbblob.objectstore import ObjectStoreSettings;'
              'from zodbblob.storage.tests.objects_child import open_storage;'
              'open_storage(sys.argv[1], ObjectStoreSettings('
-             '**json.loads(sys.argv[2]))).close()',
-             self.dir, json.dumps(dataclasses.asdict(self.settings))],
+             '**json.loads(sys.argv[2])), json.loads(sys.argv[3])).close()',
+             self.dir, json.dumps(dataclasses.asdict(self.settings)),
+             json.dumps(self.dedup)],
             env=env, capture_output=True, timeout=300)
         self.assertEqual(done.returncode, -9, done.stderr.decode()[-2000:])
         self.check()
