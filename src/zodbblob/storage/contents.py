@@ -79,6 +79,13 @@ class Contents:
         sources = {}
         for oid, path in files:
             sources.setdefault(digests[oid], path)
+        for oid in copies:
+            if digests[oid] in new and digests[oid] not in sources:
+                # An undo of a revision whose content a pack took since.
+                raise objects.failure(
+                    f'copy revision of oid {oid.hex()} to', objects.bucket.name,
+                    objects.bucket.endpoint, 'its content is gone',
+                    objects.key(oid, tid))
         futures = [objects.pool.submit(self._upload, path, digest)
                    for digest, path in sources.items() if digest in new]
         futures += [objects.pool.submit(objects.bucket.put_pointer,

@@ -1,6 +1,7 @@
 """ZODB's own blob suite against a storage whose blobs live in a bucket
 (moto's S3 server, a real process on 127.0.0.1): blob commits, packing,
-undo, recovery, savepoints, what a ZODB user does with blobs.
+undo, recovery, savepoints, what a ZODB user does with blobs; by oid
+and tid, and by content (dedup).
 
 ZODB's class-based FileStorage suites (BasicStorage, undo, pack, MVCC
 and the rest) store no blobs: on a bucket they ran what
@@ -34,6 +35,13 @@ def object_store_file_storage(name, blob_dir):
     return zodbblob.open_filestorage(
         name + '.fs', blob_dir=blob_dir,
         object_store=settings_for(blob_dir))
+
+
+def object_store_dedup_file_storage(name, blob_dir):
+    """Each content once (dedup): pointers at the revisions' keys."""
+    return zodbblob.open_filestorage(
+        name + '.fs', blob_dir=blob_dir,
+        object_store=settings_for(blob_dir), dedup=True)
 
 
 def _on_bucket(suite):
@@ -75,10 +83,13 @@ def test_suite():
     suite = unittest.TestSuite()
     if S3_MISSING:
         return suite
-    blobs = _on_bucket(_adapt(ZODB.tests.testblob.storage_reusable_suite(
-        'zodbblob.ObjectStoreFileStorage', object_store_file_storage,
-        test_blob_storage_recovery=True, test_packing=True,
-        test_undo=True)))
-    blobs.layer = S3_SERVER
-    suite.addTest(blobs)
+    for name, factory in [
+            ('zodbblob.ObjectStoreFileStorage', object_store_file_storage),
+            ('zodbblob.ObjectStoreDedupFileStorage',
+             object_store_dedup_file_storage)]:
+        blobs = _on_bucket(_adapt(ZODB.tests.testblob.storage_reusable_suite(
+            name, factory, test_blob_storage_recovery=True,
+            test_packing=True, test_undo=True)))
+        blobs.layer = S3_SERVER
+        suite.addTest(blobs)
     return suite
