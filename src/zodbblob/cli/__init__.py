@@ -46,6 +46,7 @@ from zodbblob.cli.serve import (
     format_address,
     serve_command,
 )
+from zodbblob.cli.takeover import add_takeover_arguments, takeover_command
 from zodbblob.cli.verify import (
     add_recover_arguments,
     add_verify_arguments,
@@ -85,6 +86,8 @@ COMMANDS = {
                'snapshot a storage, incrementally, beside a live server'),
     'restore': (add_restore_arguments, restore_command,
                 'restore or check a snapshot taken by backup'),
+    'takeover': (add_takeover_arguments, takeover_command,
+                 'make a moved or restored site the writer of its bucket'),
     'export': (add_export_arguments, export_command,
                'write an object and its blobs to a ZEXP file'),
     'import': (add_import_arguments, import_command,

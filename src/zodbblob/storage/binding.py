@@ -19,7 +19,8 @@ database:
 The keys are bound too: a prefix bound with dedup on keeps each content
 once under its digest (``object_store_keys`` = ``content`` in the
 catalog, ``"keys": "content"`` in the marker), one bound without it by
-oid and tid; a writable open must say the same (``dedup``).
+oid and tid; a writable open must say the same (``dedup``).  And its
+writer: the blob directory, not a copy of it (``writer.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import os
 import uuid
 
 from zodbblob.storage.lock import BlobStorageError
+from zodbblob.storage.writer import claim_writer
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,13 @@ def describe(settings) -> str:
 
 def marker_key(bucket) -> str:
     return bucket.settings.prefix + MARKER
+
+
+def own_keys(bucket) -> set[str]:
+    """The keys of the prefix's own objects (the marker, the writer),
+    which are no blobs."""
+    from zodbblob.storage.writer import writer_key
+    return {marker_key(bucket), writer_key(bucket)}
 
 
 def read_marker(bucket) -> dict | None:
@@ -163,6 +172,7 @@ def bind(bucket, journal, fshelper, dedup: bool = False) -> None:
     if journal.get_meta(META_NAME) is not None:
         check(bucket, journal, blob_dir)
         check_keys(bucket, journal, blob_dir, dedup)
+        claim_writer(bucket, blob_dir, describe(bucket.settings))
         return
     if (journal.total_size() or any(True for _ in journal.committed())
             or any(True for _ in fshelper.iter_blobs())):
@@ -174,6 +184,7 @@ def bind(bucket, journal, fshelper, dedup: bool = False) -> None:
     claim(bucket, journal, blob_dir, dedup)
     journal.set_meta(**{KEYS_NAME: CONTENT_KEYS if dedup else None,
                         META_NAME: describe(bucket.settings)})
+    claim_writer(bucket, blob_dir, describe(bucket.settings))
 
 
 def adopt(bucket, journal, blob_dir: str) -> None:

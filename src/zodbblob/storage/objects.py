@@ -35,6 +35,7 @@ from zodbblob.storage.catalog import STATE_DIR, kill_point
 from zodbblob.storage.contents import Contents
 from zodbblob.storage.digest import digest_file
 from zodbblob.storage.lock import BlobStorageError
+from zodbblob.storage.writer import confirm_writer
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ class ObjectStore:
                 f'Cannot open the blob cache {cache_directory(blob_dir)} of '
                 f'{self.name}: {getattr(e, "strerror", None) or e}') from None
         self.base = None   # the storage's base, once open
+        self.blob_dir = blob_dir
         self.journal = journal
         self.pool = concurrent.futures.ThreadPoolExecutor(
             UPLOAD_THREADS, thread_name_prefix='zodbblob-upload')
@@ -191,6 +193,14 @@ class ObjectStore:
             # Closing the storage goes on: its catalog and locks matter.
             logger.warning('Could not close the blob cache %s: %s',
                            self.cache.directory, e)
+
+    def confirm_writer(self) -> None:
+        """Refuse (a pack) unless this blob directory still writes the
+        prefix: a copy of the site may have taken it over."""
+        try:
+            confirm_writer(self.bucket, self.blob_dir, self.name)
+        except self.failure as e:
+            raise StorageError(str(e)) from e
 
     # commit
 

@@ -195,6 +195,9 @@ class Packer:
                                    % shared.fshelper.base_dir)
         try:
             if shared.objects is not None:
+                # A copy of the site that took the prefix over since this
+                # storage opened: its blobs are not this catalog's to drop.
+                shared.objects.confirm_writer()
                 # Objects an earlier pack marked and the bucket refused
                 # to delete (a store that was down).
                 remove_blob_objects(shared, [

@@ -23,7 +23,7 @@ import tempfile
 
 from zodbblob.objectstore import parse_blob_key
 from zodbblob.storage import held_by_a_storage
-from zodbblob.storage.binding import marker_key
+from zodbblob.storage.binding import own_keys
 from zodbblob.storage.catalog import pack_under_way
 from zodbblob.storage.digest import digest_file
 
@@ -56,11 +56,12 @@ def _check(storage, report, records, catalog, digests, checksum,
     seen_up_to = storage.base.lastTransaction() if live else MAX_TID
     total = report.records
     listing = objects.bucket.iter_keys(prefix, page_size=LIST_PAGE)
+    own = own_keys(objects.bucket)
     done = 0
     for key, size in listing:
         rest = key[len(prefix):]
-        if key == marker_key(objects.bucket) or rest.count('/') > 1:
-            continue   # the marker; a nested prefix's (another store's)
+        if key in own or rest.count('/') > 1:
+            continue   # the marker, the writer; a nested prefix's
         done += 1
         report.files = done
         where = f's3://{objects.settings.bucket}/{key}'

@@ -1,0 +1,137 @@
+"""Which blob directory writes a prefix (``storage/writer.py``): a copy of
+a site pointed at the same prefix is refused for writing, the site
+restarts as itself, ``zodbblob takeover`` makes a moved site the writer;
+against moto's S3 server (a real process on 127.0.0.1)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import unittest
+
+import ZODB
+
+from zodbblob.storage import BlobStorageError
+from zodbblob.storage.tests.test_objects_binding import BindingTestCase
+from zodbblob.storage.writer import WRITER
+from zodbblob.testing import S3_MISSING
+from zodbblob.tests.test_zeo_bucket import s3_lines
+
+
+@unittest.skipIf(S3_MISSING, S3_MISSING)
+class WriterTests(BindingTestCase):
+
+    def copy_site(self, source='site', name='copy'):
+        """`source` copied as ``cp -a`` copies it."""
+        subprocess.run(['cp', '-a', self.path(source), self.path(name)],
+                       check=True)
+
+    def writer(self):
+        return json.loads(self.bucket.get_bytes(self.settings.prefix
+                                                + WRITER))
+
+    def test_a_copy_of_the_site_on_its_prefix_is_refused(self):
+        self.commit(b'production')
+        self.assertEqual(self.writer()['blob_dir'],
+                         os.path.realpath(self.path('site', 'blobs')))
+        self.copy_site()
+        keys = self.keys()
+        before = sorted(os.listdir(self.path('copy', 'blobs', '.zodbblob')))
+        message = self.assertRefused('written by another copy', 'copy')
+        self.assertIn(os.path.realpath(self.path('site', 'blobs')), message)
+        self.assertIn('zodbblob takeover', message)
+        # Nothing changed: not the bucket, not the copy's state.
+        self.assertEqual(self.keys(), keys)
+        self.assertEqual(
+            sorted(os.listdir(self.path('copy', 'blobs', '.zodbblob'))),
+            before)
+        # The copy may still read; the site goes on as itself.
+        self.assertEqual(self.read('copy', read_only=True), b'production')
+        self.commit(b'production, later')
+        self.assertEqual(self.read(), b'production, later')
+
+    def test_a_copy_made_while_the_site_runs_is_refused(self):
+        self.commit(b'production')
+        storage = self.open()
+        try:
+            self.copy_site()
+            self.assertRefused('written by another copy', 'copy')
+        finally:
+            storage.close()
+
+    def test_a_prefix_without_a_writer_gets_one_at_the_next_open(self):
+        # A prefix bound before writers were recorded.
+        self.commit(b'production')
+        self.bucket.delete([self.settings.prefix + WRITER])
+        self.assertEqual(self.read(), b'production')
+        self.assertEqual(self.writer()['blob_dir'],
+                         os.path.realpath(self.path('site', 'blobs')))
+
+    def test_takeover_makes_a_moved_site_the_writer(self):
+        self.commit(b'production')
+        os.rename(self.path('site'), self.path('old'))
+        self.copy_site('old', 'site')
+        self.assertRefused('written by another copy', 'site')
+        config = self.path('site.conf')
+        with open(config, 'w') as f:
+            f.write('\n'.join([
+                '%import zodbblob', '<zodb>', '  <zodbblob>',
+                f'    blob-dir {self.path("site", "blobs")}',
+                *('    ' + line for line in s3_lines(self.settings)),
+                '    <filestorage>',
+                f'      path {self.path("site", "Data.fs")}',
+                '    </filestorage>', '  </zodbblob>', '</zodb>', '']))
+        done = subprocess.run(
+            [sys.executable, '-m', 'zodbblob.cli', 'takeover',
+             '--config', config], capture_output=True, text=True,
+            timeout=120)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn('writes s3://', done.stdout)
+        self.assertEqual(self.writer()['blob_dir'],
+                         os.path.realpath(self.path('site', 'blobs')))
+        self.assertEqual(self.read(), b'production')
+        # The old directory is the copy now: refused for writing, and a
+        # storage of it that was open before cannot pack any more.
+        self.assertRefused('written by another copy', 'old')
+        keys = self.keys()
+        with self.assertRaises(BlobStorageError) as raised:
+            self.pack_after_losing_the_prefix('old')
+        self.assertIn('no longer written by this directory',
+                      str(raised.exception))
+        self.assertEqual(self.keys(), keys)
+
+    def pack_after_losing_the_prefix(self, name):
+        """Open `name` for writing as the writer, then lose the prefix
+        to the site, then pack."""
+        from zodbblob.storage import writer
+        with writer.taking_over():
+            db = ZODB.DB(self.open(name))
+        try:
+            # The site takes it back while `name` is open.
+            with writer.taking_over():
+                self.open().close()
+            with db.transaction() as connection:
+                del connection.root()['blob']
+            db.pack(time.time() + 1)
+        finally:
+            db.close()
+
+    def test_a_writer_that_is_no_record_names_nobody(self):
+        self.commit(b'production')
+        self.bucket.put_bytes(self.settings.prefix + WRITER, b'not json')
+        self.assertRefused('written by another copy')
+
+    def test_the_site_keeps_its_identity_across_restarts_and_chown(self):
+        self.commit(b'production')
+        for path, dirs, files in os.walk(self.path('site')):
+            for name in dirs + files:
+                os.chmod(os.path.join(path, name),
+                         os.stat(os.path.join(path, name)).st_mode)
+                os.utime(os.path.join(path, name))
+        self.commit(b'production, restarted')
+        self.assertEqual(self.read(), b'production, restarted')
+
+
+def test_suite():
+    return unittest.defaultTestLoader.loadTestsFromName(__name__)

@@ -1,0 +1,144 @@
+"""Which blob directory writes a bucket's prefix: copies of a site.
+
+The marker (``binding.py``) ties a prefix to one database, but a copy of
+a site (``cp -a`` of Data.fs and the blob directory, a restored backup, a
+snapshot) carries the catalog's database id, and a copy pointed at the
+same prefix would pack away blobs the original still uses.  So the
+prefix also names its *writer*: the object ``PREFIX.writer.zodbblob.json``
+holds the identity of the blob directory that writes it, and every
+writable open compares it with its own.
+
+The identity is the blob directory's file ``.zodbblob/writer``: a random
+id written once, and the file's inode number.  A copy of the directory
+has the id but another inode (a copy makes new files); the directory
+itself keeps both across restarts, reboots, a new host name (a
+container's), ``chown -R``.  A writable open:
+
+- finds no writer object: writes its own (the first open; a prefix from
+  before writers were recorded);
+- finds its own: goes on;
+- finds another's: refused in one line, naming the other's host,
+  directory and time.  A site that was moved or restored is the writer
+  again after ``zodbblob takeover`` (`taking_over`), once.
+
+Pack asks again before it deletes (one GetObject): a copy that took
+the prefix over since this storage opened stops its packs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+
+from zodbblob.layout import fsync_directory, fsync_path
+from zodbblob.storage.catalog import STATE_DIR
+from zodbblob.storage.lock import BlobStorageError
+
+logger = logging.getLogger(__name__)
+
+# Beside the marker, ending as it does (``.zodbblob.json``): the prefix's
+# own objects, which are no blobs.
+WRITER = '.writer.zodbblob.json'
+IDENTITY_FILE = 'writer'
+
+_taking_over = contextvars.ContextVar('zodbblob_taking_over', default=False)
+
+
+@contextlib.contextmanager
+def taking_over():
+    """Writable opens inside this make their blob directory the writer
+    of its prefix (``zodbblob takeover``)."""
+    token = _taking_over.set(True)
+    try:
+        yield
+    finally:
+        _taking_over.reset(token)
+
+
+def writer_key(bucket) -> str:
+    return bucket.settings.prefix + WRITER
+
+
+def local_identity(blob_dir: str) -> str:
+    """This blob directory's identity: its writer id and the inode of
+    the file that holds it (made at the first call, durably)."""
+    path = os.path.join(blob_dir, STATE_DIR, IDENTITY_FILE)
+    try:
+        with open(path, encoding='ascii') as f:
+            value = f.read().strip()
+    except FileNotFoundError:
+        value = uuid.uuid4().hex
+        temporary = path + '.new'
+        with open(temporary, 'w', encoding='ascii') as f:
+            f.write(value + '\n')
+        fsync_path(temporary)
+        os.replace(temporary, path)
+        fsync_directory(os.path.dirname(path))
+    return f'{value}-{os.stat(path).st_ino}'
+
+
+def read_writer(bucket) -> dict | None:
+    """The prefix's writer record; None if there is none.  One that is
+    not a record zodbblob wrote names nobody (writer None)."""
+    data = bucket.get_bytes(writer_key(bucket))
+    if data is None:
+        return None
+    try:
+        writer = json.loads(data)
+        if isinstance(writer, dict) and isinstance(writer.get('writer'),
+                                                   str):
+            return writer
+    except ValueError:
+        pass
+    return {'writer': None}
+
+
+def describe_writer(writer: dict) -> str:
+    return (f'host {writer.get("host", "?")}, blob directory '
+            f'{writer.get("blob_dir", "?")}, since {writer.get("since", "?")}')
+
+
+def _record(blob_dir: str, identity: str) -> bytes:
+    return json.dumps({
+        'writer': identity, 'host': socket.gethostname(),
+        'blob_dir': os.path.realpath(blob_dir),
+        'since': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+    }).encode()
+
+
+def claim_writer(bucket, blob_dir: str, name: str) -> None:
+    """A writable open of the blob directory bound to `name`
+    (``s3://bucket/prefix``): go on as its writer, or refuse a copy."""
+    identity = local_identity(blob_dir)
+    writer = read_writer(bucket)
+    if writer is not None and writer['writer'] == identity:
+        return
+    if writer is not None and not _taking_over.get():
+        raise BlobStorageError(
+            f'Blob directory {blob_dir}: {name} is written by another copy '
+            f'of this site ({describe_writer(writer)}); a copy of a site '
+            f'needs a prefix of its own.  If this directory is the site '
+            f'(moved, or restored), make it the writer once with: zodbblob '
+            f'takeover --config FILE')
+    bucket.put_bytes(writer_key(bucket), _record(blob_dir, identity))
+    if writer is not None:
+        logger.warning('Blob directory %s took %s over from %s', blob_dir,
+                       name, describe_writer(writer))
+
+
+def confirm_writer(bucket, blob_dir: str, name: str) -> None:
+    """Refuse to go on (a pack's deletes) if another blob directory took
+    the prefix over since this one opened."""
+    writer = read_writer(bucket)
+    if writer is not None and writer['writer'] == local_identity(blob_dir):
+        return
+    said = 'no writer' if writer is None else describe_writer(writer)
+    raise BlobStorageError(
+        f'Blob directory {blob_dir}: {name} is no longer written by this '
+        f'directory ({said}): pack deletes nothing')
