@@ -79,7 +79,10 @@ def local_identity(blob_dir: str) -> str:
             f.write(value + '\n')
         fsync_path(temporary)
         os.replace(temporary, path)
+        # Its name, and the state directory's: a power cut must not
+        # make the site a stranger to its own prefix.
         fsync_directory(os.path.dirname(path))
+        fsync_directory(os.path.dirname(os.path.dirname(path)))
     return f'{value}-{os.stat(path).st_ino}'
 
 
