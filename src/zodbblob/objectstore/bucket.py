@@ -58,6 +58,8 @@ NO_SUCH_KEY = frozenset({'NoSuchKey', '404', 'NotFound'})
 CHANGED = frozenset({'PreconditionFailed', '412'})
 # A download reads the body in pieces of this size.
 READ_SIZE = 1 << 20
+# The most bytes `get_bytes` reads (a prefix's marker is tens of bytes).
+SMALL_OBJECT = 64 << 10
 # What reading a GetObject body raises when the body breaks: botocore's
 # wrappings of urllib3's (a reset, a read timeout, a body shorter than
 # its Content-Length), and urllib3's or http.client's own where botocore
@@ -520,17 +522,27 @@ class Bucket:
             raise self.error('abort the unfinished uploads in', error) from error
         return aborted
 
-    def get_bytes(self, key: str) -> bytes | None:
+    def get_bytes(self, key: str, limit: int = SMALL_OBJECT) -> bytes | None:
         """The bytes of the small object `key`, or None if there is none
-        (the marker that says whose a prefix is)."""
+        (the marker that says whose a prefix is); one larger than
+        `limit` bytes is refused, not read into memory."""
         try:
             response = self.client.get_object(Bucket=self.name, Key=key)
-            return response['Body'].read()
+            body = response['Body']
+            try:
+                data = body.read(limit + 1)
+            finally:
+                body.close()
         except Exception as error:
             raised = self.error('read', error, key, ObjectMissing)
             if isinstance(raised, ObjectMissing):
                 return None
             raise raised from error
+        if len(data) > limit:
+            raise ObjectStoreError('read', self.name, self.endpoint,
+                                   f'larger than {limit} bytes: not an '
+                                   f'object zodbblob wrote', key)
+        return data
 
     def put_bytes(self, key: str, data: bytes) -> None:
         """Store the small object `key` with `data`."""

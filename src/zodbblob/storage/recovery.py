@@ -197,10 +197,18 @@ class Recovery:
             self.base, opener = opener(), None
         try:
             return self._open(fshelper, opener)
-        except BaseException:
+        except BaseException as e:
             if ours and self.base is not None:
                 self.base.close()   # ours: nobody else can close it
                 self.base = None
+            if self._object_store is not None:
+                # A bucket's answer at open (a marker too large, a
+                # store gone during recovery's deletes): the storage's
+                # error, naming the blob directory.
+                from zodbblob.objectstore.bucket import ObjectStoreError
+                if isinstance(e, ObjectStoreError):
+                    raise BlobStorageError(
+                        f'Blob directory {fshelper.base_dir}: {e}') from None
             raise
 
     def _open(self, fshelper, opener) -> Shared:

@@ -77,7 +77,12 @@ class BlobStorage:
         if object_store is not None:
             # Checked before anything on disk changes.
             bucket = open_bucket(object_store)
-            refuse_a_used_prefix(bucket, blob_dir)
+            from zodbblob.objectstore.bucket import ObjectStoreError
+            try:
+                refuse_a_used_prefix(bucket, blob_dir)
+            except ObjectStoreError as e:
+                raise BlobStorageError(f'Blob directory {blob_dir}: '
+                                       f'{e}') from None
             remote = (bucket, check_cache_size(cache_size, blob_dir),
                       bool(dedup))
         elif cache_size is not None:

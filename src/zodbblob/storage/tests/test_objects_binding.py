@@ -123,6 +123,11 @@ class BindingTests(BindingTestCase):
         os.mkdir(self.path('new'))
         self.assertRefused('belongs to another database', 'new')
         self.assertEqual(os.listdir(self.path('new')), [])
+        # One too large to be a marker is not read into memory.
+        self.bucket.put_bytes('site/' + MARKER, b' ' * (1 << 20))
+        self.assertRefused('larger than 65536 bytes')
+        self.assertRefused('larger than 65536 bytes', 'new')
+        self.assertEqual(os.listdir(self.path('new')), [])
 
     def test_read_only_opens_check_the_binding_too(self):
         self.commit(b'right bytes')
