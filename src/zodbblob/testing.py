@@ -71,6 +71,27 @@ from zodbblob.objectstore.settings import ObjectStoreSettings
 from zodbblob.storage import BlobStorage
 
 
+class FailingVote:
+    """A resource manager whose vote fails after the storage's (it sorts
+    last): join it to a transaction to test what an abort after the
+    storage voted leaves behind.  `error` is what its vote raises."""
+
+    def __init__(self, error: BaseException | None = None):
+        self.error = error if error is not None else ValueError(
+            'the other resource refused')
+
+    def sortKey(self):
+        return '~last'
+
+    def tpc_vote(self, transaction):
+        raise self.error
+
+    def tpc_begin(self, transaction):
+        pass
+
+    commit = tpc_abort = abort = tpc_finish = tpc_begin
+
+
 def free_port(host: str = '127.0.0.1') -> int:
     """A TCP port on `host` that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

@@ -25,34 +25,12 @@ from zodbblob.objectstore import blob_key
 from zodbblob.storage import BlobStorageError, open_filestorage
 from zodbblob.storage.binding import MARKER
 from zodbblob.storage.killpoints import KILL_POINT_VARIABLE
-from zodbblob.testing import S3_MISSING, S3_SERVER
+from zodbblob.testing import S3_MISSING, S3_SERVER, FailingVote
 
 if not S3_MISSING:
     from zodbblob import faults
     from zodbblob.faults import FaultProxy
     from zodbblob.objectstore import Bucket
-
-
-class FailingVote:
-    """A second resource manager whose vote fails: the transaction's
-    blobs were uploaded (the storage voted first) and must go."""
-
-    def sortKey(self):
-        return '~last'
-
-    def tpc_begin(self, transaction):
-        pass
-
-    def commit(self, transaction):
-        pass
-
-    def tpc_vote(self, transaction):
-        raise ValueError('the other resource refused')
-
-    def tpc_abort(self, transaction):
-        pass
-
-    abort = tpc_finish = tpc_abort
 
 
 class ObjectStoreTestCase(unittest.TestCase):

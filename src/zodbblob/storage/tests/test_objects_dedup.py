@@ -14,12 +14,8 @@ from ZODB.blob import Blob
 from zodbblob.objectstore import blob_key, content_key
 from zodbblob.storage import BlobStorageError
 from zodbblob.storage.digest import digest_bytes
-from zodbblob.storage.tests.test_objects import (
-    FailingVote,
-    KillTests,
-    ObjectStoreTestCase,
-)
-from zodbblob.testing import S3_MISSING
+from zodbblob.storage.tests.test_objects import KillTests, ObjectStoreTestCase
+from zodbblob.testing import S3_MISSING, FailingVote
 
 
 def read(blob):

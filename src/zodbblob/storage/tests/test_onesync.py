@@ -42,6 +42,7 @@ from zodbblob.storage.tests.test_crash import (
     CrashTestCase,
     run_child,
 )
+from zodbblob.testing import FailingVote
 from zodbblob.tests.crash_child import open_configured
 from zodbblob.tools.verify import verify
 
@@ -355,7 +356,7 @@ class OneSyncVisibilityTests(unittest.TestCase):
         manager = transaction.TransactionManager()
         conn = self.db.open(manager)
         conn.root()['other'] = Blob(b'aborted')
-        manager.get().join(FailingVote())
+        manager.get().join(FailingVote(RuntimeError('vote refused')))
         with self.assertRaises(RuntimeError):
             manager.commit()
         manager.abort()
@@ -466,28 +467,6 @@ class OpenFileStorageInputTests(unittest.TestCase):
         self.assertIn(f'FileStorage {path}: blob_dir elsewhere',
                       str(caught.exception))
         self.assertEqual(os.listdir(self.dir), [])
-
-
-class FailingVote:
-    """A resource manager whose vote fails, after the storage voted."""
-
-    def sortKey(self):
-        return '~last'
-
-    def tpc_begin(self, transaction):
-        pass
-
-    def commit(self, transaction):
-        pass
-
-    def tpc_vote(self, transaction):
-        raise RuntimeError('vote refused')
-
-    def tpc_abort(self, transaction):
-        pass
-
-    def abort(self, transaction):
-        pass
 
 
 class HostileDataFsTailTests(unittest.TestCase):

@@ -19,6 +19,7 @@ from ZODB.blob import Blob
 from ZODB.POSException import ConflictError
 
 from zodbblob import BlobStorage
+from zodbblob.testing import FailingVote
 
 
 def files_below(path):
@@ -88,17 +89,10 @@ class TransactionTests(unittest.TestCase):
         self.assertEqual(self.read(), b'first writer')
 
     def test_failed_vote_leaves_no_file(self):
-        class FailingVote:
-            def abort(self, txn): pass
-            def tpc_begin(self, txn): pass
-            def commit(self, txn): pass
-            def tpc_vote(self, txn): raise RuntimeError('vote failed')
-            def tpc_abort(self, txn): pass
-            def sortKey(self): return '~last'
         conn = self.db.open()
         with conn.root()['blob'].open('w') as f:
             f.write(b'voted but failed')
-        transaction.get().join(FailingVote())
+        transaction.get().join(FailingVote(RuntimeError('vote failed')))
         with self.assertRaises(RuntimeError):
             transaction.commit()
         transaction.abort()
