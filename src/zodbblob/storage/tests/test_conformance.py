@@ -97,11 +97,15 @@ class BlobMappingStorageTests(
         self._storage = BlobStorage('blobs',
                                     ZODB.MappingStorage.MappingStorage())
 
+    # Left out as ZODB's own MappingStorage tests leave them out: said
+    # as skipped, not passed.
+    @unittest.skip('MappingStorage has no metadata size limit')
     def testOversizeNote(self):
-        pass  # MappingStorage has no metadata size limit, as in ZODB
+        """BasicStorage's test of a transaction note's size limit."""
 
+    @unittest.skip('MappingStorage has no undo')
     def testLoadBeforeUndo(self):
-        pass  # MappingStorage has no undo, as in ZODB
+        """An undo's loadBefore."""
     testUndoZombie = testLoadBeforeUndo
 
 
