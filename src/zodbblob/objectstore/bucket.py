@@ -21,11 +21,9 @@ import os
 import threading
 from collections.abc import Iterable, Iterator
 
-from zodbblob.objectstore.keys import (
-    POINTER_METADATA,
-    pointer_body,
-    pointer_target,
-)
+from zodbblob.objectstore.errors import ObjectMissing, ObjectStoreError
+from zodbblob.objectstore.keys import POINTER_METADATA, pointer_target
+from zodbblob.objectstore.small import SmallObjects
 from zodbblob.objectstore.settings import ObjectStoreSettings
 
 try:
@@ -58,8 +56,6 @@ NO_SUCH_KEY = frozenset({'NoSuchKey', '404', 'NotFound'})
 CHANGED = frozenset({'PreconditionFailed', '412'})
 # A download reads the body in pieces of this size.
 READ_SIZE = 1 << 20
-# The most bytes `get_bytes` reads (a prefix's marker is tens of bytes).
-SMALL_OBJECT = 64 << 10
 # What reading a GetObject body raises when the body breaks: botocore's
 # wrappings of urllib3's (a reset, a read timeout, a body shorter than
 # its Content-Length), and urllib3's or http.client's own where botocore
@@ -73,37 +69,7 @@ BODY_CUTS = (
 )
 
 
-class ObjectStoreError(Exception):
-    """A request to the object store failed; the message is one line.
-
-    ``bucket``, ``key`` (None for a request about the bucket),
-    ``endpoint`` and ``cause`` (a few words) are kept as attributes.
-    """
-
-    def __init__(self, what: str, bucket: str, endpoint: str, cause: str,
-                 key: str | None = None):
-        self.what = what
-        self.bucket = bucket
-        self.endpoint = endpoint
-        self.cause = cause
-        self.key = key
-        where = f'bucket {bucket!r}'
-        if key is not None:
-            where = f'key {key!r} in {where}'
-        super().__init__(f'cannot {what} {where} at {endpoint}: {cause}')
-
-    def __reduce__(self):
-        # Pickled whole (a ZEO server sends a client the error of its
-        # vote): Exception's own pickle passes only the message.
-        return type(self), (self.what, self.bucket, self.endpoint,
-                            self.cause, self.key)
-
-
-class ObjectMissing(ObjectStoreError):
-    """The key asked for is not in the bucket."""
-
-
-class Bucket:
+class Bucket(SmallObjects):
     """The bucket of `settings`, through one boto3 client.
 
     Keys are whole keys (`zodbblob.objectstore.keys` makes them, the
@@ -366,37 +332,6 @@ class Bucket:
                 f'download to {path}', self.name, self.endpoint,
                 f'a pointer naming no content ({error})', key) from None
 
-    def put_pointer(self, key: str, digest: bytes) -> None:
-        """Store at `key` a pointer to the content `digest` (dedup)."""
-        body = pointer_body(digest)
-        try:
-            self.client.put_object(
-                Bucket=self.name, Key=key, Body=body,
-                Metadata={POINTER_METADATA: body.decode('ascii').strip()})
-        except Exception as error:
-            raise self.error('write', error, key) from error
-
-    def read_pointer(self, key: str) -> bytes | None:
-        """The digest the pointer at `key` names; None if there is no
-        object at `key`; ObjectStoreError for an object that is no
-        pointer (one HeadObject: its metadata)."""
-        try:
-            response = self.client.head_object(Bucket=self.name, Key=key)
-        except Exception as error:
-            raised = self.error('look up', error, key, ObjectMissing)
-            if isinstance(raised, ObjectMissing):
-                return None
-            raise raised from error
-        pointer = response.get('Metadata', {}).get(POINTER_METADATA)
-        try:
-            if pointer is None:
-                raise ValueError('no pointer metadata')
-            target = pointer_target('', pointer)
-        except ValueError as error:
-            raise ObjectStoreError('read the pointer', self.name,
-                                   self.endpoint, str(error), key) from None
-        return bytes.fromhex(target.rsplit('/', 1)[1])
-
     @staticmethod
     def code(error: Exception) -> str:
         """The S3 error code of a ClientError, else ``''``."""
@@ -521,32 +456,3 @@ class Bucket:
         except Exception as error:
             raise self.error('abort the unfinished uploads in', error) from error
         return aborted
-
-    def get_bytes(self, key: str, limit: int = SMALL_OBJECT) -> bytes | None:
-        """The bytes of the small object `key`, or None if there is none
-        (the marker that says whose a prefix is); one larger than
-        `limit` bytes is refused, not read into memory."""
-        try:
-            response = self.client.get_object(Bucket=self.name, Key=key)
-            body = response['Body']
-            try:
-                data = body.read(limit + 1)
-            finally:
-                body.close()
-        except Exception as error:
-            raised = self.error('read', error, key, ObjectMissing)
-            if isinstance(raised, ObjectMissing):
-                return None
-            raise raised from error
-        if len(data) > limit:
-            raise ObjectStoreError('read', self.name, self.endpoint,
-                                   f'larger than {limit} bytes: not an '
-                                   f'object zodbblob wrote', key)
-        return data
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        """Store the small object `key` with `data`."""
-        try:
-            self.client.put_object(Bucket=self.name, Key=key, Body=data)
-        except Exception as error:
-            raise self.error('write', error, key) from error

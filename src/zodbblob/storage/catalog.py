@@ -504,12 +504,9 @@ class Journal(RowDigests):
         return emptied
 
     def rebuild(self, blobs: Iterable[tuple[bytes, bytes, int]]) -> None:
-        """Replace the catalog by `blobs` (from a scan of the directory),
-        ``(oid, tid, size)`` or ``(oid, tid, size, digest)``.
-
-        Read as they come (a scan's rows are not collected); each row a
-        later row of its oid follows is marked superseded by it.
-        """
+        """Replace the catalog by `blobs` (``(oid, tid, size[, digest])``
+        from a scan), read as they come (not collected); each row a
+        later row of its oid follows is marked superseded by it."""
         total = 0
 
         def counted():

@@ -177,6 +177,15 @@ def log_protocol(fshelper, opener, objects, base) -> None:
             extra={'commit_protocol': 'serial'})
 
 
+def raise_for_bucket(error: BaseException, blob_dir: str) -> None:
+    """A bucket's answer at open (a marker too large, a store gone
+    during recovery's deletes) as the storage's error, naming the blob
+    directory; anything else is left to propagate."""
+    from zodbblob.objectstore.bucket import ObjectStoreError
+    if isinstance(error, ObjectStoreError):
+        raise BlobStorageError(f'Blob directory {blob_dir}: {error}') from None
+
+
 class Recovery:
     """Opens a blob directory, finishing what a crash interrupted there."""
 
@@ -202,13 +211,7 @@ class Recovery:
                 self.base.close()   # ours: nobody else can close it
                 self.base = None
             if self._object_store is not None:
-                # A bucket's answer at open (a marker too large, a
-                # store gone during recovery's deletes): the storage's
-                # error, naming the blob directory.
-                from zodbblob.objectstore.bucket import ObjectStoreError
-                if isinstance(e, ObjectStoreError):
-                    raise BlobStorageError(
-                        f'Blob directory {fshelper.base_dir}: {e}') from None
+                raise_for_bucket(e, fshelper.base_dir)
             raise
 
     def _open(self, fshelper, opener) -> Shared:

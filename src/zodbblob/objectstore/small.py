@@ -1,0 +1,79 @@
+"""Small objects beside the blobs: a prefix's marker and writer, dedup's
+pointers (a part of `bucket.Bucket`)."""
+
+from __future__ import annotations
+
+from zodbblob.objectstore.errors import ObjectMissing, ObjectStoreError
+from zodbblob.objectstore.keys import (
+    POINTER_METADATA,
+    pointer_body,
+    pointer_target,
+)
+
+# The most bytes `get_bytes` reads (a prefix's marker is tens of bytes).
+SMALL_OBJECT = 64 << 10
+
+
+class SmallObjects:
+    """Reads and writes of objects small enough to hold in memory; the
+    requests, errors and names are `Bucket`'s."""
+
+    def put_pointer(self, key: str, digest: bytes) -> None:
+        """Store at `key` a pointer to the content `digest` (dedup)."""
+        body = pointer_body(digest)
+        try:
+            self.client.put_object(
+                Bucket=self.name, Key=key, Body=body,
+                Metadata={POINTER_METADATA: body.decode('ascii').strip()})
+        except Exception as error:
+            raise self.error('write', error, key) from error
+
+    def read_pointer(self, key: str) -> bytes | None:
+        """The digest the pointer at `key` names; None if there is no
+        object at `key`; ObjectStoreError for an object that is no
+        pointer (one HeadObject: its metadata)."""
+        try:
+            response = self.client.head_object(Bucket=self.name, Key=key)
+        except Exception as error:
+            raised = self.error('look up', error, key, ObjectMissing)
+            if isinstance(raised, ObjectMissing):
+                return None
+            raise raised from error
+        pointer = response.get('Metadata', {}).get(POINTER_METADATA)
+        try:
+            if pointer is None:
+                raise ValueError('no pointer metadata')
+            target = pointer_target('', pointer)
+        except ValueError as error:
+            raise ObjectStoreError('read the pointer', self.name,
+                                   self.endpoint, str(error), key) from None
+        return bytes.fromhex(target.rsplit('/', 1)[1])
+
+    def get_bytes(self, key: str, limit: int = SMALL_OBJECT) -> bytes | None:
+        """The bytes of the small object `key`, or None if there is none
+        (the marker that says whose a prefix is); one larger than
+        `limit` bytes is refused, not read into memory."""
+        try:
+            response = self.client.get_object(Bucket=self.name, Key=key)
+            body = response['Body']
+            try:
+                data = body.read(limit + 1)
+            finally:
+                body.close()
+        except Exception as error:
+            raised = self.error('read', error, key, ObjectMissing)
+            if isinstance(raised, ObjectMissing):
+                return None
+            raise raised from error
+        if len(data) > limit:
+            raise ObjectStoreError('read', self.name, self.endpoint,
+                                   f'larger than {limit} bytes: not an '
+                                   f'object zodbblob wrote', key)
+        return data
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Store the small object `key` with `data`."""
+        try:
+            self.client.put_object(Bucket=self.name, Key=key, Body=data)
+        except Exception as error:
+            raise self.error('write', error, key) from error
