@@ -27,7 +27,7 @@ import os
 from ZODB.utils import oid_repr
 
 from zodbblob.objectstore import content_key, parse_blob_key
-from zodbblob.objectstore.keys import parse_content_key
+from zodbblob.objectstore.keys import CONTENTS, parse_content_key
 from zodbblob.storage.binding import marker_key
 from zodbblob.storage.commitlog import CommitLog, commit_log_path
 from zodbblob.storage.digest import DIGEST_NAME
@@ -60,6 +60,9 @@ def check_contents(storage, report, records, catalog, digests, checksum,
                                           report)
                 if actual is not None and actual != digest:
                     report.content_mismatches.append((where, actual))
+            continue
+        if key.startswith(prefix + CONTENTS):
+            report.orphans.append(where)   # no content's key: nobody's
             continue
         rest = key[len(prefix):]
         if key == marker_key(objects.bucket) or rest.count('/') > 1:

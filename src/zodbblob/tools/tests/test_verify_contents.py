@@ -79,6 +79,8 @@ class VerifyContentsTests(BucketStoreTestCase):
         self.bucket.put_pointer(stray, digest_bytes(SAME))
         nobodys = self.content(b'nobody needs this')
         self.put(nobodys, b'nobody needs this')
+        junk = self.settings.prefix + 'contents/zz/not-a-digest'
+        self.put(junk, b'junk')
         report = self.verify()
         self.assertFalse(report.clean)
         self.assertEqual(sorted(report.missing), sorted([
@@ -86,14 +88,15 @@ class VerifyContentsTests(BucketStoreTestCase):
             (self.oids['c'], self.tids['c'],
              self.url + self.content(OTHER))]))
         self.assertEqual(sorted(report.orphans),
-                         sorted([self.url + stray, self.url + nobodys]))
+                         sorted([self.url + stray, self.url + nobodys,
+                                 self.url + junk]))
         # Once, though two rows name it.
         self.assertEqual(report.size_mismatches,
                          [(self.url + self.content(SAME), len(SAME), 5)])
         lines = report.lines()
         self.assertIn('orphan: no record references ' + self.url + nobodys,
                       lines)
-        self.assertIn('5 problems', lines[-1])
+        self.assertIn('6 problems', lines[-1])
 
     def test_a_wrong_pointer_and_a_bad_content_are_found_by_checksum(self):
         # A pointer naming another content that is there, and a content
