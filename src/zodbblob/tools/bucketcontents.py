@@ -45,10 +45,14 @@ class _Listed:
                              ((digest,) for digest in digests
                               if digest is not None))
 
-    def add(self, digest: bytes) -> bool:
-        """Note `digest` as there; False if it was already."""
-        return bool(self._db.execute(
-            'INSERT OR IGNORE INTO content VALUES (?)', (digest,)).rowcount)
+    def has(self, digest: bytes) -> bool:
+        return self._db.execute('SELECT 1 FROM content WHERE digest = ?',
+                                (digest,)).fetchone() is not None
+
+    def add(self, digest: bytes) -> None:
+        """Note `digest` as there (its upload is under way)."""
+        self._db.execute('INSERT OR IGNORE INTO content VALUES (?)',
+                         (digest,))
 
     def close(self) -> None:
         self._db.close()
@@ -78,14 +82,16 @@ def upload_by_content(journal, fshelper, bucket, report, progress,
                     if len(unrecorded) >= READ_BATCH:
                         journal.record_digests(unrecorded)
                         unrecorded = []
-                new = listed.add(digest)
+                new = not listed.has(digest)
                 if there is not None and not new:
                     report.already += 1
                     continue
                 if new:
+                    # Another row's file of the same content may give it.
                     if not os.path.isfile(path):
                         report.lost.append(path)
                         continue
+                    listed.add(digest)
                     pending.add(pool.submit(
                         _upload_content, bucket, path,
                         content_key(prefix, digest)))
