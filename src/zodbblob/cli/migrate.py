@@ -48,6 +48,11 @@ def add_migrate_arguments(parser: argparse.ArgumentParser) -> None:
                         help='the S3-API server (MinIO, Ceph RGW); '
                              'default: AWS')
     parser.add_argument('--s3-region', metavar='REGION')
+    parser.add_argument('--dedup', action='store_true',
+                        help='with DST s3://BUCKET/PREFIX: keep each '
+                             'content once in the bucket, a pointer at each '
+                             'blob\'s key (the storage then opens it with '
+                             'dedup on)')
     parser.add_argument('--quiet', action='store_true',
                         help='no progress, only the result')
 
@@ -73,10 +78,15 @@ def bucket_command(args: argparse.Namespace, source, destination) -> int:
     if args.layout is not None:
         args.parser.error('--layout is for a blob directory, not a bucket '
                           '(the blob directory keeps its layout)')
+    if args.dedup and destination is None:
+        args.parser.error('--dedup is for a move into a bucket (DST '
+                          's3://BUCKET/PREFIX); a move back keeps what the '
+                          'bucket was bound with')
     progress = Progress('migrate', quiet=args.quiet)
     try:
         if destination is not None:
-            report = to_bucket(args.source, destination, progress=progress)
+            report = to_bucket(args.source, destination, progress=progress,
+                               dedup=args.dedup)
             said = report.summary('moved into')
         else:
             report = from_bucket(args.destination, source, progress=progress)
@@ -98,6 +108,9 @@ def migrate_command(args: argparse.Namespace) -> int:
     destination = bucket_settings(args.destination, args)
     if source is not None or destination is not None:
         return bucket_command(args, source, destination)
+    if args.dedup:
+        args.parser.error('--dedup is for a move into a bucket (DST '
+                          's3://BUCKET/PREFIX)')
     if args.layout is None:
         args.parser.error('the following arguments are required: --layout')
     progress = Progress('migrate', quiet=args.quiet)

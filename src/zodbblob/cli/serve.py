@@ -246,10 +246,12 @@ def describe_storage(storage) -> str:
         objects = storage.object_store
         if objects is not None:
             size = objects.cache.size_limit
+            cache = ('an unbounded cache' if size is None
+                     else f'a cache of {size} bytes')
             return (f'{storage.base.getName()}, blobs in {objects.name} at '
-                    f'{objects.bucket.endpoint} (catalog and a cache of '
-                    f'{"unbounded size" if size is None else size} bytes'
-                    f' in {blob_dir})')
+                    f'{objects.bucket.endpoint}'
+                    f'{", each content once (dedup on)" if storage.dedup else ""}'
+                    f' (catalog and {cache} in {blob_dir})')
         return (f'{storage.base.getName()}, blobs in {blob_dir} '
                 f'(layout {storage.fshelper.layout_name}'
                 f'{", dedup on" if storage.dedup else ""})')

@@ -1,11 +1,13 @@
 """Move a blob directory's files into a bucket, and back (issue 16).
 
 ``to_bucket(blob_dir, settings)`` uploads the file of every catalog row
-to its key (``PREFIX/OID/TID.blob``), then binds the blob directory to
+to its key (``PREFIX/OID/TID.blob``; with ``dedup``, each content once
+and a pointer per row: ``bucketcontents.py``), then binds the blob directory to
 the bucket (the catalog's ``object_store``: the commit point), then
 removes the local files.  ``from_bucket(blob_dir, settings)`` downloads
 every row's object to its file in the directory's layout, makes them
-durable, unbinds, and removes the local cache.  The blob directory keeps
+durable (from a prefix by content: its content, by the row's digest),
+unbinds, and removes the local cache.  The blob directory keeps
 its catalog, commit log and layout either way, so the storage opens it
 with or without the ``<s3>`` section as the binding says.
 
@@ -35,7 +37,7 @@ from zodbblob.layout import (
     read_marker,
     remove_if_exists,
 )
-from zodbblob.objectstore import parse_blob_key
+from zodbblob.objectstore import blob_key, content_key, parse_blob_key
 from zodbblob.storage import hold_blob_directory
 from zodbblob.storage.catalog import (
     Journal,
@@ -46,12 +48,18 @@ from zodbblob.storage.catalog import (
 )
 from zodbblob.storage.commitlog import commit_log_path, unfinished_records
 from zodbblob.storage import binding
-from zodbblob.storage.binding import META_NAME, describe
+from zodbblob.storage.binding import (
+    CONTENT_KEYS,
+    KEYS_NAME,
+    META_NAME,
+    describe,
+)
 from zodbblob.storage.objects import (
     UPLOAD_THREADS,
     cache_directory,
     open_bucket,
 )
+from zodbblob.tools.bucketcontents import upload_by_content
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +80,14 @@ class MoveReport:
     already: int = 0         # found in place (a resumed move)
     removed: int = 0         # local files removed after binding
     lost: list = dataclasses.field(default_factory=list)
+    contents: int | None = None   # by content: contents uploaded now
 
     def summary(self, direction: str) -> str:
+        if self.contents is not None:
+            return (f'{self.blob_dir}: {self.rows} blobs {direction} '
+                    f'{self.bucket} by content: {self.contents} contents '
+                    f'uploaded ({self.bytes} bytes), {self.transferred} '
+                    f'pointers, {self.already} there already')
         return (f'{self.blob_dir}: {self.rows} blobs {direction} '
                 f'{self.bucket}: {self.transferred} '
                 f'{"uploaded" if direction == "moved into" else "downloaded"}'
@@ -112,27 +126,30 @@ def _open(blob_dir: str, settings):
         raise
 
 
-def _merged(journal, bucket):
-    """``(oid, tid, size, size in the bucket or None)`` of every row,
-    the listing read beside the rows, page by page."""
+def _merged(journal, bucket, digests: bool = False):
+    """``(oid, tid, size, size in the bucket or None)`` of every row
+    (with `digests`, ``(oid, tid, size, digest, size in the bucket or
+    None)``), the listing read beside the rows, page by page."""
     prefix = bucket.settings.prefix
     listing = (
         (parsed, size) for key, size in bucket.iter_keys(prefix)
         for parsed in [parse_blob_key(prefix, key)] if parsed is not None)
     current = next(listing, None)
-    for batch in journal.rows():
-        for oid, tid, size in batch:
+    for batch in journal.rows(digests=digests):
+        for row in batch:
+            oid, tid = row[:2]
             while current is not None and current[0] < (oid, tid):
                 current = next(listing, None)
             there = (current[1] if current is not None
                      and current[0] == (oid, tid) else None)
-            yield oid, tid, size, there
+            yield *row, there
 
 
 def to_bucket(blob_dir: str, settings,
-              progress: Callable[[int, int], None] | None = None
-              ) -> MoveReport:
-    """Move the blob files of `blob_dir` into the bucket of `settings`."""
+              progress: Callable[[int, int], None] | None = None,
+              dedup: bool = False) -> MoveReport:
+    """Move the blob files of `blob_dir` into the bucket of `settings`;
+    with `dedup`, each content once (``bucketcontents.py``)."""
     lock, journal, fshelper, bucket = _open(blob_dir, settings)
     name = describe(bucket.settings)
     report = MoveReport(fshelper.base_dir.rstrip(os.sep), name)
@@ -140,15 +157,23 @@ def to_bucket(blob_dir: str, settings,
         bound = journal.get_meta(META_NAME)
         if bound is not None:
             binding.check(bucket, journal, fshelper.base_dir)
+            binding.check_keys(bucket, journal, fshelper.base_dir, dedup)
         else:
             # The prefix becomes this catalog's (its marker) before any
             # upload: never into another database's prefix.
-            binding.claim(bucket, journal, fshelper.base_dir)
+            binding.claim(bucket, journal, fshelper.base_dir, dedup)
+            _check_marker_keys(bucket, fshelper.base_dir, dedup)
             # The parts of a large file whose upload a kill cut.
             bucket.abort_uploads(None)
-            _upload(journal, fshelper, bucket, report, progress)
+            if dedup:
+                upload_by_content(journal, fshelper, bucket, report,
+                                  progress, _merged(journal, bucket, True))
+                _refuse_lost(report)
+            else:
+                _upload(journal, fshelper, bucket, report, progress)
             # The commit point: from here on the storage reads the bucket.
-            journal.set_meta(**{META_NAME: name})
+            journal.set_meta(**{KEYS_NAME: CONTENT_KEYS if dedup else None,
+                                META_NAME: name})
             kill_point('after_bucket_bind')
         report.rows = 0
         for batch in journal.rows():
@@ -190,6 +215,22 @@ def _upload(journal, fshelper, bucket, report, progress) -> None:
         done += _count(concurrent.futures.wait(pending).done, report)
         if progress is not None:
             progress(done, report.rows)
+    _refuse_lost(report)
+
+
+def _check_marker_keys(bucket, blob_dir: str, dedup: bool) -> None:
+    """Refuse to go on with a move a kill interrupted the other way
+    (with or without --dedup): the marker says how it began."""
+    marker = binding.read_marker(bucket) or {}
+    if (marker.get('keys') == CONTENT_KEYS) != bool(dedup):
+        raise BucketMoveError(
+            f'{blob_dir}: the move into {describe(bucket.settings)} was '
+            f'begun {"without" if dedup else "with"} --dedup (its marker '
+            f'{binding.marker_key(bucket)}): run it the same way to finish '
+            f'it')
+
+
+def _refuse_lost(report) -> None:
     if report.lost:
         raise BucketMoveError(
             f'{report.blob_dir}: {len(report.lost)} blob files of its '
@@ -198,7 +239,6 @@ def _upload(journal, fshelper, bucket, report, progress) -> None:
 
 
 def _upload_one(bucket, oid, tid, path) -> int:
-    from zodbblob.objectstore import blob_key
     size = bucket.upload(path, blob_key(bucket.settings.prefix, oid, tid))
     kill_point('mid_bucket_move')
     return size
@@ -235,14 +275,20 @@ def from_bucket(blob_dir: str, settings,
             if left.startswith(DOWNLOADING):   # of a move that was killed
                 remove_if_exists(os.path.join(fshelper.temp_dir, left))
         done = 0
-        for batch in journal.rows():
+        # By content, a row's digest names its content's key: no pointer
+        # to follow (a row without one: its pointer is followed).
+        contents = binding.by_content(journal)
+        for batch in journal.rows(digests=True):
             report.rows += len(batch)
-            for oid, tid, size in batch:
+            for oid, tid, size, digest in batch:
                 path = fshelper.getBlobFilename(oid, tid)
                 if os.path.isfile(path) and os.path.getsize(path) == size:
                     report.already += 1
                 else:
-                    _download_one(bucket, fshelper, oid, tid, path, size)
+                    key = (content_key(bucket.settings.prefix, digest)
+                           if contents and digest is not None
+                           else blob_key(bucket.settings.prefix, oid, tid))
+                    _download_one(bucket, fshelper, key, path, size)
                     report.transferred += 1
                     report.bytes += size
                 done += 1
@@ -253,7 +299,7 @@ def from_bucket(blob_dir: str, settings,
         else:
             _fsync_tree(fshelper.base_dir)
         # The commit point: from here on the storage reads the files.
-        journal.set_meta(**{META_NAME: None})
+        journal.set_meta(**{META_NAME: None, KEYS_NAME: None})
         kill_point('after_bucket_bind')
         shutil.rmtree(cache_directory(fshelper.base_dir), ignore_errors=True)
     finally:
@@ -276,13 +322,11 @@ def _all_in_place(journal, fshelper) -> bool:
     return True
 
 
-def _download_one(bucket, fshelper, oid, tid, path, size) -> None:
-    from zodbblob.objectstore import blob_key
+def _download_one(bucket, fshelper, key, path, size) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = os.path.join(fshelper.temp_dir,
                              f'{DOWNLOADING}{os.getpid()}.blob')
     remove_if_exists(temporary)
-    key = blob_key(bucket.settings.prefix, oid, tid)
     got = bucket.download(key, temporary)
     if got != size:
         os.remove(temporary)

@@ -56,6 +56,7 @@ from zodbblob.storage import held_by_a_storage
 from zodbblob.tools.contents import Contents
 from zodbblob.tools.readahead import read_ahead
 from zodbblob.tools.verifybucket import check_bucket, packed_meanwhile
+from zodbblob.tools.verifycontents import contents_line, mismatch_lines
 
 
 @dataclasses.dataclass
@@ -75,6 +76,11 @@ class Report:
     unrecorded: int = 0
     recorded: bool = False
     unreadable: list = dataclasses.field(default_factory=list)
+    # On a bucket by content (``verifycontents.py``): (oid, tid, pointer,
+    # digest it names, digest recorded); (content, digest read).
+    pointer_mismatches: list = dataclasses.field(default_factory=list)
+    content_mismatches: list = dataclasses.field(default_factory=list)
+    unique_contents: int | None = None
     not_files: list = dataclasses.field(default_factory=list)
     unfinished: list = dataclasses.field(default_factory=list)
     # Transactions whose catalog rows are in the commit log only.
@@ -88,6 +94,7 @@ class Report:
     def clean(self) -> bool:
         return not (self.missing or self.orphans or self.size_mismatches
                     or self.checksum_mismatches or self.unreadable
+                    or self.pointer_mismatches or self.content_mismatches
                     or self.not_files or self.unfinished)
 
     def lines(self) -> list[str]:
@@ -105,6 +112,7 @@ class Report:
                           '%s has %s %s, the catalog recorded %s'
                           % (oid_repr(oid), oid_repr(tid), path, DIGEST_NAME,
                              actual.hex(), expected.hex()))
+        result.extend(mismatch_lines(self))
         for path, error in self.unreadable:
             result.append('unreadable: %s: %s' % (path, error))
         for path, kind in self.not_files:
@@ -134,6 +142,8 @@ class Report:
         contents = self.contents.line()
         if contents is not None:
             result.append(contents)
+        if self.unique_contents is not None:
+            result.append(contents_line(self))
         result.append('%s: %d blob records, %d blob files, %s' % (
             self.blob_dir, self.records, self.files,
             'clean' if self.clean else '%d problems' % problems))

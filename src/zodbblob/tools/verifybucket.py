@@ -26,6 +26,7 @@ from zodbblob.storage import held_by_a_storage
 from zodbblob.storage.binding import own_keys
 from zodbblob.storage.catalog import pack_under_way
 from zodbblob.storage.digest import digest_file
+from zodbblob.tools.verifycontents import check_contents
 
 # Keys a ListObjectsV2 page holds (the most the API gives).
 LIST_PAGE = 1000
@@ -39,7 +40,7 @@ def check_bucket(storage, report, records, catalog, digests, checksum: bool,
     `catalog` and `digests` are verify's ``_Catalog`` (closed here) and
     ``_Digests``."""
     try:
-        _check(storage, report, records, catalog.sizes(), digests, checksum,
+        _check(storage, report, records, catalog, digests, checksum,
                progress)
     finally:
         catalog.close()
@@ -54,6 +55,12 @@ def _check(storage, report, records, catalog, digests, checksum,
     live = (not storage._shared.read_only) or held_by_a_storage(
         storage.fshelper.base_dir)
     seen_up_to = storage.base.lastTransaction() if live else MAX_TID
+    if objects.contents is not None:
+        check_contents(storage, report, records, catalog, digests, checksum,
+                       progress, live, seen_up_to)
+        _judge_beside_a_pack(storage, report, live)
+        return
+    sizes = catalog.sizes()
     total = report.records
     listing = objects.bucket.iter_keys(prefix, page_size=LIST_PAGE)
     own = own_keys(objects.bucket)
@@ -72,7 +79,7 @@ def _check(storage, report, records, catalog, digests, checksum,
         oid, tid = parsed
         if not records.strike(oid, tid) and tid <= seen_up_to:
             report.orphans.append(where)
-        row = catalog.get(oid, tid)
+        row = sizes.get(oid, tid)
         if row is not None and row[2] != size:
             report.size_mismatches.append((where, row[2], size))
         if checksum and row is not None:
@@ -85,6 +92,10 @@ def _check(storage, report, records, catalog, digests, checksum,
     for oid, tid in records.left():
         report.missing.append(
             (oid, tid, f's3://{objects.settings.bucket}/{objects.key(oid, tid)}'))
+    _judge_beside_a_pack(storage, report, live)
+
+
+def _judge_beside_a_pack(storage, report, live: bool) -> None:
     # A pack beside us (a live storage's) deletes objects of records we
     # read before it.
     if (report.orphans or report.missing) and live and packed_meanwhile(

@@ -80,13 +80,22 @@ class _Source:
             self.fshelper.temp_dir,
             f'backup-{os.getpid()}-{next(self._downloads)}.blob')
         try:
-            self.objects.bucket.download(self.objects.key(oid, tid),
+            # By content: the content's key, where the catalog names it.
+            self.objects.bucket.download(self.objects.object_key(oid, tid),
                                          download)
         except self.objects.missing:
             return path
         except self.objects.failure as e:
             raise BackupError(str(e)) from None
         return download
+
+    def content(self, oid: bytes, tid: bytes) -> bytes | None:
+        """On a bucket by content (dedup): the digest the catalog
+        records for `tid` of `oid`, which names its content; else None.
+        The backup downloads each content once."""
+        if self.objects is None or self.objects.contents is None:
+            return None
+        return self.objects.journal.digest(oid, tid)
 
     def opened(self, path: str) -> None:
         """`path`, from `blob_path`, is open: a download's name goes."""

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import sqlite3
 import stat
 import time
 
@@ -163,12 +164,19 @@ class _SnapshotWriter:
         # sha256 -> the file in .incoming of the contents copied since
         # the last flush.
         self.staged: dict[bytes, str] = {}
+        # On a bucket by content: each content read, by the catalog's
+        # digest, in a private temporary database on disk ('').
+        self.read_contents = sqlite3.connect('')
+        self.read_contents.execute(
+            'CREATE TABLE content (digest BLOB PRIMARY KEY, size INTEGER, '
+            'sha256 BLOB) WITHOUT ROWID')
 
     def run(self) -> BackupResult:
         try:
             return self._run()
         finally:
             self.source_tree.close()
+            self.read_contents.close()
             self.contents.close()
             self.old_tree.close()
 
@@ -321,6 +329,14 @@ class _SnapshotWriter:
                 self.done_rows.append(
                     (known_size, known_sha256, DONE, copied, oid, tid))
                 return
+        content = self.source.content(oid, tid)
+        if content is not None:
+            read = self.read_contents.execute(
+                'SELECT size, sha256 FROM content WHERE digest = ?',
+                (content,)).fetchone()
+            if read is not None:   # downloaded once already
+                self.done_rows.append((*read, DONE, 0, oid, tid))
+                return
         source = self._source_path(oid, tid)
         try:
             source, fd = self._open_source(oid, tid)
@@ -357,6 +373,10 @@ class _SnapshotWriter:
                 self.batch_bytes += size
         finally:
             os.close(fd)
+        if content is not None:
+            self.read_contents.execute(
+                'INSERT OR IGNORE INTO content VALUES (?, ?, ?)',
+                (content, size, sha256))
         self.done_rows.append((size, sha256, DONE, copied, oid, tid))
 
     def _known(self, oid, tid, size, sha256) -> int | None:

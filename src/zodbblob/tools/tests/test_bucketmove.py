@@ -15,13 +15,20 @@ from zodbblob.tools.tests.bucketstores import BUCKET, BucketStoreTestCase
 
 
 @unittest.skipIf(S3_MISSING, S3_MISSING)
-class BucketMoveTests(BucketStoreTestCase):
+class MoveTestCase(BucketStoreTestCase):
+    """A blob directory of `contents` (committed one a transaction, on
+    four names) to move, and `migrate` through the command line."""
+
+    records = 5
+
+    def contents(self):
+        return [os.urandom(size) for size in (0, 100, 5000, 9 << 20, 7)]
 
     def setUp(self):
         super().setUp()
         self.url = f's3://{self.settings.bucket}/site'
-        self.fill([os.urandom(size) for size in (0, 100, 5000, 9 << 20, 7)],
-                  ['blob0', 'blob1', 'blob2', 'blob3'], object_store=None)
+        self.fill(self.contents(), ['blob0', 'blob1', 'blob2', 'blob3'],
+                  object_store=None)
 
     def migrate(self, *args, kill_point=None):
         env = dict(os.environ, AWS_ACCESS_KEY_ID='testing',
@@ -47,13 +54,17 @@ class BucketMoveTests(BucketStoreTestCase):
                          for name in names if name.endswith('.blob'))
         return sorted(found)
 
-    def check(self, object_store=BUCKET):
-        super().check(self.open(object_store=object_store), records=5)
+    def check(self, object_store=BUCKET, **options):
+        super().check(self.open(object_store=object_store, **options),
+                      records=self.records)
 
     def keys(self):
         """The bucket's blob keys (not the marker saying whose it is)."""
         return sorted(key for key, size in self.bucket.iter_keys()
                       if not key.endswith(MARKER))
+
+
+class BucketMoveTests(MoveTestCase):
 
     def test_into_the_bucket_and_back(self):
         files = self.local_files()
