@@ -28,7 +28,7 @@ from ZODB.utils import oid_repr
 
 from zodbblob.objectstore import content_key, parse_blob_key
 from zodbblob.objectstore.keys import CONTENTS, parse_content_key
-from zodbblob.storage.binding import marker_key
+from zodbblob.storage.binding import own_keys
 from zodbblob.storage.commitlog import CommitLog, commit_log_path
 from zodbblob.storage.digest import DIGEST_NAME
 
@@ -50,6 +50,7 @@ def check_contents(storage, report, records, catalog, digests, checksum,
     sizes = catalog.sizes()
     total = report.records
     done = 0
+    own = own_keys(objects.bucket)
     for key, size in objects.bucket.iter_keys(prefix, page_size=LIST_PAGE):
         where = bucket_url + key
         digest = parse_content_key(prefix, key)
@@ -65,8 +66,8 @@ def check_contents(storage, report, records, catalog, digests, checksum,
             report.orphans.append(where)   # no content's key: nobody's
             continue
         rest = key[len(prefix):]
-        if key == marker_key(objects.bucket) or rest.count('/') > 1:
-            continue   # the marker; a nested prefix's (another store's)
+        if key in own or rest.count('/') > 1:
+            continue   # the marker, the writer; a nested prefix's
         done += 1
         report.files = done
         parsed = parse_blob_key(prefix, key)
