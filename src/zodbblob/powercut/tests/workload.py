@@ -86,7 +86,8 @@ def open_database(directory: str, stock: bool = False,
     blobs = os.path.join(directory, 'blobs')
     bucket = bucket_settings()
     if bucket is not None:
-        return ZODB.DB(open_filestorage(path, blobs, object_store=bucket))
+        return ZODB.DB(open_filestorage(path, blobs, object_store=bucket,
+                                        dedup=dedup))
     if stock:
         return ZODB.DB(ZODB.FileStorage.FileStorage(path, blob_dir=blobs))
     if one_sync:
