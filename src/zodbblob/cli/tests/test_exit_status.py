@@ -108,7 +108,7 @@ class ExitStatusTests(unittest.TestCase):
     def _argv(self, command, case):
         var = self.cases[case]
         blobs = os.path.join(var, 'blobs')
-        if command in ('verify', 'recover'):
+        if command in ('verify', 'recover', 'takeover'):
             return (command, *self.storage(var))
         if command == 'backup':
             return (command, *self.storage(var), self.path('backups'))
