@@ -112,6 +112,7 @@ class Contents:
                       if not self.pending.get(digest)
                       and not self.journal.has_live_rows(digest)]
             if doomed:
+                self.objects.still_writer()
                 self.objects.bucket.delete(doomed)
                 if uncommitted:
                     self.objects.bucket.abort_uploads(doomed)

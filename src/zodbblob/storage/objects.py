@@ -22,8 +22,10 @@ lacks, whose keys the next open deletes.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import os
+import threading
 
 from ZODB.POSException import POSKeyError, StorageError
 from ZODB.utils import oid_repr
@@ -148,6 +150,7 @@ class ObjectStore:
                 f'{self.name}: {getattr(e, "strerror", None) or e}') from None
         self.base = None   # the storage's base, once open
         self.blob_dir = blob_dir
+        self._writer = threading.local()   # `as_writer`'s state
         self.journal = journal
         self.pool = concurrent.futures.ThreadPoolExecutor(
             UPLOAD_THREADS, thread_name_prefix='zodbblob-upload')
@@ -195,12 +198,44 @@ class ObjectStore:
                            self.cache.directory, e)
 
     def confirm_writer(self) -> None:
-        """Refuse (a pack) unless this blob directory still writes the
-        prefix: a copy of the site may have taken it over."""
+        """BlobStorageError (a pack refused) unless this blob directory
+        still writes the prefix: a copy of the site may have taken it
+        over; StorageError if the bucket cannot say."""
         try:
             confirm_writer(self.bucket, self.blob_dir, self.name)
         except self.failure as e:
             raise StorageError(str(e)) from e
+        if getattr(self._writer, 'state', None) == 'unchecked':
+            self._writer.state = 'checked'
+
+    def still_writer(self) -> None:
+        """Before any delete: ObjectStoreError, as for a bucket that
+        refuses the delete (an abort keeps its objects for later),
+        unless this blob directory still writes the prefix.  Once for
+        all the deletes inside `as_writer`, at the first."""
+        state = getattr(self._writer, 'state', None)
+        if state == 'checked':
+            return
+        try:
+            confirm_writer(self.bucket, self.blob_dir, self.name)
+        except BlobStorageError as e:
+            raise self.failure('delete objects in', self.bucket.name,
+                               self.bucket.endpoint, str(e)) from None
+        if state == 'unchecked':
+            self._writer.state = 'checked'
+
+    @contextlib.contextmanager
+    def as_writer(self):
+        """One writer check for the deletes of this thread inside (a
+        pack's, a recovery's), made at the first."""
+        outer = getattr(self._writer, 'state', None)
+        if outer is None:
+            self._writer.state = 'unchecked'
+        try:
+            yield
+        finally:
+            if outer is None:
+                self._writer.state = None
 
     # commit
 
@@ -302,6 +337,7 @@ class ObjectStore:
         ObjectStoreError if the bucket refused."""
         pairs = list(pairs)
         if pairs:
+            self.still_writer()
             self.bucket.delete(self.key(oid, tid) for oid, tid in pairs)
             kill_point('after_object_delete')
 
@@ -390,7 +426,8 @@ def recover_objects(shared, base, latest, in_catalog) -> None:
     # it.  Then the deletes, before the records go.
     shared.journal.add(rows)
     shared.journal.remove(gone)
-    objects.delete_uncommitted(doomed, digests)
+    with objects.as_writer():
+        objects.delete_uncommitted(doomed, digests)
     checkpoint(shared)
     for tid in sorted(back):
         logger.warning('Recovered blob directory %s: deleted the blob '

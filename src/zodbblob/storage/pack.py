@@ -195,53 +195,61 @@ class Packer:
                                    % shared.fshelper.base_dir)
         try:
             if shared.objects is not None:
-                # A copy of the site that took the prefix over since this
-                # storage opened: its blobs are not this catalog's to drop.
-                shared.objects.confirm_writer()
-                # Objects an earlier pack marked and the bucket refused
-                # to delete (a store that was down).
-                remove_blob_objects(shared, [
-                    pair for pair in shared.journal.garbage()
-                    if not base_has(self.base, *pair)])
-            shared.journal.begin_pack(packtime)
-            # No record from before the pack may be replayed after it: a
-            # kill before the files are removed would have recovery take
-            # the packed revisions for interrupted transactions.  After
-            # this checkpoint the next open's _finish_pack removes them.
-            checkpoint(shared)
-            # The last tid before the object count: a commit between the
-            # two is counted as new twice over, which only sends the pack
-            # to the full check (see `_objects_removed`).
-            last = self.base.lastTransaction()
-            count = self._object_count()
-            try:
-                result = self.base.pack(packtime, referencesf, *args, **kw)
-            except BaseException:
-                # The base did not pack (FileStorage swaps in the packed
-                # file last): there is nothing for the next open to finish.
-                try:
-                    shared.journal.end_pack()
-                except JournalError:
-                    pass  # the next open finds the intent, and finishes
-                raise
-            kill_point('after_base_pack')
-            sync_packed_base(self.base)
-            # Rows committed from now on are revisions the base has:
-            # `remove_unreferenced` asks the base about each row.
-            stop = pack_tid(packtime)
-            removed = remove_unreferenced(
-                shared, self.base, shared.journal.superseded(stop))
-            if count is None or self._objects_removed(count, last):
-                removed += remove_unreferenced(
-                    shared, self.base, shared.journal.rows(stop))
-            if removed:
-                # No record from before the pack outlives it: recovery
-                # would find their removed revisions missing from the
-                # base, and call them interrupted.
-                checkpoint(shared)
-            shared.journal.end_pack()
+                with shared.objects.as_writer():
+                    return self._pack(packtime, referencesf, *args, **kw)
+            return self._pack(packtime, referencesf, *args, **kw)
         finally:
             shared.pack_lock.release()
+
+    def _pack(self, packtime, referencesf, *args, **kw):
+        shared = self._shared
+        if shared.objects is not None:
+            # A copy of the site that took the prefix over since this
+            # storage opened: its blobs are not this catalog's to drop
+            # (one check for all of this pack's deletes).
+            shared.objects.confirm_writer()
+            # Objects an earlier pack marked and the bucket refused
+            # to delete (a store that was down).
+            remove_blob_objects(shared, [
+                pair for pair in shared.journal.garbage()
+                if not base_has(self.base, *pair)])
+        shared.journal.begin_pack(packtime)
+        # No record from before the pack may be replayed after it: a
+        # kill before the files are removed would have recovery take
+        # the packed revisions for interrupted transactions.  After
+        # this checkpoint the next open's _finish_pack removes them.
+        checkpoint(shared)
+        # The last tid before the object count: a commit between the
+        # two is counted as new twice over, which only sends the pack
+        # to the full check (see `_objects_removed`).
+        last = self.base.lastTransaction()
+        count = self._object_count()
+        try:
+            result = self.base.pack(packtime, referencesf, *args, **kw)
+        except BaseException:
+            # The base did not pack (FileStorage swaps in the packed
+            # file last): there is nothing for the next open to finish.
+            try:
+                shared.journal.end_pack()
+            except JournalError:
+                pass  # the next open finds the intent, and finishes
+            raise
+        kill_point('after_base_pack')
+        sync_packed_base(self.base)
+        # Rows committed from now on are revisions the base has:
+        # `remove_unreferenced` asks the base about each row.
+        stop = pack_tid(packtime)
+        removed = remove_unreferenced(
+            shared, self.base, shared.journal.superseded(stop))
+        if count is None or self._objects_removed(count, last):
+            removed += remove_unreferenced(
+                shared, self.base, shared.journal.rows(stop))
+        if removed:
+            # No record from before the pack outlives it: recovery
+            # would find their removed revisions missing from the
+            # base, and call them interrupted.
+            checkpoint(shared)
+        shared.journal.end_pack()
         return result
 
     def _object_count(self) -> int | None:

@@ -21,8 +21,10 @@ container's), ``chown -R``.  A writable open:
   directory and time.  A site that was moved or restored is the writer
   again after ``zodbblob takeover`` (`taking_over`), once.
 
-Pack asks again before it deletes (one GetObject): a copy that took
-the prefix over since this storage opened stops its packs.
+Every delete asks again first (one GetObject; one for all of a pack's):
+a storage whose directory lost the prefix to a takeover since it opened
+deletes nothing there, neither a pack's garbage nor an abort's uploads
+(which then wait, as when the bucket refuses).
 """
 
 from __future__ import annotations
@@ -144,4 +146,4 @@ def confirm_writer(bucket, blob_dir: str, name: str) -> None:
     said = 'no writer' if writer is None else describe_writer(writer)
     raise BlobStorageError(
         f'Blob directory {blob_dir}: {name} is no longer written by this '
-        f'directory ({said}): pack deletes nothing')
+        f'directory ({said}): it deletes nothing there')

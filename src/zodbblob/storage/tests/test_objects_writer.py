@@ -5,12 +5,15 @@ against moto's S3 server (a real process on 127.0.0.1)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 import unittest
 
+import transaction
 import ZODB
+from ZODB.blob import Blob
 
 from zodbblob.storage import BlobStorageError
 from zodbblob.storage.tests.test_objects_binding import BindingTestCase
@@ -114,6 +117,43 @@ class WriterTests(BindingTestCase):
             with db.transaction() as connection:
                 del connection.root()['blob']
             db.pack(time.time() + 1)
+        finally:
+            db.close()
+
+    def test_an_abort_of_a_storage_that_lost_the_prefix_deletes_nothing(self):
+        # The old site, still running after a takeover, aborts a commit
+        # of a content the new writer has: deleting it would lose the
+        # new writer's blob (a reviewer's finding).
+        from zodbblob.storage import writer
+        from zodbblob.testing import FailingVote
+        self.commit(b'production', dedup=True)
+        self.copy_site('site', 'moved')
+        old = ZODB.DB(self.open(dedup=True))
+        try:
+            with writer.taking_over():
+                moved = ZODB.DB(self.open('moved', dedup=True))
+            try:
+                with moved.transaction() as connection:
+                    connection.root()['new'] = Blob(b'shared bytes')
+                connection = old.open()
+                connection.root()['new'] = Blob(b'shared bytes')
+                transaction.get().join(FailingVote())
+                with self.assertRaises(ValueError):
+                    transaction.commit()
+                transaction.abort()
+                connection.close()
+                moved.cacheMinimize()
+                shutil.rmtree(self.path('moved', 'blobs', '.zodbblob',
+                                        'cache'), ignore_errors=True)
+            finally:
+                moved.close()
+        finally:
+            old.close()
+        db = ZODB.DB(self.open('moved', dedup=True))
+        try:
+            with db.transaction() as connection:
+                with connection.root()['new'].open() as f:
+                    self.assertEqual(f.read(), b'shared bytes')
         finally:
             db.close()
 
