@@ -67,6 +67,7 @@ from ZODB.POSException import POSKeyError, StorageError
 
 from zodbblob.cache import BlobCache
 from zodbblob.storage.datamanager import TransactionDirectories
+from zodbblob.storage.digest import has_digest
 from zodbblob.layout import FilesystemHelper
 from zodbblob.layout import check_id
 from zodbblob.layout import read_marker
@@ -108,6 +109,9 @@ class BucketReader:
             raise ClientStorageError(
                 'object_store %r: expected ObjectStoreSettings or a Bucket'
                 % (object_store,))
+        # A content a pointer leads to (dedup) is checked against its
+        # digest: damaged or replaced bytes are not handed on.
+        self.bucket.check_content = has_digest
         self.prefix = self.bucket.settings.prefix
         self.missing_logged = False
         try:

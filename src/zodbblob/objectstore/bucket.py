@@ -22,7 +22,11 @@ import threading
 from collections.abc import Iterable, Iterator
 
 from zodbblob.objectstore.errors import ObjectMissing, ObjectStoreError
-from zodbblob.objectstore.keys import POINTER_METADATA, pointer_target
+from zodbblob.objectstore.keys import (
+    POINTER_METADATA,
+    parse_content_key,
+    pointer_target,
+)
 from zodbblob.objectstore.small import SmallObjects
 from zodbblob.objectstore.settings import ObjectStoreSettings
 
@@ -78,6 +82,10 @@ class Bucket(SmallObjects):
 
     def __init__(self, settings: ObjectStoreSettings):
         self.settings = settings
+        # ``(path, digest) -> bool``: whether a downloaded content's
+        # bytes hash to the digest of its key (dedup's contents).  The
+        # storage and the ZEO client give theirs; None checks nothing.
+        self.check_content = None
         self.name = settings.bucket
         config = botocore.config.Config(
             connect_timeout=settings.connect_timeout,
@@ -310,7 +318,9 @@ class Bucket(SmallObjects):
             finally:
                 body.close()
             if written == size:
-                return size  # a break after the last byte cuts nothing
+                # A break after the last byte cuts nothing.
+                self._check_content(key, path, f)
+                return size
             cut_at = (written, size)
             logger.debug('download of %r: cut after %d of %d bytes '
                          '(try %d): %r', key, written, size, tries, cut)
@@ -319,6 +329,20 @@ class Bucket(SmallObjects):
                     f'download to {path}', self.name, self.endpoint,
                     f'cut after {written} of {size} bytes, {tries} tries',
                     key) from cut
+
+    def _check_content(self, key: str, path: str, f) -> None:
+        """A content key's bytes hash to its digest (`check_content`,
+        where the caller gave one): else the object is damaged or was
+        replaced, and is not handed on."""
+        digest = parse_content_key(self.settings.prefix, key)
+        if digest is None or self.check_content is None:
+            return
+        f.flush()
+        if not self.check_content(path, digest):
+            raise ObjectStoreError(
+                f'download to {path}', self.name, self.endpoint,
+                'its bytes do not hash to the digest its key names '
+                '(damaged, or replaced)', key)
 
     def _pointed(self, key: str, path: str, pointer: str,
                  follow: bool) -> str:

@@ -80,6 +80,12 @@ def digest_file(path: str) -> bytes:
         os.close(fd)
 
 
+def has_digest(path: str, digest: bytes) -> bool:
+    """Whether the file at `path` hashes to `digest` (a content
+    downloaded from a bucket: ``Bucket.check_content``)."""
+    return digest_file(path) == digest
+
+
 def digest_files(names: list[tuple[str, ...]]) -> list[bytes | None]:
     """The digest of each file of `names`, each given by its names (the
     first that can be read is hashed: a staged name may be gone, its

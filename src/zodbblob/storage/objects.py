@@ -35,7 +35,7 @@ from zodbblob.storage import binding
 from zodbblob.storage.binding import describe
 from zodbblob.storage.catalog import STATE_DIR, kill_point
 from zodbblob.storage.contents import Contents
-from zodbblob.storage.digest import digest_file
+from zodbblob.storage.digest import digest_file, has_digest
 from zodbblob.storage.lock import BlobStorageError
 from zodbblob.storage.writer import confirm_writer
 
@@ -136,6 +136,8 @@ class ObjectStore:
         from zodbblob.cache import BlobCache
         from zodbblob.objectstore.bucket import ObjectMissing, ObjectStoreError
         self.bucket = bucket
+        # A content downloaded is checked against its digest.
+        bucket.check_content = has_digest
         self.settings = bucket.settings
         self.name = describe(self.settings)
         self.missing = ObjectMissing

@@ -10,6 +10,7 @@ import unittest
 
 import transaction
 from ZODB.blob import Blob
+from ZODB.POSException import StorageError
 
 from zodbblob.objectstore import blob_key, content_key
 from zodbblob.storage import BlobStorageError
@@ -88,6 +89,36 @@ class CommitTests(DedupTestCase):
             self.assertEqual(read(root[name]), data, name)
         # The catalog names the content: no pointer is read.
         self.assertEqual(dict(requests), {'GetObject': 5})
+
+    def test_a_damaged_content_is_not_handed_on(self):
+        db = self.open_db()
+        with db.transaction() as connection:
+            connection.root()['a'] = Blob(b'good bytes')
+        db.close()
+        shutil.rmtree(self.cache_dir())
+        self.bucket.put_bytes(self.content(b'good bytes'), b'EVIL BYTES')
+        db = self.open_db()
+        connection = db.open()
+        with self.assertRaises(StorageError) as raised:
+            read(connection.root()['a'])
+        message = str(raised.exception)
+        self.assertIn('do not hash to the digest', message)
+        self.assertIn(self.content(b'good bytes'), message)
+        self.assertNotIn('\n', message)
+        connection.close()
+        # Through the pointer too (what a ZEO client reading the bucket
+        # does), with the storage's check.
+        from zodbblob.objectstore import Bucket
+        from zodbblob.storage.digest import has_digest
+        bucket = Bucket(self.settings)
+        self.addCleanup(bucket.client.close)
+        bucket.check_content = has_digest
+        [pointer] = self.pointers_and_contents()[0]
+        target = os.path.join(self.dir, 'read')
+        with self.assertRaises(Exception) as raised:
+            bucket.download(pointer, target)
+        self.assertIn('do not hash to the digest', str(raised.exception))
+        self.assertFalse(os.path.exists(target))
 
     def test_a_failed_vote_deletes_only_the_new_contents(self):
         db = self.open_db()
