@@ -31,3 +31,7 @@ class ObjectStoreError(Exception):
 
 class ObjectMissing(ObjectStoreError):
     """The key asked for is not in the bucket."""
+
+
+class NotAPointer(ObjectStoreError):
+    """The object at a revision's key is no pointer to a content."""

@@ -3,7 +3,11 @@ pointers (a part of `bucket.Bucket`)."""
 
 from __future__ import annotations
 
-from zodbblob.objectstore.errors import ObjectMissing, ObjectStoreError
+from zodbblob.objectstore.errors import (
+    NotAPointer,
+    ObjectMissing,
+    ObjectStoreError,
+)
 from zodbblob.objectstore.keys import (
     POINTER_METADATA,
     pointer_body,
@@ -30,8 +34,8 @@ class SmallObjects:
 
     def read_pointer(self, key: str) -> bytes | None:
         """The digest the pointer at `key` names; None if there is no
-        object at `key`; ObjectStoreError for an object that is no
-        pointer (one HeadObject: its metadata)."""
+        object at `key`; NotAPointer for an object that is no pointer
+        (one HeadObject: its metadata)."""
         try:
             response = self.client.head_object(Bucket=self.name, Key=key)
         except Exception as error:
@@ -45,8 +49,8 @@ class SmallObjects:
                 raise ValueError('no pointer metadata')
             target = pointer_target('', pointer)
         except ValueError as error:
-            raise ObjectStoreError('read the pointer', self.name,
-                                   self.endpoint, str(error), key) from None
+            raise NotAPointer('read the pointer', self.name,
+                              self.endpoint, str(error), key) from None
         return bytes.fromhex(target.rsplit('/', 1)[1])
 
     def get_bytes(self, key: str, limit: int = SMALL_OBJECT) -> bytes | None:

@@ -138,8 +138,9 @@ def check_keys(bucket, journal, blob_dir: str, dedup: bool) -> None:
             f'Blob directory {blob_dir} keeps its blobs in '
             f'{describe(bucket.settings)} by oid and tid: dedup on a '
             f'bucket needs a prefix bound with dedup on from the start '
-            f'(open it without dedup, or zodbblob migrate it into a new '
-            f'prefix with --dedup)')
+            f'(open it without dedup, or move it home with zodbblob '
+            f'migrate s3://BUCKET/PREFIX DIR, then into a new prefix with '
+            f'zodbblob migrate DIR s3://BUCKET/NEW --dedup)')
     raise BlobStorageError(
         f'Blob directory {blob_dir} keeps its blobs in '
         f'{describe(bucket.settings)} by content: open it with dedup on '

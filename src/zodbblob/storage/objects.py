@@ -31,6 +31,7 @@ from ZODB.POSException import POSKeyError, StorageError
 from ZODB.utils import oid_repr
 
 from zodbblob.objectstore import ObjectStoreSettings, blob_key, parse_blob_key
+from zodbblob.objectstore.errors import NotAPointer
 from zodbblob.storage import binding
 from zodbblob.storage.binding import describe
 from zodbblob.storage.catalog import STATE_DIR, kill_point
@@ -109,6 +110,7 @@ def rebuild_from_bucket(object_store, journal, blob_dir: str,
     (``binding.adopt``); its `ObjectStore`."""
     bucket, cache_size, dedup = object_store
     binding.adopt(bucket, journal, blob_dir)
+    binding.check_keys(bucket, journal, blob_dir, dedup)
     objects = ObjectStore(bucket, blob_dir, cache_size, journal)
     counted = []
 
@@ -378,7 +380,11 @@ class ObjectStore:
             if self.contents is None:
                 yield parsed[0], parsed[1], size
                 continue
-            digest = self.bucket.read_pointer(key)
+            try:
+                digest = self.bucket.read_pointer(key)
+            except NotAPointer as e:
+                logger.warning('%s; not in the rebuilt catalog', e)
+                continue
             size = None if digest is None else self.bucket.head(
                 self.contents.key(digest))
             if size is None:

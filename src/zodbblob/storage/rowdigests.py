@@ -80,9 +80,17 @@ class RowDigests:
 
     def has_live_rows(self, digest: bytes) -> bool:
         """Whether a row has the content `digest` and no garbage mark:
-        a revision that needs it."""
+        a revision that needs it.
+
+        Rows pending in memory are looked at there, not written first
+        (a vote asks for each of its contents: it would write a batch
+        every commit); none of them has a mark, as pack marks rows it
+        read from the database, which writes them first.
+        """
         with self._lock:
-            self._save()   # rows pending in memory, and their marks
+            if any(len(row) > 3 and row[3] == digest and row[2] is not None
+                   for row in self._unsaved):
+                return True
             try:
                 return self._db.execute(
                     'SELECT 1 FROM blob WHERE digest = ? AND NOT EXISTS '

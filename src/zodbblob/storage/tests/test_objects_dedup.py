@@ -199,6 +199,7 @@ class PackTests(DedupTestCase):
         digest = digest_bytes(b'contended')
         self.assertEqual(contents.claim([digest]), set())
         oid, tid = root['a']._p_oid, storage.lastTransaction()
+        journal.flush()   # as a pack's read of the rows does
         journal.mark_garbage([(oid, tid)])
         contents.collect([digest])
         self.assertEqual(self.pointers_and_contents()[1],
@@ -247,6 +248,22 @@ class BindingTests(DedupTestCase):
         root = db.open().root()
         self.assertEqual([read(root[name]) for name in 'abc'],
                          [b'one', b'one', b'two'])
+        db.close()
+        # Rebuilt again, with a stray object that is no pointer at a
+        # blob key: left out, said; and the keys stay bound (dedup).
+        os.remove(os.path.join(self.dir, 'blobs', '.zodbblob',
+                               'journal.sqlite'))
+        stray = blob_key(self.settings.prefix, b'\0' * 7 + b'\x99',
+                         b'\x03' * 8)
+        self.bucket.put_bytes(stray, b'not a pointer')
+        with self.assertRaises(BlobStorageError) as raised:
+            self.open(dedup=False)
+        self.assertIn('by content', str(raised.exception))
+        with self.assertLogs('zodbblob.storage.objects', 'WARNING') as said:
+            db = self.open_db()
+        self.assertIn(stray, '\n'.join(said.output))
+        self.assertEqual(self.expected_keys(db.storage), expected)
+        root = db.open().root()
         # A commit of a known content after the rebuild uploads none.
         requests = self.counted(db.storage)
         root['d'] = Blob(b'two')
