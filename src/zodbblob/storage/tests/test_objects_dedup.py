@@ -15,7 +15,8 @@ from ZODB.POSException import StorageError
 from zodbblob.objectstore import blob_key, content_key
 from zodbblob.storage import BlobStorageError
 from zodbblob.storage.digest import digest_bytes
-from zodbblob.storage.tests.test_objects import KillTests, ObjectStoreTestCase
+from zodbblob.storage.tests import test_objects
+from zodbblob.storage.tests.test_objects import ObjectStoreTestCase
 from zodbblob.testing import S3_MISSING, FailingVote
 
 
@@ -272,7 +273,7 @@ class BindingTests(DedupTestCase):
 
 
 @unittest.skipIf(S3_MISSING, S3_MISSING)
-class DedupKillTests(KillTests):
+class DedupKillTests(test_objects.KillTests):
     """SIGKILL at each named point with dedup on: after the next open,
     every acknowledged blob reads back byte-exact, and the bucket holds
     exactly the catalog's pointers and the contents its rows name."""
@@ -334,6 +335,24 @@ class DedupKillTests(KillTests):
             storage.close()
         self.assertEqual({upload['Key'] for upload in left},
                          set(keys) & needed)
+
+    # The points where dedup does something of its own (hashing before
+    # the record, contents beside pointers, a content a pack collects);
+    # every point by oid and tid is in test_objects.KillTests.
+    def test_kill_at_each_upload_point(self):
+        for point in ('after_upload_record', 'mid_upload:3',
+                      'after_uploads', 'after_base_finish'):
+            with self.subTest(point=point):
+                self.kill_at(point)
+                self.check()
+
+    def test_kill_at_each_pack_point(self):
+        self.kill_at('after_object_delete:2', '--pack')
+        self.check(pack=True)
+
+    def test_kill_in_an_undo(self):
+        self.kill_at('after_uploads:3', '--undo')
+        self.check()
 
     def test_kill_in_a_pack_beside_a_shared_content(self):
         for point in ('after_object_delete', 'after_base_pack'):
