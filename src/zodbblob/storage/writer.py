@@ -12,14 +12,23 @@ The identity is the blob directory's file ``.zodbblob/writer``: a random
 id written once, and the file's inode number.  A copy of the directory
 has the id but another inode (a copy makes new files); the directory
 itself keeps both across restarts, reboots, a new host name (a
-container's), ``chown -R``.  A writable open:
+container's), ``chown -R``.  A snapshot or clone of the filesystem
+(LVM, ZFS, a VM's disk) keeps inode numbers too: for it, a generation,
+counted up at each writable open, here (``.zodbblob/writer-generation``,
+first) and in the record.  A writable open:
 
 - finds no writer object: writes its own (the first open; a prefix from
   before writers were recorded);
-- finds its own: goes on;
-- finds another's: refused in one line, naming the other's host,
-  directory and time.  A site that was moved or restored is the writer
-  again after ``zodbblob takeover`` (`taking_over`), once.
+- finds its own, of its generation (or one behind: a crash between the
+  two writes): counts on and goes on;
+- finds another's, or its own of a later generation (a clone opened
+  it since): refused in one line, naming the other's host, directory
+  and time.  A site that was moved or restored is the writer again
+  after ``zodbblob takeover`` (`taking_over`), once.
+
+So a clone of a stopped site and the site exclude each other (whichever
+opens first writes); a clone of a running site that opens takes the
+prefix from it, and the running site's deletes stop (below).
 
 Every delete asks again first (one GetObject; one for all of a pack's):
 a storage whose directory lost the prefix to a takeover since it opened
@@ -48,6 +57,7 @@ logger = logging.getLogger(__name__)
 # own objects, which are no blobs.
 WRITER = '.writer.zodbblob.json'
 IDENTITY_FILE = 'writer'
+GENERATION_FILE = 'writer-generation'
 
 _taking_over = contextvars.ContextVar('zodbblob_taking_over', default=False)
 
@@ -67,25 +77,50 @@ def writer_key(bucket) -> str:
     return bucket.settings.prefix + WRITER
 
 
-def local_identity(blob_dir: str) -> str:
-    """This blob directory's identity: its writer id and the inode of
-    the file that holds it (made at the first call, durably)."""
-    path = os.path.join(blob_dir, STATE_DIR, IDENTITY_FILE)
+def _identity_path(blob_dir: str, name: str = IDENTITY_FILE) -> str:
+    return os.path.join(blob_dir, STATE_DIR, name)
+
+
+def _write_durably(path: str, text: str) -> None:
+    """A new file renamed over `path`, and its name made durable (a
+    power cut must not make the site a stranger to its own prefix)."""
+    temporary = path + '.new'
+    with open(temporary, 'w', encoding='ascii') as f:
+        f.write(text)
+    fsync_path(temporary)
+    os.replace(temporary, path)
+    fsync_directory(os.path.dirname(path))
+    fsync_directory(os.path.dirname(os.path.dirname(path)))
+
+
+def local_identity(blob_dir: str) -> tuple[str, int]:
+    """This blob directory's identity (its writer id and the inode of
+    the file that holds it, which is never written again) and its
+    generation (in a file of its own, replaced at each bump); the id
+    made at the first call, durably."""
+    path = _identity_path(blob_dir)
     try:
-        with open(path, encoding='ascii') as f:
-            value = f.read().strip()
+        with open(path, encoding='ascii', errors='replace') as f:
+            value = f.read(200).strip()
     except FileNotFoundError:
+        value = ''
+    if not value:
         value = uuid.uuid4().hex
-        temporary = path + '.new'
-        with open(temporary, 'w', encoding='ascii') as f:
-            f.write(value + '\n')
-        fsync_path(temporary)
-        os.replace(temporary, path)
-        # Its name, and the state directory's: a power cut must not
-        # make the site a stranger to its own prefix.
-        fsync_directory(os.path.dirname(path))
-        fsync_directory(os.path.dirname(os.path.dirname(path)))
-    return f'{value}-{os.stat(path).st_ino}'
+        _write_durably(path, value + '\n')
+    try:
+        with open(_identity_path(blob_dir, GENERATION_FILE),
+                  encoding='ascii', errors='replace') as f:
+            generation = int(f.read(40).strip() or 0)
+    except FileNotFoundError:
+        generation = 0
+    except ValueError:
+        generation = -1   # matches no record: refused, takeover mends it
+    return f'{value}-{os.stat(path).st_ino}', generation
+
+
+def _bump(blob_dir: str, generation: int) -> None:
+    _write_durably(_identity_path(blob_dir, GENERATION_FILE),
+                   f'{generation}\n')
 
 
 def read_writer(bucket) -> dict | None:
@@ -109,39 +144,56 @@ def describe_writer(writer: dict) -> str:
             f'{writer.get("blob_dir", "?")}, since {writer.get("since", "?")}')
 
 
-def _record(blob_dir: str, identity: str) -> bytes:
+def _record(blob_dir: str, identity: str, generation: int) -> bytes:
     return json.dumps({
-        'writer': identity, 'host': socket.gethostname(),
+        'writer': identity, 'generation': generation,
+        'host': socket.gethostname(),
         'blob_dir': os.path.realpath(blob_dir),
         'since': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
     }).encode()
 
 
+def _generation(writer: dict) -> int:
+    generation = writer.get('generation', 0)
+    return generation if isinstance(generation, int) else -2
+
+
 def claim_writer(bucket, blob_dir: str, name: str) -> None:
     """A writable open of the blob directory bound to `name`
-    (``s3://bucket/prefix``): go on as its writer, or refuse a copy."""
-    identity = local_identity(blob_dir)
+    (``s3://bucket/prefix``): go on as its writer, one generation on,
+    or refuse a copy."""
+    identity, generation = local_identity(blob_dir)
     writer = read_writer(bucket)
-    if writer is not None and writer['writer'] == identity:
-        return
-    if writer is not None and not _taking_over.get():
+    ours = writer is not None and writer['writer'] == identity
+    # Its own record, or one generation behind it: a crash between the
+    # two writes of the last open's bump.
+    if ours and _generation(writer) in (generation, generation - 1):
+        pass
+    elif writer is not None and not _taking_over.get():
+        since = (' (a copy of this very directory: a snapshot or a clone '
+                 'of its filesystem, opened since)' if ours else '')
         raise BlobStorageError(
             f'Blob directory {blob_dir}: {name} is written by another copy '
-            f'of this site ({describe_writer(writer)}); a copy of a site '
-            f'needs a prefix of its own.  If this directory is the site '
-            f'(moved, or restored), make it the writer once with: zodbblob '
-            f'takeover --config FILE')
-    bucket.put_bytes(writer_key(bucket), _record(blob_dir, identity))
-    if writer is not None:
+            f'of this site ({describe_writer(writer)}){since}; a copy of a '
+            f'site needs a prefix of its own.  If this directory is the '
+            f'site (moved, or restored), make it the writer once with: '
+            f'zodbblob takeover --config FILE')
+    # The next generation: here first, then in the bucket.
+    generation = max(generation, _generation(writer or {})) + 1
+    _bump(blob_dir, generation)
+    bucket.put_bytes(writer_key(bucket),
+                     _record(blob_dir, identity, generation))
+    if writer is not None and not ours:
         logger.warning('Blob directory %s took %s over from %s', blob_dir,
                        name, describe_writer(writer))
 
 
 def confirm_writer(bucket, blob_dir: str, name: str) -> None:
-    """Refuse to go on (a pack's deletes) if another blob directory took
-    the prefix over since this one opened."""
+    """Refuse to go on (a delete) if another blob directory took the
+    prefix over since this one opened, or a copy of it opened it."""
     writer = read_writer(bucket)
-    if writer is not None and writer['writer'] == local_identity(blob_dir):
+    if writer is not None and (writer['writer'], _generation(writer)) \
+            == local_identity(blob_dir):
         return
     said = 'no writer' if writer is None else describe_writer(writer)
     raise BlobStorageError(

@@ -157,6 +157,47 @@ class WriterTests(BindingTestCase):
         finally:
             db.close()
 
+    def identity_file(self, name='site', file='writer'):
+        return self.path(name, 'blobs', '.zodbblob', file)
+
+    def test_a_clone_of_the_directory_itself_is_refused(self):
+        # A snapshot or clone of the filesystem (LVM, ZFS, a VM image)
+        # keeps inode numbers: the copy's identity is the site's.  Its
+        # generation is the one of the snapshot: the site's next open
+        # went past it.
+        self.commit(b'production')
+        generation = self.identity_file(file='writer-generation')
+        with open(generation) as f:
+            at_the_snapshot = f.read()
+        self.commit(b'production, restarted')
+        # The directory as the snapshot has it: the same identity file
+        # (its inode too), its generation from then.
+        with open(generation, 'w') as f:
+            f.write(at_the_snapshot)
+        self.assertRefused('a copy of this very directory')
+
+    def test_a_running_site_whose_clone_opened_deletes_nothing(self):
+        # A clone taken while the site ran opens the prefix (one
+        # generation on, the same identity): the site, still running,
+        # is no longer the writer, and its pack deletes nothing.
+        self.commit(b'production')
+        db = ZODB.DB(self.open())
+        try:
+            record = self.writer()
+            record['generation'] += 1
+            self.bucket.put_bytes(self.settings.prefix + WRITER,
+                                  json.dumps(record).encode())
+            keys = self.keys()
+            with db.transaction() as connection:
+                connection.root()['blob'] = Blob(b'next')
+            with self.assertRaises(BlobStorageError) as raised:
+                db.pack(time.time() + 1)
+            self.assertIn('no longer written by this directory',
+                          str(raised.exception))
+            self.assertTrue(set(keys) <= set(self.keys()))
+        finally:
+            db.close()
+
     def test_a_writer_that_is_no_record_names_nobody(self):
         self.commit(b'production')
         self.bucket.put_bytes(self.settings.prefix + WRITER, b'not json')
