@@ -22,11 +22,7 @@ import threading
 from collections.abc import Iterable, Iterator
 
 from zodbblob.objectstore.errors import ObjectMissing, ObjectStoreError
-from zodbblob.objectstore.keys import (
-    POINTER_METADATA,
-    parse_content_key,
-    pointer_target,
-)
+from zodbblob.objectstore.keys import POINTER_METADATA, parse_content_key
 from zodbblob.objectstore.small import SmallObjects
 from zodbblob.objectstore.settings import ObjectStoreSettings
 
@@ -343,18 +339,6 @@ class Bucket(SmallObjects):
                 f'download to {path}', self.name, self.endpoint,
                 'its bytes do not hash to the digest its key names '
                 '(damaged, or replaced)', key)
-
-    def _pointed(self, key: str, path: str, pointer: str,
-                 follow: bool) -> str:
-        """The content key the pointer `key` names, checked."""
-        try:
-            if not follow:
-                raise ValueError('a pointer to a pointer')
-            return pointer_target(self.settings.prefix, pointer)
-        except ValueError as error:
-            raise ObjectStoreError(
-                f'download to {path}', self.name, self.endpoint,
-                f'a pointer naming no content ({error})', key) from None
 
     @staticmethod
     def code(error: Exception) -> str:

@@ -3,6 +3,8 @@ pointers (a part of `bucket.Bucket`)."""
 
 from __future__ import annotations
 
+import json
+
 from zodbblob.objectstore.errors import (
     NotAPointer,
     ObjectMissing,
@@ -21,6 +23,18 @@ SMALL_OBJECT = 64 << 10
 class SmallObjects:
     """Reads and writes of objects small enough to hold in memory; the
     requests, errors and names are `Bucket`'s."""
+
+    def _pointed(self, key: str, path: str, pointer: str,
+                 follow: bool) -> str:
+        """The content key the pointer `key` names, checked."""
+        try:
+            if not follow:
+                raise ValueError('a pointer to a pointer')
+            return pointer_target(self.settings.prefix, pointer)
+        except ValueError as error:
+            raise ObjectStoreError(
+                f'download to {path}', self.name, self.endpoint,
+                f'a pointer naming no content ({error})', key) from None
 
     def put_pointer(self, key: str, digest: bytes) -> None:
         """Store at `key` a pointer to the content `digest` (dedup)."""
@@ -74,6 +88,23 @@ class SmallObjects:
                                    f'larger than {limit} bytes: not an '
                                    f'object zodbblob wrote', key)
         return data
+
+    def get_record(self, key: str, field: str) -> dict | None:
+        """The small JSON object `key` (a marker, a writer record), if
+        it is an object whose `field` is a string; ``{field: None}`` for
+        anything else there (not one zodbblob wrote); None if there is
+        nothing."""
+        data = self.get_bytes(key)
+        if data is None:
+            return None
+        try:
+            record = json.loads(data)
+            if isinstance(record, dict) and isinstance(record.get(field),
+                                                       str):
+                return record
+        except ValueError:
+            pass
+        return {field: None}
 
     def put_bytes(self, key: str, data: bytes) -> None:
         """Store the small object `key` with `data`."""

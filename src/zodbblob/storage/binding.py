@@ -59,17 +59,7 @@ def own_keys(bucket) -> set[str]:
 
 
 def read_marker(bucket) -> dict | None:
-    data = bucket.get_bytes(marker_key(bucket))
-    if data is None:
-        return None
-    try:
-        marker = json.loads(data)
-        if isinstance(marker, dict) and isinstance(marker.get('database'),
-                                                   str):
-            return marker
-    except ValueError:
-        pass
-    return {'database': None}
+    return bucket.get_record(marker_key(bucket), 'database')
 
 
 def _refuse(blob_dir: str, bucket, why: str):

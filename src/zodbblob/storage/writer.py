@@ -126,17 +126,7 @@ def _bump(blob_dir: str, generation: int) -> None:
 def read_writer(bucket) -> dict | None:
     """The prefix's writer record; None if there is none.  One that is
     not a record zodbblob wrote names nobody (writer None)."""
-    data = bucket.get_bytes(writer_key(bucket))
-    if data is None:
-        return None
-    try:
-        writer = json.loads(data)
-        if isinstance(writer, dict) and isinstance(writer.get('writer'),
-                                                   str):
-            return writer
-    except ValueError:
-        pass
-    return {'writer': None}
+    return bucket.get_record(writer_key(bucket), 'writer')
 
 
 def describe_writer(writer: dict) -> str:
