@@ -22,7 +22,9 @@ Steps:
 1. commits of 1 KiB x 1, 1 KiB x 50 and 10 MiB x 1 blobs per
    transaction: blobs/s, the clock around the commits and ``db.close()``
    (target: 50-blob transactions >= 3x); untimed after, every blob is
-   read back from the bucket (the local copies removed);
+   read back from the bucket (the local copies removed); then the same
+   again through proxies that hold each request ``--delay-ms`` (20) ms,
+   as a network's round trip would;
 2. a cold read of a 10 MiB blob, its local copy removed and the
    database reopened before the clock starts: seconds (target >= 1x);
 3. pack of 20,000 blobs of 300 bytes (100 per transaction) with 200
@@ -43,6 +45,7 @@ peer's outcomes are reported as they are.
 Run from the project root:
 
     .venv/bin/python bench/objectstore.py [--rounds 3] [--pack-rounds 1]
+        [--steps commit,read,pack,undo] [--delay-ms 20]
         [--quick] [--zodbblob-only] [--peer-python PATH] [--dir DIR]
 
 ``--quick`` is the short run a test makes: one round, fewer
