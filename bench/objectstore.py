@@ -22,7 +22,9 @@ Steps:
 1. commits of 1 KiB x 1, 1 KiB x 50 and 10 MiB x 1 blobs per
    transaction: blobs/s, the clock around the commits and ``db.close()``
    (target: 50-blob transactions >= 3x); untimed after, every blob is
-   read back from the bucket (the local copies removed);
+   read back from the bucket (the local copies removed); then the same
+   again through proxies that hold each request ``--delay-ms`` (20) ms,
+   as a network's round trip would;
 2. a cold read of a 10 MiB blob, its local copy removed and the
    database reopened before the clock starts: seconds (target >= 1x);
 3. pack of 20,000 blobs of 300 bytes (100 per transaction) with 200
@@ -43,6 +45,7 @@ peer's outcomes are reported as they are.
 Run from the project root:
 
     .venv/bin/python bench/objectstore.py [--rounds 3] [--pack-rounds 1]
+        [--steps commit,read,pack,undo] [--delay-ms 20]
         [--quick] [--zodbblob-only] [--peer-python PATH] [--dir DIR]
 
 ``--quick`` is the short run a test makes: one round, fewer
@@ -78,6 +81,11 @@ PEER_VENV = os.path.join(HERE, '.venv-s3blobs')
 PEER = 'zodb-s3blobs==1.2.1'
 REGION = 'us-east-1'
 NAMES = {'ours': 'zodbblob', 'peer': 'zodb-s3blobs'}
+STEPS = ('commit', 'read', 'pack', 'undo')
+# The commits again over proxies that hold each request this long: an
+# S3 PutObject's round trip within one AWS region is tens of ms; 20 is
+# the low end, the least that favours uploads side by side.
+DELAY_MS = 20.0
 
 # (name, blob size, blobs per transaction, transactions; quick ones)
 COMMIT_ROWS = (
@@ -88,11 +96,26 @@ COMMIT_ROWS = (
 
 
 class CountingProxy(FaultProxy):
-    """A PASS proxy that also counts the bytes each way."""
+    """A PASS proxy that also counts the bytes each way; with `delay`,
+    it holds each request that many seconds before passing it on.
 
-    def __init__(self, target):
+    The delay stands for a network's round trip: each request waits it
+    once, on its own connection, so requests on several connections
+    wait at the same time, as over a network (here, not in
+    ``zodbblob.faults``: the tests need no delay).
+    """
+
+    def __init__(self, target, delay: float = 0.0):
         super().__init__(target)
+        self.delay = delay
         self.sent = self.received_bytes = 0
+
+    def note(self, framing, data):
+        before = self.requests
+        framing = super().note(framing, data)
+        if self.delay and self.requests != before:
+            time.sleep(self.delay)   # the request's head, held
+        return framing
 
     def received(self, sock):
         data = super().received(sock)
@@ -114,9 +137,10 @@ class CountingProxy(FaultProxy):
 
 
 class Server:
-    """One moto server, one counting proxy per side, fresh buckets."""
+    """One moto server; one counting proxy per side and delay (0: none),
+    fresh buckets."""
 
-    def __init__(self, root: str, sides):
+    def __init__(self, root: str, sides, delays=(0.0,)):
         self.directory = os.path.join(root, 'moto')
         os.makedirs(self.directory)
         address = ('127.0.0.1', free_port())
@@ -125,15 +149,16 @@ class Server:
              '-p', str(address[1])],
             address, self.directory, 'moto.log', 60.0)
         self.endpoint = 'http://%s:%d' % address
-        self.proxies = {side: CountingProxy(address).start()
-                        for side in sides}
+        self.delays = tuple(delays)
+        self.proxies = {(side, delay): CountingProxy(address, delay).start()
+                        for side in sides for delay in delays}
         self.client = boto3.client(
             's3', endpoint_url=self.endpoint, region_name=REGION,
             aws_access_key_id='testing', aws_secret_access_key='testing')
         self.buckets = 0
 
-    def endpoint_for(self, side: str) -> str:
-        return 'http://%s:%d' % self.proxies[side].address
+    def endpoint_for(self, side: str, delay: float) -> str:
+        return 'http://%s:%d' % self.proxies[side, delay].address
 
     def new_bucket(self) -> str:
         self.buckets += 1
@@ -160,7 +185,7 @@ class Server:
 
 
 def run_step(server: Server, python: str, side: str, step: str, root: str,
-             label: str, **options) -> dict:
+             label: str, delay: float = 0.0, **options) -> dict:
     """One step on one side in its own process, on a fresh bucket.
 
     The result has the step's own numbers, and under ``counts`` the
@@ -169,9 +194,10 @@ def run_step(server: Server, python: str, side: str, step: str, root: str,
     """
     bucket = server.new_bucket()
     run_dir = os.path.join(root, label)
-    proxy = server.proxies[side]
+    proxy = server.proxies[side, delay]
     argv = [python, SIDE_SCRIPT, side, step, '--endpoint',
-            server.endpoint_for(side), '--bucket', bucket, '--dir', run_dir]
+            server.endpoint_for(side, delay), '--bucket', bucket,
+            '--dir', run_dir]
     for name, value in options.items():
         argv += [f'--{name.replace("_", "-")}', str(value)]
     process = subprocess.Popen(argv, stdin=subprocess.PIPE,
@@ -241,10 +267,11 @@ class Bench:
     def step(self, key: str, side: str, step: str, **options) -> dict:
         self.runs += 1
         result = run_step(self.server, self.pythons[side], side, step,
-                          self.root, f'{self.runs}-{side}-{step}', **options)
+                          self.root, f'{self.runs}-{side}-{step}',
+                          **options)
         self.results.setdefault((key, side), []).append(result)
         shown = {k: v for k, v in result.items() if k != 'counts'}
-        print(f'  {key:<16} {NAMES[side]:<12} {json.dumps(shown)} '
+        print(f'  {key:<24} {NAMES[side]:<12} {json.dumps(shown)} '
               f'{json.dumps(result["counts"])}', file=sys.stderr, flush=True)
         if side == 'ours':
             self.check(key, result)
@@ -267,24 +294,39 @@ class Bench:
 
     def run(self) -> None:
         args = self.args
+        if 'commit' in args.steps:
+            for delay in self.server.delays:
+                self.commits(delay)
+        if 'read' in args.steps:
+            for _, order in rounds_of(self.sides, args.rounds):
+                for side in order:
+                    self.step('cold read', side, 'read', size=10 * MiB)
+        if 'pack' in args.steps:
+            self.packs()
+        if 'undo' in args.steps:
+            for _, order in rounds_of(self.sides, args.pack_rounds):
+                for side in order:
+                    self.step('undo', side, 'undo',
+                              size=args.undo_mib * MiB)
+
+    def commits(self, delay: float) -> None:
+        args = self.args
         for name, size, per_transaction, transactions, quick in COMMIT_ROWS:
             for _, order in rounds_of(self.sides, args.rounds):
                 for side in order:
-                    self.step(f'commit {name}', side, 'commit', size=size,
+                    self.step(commit_key(name, delay), side, 'commit',
+                              delay=delay, size=size,
                               per_transaction=per_transaction,
                               transactions=quick if args.quick
                               else transactions)
-        for _, order in rounds_of(self.sides, args.rounds):
-            for side in order:
-                self.step('cold read', side, 'read', size=10 * MiB)
+
+    def packs(self) -> None:
+        args = self.args
         for blobs in args.pack_blobs:
             for _, order in rounds_of(self.sides, args.pack_rounds):
                 for side in order:
                     self.step(f'pack {blobs}', side, 'pack', blobs=blobs,
                               garbage=args.garbage)
-        for _, order in rounds_of(self.sides, args.pack_rounds):
-            for side in order:
-                self.step('undo', side, 'undo', size=args.undo_mib * MiB)
 
     def ok(self, key: str, side: str) -> list[dict]:
         return [r for r in self.results.get((key, side), ())
@@ -293,6 +335,13 @@ class Bench:
     def median(self, key: str, side: str, value) -> float | None:
         values = [value(r) for r in self.ok(key, side)]
         return statistics.median(values) if values else None
+
+
+def commit_key(name: str, delay: float) -> str:
+    """The step of commit row `name` over the proxy of `delay`."""
+    if not delay:
+        return f'commit {name}'
+    return f'commit {name}, {delay * 1000:g} ms'
 
 
 def ratio(ours: float | None, peer: float | None) -> str:
@@ -330,22 +379,45 @@ def report(bench: Bench) -> str:
             cells += [shown, met]
         lines.append(cells)
 
+    for delay in bench.server.delays:
+        for name, _, per_transaction, _, _ in COMMIT_ROWS:
+            key = commit_key(name, delay)
+            if not any(bench.results.get((key, s)) for s in sides):
+                continue
+            values = {}
+            for side in sides:
+                rate = bench.median(key, side,
+                                    lambda r: r['blobs'] / r['seconds'])
+                values[side] = (rate, cell(rate, '.1f'))
+            row(key, 'blobs/s', values, 'more',
+                3 if per_transaction == 50 else '')
+    steps = bench.args.steps
+    if 'read' in steps:
+        values = {}
+        for side in sides:
+            seconds = bench.median('cold read', side, lambda r: r['seconds'])
+            values[side] = (seconds, cell(seconds, '.3f'))
+        row('cold read 10 MiB', 'seconds', values, 'less', 1)
+    if 'pack' in steps:
+        pack_rows(bench, row)
+    if 'undo' in steps:
+        undo_rows(bench, row)
+    widths = [max(len(c) for c in column) for column in zip(header, *lines)]
+
+    def line(cells):
+        return '| ' + ' | '.join(c.ljust(w) for c, w in zip(cells, widths)) \
+            + ' |'
+
+    rule = '|' + '|'.join('-' * (w + 2) for w in widths) + '|'
+    return '\n'.join([line(header), rule] + [line(c) for c in lines])
+
+
+def pack_rows(bench: Bench, row) -> None:
+    sides = bench.sides
+
     def requests(result, mark='end'):
         return result['counts'][mark][0]
 
-    for name, _, per_transaction, _, _ in COMMIT_ROWS:
-        key = f'commit {name}'
-        values = {}
-        for side in sides:
-            rate = bench.median(key, side, lambda r: r['blobs'] / r['seconds'])
-            values[side] = (rate, cell(rate, '.1f'))
-        row(key, 'blobs/s', values, 'more',
-            3 if per_transaction == 50 else '')
-    values = {}
-    for side in sides:
-        seconds = bench.median('cold read', side, lambda r: r['seconds'])
-        values[side] = (seconds, cell(seconds, '.3f'))
-    row('cold read 10 MiB', 'seconds', values, 'less', 1)
     packs = {}
     for blobs in bench.args.pack_blobs:
         key = f'pack {blobs}'
@@ -375,6 +447,10 @@ def report(bench: Bench) -> str:
             values[side] = (added, cell(added, '.2f'))
         row(f'pack growth {small:,} to {large:,}', 'seconds added', values,
             'less')
+
+
+def undo_rows(bench: Bench, row) -> None:
+    sides = bench.sides
     for name, mark in (('after undo', 'after_undo'),
                        ('after pack', 'after_pack')):
         values = {}
@@ -400,14 +476,6 @@ def report(bench: Bench) -> str:
             values[side] = (value, cell(value, ',.0f'))
         # The peer's undo copies nothing and its read fails: no ratio.
         row(f'undo {bench.args.undo_mib} MiB', measure, values, None)
-    widths = [max(len(c) for c in column) for column in zip(header, *lines)]
-
-    def line(cells):
-        return '| ' + ' | '.join(c.ljust(w) for c, w in zip(cells, widths)) \
-            + ' |'
-
-    rule = '|' + '|'.join('-' * (w + 2) for w in widths) + '|'
-    return '\n'.join([line(header), rule] + [line(c) for c in lines])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -430,6 +498,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--quick', action='store_true',
                         help='a short run: 1 round, fewer transactions, '
                              'pack at 400 blobs, a 5 MiB undo')
+    parser.add_argument('--steps', default=','.join(STEPS),
+                        help='the steps to run, of %(default)s')
+    parser.add_argument('--delay-ms', type=float, default=DELAY_MS,
+                        help='the commits again over proxies that hold '
+                             'each request this long (default %(default)g '
+                             'ms, as a network\'s round trip; 0: not again)')
     parser.add_argument('--zodbblob-only', action='store_true',
                         help='run zodbblob alone (no venv, no peer)')
     parser.add_argument('--peer-python', default=None,
@@ -444,6 +518,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.pack_blobs = '400'
         args.garbage = 40
         args.undo_mib = 5
+    args.steps = args.steps.split(',')
+    unknown = sorted(set(args.steps) - set(STEPS))
+    if unknown:
+        parser.error(f'--steps {",".join(unknown)}: want some of '
+                     f'{",".join(STEPS)}')
+    if args.delay_ms < 0:
+        parser.error(f'--delay-ms {args.delay_ms:g}: want 0 or more')
     try:
         args.pack_blobs = sorted(int(n) for n in args.pack_blobs.split(','))
     except ValueError:
@@ -483,7 +564,8 @@ def main(argv=None) -> int:
               f'({pythons["peer"]})')
     print(f'load average at start: {load_average()}', flush=True)
     started = time.perf_counter()
-    server = Server(root, tuple(pythons))
+    delays = (0.0, args.delay_ms / 1000) if args.delay_ms else (0.0,)
+    server = Server(root, tuple(pythons), delays)
     try:
         bench = Bench(args, server, root, pythons)
         bench.run()
@@ -492,9 +574,10 @@ def main(argv=None) -> int:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
     print(f'load average at end: {load_average()}; '
-          f'{time.perf_counter() - started:.0f} s in all; {args.rounds} '
-          f'rounds of commits and reads, {args.pack_rounds} of pack and '
-          f'undo; medians')
+          f'{time.perf_counter() - started:.0f} s in all; steps '
+          f'{",".join(args.steps)}; {args.rounds} rounds of commits and '
+          f'reads, {args.pack_rounds} of pack and undo; medians; commits '
+          f'also with {args.delay_ms:g} ms per request')
     print()
     print(report(bench))
     print()

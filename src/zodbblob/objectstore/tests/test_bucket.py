@@ -84,9 +84,25 @@ class BucketTests(unittest.TestCase):
         self.bucket.download(key, self.path('out'))
         self.assertEqual(self.read(self.path('out')), b'')
 
+    def test_a_10_MiB_upload_is_one_put_object(self):
+        # Under the multipart threshold: one request, where parts are
+        # three at least (create, a part, complete).
+        data = os.urandom(MiB) * 10
+        key = blob_key(self.settings.prefix, OID, tid(3))
+        self.assertEqual(self.bucket.upload(self.path('big', data), key),
+                         10 * MiB)
+        self.assertEqual(self.requests.counts, {'PutObject': 1})
+        self.bucket.download(key, self.path('big.tmp'))
+        self.assertEqual(self.read(self.path('big.tmp')), data)
+
     def test_a_20_MiB_upload_goes_in_parts_and_comes_back_whole(self):
         data = os.urandom(MiB) * 20
         key = blob_key(self.settings.prefix, OID, tid(3))
+        # A threshold and parts of 8 MiB, as a 20 MiB blob would meet
+        # 64 MiB ones: 3 parts.
+        self.bucket = Bucket(self.settings, multipart_threshold=8 * MiB,
+                             part_size=8 * MiB)
+        self.requests = Requests(self.bucket.client)
         self.assertEqual(self.bucket.upload(self.path('big', data), key),
                          20 * MiB)
         self.assertEqual(self.requests.counts['CreateMultipartUpload'], 1)

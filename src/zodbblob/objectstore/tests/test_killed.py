@@ -46,7 +46,9 @@ class KilledStoreTests(unittest.TestCase):
         settings = self.layer.settings(
             'killed', endpoint_url=self.endpoint, attempts=2,
             connect_timeout=2, read_timeout=5)
-        self.bucket = Bucket(settings)
+        # Parts of 8 MiB: a 20 MiB upload in 3.
+        self.bucket = Bucket(settings, multipart_threshold=8 * MiB,
+                             part_size=8 * MiB)
         self.addCleanup(self.bucket.client.close)
         self.bucket.client.create_bucket(Bucket='killed')
         self.killed = False

@@ -70,10 +70,12 @@ class TransferTests(unittest.TestCase):
         self.addCleanup(self.direct.client.close)
 
     def bucket(self, attempts=3, read_timeout=5):
-        """A Bucket that goes through the proxy."""
+        """A Bucket that goes through the proxy; files of 8 MiB or
+        more go up in 8 MiB parts (a 20 MiB file in 3)."""
         bucket = Bucket(self.layer.settings(
             self.settings.bucket, prefix='zodb', endpoint_url=self.proxy_url,
-            attempts=attempts, read_timeout=read_timeout, connect_timeout=5))
+            attempts=attempts, read_timeout=read_timeout, connect_timeout=5),
+            multipart_threshold=8 * MiB, part_size=8 * MiB)
         self.addCleanup(bucket.client.close)
         return bucket
 
