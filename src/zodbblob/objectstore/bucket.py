@@ -22,7 +22,7 @@ import threading
 from collections.abc import Iterable, Iterator
 
 from zodbblob.objectstore.errors import ObjectMissing, ObjectStoreError
-from zodbblob.objectstore.keys import POINTER_METADATA, parse_content_key
+from zodbblob.objectstore.keys import POINTER_METADATA
 from zodbblob.objectstore.small import SmallObjects
 from zodbblob.objectstore.settings import ObjectStoreSettings
 
@@ -343,20 +343,6 @@ class Bucket(SmallObjects):
                     f'download to {path}', self.name, self.endpoint,
                     f'cut after {written} of {size} bytes, {tries} tries',
                     key) from cut
-
-    def _check_content(self, key: str, path: str, f) -> None:
-        """A content key's bytes hash to its digest (`check_content`,
-        where the caller gave one): else the object is damaged or was
-        replaced, and is not handed on."""
-        digest = parse_content_key(self.settings.prefix, key)
-        if digest is None or self.check_content is None:
-            return
-        f.flush()
-        if not self.check_content(path, digest):
-            raise ObjectStoreError(
-                f'download to {path}', self.name, self.endpoint,
-                'its bytes do not hash to the digest its key names '
-                '(damaged, or replaced)', key)
 
     @staticmethod
     def code(error: Exception) -> str:

@@ -1,5 +1,6 @@
 """Small objects beside the blobs: a prefix's marker and writer, dedup's
-pointers (a part of `bucket.Bucket`)."""
+pointers, and the check of a content downloaded (a part of
+`bucket.Bucket`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from zodbblob.objectstore.errors import (
 )
 from zodbblob.objectstore.keys import (
     POINTER_METADATA,
+    parse_content_key,
     pointer_body,
     pointer_target,
 )
@@ -35,6 +37,20 @@ class SmallObjects:
             raise ObjectStoreError(
                 f'download to {path}', self.name, self.endpoint,
                 f'a pointer naming no content ({error})', key) from None
+
+    def _check_content(self, key: str, path: str, f) -> None:
+        """A content key's bytes hash to its digest (`check_content`,
+        where the caller gave one): else the object is damaged or was
+        replaced, and is not handed on."""
+        digest = parse_content_key(self.settings.prefix, key)
+        if digest is None or self.check_content is None:
+            return
+        f.flush()
+        if not self.check_content(path, digest):
+            raise ObjectStoreError(
+                f'download to {path}', self.name, self.endpoint,
+                'its bytes do not hash to the digest its key names '
+                '(damaged, or replaced)', key)
 
     def put_pointer(self, key: str, digest: bytes) -> None:
         """Store at `key` a pointer to the content `digest` (dedup)."""
