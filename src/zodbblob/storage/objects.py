@@ -38,7 +38,7 @@ from zodbblob.storage.catalog import STATE_DIR, kill_point
 from zodbblob.storage.contents import Contents
 from zodbblob.storage.digest import digest_file, has_digest
 from zodbblob.storage.lock import BlobStorageError
-from zodbblob.storage.writer import confirm_writer
+from zodbblob.storage.writer import claim_writer, confirm_writer
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,8 @@ def rebuild_from_bucket(object_store, journal, blob_dir: str,
     bucket, cache_size, dedup = object_store
     binding.adopt(bucket, journal, blob_dir)
     binding.check_keys(bucket, journal, blob_dir, dedup)
+    # A writable open like any other: a copy is refused, takeover claims.
+    claim_writer(bucket, blob_dir, describe(bucket.settings))
     objects = ObjectStore(bucket, blob_dir, cache_size, journal)
     counted = []
 

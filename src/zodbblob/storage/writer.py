@@ -115,7 +115,16 @@ def local_identity(blob_dir: str) -> tuple[str, int]:
         generation = 0
     except ValueError:
         generation = -1   # matches no record: refused, takeover mends it
-    return f'{value}-{os.stat(path).st_ino}', generation
+    info = os.stat(path)
+    if info.st_nlink > 1:
+        # A copy made of links (cp -al, rsync --link-dest): the file,
+        # and so the identity, is the site's.
+        raise BlobStorageError(
+            f'Blob directory {blob_dir}: {path} has {info.st_nlink} names: '
+            f'a copy of a blob directory made of hard links shares its '
+            f'files with the original, and cannot be opened for writing '
+            f'(copy it with cp -a or rsync -a without --link-dest)')
+    return f'{value}-{info.st_ino}', generation
 
 
 def _bump(blob_dir: str, generation: int) -> None:
@@ -160,16 +169,26 @@ def claim_writer(bucket, blob_dir: str, name: str) -> None:
     if ours and _generation(writer) in (generation, generation - 1):
         pass
     elif writer is not None and not _taking_over.get():
-        since = (' (a copy of this very directory: a snapshot or a clone '
-                 'of its filesystem, opened since)' if ours else '')
+        if ours:
+            raise BlobStorageError(
+                f'Blob directory {blob_dir}: {name} was last opened for '
+                f'writing by a later generation of this directory '
+                f'({describe_writer(writer)}): a snapshot or clone of its '
+                f'filesystem, or this directory restored from one; each '
+                f'needs a prefix of its own.  If this directory is the site, '
+                f'with every other copy stopped, make it the writer once '
+                f'with: zodbblob takeover --config FILE')
         raise BlobStorageError(
             f'Blob directory {blob_dir}: {name} is written by another copy '
-            f'of this site ({describe_writer(writer)}){since}; a copy of a '
-            f'site needs a prefix of its own.  If this directory is the '
-            f'site (moved, or restored), make it the writer once with: '
+            f'of this site ({describe_writer(writer)}); a copy of a site '
+            f'needs a prefix of its own.  If this directory is the site '
+            f'(moved, or restored), make it the writer once with: '
             f'zodbblob takeover --config FILE')
     # The next generation: here first, then in the bucket.
-    generation = max(generation, _generation(writer or {})) + 1
+    # Ours: one past the record, never past it by more (an open whose
+    # PUT failed or was killed must not move the directory further ahead).
+    generation = (_generation(writer) + 1 if ours and not _taking_over.get()
+                  else max(generation, _generation(writer or {})) + 1)
     _bump(blob_dir, generation)
     bucket.put_bytes(writer_key(bucket),
                      _record(blob_dir, identity, generation))

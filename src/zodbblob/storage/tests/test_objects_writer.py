@@ -174,7 +174,7 @@ class WriterTests(BindingTestCase):
         # (its inode too), its generation from then.
         with open(generation, 'w') as f:
             f.write(at_the_snapshot)
-        self.assertRefused('a copy of this very directory')
+        self.assertRefused('by a later generation of this directory')
 
     def test_a_running_site_whose_clone_opened_deletes_nothing(self):
         # A clone taken while the site ran opens the prefix (one
@@ -197,6 +197,46 @@ class WriterTests(BindingTestCase):
             self.assertTrue(set(keys) <= set(self.keys()))
         finally:
             db.close()
+
+    def test_opens_whose_record_was_not_written_do_not_lock_the_site_out(
+            self):
+        # An open whose PUT failed (or was killed) after the generation
+        # file: twice, then a good one (a reviewer's restart loop
+        # during an outage refused the site itself).
+        from zodbblob.storage import writer
+        self.commit(b'production')
+        blob_dir = self.path('site', 'blobs')
+
+        class Refusing:
+            settings = self.bucket.settings
+
+            def __init__(self, bucket):
+                self.bucket = bucket
+
+            def get_record(self, key, field):
+                return self.bucket.get_record(key, field)
+
+            def put_bytes(self, key, data):
+                raise OSError('the PUT failed')
+        for _ in range(2):
+            with self.assertRaises(OSError):
+                writer.claim_writer(Refusing(self.bucket), blob_dir, 'x')
+        self.assertEqual(self.read(), b'production')
+
+    def test_a_copy_made_of_hard_links_is_refused(self):
+        self.commit(b'production')
+        subprocess.run(['cp', '-al', self.path('site'), self.path('copy')],
+                       check=True)
+        os.remove(self.path('copy', 'blobs', '.zodbblob', 'lock'))
+        self.assertRefused('has 2 names', 'copy')
+
+    def test_a_rebuilt_catalog_is_no_way_around_the_writer(self):
+        self.commit(b'production')
+        self.copy_site()
+        for name in os.listdir(self.path('copy', 'blobs', '.zodbblob')):
+            if name.startswith('journal.sqlite'):
+                os.remove(self.path('copy', 'blobs', '.zodbblob', name))
+        self.assertRefused('written by another copy', 'copy')
 
     def test_a_writer_that_is_no_record_names_nobody(self):
         self.commit(b'production')
