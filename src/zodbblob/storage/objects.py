@@ -38,7 +38,7 @@ from zodbblob.storage.catalog import STATE_DIR, kill_point
 from zodbblob.storage.contents import Contents
 from zodbblob.storage.digest import digest_file, has_digest
 from zodbblob.storage.lock import BlobStorageError
-from zodbblob.storage.writer import claim_writer, confirm_writer
+from zodbblob.storage.writer import NotTheWriter, claim_writer, confirm_writer
 
 logger = logging.getLogger(__name__)
 
@@ -228,9 +228,12 @@ class ObjectStore:
             return
         try:
             confirm_writer(self.bucket, self.blob_dir, self.name)
-        except BlobStorageError as e:
-            raise self.failure('delete objects in', self.bucket.name,
-                               self.bucket.endpoint, str(e)) from None
+        except NotTheWriter as e:
+            raise self.failure(
+                'delete objects in', self.bucket.name, self.bucket.endpoint,
+                f'blob directory {self.blob_dir} no longer writes '
+                f'{self.settings.prefix or "the bucket"} ({e.said}): stop '
+                f'this site') from None
         if state == 'unchecked':
             self._writer.state = 'checked'
 

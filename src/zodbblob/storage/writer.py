@@ -197,6 +197,15 @@ def claim_writer(bucket, blob_dir: str, name: str) -> None:
                        name, describe_writer(writer))
 
 
+class NotTheWriter(BlobStorageError):
+    """This blob directory no longer writes its prefix; `said` names
+    the one that does."""
+
+    def __init__(self, message: str, said: str):
+        super().__init__(message)
+        self.said = said
+
+
 def confirm_writer(bucket, blob_dir: str, name: str) -> None:
     """Refuse to go on (a delete) if another blob directory took the
     prefix over since this one opened, or a copy of it opened it."""
@@ -205,6 +214,6 @@ def confirm_writer(bucket, blob_dir: str, name: str) -> None:
             == local_identity(blob_dir):
         return
     said = 'no writer' if writer is None else describe_writer(writer)
-    raise BlobStorageError(
+    raise NotTheWriter(
         f'Blob directory {blob_dir}: {name} is no longer written by this '
-        f'directory ({said}): it deletes nothing there')
+        f'directory ({said}): it deletes nothing there', said)
