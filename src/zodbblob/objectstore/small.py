@@ -4,6 +4,7 @@ pointers, and the check of a content downloaded (a part of
 
 from __future__ import annotations
 
+import email.utils
 import json
 
 from zodbblob.objectstore.errors import (
@@ -20,6 +21,20 @@ from zodbblob.objectstore.keys import (
 
 # The most bytes `get_bytes` reads (a prefix's marker is tens of bytes).
 SMALL_OBJECT = 64 << 10
+
+
+def _age(response) -> float | None:
+    """Seconds from an answer's object's Last-Modified to its Date."""
+    modified = response.get('LastModified')
+    date = response.get('ResponseMetadata', {}).get('HTTPHeaders', {}).get(
+        'date')
+    if modified is None or date is None:
+        return None
+    try:
+        return (email.utils.parsedate_to_datetime(date)
+                - modified).total_seconds()
+    except (TypeError, ValueError):
+        return None
 
 
 class SmallObjects:
@@ -87,6 +102,10 @@ class SmallObjects:
         """The bytes of the small object `key`, or None if there is none
         (the marker that says whose a prefix is); one larger than
         `limit` bytes is refused, not read into memory."""
+        return self._get_small(key, limit)[0]
+
+    def _get_small(self, key: str, limit: int = SMALL_OBJECT):
+        """``(bytes, response)`` of `get_bytes`; ``(None, None)``."""
         try:
             response = self.client.get_object(Bucket=self.name, Key=key)
             body = response['Body']
@@ -97,30 +116,33 @@ class SmallObjects:
         except Exception as error:
             raised = self.error('read', error, key, ObjectMissing)
             if isinstance(raised, ObjectMissing):
-                return None
+                return None, None
             raise raised from error
         if len(data) > limit:
             raise ObjectStoreError('read', self.name, self.endpoint,
                                    f'larger than {limit} bytes: not an '
                                    f'object zodbblob wrote', key)
-        return data
+        return data, response
 
     def get_record(self, key: str, field: str) -> dict | None:
         """The small JSON object `key` (a marker, a writer record), if
         it is an object whose `field` is a string; ``{field: None}`` for
         anything else there (not one zodbblob wrote); None if there is
-        nothing."""
-        data = self.get_bytes(key)
+        nothing.  Its ``age`` is how long ago it was written, in seconds
+        by the server's own clock (its Date and the object's
+        Last-Modified: no clock of this machine), or None."""
+        data, response = self._get_small(key)
         if data is None:
             return None
         try:
             record = json.loads(data)
-            if isinstance(record, dict) and isinstance(record.get(field),
-                                                       str):
-                return record
+            if not (isinstance(record, dict)
+                    and isinstance(record.get(field), str)):
+                record = {field: None}
         except ValueError:
-            pass
-        return {field: None}
+            record = {field: None}
+        record['age'] = _age(response)
+        return record
 
     def put_bytes(self, key: str, data: bytes) -> None:
         """Store the small object `key` with `data`."""

@@ -156,15 +156,15 @@ def _free_or_ours(bucket, blob_dir: str, identity: str | None):
     return None
 
 
-def bind(bucket, journal, fshelper, dedup: bool = False) -> None:
+def bind(bucket, journal, fshelper, dedup: bool = False) -> str:
     """Bind a blob directory to its bucket (a first open on it), by
-    content with `dedup`; or check the binding."""
+    content with `dedup`; or check the binding.  The writer's session
+    (``writer.py``)."""
     blob_dir = fshelper.base_dir
     if journal.get_meta(META_NAME) is not None:
         check(bucket, journal, blob_dir)
         check_keys(bucket, journal, blob_dir, dedup)
-        claim_writer(bucket, blob_dir, describe(bucket.settings))
-        return
+        return claim_writer(bucket, blob_dir, describe(bucket.settings))
     if (journal.total_size() or any(True for _ in journal.committed())
             or any(True for _ in fshelper.iter_blobs())):
         raise BlobStorageError(
@@ -175,7 +175,7 @@ def bind(bucket, journal, fshelper, dedup: bool = False) -> None:
     claim(bucket, journal, blob_dir, dedup)
     journal.set_meta(**{KEYS_NAME: CONTENT_KEYS if dedup else None,
                         META_NAME: describe(bucket.settings)})
-    claim_writer(bucket, blob_dir, describe(bucket.settings))
+    return claim_writer(bucket, blob_dir, describe(bucket.settings))
 
 
 def adopt(bucket, journal, blob_dir: str) -> None:

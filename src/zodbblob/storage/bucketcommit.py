@@ -55,6 +55,13 @@ class BucketCommit:
         what was uploaded.
         """
         objects = self._shared.objects
+        if objects.lost is not None:
+            # Another copy of the site holds the prefix: this one's
+            # objects would be nobody's.
+            raise StorageError(
+                f'Could not commit to {objects.name}: blob directory '
+                f'{objects.blob_dir} no longer writes it ({objects.lost}); '
+                f'stop this site')
         contents = objects.contents
         if contents is not None:
             # The record names each content key the commit may create.

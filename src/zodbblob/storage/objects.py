@@ -38,7 +38,13 @@ from zodbblob.storage.catalog import STATE_DIR, kill_point
 from zodbblob.storage.contents import Contents
 from zodbblob.storage.digest import digest_file, has_digest
 from zodbblob.storage.lock import BlobStorageError
-from zodbblob.storage.writer import NotTheWriter, claim_writer, confirm_writer
+from zodbblob.storage.writer import (
+    LEASE_RENEWAL,
+    NotTheWriter,
+    claim_writer,
+    confirm_writer,
+    renew,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +108,11 @@ def open_objects(object_store, journal, fshelper, read_only: bool):
                 f'Blob directory {blob_dir} has no catalog to read its '
                 f'blobs from {describe(bucket.settings)} by')
         binding.check(bucket, journal, blob_dir)
-    else:
-        binding.bind(bucket, journal, fshelper, dedup)
-    return ObjectStore(bucket, blob_dir, cache_size, journal)
+        return ObjectStore(bucket, blob_dir, cache_size, journal)
+    session = binding.bind(bucket, journal, fshelper, dedup)
+    objects = ObjectStore(bucket, blob_dir, cache_size, journal)
+    objects.start_lease(session)
+    return objects
 
 
 def rebuild_from_bucket(object_store, journal, blob_dir: str,
@@ -116,8 +124,9 @@ def rebuild_from_bucket(object_store, journal, blob_dir: str,
     binding.adopt(bucket, journal, blob_dir)
     binding.check_keys(bucket, journal, blob_dir, dedup)
     # A writable open like any other: a copy is refused, takeover claims.
-    claim_writer(bucket, blob_dir, describe(bucket.settings))
+    session = claim_writer(bucket, blob_dir, describe(bucket.settings))
     objects = ObjectStore(bucket, blob_dir, cache_size, journal)
+    objects.start_lease(session)
     counted = []
 
     def listed():
@@ -161,6 +170,10 @@ class ObjectStore:
         self.base = None   # the storage's base, once open
         self.blob_dir = blob_dir
         self._writer = threading.local()   # `as_writer`'s state
+        # The writer's lease (``writer.py``), for a writable storage.
+        self.session: str | None = None
+        self.lost: str | None = None
+        self._closing = threading.Event()
         self.journal = journal
         self.pool = concurrent.futures.ThreadPoolExecutor(
             UPLOAD_THREADS, thread_name_prefix='zodbblob-upload')
@@ -198,7 +211,45 @@ class ObjectStore:
                 raise StorageError(str(e)) from e
         return digest
 
+    def start_lease(self, session: str) -> None:
+        """Renew the writer's record of `session` every LEASE_RENEWAL
+        seconds until `close` releases it (``writer.py``)."""
+        self.session = session
+        self._renewing = threading.Thread(
+            target=self._renew_until_closed, name='zodbblob-writer-lease',
+            daemon=True)
+        self._renewing.start()
+
+    def _renew_until_closed(self) -> None:
+        while not self._closing.wait(LEASE_RENEWAL):
+            self.renew_lease()
+
+    def renew_lease(self) -> None:
+        """Renew the writer's record; once another holds the prefix,
+        `lost` says who, and commits are refused (``bucketcommit``)."""
+        try:
+            lost = renew(self.bucket, self.blob_dir, self.session)
+        except Exception as e:
+            # A store that is down: the next renewal tries again.
+            logger.warning('Could not renew the writer record of %s in %s: '
+                           '%s', self.blob_dir, self.name, e)
+            return
+        if lost is not None and self.lost is None:
+            self.lost = lost
+            logger.error('Blob directory %s no longer writes %s (%s): stop '
+                         'this site; its commits are refused', self.blob_dir,
+                         self.name, lost)
+
     def close(self) -> None:
+        self._closing.set()
+        if self.session is not None and self.lost is None:
+            try:
+                # Given up: the next open, anywhere, need not wait.
+                renew(self.bucket, self.blob_dir, self.session,
+                      released=True)
+            except Exception as e:
+                logger.warning('Could not release the writer record of %s '
+                               'in %s: %s', self.blob_dir, self.name, e)
         self.pool.shutdown()
         try:
             self.cache.close()

@@ -27,8 +27,12 @@ first) and in the record.  A writable open:
   after ``zodbblob takeover`` (`taking_over`), once.
 
 So a clone of a stopped site and the site exclude each other (whichever
-opens first writes); a clone of a running site that opens takes the
-prefix from it, and the running site's deletes stop (below).
+opens first writes).  A clone of a *running* site has its identity and
+generation too: the running writer holds a lease, a session of its own
+in the record, renewed every LEASE_RENEWAL seconds and released at a
+clean close; an open (or a takeover) is refused while another session's
+record is fresh by the server's clock, unless it is from a process of
+this host that is gone.
 
 Every delete asks again first (one GetObject; one for all of a pack's):
 a storage whose directory lost the prefix to a takeover since it opened
@@ -57,6 +61,10 @@ logger = logging.getLogger(__name__)
 # own objects, which are no blobs.
 WRITER = '.writer.zodbblob.json'
 IDENTITY_FILE = 'writer'
+# A running writer renews its record this often (seconds); a record not
+# renewed for LEASE_STALE is a storage that is gone.
+LEASE_RENEWAL = 60
+LEASE_STALE = 180
 GENERATION_FILE = 'writer-generation'
 
 _taking_over = contextvars.ContextVar('zodbblob_taking_over', default=False)
@@ -143,9 +151,11 @@ def describe_writer(writer: dict) -> str:
             f'{writer.get("blob_dir", "?")}, since {writer.get("since", "?")}')
 
 
-def _record(blob_dir: str, identity: str, generation: int) -> bytes:
+def _record(blob_dir: str, identity: str, generation: int, session: str,
+            released: bool = False) -> bytes:
     return json.dumps({
-        'writer': identity, 'generation': generation,
+        'writer': identity, 'generation': generation, 'session': session,
+        'released': released, 'pid': os.getpid(),
         'host': socket.gethostname(),
         'blob_dir': os.path.realpath(blob_dir),
         'since': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
@@ -157,13 +167,51 @@ def _generation(writer: dict) -> int:
     return generation if isinstance(generation, int) else -2
 
 
-def claim_writer(bucket, blob_dir: str, name: str) -> None:
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False   # ours: a process before this one, with our pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True   # someone else's, alive
+    return True
+
+
+def _refuse_a_live_lease(writer: dict | None, blob_dir: str,
+                         name: str) -> None:
+    """Refuse while a running storage holds the prefix: a record it
+    renewed less than `LEASE_STALE` seconds ago (by the server's clock),
+    not released at its close, and not from a process of this host
+    that is gone (a crash, then this restart)."""
+    if (writer is None or writer.get('released') is not False
+            or not isinstance(writer.get('session'), str)):
+        return
+    age = writer.get('age')
+    if age is not None and age >= LEASE_STALE:
+        return
+    if writer.get('host') == socket.gethostname() and not _alive(
+            writer.get('pid')):
+        return
+    raise BlobStorageError(
+        f'Blob directory {blob_dir}: {name} is in use by a running storage '
+        f'({describe_writer(writer)}, pid {writer.get("pid")}, renewed '
+        f'{"?" if age is None else int(age)} s ago): a copy of a site '
+        f'needs a prefix of its own; if that storage is gone, its claim '
+        f'lapses {LEASE_STALE} s after its last renewal')
+
+
+def claim_writer(bucket, blob_dir: str, name: str) -> str:
     """A writable open of the blob directory bound to `name`
     (``s3://bucket/prefix``): go on as its writer, one generation on,
-    or refuse a copy."""
+    or refuse a copy; the new session (`renew`, `release`)."""
     identity, generation = local_identity(blob_dir)
     writer = read_writer(bucket)
     ours = writer is not None and writer['writer'] == identity
+    if ours or _taking_over.get():
+        # A clone of a running site, or a takeover while it runs.
+        _refuse_a_live_lease(writer, blob_dir, name)
     # Its own record, or one generation behind it: a crash between the
     # two writes of the last open's bump.
     if ours and _generation(writer) in (generation, generation - 1):
@@ -190,11 +238,33 @@ def claim_writer(bucket, blob_dir: str, name: str) -> None:
     generation = (_generation(writer) + 1 if ours and not _taking_over.get()
                   else max(generation, _generation(writer or {})) + 1)
     _bump(blob_dir, generation)
+    session = uuid.uuid4().hex
     bucket.put_bytes(writer_key(bucket),
-                     _record(blob_dir, identity, generation))
+                     _record(blob_dir, identity, generation, session))
     if writer is not None and not ours:
         logger.warning('Blob directory %s took %s over from %s', blob_dir,
                        name, describe_writer(writer))
+    return session
+
+
+def _is_session(writer: dict | None, blob_dir: str, session: str) -> bool:
+    return (writer is not None and writer.get('session') == session
+            and (writer['writer'], _generation(writer))
+            == local_identity(blob_dir))
+
+
+def renew(bucket, blob_dir: str, session: str,
+          released: bool = False) -> str | None:
+    """Write the record of `session` again (its Last-Modified is the
+    lease's renewal; with `released`, a clean close gives it up); what
+    holds the prefix instead, if another does (nothing written)."""
+    writer = read_writer(bucket)
+    if not _is_session(writer, blob_dir, session):
+        return 'no writer' if writer is None else describe_writer(writer)
+    identity, generation = local_identity(blob_dir)
+    bucket.put_bytes(writer_key(bucket), _record(
+        blob_dir, identity, generation, session, released))
+    return None
 
 
 class NotTheWriter(BlobStorageError):

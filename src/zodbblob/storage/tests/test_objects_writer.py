@@ -3,6 +3,8 @@ a site pointed at the same prefix is refused for writing, the site
 restarts as itself, ``zodbblob takeover`` makes a moved site the writer;
 against moto's S3 server (a real process on 127.0.0.1)."""
 
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -14,6 +16,7 @@ import unittest
 import transaction
 import ZODB
 from ZODB.blob import Blob
+from ZODB.POSException import StorageError
 
 from zodbblob.storage import BlobStorageError
 from zodbblob.storage.tests.test_objects_binding import BindingTestCase
@@ -237,6 +240,67 @@ class WriterTests(BindingTestCase):
             if name.startswith('journal.sqlite'):
                 os.remove(self.path('copy', 'blobs', '.zodbblob', name))
         self.assertRefused('written by another copy', 'copy')
+
+    def test_a_clone_of_a_running_site_is_refused(self):
+        # The site runs in another process, and renews its lease; a
+        # clone of its filesystem has its identity and generation (as
+        # the claim below, on the site's own directory, has).
+        from zodbblob.storage import writer
+        self.commit(b'production')
+        blob_dir = self.path('site', 'blobs')
+        child = subprocess.Popen(
+            [sys.executable, '-c',
+             'import json, sys, time;'
+             'from zodbblob.objectstore import ObjectStoreSettings;'
+             'from zodbblob.storage import open_filestorage;'
+             's = open_filestorage(sys.argv[1], sys.argv[2], object_store='
+             'ObjectStoreSettings(**json.loads(sys.argv[3])));'
+             'print("open", flush=True); sys.stdin.read(); s.close()',
+             self.path('site', 'Data.fs'), blob_dir,
+             json.dumps(dataclasses.asdict(self.settings))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            self.assertEqual(child.stdout.readline().strip(), 'open')
+            record = self.writer()
+            for taking_over in (False, True):
+                with self.subTest(takeover=taking_over):
+                    with contextlib.ExitStack() as stack:
+                        if taking_over:
+                            stack.enter_context(writer.taking_over())
+                        with self.assertRaises(BlobStorageError) as raised:
+                            writer.claim_writer(self.bucket, blob_dir, 'x')
+                    self.assertIn('in use by a running storage',
+                                  str(raised.exception))
+                    self.assertIn(f'pid {child.pid}', str(raised.exception))
+                    self.assertEqual(self.writer()['session'],
+                                     record['session'])
+        finally:
+            child.communicate('', timeout=60)
+        # Closed cleanly: given up, the next open need not wait.
+        self.assertIs(self.writer()['released'], True)
+        self.assertEqual(self.read(), b'production')
+
+    def test_a_storage_that_lost_the_prefix_commits_nothing(self):
+        self.commit(b'production')
+        db = ZODB.DB(self.open())
+        try:
+            # A clone of this running site opened the prefix (its lease
+            # lapsed meanwhile): the same identity, another session.
+            record = self.writer()
+            record['session'] = 'the clone'
+            self.bucket.put_bytes(self.settings.prefix + WRITER,
+                                  json.dumps(record).encode())
+            db.storage.object_store.renew_lease()
+            keys = self.keys()
+            with self.assertRaises(StorageError) as raised:
+                with db.transaction() as connection:
+                    connection.root()['blob'] = Blob(b'orphan?')
+            self.assertIn('stop this site', str(raised.exception))
+            self.assertNotIn('\n', str(raised.exception))
+            self.assertEqual(self.keys(), keys)
+        finally:
+            db.close()
+        self.assertEqual(self.writer()['session'], 'the clone')
 
     def test_a_writer_that_is_no_record_names_nobody(self):
         self.commit(b'production')
