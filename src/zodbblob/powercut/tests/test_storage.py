@@ -495,6 +495,11 @@ class BucketDedupPowerCutTests(BucketPowerCutTests):
     def test_power_cuts_during_commits_of_every_shape(self):
         self.cut_and_check('commit', 3, first_seed=400)
 
+    # Undo and recovery by content are the kill tests' (test_objects_dedup):
+    # fewer runs for the suite's 15 minutes on two busy cores.
+    test_power_cuts_during_undo = None
+    test_power_cuts_during_recovery_after_a_power_cut = None
+
 
 class PartialPowerCutTests(PowerCutStorageTestCase):
     """A disk that had written a random part of its cache when the power

@@ -383,10 +383,11 @@ class RandomKillTests(CrashTestCase):
 
     level = 2
     child_args = ()
+    kills = 60
 
     def test_random_kills(self):
         rng = random.Random(20261122)
-        for iteration in range(60):
+        for iteration in range(self.kills):
             child = start_child(self.dir, *CHECKPOINTS, *self.child_args,
                                 *MODES[iteration % len(MODES)])
             self.assertEqual(child.stdout.readline().strip(), b'ready')

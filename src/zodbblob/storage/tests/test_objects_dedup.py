@@ -346,9 +346,8 @@ class DedupKillTests(test_objects.KillTests):
                 self.kill_at(point)
                 self.check()
 
-    def test_kill_at_each_pack_point(self):
-        self.kill_at('after_object_delete:2', '--pack')
-        self.check(pack=True)
+    # Pack by content: test_kill_in_a_pack_beside_a_shared_content.
+    test_kill_at_each_pack_point = None
 
     def test_kill_in_an_undo(self):
         self.kill_at('after_uploads:3', '--undo')
