@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import unittest
+import time
 
 from zodbblob.storage import BlobStorageError
 from zodbblob.storage.binding import MARKER
@@ -62,6 +63,19 @@ class MoveTestCase(BucketStoreTestCase):
         """The bucket's blob keys (not the marker saying whose it is)."""
         return sorted(key for key, size in self.bucket.iter_keys()
                       if not key.endswith(MARKER))
+
+    def settled_keys(self):
+        """`keys` once the server has ended the requests a killed move
+        had sent (a PutObject in flight at the SIGKILL is stored a moment
+        later): two listings alike, half a second apart."""
+        keys = self.keys()
+        for _ in range(40):
+            time.sleep(0.5)
+            again = self.keys()
+            if again == keys:
+                break
+            keys = again
+        return keys
 
 
 class BucketMoveTests(MoveTestCase):

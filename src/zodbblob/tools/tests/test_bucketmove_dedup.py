@@ -81,7 +81,7 @@ class DedupMoveTests(MoveTestCase):
                                     kill_point=point)
                 self.assertEqual(done.returncode, -9, done.stderr)
                 # Not finished the other way: one line, nothing changed.
-                keys = self.keys()
+                keys = self.settled_keys()
                 done = self.migrate(self.blobs, self.url)
                 self.assertEqual(done.returncode, 2, done.stderr)
                 self.assertEqual(len(done.stderr.strip().splitlines()), 1)
