@@ -356,14 +356,8 @@ class Bucket(SmallObjects):
 
     def head(self, key: str) -> int | None:
         """The size of the object `key`, or None if there is none."""
-        try:
-            response = self.client.head_object(Bucket=self.name, Key=key)
-        except Exception as error:
-            raised = self.error('look up', error, key, ObjectMissing)
-            if isinstance(raised, ObjectMissing):
-                return None
-            raise raised from error
-        return response['ContentLength']
+        response = self.head_response(key)
+        return None if response is None else response['ContentLength']
 
     def copy(self, source_key: str, target_key: str) -> None:
         """Copy the object `source_key` to `target_key` inside the

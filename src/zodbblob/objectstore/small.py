@@ -77,17 +77,24 @@ class SmallObjects:
         except Exception as error:
             raise self.error('write', error, key) from error
 
-    def read_pointer(self, key: str) -> bytes | None:
-        """The digest the pointer at `key` names; None if there is no
-        object at `key`; NotAPointer for an object that is no pointer
-        (one HeadObject: its metadata)."""
+    def head_response(self, key: str) -> dict | None:
+        """The HeadObject answer for `key`, or None if there is no
+        object (``head``'s size, a pointer's metadata)."""
         try:
-            response = self.client.head_object(Bucket=self.name, Key=key)
+            return self.client.head_object(Bucket=self.name, Key=key)
         except Exception as error:
             raised = self.error('look up', error, key, ObjectMissing)
             if isinstance(raised, ObjectMissing):
                 return None
             raise raised from error
+
+    def read_pointer(self, key: str) -> bytes | None:
+        """The digest the pointer at `key` names; None if there is no
+        object at `key`; NotAPointer for an object that is no pointer
+        (one HeadObject: its metadata)."""
+        response = self.head_response(key)
+        if response is None:
+            return None
         pointer = response.get('Metadata', {}).get(POINTER_METADATA)
         try:
             if pointer is None:
